@@ -1,0 +1,341 @@
+//! The vocabulary shared by the kernel programs and the daemon: map names,
+//! map keys and values, counters and reasons.
+//!
+//! Every type stored in a map is `#[repr(C)]`, has explicit padding and a
+//! compile-time size assert. Fields in network byte order end in `_be`.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Bumped whenever a pinned map changes shape; a daemon refuses to adopt
+/// maps pinned by another layout.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Uplink slots in [`MAP_UPLINKS`]; an uplink's id is its slot.
+pub const MAX_UPLINKS: u32 = 8;
+/// LAN prefixes in [`MAP_LAN_NETS`].
+pub const MAX_LAN_NETS: u32 = 16;
+/// Slots of the weighted choice table.
+pub const SELECT_SLOTS: usize = 64;
+/// Default connection-map capacity (flows; each flow uses two entries).
+pub const DEFAULT_MAX_FLOWS: u32 = 65_536;
+
+/// Map names: stable, at most 15 characters, also the pin file names.
+pub const MAP_CONN_FWD: &str = "CONN_FWD";
+pub const MAP_CONN_REV: &str = "CONN_REV";
+pub const MAP_UPLINKS: &str = "UPLINKS";
+pub const MAP_SELECT: &str = "SELECT";
+pub const MAP_LAN_NETS: &str = "LAN_NETS";
+pub const MAP_SETTINGS: &str = "SETTINGS";
+pub const MAP_UPLINK_STATS: &str = "UPLINK_STATS";
+pub const MAP_REASONS: &str = "REASONS";
+pub const ALL_MAPS: [&str; 8] = [
+    MAP_CONN_FWD,
+    MAP_CONN_REV,
+    MAP_UPLINKS,
+    MAP_SELECT,
+    MAP_LAN_NETS,
+    MAP_SETTINGS,
+    MAP_UPLINK_STATS,
+    MAP_REASONS,
+];
+
+/// Program names (the `#[classifier]` functions).
+pub const PROG_LAN_IN: &str = "mh_lan_in";
+pub const PROG_WAN_IN: &str = "mh_wan_in";
+pub const PROG_WAN_IN_L3: &str = "mh_wan_in_l3";
+pub const PROG_WAN_OUT: &str = "mh_wan_out";
+pub const PROG_WAN_OUT_L3: &str = "mh_wan_out_l3";
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// A connection as one direction of it appears on the wire.
+///
+/// In [`MAP_CONN_FWD`] it is the LAN side: LAN host to remote. In
+/// [`MAP_CONN_REV`] it is a reply as it arrives on the uplink: remote to
+/// the NAT address and port. For ICMP echo the identifier stands in for the
+/// LAN-side port (`sport_be` forward, `dport_be` reverse) and the other
+/// port is 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FlowKey {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Forward entry: what a LAN flow was pinned to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FlowFwd {
+    /// `bpf_ktime_get_boot_ns` of the last packet, refreshed at most once a
+    /// second.
+    pub last_seen_ns: u64,
+    pub nat_addr_be: u32,
+    /// `FLOW_*` bits.
+    pub flags: u32,
+    pub nat_port_be: u16,
+    pub uplink: u8,
+    pub _pad: u8,
+    /// Creation time, seconds of `bpf_ktime_get_boot_ns`.
+    pub created_s: u32,
+}
+
+/// Reverse entry: where a reply goes back to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FlowRev {
+    pub lan_addr_be: u32,
+    pub lan_port_be: u16,
+    pub uplink: u8,
+    pub _pad: u8,
+}
+
+/// A packet from the remote side was seen.
+pub const FLOW_SEEN_REPLY: u32 = 1 << 0;
+/// TCP FIN from the LAN side.
+pub const FLOW_FIN_OUT: u32 = 1 << 1;
+/// TCP FIN from the remote side.
+pub const FLOW_FIN_IN: u32 = 1 << 2;
+/// TCP RST either way.
+pub const FLOW_RST: u32 = 1 << 3;
+/// Pinned while its preferred uplink was down (a candidate to move back).
+pub const FLOW_FAILED_OVER: u32 = 1 << 4;
+
+/// One uplink, written by the daemon.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Uplink {
+    /// Source address for SNAT; 0 while the uplink has none.
+    pub addr_be: u32,
+    /// Next hop; 0 on point-to-point links.
+    pub gateway_be: u32,
+    pub ifindex: u32,
+    /// Routing table for `bpf_fib_lookup`.
+    pub table: u32,
+    /// `skb->mark` for packets handed to the stack.
+    pub mark: u32,
+    pub mtu: u16,
+    /// `UPLINK_*` bits.
+    pub flags: u16,
+    pub weight: u32,
+    /// The uplink's name from the config, NUL-padded (for people and
+    /// `bpftool`; the programs never read it).
+    pub name: [u8; 16],
+    /// The interface's name, NUL-padded.
+    pub ifname: [u8; 16],
+}
+
+/// The slot holds a configured uplink.
+pub const UPLINK_CONFIGURED: u16 = 1 << 0;
+/// Healthy, has an address, link up: may take new flows.
+pub const UPLINK_USABLE: u16 = 1 << 1;
+/// The device has no Ethernet header (ppp, tun).
+pub const UPLINK_L3: u16 = 1 << 2;
+
+/// The weighted choice table: new flows pick a random slot. `len` is 0
+/// (empty: no uplink usable) or [`SELECT_SLOTS`] (every slot filled).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SelectTable {
+    pub len: u32,
+    pub slots: [u8; SELECT_SLOTS],
+}
+
+impl Default for SelectTable {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            slots: [0; SELECT_SLOTS],
+        }
+    }
+}
+
+/// A prefix whose hosts may be translated.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct LanNet {
+    pub addr_be: u32,
+    pub mask_be: u32,
+    /// Only packets arriving on this interface; 0 for any LAN interface.
+    pub ifindex: u32,
+    /// 0 for an empty slot.
+    pub in_use: u32,
+}
+
+/// Datapath settings, one entry, written by the daemon.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Settings {
+    pub layout_version: u32,
+    /// Marks are `mark_base | (uplink id + 1)`; the low byte of the base is 0.
+    pub mark_base: u32,
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    /// The gateway's own `ip_local_port_range`: LAN ports inside it are
+    /// never kept, so NAT entries cannot shadow the gateway's sockets.
+    pub local_port_min: u16,
+    pub local_port_max: u16,
+}
+
+/// Per-uplink counters, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct UplinkStats {
+    pub new_flows: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    /// Packets of this uplink that the fast path handed to the stack.
+    pub slow_path: u64,
+}
+
+macro_rules! reasons {
+    ($( $(#[$doc:meta])* $variant:ident = $field:ident ),+ $(,)?) => {
+        /// Why a packet left the fast path: passed to the stack untouched, or
+        /// dropped. Counted per CPU in [`MAP_REASONS`].
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Reason {
+            $( $(#[$doc])* $variant, )+
+        }
+
+        /// [`MAP_REASONS`]'s value: one counter per [`Reason`], named so that
+        /// `bpftool map dump` prints the reason.
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        #[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+        pub struct Reasons {
+            $( pub $field: u64, )+
+        }
+
+        impl Reason {
+            pub const ALL: &[Reason] = &[$(Reason::$variant),+];
+
+            pub const fn name(self) -> &'static str {
+                match self { $(Reason::$variant => stringify!($field),)+ }
+            }
+        }
+
+        impl Reason {
+            /// Whether the packet is dropped; otherwise it goes to the stack.
+            pub const fn drops(self) -> bool {
+                matches!(
+                    self,
+                    Reason::NoUplink | Reason::MapFull | Reason::PortExhausted | Reason::RewriteFailed
+                )
+            }
+        }
+
+        impl Reasons {
+            pub const fn get(&self, reason: Reason) -> u64 {
+                match reason { $(Reason::$variant => self.$field,)+ }
+            }
+        }
+    };
+}
+
+reasons! {
+    /// Pass: not IPv4.
+    NotIpv4 = not_ipv4,
+    /// Pass: a header is shorter than it claims, or the packet is cut short.
+    Malformed = malformed,
+    /// Pass: a non-first fragment, which carries no ports.
+    Fragment = fragment,
+    /// Pass: a protocol the NAT does not translate.
+    UnsupportedProto = unsupported_proto,
+    /// Pass: the source is not a LAN prefix of the interface (anti-spoofing).
+    SpoofedSource = spoofed_source,
+    /// Pass: addressed to the gateway or routed to a non-uplink interface.
+    NotForUplink = not_for_uplink,
+    /// Pass: TTL would expire; the kernel answers with time exceeded.
+    TtlExpired = ttl_expired,
+    /// Pass with the uplink's mark: the fast path could not forward.
+    SlowPath = slow_path,
+    /// Pass: a packet from the uplink that belongs to no NAT flow.
+    NoMapping = no_mapping,
+    /// Pass: an ICMP error from the uplink whose embedded packet matches no flow.
+    IcmpNoMapping = icmp_no_mapping,
+    /// Drop: no uplink has an address.
+    NoUplink = no_uplink,
+    /// Drop: the connection map is full.
+    MapFull = map_full,
+    /// Drop: no free SNAT port within the search bound.
+    PortExhausted = port_exhausted,
+    /// Drop: a packet rewrite helper failed.
+    RewriteFailed = rewrite_failed,
+    /// Repaired: one half of a flow pair was missing.
+    HalfPair = half_pair,
+}
+
+pub const REASON_COUNT: usize = Reason::ALL.len();
+
+const _: () = {
+    assert!(size_of::<FlowKey>() == 16);
+    assert!(size_of::<FlowFwd>() == 24);
+    assert!(size_of::<FlowRev>() == 8);
+    assert!(size_of::<Uplink>() == 60);
+    assert!(size_of::<SelectTable>() == 4 + SELECT_SLOTS);
+    assert!(size_of::<LanNet>() == 16);
+    assert!(size_of::<Settings>() == 16);
+    assert!(size_of::<UplinkStats>() == 48);
+    assert!(size_of::<Reasons>() == REASON_COUNT * 8);
+    assert!(MAX_UPLINKS <= 255);
+    assert!(SELECT_SLOTS == 64);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are `#[repr(C)]`, padding-free (checked by the bytemuck
+    // derives in tests) and valid for any bit pattern.
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowFwd {}
+    unsafe impl aya::Pod for FlowRev {}
+    unsafe impl aya::Pod for Uplink {}
+    unsafe impl aya::Pod for SelectTable {}
+    unsafe impl aya::Pod for LanNet {}
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for UplinkStats {}
+    unsafe impl aya::Pod for Reasons {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_names_are_unique_and_ordered_like_the_counters() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+            assert!(Reason::ALL[..i].iter().all(|o| o.name() != r.name()));
+        }
+        let mut counters = Reasons::default();
+        counters.map_full = 7;
+        assert_eq!(counters.get(Reason::MapFull), 7);
+        // The kernel indexes the struct as an array of u64.
+        let words: [u64; REASON_COUNT] = bytemuck::cast(counters);
+        assert_eq!(words[Reason::MapFull as usize], 7);
+    }
+
+    #[test]
+    fn map_names_fit_the_kernel_limit() {
+        for name in ALL_MAPS {
+            assert!(name.len() <= 15, "{name} is longer than 15 bytes");
+        }
+    }
+}
