@@ -1,0 +1,261 @@
+//! The connection map: forward and reverse entries kept as a pair, port
+//! allocation, TCP state from SYN/FIN/RST, and the last-seen stamp.
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns},
+};
+use multihome_common::{
+    FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FLOW_SEEN_REPLY, FlowFwd, FlowKey, FlowRev, Reason,
+    Settings, Uplink,
+};
+
+use crate::{
+    maps::{CONN_FWD, CONN_REV},
+    parse::{L4, Packet, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+/// Random ports tried before giving up on a new flow.
+const PORT_TRIES: u32 = 32;
+/// The last-seen stamp is refreshed at most this often, to keep the cache
+/// line quiet on busy flows.
+const TOUCH_NS: u64 = 1_000_000_000;
+
+const EEXIST: i32 = 17;
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_ktime_get_boot_ns() }
+}
+
+/// The forward key of a LAN packet.
+#[inline(always)]
+pub fn lan_key(pkt: &Packet) -> FlowKey {
+    FlowKey {
+        saddr_be: pkt.saddr_be,
+        daddr_be: pkt.daddr_be,
+        sport_be: pkt.sport_be,
+        dport_be: pkt.dport_be,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// The reverse key of a packet arriving on an uplink.
+#[inline(always)]
+pub fn wan_key(pkt: &Packet) -> FlowKey {
+    lan_key(pkt)
+}
+
+/// The reverse key a LAN flow's replies will carry.
+#[inline(always)]
+fn reply_key(fwd: &FlowKey, nat_addr_be: u32, nat_port_be: u16, echo: bool) -> FlowKey {
+    FlowKey {
+        saddr_be: fwd.daddr_be,
+        daddr_be: nat_addr_be,
+        sport_be: if echo { 0 } else { fwd.dport_be },
+        dport_be: nat_port_be,
+        proto: fwd.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// The forward key a reverse entry belongs to.
+#[inline(always)]
+pub fn forward_key(rev_key: &FlowKey, rev: &FlowRev, echo: bool) -> FlowKey {
+    FlowKey {
+        saddr_be: rev.lan_addr_be,
+        daddr_be: rev_key.saddr_be,
+        sport_be: rev.lan_port_be,
+        dport_be: if echo { 0 } else { rev_key.sport_be },
+        proto: rev_key.proto,
+        _pad: [0; 3],
+    }
+}
+
+#[inline(always)]
+pub fn lookup_fwd(key: &FlowKey) -> Option<*mut FlowFwd> {
+    CONN_FWD.get_ptr_mut(key)
+}
+
+#[inline(always)]
+pub fn lookup_rev(key: &FlowKey) -> Option<*const FlowRev> {
+    CONN_REV.get_ptr(key)
+}
+
+/// Pins a new LAN flow to `uplink`: reserves a reverse entry on a free NAT
+/// port, then the forward entry. Both are inserted with `BPF_NOEXIST`, and
+/// the reverse one is rolled back if the forward one fails.
+#[inline(always)]
+pub fn create(
+    key: &FlowKey,
+    pkt: &Packet,
+    uplink_id: u8,
+    uplink: &Uplink,
+    settings: &Settings,
+) -> Result<FlowFwd, Reason> {
+    let echo = matches!(pkt.l4_kind, L4::Echo { .. });
+    let rev = FlowRev {
+        lan_addr_be: key.saddr_be,
+        lan_port_be: key.sport_be,
+        uplink: uplink_id,
+        _pad: 0,
+    };
+    let nat_port_be = reserve_port(key, uplink.addr_be, &rev, echo, settings)?;
+    let rev_key = reply_key(key, uplink.addr_be, nat_port_be, echo);
+
+    let now = now_ns();
+    let fwd = FlowFwd {
+        last_seen_ns: now,
+        nat_addr_be: uplink.addr_be,
+        flags: tcp_flags_out(0, pkt.tcp_flags()),
+        nat_port_be,
+        uplink: uplink_id,
+        _pad: 0,
+        created_s: (now / 1_000_000_000) as u32,
+    };
+    match CONN_FWD.insert(key, fwd, BPF_NOEXIST as u64) {
+        Ok(()) => Ok(fwd),
+        Err(e) => {
+            let _ = CONN_REV.remove(rev_key);
+            if e == -EEXIST {
+                // Another CPU pinned the same flow first: use its entry.
+                // SAFETY: the value is read once, by copy.
+                return lookup_fwd(key)
+                    .map(|p| unsafe { *p })
+                    .ok_or(Reason::MapFull);
+            }
+            Err(Reason::MapFull)
+        }
+    }
+}
+
+/// Finds a NAT port free for (uplink address, remote, remote port) and
+/// reserves it with the reverse entry. The LAN port is kept when it lies
+/// outside the gateway's own ephemeral range and is free.
+#[inline(always)]
+fn reserve_port(
+    key: &FlowKey,
+    nat_addr_be: u32,
+    rev: &FlowRev,
+    echo: bool,
+    settings: &Settings,
+) -> Result<u16, Reason> {
+    let lan_port = u16::from_be(key.sport_be);
+    let keep =
+        lan_port != 0 && (lan_port < settings.local_port_min || lan_port > settings.local_port_max);
+    if keep {
+        match try_port(key, nat_addr_be, key.sport_be, rev, echo) {
+            Ok(true) => return Ok(key.sport_be),
+            Ok(false) => {}
+            Err(r) => return Err(r),
+        }
+    }
+    let min = settings.snat_port_min as u32;
+    let span = (settings.snat_port_max as u32).saturating_sub(min) + 1;
+    // SAFETY: no preconditions.
+    let start = unsafe { bpf_get_prandom_u32() } % span;
+    for i in 0..PORT_TRIES {
+        let port_be = ((min + (start + i) % span) as u16).to_be();
+        if try_port(key, nat_addr_be, port_be, rev, echo)? {
+            return Ok(port_be);
+        }
+    }
+    Err(Reason::PortExhausted)
+}
+
+/// Ok(true): reserved. Ok(false): taken.
+#[inline(always)]
+fn try_port(
+    key: &FlowKey,
+    nat_addr_be: u32,
+    port_be: u16,
+    rev: &FlowRev,
+    echo: bool,
+) -> Result<bool, Reason> {
+    let rev_key = reply_key(key, nat_addr_be, port_be, echo);
+    match CONN_REV.insert(rev_key, rev, BPF_NOEXIST as u64) {
+        Ok(()) => Ok(true),
+        Err(e) if e == -EEXIST => Ok(false),
+        Err(_) => Err(Reason::MapFull),
+    }
+}
+
+#[inline(always)]
+fn tcp_flags_out(flags: u32, tcp: u8) -> u32 {
+    let mut f = flags;
+    if tcp & TCP_SYN != 0 && f & (FLOW_RST | FLOW_FIN_OUT | FLOW_FIN_IN) != 0 {
+        // A new connection reusing a closed flow's tuple starts over.
+        f = 0;
+    }
+    if tcp & TCP_FIN != 0 {
+        f |= FLOW_FIN_OUT;
+    }
+    if tcp & TCP_RST != 0 {
+        f |= FLOW_RST;
+    }
+    f
+}
+
+#[inline(always)]
+fn tcp_flags_in(flags: u32, tcp: u8) -> u32 {
+    let mut f = flags | FLOW_SEEN_REPLY;
+    if tcp & TCP_FIN != 0 {
+        f |= FLOW_FIN_IN;
+    }
+    if tcp & TCP_RST != 0 {
+        f |= FLOW_RST;
+    }
+    f
+}
+
+/// Records a LAN packet of an existing flow. Once a second it also checks
+/// that the reverse half still exists and puts it back if not.
+#[inline(always)]
+pub fn touch_out(key: &FlowKey, fwd: *mut FlowFwd, pkt: &Packet) {
+    // SAFETY: `fwd` points into the map's preallocated value; races with
+    // other CPUs only lose a stamp or a flag bit, never a flow.
+    let f = unsafe { &mut *fwd };
+    let flags = tcp_flags_out(f.flags, pkt.tcp_flags());
+    if flags != f.flags {
+        f.flags = flags;
+    }
+    let now = now_ns();
+    if now.wrapping_sub(f.last_seen_ns) > TOUCH_NS {
+        f.last_seen_ns = now;
+        let echo = matches!(pkt.l4_kind, L4::Echo { .. });
+        let rev_key = reply_key(key, f.nat_addr_be, f.nat_port_be, echo);
+        if lookup_rev(&rev_key).is_none() {
+            crate::stats::count(Reason::HalfPair);
+            let rev = FlowRev {
+                lan_addr_be: key.saddr_be,
+                lan_port_be: key.sport_be,
+                uplink: f.uplink,
+                _pad: 0,
+            };
+            let _ = CONN_REV.insert(rev_key, rev, BPF_NOEXIST as u64);
+        }
+    }
+}
+
+/// Records a reply of an existing flow.
+#[inline(always)]
+pub fn touch_in(fwd: *mut FlowFwd, pkt: &Packet) {
+    // SAFETY: as in `touch_out`.
+    let f = unsafe { &mut *fwd };
+    let flags = tcp_flags_in(f.flags, pkt.tcp_flags());
+    if flags != f.flags {
+        f.flags = flags;
+    }
+    let now = now_ns();
+    if now.wrapping_sub(f.last_seen_ns) > TOUCH_NS {
+        f.last_seen_ns = now;
+    }
+}
+
+/// Removes a reverse entry whose forward half is gone.
+#[inline(always)]
+pub fn drop_orphan(rev_key: &FlowKey) {
+    let _ = CONN_REV.remove(rev_key);
+    crate::stats::count(Reason::HalfPair);
+}

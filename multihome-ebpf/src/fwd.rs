@@ -1,0 +1,108 @@
+//! Forwarding: `bpf_fib_lookup` in the right table, then a redirect; or a
+//! reason to hand the packet to the kernel.
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_DIRECT,
+        BPF_FIB_LOOKUP_TBID, TC_ACT_SHOT, bpf_fib_lookup as FibParams, bpf_redir_neigh,
+    },
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use multihome_common::Reason;
+
+use crate::parse::{Packet, ptr_at};
+
+const AF_INET: u8 = 2;
+
+/// A resolved next hop.
+pub struct Hop {
+    pub ifindex: u32,
+    /// The next hop's address (the gateway, or the destination on-link).
+    pub nh_be: u32,
+    /// The neighbour is known and `mac` holds destination then source.
+    pub resolved: bool,
+    pub mac: [u8; 12],
+}
+
+/// The kernel would not forward it: no route, local, too big, ...
+pub struct NoHop;
+
+/// Where the kernel would forward this packet from `src_be` to `dst_be`:
+/// in `table`, or through the policy rules with `None`. `mtu_check` makes
+/// an oversized packet a `FRAG_NEEDED` miss.
+#[inline(always)]
+pub fn lookup(
+    ctx: &TcContext,
+    pkt: &Packet,
+    src_be: u32,
+    dst_be: u32,
+    table: Option<u32>,
+    mtu_check: bool,
+) -> Result<Hop, NoHop> {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid request skeleton.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = pkt.proto;
+    p.__bindgen_anon_1.tot_len = if mtu_check { pkt.tot_len } else { 0 };
+    p.__bindgen_anon_3.ipv4_src = src_be;
+    p.__bindgen_anon_4.ipv4_dst = dst_be;
+    // SAFETY: the context pointer is valid for the program's run.
+    p.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    let mut flags = 0u32;
+    if let Some(t) = table {
+        p.__bindgen_anon_5.tbid = t;
+        flags = BPF_FIB_LOOKUP_DIRECT | BPF_FIB_LOOKUP_TBID;
+    }
+    // SAFETY: `p` lives on the stack for the call and its size is passed.
+    let ret = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut p,
+            size_of::<FibParams>() as i32,
+            flags,
+        )
+    } as u32;
+    if ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return Err(NoHop);
+    }
+    let mut mac = [0u8; 12];
+    mac[..6].copy_from_slice(&p.dmac);
+    mac[6..].copy_from_slice(&p.smac);
+    Ok(Hop {
+        ifindex: p.ifindex,
+        // SAFETY: the union holds the IPv4 next hop after an IPv4 lookup.
+        nh_be: unsafe { p.__bindgen_anon_4.ipv4_dst },
+        resolved: ret == BPF_FIB_LKUP_RET_SUCCESS,
+        mac,
+    })
+}
+
+/// Sends the packet to `hop`. `l2_in`: the packet starts with an Ethernet
+/// header; `l2_out`: the egress device wants one.
+#[inline(always)]
+pub fn redirect(ctx: &TcContext, hop: &Hop, l2_in: bool, l2_out: bool) -> Result<i32, Reason> {
+    let ret = if !l2_out {
+        // The kernel strips our Ethernet header for an L3 device.
+        // SAFETY: plain helper call.
+        unsafe { bpf_redirect(hop.ifindex, 0) }
+    } else if hop.resolved && l2_in {
+        let eth = ptr_at::<[u8; 12]>(ctx, 0).ok_or(Reason::RewriteFailed)?;
+        // SAFETY: bounds checked.
+        unsafe { eth.write_unaligned(hop.mac) };
+        // SAFETY: plain helper call.
+        unsafe { bpf_redirect(hop.ifindex, 0) }
+    } else {
+        let mut nh = bpf_redir_neigh {
+            nh_family: AF_INET as u32,
+            __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
+                ipv4_nh: hop.nh_be,
+            },
+        };
+        // SAFETY: `nh` lives on the stack for the call and its size is passed.
+        unsafe { bpf_redirect_neigh(hop.ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0) }
+    };
+    if ret == TC_ACT_SHOT as i64 {
+        return Err(Reason::RewriteFailed);
+    }
+    Ok(ret as i32)
+}

@@ -1,0 +1,68 @@
+//! Uplink to LAN: reverse-translate replies and forward them to the LAN
+//! host.
+use aya_ebpf::programs::TcContext;
+use multihome_common::Reason;
+
+use crate::{
+    conntrack,
+    fwd::{self, Hop},
+    nat::{self, Side},
+    parse::{self, L4, Packet},
+    stats,
+    verdict::{Outcome, Verdict},
+};
+
+/// `mh_wan_in`: a packet arriving on an uplink.
+#[inline(always)]
+pub fn wan_ingress<const L2: bool>(ctx: &TcContext) -> Outcome {
+    let l3 = parse::l3_offset::<L2>(ctx)?;
+    let pkt = parse::parse_ipv4(ctx, l3)?;
+    if pkt.l4_kind == L4::IcmpError {
+        return crate::icmp::wan_error::<L2>(ctx, &pkt);
+    }
+    let rev_key = conntrack::wan_key(&pkt);
+    let rev = conntrack::lookup_rev(&rev_key).ok_or(Reason::NoMapping)?;
+    // SAFETY: a copy of the map value.
+    let rev = unsafe { *rev };
+    let echo = matches!(pkt.l4_kind, L4::Echo { .. });
+    let fwd_key = conntrack::forward_key(&rev_key, &rev, echo);
+    let Some(flow) = conntrack::lookup_fwd(&fwd_key) else {
+        conntrack::drop_orphan(&rev_key);
+        return Err(Reason::NoMapping);
+    };
+    conntrack::touch_in(flow, &pkt);
+    stats::rx(rev.uplink, pkt.tot_len as u32);
+    to_lan::<L2>(ctx, &pkt, rev.lan_addr_be, rev.lan_port_be)
+}
+
+/// Rewrites the destination to the LAN host and forwards it there.
+#[inline(always)]
+fn to_lan<const L2: bool>(
+    ctx: &TcContext,
+    pkt: &Packet,
+    lan_addr_be: u32,
+    lan_port_be: u16,
+) -> Outcome {
+    let hop = lan_hop(ctx, pkt, lan_addr_be);
+    nat::rewrite(ctx, pkt, Side::Dst, lan_addr_be, lan_port_be, hop.is_some())?;
+    deliver::<L2>(ctx, hop)
+}
+
+/// The next hop towards a LAN host, unless the kernel must handle the
+/// packet (TTL about to expire, no route, too big).
+#[inline(always)]
+pub fn lan_hop(ctx: &TcContext, pkt: &Packet, lan_addr_be: u32) -> Option<Hop> {
+    if pkt.ttl <= 1 {
+        return None;
+    }
+    fwd::lookup(ctx, pkt, pkt.saddr_be, lan_addr_be, None, true).ok()
+}
+
+/// Redirects a translated packet to `hop`, or hands it to the kernel.
+#[inline(always)]
+pub fn deliver<const L2: bool>(ctx: &TcContext, hop: Option<Hop>) -> Outcome {
+    match hop {
+        Some(hop) => fwd::redirect(ctx, &hop, L2, true).map(Verdict::Redirect),
+        None => Ok(Verdict::Pass),
+    }
+}

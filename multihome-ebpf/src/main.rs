@@ -1,0 +1,62 @@
+//! multihome's TC programs. Each entry point only runs its pipeline and
+//! turns the outcome into a TC action:
+//!
+//! - `mh_lan_in` (LAN ingress): pin new flows to an uplink, SNAT, forward;
+//! - `mh_wan_in` (uplink ingress): reverse-translate replies and ICMP errors;
+//! - `mh_wan_out` (uplink egress): SNAT what the fast path left to the kernel.
+//!
+//! The `_l3` variants serve uplinks without an Ethernet header (ppp, tun).
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod csum;
+mod fwd;
+mod icmp;
+mod inbound;
+mod maps;
+mod nat;
+mod outbound;
+mod parse;
+mod select;
+mod stats;
+mod verdict;
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+
+use crate::verdict::tc_action;
+
+#[classifier]
+pub fn mh_lan_in(ctx: TcContext) -> i32 {
+    tc_action(outbound::lan_ingress(&ctx))
+}
+
+#[classifier]
+pub fn mh_wan_in(ctx: TcContext) -> i32 {
+    tc_action(inbound::wan_ingress::<true>(&ctx))
+}
+
+#[classifier]
+pub fn mh_wan_in_l3(ctx: TcContext) -> i32 {
+    tc_action(inbound::wan_ingress::<false>(&ctx))
+}
+
+#[classifier]
+pub fn mh_wan_out(ctx: TcContext) -> i32 {
+    tc_action(outbound::wan_egress::<true>(&ctx))
+}
+
+#[classifier]
+pub fn mh_wan_out_l3(ctx: TcContext) -> i32 {
+    tc_action(outbound::wan_egress::<false>(&ctx))
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,38 @@
+//! Every map the programs use. Sizes here are defaults; the daemon sets the
+//! connection maps' capacity at load time.
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, PerCpuArray},
+    macros::btf_map,
+};
+use multihome_common::{
+    DEFAULT_MAX_FLOWS, FlowFwd, FlowKey, FlowRev, LanNet, MAX_LAN_NETS, MAX_UPLINKS, Reasons,
+    SelectTable, Settings, Uplink, UplinkStats,
+};
+
+const FLOWS: usize = DEFAULT_MAX_FLOWS as usize;
+
+/// LAN tuple -> uplink, NAT address and port, state.
+#[btf_map]
+pub static CONN_FWD: HashMap<FlowKey, FlowFwd, FLOWS> = HashMap::new();
+
+/// Reply tuple (remote -> NAT address and port) -> LAN host and port.
+#[btf_map]
+pub static CONN_REV: HashMap<FlowKey, FlowRev, FLOWS> = HashMap::new();
+
+#[btf_map]
+pub static UPLINKS: Array<Uplink, { MAX_UPLINKS as usize }> = Array::new();
+
+#[btf_map]
+pub static SELECT: Array<SelectTable, 1> = Array::new();
+
+#[btf_map]
+pub static LAN_NETS: Array<LanNet, { MAX_LAN_NETS as usize }> = Array::new();
+
+#[btf_map]
+pub static SETTINGS: Array<Settings, 1> = Array::new();
+
+#[btf_map]
+pub static UPLINK_STATS: PerCpuArray<UplinkStats, { MAX_UPLINKS as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub static REASONS: PerCpuArray<Reasons, 1> = PerCpuArray::new();

@@ -1,0 +1,186 @@
+//! LAN to uplink: pin new flows, SNAT, forward. The LAN ingress program
+//! does the work; the uplink egress program finishes packets that the fast
+//! path handed to the kernel.
+use aya_ebpf::programs::TcContext;
+use multihome_common::{
+    FlowFwd, FlowKey, MAX_LAN_NETS, MAX_UPLINKS, Reason, Settings, UPLINK_L3, Uplink,
+};
+
+use crate::{
+    conntrack, fwd,
+    maps::{LAN_NETS, SETTINGS, UPLINKS},
+    nat::{self, Side},
+    parse::{self, L4, Packet},
+    select, stats,
+    verdict::{Outcome, Verdict},
+};
+
+#[inline(always)]
+fn ingress_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    unsafe { (*ctx.skb.skb).ingress_ifindex }
+}
+
+#[inline(always)]
+pub fn settings() -> Result<Settings, Reason> {
+    SETTINGS.get(0).copied().ok_or(Reason::NoUplink)
+}
+
+/// `mh_lan_in`: a packet from the LAN.
+#[inline(always)]
+pub fn lan_ingress(ctx: &TcContext) -> Outcome {
+    let l3 = parse::l3_offset::<true>(ctx)?;
+    let pkt = parse::parse_ipv4(ctx, l3)?;
+    match pkt.l4_kind {
+        L4::IcmpError => return crate::icmp::lan_error(ctx, &pkt),
+        // Answers to pings from outside: the gateway forwards no inbound
+        // connections.
+        L4::Echo { request: false } => return Err(Reason::UnsupportedProto),
+        _ => {}
+    }
+    let key = conntrack::lan_key(&pkt);
+    let flow = match conntrack::lookup_fwd(&key) {
+        Some(f) => {
+            conntrack::touch_out(&key, f, &pkt);
+            // SAFETY: a copy of the map value.
+            unsafe { *f }
+        }
+        None => new_flow(ctx, &pkt, &key)?,
+    };
+    let uplink = UPLINKS.get(flow.uplink as u32).ok_or(Reason::NoUplink)?;
+    to_uplink(ctx, &pkt, &flow, uplink, true)
+}
+
+/// Forwards a pinned flow's packet out its uplink, or hands it to the
+/// kernel untranslated with the uplink's mark when the fast path cannot.
+#[inline(always)]
+pub fn to_uplink(
+    ctx: &TcContext,
+    pkt: &Packet,
+    flow: &FlowFwd,
+    uplink: &Uplink,
+    l2_in: bool,
+) -> Outcome {
+    if pkt.ttl <= 1 {
+        ctx.set_mark(uplink.mark);
+        return Err(Reason::TtlExpired);
+    }
+    let hop = match fwd::lookup(
+        ctx,
+        pkt,
+        flow.nat_addr_be,
+        pkt.daddr_be,
+        Some(uplink.table),
+        true,
+    ) {
+        Ok(hop) => hop,
+        Err(_) => {
+            ctx.set_mark(uplink.mark);
+            stats::slow_path(flow.uplink);
+            return Ok(Verdict::Pass);
+        }
+    };
+    nat::rewrite(
+        ctx,
+        pkt,
+        Side::Src,
+        flow.nat_addr_be,
+        flow.nat_port_be,
+        true,
+    )?;
+    stats::tx(flow.uplink, pkt.tot_len as u32);
+    fwd::redirect(ctx, &hop, l2_in, uplink.flags & UPLINK_L3 == 0).map(Verdict::Redirect)
+}
+
+/// Checks, chooses an uplink for, and pins a flow seen for the first time.
+#[inline(always)]
+fn new_flow(ctx: &TcContext, pkt: &Packet, key: &FlowKey) -> Result<FlowFwd, Reason> {
+    if !is_lan_source(pkt.saddr_be, ingress_ifindex(ctx)) {
+        return Err(Reason::SpoofedSource);
+    }
+    if !matches!(
+        pkt.l4_kind,
+        L4::Tcp(_) | L4::Udp | L4::Echo { request: true }
+    ) {
+        return Err(Reason::UnsupportedProto);
+    }
+    // Route it as the kernel would: local and LAN-to-LAN traffic is not ours.
+    let hop = fwd::lookup(ctx, pkt, pkt.saddr_be, pkt.daddr_be, None, false)
+        .map_err(|_| Reason::NotForUplink)?;
+    if !is_uplink_device(hop.ifindex) {
+        return Err(Reason::NotForUplink);
+    }
+    let onlink = (hop.nh_be == pkt.daddr_be).then_some(hop.ifindex);
+    let (id, uplink) = select::choose(onlink)?;
+    let flow = conntrack::create(key, pkt, id, uplink, &settings()?)?;
+    stats::new_flow(id);
+    Ok(flow)
+}
+
+#[inline(always)]
+fn is_lan_source(saddr_be: u32, ifindex: u32) -> bool {
+    for i in 0..MAX_LAN_NETS {
+        if let Some(net) = LAN_NETS.get(i)
+            && net.in_use != 0
+            && saddr_be & net.mask_be == net.addr_be
+            && (net.ifindex == 0 || net.ifindex == ifindex)
+        {
+            return true;
+        }
+    }
+    false
+}
+
+#[inline(always)]
+fn is_uplink_device(ifindex: u32) -> bool {
+    for id in 0..MAX_UPLINKS {
+        if let Some(u) = UPLINKS.get(id)
+            && u.ifindex == ifindex
+            && u.ifindex != 0
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// `mh_wan_out`: a packet leaving an uplink. Only packets that the LAN
+/// program handed to the kernel carry an uplink mark; they get their SNAT
+/// here. Everything else (the gateway's own traffic, packets the fast path
+/// already translated) passes at the cost of a mark test.
+#[inline(always)]
+pub fn wan_egress<const L2: bool>(ctx: &TcContext) -> Outcome {
+    // SAFETY: the context pointer is valid for the program's run.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if mark == 0 {
+        return Ok(Verdict::Pass);
+    }
+    let Some((id, uplink)) = select::from_mark(mark, settings()?.mark_base) else {
+        return Ok(Verdict::Pass);
+    };
+    let l3 = parse::l3_offset::<L2>(ctx)?;
+    if parse::is_later_fragment(ctx, l3)? {
+        // The L4 header, and its checksum, went out in the first fragment.
+        nat::rewrite_fragment_src(ctx, l3, uplink.addr_be)?;
+        stats::tx(id, ctx.len());
+        return Ok(Verdict::Pass);
+    }
+    let pkt = parse::parse_ipv4(ctx, l3)?;
+    if pkt.l4_kind == L4::IcmpError {
+        return crate::icmp::translate_out(ctx, &pkt);
+    }
+    let key = conntrack::lan_key(&pkt);
+    let flow = conntrack::lookup_fwd(&key).ok_or(Reason::NoMapping)?;
+    // SAFETY: a copy of the map value.
+    let flow = unsafe { *flow };
+    nat::rewrite(
+        ctx,
+        &pkt,
+        Side::Src,
+        flow.nat_addr_be,
+        flow.nat_port_be,
+        false,
+    )?;
+    stats::tx(id, pkt.tot_len as u32);
+    Ok(Verdict::Pass)
+}

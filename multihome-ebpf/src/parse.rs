@@ -1,0 +1,229 @@
+//! Headers -> a [`Packet`] of offsets and tuple fields, or a reason to leave
+//! the packet alone. Offsets come from the device kind and the IHL, never
+//! from fixed header sizes.
+use aya_ebpf::programs::TcContext;
+use multihome_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Reason};
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+const IP_OFFSET_MASK_BE: u16 = 0x1fffu16.to_be();
+
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_ECHO: u8 = 8;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAMETER_PROB: u8 = 12;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+
+/// IPv4 header field offsets from its start.
+pub mod ip {
+    pub const TOT_LEN: usize = 2;
+    pub const FRAG_OFF: usize = 6;
+    pub const TTL: usize = 8;
+    pub const CSUM: usize = 10;
+    pub const SADDR: usize = 12;
+    pub const DADDR: usize = 16;
+    pub const MIN_LEN: usize = 20;
+}
+
+/// What kind of L4 header follows, as far as the NAT cares.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum L4 {
+    /// TCP, with its flags.
+    Tcp(u8),
+    Udp,
+    /// ICMP echo request or reply; ports hold the identifier.
+    Echo {
+        request: bool,
+    },
+    /// ICMP destination unreachable, time exceeded or parameter problem.
+    IcmpError,
+}
+
+#[derive(Clone, Copy)]
+pub struct Packet {
+    /// Offset of the IPv4 header.
+    pub l3: usize,
+    /// Offset of the L4 header.
+    pub l4: usize,
+    pub proto: u8,
+    pub l4_kind: L4,
+    pub ttl: u8,
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    /// TCP/UDP ports; for echo the identifier is in `sport_be` (request) or
+    /// `dport_be` (reply) and the other is 0.
+    pub sport_be: u16,
+    pub dport_be: u16,
+    /// IP total length, host order.
+    pub tot_len: u16,
+}
+
+/// A checked pointer `off` bytes into the linear packet data.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + off + size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+/// The first byte of a 16-bit word read as it sits in memory.
+#[inline(always)]
+pub fn hi(word: u16) -> u8 {
+    word.to_ne_bytes()[0]
+}
+
+/// The second byte of a 16-bit word read as it sits in memory.
+#[inline(always)]
+pub fn lo(word: u16) -> u8 {
+    word.to_ne_bytes()[1]
+}
+
+/// Reads a `T` at `off`, pulling non-linear data in once if needed. Bytes
+/// are read as part of a 16-bit word (see [`hi`], [`lo`]): LLVM turns a
+/// one-byte bounds check into a form the verifier rejects.
+#[inline(always)]
+pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, Reason> {
+    if let Some(p) = ptr_at::<T>(ctx, off) {
+        // SAFETY: bounds checked against data_end.
+        return Ok(unsafe { p.read_unaligned() });
+    }
+    let want = off + size_of::<T>();
+    if (ctx.len() as usize) < want || ctx.pull_data(want as u32).is_err() {
+        return Err(Reason::Malformed);
+    }
+    let p = ptr_at::<T>(ctx, off).ok_or(Reason::Malformed)?;
+    // SAFETY: bounds checked against data_end.
+    Ok(unsafe { p.read_unaligned() })
+}
+
+/// Writes a `T` at `off`, which [`read`] has already made linear.
+#[inline(always)]
+pub fn write<T>(ctx: &TcContext, off: usize, v: T) -> Result<(), Reason> {
+    let p = ptr_at::<T>(ctx, off).ok_or(Reason::RewriteFailed)?;
+    // SAFETY: bounds checked against data_end.
+    unsafe { p.write_unaligned(v) };
+    Ok(())
+}
+
+/// Offset of the IPv4 header, or why there is none. `L2` is false on
+/// devices without an Ethernet header (ppp, tun).
+#[inline(always)]
+pub fn l3_offset<const L2: bool>(ctx: &TcContext) -> Result<usize, Reason> {
+    let proto_be = if L2 {
+        read::<u16>(ctx, 12)?
+    } else {
+        // SAFETY: the context pointer is valid for the program's run.
+        unsafe { (*ctx.skb.skb).protocol as u16 }
+    };
+    if proto_be != ETH_P_IP_BE {
+        return Err(Reason::NotIpv4);
+    }
+    Ok(if L2 { ETH_HLEN } else { 0 })
+}
+
+/// Parses the IPv4 header at `l3` and the L4 header after it.
+#[inline(always)]
+pub fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, Reason> {
+    let vihl = hi(read::<u16>(ctx, l3)?);
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || ihl < ip::MIN_LEN {
+        return Err(Reason::Malformed);
+    }
+    let tot_len = u16::from_be(read::<u16>(ctx, l3 + ip::TOT_LEN)?);
+    if (tot_len as usize) < ihl || (ctx.len() as usize) < l3 + tot_len as usize {
+        return Err(Reason::Malformed);
+    }
+    let frag_be: u16 = read(ctx, l3 + ip::FRAG_OFF)?;
+    if frag_be & IP_OFFSET_MASK_BE != 0 {
+        return Err(Reason::Fragment);
+    }
+    let ttl_proto: u16 = read(ctx, l3 + ip::TTL)?;
+    let (ttl, proto) = (hi(ttl_proto), lo(ttl_proto));
+    let saddr_be: u32 = read(ctx, l3 + ip::SADDR)?;
+    let daddr_be: u32 = read(ctx, l3 + ip::DADDR)?;
+    let l4 = l3 + ihl;
+    let l4_len = tot_len as usize - ihl;
+
+    let (l4_kind, sport_be, dport_be) = match proto {
+        IPPROTO_TCP => {
+            if l4_len < 20 {
+                return Err(Reason::Malformed);
+            }
+            let flags = lo(read::<u16>(ctx, l4 + 12)?);
+            (L4::Tcp(flags), read(ctx, l4)?, read(ctx, l4 + 2)?)
+        }
+        IPPROTO_UDP => {
+            if l4_len < 8 {
+                return Err(Reason::Malformed);
+            }
+            (L4::Udp, read(ctx, l4)?, read(ctx, l4 + 2)?)
+        }
+        IPPROTO_ICMP => {
+            if l4_len < 8 {
+                return Err(Reason::Malformed);
+            }
+            let kind = hi(read::<u16>(ctx, l4)?);
+            let id: u16 = read(ctx, l4 + 4)?;
+            match kind {
+                ICMP_ECHO => (L4::Echo { request: true }, id, 0),
+                ICMP_ECHO_REPLY => (L4::Echo { request: false }, 0, id),
+                ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROB => {
+                    (L4::IcmpError, 0, 0)
+                }
+                _ => return Err(Reason::UnsupportedProto),
+            }
+        }
+        _ => return Err(Reason::UnsupportedProto),
+    };
+    Ok(Packet {
+        l3,
+        l4,
+        proto,
+        l4_kind,
+        ttl,
+        saddr_be,
+        daddr_be,
+        sport_be,
+        dport_be,
+        tot_len,
+    })
+}
+
+/// Only the address part of a non-first fragment, for the slow path.
+#[inline(always)]
+pub fn is_later_fragment(ctx: &TcContext, l3: usize) -> Result<bool, Reason> {
+    let frag_be: u16 = read(ctx, l3 + ip::FRAG_OFF)?;
+    Ok(frag_be & IP_OFFSET_MASK_BE != 0)
+}
+
+impl Packet {
+    /// Offset of the L4 checksum field, and whether it is UDP's (where 0
+    /// means "no checksum").
+    #[inline(always)]
+    pub fn l4_csum(&self) -> (usize, bool) {
+        match self.l4_kind {
+            L4::Tcp(_) => (self.l4 + 16, false),
+            L4::Udp => (self.l4 + 6, true),
+            L4::Echo { .. } | L4::IcmpError => (self.l4 + 2, false),
+        }
+    }
+
+    #[inline(always)]
+    pub fn has_pseudo_header(&self) -> bool {
+        matches!(self.l4_kind, L4::Tcp(_) | L4::Udp)
+    }
+
+    #[inline(always)]
+    pub fn tcp_flags(&self) -> u8 {
+        match self.l4_kind {
+            L4::Tcp(f) => f,
+            _ => 0,
+        }
+    }
+}
