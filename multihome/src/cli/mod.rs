@@ -1,0 +1,83 @@
+//! The command line: clap types here, a module per command.
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::loader::DEFAULT_PIN_DIR;
+
+pub mod conns;
+pub mod status;
+
+/// A gateway for a LAN with several uplinks: each new connection is pinned
+/// to one uplink by weight and SNATed to its address, in TC eBPF.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None, after_help = EXIT_CODES)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+pub const EXIT_CODES: &str =
+    "Exit codes: 0 success; 1 error (the message says what to change); 2 usage error.";
+
+#[derive(Args, Debug, Clone)]
+pub struct PinDir {
+    /// bpffs directory holding the pinned maps and links.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the gateway in the foreground.
+    ///
+    /// Loads and attaches the programs, pins maps and links under --pin-dir,
+    /// installs the fallback rule tables, follows links and addresses. On
+    /// SIGINT/SIGTERM it detaches and removes all it installed, unless
+    /// --keep-on-exit. SIGHUP reloads weights.
+    ///
+    /// Example: multihome run --config /etc/multihome.toml
+    Run {
+        /// TOML config file (see docs/CONFIG.md).
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        #[command(flatten)]
+        pin: PinDir,
+        /// Keep forwarding after exit: leave programs, maps, links and routes
+        /// in place; the next run adopts them with every flow.
+        #[arg(long)]
+        keep_on_exit: bool,
+    },
+    /// List live flows.
+    ///
+    /// Example: multihome conns --uplink x --proto tcp --json
+    Conns(conns::ConnsArgs),
+    /// Show uplinks, counters and drop reasons.
+    ///
+    /// Example: multihome status --json
+    Status {
+        #[command(flatten)]
+        pin: PinDir,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate a config file and explain every problem.
+    ///
+    /// Example: multihome check --config /etc/multihome.toml
+    Check {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Remove pins, links and routing left behind by a run with --keep-on-exit.
+    Cleanup {
+        #[command(flatten)]
+        pin: PinDir,
+    },
+    /// Write the embedded eBPF object to FILE (for tests and bpftool).
+    #[command(hide = true)]
+    EbpfObject {
+        #[arg(value_name = "FILE")]
+        out: PathBuf,
+    },
+}

@@ -1,0 +1,116 @@
+//! `multihome status`: uplinks, counters and reasons, from the maps.
+use serde::Serialize;
+
+use crate::{flows::be_addr, maps::Maps, uplinks::name_from_bytes};
+use multihome_common::{UPLINK_CONFIGURED, UPLINK_USABLE};
+
+#[derive(Serialize)]
+pub struct UplinkStatus {
+    pub name: String,
+    pub interface: String,
+    pub address: Option<String>,
+    pub gateway: Option<String>,
+    pub state: &'static str,
+    pub weight: u32,
+    pub flows: u64,
+    pub new_flows: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub slow_path: u64,
+}
+
+#[derive(Serialize)]
+pub struct Status {
+    pub uplinks: Vec<UplinkStatus>,
+    pub flows: u64,
+    pub drops: std::collections::BTreeMap<&'static str, u64>,
+}
+
+pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
+    let flows = maps.flows()?;
+    let stats = maps.uplink_stats()?;
+    let mut uplinks = Vec::new();
+    for (id, u) in maps.uplinks()?.iter().enumerate() {
+        if u.flags & UPLINK_CONFIGURED == 0 {
+            continue;
+        }
+        let s = &stats[id];
+        let addr = (u.addr_be != 0).then(|| be_addr(u.addr_be).to_string());
+        uplinks.push(UplinkStatus {
+            name: name_from_bytes(&u.name),
+            interface: name_from_bytes(&u.ifname),
+            state: match (u.flags & UPLINK_USABLE != 0, addr.is_some()) {
+                (true, _) => "up",
+                (false, false) => "no-address",
+                (false, true) => "down",
+            },
+            address: addr,
+            gateway: (u.gateway_be != 0).then(|| be_addr(u.gateway_be).to_string()),
+            weight: u.weight,
+            flows: flows
+                .iter()
+                .filter(|(_, f)| f.uplink as usize == id)
+                .count() as u64,
+            new_flows: s.new_flows,
+            tx_packets: s.tx_packets,
+            tx_bytes: s.tx_bytes,
+            rx_packets: s.rx_packets,
+            rx_bytes: s.rx_bytes,
+            slow_path: s.slow_path,
+        });
+    }
+    Ok(Status {
+        uplinks,
+        flows: flows.len() as u64,
+        drops: maps.reasons()?.into_iter().collect(),
+    })
+}
+
+pub fn run(pin: &super::PinDir, json: bool) -> anyhow::Result<()> {
+    let maps = Maps::open(&pin.pin_dir)?;
+    let st = collect(&maps)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+        return Ok(());
+    }
+    println!(
+        "{:<8} {:<10} {:<16} {:<16} {:<10} {:>6} {:>7} {:>12} {:>12} {:>12} {:>12}",
+        "UPLINK",
+        "IFACE",
+        "ADDRESS",
+        "GATEWAY",
+        "STATE",
+        "WEIGHT",
+        "FLOWS",
+        "TX PKTS",
+        "TX BYTES",
+        "RX PKTS",
+        "RX BYTES"
+    );
+    for u in &st.uplinks {
+        println!(
+            "{:<8} {:<10} {:<16} {:<16} {:<10} {:>6} {:>7} {:>12} {:>12} {:>12} {:>12}",
+            u.name,
+            u.interface,
+            u.address.as_deref().unwrap_or("-"),
+            u.gateway.as_deref().unwrap_or("-"),
+            u.state,
+            u.weight,
+            u.flows,
+            u.tx_packets,
+            u.tx_bytes,
+            u.rx_packets,
+            u.rx_bytes
+        );
+    }
+    println!(
+        "\n{} live flows. Packets left to the kernel or dropped, by reason:",
+        st.flows
+    );
+    for (name, n) in st.drops.iter().filter(|(_, n)| **n > 0) {
+        println!("  {name:<20} {n}");
+    }
+    Ok(())
+}

@@ -1,0 +1,381 @@
+//! The TOML config: parsed, defaulted and validated, with errors that say
+//! where the problem is and what to change.
+use std::{collections::HashSet, fmt::Write as _, net::Ipv4Addr, path::Path};
+
+use anyhow::{Context as _, bail};
+use multihome_common::{DEFAULT_MAX_FLOWS, MAX_UPLINKS};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// LAN-facing interfaces; new flows arriving here are balanced.
+    pub lan: Vec<String>,
+    /// Extra source prefixes allowed to be translated (besides the LAN
+    /// interfaces' own subnets), e.g. networks routed behind the LAN.
+    #[serde(default)]
+    pub lan_prefixes: Vec<String>,
+    #[serde(rename = "uplink", default)]
+    pub uplinks: Vec<UplinkConfig>,
+    #[serde(default)]
+    pub nat: NatConfig,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkConfig {
+    pub name: String,
+    pub interface: String,
+    /// Next hop; omitted on point-to-point links.
+    pub gateway: Option<Ipv4Addr>,
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// SNAT address; learned from the interface when omitted.
+    pub address: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatConfig {
+    /// Ports for SNAT when a LAN port cannot be kept: `[first, last]`.
+    pub snat_ports: [u16; 2],
+    /// Capacity of the connection map, in flows.
+    pub max_flows: u32,
+}
+
+impl Default for NatConfig {
+    fn default() -> Self {
+        Self {
+            snat_ports: [61000, 65535],
+            max_flows: DEFAULT_MAX_FLOWS,
+        }
+    }
+}
+
+/// Idle timeouts in seconds (RFC 5382, 4787, 5508 minimums by default).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    pub tcp_established: u64,
+    pub tcp_transitory: u64,
+    pub tcp_closing: u64,
+    pub udp: u64,
+    pub icmp: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            tcp_established: 7440,
+            tcp_transitory: 240,
+            tcp_closing: 10,
+            udp: 300,
+            icmp: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Uplink i uses routing table `table_base + i`.
+    pub table_base: u32,
+    /// First priority of the policy rules multihome installs.
+    pub rule_priority: u32,
+    /// Uplink i's packets on the slow path carry `mark_base | (i + 1)`.
+    pub mark_base: u32,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            table_base: 100,
+            rule_priority: 1000,
+            mark_base: 0x4d48_0000,
+        }
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// An IPv4 prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefix {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Prefix {
+    pub fn mask(self) -> u32 {
+        if self.len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - self.len)
+        }
+    }
+
+    pub fn network(self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) & self.mask())
+    }
+}
+
+impl std::str::FromStr for Prefix {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, len) = s.split_once('/').unwrap_or((s, "32"));
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IPv4 prefix like 198.18.1.0/24"))?;
+        let len: u8 = len
+            .parse()
+            .ok()
+            .filter(|l| *l <= 32)
+            .ok_or_else(|| format!("`{s}`: the prefix length must be 0 to 32"))?;
+        Ok(Prefix { addr, len })
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network(), self.len)
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("config file {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let config: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let problems = config.problems();
+        if !problems.is_empty() {
+            let mut msg = String::new();
+            for p in &problems {
+                let _ = writeln!(msg, "  - {p}");
+            }
+            bail!("{} problem(s):\n{msg}", problems.len());
+        }
+        Ok(config)
+    }
+
+    /// Every problem, each naming its place in the file.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.lan.is_empty() {
+            out.push("`lan`: name at least one LAN interface, e.g. lan = [\"eth1\"]".into());
+        }
+        for (i, p) in self.lan_prefixes.iter().enumerate() {
+            if let Err(e) = p.parse::<Prefix>() {
+                out.push(format!("`lan_prefixes[{i}]`: {e}"));
+            }
+        }
+        if self.uplinks.is_empty() {
+            out.push("no `[[uplink]]`: configure at least one uplink".into());
+        }
+        if self.uplinks.len() > MAX_UPLINKS as usize {
+            out.push(format!(
+                "{} uplinks configured; at most {MAX_UPLINKS} are supported",
+                self.uplinks.len()
+            ));
+        }
+        let mut names = HashSet::new();
+        for (i, u) in self.uplinks.iter().enumerate() {
+            let at = format!("`[[uplink]]` #{} (name = {:?})", i + 1, u.name);
+            if u.name.is_empty() || u.name.len() > 15 {
+                out.push(format!("{at}: `name` must be 1 to 15 characters"));
+            }
+            if !u
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                out.push(format!(
+                    "{at}: `name` may hold letters, digits, `-`, `_`, `.`"
+                ));
+            }
+            if !names.insert(u.name.as_str()) {
+                out.push(format!("{at}: another uplink already has this name"));
+            }
+            if u.interface.is_empty() || u.interface.len() > 15 {
+                out.push(format!("{at}: `interface` must be an interface name"));
+            }
+            if self.lan.contains(&u.interface) {
+                out.push(format!(
+                    "{at}: interface {:?} is also listed in `lan`",
+                    u.interface
+                ));
+            }
+            if u.weight > 255 {
+                out.push(format!("{at}: `weight` must be 0 to 255 (0 = backup only)"));
+            }
+        }
+        let same_nic: Vec<_> = self
+            .uplinks
+            .iter()
+            .filter(|u| u.gateway.is_none())
+            .filter(|u| {
+                self.uplinks
+                    .iter()
+                    .filter(|o| o.interface == u.interface)
+                    .count()
+                    > 1
+            })
+            .collect();
+        for u in same_nic {
+            out.push(format!(
+                "uplink {:?}: shares interface {:?} with another uplink, so it needs a `gateway`",
+                u.name, u.interface
+            ));
+        }
+        for u in &self.uplinks {
+            let shared = self
+                .uplinks
+                .iter()
+                .filter(|o| o.interface == u.interface)
+                .count()
+                > 1;
+            if shared && u.address.is_none() {
+                out.push(format!(
+                    "uplink {:?}: shares interface {:?} with another uplink, so it needs its own `address`",
+                    u.name, u.interface
+                ));
+            }
+        }
+        if !self.uplinks.is_empty() && self.uplinks.iter().all(|u| u.weight == 0) {
+            out.push("every uplink has `weight = 0`: give at least one a weight".into());
+        }
+        let [lo, hi] = self.nat.snat_ports;
+        if lo == 0 || lo > hi {
+            out.push(format!(
+                "`nat.snat_ports` = [{lo}, {hi}]: need 1 <= first <= last"
+            ));
+        }
+        if self.nat.max_flows < 16 {
+            out.push("`nat.max_flows` must be at least 16".into());
+        }
+        if self.routing.mark_base & 0xff != 0 || self.routing.mark_base == 0 {
+            out.push(format!(
+                "`routing.mark_base` = {:#x}: must be non-zero with a zero low byte (marks are base | (uplink index + 1))",
+                self.routing.mark_base
+            ));
+        }
+        if self.routing.table_base == 0 || self.routing.table_base + MAX_UPLINKS >= 253 {
+            out.push(format!(
+                "`routing.table_base` = {}: pick 1..{} so that tables stay clear of 253-255 (default, main, local)",
+                self.routing.table_base,
+                253 - MAX_UPLINKS
+            ));
+        }
+        out
+    }
+
+    pub fn lan_prefixes(&self) -> Vec<Prefix> {
+        self.lan_prefixes
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+}
+
+/// Checks that the SNAT range and the gateway's own ephemeral ports do
+/// not overlap; returns the ephemeral range.
+pub fn check_port_ranges(snat: [u16; 2]) -> anyhow::Result<(u16, u16)> {
+    let path = "/proc/sys/net/ipv4/ip_local_port_range";
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    let (Some(Ok(lo)), Some(Ok(hi))) = (it.next(), it.next()) else {
+        bail!("{path} holds {text:?}, not two port numbers");
+    };
+    if snat[0] <= hi && lo <= snat[1] {
+        bail!(
+            "`nat.snat_ports` [{}, {}] overlaps the gateway's own ephemeral ports {lo}-{hi} ({path}); \
+             replies to the gateway's sockets would collide with NAT flows. Move `snat_ports` \
+             (default [61000, 65535]) or shrink ip_local_port_range",
+            snat[0],
+            snat[1]
+        );
+    }
+    Ok((lo, hi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+lan = ["lan0"]
+
+[[uplink]]
+name = "x"
+interface = "wanx"
+gateway = "198.18.11.254"
+
+[[uplink]]
+name = "y"
+interface = "wany"
+gateway = "198.18.22.254"
+weight = 2
+"#;
+
+    #[test]
+    fn the_documented_example_parses_with_defaults() {
+        let c = Config::parse(GOOD).expect("valid");
+        assert_eq!(c.uplinks.len(), 2);
+        assert_eq!(c.uplinks[0].weight, 1);
+        assert_eq!(c.uplinks[1].weight, 2);
+        assert_eq!(c.nat.snat_ports, [61000, 65535]);
+        assert_eq!(c.timeouts.tcp_established, 7440);
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let err = Config::parse("lan = [\"lan0\"\n[[uplink]]\n").unwrap_err();
+        assert!(format!("{err:#}").contains("line"), "{err:#}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        let err = Config::parse(&GOOD.replace("weight = 2", "wieght = 2")).unwrap_err();
+        assert!(format!("{err:#}").contains("wieght"), "{err:#}");
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported_with_its_uplink() {
+        let text = GOOD
+            .replace("name = \"y\"", "name = \"x\"")
+            .replace("weight = 2", "weight = 300")
+            + "[nat]\nsnat_ports = [70, 60]\n";
+        let err = format!("{:#}", Config::parse(&text).unwrap_err());
+        assert!(err.contains("already has this name"), "{err}");
+        assert!(err.contains("`weight` must be 0 to 255"), "{err}");
+        assert!(err.contains("snat_ports"), "{err}");
+        assert!(err.contains("#2"), "{err}");
+    }
+
+    #[test]
+    fn uplinks_sharing_a_nic_need_gateways() {
+        let text = GOOD
+            .replace("wany", "wanx")
+            .replace("gateway = \"198.18.22.254\"", "");
+        let err = format!("{:#}", Config::parse(&text).unwrap_err());
+        assert!(err.contains("needs a `gateway`"), "{err}");
+    }
+
+    #[test]
+    fn prefixes_parse_and_mask() {
+        let p: Prefix = "198.18.1.7/24".parse().expect("prefix");
+        assert_eq!(p.network(), Ipv4Addr::new(198, 18, 1, 0));
+        assert_eq!(p.to_string(), "198.18.1.0/24");
+        assert!("198.18.1.0/33".parse::<Prefix>().is_err());
+    }
+}

@@ -1,0 +1,321 @@
+//! `multihome run`: one task owns the state, and reacts to a tick (link
+//! and address changes, expiry), signals and reloads.
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use log::{error, info, warn};
+use multihome_common::{LAYOUT_VERSION, Settings};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    config::{self, Config},
+    flows,
+    loader::{self, Datapath, Hook},
+    maps::{self, Maps},
+    netinfo,
+    routing::{self, Routing},
+    uplinks::{self, Observed, UplinkState},
+};
+
+const TICK: Duration = Duration::from_secs(1);
+const REAP_EVERY_TICKS: u32 = 5;
+
+pub struct RunOptions {
+    pub config_path: PathBuf,
+    pub pin_dir: PathBuf,
+    /// Leave programs, maps and routes in place on exit, so that forwarding
+    /// goes on and a later run adopts every flow.
+    pub keep_on_exit: bool,
+}
+
+struct Daemon {
+    config: Config,
+    opts: RunOptions,
+    handle: rtnetlink::Handle,
+    maps: Maps,
+    routing: Routing,
+    observed: Vec<Observed>,
+    attached: BTreeSet<(String, String)>,
+    orphan_suspects: Vec<multihome_common::FlowKey>,
+    _datapath: Datapath,
+}
+
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    let config = Config::load(&opts.config_path)?;
+    let local_ports = config::check_port_ranges(config.nat.snat_ports)?;
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(conn);
+    let snap = netinfo::snapshot(&handle).await?;
+    check_interfaces(&config, &snap)?;
+
+    let datapath = Datapath::load(&opts.pin_dir, config.nat.max_flows)?;
+    let adopted = datapath.adopted;
+    let maps = Maps::open(&opts.pin_dir)?;
+    let mut d = Daemon {
+        routing: Routing::new(handle.clone()),
+        handle,
+        maps,
+        observed: Vec::new(),
+        attached: BTreeSet::new(),
+        orphan_suspects: Vec::new(),
+        config,
+        opts,
+        _datapath: datapath,
+    };
+    if adopted {
+        info!(
+            "adopted the datapath pinned in {}: live flows are kept",
+            d.opts.pin_dir.display()
+        );
+    }
+    if let Err(e) = d.start(local_ports, snap).await {
+        if !adopted {
+            d.teardown().await;
+        }
+        return Err(e);
+    }
+    info!(
+        "ready: {} uplinks, LAN {:?}, pin dir {}",
+        d.config.uplinks.len(),
+        d.config.lan,
+        d.opts.pin_dir.display()
+    );
+    let result = d.serve().await;
+    if d.opts.keep_on_exit {
+        info!(
+            "--keep-on-exit: leaving the datapath pinned in {} and forwarding",
+            d.opts.pin_dir.display()
+        );
+    } else {
+        d.teardown().await;
+    }
+    result
+}
+
+fn check_interfaces(config: &Config, snap: &netinfo::Snapshot) -> anyhow::Result<()> {
+    let mut missing = Vec::new();
+    for l in &config.lan {
+        if !snap.contains_key(l) {
+            missing.push(format!("LAN interface {l:?} (`lan`)"));
+        }
+    }
+    for u in &config.uplinks {
+        if !snap.contains_key(&u.interface) {
+            missing.push(format!(
+                "interface {:?} of uplink {:?} (`interface`)",
+                u.interface, u.name
+            ));
+        }
+    }
+    if !missing.is_empty() {
+        bail!(
+            "no such interface: {}. Check the names with `ip link`",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+impl Daemon {
+    async fn start(
+        &mut self,
+        local_ports: (u16, u16),
+        snap: netinfo::Snapshot,
+    ) -> anyhow::Result<()> {
+        self.maps.set_settings(&Settings {
+            layout_version: LAYOUT_VERSION,
+            mark_base: self.config.routing.mark_base,
+            snat_port_min: self.config.nat.snat_ports[0],
+            snat_port_max: self.config.nat.snat_ports[1],
+            local_port_min: local_ports.0,
+            local_port_max: local_ports.1,
+        })?;
+        routing::enable_forwarding()?;
+        self.refresh(&snap).await?;
+        for u in &self.config.uplinks {
+            if !routing::set_rp_filter(&u.interface, 2).is_ok() {
+                warn!("could not set loose rp_filter on {}", u.interface);
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings the datapath, the attachments and the routing tables in line
+    /// with the config and the interfaces as they are now.
+    async fn refresh(&mut self, snap: &netinfo::Snapshot) -> anyhow::Result<()> {
+        let observed: Vec<Observed> = self
+            .config
+            .uplinks
+            .iter()
+            .map(|u| uplinks::observe(u, snap))
+            .collect();
+        for (id, o) in observed.iter().enumerate() {
+            let name = &self.config.uplinks[id].name;
+            let old = self.observed.get(id);
+            if old.map(|p| p.state) != Some(o.state) {
+                info!(
+                    "uplink {name}: {} (address {})",
+                    o.state.name(),
+                    o.address.map_or("none".into(), |a| a.to_string())
+                );
+            }
+            if let Some(old_addr) = old.and_then(|p| p.address)
+                && o.address != Some(old_addr)
+            {
+                let old_be = u32::from(old_addr).to_be();
+                let n = flows::remove_where(&self.maps, |_, f| {
+                    f.uplink as usize == id && f.nat_addr_be == old_be
+                })?;
+                info!("uplink {name}: address {old_addr} gone; purged its {n} flows");
+            }
+        }
+        self.attach_all(snap, &observed)?;
+
+        let usable: Vec<bool> = observed
+            .iter()
+            .map(|o| o.state == UplinkState::Up)
+            .collect();
+        for (id, o) in observed.iter().enumerate() {
+            self.maps
+                .set_uplink(id as u32, &uplinks::slot(&self.config, id, o, true))?;
+        }
+        let weights: Vec<(u8, u32, bool)> = self
+            .config
+            .uplinks
+            .iter()
+            .enumerate()
+            .map(|(id, u)| (id as u8, u.weight, usable[id]))
+            .collect();
+        self.maps.set_select(&uplinks::select_table(&weights))?;
+        self.maps
+            .set_lan_nets(&uplinks::lan_nets(&self.config, snap))?;
+        if !usable.iter().any(|u| *u) {
+            warn!("no uplink is usable: the LAN is offline until one comes back");
+        }
+        let plan = uplinks::routing_plan(&self.config, &observed, &usable);
+        self.routing.apply(&plan).await?;
+        self.observed = observed;
+        Ok(())
+    }
+
+    /// Attaches to interfaces that exist and are not attached yet (they may
+    /// appear later, e.g. ppp0 after a reconnect).
+    fn attach_all(
+        &mut self,
+        snap: &netinfo::Snapshot,
+        observed: &[Observed],
+    ) -> anyhow::Result<()> {
+        let mut wanted: Vec<(String, Hook)> = Vec::new();
+        for l in &self.config.lan {
+            wanted.push((l.clone(), Hook::LanIngress));
+        }
+        for (u, o) in self.config.uplinks.iter().zip(observed) {
+            wanted.push((u.interface.clone(), Hook::WanIngress { l3: o.l3 }));
+            wanted.push((u.interface.clone(), Hook::WanEgress { l3: o.l3 }));
+        }
+        for (ifname, hook) in wanted {
+            let Some(iface) = snap.get(&ifname) else {
+                continue;
+            };
+            let tag = (format!("{ifname}#{}", iface.index), format!("{hook:?}"));
+            if self.attached.contains(&tag) {
+                continue;
+            }
+            self._datapath.attach(&ifname, hook)?;
+            info!("attached {hook:?} to {ifname}");
+            self.attached.insert(tag);
+        }
+        Ok(())
+    }
+
+    async fn serve(&mut self) -> anyhow::Result<()> {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut tick = tokio::time::interval(TICK);
+        let mut ticks = 0u32;
+        loop {
+            tokio::select! {
+                _ = term.recv() => { info!("SIGTERM: stopping"); return Ok(()); }
+                _ = int.recv() => { info!("SIGINT: stopping"); return Ok(()); }
+                _ = hup.recv() => {
+                    if let Err(e) = self.reload().await {
+                        error!("reload failed, keeping the running config: {e:#}");
+                    }
+                }
+                _ = tick.tick() => {
+                    ticks += 1;
+                    match netinfo::snapshot(&self.handle).await {
+                        Ok(snap) => if let Err(e) = self.refresh(&snap).await {
+                            error!("{e:#}");
+                        },
+                        Err(e) => error!("{e:#}"),
+                    }
+                    if ticks % REAP_EVERY_TICKS == 0 {
+                        self.reap();
+                    }
+                }
+            }
+        }
+    }
+
+    fn reap(&mut self) {
+        let now = maps::boot_ns();
+        match flows::reap(&self.maps, &self.config.timeouts, now) {
+            Ok(0) => {}
+            Ok(n) => log::debug!("expired {n} idle flows"),
+            Err(e) => error!("expiring flows: {e:#}"),
+        }
+        if let Err(e) = flows::reap_orphans(&self.maps, &mut self.orphan_suspects) {
+            error!("removing orphaned reverse entries: {e:#}");
+        }
+    }
+
+    /// SIGHUP: re-read the config. Weights and uplink details change in
+    /// place; live flows stay where they are pinned.
+    async fn reload(&mut self) -> anyhow::Result<()> {
+        let new = Config::load(&self.opts.config_path)?;
+        if new.lan != self.config.lan
+            || new.nat != self.config.nat
+            || new.routing != self.config.routing
+            || new.uplinks.len() != self.config.uplinks.len()
+            || new
+                .uplinks
+                .iter()
+                .zip(&self.config.uplinks)
+                .any(|(a, b)| a.name != b.name || a.interface != b.interface)
+        {
+            bail!(
+                "only weights, gateways, addresses, LAN prefixes and timeouts change on reload; \
+                 restart for the rest (with --keep-on-exit no flow is lost)"
+            );
+        }
+        self.config = new;
+        let snap = netinfo::snapshot(&self.handle).await?;
+        self.refresh(&snap).await?;
+        info!("config reloaded");
+        Ok(())
+    }
+
+    async fn teardown(&mut self) {
+        if let Err(e) = self.routing.remove_all().await {
+            error!("removing routes and rules: {e:#}");
+        }
+        if let Err(e) = loader::remove_pins(&self.opts.pin_dir) {
+            error!("{e:#}");
+        }
+        info!("detached and removed everything installed");
+    }
+}
+
+/// `multihome cleanup`: remove what a run left behind.
+pub async fn cleanup(pin_dir: &Path) -> anyhow::Result<()> {
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(conn);
+    Routing::new(handle).remove_all().await?;
+    loader::remove_pins(pin_dir)
+}

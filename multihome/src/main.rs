@@ -1,0 +1,52 @@
+//! multihome: daemon and CLI.
+mod cli;
+mod config;
+mod daemon;
+mod flows;
+mod loader;
+mod maps;
+mod netinfo;
+mod routing;
+mod uplinks;
+
+use clap::Parser as _;
+
+use crate::cli::{Cli, Command};
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    if let Err(e) = dispatch(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run {
+            config,
+            pin,
+            keep_on_exit,
+        } => runtime()?.block_on(daemon::run(daemon::RunOptions {
+            config_path: config,
+            pin_dir: pin.pin_dir,
+            keep_on_exit,
+        })),
+        Command::Conns(args) => cli::conns::run(&args),
+        Command::Status { pin, json } => cli::status::run(&pin, json),
+        Command::Check { config } => {
+            config::Config::load(&config)?;
+            println!("{}: OK", config.display());
+            Ok(())
+        }
+        Command::Cleanup { pin } => runtime()?.block_on(daemon::cleanup(&pin.pin_dir)),
+        Command::EbpfObject { out } => loader::write_object(&out),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}

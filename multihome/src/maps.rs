@@ -1,0 +1,152 @@
+//! Typed access to the pinned maps, shared by the daemon and the CLI.
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use multihome_common::{
+    FlowFwd, FlowKey, FlowRev, LanNet, MAP_CONN_FWD, MAP_CONN_REV, MAP_LAN_NETS, MAP_REASONS,
+    MAP_SELECT, MAP_SETTINGS, MAP_UPLINK_STATS, MAP_UPLINKS, MAX_LAN_NETS, MAX_UPLINKS, Reasons,
+    SelectTable, Settings, Uplink, UplinkStats,
+};
+
+pub struct Maps {
+    dir: PathBuf,
+}
+
+fn open(dir: &Path, name: &str) -> anyhow::Result<MapData> {
+    let path = dir.join(name);
+    MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening pinned map {}: is `multihome run` running with --pin-dir {}?",
+            path.display(),
+            dir.display()
+        )
+    })
+}
+
+impl Maps {
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        if !dir.join(MAP_SETTINGS).exists() {
+            bail!(
+                "no multihome datapath is pinned in {}: start `multihome run`, or pass the \
+                 --pin-dir it uses",
+                dir.display()
+            );
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn array<V: aya::Pod>(&self, name: &str) -> anyhow::Result<Array<MapData, V>> {
+        Ok(Array::try_from(Map::Array(open(&self.dir, name)?))?)
+    }
+
+    fn per_cpu<V: aya::Pod>(&self, name: &str) -> anyhow::Result<PerCpuArray<MapData, V>> {
+        Ok(PerCpuArray::try_from(Map::PerCpuArray(open(
+            &self.dir, name,
+        )?))?)
+    }
+
+    pub fn fwd(&self) -> anyhow::Result<HashMap<MapData, FlowKey, FlowFwd>> {
+        Ok(HashMap::try_from(Map::HashMap(open(
+            &self.dir,
+            MAP_CONN_FWD,
+        )?))?)
+    }
+
+    pub fn rev(&self) -> anyhow::Result<HashMap<MapData, FlowKey, FlowRev>> {
+        Ok(HashMap::try_from(Map::HashMap(open(
+            &self.dir,
+            MAP_CONN_REV,
+        )?))?)
+    }
+
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        Ok(self.array::<Settings>(MAP_SETTINGS)?.get(&0, 0)?)
+    }
+
+    pub fn set_settings(&self, s: &Settings) -> anyhow::Result<()> {
+        Ok(self.array::<Settings>(MAP_SETTINGS)?.set(0, s, 0)?)
+    }
+
+    pub fn uplinks(&self) -> anyhow::Result<Vec<Uplink>> {
+        let a = self.array::<Uplink>(MAP_UPLINKS)?;
+        (0..MAX_UPLINKS)
+            .map(|i| Ok(a.get(&i, 0)?))
+            .collect::<anyhow::Result<_>>()
+    }
+
+    pub fn set_uplink(&self, id: u32, u: &Uplink) -> anyhow::Result<()> {
+        Ok(self.array::<Uplink>(MAP_UPLINKS)?.set(id, u, 0)?)
+    }
+
+    pub fn set_select(&self, t: &SelectTable) -> anyhow::Result<()> {
+        Ok(self.array::<SelectTable>(MAP_SELECT)?.set(0, t, 0)?)
+    }
+
+    pub fn set_lan_nets(&self, nets: &[LanNet]) -> anyhow::Result<()> {
+        if nets.len() > MAX_LAN_NETS as usize {
+            bail!(
+                "{} LAN prefixes; at most {MAX_LAN_NETS} fit: list fewer `lan_prefixes`",
+                nets.len()
+            );
+        }
+        let mut a = self.array::<LanNet>(MAP_LAN_NETS)?;
+        for i in 0..MAX_LAN_NETS {
+            let net = nets.get(i as usize).copied().unwrap_or_default();
+            a.set(i, net, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Per-uplink counters, summed over CPUs.
+    pub fn uplink_stats(&self) -> anyhow::Result<Vec<UplinkStats>> {
+        let a = self.per_cpu::<UplinkStats>(MAP_UPLINK_STATS)?;
+        (0..MAX_UPLINKS)
+            .map(|i| {
+                let per_cpu = a.get(&i, 0)?;
+                Ok(per_cpu.iter().fold(UplinkStats::default(), |mut t, s| {
+                    t.new_flows += s.new_flows;
+                    t.tx_packets += s.tx_packets;
+                    t.tx_bytes += s.tx_bytes;
+                    t.rx_packets += s.rx_packets;
+                    t.rx_bytes += s.rx_bytes;
+                    t.slow_path += s.slow_path;
+                    t
+                }))
+            })
+            .collect()
+    }
+
+    /// Reason counters, summed over CPUs.
+    pub fn reasons(&self) -> anyhow::Result<Vec<(&'static str, u64)>> {
+        let a = self.per_cpu::<Reasons>(MAP_REASONS)?;
+        let per_cpu = a.get(&0, 0)?;
+        Ok(multihome_common::Reason::ALL
+            .iter()
+            .map(|r| (r.name(), per_cpu.iter().map(|c| c.get(*r)).sum()))
+            .collect())
+    }
+
+    /// Every forward entry.
+    pub fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowFwd)>> {
+        let fwd = self.fwd()?;
+        Ok(fwd.iter().filter_map(Result::ok).collect())
+    }
+}
+
+/// Seconds of CLOCK_BOOTTIME, the clock of `bpf_ktime_get_boot_ns`.
+pub fn boot_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,258 @@
+//! From config and interface state to what the datapath and the routing
+//! tables need: uplink slots, the weighted choice table, LAN prefixes.
+use std::net::Ipv4Addr;
+
+use multihome_common::{
+    LanNet, SELECT_SLOTS, SelectTable, UPLINK_CONFIGURED, UPLINK_L3, UPLINK_USABLE, Uplink,
+};
+
+use crate::{
+    config::{Config, UplinkConfig},
+    netinfo::Snapshot,
+    routing::{RoutingPlan, UplinkRoutes},
+};
+
+/// Why an uplink does or does not take new flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UplinkState {
+    Up,
+    /// The interface is missing or has no carrier.
+    LinkDown,
+    NoAddress,
+}
+
+impl UplinkState {
+    pub fn name(self) -> &'static str {
+        match self {
+            UplinkState::Up => "up",
+            UplinkState::LinkDown => "down",
+            UplinkState::NoAddress => "no-address",
+        }
+    }
+}
+
+/// One uplink as the daemon sees it now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observed {
+    pub ifindex: u32,
+    pub address: Option<Ipv4Addr>,
+    pub mtu: u32,
+    pub l3: bool,
+    pub state: UplinkState,
+}
+
+fn name_bytes(s: &str) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    let n = s.len().min(15);
+    b[..n].copy_from_slice(&s.as_bytes()[..n]);
+    b
+}
+
+pub fn name_from_bytes(b: &[u8; 16]) -> String {
+    let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// The uplink's SNAT address: the configured one, else the interface's
+/// address in the gateway's subnet, else its primary address.
+fn address_of(u: &UplinkConfig, snap: &Snapshot) -> Option<Ipv4Addr> {
+    let iface = snap.get(&u.interface)?;
+    if let Some(a) = u.address {
+        return iface.addrs.iter().any(|(x, _)| *x == a).then_some(a);
+    }
+    if let Some(gw) = u.gateway {
+        let gw = u32::from(gw);
+        for (a, len) in &iface.addrs {
+            let mask = if *len == 0 { 0 } else { u32::MAX << (32 - len) };
+            if u32::from(*a) & mask == gw & mask {
+                return Some(*a);
+            }
+        }
+    }
+    iface.addrs.first().map(|(a, _)| *a)
+}
+
+pub fn observe(u: &UplinkConfig, snap: &Snapshot) -> Observed {
+    let iface = snap.get(&u.interface);
+    let address = address_of(u, snap);
+    let state = match (iface, address) {
+        (None, _) => UplinkState::LinkDown,
+        (Some(i), _) if !i.up => UplinkState::LinkDown,
+        (Some(_), None) => UplinkState::NoAddress,
+        (Some(_), Some(_)) => UplinkState::Up,
+    };
+    Observed {
+        ifindex: iface.map_or(0, |i| i.index),
+        address,
+        mtu: iface.map_or(0, |i| i.mtu),
+        l3: iface.is_some_and(|i| i.l3),
+        state,
+    }
+}
+
+pub fn mark(config: &Config, id: usize) -> u32 {
+    config.routing.mark_base | (id as u32 + 1)
+}
+
+pub fn table(config: &Config, id: usize) -> u32 {
+    config.routing.table_base + id as u32
+}
+
+/// The datapath's slot for uplink `id`. `healthy` is the probes' verdict.
+pub fn slot(config: &Config, id: usize, o: &Observed, healthy: bool) -> Uplink {
+    let u = &config.uplinks[id];
+    let mut flags = UPLINK_CONFIGURED;
+    if o.state == UplinkState::Up && healthy {
+        flags |= UPLINK_USABLE;
+    }
+    if o.l3 {
+        flags |= UPLINK_L3;
+    }
+    Uplink {
+        addr_be: o.address.map_or(0, |a| u32::from(a).to_be()),
+        gateway_be: u.gateway.map_or(0, |a| u32::from(a).to_be()),
+        ifindex: o.ifindex,
+        table: table(config, id),
+        mark: mark(config, id),
+        mtu: o.mtu.min(u16::MAX as u32) as u16,
+        flags,
+        weight: u.weight,
+        name: name_bytes(&u.name),
+        ifname: name_bytes(&u.interface),
+    }
+}
+
+/// Spreads the choice table's slots over the usable uplinks in proportion
+/// to their weights (largest remainder). With no weighted uplink usable,
+/// the usable backups (weight 0) share it equally.
+pub fn select_table(weights: &[(u8, u32, bool)]) -> SelectTable {
+    let mut active: Vec<(u8, u32)> = weights
+        .iter()
+        .filter(|(_, w, usable)| *usable && *w > 0)
+        .map(|(id, w, _)| (*id, *w))
+        .collect();
+    if active.is_empty() {
+        active = weights
+            .iter()
+            .filter(|(_, _, usable)| *usable)
+            .map(|(id, _, _)| (*id, 1))
+            .collect();
+    }
+    let mut table = SelectTable::default();
+    let total: u32 = active.iter().map(|(_, w)| w).sum();
+    if total == 0 {
+        return table;
+    }
+    let n = SELECT_SLOTS as u32;
+    let mut shares: Vec<(u8, u32, u32)> = active
+        .iter()
+        .map(|(id, w)| (*id, w * n / total, w * n % total))
+        .collect();
+    let mut left = n - shares.iter().map(|s| s.1).sum::<u32>();
+    let mut order: Vec<usize> = (0..shares.len()).collect();
+    order.sort_by(|a, b| shares[*b].2.cmp(&shares[*a].2));
+    for i in order {
+        if left == 0 {
+            break;
+        }
+        shares[i].1 += 1;
+        left -= 1;
+    }
+    // Interleave, so that any prefix of the table is already balanced.
+    let mut pos = 0;
+    while pos < SELECT_SLOTS {
+        for s in shares.iter_mut() {
+            if s.1 > 0 && pos < SELECT_SLOTS {
+                table.slots[pos] = s.0;
+                s.1 -= 1;
+                pos += 1;
+            }
+        }
+    }
+    table.len = SELECT_SLOTS as u32;
+    table
+}
+
+/// Source prefixes whose flows may be translated.
+pub fn lan_nets(config: &Config, snap: &Snapshot) -> Vec<LanNet> {
+    let mut nets = Vec::new();
+    for name in &config.lan {
+        if let Some(i) = snap.get(name) {
+            for (a, len) in &i.addrs {
+                let mask = if *len == 0 { 0 } else { u32::MAX << (32 - len) };
+                nets.push(LanNet {
+                    addr_be: (u32::from(*a) & mask).to_be(),
+                    mask_be: mask.to_be(),
+                    ifindex: i.index,
+                    in_use: 1,
+                });
+            }
+        }
+    }
+    for p in config.lan_prefixes() {
+        nets.push(LanNet {
+            addr_be: u32::from(p.network()).to_be(),
+            mask_be: p.mask().to_be(),
+            ifindex: 0,
+            in_use: 1,
+        });
+    }
+    nets
+}
+
+pub fn routing_plan(config: &Config, observed: &[Observed], usable: &[bool]) -> RoutingPlan {
+    RoutingPlan {
+        uplinks: config
+            .uplinks
+            .iter()
+            .enumerate()
+            .map(|(id, u)| UplinkRoutes {
+                table: table(config, id),
+                mark: mark(config, id),
+                ifindex: observed[id].ifindex,
+                address: observed[id].address,
+                gateway: u.gateway,
+                weight: u.weight,
+                usable: usable[id],
+            })
+            .collect(),
+        rule_priority: config.routing.rule_priority,
+        main_table: 254,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count(t: &SelectTable, id: u8) -> usize {
+        t.slots[..t.len as usize]
+            .iter()
+            .filter(|s| **s == id)
+            .count()
+    }
+
+    #[test]
+    fn slots_follow_weights() {
+        let t = select_table(&[(0, 1, true), (1, 2, true)]);
+        assert_eq!(t.len as usize, SELECT_SLOTS);
+        assert_eq!(count(&t, 0), 21);
+        assert_eq!(count(&t, 1), 43);
+    }
+
+    #[test]
+    fn unusable_uplinks_get_no_slots_and_backups_step_in() {
+        let t = select_table(&[(0, 1, false), (1, 2, true)]);
+        assert_eq!(count(&t, 1), SELECT_SLOTS);
+        let t = select_table(&[(0, 1, false), (1, 0, true)]);
+        assert_eq!(count(&t, 1), SELECT_SLOTS);
+        let t = select_table(&[(0, 1, false)]);
+        assert_eq!(t.len, 0);
+    }
+
+    #[test]
+    fn names_round_trip_through_the_fixed_buffer() {
+        assert_eq!(name_from_bytes(&name_bytes("wanx")), "wanx");
+        assert_eq!(name_from_bytes(&name_bytes("abcdefghijklmnopq")).len(), 15);
+    }
+}
