@@ -1,0 +1,94 @@
+//! `cargo xtask`: multihome's developer tasks.
+//!
+//! `cargo xtask setup` installs what the build and the tests need;
+//! `build`, `run`, `test` and `demo` run it themselves when something is
+//! missing. Everything here expects to run as root, as the daemon and the
+//! test bed do.
+mod bench;
+mod build;
+mod run;
+mod setup;
+mod test;
+mod util;
+
+use std::{ffi::OsString, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+use crate::build::Profile;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "multihome's developer tasks",
+    disable_version_flag = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need: Debian packages, nightly
+    /// rust-src, bpf-linker, the bpffs mount (idempotent; root to install)
+    Setup,
+    /// Build target/release/multihome with its eBPF programs embedded
+    Build {
+        /// Build target/debug/multihome instead
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Build, then run the daemon as root: `cargo xtask run -- ARGS`
+    /// (default ARGS: `demo`); its exit code is passed through
+    Run {
+        /// Use the debug build
+        #[arg(long)]
+        debug: bool,
+        /// Arguments for multihome
+        #[arg(last = true, value_name = "ARGS")]
+        args: Vec<OsString>,
+    },
+    /// Lint, build, run the unit and integration tests (what CI runs);
+    /// stops at the first failing step
+    Test {
+        /// Only run the integration tests whose name contains FILTER
+        filter: Option<String>,
+        /// Skip `cargo fmt --check` and the clippy runs
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// Run the benchmarks (not implemented yet: issue #7)
+    Bench {
+        /// A short run
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Build, then run `multihome demo` (same as `cargo xtask run`)
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Setup => setup::run(),
+        Cmd::Build { debug } => build::run(Profile::from_debug_flag(debug)),
+        Cmd::Run { debug, args } => run::run(Profile::from_debug_flag(debug), args),
+        Cmd::Test { filter, no_lint } => {
+            if !util::is_root() {
+                eprintln!("warning: not running as root: the integration tests need root");
+            }
+            test::run(test::Options { filter, no_lint })
+        }
+        Cmd::Bench { quick } => bench::run(bench::Options { quick }),
+        Cmd::Demo => run::run(Profile::Release, Vec::new()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
