@@ -1,0 +1,318 @@
+//! The datapath on real packets: per-connection uplink choice, pinning,
+//! SNAT and its reversal, through the seed's topology in namespaces.
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    time::Duration,
+};
+
+use testbed::*;
+
+fn standard_gateway<'a>(t: &'a Topology, weights: [u32; 2], extra: &str) -> Gateway<'a> {
+    Gateway::start(&t.gw, &config_for(t, weights, extra))
+}
+
+/// Opens `n` UDP flows from the client and counts the source addresses the
+/// server saw.
+fn udp_flows_by_source(t: &Topology, server: &Server, n: usize) -> HashMap<Ipv4Addr, usize> {
+    let mut seen = HashMap::new();
+    for i in 0..n {
+        let peer = udp_seen_as(&t.client, None, server.addr())
+            .unwrap_or_else(|e| panic!("UDP flow {i} got no reply: {e}"));
+        *seen.entry(*peer.ip()).or_default() += 1;
+    }
+    seen
+}
+
+#[test]
+fn new_flows_spread_over_both_uplinks_by_weight() {
+    let t = Topology::standard();
+    let gw = standard_gateway(&t, [1, 2], "");
+    let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    let n = 300;
+    let seen = udp_flows_by_source(&t, &srv, n);
+    let x = seen.get(&UPLINK_X_ADDR).copied().unwrap_or(0);
+    let y = seen.get(&UPLINK_Y_ADDR).copied().unwrap_or(0);
+    assert_eq!(
+        x + y,
+        n,
+        "only uplink addresses may reach the server: {seen:?}"
+    );
+    // Weight 1:2, so x takes a third: 100 ± 3σ (σ ≈ 8.2).
+    assert!(
+        (75..=125).contains(&x),
+        "x took {x} of {n} flows, expected about 100"
+    );
+    assert_eq!(t.spoofed_drops(), 0, "an ISP saw a LAN source");
+
+    let status = gw.status();
+    let new_flows: u64 = status["uplinks"]
+        .as_array()
+        .expect("uplinks")
+        .iter()
+        .map(|u| u["new_flows"].as_u64().expect("new_flows"))
+        .sum();
+    assert!(
+        new_flows >= n as u64,
+        "status counted {new_flows} new flows"
+    );
+}
+
+#[test]
+fn every_packet_of_a_tcp_connection_keeps_its_uplink_and_data_arrives_intact() {
+    let t = Topology::standard();
+    let _gw = standard_gateway(&t, [1, 1], "");
+    let srv = tcp_echo_server(&t.inet, INET_SERVICE, 0);
+    // 4 MiB of patterned data, echoed back: checks every byte end to end.
+    let payload: Vec<u8> = (0..4 << 20).map(|i: u32| (i * 7 + i / 251) as u8).collect();
+    for _ in 0..4 {
+        let back = tcp_request(&t.client, srv.addr(), &payload).expect("bulk echo");
+        assert!(
+            back == payload,
+            "echoed data differs ({} bytes back)",
+            back.len()
+        );
+    }
+    let peers = srv.peers();
+    assert_eq!(peers.len(), 4);
+    for p in &peers {
+        assert!(
+            [UPLINK_X_ADDR, UPLINK_Y_ADDR].contains(p.ip()),
+            "server saw {p}, not an uplink address"
+        );
+    }
+    // A packet leaving by the other uplink would carry the wrong source and
+    // be dropped (and counted) by that ISP.
+    assert_eq!(t.spoofed_drops(), 0, "an ISP saw a spoofed source");
+}
+
+#[test]
+fn udp_and_icmp_echo_cross_the_nat_and_show_up_in_conns() {
+    let t = Topology::standard();
+    let gw = standard_gateway(&t, [1, 1], "");
+    let srv = udp_echo_server(&t.inet, INET_SERVICE, 0);
+    let back = udp_request(&t.client, srv.addr(), b"hello").expect("UDP echo");
+    assert_eq!(back, b"hello");
+    let ping = ping_stats(&t.client, None, INET_SERVICE, 5, Duration::from_secs(1));
+    assert_eq!(ping.received, 5, "{ping:?}");
+    assert_eq!(t.spoofed_drops(), 0);
+
+    let conns = gw.conns();
+    let udp = conns
+        .iter()
+        .find(|c| c["proto"] == "udp" && c["dport"] == srv.port())
+        .unwrap_or_else(|| panic!("no UDP flow in {conns:#?}"));
+    assert_eq!(udp["src"], CLIENT_ADDR.to_string());
+    assert_eq!(udp["dst"], INET_SERVICE.to_string());
+    assert!(["x", "y"].contains(&udp["uplink"].as_str().expect("uplink")));
+    assert_eq!(udp["state"], "established");
+    for key in ["sport", "nat_addr", "nat_port", "age_s"] {
+        assert!(udp.get(key).is_some(), "conns JSON lacks {key}");
+    }
+    assert!(
+        conns.iter().any(|c| c["proto"] == "icmp"),
+        "no ICMP echo flow in {conns:#?}"
+    );
+}
+
+#[test]
+fn two_lan_hosts_on_the_same_source_port_to_the_same_server_both_work() {
+    let t = Topology::two_clients();
+    // One uplink only, so both flows need the same NAT address.
+    let _gw = Gateway::start(&t.gw, &config_for(&t, [1, 0], ""));
+    let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    // Port 1234 is outside the gateway's ephemeral range, so it is kept
+    // when free: the first flow keeps it, the second must move.
+    let a = t
+        .client
+        .run(|| UdpSocket::bind((CLIENT_ADDR, 1234)))
+        .expect("bind a");
+    let b = t
+        .client2()
+        .run(|| UdpSocket::bind((CLIENT2_ADDR, 1234)))
+        .expect("bind b");
+    let mut seen = Vec::new();
+    for s in [&a, &b] {
+        s.connect(srv.addr()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        s.send(b"?").expect("send");
+        let mut buf = [0u8; 64];
+        let n = s.recv(&mut buf).expect("each client gets its own reply");
+        let peer: SocketAddrV4 = std::str::from_utf8(&buf[..n])
+            .expect("utf-8")
+            .trim()
+            .parse()
+            .expect("peer");
+        seen.push(peer);
+    }
+    assert_eq!(*seen[0].ip(), UPLINK_X_ADDR);
+    assert_eq!(*seen[1].ip(), UPLINK_X_ADDR);
+    assert_eq!(seen[0].port(), 1234, "a free LAN port is kept");
+    assert_ne!(seen[1].port(), 1234, "a taken port is reallocated");
+    assert!((61000..=65535).contains(&seen[1].port()), "{:?}", seen[1]);
+    // Replies still reach the right host after both exist.
+    for s in [&a, &b] {
+        s.send(b"?").expect("send");
+        let mut buf = [0u8; 64];
+        s.recv(&mut buf).expect("second reply");
+    }
+}
+
+#[test]
+fn path_mtu_discovery_works_through_a_smaller_mtu_uplink_and_beyond_it() {
+    let t = Topology::standard();
+    // The gateway's uplinks are smaller than the LAN: the gateway itself
+    // must send "fragmentation needed".
+    t.set_uplink_mtu(Isp::X, 1400);
+    t.set_uplink_mtu(Isp::Y, 1400);
+    // And a link beyond ISP X is smaller still: ISP X sends the error to
+    // the NAT address, and the gateway must translate it to the client.
+    set_mtu(&t.ispx, IF_CORE, 1300);
+    set_mtu(&t.inet, IF_INET_X, 1300);
+    let _gw = standard_gateway(&t, [1, 1], "");
+    let srv = tcp_echo_server(&t.inet, INET_SERVICE, 0);
+    let payload = vec![0x5au8; 1 << 20];
+    for i in 0..6 {
+        let back = tcp_request(&t.client, srv.addr(), &payload)
+            .unwrap_or_else(|e| panic!("upload {i} stalled: {e}"));
+        assert_eq!(back.len(), payload.len());
+    }
+    assert_eq!(t.spoofed_drops(), 0);
+}
+
+#[test]
+fn traceroute_from_the_lan_shows_hops_beyond_the_gateway() {
+    let t = Topology::standard();
+    let _gw = standard_gateway(&t, [1, 0], "");
+    // Hop 1 is the gateway; hop 2 must be ISP X's router, whose "time
+    // exceeded" was sent to the NAT address and translated back.
+    let hop1 = trace_hop(&t.client, INET_SERVICE, 1);
+    assert_eq!(hop1, Some(GW_LAN), "hop 1");
+    let hop2 = trace_hop(&t.client, INET_SERVICE, 2);
+    assert_eq!(hop2, Some(UPLINK_X_GW), "hop 2");
+}
+
+/// Sends a UDP probe with `ttl` and returns who answered with an ICMP error
+/// quoting it (time exceeded or port unreachable).
+fn trace_hop(ns: &NetNs, dst: Ipv4Addr, ttl: u32) -> Option<Ipv4Addr> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let icmp = ns
+        .run(|| Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)))
+        .expect("raw ICMP socket");
+    icmp.set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    let probe = ns.run(|| UdpSocket::bind((CLIENT_ADDR, 0))).expect("bind");
+    probe.set_ttl(ttl).expect("ttl");
+    let port = 33434 + ttl as u16;
+    let sport = probe.local_addr().expect("addr").port();
+    for _ in 0..3 {
+        probe.send_to(b"probe", (dst, port)).expect("send");
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while std::time::Instant::now() < deadline {
+            let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
+            let Ok(n) = icmp.recv(&mut buf) else { break };
+            // SAFETY: recv initialised the first n bytes.
+            let pkt: Vec<u8> = buf[..n]
+                .iter()
+                .map(|b| unsafe { b.assume_init() })
+                .collect();
+            let ihl = ((pkt[0] & 0x0f) as usize) * 4;
+            let icmp_type = pkt[ihl];
+            if icmp_type != 11 && icmp_type != 3 {
+                continue;
+            }
+            let inner = &pkt[ihl + 8..];
+            let inner_ihl = ((inner[0] & 0x0f) as usize) * 4;
+            let inner_src = Ipv4Addr::new(inner[12], inner[13], inner[14], inner[15]);
+            let inner_sport = u16::from_be_bytes([inner[inner_ihl], inner[inner_ihl + 1]]);
+            let inner_dport = u16::from_be_bytes([inner[inner_ihl + 2], inner[inner_ihl + 3]]);
+            if inner_src == CLIENT_ADDR && inner_sport == sport && inner_dport == port {
+                return Some(Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]));
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn a_tun_uplink_without_ethernet_header_carries_tcp_udp_and_ping() {
+    let t = Topology::tun_uplink();
+    // Only the TUN uplink takes flows.
+    let _gw = Gateway::start(&t.gw, &config_for(&t, [1, 0], ""));
+    let tcp = tcp_peer_server(&t.inet, INET_SERVICE, 0);
+    for _ in 0..5 {
+        let seen = tcp_seen_as(&t.client, None, tcp.addr()).expect("TCP over tun");
+        assert_eq!(*seen.ip(), UPLINK_X_ADDR);
+    }
+    let echo = tcp_echo_server(&t.inet, INET_SERVICE, 0);
+    let payload = vec![0xa5u8; 512 << 10];
+    assert_eq!(
+        tcp_request(&t.client, echo.addr(), &payload).expect("bulk over tun"),
+        payload
+    );
+    let udp = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    assert_eq!(
+        *udp_seen_as(&t.client, None, udp.addr())
+            .expect("UDP over tun")
+            .ip(),
+        UPLINK_X_ADDR
+    );
+    assert!(ping(&t.client, INET_SERVICE, 3), "ping over tun");
+    assert_eq!(t.spoofed_drops(), 0);
+}
+
+#[test]
+fn a_full_connection_map_drops_new_flows_with_a_reason_and_keeps_old_ones() {
+    let t = Topology::standard();
+    let gw = standard_gateway(&t, [1, 1], "[nat]\nmax_flows = 16\n");
+    let srv = udp_echo_server(&t.inet, INET_SERVICE, 0);
+    let mut socks = Vec::new();
+    let mut ok = 0;
+    for _ in 0..40 {
+        let s = t
+            .client
+            .run(|| UdpSocket::bind((CLIENT_ADDR, 0)))
+            .expect("bind");
+        s.connect(srv.addr()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
+        s.send(b"x").expect("send");
+        let mut buf = [0u8; 8];
+        if s.recv(&mut buf).is_ok() {
+            ok += 1;
+            socks.push(s);
+        }
+    }
+    assert!(
+        (8..=16).contains(&ok),
+        "{ok} of 40 flows got through a 16-flow map"
+    );
+    assert!(gw.reason("map_full") > 0, "map_full not counted");
+    // Established flows are never evicted.
+    for s in &socks {
+        s.send(b"y").expect("send");
+        let mut buf = [0u8; 8];
+        s.recv(&mut buf).expect("an established flow still works");
+    }
+}
+
+#[test]
+fn lan_sources_outside_the_lan_prefixes_are_not_translated() {
+    let t = Topology::standard();
+    let gw = standard_gateway(&t, [1, 1], "");
+    // A second address on the client, outside the gateway's LAN subnet.
+    addr(&t.client, IF_LAN, "198.18.99.2/32");
+    let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    let spoofed = Ipv4Addr::new(198, 18, 99, 2);
+    assert!(
+        udp_request_from(&t.client, Some(spoofed), srv.addr(), b"?").is_err(),
+        "a spoofed source got through"
+    );
+    assert!(gw.reason("spoofed_source") > 0);
+    assert!(srv.peers().is_empty(), "the server saw {:?}", srv.peers());
+    assert!(
+        gw.conns().is_empty(),
+        "a flow was created for a spoofed source"
+    );
+}
