@@ -5,12 +5,15 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_DIRECT,
         BPF_FIB_LOOKUP_TBID, TC_ACT_SHOT, bpf_fib_lookup as FibParams, bpf_redir_neigh,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head},
     programs::TcContext,
 };
 use multihome_common::Reason;
 
-use crate::parse::{Packet, ptr_at};
+use crate::{
+    parse::{ETH_HLEN, ETH_P_IP_BE, Packet, write},
+    verdict::{Outcome, Verdict},
+};
 
 const AF_INET: u8 = 2;
 
@@ -78,17 +81,27 @@ pub fn lookup(
 }
 
 /// Sends the packet to `hop`. `l2_in`: the packet starts with an Ethernet
-/// header; `l2_out`: the egress device wants one.
+/// header; `l2_out`: the egress device wants one. A packet from an L3
+/// device to an unresolved neighbour goes to the kernel, which resolves it.
 #[inline(always)]
-pub fn redirect(ctx: &TcContext, hop: &Hop, l2_in: bool, l2_out: bool) -> Result<i32, Reason> {
+pub fn redirect(ctx: &TcContext, hop: &Hop, l2_in: bool, l2_out: bool) -> Outcome {
     let ret = if !l2_out {
         // The kernel strips our Ethernet header for an L3 device.
         // SAFETY: plain helper call.
         unsafe { bpf_redirect(hop.ifindex, 0) }
-    } else if hop.resolved && l2_in {
-        let eth = ptr_at::<[u8; 12]>(ctx, 0).ok_or(Reason::RewriteFailed)?;
-        // SAFETY: bounds checked.
-        unsafe { eth.write_unaligned(hop.mac) };
+    } else if !l2_in {
+        // From ppp/tun: redirect_neigh needs an Ethernet header to replace,
+        // so build one from the neighbour (`lan_hop` made sure it is known).
+        // SAFETY: plain helper call; packet pointers are re-derived below.
+        if unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_HLEN as u32, 0) } != 0 {
+            return Err(Reason::RewriteFailed);
+        }
+        write(ctx, 0, hop.mac)?;
+        write(ctx, 12, ETH_P_IP_BE)?;
+        // SAFETY: plain helper call.
+        unsafe { bpf_redirect(hop.ifindex, 0) }
+    } else if hop.resolved {
+        write(ctx, 0, hop.mac)?;
         // SAFETY: plain helper call.
         unsafe { bpf_redirect(hop.ifindex, 0) }
     } else {
@@ -99,10 +112,17 @@ pub fn redirect(ctx: &TcContext, hop: &Hop, l2_in: bool, l2_out: bool) -> Result
             },
         };
         // SAFETY: `nh` lives on the stack for the call and its size is passed.
-        unsafe { bpf_redirect_neigh(hop.ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0) }
+        unsafe {
+            bpf_redirect_neigh(
+                hop.ifindex,
+                &mut nh,
+                size_of::<bpf_redir_neigh>() as i32,
+                0,
+            )
+        }
     };
     if ret == TC_ACT_SHOT as i64 {
         return Err(Reason::RewriteFailed);
     }
-    Ok(ret as i32)
+    Ok(Verdict::Redirect(ret as i32))
 }

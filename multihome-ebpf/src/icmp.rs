@@ -138,7 +138,7 @@ pub fn wan_error<const L2: bool>(ctx: &TcContext, pkt: &Packet) -> Outcome {
     let rev = conntrack::lookup_rev(&rev_key).ok_or(Reason::IcmpNoMapping)?;
     // SAFETY: a copy of the map value.
     let rev = unsafe { *rev };
-    let hop = inbound::lan_hop(ctx, pkt, rev.lan_addr_be);
+    let hop = inbound::lan_hop::<L2>(ctx, pkt, rev.lan_addr_be);
     translate_inner(
         ctx,
         pkt,

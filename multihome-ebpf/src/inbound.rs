@@ -43,26 +43,28 @@ fn to_lan<const L2: bool>(
     lan_addr_be: u32,
     lan_port_be: u16,
 ) -> Outcome {
-    let hop = lan_hop(ctx, pkt, lan_addr_be);
+    let hop = lan_hop::<L2>(ctx, pkt, lan_addr_be);
     nat::rewrite(ctx, pkt, Side::Dst, lan_addr_be, lan_port_be, hop.is_some())?;
     deliver::<L2>(ctx, hop)
 }
 
 /// The next hop towards a LAN host, unless the kernel must handle the
-/// packet (TTL about to expire, no route, too big).
+/// packet (TTL about to expire, no route, too big, or a neighbour to
+/// resolve for a packet from an L3 device).
 #[inline(always)]
-pub fn lan_hop(ctx: &TcContext, pkt: &Packet, lan_addr_be: u32) -> Option<Hop> {
+pub fn lan_hop<const L2: bool>(ctx: &TcContext, pkt: &Packet, lan_addr_be: u32) -> Option<Hop> {
     if pkt.ttl <= 1 {
         return None;
     }
-    fwd::lookup(ctx, pkt, pkt.saddr_be, lan_addr_be, None, true).ok()
+    let hop = fwd::lookup(ctx, pkt, pkt.saddr_be, lan_addr_be, None, true).ok()?;
+    (L2 || hop.resolved).then_some(hop)
 }
 
 /// Redirects a translated packet to `hop`, or hands it to the kernel.
 #[inline(always)]
 pub fn deliver<const L2: bool>(ctx: &TcContext, hop: Option<Hop>) -> Outcome {
     match hop {
-        Some(hop) => fwd::redirect(ctx, &hop, L2, true).map(Verdict::Redirect),
+        Some(hop) => fwd::redirect(ctx, &hop, L2, true),
         None => Ok(Verdict::Pass),
     }
 }

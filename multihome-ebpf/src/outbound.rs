@@ -89,7 +89,7 @@ pub fn to_uplink(
         true,
     )?;
     stats::tx(flow.uplink, pkt.tot_len as u32);
-    fwd::redirect(ctx, &hop, l2_in, uplink.flags & UPLINK_L3 == 0).map(Verdict::Redirect)
+    fwd::redirect(ctx, &hop, l2_in, uplink.flags & UPLINK_L3 == 0)
 }
 
 /// Checks, chooses an uplink for, and pins a flow seen for the first time.

@@ -5,7 +5,7 @@ use aya_ebpf::programs::TcContext;
 use multihome_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Reason};
 
 pub const ETH_HLEN: usize = 14;
-const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 const IP_OFFSET_MASK_BE: u16 = 0x1fffu16.to_be();
 
 pub const ICMP_ECHO_REPLY: u8 = 0;

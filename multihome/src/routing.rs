@@ -1,0 +1,1105 @@
+//! The fallback routing of the LARTC "multihomed host" recipe, installed and
+//! removed over rtnetlink (no `ip` commands) and tagged with
+//! [`PROTO_MULTIHOME`] so that it can be found again, by this run, by the
+//! next one, or by `multihome cleanup`.
+//!
+//! With `p` = `rule_priority` and, for uplink `i` (in plan order), table
+//! `T_i`, mark `M_i`, local address `A_i`, gateway `G_i`, interface `I_i`
+//! (IPv4 only):
+//!
+//! | priority                 | rule                                           |
+//! |--------------------------|------------------------------------------------|
+//! | `p`                      | `from all lookup main suppress_prefixlength 0` |
+//! | `p + 1 + i`              | `from A_i lookup T_i` (only if `A_i` is known) |
+//! | `p + 20 + i`             | `fwmark M_i/0xffffffff lookup T_i`             |
+//!
+//! - The first rule lets everything in main that is more specific than a
+//!   default route (connected subnets, LAN routes) win before the uplink
+//!   tables; the recipe without it sends replies to the LAN back out of an
+//!   uplink.
+//! - The `from` rules send the gateway's own traffic from an uplink's address
+//!   out of that uplink.
+//! - The `fwmark` rules send what the datapath hands to the kernel (the slow
+//!   path, always with a LAN source) out of its flow's uplink. They have
+//!   their own block of priorities ([`FWMARK_RULE_OFFSET`]) so that every
+//!   rule has a priority of its own and the two blocks keep their places
+//!   when addresses come and go.
+//! - Table `T_i` holds `default via G_i dev I_i`, or `default dev I_i scope
+//!   link` without a gateway (point-to-point links).
+//! - Main holds `default metric 50` ([`MAIN_METRIC`]) over the usable
+//!   uplinks: weighted multipath, or a plain route for a single one. Metric
+//!   50 stays clear of the default routes distributions install (dhclient
+//!   and ifupdown: 0, NetworkManager: 100 and up, systemd-networkd: 1024): a
+//!   metric-0 default keeps precedence, the others yield to ours. Only the
+//!   gateway's own unbound traffic uses it: LAN flows are pinned by the
+//!   datapath and the slow path goes by mark.
+//!
+//! Routes carry protocol [`PROTO_MULTIHOME`], rules carry it as
+//! `FRA_PROTOCOL`; nothing else is ever changed or removed.
+
+use std::{
+    collections::HashSet,
+    fmt, fs,
+    io::{self, ErrorKind},
+    net::Ipv4Addr,
+};
+
+use anyhow::{Context, anyhow, bail};
+use futures::TryStreamExt;
+use log::{debug, info, warn};
+use rtnetlink::{
+    Handle, IpVersion,
+    packet_route::{
+        AddressFamily,
+        route::{
+            RouteAddress, RouteAttribute, RouteMessage, RouteNextHop, RouteNextHopFlags,
+            RouteProtocol, RouteScope, RouteType,
+        },
+        rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage},
+    },
+};
+
+/// Marks everything we install: routes carry this protocol number, rules
+/// carry it as `FRA_PROTOCOL`. 77 is not an `RTPROT_*` value of the kernel
+/// nor an entry of iproute2's `rt_protos` (`ip` shows it as `proto 77`).
+pub const PROTO_MULTIHOME: u8 = 77;
+
+/// Metric of our default route in the main table (see the module docs).
+pub const MAIN_METRIC: u32 = 50;
+
+/// The `fwmark` rule of uplink `i` has priority `rule_priority +
+/// FWMARK_RULE_OFFSET + i`; the `from` rules take the priorities before.
+pub const FWMARK_RULE_OFFSET: u32 = 20;
+
+/// The main table's own rule: ours must come before it.
+const MAIN_RULE_PRIORITY: u32 = 32766;
+const RT_TABLE_COMPAT: u8 = 252;
+const RT_TABLE_DEFAULT: u32 = 253;
+const RT_TABLE_MAIN: u32 = 254;
+const RT_TABLE_LOCAL: u32 = 255;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UplinkRoutes {
+    /// Per-uplink routing table id.
+    pub table: u32,
+    /// fwmark of this uplink's slow path packets.
+    pub mark: u32,
+    pub ifindex: u32,
+    /// The uplink's local address; `None`: it has none right now (no `from`
+    /// rule, the table route still goes in if the link is up).
+    pub address: Option<Ipv4Addr>,
+    /// Next hop; `None` on point-to-point links (a device route).
+    pub gateway: Option<Ipv4Addr>,
+    /// Multipath weight in main's default route; 0 = a backup, only used
+    /// when no weighted uplink is usable.
+    pub weight: u32,
+    /// `false`: left out of main's default route.
+    pub usable: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct RoutingPlan {
+    pub uplinks: Vec<UplinkRoutes>,
+    /// Base priority of our rules (see the module docs).
+    pub rule_priority: u32,
+    /// The table our suppressing rule looks up and our default goes into
+    /// (254).
+    pub main_table: u32,
+}
+
+/// Keeps the kernel's rules and routes tagged [`PROTO_MULTIHOME`] in line
+/// with a [`RoutingPlan`].
+pub struct Routing {
+    handle: Handle,
+    /// Netlink writes that succeeded, for logs and tests.
+    changes: u64,
+    /// What the last `apply` warned about, so that a link that stays down
+    /// is reported once and not on every refresh.
+    warned: HashSet<String>,
+}
+
+impl Routing {
+    pub fn new(handle: Handle) -> Self {
+        Self {
+            handle,
+            changes: 0,
+            warned: HashSet::new(),
+        }
+    }
+
+    /// Makes the kernel match `plan` exactly for everything tagged
+    /// [`PROTO_MULTIHOME`]: adds what is missing, replaces what differs,
+    /// deletes tagged rules and routes that are not in the plan, and never
+    /// touches anything else. A second call with the same plan sends
+    /// nothing to the kernel.
+    ///
+    /// A table route (and its share of main's default) whose link is down
+    /// or whose gateway is not reachable yet is left out with a warning.
+    /// Other failures do not stop the rest of the plan; they are all
+    /// returned at the end.
+    pub async fn apply(&mut self, plan: &RoutingPlan) -> anyhow::Result<()> {
+        validate(plan)?;
+        let before = self.changes;
+        let mut errors = Vec::new();
+        let mut warnings = Vec::new();
+
+        let all_routes = self.dump_routes().await?;
+        let mut ours: Vec<OurRoute> = Vec::new();
+        let mut foreign: Vec<RouteKey> = Vec::new();
+        for msg in all_routes {
+            if is_our_route(&msg) {
+                ours.push(OurRoute::new(msg));
+            } else if let Some(key) = RouteKey::of(&msg) {
+                foreign.push(key);
+            }
+        }
+
+        // The uplinks' tables.
+        let mut installed = vec![false; plan.uplinks.len()];
+        for (i, u) in plan.uplinks.iter().enumerate() {
+            if u.ifindex == 0 {
+                warnings.push(format!(
+                    "table {}: no default route: the uplink's interface does not exist",
+                    u.table
+                ));
+                continue;
+            }
+            let route = Route {
+                table: u.table,
+                metric: 0,
+                hops: vec![NextHop {
+                    gateway: u.gateway,
+                    ifindex: u.ifindex,
+                    weight: 1,
+                }],
+            };
+            match self.ensure_route(&route, plan, &mut ours, &foreign).await {
+                Ok(Ensured::Present) => installed[i] = true,
+                Ok(Ensured::Skipped(why)) => warnings.push(format!(
+                    "table {}: no default route for now ({route}): {why}",
+                    u.table
+                )),
+                Err(e) => errors.push(e),
+            }
+        }
+
+        // Main's default route.
+        let hops = main_hops(plan, &installed);
+        if hops.is_empty() {
+            if !plan.uplinks.is_empty() {
+                warnings.push(format!(
+                    "table {}: no default route: no uplink can carry it",
+                    TableName(plan.main_table)
+                ));
+            }
+        } else {
+            let route = Route {
+                table: plan.main_table,
+                metric: MAIN_METRIC,
+                hops,
+            };
+            match self.ensure_route(&route, plan, &mut ours, &foreign).await {
+                Ok(Ensured::Present) => {}
+                Ok(Ensured::Skipped(why)) => warnings.push(format!(
+                    "table {}: no default route for now ({route}): {why}",
+                    TableName(plan.main_table)
+                )),
+                Err(e) => errors.push(e),
+            }
+        }
+
+        // Rules: add the missing ones first, then drop the stale ones, so
+        // that a rule that changes is never absent.
+        match self.dump_rules().await {
+            Err(e) => errors.push(e),
+            Ok(rules) => {
+                let mut existing: Vec<(RuleMessage, Option<Rule>, bool)> = rules
+                    .into_iter()
+                    .filter(is_our_rule)
+                    .map(|m| {
+                        let r = Rule::of(&m);
+                        (m, r, false)
+                    })
+                    .collect();
+                for want in desired_rules(plan) {
+                    if let Some(e) = existing
+                        .iter_mut()
+                        .find(|(_, r, keep)| !*keep && *r == Some(want))
+                    {
+                        e.2 = true;
+                        continue;
+                    }
+                    match self.add_rule(&want).await {
+                        Ok(()) => info!("added rule {}: {want}", want.priority),
+                        Err(e) => errors.push(e),
+                    }
+                }
+                for (msg, rule, _) in existing.into_iter().filter(|e| !e.2) {
+                    let what = rule.map_or_else(|| describe_rule(&msg), |r| r.to_string());
+                    match self.delete_rule(msg).await {
+                        Ok(()) => info!("removed rule {what}"),
+                        Err(e) => errors.push(e.context(format!("removing rule `{what}`"))),
+                    }
+                }
+            }
+        }
+
+        // Tagged routes the plan does not have.
+        for r in ours.into_iter().filter(|r| !r.keep) {
+            let what = r.to_string();
+            match self.delete_route(r.msg).await {
+                Ok(()) => info!("removed route {what}"),
+                Err(e) => errors.push(e.context(format!("removing route `{what}`"))),
+            }
+        }
+
+        let warned: HashSet<String> = warnings.into_iter().collect();
+        for w in &warned {
+            if self.warned.contains(w) {
+                debug!("{w}");
+            } else {
+                warn!("{w}");
+            }
+        }
+        self.warned = warned;
+        debug!(
+            "routing plan applied with {} change(s)",
+            self.changes - before
+        );
+        combine(errors)
+    }
+
+    /// Removes every IPv4 rule and route tagged [`PROTO_MULTIHOME`], in any
+    /// table.
+    pub async fn remove_all(&mut self) -> anyhow::Result<()> {
+        let mut errors = Vec::new();
+        let mut removed = 0usize;
+        match self.dump_rules().await {
+            Err(e) => errors.push(e),
+            Ok(rules) => {
+                for msg in rules.into_iter().filter(is_our_rule) {
+                    let what = describe_rule(&msg);
+                    match self.delete_rule(msg).await {
+                        Ok(()) => removed += 1,
+                        Err(e) => errors.push(e.context(format!("removing rule `{what}`"))),
+                    }
+                }
+            }
+        }
+        match self.dump_routes().await {
+            Err(e) => errors.push(e),
+            Ok(routes) => {
+                for msg in routes.into_iter().filter(is_our_route) {
+                    let what = OurRoute::new(msg.clone()).to_string();
+                    match self.delete_route(msg).await {
+                        Ok(()) => removed += 1,
+                        Err(e) => errors.push(e.context(format!("removing route `{what}`"))),
+                    }
+                }
+            }
+        }
+        self.warned.clear();
+        if removed > 0 {
+            info!("removed {removed} rule(s) and route(s) tagged proto {PROTO_MULTIHOME}");
+        }
+        combine(errors)
+    }
+
+    /// Brings `route`'s slot (table, default, metric) to exactly `route`:
+    /// keeps an identical tagged route, replaces a different one in place,
+    /// adds it if there is none.
+    async fn ensure_route(
+        &mut self,
+        route: &Route,
+        plan: &RoutingPlan,
+        ours: &mut [OurRoute],
+        foreign: &[RouteKey],
+    ) -> anyhow::Result<Ensured> {
+        let key = route.key();
+        let adding = || format!("adding route `{route}`");
+        if foreign.contains(&key) {
+            return Err(anyhow!("{}", conflict_hint(route, plan))).context(adding());
+        }
+        let mut same_slot = ours
+            .iter_mut()
+            .filter(|r| !r.keep && r.key == Some(key))
+            .collect::<Vec<_>>();
+        if let Some(r) = same_slot
+            .iter_mut()
+            .find(|r| r.route.as_ref() == Some(route))
+        {
+            r.keep = true;
+            return Ok(Ensured::Present);
+        }
+        let replace = !same_slot.is_empty();
+        let mut req = self.handle.route().add(route.message());
+        if replace {
+            req = req.replace();
+        }
+        match req.execute().await {
+            Ok(()) => {
+                self.changes += 1;
+                if let Some(old) = same_slot.first_mut() {
+                    // The kernel replaced the first route in the slot, and
+                    // with no foreign route there, that is one of ours.
+                    info!("replaced route {old} with {route}");
+                    old.keep = true;
+                } else {
+                    info!("added route {route}");
+                }
+                Ok(Ensured::Present)
+            }
+            Err(e) => match errno(&e) {
+                Some(code @ (libc::ENETDOWN | libc::ENETUNREACH | libc::ENODEV)) => {
+                    Ok(Ensured::Skipped(skip_reason(code, route)))
+                }
+                Some(libc::EEXIST) => Err(anyhow!(
+                    "{}: {}",
+                    os_error(libc::EEXIST),
+                    conflict_hint(route, plan)
+                ))
+                .context(adding()),
+                _ => Err(nl_error(e)).context(if replace {
+                    format!("replacing our route in table {} with `{route}`", route.table)
+                } else {
+                    adding()
+                }),
+            },
+        }
+    }
+
+    async fn add_rule(&mut self, rule: &Rule) -> anyhow::Result<()> {
+        let mut req = self
+            .handle
+            .rule()
+            .add()
+            .v4()
+            .table_id(rule.table)
+            .priority(rule.priority)
+            .action(RuleAction::ToTable);
+        match rule.selector {
+            Selector::SuppressDefault => req
+                .message_mut()
+                .attributes
+                .push(RuleAttribute::SuppressPrefixLen(0)),
+            Selector::From(addr) => req = req.source_prefix(addr, 32),
+            Selector::FwMark(mark) => {
+                req = req.fw_mark(mark);
+                req.message_mut()
+                    .attributes
+                    .push(RuleAttribute::FwMask(u32::MAX));
+            }
+        }
+        req.message_mut()
+            .attributes
+            .push(RuleAttribute::Protocol(RouteProtocol::Other(PROTO_MULTIHOME)));
+        let context = || format!("adding rule `{rule}` (priority {})", rule.priority);
+        match req.execute().await {
+            Ok(()) => {
+                self.changes += 1;
+                Ok(())
+            }
+            Err(e) if errno(&e) == Some(libc::EEXIST) => Err(anyhow!(
+                "{}: another rule, not installed by multihome, has this priority and selector; \
+                 delete it (`ip rule del priority {}`) or change `rule_priority` in the config",
+                os_error(libc::EEXIST),
+                rule.priority
+            ))
+            .with_context(context),
+            Err(e) => Err(nl_error(e)).with_context(context),
+        }
+    }
+
+    async fn delete_rule(&mut self, msg: RuleMessage) -> anyhow::Result<()> {
+        match self.handle.rule().del(msg).execute().await {
+            Ok(()) => {
+                self.changes += 1;
+                Ok(())
+            }
+            // Gone already.
+            Err(e) if errno(&e) == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(nl_error(e)),
+        }
+    }
+
+    async fn delete_route(&mut self, msg: RouteMessage) -> anyhow::Result<()> {
+        match self.handle.route().del(msg).execute().await {
+            Ok(()) => {
+                self.changes += 1;
+                Ok(())
+            }
+            // Gone already (e.g. with its link).
+            Err(e) if matches!(errno(&e), Some(libc::ESRCH | libc::ENOENT)) => Ok(()),
+            Err(e) => Err(nl_error(e)),
+        }
+    }
+
+    async fn dump_rules(&self) -> anyhow::Result<Vec<RuleMessage>> {
+        self.handle
+            .rule()
+            .get(IpVersion::V4)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_error)
+            .context("listing the IPv4 policy rules")
+    }
+
+    async fn dump_routes(&self) -> anyhow::Result<Vec<RouteMessage>> {
+        // All zero but the family: every table, with or without
+        // NETLINK_GET_STRICT_CHK on the socket.
+        let mut query = RouteMessage::default();
+        query.header.address_family = AddressFamily::Inet;
+        self.handle
+            .route()
+            .get(query)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_error)
+            .context("listing the IPv4 routes of all tables")
+    }
+}
+
+enum Ensured {
+    Present,
+    Skipped(String),
+}
+
+fn validate(plan: &RoutingPlan) -> anyhow::Result<()> {
+    let n = plan.uplinks.len() as u32;
+    if plan.main_table == 0 {
+        bail!("routing plan: main table 0 is not a table");
+    }
+    if plan.rule_priority == 0 {
+        bail!(
+            "`rule_priority` 0 would put our rules before the local table's; pick 1..{}",
+            MAIN_RULE_PRIORITY - FWMARK_RULE_OFFSET - n
+        );
+    }
+    if n >= FWMARK_RULE_OFFSET {
+        bail!("routing plan: {n} uplinks, at most {} fit", FWMARK_RULE_OFFSET - 1);
+    }
+    let last = plan.rule_priority.checked_add(FWMARK_RULE_OFFSET + n);
+    if last.is_none_or(|l| l > MAIN_RULE_PRIORITY) {
+        bail!(
+            "`rule_priority` {} puts our rules at or after the main table's rule ({MAIN_RULE_PRIORITY}), \
+             where they would never match; pick 1..{}",
+            plan.rule_priority,
+            MAIN_RULE_PRIORITY - FWMARK_RULE_OFFSET - n
+        );
+    }
+    let mut tables = HashSet::new();
+    let mut marks = HashSet::new();
+    for u in &plan.uplinks {
+        if [0, RT_TABLE_DEFAULT, RT_TABLE_LOCAL, plan.main_table].contains(&u.table) {
+            bail!(
+                "routing table {} is reserved (0, default, main, local); change `table_base` in the config",
+                u.table
+            );
+        }
+        if !tables.insert(u.table) {
+            bail!("routing plan: table {} is used by two uplinks", u.table);
+        }
+        if u.mark == 0 {
+            bail!("routing plan: fwmark 0 would send every unmarked packet to table {}", u.table);
+        }
+        if !marks.insert(u.mark) {
+            bail!("routing plan: fwmark {:#x} is used by two uplinks", u.mark);
+        }
+    }
+    Ok(())
+}
+
+fn desired_rules(plan: &RoutingPlan) -> Vec<Rule> {
+    let p = plan.rule_priority;
+    let mut rules = vec![Rule {
+        priority: p,
+        table: plan.main_table,
+        selector: Selector::SuppressDefault,
+    }];
+    for (i, u) in plan.uplinks.iter().enumerate() {
+        if let Some(addr) = u.address {
+            rules.push(Rule {
+                priority: p + 1 + i as u32,
+                table: u.table,
+                selector: Selector::From(addr),
+            });
+        }
+    }
+    for (i, u) in plan.uplinks.iter().enumerate() {
+        rules.push(Rule {
+            priority: p + FWMARK_RULE_OFFSET + i as u32,
+            table: u.table,
+            selector: Selector::FwMark(u.mark),
+        });
+    }
+    rules
+}
+
+/// Next hops of main's default route: the usable uplinks with a weight; if
+/// there are none, the usable backups (weight 0, counted as 1); if none is
+/// usable, every uplink with an address, to keep forwarding on what there
+/// is. Only uplinks whose own table route is in place (`installed`): the
+/// kernel refuses a multipath route with a next hop it cannot use.
+fn main_hops(plan: &RoutingPlan, installed: &[bool]) -> Vec<NextHop> {
+    let up = &plan.uplinks;
+    let pick = |f: &dyn Fn(&UplinkRoutes) -> bool| -> Vec<usize> {
+        (0..up.len()).filter(|&i| f(&up[i])).collect()
+    };
+    let mut chosen = pick(&|u| u.usable && u.weight > 0);
+    if chosen.is_empty() {
+        chosen = pick(&|u| u.usable);
+    }
+    if chosen.is_empty() {
+        chosen = pick(&|u| u.address.is_some());
+    }
+    chosen.retain(|&i| installed.get(i).copied().unwrap_or(false));
+    let weights = scale_weights(
+        &chosen
+            .iter()
+            .map(|&i| up[i].weight.max(1))
+            .collect::<Vec<_>>(),
+    );
+    chosen
+        .iter()
+        .zip(weights)
+        .map(|(&i, weight)| NextHop {
+            gateway: up[i].gateway,
+            ifindex: up[i].ifindex,
+            weight: if chosen.len() == 1 { 1 } else { weight },
+        })
+        .collect()
+}
+
+/// Kernel weights are 1..=256: larger ones are scaled down in proportion.
+fn scale_weights(weights: &[u32]) -> Vec<u32> {
+    let max = weights.iter().copied().max().unwrap_or(1).max(1);
+    weights
+        .iter()
+        .map(|&w| {
+            let w = w.max(1);
+            if max <= 256 {
+                w
+            } else {
+                ((u64::from(w) * 256 + u64::from(max) / 2) / u64::from(max)).clamp(1, 256) as u32
+            }
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Rules
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Selector {
+    /// `from all ... suppress_prefixlength 0`
+    SuppressDefault,
+    /// `from ADDR/32`
+    From(Ipv4Addr),
+    /// `fwmark MARK/0xffffffff`
+    FwMark(u32),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Rule {
+    priority: u32,
+    table: u32,
+    selector: Selector,
+}
+
+impl Rule {
+    /// The rule `msg` is, if it has one of the shapes we install.
+    fn of(msg: &RuleMessage) -> Option<Rule> {
+        let h = &msg.header;
+        if h.family != AddressFamily::Inet
+            || h.action != RuleAction::ToTable
+            || h.dst_len != 0
+            || h.tos != 0
+            || h.flags.contains(RuleFlags::Invert)
+        {
+            return None;
+        }
+        let mut priority = 0;
+        let mut table = u32::from(h.table);
+        let mut src = None;
+        let mut mark = None;
+        let mut mask = None;
+        let mut suppress = None;
+        for attr in &msg.attributes {
+            match attr {
+                RuleAttribute::Priority(p) => priority = *p,
+                RuleAttribute::Table(t) => table = *t,
+                RuleAttribute::Protocol(_) => {}
+                RuleAttribute::Source(std::net::IpAddr::V4(a)) => src = Some(*a),
+                RuleAttribute::FwMark(m) => mark = Some(*m),
+                RuleAttribute::FwMask(m) => mask = Some(*m),
+                RuleAttribute::SuppressPrefixLen(n) => suppress = Some(*n),
+                _ => return None,
+            }
+        }
+        let selector = match (src, mark, suppress) {
+            (None, None, Some(0)) if h.src_len == 0 && mask.unwrap_or(0) == 0 => {
+                Selector::SuppressDefault
+            }
+            (Some(a), None, None) if h.src_len == 32 && mask.unwrap_or(0) == 0 => {
+                Selector::From(a)
+            }
+            (None, Some(m), None) if h.src_len == 0 && mask.unwrap_or(u32::MAX) == u32::MAX => {
+                Selector::FwMark(m)
+            }
+            _ => return None,
+        };
+        Some(Rule {
+            priority,
+            table,
+            selector,
+        })
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let table = TableName(self.table);
+        match self.selector {
+            Selector::SuppressDefault => {
+                write!(f, "from all lookup {table} suppress_prefixlength 0")
+            }
+            Selector::From(a) => write!(f, "from {a} lookup {table}"),
+            Selector::FwMark(m) => write!(f, "fwmark {m:#x} lookup {table}"),
+        }
+    }
+}
+
+fn is_our_rule(msg: &RuleMessage) -> bool {
+    msg.attributes
+        .iter()
+        .any(|a| matches!(a, RuleAttribute::Protocol(p) if u8::from(*p) == PROTO_MULTIHOME))
+}
+
+/// A tagged rule for messages, in whatever shape it is.
+fn describe_rule(msg: &RuleMessage) -> String {
+    if let Some(r) = Rule::of(msg) {
+        return format!("{}: {r}", r.priority);
+    }
+    let priority = msg.attributes.iter().find_map(|a| match a {
+        RuleAttribute::Priority(p) => Some(*p),
+        _ => None,
+    });
+    format!("priority {} proto {PROTO_MULTIHOME}", priority.unwrap_or(0))
+}
+
+// ---------------------------------------------------------------------------
+// Routes
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct NextHop {
+    gateway: Option<Ipv4Addr>,
+    ifindex: u32,
+    /// 1..=256; 1 for a route with a single next hop.
+    weight: u32,
+}
+
+/// A unicast IPv4 default route with tos 0, the only kind we install.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Route {
+    table: u32,
+    metric: u32,
+    hops: Vec<NextHop>,
+}
+
+/// What the kernel tells IPv4 routes apart by: routes with the same key
+/// replace each other, or collide (`EEXIST`) on a plain add.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RouteKey {
+    table: u32,
+    metric: u32,
+}
+
+impl RouteKey {
+    /// The key of a default route with tos 0; `None` for anything else.
+    fn of(msg: &RouteMessage) -> Option<RouteKey> {
+        let h = &msg.header;
+        if h.address_family != AddressFamily::Inet
+            || h.destination_prefix_length != 0
+            || h.tos != 0
+        {
+            return None;
+        }
+        Some(RouteKey {
+            table: route_table(msg),
+            metric: msg
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RouteAttribute::Priority(p) => Some(*p),
+                    _ => None,
+                })
+                .unwrap_or(0),
+        })
+    }
+}
+
+impl Route {
+    fn key(&self) -> RouteKey {
+        RouteKey {
+            table: self.table,
+            metric: self.metric,
+        }
+    }
+
+    /// `ip route` picks scope link for a device route with a single next hop
+    /// and universe otherwise; so do we.
+    fn scope(&self) -> RouteScope {
+        match self.hops.as_slice() {
+            [hop] if hop.gateway.is_none() => RouteScope::Link,
+            _ => RouteScope::Universe,
+        }
+    }
+
+    fn message(&self) -> RouteMessage {
+        let mut msg = RouteMessage::default();
+        let h = &mut msg.header;
+        h.address_family = AddressFamily::Inet;
+        h.protocol = RouteProtocol::Other(PROTO_MULTIHOME);
+        h.scope = self.scope();
+        h.kind = RouteType::Unicast;
+        if self.table > 255 {
+            h.table = RT_TABLE_COMPAT;
+        } else {
+            h.table = self.table as u8;
+        }
+        let attrs = &mut msg.attributes;
+        attrs.push(RouteAttribute::Table(self.table));
+        if self.metric != 0 {
+            attrs.push(RouteAttribute::Priority(self.metric));
+        }
+        match self.hops.as_slice() {
+            [hop] => {
+                if let Some(gw) = hop.gateway {
+                    attrs.push(RouteAttribute::Gateway(RouteAddress::Inet(gw)));
+                }
+                attrs.push(RouteAttribute::Oif(hop.ifindex));
+            }
+            hops => attrs.push(RouteAttribute::MultiPath(
+                hops.iter()
+                    .map(|hop| {
+                        let mut nh = RouteNextHop::default();
+                        nh.interface_index = hop.ifindex;
+                        nh.hops = (hop.weight.clamp(1, 256) - 1) as u8;
+                        if let Some(gw) = hop.gateway {
+                            nh.attributes
+                                .push(RouteAttribute::Gateway(RouteAddress::Inet(gw)));
+                        }
+                        nh
+                    })
+                    .collect(),
+            )),
+        }
+        msg
+    }
+
+    /// The route `msg` is, if it has the shape we install.
+    fn of(msg: &RouteMessage) -> Option<Route> {
+        let key = RouteKey::of(msg)?;
+        let h = &msg.header;
+        if h.kind != RouteType::Unicast || h.source_prefix_length != 0 {
+            return None;
+        }
+        let mut gateway = None;
+        let mut oif = None;
+        let mut multipath = None;
+        for attr in &msg.attributes {
+            match attr {
+                RouteAttribute::Table(_)
+                | RouteAttribute::Priority(_)
+                | RouteAttribute::CacheInfo(_) => {}
+                RouteAttribute::Destination(RouteAddress::Inet(a)) if a.is_unspecified() => {}
+                RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(*a),
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                RouteAttribute::MultiPath(hops) => multipath = Some(hops),
+                _ => return None,
+            }
+        }
+        let hops = match (multipath, oif) {
+            (None, Some(ifindex)) => vec![NextHop {
+                gateway,
+                ifindex,
+                weight: 1,
+            }],
+            (Some(hops), None) if gateway.is_none() && hops.len() > 1 => hops
+                .iter()
+                .map(next_hop_of)
+                .collect::<Option<Vec<_>>>()?,
+            _ => return None,
+        };
+        let route = Route {
+            table: key.table,
+            metric: key.metric,
+            hops,
+        };
+        (route.scope() == h.scope).then_some(route)
+    }
+}
+
+fn next_hop_of(nh: &RouteNextHop) -> Option<NextHop> {
+    if nh
+        .flags
+        .intersects(RouteNextHopFlags::Onlink | RouteNextHopFlags::Pervasive)
+    {
+        return None;
+    }
+    let mut gateway = None;
+    for attr in &nh.attributes {
+        match attr {
+            RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(*a),
+            _ => return None,
+        }
+    }
+    Some(NextHop {
+        gateway,
+        ifindex: nh.interface_index,
+        weight: u32::from(nh.hops) + 1,
+    })
+}
+
+fn route_table(msg: &RouteMessage) -> u32 {
+    msg.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(msg.header.table))
+}
+
+fn is_our_route(msg: &RouteMessage) -> bool {
+    msg.header.address_family == AddressFamily::Inet
+        && u8::from(msg.header.protocol) == PROTO_MULTIHOME
+}
+
+/// A tagged route found in the kernel.
+struct OurRoute {
+    msg: RouteMessage,
+    key: Option<RouteKey>,
+    /// `None`: not a shape we install, so never the one we want.
+    route: Option<Route>,
+    /// The plan has it (or it has been replaced by what the plan has).
+    keep: bool,
+}
+
+impl OurRoute {
+    fn new(msg: RouteMessage) -> Self {
+        Self {
+            key: RouteKey::of(&msg),
+            route: Route::of(&msg),
+            msg,
+            keep: false,
+        }
+    }
+}
+
+impl fmt::Display for OurRoute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(r) = &self.route {
+            return r.fmt(f);
+        }
+        let h = &self.msg.header;
+        let dst = self.msg.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(*a),
+            _ => None,
+        });
+        write!(
+            f,
+            "{}/{} table {} proto {PROTO_MULTIHOME}",
+            dst.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            h.destination_prefix_length,
+            TableName(route_table(&self.msg))
+        )
+    }
+}
+
+impl fmt::Display for NextHop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(gw) = self.gateway {
+            write!(f, "via {gw} ")?;
+        }
+        write!(f, "dev {}", ifname(self.ifindex))
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "default")?;
+        match self.hops.as_slice() {
+            [hop] => write!(f, " {hop}")?,
+            hops => {
+                for hop in hops {
+                    write!(f, " nexthop {hop} weight {}", hop.weight)?;
+                }
+            }
+        }
+        if self.scope() == RouteScope::Link {
+            write!(f, " scope link")?;
+        }
+        write!(f, " table {} proto {PROTO_MULTIHOME}", TableName(self.table))?;
+        if self.metric != 0 {
+            write!(f, " metric {}", self.metric)?;
+        }
+        Ok(())
+    }
+}
+
+struct TableName(u32);
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            RT_TABLE_MAIN => write!(f, "main"),
+            RT_TABLE_DEFAULT => write!(f, "default"),
+            RT_TABLE_LOCAL => write!(f, "local"),
+            t => write!(f, "{t}"),
+        }
+    }
+}
+
+/// The interface's name for messages, or `#INDEX`.
+fn ifname(ifindex: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname writes at most.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return format!("#{ifindex}");
+    }
+    // SAFETY: on success `buf` holds a NUL-terminated name.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+// ---------------------------------------------------------------------------
+// Errors
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Some(m.raw_code().abs()).filter(|c| *c != 0),
+        _ => None,
+    }
+}
+
+fn os_error(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+/// A netlink failure as an error that reads like the errno it is.
+fn nl_error(e: rtnetlink::Error) -> anyhow::Error {
+    match errno(&e) {
+        Some(code @ (libc::EPERM | libc::EACCES)) => anyhow!(
+            "{}: changing routes and rules needs CAP_NET_ADMIN; run multihome as root",
+            os_error(code)
+        ),
+        Some(code) => anyhow!(os_error(code)),
+        None => anyhow!(e),
+    }
+}
+
+fn conflict_hint(route: &Route, plan: &RoutingPlan) -> String {
+    if route.table == plan.main_table {
+        format!(
+            "table {} already has a default route with metric {} that multihome did not install; \
+             give that route another metric",
+            TableName(route.table),
+            route.metric
+        )
+    } else {
+        format!(
+            "table {} already has a default route that multihome did not install; \
+             delete it (`ip route flush table {}`) or change `table_base` in the config \
+             so that multihome gets tables of its own",
+            route.table, route.table
+        )
+    }
+}
+
+fn skip_reason(code: i32, route: &Route) -> String {
+    match code {
+        libc::ENETDOWN => "a link is down".into(),
+        libc::ENODEV => "an interface is gone".into(),
+        _ => {
+            let gateways: Vec<String> = route
+                .hops
+                .iter()
+                .filter_map(|h| h.gateway.map(|g| g.to_string()))
+                .collect();
+            if gateways.is_empty() {
+                "the link is not usable".into()
+            } else {
+                format!(
+                    "gateway {} not reachable (yet): no connected route to it",
+                    gateways.join(", ")
+                )
+            }
+        }
+    }
+}
+
+fn combine(mut errors: Vec<anyhow::Error>) -> anyhow::Result<()> {
+    match errors.len() {
+        0 => Ok(()),
+        1 => Err(errors.remove(0)),
+        n => Err(anyhow!(
+            "{n} routing changes failed: {}",
+            errors
+                .iter()
+                .map(|e| format!("{e:#}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// sysctls
+
+/// Turns on IPv4 forwarding (`net.ipv4.ip_forward = 1`).
+pub fn enable_forwarding() -> anyhow::Result<()> {
+    write_sysctl("/proc/sys/net/ipv4/ip_forward", 1, "IPv4 forwarding").context(
+        "a gateway must forward: run multihome as root with /proc/sys writable \
+         (in a container: --sysctl net.ipv4.ip_forward=1, or a privileged one)",
+    )
+}
+
+/// Sets `net.ipv4.conf.IFNAME.rp_filter` (0 off, 1 strict, 2 loose). The
+/// kernel uses the larger of this and `conf.all.rp_filter`.
+pub fn set_rp_filter(ifname: &str, value: u8) -> anyhow::Result<()> {
+    if value > 2 {
+        bail!("rp_filter {value} for {ifname}: the values are 0 (off), 1 (strict) and 2 (loose)");
+    }
+    if ifname.is_empty() || ifname.contains('/') || ifname == "." || ifname == ".." {
+        bail!("rp_filter for `{ifname}`: not an interface name");
+    }
+    let path = format!("/proc/sys/net/ipv4/conf/{ifname}/rp_filter");
+    match write_sysctl(&path, value, "reverse path filtering") {
+        Err(e)
+            if e.downcast_ref::<io::Error>()
+                .is_some_and(|e| e.kind() == ErrorKind::NotFound) =>
+        {
+            Err(e.context(format!(
+                "interface {ifname} does not exist (yet); rp_filter is set again when it appears"
+            )))
+        }
+        r => r.context("run multihome as root with /proc/sys writable"),
+    }
+}
+
+/// Writes `value` to `path` unless it holds it already.
+fn write_sysctl(path: &str, value: u8, what: &str) -> anyhow::Result<()> {
+    let current = fs::read_to_string(path).with_context(|| format!("reading {path} ({what})"))?;
+    if current.trim() == value.to_string() {
+        return Ok(());
+    }
+    fs::write(path, format!("{value}\n"))
+        .with_context(|| format!("writing {value} to {path} ({what})"))?;
+    info!("{path}: {} -> {value}", current.trim());
+    Ok(())
+}
