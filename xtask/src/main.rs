@@ -6,6 +6,7 @@
 //! test bed do.
 mod bench;
 mod build;
+mod demo;
 mod run;
 mod setup;
 mod test;
@@ -41,7 +42,7 @@ enum Cmd {
         debug: bool,
     },
     /// Build, then run the daemon as root: `cargo xtask run -- ARGS`
-    /// (default ARGS: `demo`); its exit code is passed through
+    /// (without ARGS: the demo); its exit code is passed through
     Run {
         /// Use the debug build
         #[arg(long)]
@@ -65,8 +66,20 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
-    /// Build, then run `multihome demo` (same as `cargo xtask run`)
-    Demo,
+    /// Build, then run the gateway in a demo topology of network
+    /// namespaces, with traffic (same as `cargo xtask run`)
+    Demo {
+        /// Stop after this many seconds instead of waiting for Ctrl-C
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
+}
+
+fn demo(seconds: Option<u64>) -> anyhow::Result<()> {
+    util::require_root("`cargo xtask demo`")?;
+    setup::ensure()?;
+    let bin = build::build(Profile::Release)?;
+    demo::run(&bin, demo::Options { seconds })
 }
 
 fn main() -> ExitCode {
@@ -82,7 +95,7 @@ fn main() -> ExitCode {
             test::run(test::Options { filter, no_lint })
         }
         Cmd::Bench { quick } => bench::run(bench::Options { quick }),
-        Cmd::Demo => run::run(Profile::Release, Vec::new()),
+        Cmd::Demo { seconds } => demo(seconds),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

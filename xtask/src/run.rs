@@ -10,18 +10,13 @@ use crate::{
     setup, util,
 };
 
-/// What `run` does without arguments.
-pub const DEFAULT_ARGS: &[&str] = &["demo"];
-
 pub fn run(profile: Profile, args: Vec<OsString>) -> Result<()> {
     util::require_root("`cargo xtask run`")?;
     setup::ensure()?;
     let bin = build::build(profile)?;
-    let args = if args.is_empty() {
-        DEFAULT_ARGS.iter().map(OsString::from).collect()
-    } else {
-        args
-    };
+    if args.is_empty() {
+        return crate::demo::run(&bin, crate::demo::Options { seconds: None });
+    }
     let mut cmd = Command::new(&bin);
     cmd.args(&args).env("PATH", util::search_path());
     println!("+ {}", util::display(&cmd));

@@ -1,0 +1,89 @@
+//! `cargo xtask demo` (and `run` without arguments): the seed's topology in
+//! network namespaces (a LAN client, a gateway with two uplinks, two ISPs
+//! that drop spoofed sources, a server behind both), the gateway running
+//! in it, some traffic, and what to try next. Everything is removed on
+//! exit.
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use testbed::{
+    Gateway, IF_WANX, INET_SERVICE, Topology, UPLINK_X_ADDR, config_for, tcp_peer_server,
+    tcp_seen_as, udp_peer_server, udp_seen_as,
+};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+pub struct Options {
+    /// Stop after this long instead of waiting for Ctrl-C.
+    pub seconds: Option<u64>,
+}
+
+pub fn run(bin: &std::path::Path, opts: Options) -> Result<()> {
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    // SAFETY: single-threaded at this point.
+    unsafe { std::env::set_var("MULTIHOME_BIN", bin) };
+    println!("building the demo topology in network namespaces...");
+    let t = Topology::standard();
+    let tcp = tcp_peer_server(&t.inet, INET_SERVICE, 8000);
+    let udp = udp_peer_server(&t.inet, INET_SERVICE, 8001);
+    let config = config_for(&t, [1, 2], "");
+    let gw = Gateway::start(&t.gw, &config);
+    let pin = gw.pin_dir().display().to_string();
+    let b = bin.display();
+    println!(
+        "\n=== multihome demo ===\n\
+         client {client} (198.18.1.2) -> gateway {gwns} -> ISP X {ispx} / ISP Y {ispy} -> server {inet} ({INET_SERVICE})\n\
+         uplink x: weight 1, uplink y: weight 2. Config:\n\n{config}\n\
+         Try, in another terminal:\n\
+         \x20 {b} status --pin-dir {pin}\n\
+         \x20 {b} conns --pin-dir {pin}\n\
+         \x20 bpftool map dump pinned {pin}/CONN_FWD\n\
+         \x20 ip netns exec {client} ping -c3 {INET_SERVICE}\n\
+         \x20 ip -n {gwns} link set {IF_WANX} down        # kill uplink x; new flows go to y\n\
+         \x20 ip -n {gwns} link set {IF_WANX} up\n\
+         \x20 ip -n {gwns} addr replace 198.18.11.2/24 dev {IF_WANX}   # add an address to uplink x\n\
+         \nCtrl-C stops the demo and removes everything.\n",
+        client = t.client.name(),
+        gwns = t.gw.name(),
+        ispx = t.ispx.name(),
+        ispy = t.ispy.name(),
+        inet = t.inet.name(),
+    );
+    let started = Instant::now();
+    let mut round = 0u32;
+    while !STOP.load(Ordering::Relaxed)
+        && opts
+            .seconds
+            .is_none_or(|s| started.elapsed() < Duration::from_secs(s))
+    {
+        round += 1;
+        let mut ok = 0;
+        for _ in 0..10 {
+            ok += usize::from(udp_seen_as(&t.client, None, udp.addr()).is_ok());
+            ok += usize::from(tcp_seen_as(&t.client, None, tcp.addr()).is_ok());
+        }
+        if round % 5 == 1 {
+            let out = gw.cli(&["status"]);
+            println!("--- round {round}: {ok}/20 new flows answered ---");
+            print!("{}", String::from_utf8_lossy(&out.stdout));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    println!("\nstopping: removing the gateway, namespaces and pins...");
+    let spoofed = t.spoofed_drops();
+    drop(gw);
+    drop(t);
+    println!("done (the ISPs dropped {spoofed} spoofed packets; {UPLINK_X_ADDR} is uplink x).");
+    Ok(())
+}
