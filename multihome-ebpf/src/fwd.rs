@@ -112,14 +112,7 @@ pub fn redirect(ctx: &TcContext, hop: &Hop, l2_in: bool, l2_out: bool) -> Outcom
             },
         };
         // SAFETY: `nh` lives on the stack for the call and its size is passed.
-        unsafe {
-            bpf_redirect_neigh(
-                hop.ifindex,
-                &mut nh,
-                size_of::<bpf_redir_neigh>() as i32,
-                0,
-            )
-        }
+        unsafe { bpf_redirect_neigh(hop.ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0) }
     };
     if ret == TC_ACT_SHOT as i64 {
         return Err(Reason::RewriteFailed);

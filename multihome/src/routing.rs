@@ -360,7 +360,10 @@ impl Routing {
                 ))
                 .context(adding()),
                 _ => Err(nl_error(e)).context(if replace {
-                    format!("replacing our route in table {} with `{route}`", route.table)
+                    format!(
+                        "replacing our route in table {} with `{route}`",
+                        route.table
+                    )
                 } else {
                     adding()
                 }),
@@ -392,7 +395,9 @@ impl Routing {
         }
         req.message_mut()
             .attributes
-            .push(RuleAttribute::Protocol(RouteProtocol::Other(PROTO_MULTIHOME)));
+            .push(RuleAttribute::Protocol(RouteProtocol::Other(
+                PROTO_MULTIHOME,
+            )));
         let context = || format!("adding rule `{rule}` (priority {})", rule.priority);
         match req.execute().await {
             Ok(()) => {
@@ -478,7 +483,10 @@ fn validate(plan: &RoutingPlan) -> anyhow::Result<()> {
         );
     }
     if n >= FWMARK_RULE_OFFSET {
-        bail!("routing plan: {n} uplinks, at most {} fit", FWMARK_RULE_OFFSET - 1);
+        bail!(
+            "routing plan: {n} uplinks, at most {} fit",
+            FWMARK_RULE_OFFSET - 1
+        );
     }
     let last = plan.rule_priority.checked_add(FWMARK_RULE_OFFSET + n);
     if last.is_none_or(|l| l > MAIN_RULE_PRIORITY) {
@@ -502,7 +510,10 @@ fn validate(plan: &RoutingPlan) -> anyhow::Result<()> {
             bail!("routing plan: table {} is used by two uplinks", u.table);
         }
         if u.mark == 0 {
-            bail!("routing plan: fwmark 0 would send every unmarked packet to table {}", u.table);
+            bail!(
+                "routing plan: fwmark 0 would send every unmarked packet to table {}",
+                u.table
+            );
         }
         if !marks.insert(u.mark) {
             bail!("routing plan: fwmark {:#x} is used by two uplinks", u.mark);
@@ -642,9 +653,7 @@ impl Rule {
             (None, None, Some(0)) if h.src_len == 0 && mask.unwrap_or(0) == 0 => {
                 Selector::SuppressDefault
             }
-            (Some(a), None, None) if h.src_len == 32 && mask.unwrap_or(0) == 0 => {
-                Selector::From(a)
-            }
+            (Some(a), None, None) if h.src_len == 32 && mask.unwrap_or(0) == 0 => Selector::From(a),
             (None, Some(m), None) if h.src_len == 0 && mask.unwrap_or(u32::MAX) == u32::MAX => {
                 Selector::FwMark(m)
             }
@@ -720,9 +729,7 @@ impl RouteKey {
     /// The key of a default route with tos 0; `None` for anything else.
     fn of(msg: &RouteMessage) -> Option<RouteKey> {
         let h = &msg.header;
-        if h.address_family != AddressFamily::Inet
-            || h.destination_prefix_length != 0
-            || h.tos != 0
+        if h.address_family != AddressFamily::Inet || h.destination_prefix_length != 0 || h.tos != 0
         {
             return None;
         }
@@ -827,10 +834,9 @@ impl Route {
                 ifindex,
                 weight: 1,
             }],
-            (Some(hops), None) if gateway.is_none() && hops.len() > 1 => hops
-                .iter()
-                .map(next_hop_of)
-                .collect::<Option<Vec<_>>>()?,
+            (Some(hops), None) if gateway.is_none() && hops.len() > 1 => {
+                hops.iter().map(next_hop_of).collect::<Option<Vec<_>>>()?
+            }
             _ => return None,
         };
         let route = Route {
@@ -942,7 +948,11 @@ impl fmt::Display for Route {
         if self.scope() == RouteScope::Link {
             write!(f, " scope link")?;
         }
-        write!(f, " table {} proto {PROTO_MULTIHOME}", TableName(self.table))?;
+        write!(
+            f,
+            " table {} proto {PROTO_MULTIHOME}",
+            TableName(self.table)
+        )?;
         if self.metric != 0 {
             write!(f, " metric {}", self.metric)?;
         }
