@@ -324,8 +324,10 @@ mod tests {
             assert_eq!(*r as usize, i);
             assert!(Reason::ALL[..i].iter().all(|o| o.name() != r.name()));
         }
-        let mut counters = Reasons::default();
-        counters.map_full = 7;
+        let counters = Reasons {
+            map_full: 7,
+            ..Default::default()
+        };
         assert_eq!(counters.get(Reason::MapFull), 7);
         // The kernel indexes the struct as an array of u64.
         let words: [u64; REASON_COUNT] = bytemuck::cast(counters);
