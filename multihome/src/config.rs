@@ -339,13 +339,14 @@ weight = 2
 
     #[test]
     fn syntax_errors_name_the_line() {
-        let err = Config::parse("lan = [\"lan0\"\n[[uplink]]\n").unwrap_err();
+        let err = Config::parse("lan = [\"lan0\"\n[[uplink]]\n").expect_err("must be rejected");
         assert!(format!("{err:#}").contains("line"), "{err:#}");
     }
 
     #[test]
     fn unknown_keys_are_rejected_by_name() {
-        let err = Config::parse(&GOOD.replace("weight = 2", "wieght = 2")).unwrap_err();
+        let err =
+            Config::parse(&GOOD.replace("weight = 2", "wieght = 2")).expect_err("must be rejected");
         assert!(format!("{err:#}").contains("wieght"), "{err:#}");
     }
 
@@ -355,7 +356,7 @@ weight = 2
             .replace("name = \"y\"", "name = \"x\"")
             .replace("weight = 2", "weight = 300")
             + "[nat]\nsnat_ports = [70, 60]\n";
-        let err = format!("{:#}", Config::parse(&text).unwrap_err());
+        let err = format!("{:#}", Config::parse(&text).expect_err("must be rejected"));
         assert!(err.contains("already has this name"), "{err}");
         assert!(err.contains("`weight` must be 0 to 255"), "{err}");
         assert!(err.contains("snat_ports"), "{err}");
@@ -367,7 +368,7 @@ weight = 2
         let text = GOOD
             .replace("wany", "wanx")
             .replace("gateway = \"198.18.22.254\"", "");
-        let err = format!("{:#}", Config::parse(&text).unwrap_err());
+        let err = format!("{:#}", Config::parse(&text).expect_err("must be rejected"));
         assert!(err.contains("needs a `gateway`"), "{err}");
     }
 

@@ -7,6 +7,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use futures::StreamExt as _;
 use log::{error, info, warn};
 use multihome_common::{LAYOUT_VERSION, Settings};
 use tokio::signal::unix::{SignalKind, signal};
@@ -21,6 +22,12 @@ use crate::{
     uplinks::{self, Observed, UplinkState},
 };
 
+type NetlinkEvent = (
+    rtnetlink::packet_core::NetlinkMessage<rtnetlink::packet_route::RouteNetlinkMessage>,
+    rtnetlink::sys::SocketAddr,
+);
+
+/// A full re-read of interface state even without events.
 const TICK: Duration = Duration::from_secs(1);
 const REAP_EVERY_TICKS: u32 = 5;
 
@@ -36,6 +43,8 @@ struct Daemon {
     config: Config,
     opts: RunOptions,
     handle: rtnetlink::Handle,
+    /// Link and address changes, as they happen.
+    events: futures::channel::mpsc::UnboundedReceiver<NetlinkEvent>,
     maps: Maps,
     routing: Routing,
     observed: Vec<Observed>,
@@ -49,6 +58,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let local_ports = config::check_port_ranges(config.nat.snat_ports)?;
     let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(conn);
+    let (watch, _, events) = rtnetlink::new_multicast_connection(&[
+        rtnetlink::MulticastGroup::Link,
+        rtnetlink::MulticastGroup::Ipv4Ifaddr,
+    ])
+    .context("subscribing to link and address events")?;
+    tokio::spawn(watch);
     let snap = netinfo::snapshot(&handle).await?;
     check_interfaces(&config, &snap)?;
 
@@ -58,6 +73,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut d = Daemon {
         routing: Routing::new(handle.clone()),
         handle,
+        events,
         maps,
         observed: Vec::new(),
         attached: BTreeSet::new(),
@@ -137,8 +153,8 @@ impl Daemon {
         routing::enable_forwarding()?;
         self.refresh(&snap).await?;
         for u in &self.config.uplinks {
-            if !routing::set_rp_filter(&u.interface, 2).is_ok() {
-                warn!("could not set loose rp_filter on {}", u.interface);
+            if let Err(e) = routing::set_rp_filter(&u.interface, 2) {
+                warn!("loose rp_filter on {}: {e:#}", u.interface);
             }
         }
         Ok(())
@@ -247,19 +263,30 @@ impl Daemon {
                         error!("reload failed, keeping the running config: {e:#}");
                     }
                 }
+                Some(_) = self.events.next() => {
+                    // Coalesce a burst of events into one refresh.
+                    while self.events.try_recv().is_ok() {}
+                    self.resync().await;
+                }
                 _ = tick.tick() => {
                     ticks += 1;
-                    match netinfo::snapshot(&self.handle).await {
-                        Ok(snap) => if let Err(e) = self.refresh(&snap).await {
-                            error!("{e:#}");
-                        },
-                        Err(e) => error!("{e:#}"),
-                    }
-                    if ticks % REAP_EVERY_TICKS == 0 {
+                    self.resync().await;
+                    if ticks.is_multiple_of(REAP_EVERY_TICKS) {
                         self.reap();
                     }
                 }
             }
+        }
+    }
+
+    async fn resync(&mut self) {
+        match netinfo::snapshot(&self.handle).await {
+            Ok(snap) => {
+                if let Err(e) = self.refresh(&snap).await {
+                    error!("{e:#}");
+                }
+            }
+            Err(e) => error!("{e:#}"),
         }
     }
 

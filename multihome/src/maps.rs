@@ -38,10 +38,6 @@ impl Maps {
         })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     fn array<V: aya::Pod>(&self, name: &str) -> anyhow::Result<Array<MapData, V>> {
         Ok(Array::try_from(Map::Array(open(&self.dir, name)?))?)
     }
@@ -64,10 +60,6 @@ impl Maps {
             &self.dir,
             MAP_CONN_REV,
         )?))?)
-    }
-
-    pub fn settings(&self) -> anyhow::Result<Settings> {
-        Ok(self.array::<Settings>(MAP_SETTINGS)?.get(&0, 0)?)
     }
 
     pub fn set_settings(&self, s: &Settings) -> anyhow::Result<()> {

@@ -30,9 +30,15 @@
 //!   uplinks: weighted multipath, or a plain route for a single one. Metric
 //!   50 stays clear of the default routes distributions install (dhclient
 //!   and ifupdown: 0, NetworkManager: 100 and up, systemd-networkd: 1024): a
-//!   metric-0 default keeps precedence, the others yield to ours. Only the
-//!   gateway's own unbound traffic uses it: LAN flows are pinned by the
-//!   datapath and the slow path goes by mark.
+//!   metric-0 default keeps precedence, the others yield to ours. It
+//!   carries what nothing else steers, mostly the gateway's own traffic
+//!   before it has picked a source address: LAN flows are pinned by the
+//!   datapath, the slow path goes by mark.
+//! - A table route that the kernel refuses because its link is down or its
+//!   gateway is not reachable yet is left out (with a warning, once) and so
+//!   is that uplink's share of main's default; its rules stay, and lookups
+//!   in its empty table fall through to the next rules. The next `apply`
+//!   after the link comes back puts it in.
 //!
 //! Routes carry protocol [`PROTO_MULTIHOME`], rules carry it as
 //! `FRA_PROTOCOL`; nothing else is ever changed or removed.
@@ -234,8 +240,8 @@ impl Routing {
                         Err(e) => errors.push(e),
                     }
                 }
-                for (msg, rule, _) in existing.into_iter().filter(|e| !e.2) {
-                    let what = rule.map_or_else(|| describe_rule(&msg), |r| r.to_string());
+                for (msg, _, _) in existing.into_iter().filter(|e| !e.2) {
+                    let what = describe_rule(&msg);
                     match self.delete_rule(msg).await {
                         Ok(()) => info!("removed rule {what}"),
                         Err(e) => errors.push(e.context(format!("removing rule `{what}`"))),
@@ -406,7 +412,7 @@ impl Routing {
             }
             Err(e) if errno(&e) == Some(libc::EEXIST) => Err(anyhow!(
                 "{}: another rule, not installed by multihome, has this priority and selector; \
-                 delete it (`ip rule del priority {}`) or change `rule_priority` in the config",
+                 delete it (`ip rule del priority {}`) or change `routing.rule_priority` in the config",
                 os_error(libc::EEXIST),
                 rule.priority
             ))
@@ -476,22 +482,22 @@ fn validate(plan: &RoutingPlan) -> anyhow::Result<()> {
     if plan.main_table == 0 {
         bail!("routing plan: main table 0 is not a table");
     }
-    if plan.rule_priority == 0 {
-        bail!(
-            "`rule_priority` 0 would put our rules before the local table's; pick 1..{}",
-            MAIN_RULE_PRIORITY - FWMARK_RULE_OFFSET - n
-        );
-    }
     if n >= FWMARK_RULE_OFFSET {
         bail!(
             "routing plan: {n} uplinks, at most {} fit",
             FWMARK_RULE_OFFSET - 1
         );
     }
+    if plan.rule_priority == 0 {
+        bail!(
+            "`routing.rule_priority` 0 would put our rules before the local table's; pick 1..{}",
+            MAIN_RULE_PRIORITY - FWMARK_RULE_OFFSET - n
+        );
+    }
     let last = plan.rule_priority.checked_add(FWMARK_RULE_OFFSET + n);
     if last.is_none_or(|l| l > MAIN_RULE_PRIORITY) {
         bail!(
-            "`rule_priority` {} puts our rules at or after the main table's rule ({MAIN_RULE_PRIORITY}), \
+            "`routing.rule_priority` {} puts our rules at or after the main table's rule ({MAIN_RULE_PRIORITY}), \
              where they would never match; pick 1..{}",
             plan.rule_priority,
             MAIN_RULE_PRIORITY - FWMARK_RULE_OFFSET - n
@@ -502,7 +508,7 @@ fn validate(plan: &RoutingPlan) -> anyhow::Result<()> {
     for u in &plan.uplinks {
         if [0, RT_TABLE_DEFAULT, RT_TABLE_LOCAL, plan.main_table].contains(&u.table) {
             bail!(
-                "routing table {} is reserved (0, default, main, local); change `table_base` in the config",
+                "routing table {} is reserved (0, default, main, local); change `routing.table_base` in the config",
                 u.table
             );
         }
@@ -645,7 +651,10 @@ impl Rule {
                 RuleAttribute::Source(std::net::IpAddr::V4(a)) => src = Some(*a),
                 RuleAttribute::FwMark(m) => mark = Some(*m),
                 RuleAttribute::FwMask(m) => mask = Some(*m),
-                RuleAttribute::SuppressPrefixLen(n) => suppress = Some(*n),
+                // The kernel reports "unset" as u32::MAX.
+                RuleAttribute::SuppressPrefixLen(n) => {
+                    suppress = Some(*n).filter(|n| *n != u32::MAX)
+                }
                 _ => return None,
             }
         }
@@ -1024,7 +1033,7 @@ fn conflict_hint(route: &Route, plan: &RoutingPlan) -> String {
     } else {
         format!(
             "table {} already has a default route that multihome did not install; \
-             delete it (`ip route flush table {}`) or change `table_base` in the config \
+             delete it (`ip route flush table {}`) or change `routing.table_base` in the config \
              so that multihome gets tables of its own",
             route.table, route.table
         )
@@ -1112,4 +1121,505 @@ fn write_sysctl(path: &str, value: u8, what: &str) -> anyhow::Result<()> {
         .with_context(|| format!("writing {value} to {path} ({what})"))?;
     info!("{path}: {} -> {value}", current.trim());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        fs::File,
+        io::Read,
+        os::fd::AsRawFd,
+        process::{Command, Stdio},
+        thread,
+        time::Duration,
+    };
+
+    use super::*;
+
+    fn hop(gateway: Option<[u8; 4]>, ifindex: u32, weight: u32) -> NextHop {
+        NextHop {
+            gateway: gateway.map(Ipv4Addr::from),
+            ifindex,
+            weight,
+        }
+    }
+
+    fn uplink(i: u32, gateway: Option<[u8; 4]>, weight: u32, usable: bool) -> UplinkRoutes {
+        UplinkRoutes {
+            table: 101 + i,
+            mark: 0x4d48_0001 + i,
+            ifindex: 10 + i,
+            address: Some(Ipv4Addr::new(198, 18, 11 * (i as u8 + 1), 1)),
+            gateway: gateway.map(Ipv4Addr::from),
+            weight,
+            usable,
+        }
+    }
+
+    fn plan(uplinks: Vec<UplinkRoutes>) -> RoutingPlan {
+        RoutingPlan {
+            uplinks,
+            rule_priority: 1000,
+            main_table: 254,
+        }
+    }
+
+    #[test]
+    fn weights_are_scaled_into_the_kernel_range() {
+        assert_eq!(scale_weights(&[1, 2, 256]), vec![1, 2, 256]);
+        assert_eq!(scale_weights(&[1000, 2000]), vec![128, 256]);
+        assert_eq!(scale_weights(&[1, 100_000]), vec![1, 256]);
+        assert_eq!(scale_weights(&[0, 3]), vec![1, 3]);
+    }
+
+    #[test]
+    fn main_route_takes_usable_then_backups_then_addressed_uplinks() {
+        let gw = Some([198, 18, 11, 254]);
+        let all = [true; 3];
+        let p = plan(vec![
+            uplink(0, gw, 1, true),
+            uplink(1, None, 3, true),
+            uplink(2, gw, 0, true),
+        ]);
+        assert_eq!(main_hops(&p, &all), vec![hop(gw, 10, 1), hop(None, 11, 3)]);
+        // The only weighted one is down: backups step in.
+        let p = plan(vec![uplink(0, gw, 1, false), uplink(1, gw, 0, true)]);
+        assert_eq!(main_hops(&p, &all), vec![hop(gw, 11, 1)]);
+        // Nothing usable: whatever has an address, if its table route is in.
+        let mut p = plan(vec![uplink(0, gw, 2, false), uplink(1, gw, 5, false)]);
+        assert_eq!(main_hops(&p, &all), vec![hop(gw, 10, 2), hop(gw, 11, 5)]);
+        assert_eq!(main_hops(&p, &[false, true]), vec![hop(gw, 11, 1)]);
+        p.uplinks[0].address = None;
+        p.uplinks[1].address = None;
+        assert_eq!(main_hops(&p, &all), vec![]);
+    }
+
+    #[test]
+    fn route_messages_read_back_as_the_same_route() {
+        for route in [
+            Route {
+                table: 101,
+                metric: 0,
+                hops: vec![hop(Some([198, 18, 11, 254]), 3, 1)],
+            },
+            Route {
+                table: 1000,
+                metric: 0,
+                hops: vec![hop(None, 3, 1)],
+            },
+            Route {
+                table: 254,
+                metric: MAIN_METRIC,
+                hops: vec![hop(Some([198, 18, 11, 254]), 3, 1), hop(None, 4, 256)],
+            },
+        ] {
+            let msg = route.message();
+            assert!(is_our_route(&msg));
+            assert_eq!(Route::of(&msg), Some(route));
+        }
+    }
+
+    #[test]
+    fn plans_that_cannot_work_are_refused() {
+        let gw = Some([198, 18, 11, 254]);
+        let mut p = plan(vec![uplink(0, gw, 1, true), uplink(1, gw, 1, true)]);
+        assert!(validate(&p).is_ok());
+        p.uplinks[1].table = 101;
+        assert!(validate(&p).is_err());
+        p.uplinks[1].table = 254;
+        assert!(validate(&p).is_err());
+        p.uplinks[1].table = 102;
+        p.uplinks[1].mark = 0;
+        assert!(validate(&p).is_err());
+        p.uplinks[1].mark = 2;
+        p.rule_priority = 32760;
+        assert!(validate(&p).is_err());
+        p.rule_priority = 0;
+        assert!(validate(&p).is_err());
+    }
+
+    // -----------------------------------------------------------------------
+    // For real, in a network namespace of our own.
+
+    /// A network namespace that is deleted when dropped, also on failure.
+    struct Netns(String);
+
+    impl Netns {
+        fn new() -> Self {
+            let name = format!("mhrt{}", std::process::id());
+            let _ = Command::new("ip").args(["netns", "del", &name]).output();
+            let out = Command::new("ip")
+                .args(["netns", "add", &name])
+                .output()
+                .expect("running `ip` (iproute2)");
+            assert!(
+                out.status.success(),
+                "ip netns add {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Self(name)
+        }
+    }
+
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+        }
+    }
+
+    fn ip(ns: &str, args: &str) -> String {
+        let out = Command::new("ip")
+            .args(["-n", ns])
+            .args(args.split_whitespace())
+            .output()
+            .expect("running `ip` (iproute2)");
+        assert!(
+            out.status.success(),
+            "ip -n {ns} {args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Every IPv4 rule and route, one normalized line each, sorted.
+    fn everything(ns: &str) -> Vec<String> {
+        let rules = ip(ns, "-4 rule show");
+        let routes = ip(ns, "-o -4 route show table all");
+        let mut lines: Vec<String> = rules
+            .lines()
+            .chain(routes.lines())
+            .map(|l| {
+                l.replace('\\', " ")
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .filter(|l| !l.is_empty())
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    fn ours(ns: &str) -> Vec<String> {
+        everything(ns)
+            .into_iter()
+            .filter(|l| l.contains(" proto 77"))
+            .collect()
+    }
+
+    fn theirs(ns: &str) -> Vec<String> {
+        everything(ns)
+            .into_iter()
+            .filter(|l| !l.contains(" proto 77"))
+            .collect()
+    }
+
+    /// Runs `f` and returns what `ip monitor` saw of rules and routes
+    /// meanwhile.
+    async fn monitored<F: Future<Output = ()>>(ns: &str, f: F) -> String {
+        let mut mon = Command::new("ip")
+            .args(["-n", ns, "monitor", "rule", "route"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("running `ip monitor`");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        f.await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = mon.kill();
+        let _ = mon.wait();
+        let mut seen = String::new();
+        if let Some(mut out) = mon.stdout.take() {
+            let _ = out.read_to_string(&mut seen);
+        }
+        seen
+    }
+
+    fn ifindex(name: &str) -> u32 {
+        let c = std::ffi::CString::new(name).expect("interface name");
+        // SAFETY: a NUL-terminated string.
+        let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        assert_ne!(i, 0, "no interface {name} in the test namespace");
+        i
+    }
+
+    #[test]
+    fn applies_and_removes_in_a_network_namespace() {
+        // SAFETY: no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "this test creates a network namespace (`ip netns add`) and needs root \
+             (CAP_SYS_ADMIN, CAP_NET_ADMIN): run it as root, e.g. with sudo"
+        );
+        let ns = Netns::new();
+        let n = ns.0.as_str();
+        // up0, up1: uplinks with a gateway; up2: point-to-point style, no
+        // address, device route; up3: down.
+        for i in 0..4 {
+            ip(n, &format!("link add up{i} type veth peer name gw{i}"));
+            ip(n, &format!("link set gw{i} up"));
+            if i != 3 {
+                ip(n, &format!("link set up{i} up"));
+            }
+        }
+        ip(n, "link set lo up");
+        ip(n, "addr add 198.18.11.1/24 dev up0");
+        ip(n, "addr add 198.18.22.1/24 dev up1");
+        ip(n, "addr add 198.18.44.1/24 dev up3");
+        // What others installed, some of it in our tables and priorities.
+        ip(n, "rule add priority 1005 from 10.9.9.9 lookup 200");
+        ip(n, "rule add priority 1020 from 10.9.9.8 lookup 101");
+        ip(n, "route add 10.0.0.0/8 via 198.18.11.254 table 200");
+        ip(n, "route add default via 198.18.11.254");
+        ip(n, "route add default via 198.18.11.254 table 101 metric 7");
+        ip(n, "route add default via 198.18.11.254 table 105");
+        let before = everything(n);
+
+        let name = ns.0.clone();
+        let outcome = thread::spawn(move || {
+            let f = File::open(format!("/run/netns/{name}")).expect("opening the namespace");
+            // SAFETY: a valid namespace fd; only this thread moves.
+            let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", io::Error::last_os_error());
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime")
+                .block_on(scenario(&name, before));
+        })
+        .join();
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+        drop(ns);
+    }
+
+    async fn scenario(n: &str, before: Vec<String>) {
+        let (conn, handle, _) = rtnetlink::new_connection().expect("rtnetlink socket");
+        tokio::spawn(conn);
+        let mut routing = Routing::new(handle);
+        let gw = |o: u8| Some(Ipv4Addr::new(198, 18, o, 254));
+        let addr = |o: u8| Some(Ipv4Addr::new(198, 18, o, 1));
+        let up = |i: u32, address, gateway, weight, usable| UplinkRoutes {
+            table: 101 + i,
+            mark: 0x4d48_0001 + i,
+            ifindex: ifindex(&format!("up{i}")),
+            address,
+            gateway,
+            weight,
+            usable,
+        };
+        let mut plan = RoutingPlan {
+            uplinks: vec![
+                up(0, addr(11), gw(11), 1, true),
+                up(1, addr(22), gw(22), 2, true),
+                up(2, None, None, 1, true),
+                up(3, addr(44), gw(44), 1, false),
+            ],
+            rule_priority: 1000,
+            main_table: 254,
+        };
+        let fwmark_rules = |p: u32| {
+            (0..4)
+                .map(|i| {
+                    format!(
+                        "{}: from all fwmark {:#x} lookup {} proto 77",
+                        p + 20 + i,
+                        0x4d48_0001 + i,
+                        101 + i
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let expect = |rules: &[&str], routes: &[&str], p: u32| {
+            let mut want: Vec<String> = rules.iter().chain(routes).map(|s| s.to_string()).collect();
+            want.extend(fwmark_rules(p));
+            want.sort();
+            want
+        };
+
+        // 1. From nothing. up3 is down: no table route, not in main.
+        routing.apply(&plan).await.expect("first apply");
+        assert_eq!(
+            ours(n),
+            expect(
+                &[
+                    "1000: from all lookup main suppress_prefixlength 0 proto 77",
+                    "1001: from 198.18.11.1 lookup 101 proto 77",
+                    "1002: from 198.18.22.1 lookup 102 proto 77",
+                    "1004: from 198.18.44.1 lookup 104 proto 77",
+                ],
+                &[
+                    "default via 198.18.11.254 dev up0 table 101 proto 77",
+                    "default via 198.18.22.254 dev up1 table 102 proto 77",
+                    "default dev up2 table 103 proto 77 scope link",
+                    "default proto 77 metric 50 nexthop via 198.18.11.254 dev up0 weight 1 \
+                     nexthop via 198.18.22.254 dev up1 weight 2 nexthop dev up2 weight 1",
+                ],
+                1000
+            ),
+            "after the first apply"
+        );
+        assert_eq!(
+            theirs(n),
+            before,
+            "others' rules and routes after the first apply"
+        );
+
+        // 2. Again: the kernel hears nothing.
+        let changes = routing.changes;
+        let seen = monitored(n, async {
+            routing.apply(&plan).await.expect("second apply");
+        })
+        .await;
+        assert_eq!(seen, "", "the second apply changed something");
+        assert_eq!(routing.changes, changes);
+
+        // 3. New weights, up1 loses its address, up2 is not usable: one rule
+        //    goes, main's route is replaced in place, nothing else moves.
+        plan.uplinks[0].weight = 3;
+        plan.uplinks[1].address = None;
+        plan.uplinks[1].weight = 1;
+        plan.uplinks[2].usable = false;
+        let changes = routing.changes;
+        routing.apply(&plan).await.expect("apply with new weights");
+        let after_3 = expect(
+            &[
+                "1000: from all lookup main suppress_prefixlength 0 proto 77",
+                "1001: from 198.18.11.1 lookup 101 proto 77",
+                "1004: from 198.18.44.1 lookup 104 proto 77",
+            ],
+            &[
+                "default via 198.18.11.254 dev up0 table 101 proto 77",
+                "default via 198.18.22.254 dev up1 table 102 proto 77",
+                "default dev up2 table 103 proto 77 scope link",
+                "default proto 77 metric 50 nexthop via 198.18.11.254 dev up0 weight 3 \
+                 nexthop via 198.18.22.254 dev up1 weight 1",
+            ],
+            1000,
+        );
+        assert_eq!(ours(n), after_3, "after new weights");
+        assert_eq!(
+            routing.changes - changes,
+            2,
+            "a rule removed, a route replaced"
+        );
+
+        // 4. Other priorities, a new gateway for up1, only up0 usable: a
+        //    plain default in main.
+        plan.rule_priority = 2000;
+        plan.uplinks[1].gateway = Some(Ipv4Addr::new(198, 18, 22, 253));
+        plan.uplinks[1].usable = false;
+        routing
+            .apply(&plan)
+            .await
+            .expect("apply with other priorities");
+        let after_4 = expect(
+            &[
+                "2000: from all lookup main suppress_prefixlength 0 proto 77",
+                "2001: from 198.18.11.1 lookup 101 proto 77",
+                "2004: from 198.18.44.1 lookup 104 proto 77",
+            ],
+            &[
+                "default via 198.18.11.254 dev up0 table 101 proto 77",
+                "default via 198.18.22.253 dev up1 table 102 proto 77",
+                "default dev up2 table 103 proto 77 scope link",
+                "default via 198.18.11.254 dev up0 proto 77 metric 50",
+            ],
+            2000,
+        );
+        assert_eq!(ours(n), after_4, "after moving the rules");
+
+        // 5. Nothing usable: main uses what has an address (up0, up1; up3
+        //    is down).
+        plan.uplinks[0].usable = false;
+        plan.uplinks[1].address = addr(22);
+        routing
+            .apply(&plan)
+            .await
+            .expect("apply with nothing usable");
+        let after_5 = expect(
+            &[
+                "2000: from all lookup main suppress_prefixlength 0 proto 77",
+                "2001: from 198.18.11.1 lookup 101 proto 77",
+                "2002: from 198.18.22.1 lookup 102 proto 77",
+                "2004: from 198.18.44.1 lookup 104 proto 77",
+            ],
+            &[
+                "default via 198.18.11.254 dev up0 table 101 proto 77",
+                "default via 198.18.22.253 dev up1 table 102 proto 77",
+                "default dev up2 table 103 proto 77 scope link",
+                "default proto 77 metric 50 nexthop via 198.18.11.254 dev up0 weight 3 \
+                 nexthop via 198.18.22.253 dev up1 weight 1",
+            ],
+            2000,
+        );
+        assert_eq!(ours(n), after_5, "with nothing usable");
+
+        // 6. up1 goes down (the kernel drops its routes): skipped, not an
+        //    error; back up, back in.
+        ip(n, "link set up1 down");
+        routing.apply(&plan).await.expect("apply with up1 down");
+        let after_6 = expect(
+            &[
+                "2000: from all lookup main suppress_prefixlength 0 proto 77",
+                "2001: from 198.18.11.1 lookup 101 proto 77",
+                "2002: from 198.18.22.1 lookup 102 proto 77",
+                "2004: from 198.18.44.1 lookup 104 proto 77",
+            ],
+            &[
+                "default via 198.18.11.254 dev up0 table 101 proto 77",
+                "default dev up2 table 103 proto 77 scope link",
+                "default via 198.18.11.254 dev up0 proto 77 metric 50",
+            ],
+            2000,
+        );
+        assert_eq!(ours(n), after_6, "with up1 down");
+        ip(n, "link set up1 up");
+        routing.apply(&plan).await.expect("apply with up1 back");
+        assert_eq!(ours(n), after_5, "with up1 back up");
+
+        // 7. A table that has someone else's default route: a clear error,
+        //    and the rest of the plan still goes in.
+        plan.uplinks[0].table = 105;
+        let err = routing
+            .apply(&plan)
+            .await
+            .expect_err("a foreign default route in table 105");
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("table 105 already has a default route") && msg.contains("table_base"),
+            "unclear error: {msg}"
+        );
+        let now = ours(n);
+        assert!(
+            now.iter()
+                .any(|l| l == "2020: from all fwmark 0x4d480001 lookup 105 proto 77"),
+            "the rest of the plan: {now:#?}"
+        );
+        assert!(
+            !now.iter().any(|l| l.contains("table 101")),
+            "table 101 left behind: {now:#?}"
+        );
+        assert_eq!(
+            theirs(n),
+            before,
+            "others' rules and routes after the conflict"
+        );
+
+        // 8. All gone, and only ours.
+        routing.remove_all().await.expect("remove_all");
+        assert_eq!(ours(n), Vec::<String>::new(), "ours after remove_all");
+        assert_eq!(
+            theirs(n),
+            before,
+            "others' rules and routes after remove_all"
+        );
+        let changes = routing.changes;
+        routing.remove_all().await.expect("second remove_all");
+        assert_eq!(
+            routing.changes, changes,
+            "the second remove_all changed something"
+        );
+    }
 }

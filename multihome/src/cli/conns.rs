@@ -46,7 +46,7 @@ pub fn list(maps: &Maps) -> anyhow::Result<Vec<Conn>> {
             flows::describe(k, f, name, now)
         })
         .collect();
-    out.sort_by(|a, b| (a.src, a.sport, a.dst, a.dport).cmp(&(b.src, b.sport, b.dst, b.dport)));
+    out.sort_by_key(|c| (c.src, c.sport, c.dst, c.dport));
     Ok(out)
 }
 

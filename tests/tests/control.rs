@@ -1,0 +1,178 @@
+//! The control plane on real traffic: fallback tables for the gateway's
+//! own traffic, shared-NIC routers, renumbering, links going down, and
+//! restarts and reloads that lose no flow.
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener},
+    time::{Duration, Instant},
+};
+
+use testbed::*;
+
+/// Polls `f` until it holds or `limit` passes.
+fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn flows_on(gw: &Gateway, uplink: &str) -> usize {
+    gw.conns().iter().filter(|c| c["uplink"] == uplink).count()
+}
+
+#[test]
+fn the_gateways_own_traffic_uses_each_uplinks_table_and_the_multipath_default() {
+    let t = Topology::standard();
+    let _gw = Gateway::start(&t.gw, &config_for(&t, [1, 1], ""));
+    assert!(
+        ping_from(&t.gw, UPLINK_X_ADDR, INET_SERVICE, 3),
+        "ping -I X"
+    );
+    assert!(
+        ping_from(&t.gw, UPLINK_Y_ADDR, INET_SERVICE, 3),
+        "ping -I Y"
+    );
+    assert!(ping(&t.gw, INET_SERVICE, 3), "plain ping");
+
+    // A server on the gateway answers through either uplink's address.
+    let listener =
+        t.gw.run(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)))
+            .expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let server = std::thread::spawn(move || {
+        for _ in 0..2 {
+            let (mut s, _) = listener.accept().expect("accept");
+            s.write_all(b"gw\n").expect("write");
+        }
+    });
+    for addr in [UPLINK_X_ADDR, UPLINK_Y_ADDR] {
+        let mut s = tcp_connect(&t.inet, None, SocketAddrV4::new(addr, port))
+            .unwrap_or_else(|e| panic!("connect to the gateway at {addr}: {e}"));
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).expect("read");
+        assert_eq!(buf, "gw\n");
+    }
+    server.join().expect("server");
+    assert_eq!(t.spoofed_drops(), 0, "a reply left by the wrong uplink");
+}
+
+#[test]
+fn shared_nic_routers_each_keep_their_own_flows() {
+    let t = Topology::shared_nic();
+    let _gw = Gateway::start(&t.gw, &config_for(&t, [1, 1], ""));
+    let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..40 {
+        let peer = udp_seen_as(&t.client, None, srv.addr()).expect("UDP over a shared NIC");
+        seen.insert(*peer.ip());
+    }
+    assert_eq!(
+        seen,
+        [SHARED_X_ADDR, SHARED_Y_ADDR].into_iter().collect(),
+        "both routers behind the one NIC carry flows"
+    );
+    let tcp = tcp_echo_server(&t.inet, INET_SERVICE, 0);
+    let payload = vec![7u8; 256 << 10];
+    for _ in 0..6 {
+        assert_eq!(
+            tcp_request(&t.client, tcp.addr(), &payload).expect("TCP"),
+            payload
+        );
+    }
+    assert_eq!(t.spoofed_drops(), 0, "a router got the other one's flow");
+}
+
+#[test]
+fn a_renumbered_uplink_purges_only_its_own_flows_and_new_flows_use_the_new_address() {
+    let t = Topology::standard();
+    let gw = Gateway::start(&t.gw, &config_for(&t, [1, 1], ""));
+    let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    for _ in 0..30 {
+        udp_seen_as(&t.client, None, srv.addr()).expect("UDP");
+    }
+    let y_before = flows_on(&gw, "y");
+    assert!(flows_on(&gw, "x") > 0 && y_before > 0);
+
+    let new_x = Ipv4Addr::new(198, 18, 11, 7);
+    // As a DHCP client renumbers: the old address goes, a new one comes.
+    t.gw.exec(&["ip", "addr", "del", "198.18.11.1/24", "dev", IF_WANX]);
+    t.gw.exec(&["ip", "addr", "add", "198.18.11.7/24", "dev", IF_WANX]);
+    eventually(Duration::from_secs(5), "x's old flows purged", || {
+        gw.conns()
+            .iter()
+            .all(|c| c["nat_addr"] != UPLINK_X_ADDR.to_string())
+    });
+    assert_eq!(flows_on(&gw, "y"), y_before, "y's flows were touched");
+    let mut seen_new = false;
+    for _ in 0..30 {
+        let peer = udp_seen_as(&t.client, None, srv.addr()).expect("UDP after renumbering");
+        assert_ne!(*peer.ip(), UPLINK_X_ADDR, "the old address is still in use");
+        seen_new |= *peer.ip() == new_x;
+    }
+    assert!(seen_new, "no flow used x's new address");
+    assert_eq!(t.spoofed_drops(), 0);
+}
+
+#[test]
+fn a_downed_uplink_takes_no_new_flows_and_comes_back_when_up() {
+    let t = Topology::standard();
+    let gw = Gateway::start(&t.gw, &config_for(&t, [1, 1], ""));
+    let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    link_down(&t.gw, IF_WANX);
+    eventually(Duration::from_secs(3), "x marked down", || {
+        gw.status()["uplinks"][0]["state"] != "up"
+    });
+    for _ in 0..20 {
+        let peer = udp_seen_as(&t.client, None, srv.addr()).expect("flows fail over to y");
+        assert_eq!(*peer.ip(), UPLINK_Y_ADDR);
+    }
+    link_up(&t.gw, IF_WANX);
+    eventually(Duration::from_secs(5), "x back up", || {
+        gw.status()["uplinks"][0]["state"] == "up"
+    });
+    eventually(Duration::from_secs(10), "x takes new flows again", || {
+        udp_seen_as(&t.client, None, srv.addr()).is_ok_and(|p| *p.ip() == UPLINK_X_ADDR)
+    });
+}
+
+#[test]
+fn a_tcp_connection_survives_a_daemon_restart_and_a_weight_reload() {
+    let t = Topology::standard();
+    let config = config_for(&t, [1, 1], "");
+    let gw = Gateway::start_with_pin(&t.gw, &config, unique_pin_dir("rs"), &["--keep-on-exit"]);
+    let srv = tcp_echo_server(&t.inet, INET_SERVICE, 0);
+    let mut conn = tcp_connect(&t.client, None, srv.addr()).expect("connect");
+    let mut echo = |round: &str| {
+        let msg = format!("round {round}\n");
+        conn.write_all(msg.as_bytes()).expect("write");
+        let mut buf = vec![0u8; msg.len()];
+        conn.read_exact(&mut buf)
+            .unwrap_or_else(|e| panic!("{round}: the connection broke: {e}"));
+        assert_eq!(buf, msg.as_bytes());
+    };
+    echo("before");
+    let pin = gw.stop();
+    echo("with the daemon stopped (--keep-on-exit)");
+    let gw = Gateway::start_with_pin(&t.gw, &config, pin, &[]);
+    assert!(
+        gw.log().contains("adopted"),
+        "the new run did not adopt the maps"
+    );
+    echo("after the restart");
+    assert_eq!(gw.conns().len(), 1, "the flow was not kept");
+
+    std::fs::write(gw.config_path(), config_for(&t, [0, 3], "")).expect("new weights");
+    gw.signal(libc::SIGHUP);
+    eventually(Duration::from_secs(5), "weights reloaded", || {
+        gw.status()["uplinks"][1]["weight"] == 3
+    });
+    echo("after the reload");
+    let udp = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    for _ in 0..10 {
+        let peer = udp_seen_as(&t.client, None, udp.addr()).expect("UDP");
+        assert_eq!(*peer.ip(), UPLINK_Y_ADDR, "x has weight 0 now");
+    }
+    assert_eq!(t.spoofed_drops(), 0);
+}
