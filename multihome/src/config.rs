@@ -338,6 +338,23 @@ weight = 2
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid() {
+        let c = Config::parse(include_str!("../../docs/multihome.example.toml"))
+            .expect("docs/multihome.example.toml must stay valid");
+        assert_eq!(
+            c,
+            {
+                let mut d = c.clone();
+                d.nat = NatConfig::default();
+                d.timeouts = Timeouts::default();
+                d.routing = RoutingConfig::default();
+                d
+            },
+            "the example must show the defaults"
+        );
+    }
+
+    #[test]
     fn syntax_errors_name_the_line() {
         let err = Config::parse("lan = [\"lan0\"\n[[uplink]]\n").expect_err("must be rejected");
         assert!(format!("{err:#}").contains("line"), "{err:#}");
