@@ -127,9 +127,15 @@ pub fn l3_offset<const L2: bool>(ctx: &TcContext) -> Result<usize, Reason> {
     Ok(if L2 { ETH_HLEN } else { 0 })
 }
 
-/// Parses the IPv4 header at `l3` and the L4 header after it.
+/// The checked basics of the IPv4 header at `l3`.
+struct Ipv4Basics {
+    ihl: usize,
+    tot_len: u16,
+    frag_be: u16,
+}
+
 #[inline(always)]
-pub fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, Reason> {
+fn ipv4_basics(ctx: &TcContext, l3: usize) -> Result<Ipv4Basics, Reason> {
     let vihl = hi(read::<u16>(ctx, l3)?);
     let ihl = ((vihl & 0x0f) as usize) * 4;
     if vihl >> 4 != 4 || ihl < ip::MIN_LEN {
@@ -139,7 +145,21 @@ pub fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, Reason> {
     if (tot_len as usize) < ihl || (ctx.len() as usize) < l3 + tot_len as usize {
         return Err(Reason::Malformed);
     }
-    let frag_be: u16 = read(ctx, l3 + ip::FRAG_OFF)?;
+    Ok(Ipv4Basics {
+        ihl,
+        tot_len,
+        frag_be: read(ctx, l3 + ip::FRAG_OFF)?,
+    })
+}
+
+/// Parses the IPv4 header at `l3` and the L4 header after it.
+#[inline(always)]
+pub fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, Reason> {
+    let Ipv4Basics {
+        ihl,
+        tot_len,
+        frag_be,
+    } = ipv4_basics(ctx, l3)?;
     if frag_be & IP_OFFSET_MASK_BE != 0 {
         return Err(Reason::Fragment);
     }
@@ -195,11 +215,10 @@ pub fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, Reason> {
     })
 }
 
-/// Only the address part of a non-first fragment, for the slow path.
+/// A well-formed IPv4 non-first fragment, which carries no L4 header.
 #[inline(always)]
 pub fn is_later_fragment(ctx: &TcContext, l3: usize) -> Result<bool, Reason> {
-    let frag_be: u16 = read(ctx, l3 + ip::FRAG_OFF)?;
-    Ok(frag_be & IP_OFFSET_MASK_BE != 0)
+    Ok(ipv4_basics(ctx, l3)?.frag_be & IP_OFFSET_MASK_BE != 0)
 }
 
 impl Packet {

@@ -20,6 +20,7 @@
 pub mod gateway;
 pub mod host;
 pub mod netns;
+pub mod packets;
 pub mod services;
 pub mod topology;
 pub mod tun;

@@ -1,0 +1,1841 @@
+//! Byte-exact `BPF_PROG_TEST_RUN` tests of the TC programs: each packet is
+//! built from scratch with [`testbed::packets`] (every checksum a full
+//! RFC 1071 recomputation), run through one program of a freshly loaded
+//! object, and the output compared byte for byte with the translation
+//! built the same independent way.
+//!
+//! Every test loads its own copy of the object (fresh maps) and runs inside
+//! its own new network namespace, where no route exists: the programs' FIB
+//! lookups fail, so they hand packets to the stack (`TC_ACT_UNSPEC`) instead
+//! of redirecting, and the reverse path does not decrement the TTL.
+//!
+//! Needs root; without it every test panics through `require_root`.
+use std::{collections::HashSet, net::Ipv4Addr, process::Command, sync::OnceLock};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, PerCpuArray},
+    programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
+};
+use multihome_common::{
+    FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FLOW_SEEN_REPLY, FlowFwd, FlowKey, FlowRev,
+    LAYOUT_VERSION, LanNet, MAP_CONN_FWD, MAP_CONN_REV, MAP_LAN_NETS, MAP_REASONS, MAP_SETTINGS,
+    MAP_UPLINK_STATS, MAP_UPLINKS, PROG_LAN_IN, PROG_WAN_IN, PROG_WAN_OUT, REASON_COUNT, Reason,
+    Reasons, Settings, UPLINK_CONFIGURED, UPLINK_USABLE, Uplink, UplinkStats,
+};
+use testbed::packets::*;
+use testbed::{
+    CLIENT_ADDR, INET_SERVICE, ISPX_CORE, NetNs, UPLINK_X_ADDR, UPLINK_X_GW, multihome_bin,
+    require_root,
+};
+
+/// `TC_ACT_UNSPEC` (-1) as the kernel reports the return value.
+const TC_ACT_UNSPEC: u32 = u32::MAX;
+const TC_ACT_SHOT: u32 = 2;
+
+const MARK_BASE: u32 = 0x4d48_0000;
+/// `skb->mark` of packets the LAN program hands to the stack for uplink 0.
+const UPLINK_MARK: u32 = MARK_BASE | 1;
+
+const LAN_HOST: Ipv4Addr = CLIENT_ADDR;
+const LAN_NET: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 0);
+const LAN_MASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
+/// A source outside every LAN prefix.
+const OUTSIDER: Ipv4Addr = Ipv4Addr::new(198, 18, 99, 5);
+const REMOTE: Ipv4Addr = INET_SERVICE;
+const NAT_ADDR: Ipv4Addr = UPLINK_X_ADDR;
+/// A router on the path that reports errors.
+const ROUTER: Ipv4Addr = ISPX_CORE;
+
+/// Size of the kernel's `struct __sk_buff` (uapi), the test-run context.
+const SKB_CTX_LEN: usize = 192;
+/// Offset of `mark` in `struct __sk_buff` (after `len` and `pkt_type`).
+const SKB_MARK: usize = 8;
+
+fn be(a: Ipv4Addr) -> u32 {
+    u32::from(a).to_be()
+}
+
+/// The eBPF object the daemon embeds, written out once per test process.
+fn object() -> &'static [u8] {
+    static OBJECT: OnceLock<Vec<u8>> = OnceLock::new();
+    OBJECT.get_or_init(|| {
+        let bin = multihome_bin();
+        let path = std::env::temp_dir().join(format!("mh-test-run-{}.o", std::process::id()));
+        let out = Command::new(&bin)
+            .arg("ebpf-object")
+            .arg(&path)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+        assert!(
+            out.status.success(),
+            "`{} ebpf-object` failed ({}): {}",
+            bin.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bytes =
+            std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        let _ = std::fs::remove_file(&path);
+        bytes
+    })
+}
+
+/// A NAT flow as the tests pin it: the LAN tuple, the remote, the NAT port
+/// (echo identifier for ICMP), on uplink 0 with address [`NAT_ADDR`].
+#[derive(Clone, Copy, Debug)]
+struct Flow {
+    proto: u8,
+    lan_port: u16,
+    remote_port: u16,
+    nat_port: u16,
+    /// UDP only: whether the endpoints use checksums.
+    udp_checksum: bool,
+}
+
+const TCP_FLOW: Flow = Flow {
+    proto: IPPROTO_TCP,
+    lan_port: 40000,
+    remote_port: 443,
+    nat_port: 61001,
+    udp_checksum: true,
+};
+const UDP_FLOW: Flow = Flow {
+    proto: IPPROTO_UDP,
+    lan_port: 40001,
+    remote_port: 53,
+    nat_port: 61002,
+    udp_checksum: true,
+};
+/// UDP without checksums (checksum field 0 both ways).
+const UDP0_FLOW: Flow = Flow {
+    proto: IPPROTO_UDP,
+    lan_port: 40002,
+    remote_port: 4789,
+    nat_port: 61003,
+    udp_checksum: false,
+};
+const ECHO_FLOW: Flow = Flow {
+    proto: IPPROTO_ICMP,
+    lan_port: 0x1234,
+    remote_port: 0,
+    nat_port: 61004,
+    udp_checksum: true,
+};
+/// A flow that kept its LAN port: only the address changes.
+const KEPT_PORT_FLOW: Flow = Flow {
+    proto: IPPROTO_TCP,
+    lan_port: 5000,
+    remote_port: 8443,
+    nat_port: 5000,
+    udp_checksum: true,
+};
+const ALL_FLOWS: [Flow; 5] = [TCP_FLOW, UDP_FLOW, UDP0_FLOW, ECHO_FLOW, KEPT_PORT_FLOW];
+
+impl Flow {
+    fn echo(&self) -> bool {
+        self.proto == IPPROTO_ICMP
+    }
+
+    fn name(&self) -> String {
+        match (self.proto, self.udp_checksum) {
+            (IPPROTO_TCP, _) => format!("TCP {}->{}", self.lan_port, self.nat_port),
+            (IPPROTO_UDP, true) => format!("UDP {}->{}", self.lan_port, self.nat_port),
+            (IPPROTO_UDP, false) => {
+                format!("UDP (no checksum) {}->{}", self.lan_port, self.nat_port)
+            }
+            _ => format!("ICMP echo id {:#x}->{:#x}", self.lan_port, self.nat_port),
+        }
+    }
+
+    fn fwd_key(&self) -> FlowKey {
+        FlowKey {
+            saddr_be: be(LAN_HOST),
+            daddr_be: be(REMOTE),
+            sport_be: self.lan_port.to_be(),
+            dport_be: if self.echo() {
+                0
+            } else {
+                self.remote_port.to_be()
+            },
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    fn rev_key(&self) -> FlowKey {
+        FlowKey {
+            saddr_be: be(REMOTE),
+            daddr_be: be(NAT_ADDR),
+            sport_be: if self.echo() {
+                0
+            } else {
+                self.remote_port.to_be()
+            },
+            dport_be: self.nat_port.to_be(),
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    fn fwd(&self) -> FlowFwd {
+        FlowFwd {
+            last_seen_ns: 0,
+            nat_addr_be: be(NAT_ADDR),
+            flags: 0,
+            nat_port_be: self.nat_port.to_be(),
+            uplink: 0,
+            _pad: 0,
+            created_s: 0,
+        }
+    }
+
+    fn rev(&self) -> FlowRev {
+        FlowRev {
+            lan_addr_be: be(LAN_HOST),
+            lan_port_be: self.lan_port.to_be(),
+            uplink: 0,
+            _pad: 0,
+        }
+    }
+
+    /// A packet of this flow as the LAN host sends it (odd payload lengths,
+    /// so the checksums cover a padded last byte).
+    fn outbound(&self) -> Ipv4 {
+        match self.proto {
+            IPPROTO_TCP => Ipv4::tcp(
+                LAN_HOST,
+                REMOTE,
+                Tcp::new(
+                    self.lan_port,
+                    self.remote_port,
+                    TCP_ACK | TCP_PSH,
+                    b"GET / HTTP/1.1\r\n\r",
+                ),
+            ),
+            IPPROTO_UDP => Ipv4::udp(
+                LAN_HOST,
+                REMOTE,
+                Udp {
+                    checksum: self.udp_checksum,
+                    ..Udp::new(self.lan_port, self.remote_port, b"\x5a\x17\x01\x00query")
+                },
+            ),
+            _ => Ipv4::icmp(
+                LAN_HOST,
+                REMOTE,
+                Icmp::echo_request(self.lan_port, 7, b"abcdefghijklmnopqrstuvwabcdefg"),
+            ),
+        }
+    }
+
+    /// The outbound packet after SNAT, as the gateway sends it.
+    fn outbound_translated(&self) -> Ipv4 {
+        self.outbound().with_source(NAT_ADDR, self.nat_port)
+    }
+
+    /// A reply as it arrives on the uplink.
+    fn reply(&self) -> Ipv4 {
+        let mut p = match self.proto {
+            IPPROTO_TCP => Ipv4::tcp(
+                REMOTE,
+                NAT_ADDR,
+                Tcp::new(
+                    self.remote_port,
+                    self.nat_port,
+                    TCP_ACK | TCP_PSH,
+                    b"HTTP/1.1 200 OK\r\n\r\nhello",
+                ),
+            ),
+            IPPROTO_UDP => Ipv4::udp(
+                REMOTE,
+                NAT_ADDR,
+                Udp {
+                    checksum: self.udp_checksum,
+                    ..Udp::new(self.remote_port, self.nat_port, b"\x5a\x17\x81\x80answer!")
+                },
+            ),
+            _ => Ipv4::icmp(
+                REMOTE,
+                NAT_ADDR,
+                Icmp::echo_reply(self.nat_port, 7, b"abcdefghijklmnopqrstuvwabcdefg"),
+            ),
+        };
+        p.ttl = 57;
+        p.id = 0x9e01;
+        p
+    }
+
+    /// The reply after reverse translation, as the LAN host must get it.
+    fn reply_translated(&self) -> Ipv4 {
+        self.reply().with_destination(LAN_HOST, self.lan_port)
+    }
+}
+
+/// One test run's result.
+#[derive(Debug)]
+struct Run {
+    ret: u32,
+    out: Vec<u8>,
+    /// `skb->mark` after the run.
+    mark: u32,
+}
+
+/// Both connection maps, sorted, for before/after comparisons.
+#[derive(Debug, PartialEq, Eq)]
+struct Flows {
+    fwd: Vec<(FlowKey, FlowFwd)>,
+    rev: Vec<(FlowKey, FlowRev)>,
+}
+
+fn key_order(k: &FlowKey) -> (u32, u32, u16, u16, u8) {
+    (k.saddr_be, k.daddr_be, k.sport_be, k.dport_be, k.proto)
+}
+
+/// A freshly loaded object with uplink 0, the LAN prefix and the settings
+/// configured, and no flows.
+struct Datapath {
+    ebpf: Ebpf,
+    loaded: HashSet<&'static str>,
+}
+
+impl Datapath {
+    fn new() -> Self {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_CONN_FWD, 1024)
+            .map_max_entries(MAP_CONN_REV, 1024)
+            .load(object())
+            .unwrap_or_else(|e| panic!("loading the eBPF object: {e:?}"));
+        {
+            let mut settings: Array<_, Settings> =
+                Array::try_from(ebpf.map_mut(MAP_SETTINGS).expect("SETTINGS map"))
+                    .expect("SETTINGS is an array of Settings");
+            settings
+                .set(
+                    0,
+                    Settings {
+                        layout_version: LAYOUT_VERSION,
+                        mark_base: MARK_BASE,
+                        snat_port_min: 61000,
+                        snat_port_max: 65535,
+                        local_port_min: 32768,
+                        local_port_max: 60999,
+                    },
+                    0,
+                )
+                .expect("write SETTINGS");
+        }
+        {
+            let mut uplinks: Array<_, Uplink> =
+                Array::try_from(ebpf.map_mut(MAP_UPLINKS).expect("UPLINKS map"))
+                    .expect("UPLINKS is an array of Uplink");
+            let mut name = [0u8; 16];
+            name[..1].copy_from_slice(b"x");
+            let mut ifname = [0u8; 16];
+            ifname[..4].copy_from_slice(b"wanx");
+            uplinks
+                .set(
+                    0,
+                    Uplink {
+                        addr_be: be(NAT_ADDR),
+                        gateway_be: be(UPLINK_X_GW),
+                        ifindex: 4242,
+                        table: 100,
+                        mark: UPLINK_MARK,
+                        mtu: 1500,
+                        flags: UPLINK_CONFIGURED | UPLINK_USABLE,
+                        weight: 1,
+                        name,
+                        ifname,
+                    },
+                    0,
+                )
+                .expect("write UPLINKS");
+        }
+        {
+            let mut lan: Array<_, LanNet> =
+                Array::try_from(ebpf.map_mut(MAP_LAN_NETS).expect("LAN_NETS map"))
+                    .expect("LAN_NETS is an array of LanNet");
+            lan.set(
+                0,
+                LanNet {
+                    addr_be: be(LAN_NET),
+                    mask_be: be(LAN_MASK),
+                    ifindex: 0,
+                    in_use: 1,
+                },
+                0,
+            )
+            .expect("write LAN_NETS");
+        }
+        Datapath {
+            ebpf,
+            loaded: HashSet::new(),
+        }
+    }
+
+    /// The program, loaded (verified) on first use.
+    fn program(&mut self, name: &'static str) -> &SchedClassifier {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .unwrap_or_else(|| panic!("program {name} missing from the object"))
+            .try_into()
+            .unwrap_or_else(|e| panic!("{name} is not a classifier: {e}"));
+        if self.loaded.insert(name) {
+            prog.load()
+                .unwrap_or_else(|e| panic!("the kernel rejected {name}: {e:?}"));
+        }
+        prog
+    }
+
+    fn try_run(
+        &mut self,
+        prog: &'static str,
+        frame: &[u8],
+        mark: u32,
+    ) -> Result<Run, ProgramError> {
+        let p = self.program(prog);
+        let mut ctx_in = [0u8; SKB_CTX_LEN];
+        ctx_in[SKB_MARK..SKB_MARK + 4].copy_from_slice(&mark.to_ne_bytes());
+        let mut ctx_out = [0u8; SKB_CTX_LEN];
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = p.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx_in),
+            ctx_out: Some(&mut ctx_out),
+            ..TestRunOptions::new()
+        })?;
+        out.truncate(r.data_size_out as usize);
+        let mark = u32::from_ne_bytes(ctx_out[SKB_MARK..SKB_MARK + 4].try_into().expect("4 bytes"));
+        Ok(Run {
+            ret: r.return_value,
+            out,
+            mark,
+        })
+    }
+
+    /// Runs `prog` on `frame` with `skb->mark` = `mark`.
+    fn run(&mut self, prog: &'static str, frame: &[u8], mark: u32) -> Run {
+        self.try_run(prog, frame, mark)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {prog} failed: {e:?}"))
+    }
+
+    /// Runs `prog` and returns the reasons it counted.
+    fn run_counted(
+        &mut self,
+        prog: &'static str,
+        frame: &[u8],
+        mark: u32,
+    ) -> (Run, Vec<(Reason, u64)>) {
+        self.try_run_counted(prog, frame, mark)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {prog} failed: {e:?}"))
+    }
+
+    fn try_run_counted(
+        &mut self,
+        prog: &'static str,
+        frame: &[u8],
+        mark: u32,
+    ) -> Result<(Run, Vec<(Reason, u64)>), ProgramError> {
+        let before = self.reasons();
+        let run = self.try_run(prog, frame, mark)?;
+        let after = self.reasons();
+        let counted = Reason::ALL
+            .iter()
+            .map(|r| (*r, after[*r as usize] - before[*r as usize]))
+            .filter(|(_, n)| *n != 0)
+            .collect();
+        Ok((run, counted))
+    }
+
+    fn insert_flow(&mut self, f: &Flow) {
+        self.insert_fwd(f);
+        self.insert_rev(f);
+    }
+
+    fn insert_fwd(&mut self, f: &Flow) {
+        let mut fwd: HashMap<_, FlowKey, FlowFwd> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_CONN_FWD).expect("CONN_FWD map"))
+                .expect("CONN_FWD types");
+        fwd.insert(f.fwd_key(), f.fwd(), 0)
+            .expect("insert CONN_FWD");
+    }
+
+    fn insert_rev(&mut self, f: &Flow) {
+        let mut rev: HashMap<_, FlowKey, FlowRev> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_CONN_REV).expect("CONN_REV map"))
+                .expect("CONN_REV types");
+        rev.insert(f.rev_key(), f.rev(), 0)
+            .expect("insert CONN_REV");
+    }
+
+    fn fwd_entry(&self, f: &Flow) -> Option<FlowFwd> {
+        let fwd: HashMap<_, FlowKey, FlowFwd> =
+            HashMap::try_from(self.ebpf.map(MAP_CONN_FWD).expect("CONN_FWD map"))
+                .expect("CONN_FWD types");
+        fwd.get(&f.fwd_key(), 0).ok()
+    }
+
+    fn flows(&self) -> Flows {
+        let fwd: HashMap<_, FlowKey, FlowFwd> =
+            HashMap::try_from(self.ebpf.map(MAP_CONN_FWD).expect("CONN_FWD map"))
+                .expect("CONN_FWD types");
+        let rev: HashMap<_, FlowKey, FlowRev> =
+            HashMap::try_from(self.ebpf.map(MAP_CONN_REV).expect("CONN_REV map"))
+                .expect("CONN_REV types");
+        let mut f: Vec<_> = fwd.iter().map(|e| e.expect("read CONN_FWD")).collect();
+        let mut r: Vec<_> = rev.iter().map(|e| e.expect("read CONN_REV")).collect();
+        f.sort_by_key(|(k, _)| key_order(k));
+        r.sort_by_key(|(k, _)| key_order(k));
+        Flows { fwd: f, rev: r }
+    }
+
+    /// The REASONS counters summed over all CPUs, indexed by `Reason`.
+    fn reasons(&self) -> [u64; REASON_COUNT] {
+        let map: PerCpuArray<_, Reasons> =
+            PerCpuArray::try_from(self.ebpf.map(MAP_REASONS).expect("REASONS map"))
+                .expect("REASONS types");
+        let per_cpu = map.get(&0, 0).expect("read REASONS");
+        let mut sum = [0u64; REASON_COUNT];
+        for cpu in per_cpu.iter() {
+            for r in Reason::ALL {
+                sum[*r as usize] += cpu.get(*r);
+            }
+        }
+        sum
+    }
+
+    /// Uplink 0's traffic counters summed over all CPUs.
+    fn uplink0_stats(&self) -> UplinkStats {
+        let map: PerCpuArray<_, UplinkStats> =
+            PerCpuArray::try_from(self.ebpf.map(MAP_UPLINK_STATS).expect("UPLINK_STATS map"))
+                .expect("UPLINK_STATS types");
+        let per_cpu = map.get(&0, 0).expect("read UPLINK_STATS");
+        per_cpu
+            .iter()
+            .fold(UplinkStats::default(), |a, s| UplinkStats {
+                new_flows: a.new_flows + s.new_flows,
+                tx_packets: a.tx_packets + s.tx_packets,
+                tx_bytes: a.tx_bytes + s.tx_bytes,
+                rx_packets: a.rx_packets + s.rx_packets,
+                rx_bytes: a.rx_bytes + s.rx_bytes,
+                slow_path: a.slow_path + s.slow_path,
+            })
+    }
+}
+
+/// Runs `f` on a fresh datapath inside a new, empty network namespace.
+fn with_datapath<R>(f: impl FnOnce(&mut Datapath) -> R) -> R {
+    require_root();
+    let ns = NetNs::new("trn");
+    ns.run(|| {
+        let mut dp = Datapath::new();
+        f(&mut dp)
+    })
+}
+
+#[track_caller]
+fn assert_passed_as(run: &Run, expected: &[u8], what: &str) {
+    assert_eq!(
+        run.ret, TC_ACT_UNSPEC,
+        "{what}: expected TC_ACT_UNSPEC (pass), got {:#x}",
+        run.ret
+    );
+    assert!(
+        run.out == expected,
+        "{what}: output differs from the independently built packet\n{}",
+        describe_difference(expected, &run.out)
+    );
+}
+
+#[track_caller]
+fn assert_untouched(run: &Run, input: &[u8], what: &str) {
+    assert_eq!(
+        run.ret, TC_ACT_UNSPEC,
+        "{what}: expected TC_ACT_UNSPEC (pass), got {:#x}",
+        run.ret
+    );
+    assert!(
+        run.out == input,
+        "{what}: the packet must pass byte-identical\n{}",
+        describe_difference(input, &run.out)
+    );
+}
+
+/// Passed byte-identical, or dropped: never rewritten.
+fn untouched_or_dropped(run: &Run, input: &[u8], what: &str) -> Result<(), String> {
+    match run.ret {
+        TC_ACT_SHOT => Ok(()),
+        TC_ACT_UNSPEC if run.out == input => Ok(()),
+        TC_ACT_UNSPEC => Err(format!(
+            "{what}: passed, but not byte-identical\n{}",
+            describe_difference(input, &run.out)
+        )),
+        other => Err(format!(
+            "{what}: expected pass or drop, got TC action {other:#x}"
+        )),
+    }
+}
+
+#[track_caller]
+fn assert_untouched_or_dropped(run: &Run, input: &[u8], what: &str) {
+    if let Err(e) = untouched_or_dropped(run, input, what) {
+        panic!("{e}");
+    }
+}
+
+/// Whether the kernel refuses to test-run `frame`: it rejects frames
+/// shorter than an Ethernet header, and IPv4 (IPv6) frames too short for
+/// an IPv4 (IPv6) header, with EINVAL before any program runs. Such frames
+/// can reach a real TC hook, but not a test run.
+fn kernel_may_refuse(frame: &[u8]) -> bool {
+    if frame.len() < ETH_HLEN {
+        return true;
+    }
+    match u16_at(frame, 12) {
+        ETH_P_IP => frame.len() < ETH_HLEN + 20,
+        ETH_P_IPV6 => frame.len() < ETH_HLEN + 40,
+        _ => false,
+    }
+}
+
+/// No reason counted.
+const NOTHING: [(Reason, u64); 0] = [];
+
+fn u16_at(b: &[u8], off: usize) -> u16 {
+    u16::from_be_bytes([b[off], b[off + 1]])
+}
+
+// ---------------------------------------------------------------------------
+// mh_wan_out: SNAT of packets the LAN program handed to the stack.
+
+/// SNATs `f`'s outbound packet on `mh_wan_out` and checks the exact bytes,
+/// no reason counted and the maps unchanged.
+fn check_wan_out_snat(dp: &mut Datapath, f: &Flow, input: &Ipv4, expected: &Ipv4) {
+    let what = format!("{} SNAT on {PROG_WAN_OUT}", f.name());
+    let (input, expected) = (input.frame(), expected.frame());
+    assert_ne!(input, expected, "{what}: test packets must differ");
+    let before = dp.flows();
+    let (run, counted) = dp.run_counted(PROG_WAN_OUT, &input, UPLINK_MARK);
+    assert_passed_as(&run, &expected, &what);
+    assert_eq!(counted, NOTHING, "{what}: counted reasons");
+    assert_eq!(run.mark, UPLINK_MARK, "{what}: the mark is left alone");
+    assert_eq!(
+        dp.flows(),
+        before,
+        "{what}: the egress program keeps the maps"
+    );
+}
+
+#[test]
+fn wan_out_snat_rewrites_tcp_source_and_checksums_byte_exact() {
+    with_datapath(|dp| {
+        dp.insert_flow(&TCP_FLOW);
+        check_wan_out_snat(
+            dp,
+            &TCP_FLOW,
+            &TCP_FLOW.outbound(),
+            &TCP_FLOW.outbound_translated(),
+        );
+        let s = dp.uplink0_stats();
+        assert_eq!(s.tx_packets, 1, "tx counted: {s:?}");
+        assert_eq!(s.tx_bytes, TCP_FLOW.outbound().bytes().len() as u64);
+    });
+}
+
+#[test]
+fn wan_out_snat_rewrites_tcp_source_when_the_lan_port_was_kept() {
+    with_datapath(|dp| {
+        dp.insert_flow(&KEPT_PORT_FLOW);
+        let f = KEPT_PORT_FLOW;
+        check_wan_out_snat(dp, &f, &f.outbound(), &f.outbound_translated());
+    });
+}
+
+#[test]
+fn wan_out_snat_rewrites_udp_source_and_checksum_byte_exact() {
+    with_datapath(|dp| {
+        dp.insert_flow(&UDP_FLOW);
+        let f = UDP_FLOW;
+        check_wan_out_snat(dp, &f, &f.outbound(), &f.outbound_translated());
+    });
+}
+
+#[test]
+fn wan_out_snat_keeps_a_zero_udp_checksum_zero() {
+    with_datapath(|dp| {
+        dp.insert_flow(&UDP0_FLOW);
+        let f = UDP0_FLOW;
+        let expected = f.outbound_translated();
+        assert_eq!(u16_at(&expected.bytes(), 20 + 6), 0, "expectation");
+        check_wan_out_snat(dp, &f, &f.outbound(), &expected);
+    });
+}
+
+/// A UDP payload (whose first two bytes are free) that makes `p`'s
+/// computed UDP checksum 0, so that it must be sent as ffff.
+fn payload_making_udp_checksum_zero(p: &Ipv4) -> Vec<u8> {
+    let Payload::Udp(u) = &p.payload else {
+        panic!("not UDP")
+    };
+    let mut probe = p.clone();
+    if let Payload::Udp(pu) = &mut probe.payload {
+        pu.payload[0] = 0;
+        pu.payload[1] = 0;
+    }
+    let mut seg = probe.l4_bytes();
+    seg[6] = 0;
+    seg[7] = 0;
+    let mut buf = pseudo_header(p.src, p.dst, IPPROTO_UDP, seg.len()).to_vec();
+    buf.extend_from_slice(&seg);
+    let w = 0xffff - ones_complement_sum(&buf);
+    let mut payload = u.payload.clone();
+    payload[..2].copy_from_slice(&w.to_be_bytes());
+    payload
+}
+
+fn set_udp_payload(p: &mut Ipv4, payload: Vec<u8>) {
+    if let Payload::Udp(u) = &mut p.payload {
+        u.payload = payload;
+    }
+}
+
+#[test]
+fn wan_out_snat_sends_a_udp_checksum_that_computes_to_zero_as_ffff() {
+    with_datapath(|dp| {
+        dp.insert_flow(&UDP_FLOW);
+        let f = UDP_FLOW;
+        let mut input = f.outbound();
+        let mut expected = f.outbound_translated();
+        let payload = payload_making_udp_checksum_zero(&expected);
+        set_udp_payload(&mut input, payload.clone());
+        set_udp_payload(&mut expected, payload);
+        assert_eq!(u16_at(&expected.bytes(), 26), 0xffff, "expectation");
+        assert_ne!(u16_at(&input.bytes(), 26), 0xffff, "input");
+        check_wan_out_snat(dp, &f, &input, &expected);
+    });
+}
+
+#[test]
+fn wan_out_snat_rewrites_icmp_echo_identifier_and_checksum_byte_exact() {
+    with_datapath(|dp| {
+        dp.insert_flow(&ECHO_FLOW);
+        let f = ECHO_FLOW;
+        check_wan_out_snat(dp, &f, &f.outbound(), &f.outbound_translated());
+    });
+}
+
+#[test]
+fn wan_out_snat_finds_the_l4_header_after_ip_options_of_every_length() {
+    with_datapath(|dp| {
+        for f in &ALL_FLOWS {
+            dp.insert_flow(f);
+        }
+        for f in &ALL_FLOWS {
+            for len in (4..=40).step_by(4) {
+                let options = router_alert_and_nops(len);
+                let mut input = f.outbound();
+                input.options = options.clone();
+                let mut expected = f.outbound_translated();
+                expected.options = options;
+                check_wan_out_snat(dp, f, &input, &expected);
+            }
+        }
+    });
+}
+
+#[test]
+fn wan_out_snat_leaves_ethernet_padding_after_the_total_length_alone() {
+    with_datapath(|dp| {
+        for f in &ALL_FLOWS {
+            dp.insert_flow(f);
+        }
+        for f in &ALL_FLOWS {
+            let mut input = f.outbound().frame();
+            let mut expected = f.outbound_translated().frame();
+            for pad in [0x00, 0xa5, 0xff, 0x5a, 0x01, 0x80] {
+                input.push(pad);
+                expected.push(pad);
+            }
+            let what = format!("{} SNAT of a padded frame", f.name());
+            let (run, counted) = dp.run_counted(PROG_WAN_OUT, &input, UPLINK_MARK);
+            assert_passed_as(&run, &expected, &what);
+            assert_eq!(counted, NOTHING, "{what}");
+        }
+    });
+}
+
+#[test]
+fn wan_out_snat_translates_tcp_with_odd_flag_combinations_whole() {
+    with_datapath(|dp| {
+        dp.insert_flow(&TCP_FLOW);
+        for flags in [TCP_SYN | TCP_FIN | TCP_RST, 0x00, 0xff, TCP_SYN | TCP_FIN] {
+            let mut input = TCP_FLOW.outbound();
+            if let Payload::Tcp(t) = &mut input.payload {
+                t.flags = flags;
+            }
+            let expected = input.with_source(NAT_ADDR, TCP_FLOW.nat_port);
+            check_wan_out_snat(dp, &TCP_FLOW, &input, &expected);
+        }
+    });
+}
+
+#[test]
+fn wan_out_without_an_uplink_mark_passes_byte_identical() {
+    with_datapath(|dp| {
+        for f in &ALL_FLOWS {
+            dp.insert_flow(f);
+        }
+        let before = dp.flows();
+        for mark in [
+            0,
+            0x1234_0001,
+            MARK_BASE,         // id -1
+            MARK_BASE | 9,     // id 8: past the last uplink slot
+            MARK_BASE | 0x101, // not the base
+            MARK_BASE | 0xff,
+        ] {
+            for f in &ALL_FLOWS {
+                let input = f.outbound().frame();
+                let what = format!("{} with mark {mark:#x}", f.name());
+                let (run, counted) = dp.run_counted(PROG_WAN_OUT, &input, mark);
+                assert_untouched(&run, &input, &what);
+                assert_eq!(counted, NOTHING, "{what}");
+                assert_eq!(run.mark, mark, "{what}");
+            }
+        }
+        assert_eq!(dp.flows(), before);
+        assert_eq!(dp.uplink0_stats(), UplinkStats::default());
+    });
+}
+
+#[test]
+fn wan_out_with_a_mark_but_no_flow_passes_byte_identical_and_counts_no_mapping() {
+    with_datapath(|dp| {
+        for f in &ALL_FLOWS {
+            let input = f.outbound().frame();
+            let what = format!("{} without a flow", f.name());
+            let (run, counted) = dp.run_counted(PROG_WAN_OUT, &input, UPLINK_MARK);
+            assert_untouched(&run, &input, &what);
+            assert_eq!(counted, [(Reason::NoMapping, 1)], "{what}");
+        }
+        let flows = dp.flows();
+        assert!(
+            flows.fwd.is_empty() && flows.rev.is_empty(),
+            "no flow created: {flows:?}"
+        );
+    });
+}
+
+#[test]
+fn wan_out_rewrites_only_the_ip_source_of_a_non_first_fragment() {
+    with_datapath(|dp| {
+        for (frag, options) in [
+            (185, 0),
+            (IP_MF | 185, 0),
+            (IP_MF | 1, 0),
+            (0x1000, 0),
+            (185, 12),
+            (IP_MF | 370, 40),
+        ] {
+            // The second part of a UDP datagram: no L4 header, and bytes
+            // that would look like the flow's ports if parsed as one.
+            let mut data = Vec::new();
+            data.extend_from_slice(&UDP_FLOW.lan_port.to_be_bytes());
+            data.extend_from_slice(&UDP_FLOW.remote_port.to_be_bytes());
+            data.extend((0..93u8).map(|i| i.wrapping_mul(37)));
+            let mut input = Ipv4::new(
+                LAN_HOST,
+                REMOTE,
+                Payload::Raw {
+                    proto: IPPROTO_UDP,
+                    bytes: data,
+                },
+            );
+            input.frag = frag;
+            input.ttl = 63;
+            input.options = if options == 0 {
+                Vec::new()
+            } else {
+                router_alert_and_nops(options)
+            };
+            let mut expected = input.clone();
+            expected.src = NAT_ADDR;
+            let what = format!("fragment {frag:#06x} with {options} option bytes");
+            let (run, counted) = dp.run_counted(PROG_WAN_OUT, &input.frame(), UPLINK_MARK);
+            assert_passed_as(&run, &expected.frame(), &what);
+            assert_eq!(counted, NOTHING, "{what}");
+        }
+        assert!(dp.flows().fwd.is_empty(), "no flow created");
+    });
+}
+
+// ---------------------------------------------------------------------------
+// mh_wan_in: reverse translation of replies.
+
+fn check_wan_in_reverse(dp: &mut Datapath, f: &Flow, input: &Ipv4, expected: &Ipv4) {
+    let what = format!("{} reply on {PROG_WAN_IN}", f.name());
+    let (input, expected) = (input.frame(), expected.frame());
+    assert_ne!(input, expected, "{what}: test packets must differ");
+    let (run, counted) = dp.run_counted(PROG_WAN_IN, &input, 0);
+    assert_passed_as(&run, &expected, &what);
+    assert_eq!(counted, NOTHING, "{what}: counted reasons");
+    let fwd = dp
+        .fwd_entry(f)
+        .unwrap_or_else(|| panic!("{what}: the forward entry is gone"));
+    assert_ne!(fwd.flags & FLOW_SEEN_REPLY, 0, "{what}: reply recorded");
+    assert_ne!(fwd.last_seen_ns, 0, "{what}: last-seen refreshed");
+}
+
+#[test]
+fn wan_in_reverse_translates_tcp_reply_byte_exact_without_ttl_change() {
+    with_datapath(|dp| {
+        dp.insert_flow(&TCP_FLOW);
+        let f = TCP_FLOW;
+        let expected = f.reply_translated();
+        assert_eq!(expected.ttl, f.reply().ttl, "no hop: TTL as received");
+        check_wan_in_reverse(dp, &f, &f.reply(), &expected);
+        let s = dp.uplink0_stats();
+        assert_eq!(s.rx_packets, 1, "rx counted: {s:?}");
+        assert_eq!(dp.flows().rev.len(), 1, "the reverse entry stays");
+    });
+}
+
+#[test]
+fn wan_in_reverse_translates_tcp_reply_when_the_lan_port_was_kept() {
+    with_datapath(|dp| {
+        dp.insert_flow(&KEPT_PORT_FLOW);
+        let f = KEPT_PORT_FLOW;
+        check_wan_in_reverse(dp, &f, &f.reply(), &f.reply_translated());
+    });
+}
+
+#[test]
+fn wan_in_reverse_translates_udp_reply_and_checksum_byte_exact() {
+    with_datapath(|dp| {
+        dp.insert_flow(&UDP_FLOW);
+        let f = UDP_FLOW;
+        check_wan_in_reverse(dp, &f, &f.reply(), &f.reply_translated());
+    });
+}
+
+#[test]
+fn wan_in_reverse_translation_keeps_a_zero_udp_checksum_zero() {
+    with_datapath(|dp| {
+        dp.insert_flow(&UDP0_FLOW);
+        let f = UDP0_FLOW;
+        let expected = f.reply_translated();
+        assert_eq!(u16_at(&expected.bytes(), 26), 0, "expectation");
+        check_wan_in_reverse(dp, &f, &f.reply(), &expected);
+    });
+}
+
+#[test]
+fn wan_in_reverse_translation_sends_a_udp_checksum_that_computes_to_zero_as_ffff() {
+    with_datapath(|dp| {
+        dp.insert_flow(&UDP_FLOW);
+        let f = UDP_FLOW;
+        let mut input = f.reply();
+        let mut expected = f.reply_translated();
+        let payload = payload_making_udp_checksum_zero(&expected);
+        set_udp_payload(&mut input, payload.clone());
+        set_udp_payload(&mut expected, payload);
+        assert_eq!(u16_at(&expected.bytes(), 26), 0xffff, "expectation");
+        check_wan_in_reverse(dp, &f, &input, &expected);
+    });
+}
+
+#[test]
+fn wan_in_reverse_translates_icmp_echo_reply_identifier_and_checksum_byte_exact() {
+    with_datapath(|dp| {
+        dp.insert_flow(&ECHO_FLOW);
+        let f = ECHO_FLOW;
+        check_wan_in_reverse(dp, &f, &f.reply(), &f.reply_translated());
+    });
+}
+
+#[test]
+fn wan_in_reverse_translation_finds_the_l4_header_after_ip_options_of_every_length() {
+    with_datapath(|dp| {
+        for f in &ALL_FLOWS {
+            dp.insert_flow(f);
+        }
+        for f in &ALL_FLOWS {
+            for len in (4..=40).step_by(4) {
+                let options = router_alert_and_nops(len);
+                let mut input = f.reply();
+                input.options = options.clone();
+                let mut expected = f.reply_translated();
+                expected.options = options;
+                check_wan_in_reverse(dp, f, &input, &expected);
+            }
+        }
+    });
+}
+
+#[test]
+fn wan_in_reverse_translates_syn_fin_rst_reply_whole_and_records_its_flags() {
+    with_datapath(|dp| {
+        dp.insert_flow(&TCP_FLOW);
+        let mut input = TCP_FLOW.reply();
+        if let Payload::Tcp(t) = &mut input.payload {
+            t.flags = TCP_SYN | TCP_FIN | TCP_RST;
+        }
+        let expected = input.with_destination(LAN_HOST, TCP_FLOW.lan_port);
+        check_wan_in_reverse(dp, &TCP_FLOW, &input, &expected);
+        let fwd = dp.fwd_entry(&TCP_FLOW).expect("flow");
+        assert_eq!(fwd.flags, FLOW_SEEN_REPLY | FLOW_FIN_IN | FLOW_RST);
+    });
+}
+
+#[test]
+fn wan_in_reply_without_mapping_passes_byte_identical_and_counts_no_mapping() {
+    with_datapath(|dp| {
+        // Another flow exists, so the maps are not empty.
+        dp.insert_flow(&KEPT_PORT_FLOW);
+        let before = dp.flows();
+        for f in &[TCP_FLOW, UDP_FLOW, UDP0_FLOW, ECHO_FLOW] {
+            let input = f.reply().frame();
+            let what = format!("{} reply without a flow", f.name());
+            let (run, counted) = dp.run_counted(PROG_WAN_IN, &input, 0);
+            assert_untouched(&run, &input, &what);
+            assert_eq!(counted, [(Reason::NoMapping, 1)], "{what}");
+        }
+        assert_eq!(dp.flows(), before);
+    });
+}
+
+#[test]
+fn wan_in_reply_whose_forward_half_is_missing_passes_untouched_and_removes_the_reverse_entry() {
+    with_datapath(|dp| {
+        for f in &[TCP_FLOW, UDP_FLOW, ECHO_FLOW] {
+            dp.insert_rev(f);
+            let input = f.reply().frame();
+            let what = format!("{} reply of a half flow", f.name());
+            let (run, counted) = dp.run_counted(PROG_WAN_IN, &input, 0);
+            assert_untouched(&run, &input, &what);
+            assert_eq!(
+                counted,
+                [(Reason::NoMapping, 1), (Reason::HalfPair, 1)],
+                "{what}"
+            );
+            let flows = dp.flows();
+            assert!(flows.rev.is_empty(), "{what}: orphan reverse entry removed");
+            assert!(flows.fwd.is_empty(), "{what}: nothing created");
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------
+// ICMP errors.
+
+/// Every error the uplink may bring: (type, code, second header word, name).
+const ICMP_ERRORS: [(u8, u8, [u8; 4], &str); 6] = [
+    (ICMP_DEST_UNREACH, 0, [0; 4], "net unreachable"),
+    (ICMP_DEST_UNREACH, 1, [0; 4], "host unreachable"),
+    (ICMP_DEST_UNREACH, 3, [0; 4], "port unreachable"),
+    (
+        ICMP_DEST_UNREACH,
+        4,
+        [0, 0, 0x05, 0x78],
+        "fragmentation needed, next-hop MTU 1400",
+    ),
+    (ICMP_TIME_EXCEEDED, 0, [0; 4], "TTL exceeded in transit"),
+    (
+        ICMP_PARAMETER_PROB,
+        0,
+        [20, 0, 0, 0],
+        "parameter problem, pointer 20",
+    ),
+];
+
+/// The packet as the gateway sent it out the uplink (after SNAT, one hop
+/// fewer).
+fn as_sent_by_gateway(f: &Flow) -> Ipv4 {
+    let mut p = f.outbound_translated();
+    p.ttl = 63;
+    p
+}
+
+/// Sends every ICMP error type about `sent` (quoting `quote` bytes of it,
+/// all if `None`) to `mh_wan_in` and checks the exact translation: outer
+/// destination, quoted source address and port, quoted IP and transport
+/// checksums, ICMP checksum and outer IP checksum, all as if built from
+/// scratch; no reason counted; the maps untouched.
+fn check_wan_in_errors(
+    dp: &mut Datapath,
+    f: &Flow,
+    sent: &Ipv4,
+    quote: Option<usize>,
+    outer_options: usize,
+) {
+    let as_lan_sent = sent.with_source(LAN_HOST, f.lan_port);
+    let (nat_bytes, lan_bytes) = (sent.bytes(), as_lan_sent.bytes());
+    let n = quote.unwrap_or(nat_bytes.len()).min(nat_bytes.len());
+    let mut want = lan_bytes[..n].to_vec();
+    // A transport checksum the quote cuts in half cannot be adjusted and
+    // stays as quoted (so does Linux's NAT, which needs the whole header).
+    let csum = sent.header_len()
+        + match sent.proto() {
+            IPPROTO_TCP => 16,
+            IPPROTO_UDP => 6,
+            _ => 2,
+        };
+    if n == csum + 1 {
+        want[csum] = nat_bytes[csum];
+    }
+    for (kind, code, rest, name) in ICMP_ERRORS {
+        let what = format!(
+            "{name} about {} quoting {n} of {} bytes",
+            f.name(),
+            nat_bytes.len()
+        );
+        let mut input = Ipv4::icmp(
+            ROUTER,
+            NAT_ADDR,
+            Icmp::error(kind, code, rest, &nat_bytes[..n]),
+        );
+        input.ttl = 60;
+        input.frag = 0;
+        if outer_options != 0 {
+            input.options = router_alert_and_nops(outer_options);
+        }
+        let mut expected = input.clone();
+        expected.dst = LAN_HOST;
+        expected.payload = Payload::Icmp(Icmp::error(kind, code, rest, &want));
+        let before = dp.flows();
+        let (run, counted) = dp.run_counted(PROG_WAN_IN, &input.frame(), 0);
+        assert_passed_as(&run, &expected.frame(), &what);
+        assert_eq!(counted, NOTHING, "{what}: counted reasons");
+        assert_eq!(dp.flows(), before, "{what}: errors never touch flows");
+    }
+}
+
+#[test]
+fn wan_in_icmp_errors_about_a_tcp_flow_translate_the_whole_quoted_segment_for_every_type() {
+    with_datapath(|dp| {
+        dp.insert_flow(&TCP_FLOW);
+        dp.insert_flow(&KEPT_PORT_FLOW);
+        for f in [TCP_FLOW, KEPT_PORT_FLOW] {
+            check_wan_in_errors(dp, &f, &as_sent_by_gateway(&f), None, 0);
+            // Header and checksum quoted, payload cut.
+            check_wan_in_errors(dp, &f, &as_sent_by_gateway(&f), Some(20 + 20), 0);
+            check_wan_in_errors(dp, &f, &as_sent_by_gateway(&f), Some(20 + 18), 0);
+        }
+    });
+}
+
+#[test]
+fn wan_in_icmp_errors_quoting_8_tcp_bytes_translate_the_ports_without_a_checksum() {
+    with_datapath(|dp| {
+        dp.insert_flow(&TCP_FLOW);
+        // RFC 792's minimum quote: the checksum (at offset 16) is not there;
+        // also 17 bytes: half of it.
+        check_wan_in_errors(dp, &TCP_FLOW, &as_sent_by_gateway(&TCP_FLOW), Some(28), 0);
+        check_wan_in_errors(dp, &TCP_FLOW, &as_sent_by_gateway(&TCP_FLOW), Some(37), 0);
+    });
+}
+
+#[test]
+fn wan_in_icmp_errors_about_a_udp_flow_fix_the_quoted_udp_checksum_for_every_type() {
+    with_datapath(|dp| {
+        dp.insert_flow(&UDP_FLOW);
+        let sent = as_sent_by_gateway(&UDP_FLOW);
+        check_wan_in_errors(dp, &UDP_FLOW, &sent, Some(28), 0);
+        check_wan_in_errors(dp, &UDP_FLOW, &sent, None, 0);
+    });
+}
+
+#[test]
+fn wan_in_icmp_errors_about_a_udp_flow_keep_a_quoted_zero_udp_checksum_for_every_type() {
+    with_datapath(|dp| {
+        dp.insert_flow(&UDP0_FLOW);
+        let sent = as_sent_by_gateway(&UDP0_FLOW);
+        assert_eq!(u16_at(&sent.bytes(), 26), 0, "expectation");
+        check_wan_in_errors(dp, &UDP0_FLOW, &sent, Some(28), 0);
+        check_wan_in_errors(dp, &UDP0_FLOW, &sent, None, 0);
+    });
+}
+
+#[test]
+fn wan_in_icmp_errors_about_an_echo_request_translate_the_identifier_for_every_type() {
+    with_datapath(|dp| {
+        dp.insert_flow(&ECHO_FLOW);
+        let sent = as_sent_by_gateway(&ECHO_FLOW);
+        check_wan_in_errors(dp, &ECHO_FLOW, &sent, Some(28), 0);
+        check_wan_in_errors(dp, &ECHO_FLOW, &sent, None, 0);
+    });
+}
+
+#[test]
+fn wan_in_icmp_errors_with_ip_options_outside_and_inside_are_translated_byte_exact() {
+    with_datapath(|dp| {
+        for f in &ALL_FLOWS {
+            dp.insert_flow(f);
+        }
+        for f in &ALL_FLOWS {
+            let mut sent = as_sent_by_gateway(f);
+            sent.options = router_alert_and_nops(12);
+            check_wan_in_errors(dp, f, &sent, None, 8);
+            check_wan_in_errors(dp, f, &sent, Some(32 + 8), 40);
+        }
+    });
+}
+
+#[test]
+fn wan_in_icmp_error_matching_no_flow_passes_byte_identical_and_counts_icmp_no_mapping() {
+    with_datapath(|dp| {
+        dp.insert_flow(&TCP_FLOW);
+        let before = dp.flows();
+        let mut cases: Vec<(String, Ipv4)> = Vec::new();
+        for f in [UDP_FLOW, ECHO_FLOW, KEPT_PORT_FLOW] {
+            cases.push((
+                format!("about {} (no such flow)", f.name()),
+                as_sent_by_gateway(&f),
+            ));
+        }
+        let mut other_port = as_sent_by_gateway(&TCP_FLOW);
+        other_port.set_sport(TCP_FLOW.nat_port + 1);
+        cases.push(("about another NAT port".into(), other_port));
+        let mut other_remote = as_sent_by_gateway(&TCP_FLOW);
+        other_remote.dst = Ipv4Addr::new(198, 19, 0, 99);
+        cases.push(("about another remote".into(), other_remote));
+        // The quoted source is not the address the error was sent to.
+        let mut not_ours = as_sent_by_gateway(&TCP_FLOW);
+        not_ours.src = Ipv4Addr::new(198, 18, 11, 2);
+        cases.push(("quoting another source".into(), not_ours));
+        cases.push((
+            "quoting GRE".into(),
+            Ipv4::new(
+                NAT_ADDR,
+                REMOTE,
+                Payload::Raw {
+                    proto: IPPROTO_GRE,
+                    bytes: vec![0; 8],
+                },
+            ),
+        ));
+        let mut ts = Ipv4::icmp(
+            NAT_ADDR,
+            REMOTE,
+            Icmp::echo_request(TCP_FLOW.nat_port, 1, b""),
+        );
+        if let Payload::Icmp(i) = &mut ts.payload {
+            i.kind = ICMP_TIMESTAMP;
+        }
+        cases.push(("quoting an ICMP timestamp".into(), ts));
+        for (name, quoted) in cases {
+            for (kind, code, rest, error) in ICMP_ERRORS {
+                let what = format!("{error} {name}");
+                let input = Ipv4::icmp(
+                    ROUTER,
+                    NAT_ADDR,
+                    Icmp::error(kind, code, rest, &quoted.bytes()[..28]),
+                )
+                .frame();
+                let (run, counted) = dp.run_counted(PROG_WAN_IN, &input, 0);
+                assert_untouched(&run, &input, &what);
+                assert_eq!(counted, [(Reason::IcmpNoMapping, 1)], "{what}");
+            }
+        }
+        assert_eq!(dp.flows(), before, "errors never touch flows");
+    });
+}
+
+#[test]
+fn lan_host_icmp_error_about_a_reply_takes_the_slow_path_and_wan_out_translates_it_byte_exact() {
+    with_datapath(|dp| {
+        for f in &ALL_FLOWS {
+            dp.insert_flow(f);
+        }
+        let before = dp.flows();
+        // Echo flows are not translated this way (no LAN-side key).
+        for f in [TCP_FLOW, UDP_FLOW, UDP0_FLOW, KEPT_PORT_FLOW] {
+            // The reply as the remote sent it, and as the LAN host got it.
+            let mut remote_sent = f.reply();
+            remote_sent.ttl = 56;
+            let lan_got = remote_sent.with_destination(LAN_HOST, f.lan_port);
+            for quote in [28, lan_got.bytes().len()] {
+                let what = format!("port unreachable from the LAN about a {} reply", f.name());
+                let input = Ipv4::icmp(
+                    LAN_HOST,
+                    REMOTE,
+                    Icmp::error(ICMP_DEST_UNREACH, 3, [0; 4], &lan_got.bytes()[..quote]),
+                );
+                let mut expected = input.clone();
+                expected.src = NAT_ADDR;
+                expected.payload = Payload::Icmp(Icmp::error(
+                    ICMP_DEST_UNREACH,
+                    3,
+                    [0; 4],
+                    &remote_sent.bytes()[..quote],
+                ));
+                let input = input.frame();
+                let (run, counted) = dp.run_counted(PROG_LAN_IN, &input, 0);
+                assert_untouched(&run, &input, &format!("{what} on {PROG_LAN_IN}"));
+                assert_eq!(run.mark, UPLINK_MARK, "{what}: the flow's uplink mark");
+                assert_eq!(counted, [(Reason::SlowPath, 1)], "{what}");
+                let (run, counted) = dp.run_counted(PROG_WAN_OUT, &run.out, run.mark);
+                assert_passed_as(
+                    &run,
+                    &expected.frame(),
+                    &format!("{what} on {PROG_WAN_OUT}"),
+                );
+                assert_eq!(counted, NOTHING, "{what}");
+            }
+        }
+        assert_eq!(dp.flows(), before, "errors never touch flows");
+    });
+}
+
+// ---------------------------------------------------------------------------
+// mh_lan_in.
+
+#[test]
+fn lan_in_spoofed_source_passes_untouched_counts_spoofed_source_and_creates_no_flow() {
+    with_datapath(|dp| {
+        for f in &ALL_FLOWS {
+            let mut p = f.outbound();
+            p.src = OUTSIDER;
+            let input = p.frame();
+            let what = format!("{} from {OUTSIDER}", f.name());
+            let (run, counted) = dp.run_counted(PROG_LAN_IN, &input, 0);
+            assert_untouched(&run, &input, &what);
+            assert_eq!(counted, [(Reason::SpoofedSource, 1)], "{what}");
+            assert_eq!(run.mark, 0, "{what}: no mark");
+        }
+        let flows = dp.flows();
+        assert_eq!(
+            (flows.fwd.len(), flows.rev.len()),
+            (0, 0),
+            "no flow created"
+        );
+        assert_eq!(dp.uplink0_stats(), UplinkStats::default());
+    });
+}
+
+#[test]
+fn lan_in_new_flow_without_a_route_passes_untouched_and_creates_no_flow() {
+    with_datapath(|dp| {
+        for f in &ALL_FLOWS {
+            let input = f.outbound().frame();
+            let what = format!("new {} in an empty namespace", f.name());
+            let (run, counted) = dp.run_counted(PROG_LAN_IN, &input, 0);
+            assert_untouched(&run, &input, &what);
+            assert_eq!(counted, [(Reason::NotForUplink, 1)], "{what}");
+            assert_eq!(run.mark, 0, "{what}: no mark");
+        }
+        let flows = dp.flows();
+        assert_eq!(
+            (flows.fwd.len(), flows.rev.len()),
+            (0, 0),
+            "no flow created"
+        );
+    });
+}
+
+#[test]
+fn lan_in_pinned_flow_without_a_route_takes_the_slow_path_and_wan_out_snats_it_byte_exact() {
+    with_datapath(|dp| {
+        for f in &ALL_FLOWS {
+            dp.insert_flow(f);
+        }
+        for f in &ALL_FLOWS {
+            for options in [0, 4, 40] {
+                let mut p = f.outbound();
+                let mut expected = f.outbound_translated();
+                if options != 0 {
+                    p.options = router_alert_and_nops(options);
+                    expected.options = p.options.clone();
+                }
+                let input = p.frame();
+                let what = format!("{} with {options} option bytes", f.name());
+                let (run, counted) = dp.run_counted(PROG_LAN_IN, &input, 0);
+                assert_untouched(&run, &input, &format!("{what} on {PROG_LAN_IN}"));
+                assert_eq!(run.mark, UPLINK_MARK, "{what}: the uplink's mark");
+                assert_eq!(counted, [(Reason::SlowPath, 1)], "{what}");
+                let (run, counted) = dp.run_counted(PROG_WAN_OUT, &run.out, run.mark);
+                assert_passed_as(
+                    &run,
+                    &expected.frame(),
+                    &format!("{what} on {PROG_WAN_OUT}"),
+                );
+                assert_eq!(counted, NOTHING, "{what}");
+            }
+        }
+        assert_eq!(dp.uplink0_stats().slow_path, 3 * ALL_FLOWS.len() as u64);
+    });
+}
+
+#[test]
+fn lan_in_pinned_flow_with_ttl_1_passes_untouched_with_the_uplink_mark() {
+    with_datapath(|dp| {
+        dp.insert_flow(&TCP_FLOW);
+        let mut p = TCP_FLOW.outbound();
+        p.ttl = 1;
+        let input = p.frame();
+        let (run, counted) = dp.run_counted(PROG_LAN_IN, &input, 0);
+        assert_untouched(&run, &input, "TTL 1");
+        assert_eq!(run.mark, UPLINK_MARK);
+        assert_eq!(counted, [(Reason::TtlExpired, 1)]);
+    });
+}
+
+#[test]
+fn lan_in_records_syn_fin_rst_of_a_pinned_flow_and_leaves_the_packet_alone() {
+    with_datapath(|dp| {
+        dp.insert_flow(&TCP_FLOW);
+        let mut p = TCP_FLOW.outbound();
+        if let Payload::Tcp(t) = &mut p.payload {
+            t.flags = TCP_SYN | TCP_FIN | TCP_RST;
+        }
+        let input = p.frame();
+        let (run, counted) = dp.run_counted(PROG_LAN_IN, &input, 0);
+        assert_untouched(&run, &input, "SYN+FIN+RST");
+        assert_eq!(counted, [(Reason::SlowPath, 1)]);
+        let fwd = dp.fwd_entry(&TCP_FLOW).expect("flow");
+        assert_eq!(fwd.flags, FLOW_FIN_OUT | FLOW_RST);
+        // Unpinned: a new flow that cannot be routed, nothing created.
+        let mut q = p.clone();
+        q.set_sport(40999);
+        let input = q.frame();
+        let (run, counted) = dp.run_counted(PROG_LAN_IN, &input, 0);
+        assert_untouched(&run, &input, "unpinned SYN+FIN+RST");
+        assert_eq!(counted, [(Reason::NotForUplink, 1)]);
+        assert_eq!(dp.flows().fwd.len(), 1);
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Malformed and foreign packets.
+
+/// `frame` with the IPv4 header at 14 edited by `edit` and its checksum
+/// recomputed.
+fn edit_ip(frame: &[u8], edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    edit(&mut f);
+    if f.len() >= ETH_HLEN + 12 {
+        refresh_ip_checksum(&mut f, ETH_HLEN);
+    }
+    f
+}
+
+fn set_u16(f: &mut [u8], off: usize, v: u16) {
+    f[off..off + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+/// An ICMP error (outer header valid) quoting `quoted` as is.
+fn error_quoting(src: Ipv4Addr, dst: Ipv4Addr, quoted: &[u8]) -> Vec<u8> {
+    Ipv4::icmp(src, dst, Icmp::error(ICMP_DEST_UNREACH, 1, [0; 4], quoted)).frame()
+}
+
+/// Broken or foreign variants of `tcp`, `udp` and `echo` (packets that
+/// match a flow and would be translated), each with the reason every
+/// program must count for it.
+fn corpus(name: &str, tcp: &Ipv4, udp: &Ipv4, echo: &Ipv4) -> Vec<(String, Vec<u8>, Reason)> {
+    const IP: usize = ETH_HLEN;
+    // A bare segment: total length 40, so header-length edits leave less
+    // than a TCP header.
+    let mut tcp = tcp.clone();
+    if let Payload::Tcp(t) = &mut tcp.payload {
+        t.payload.clear();
+    }
+    let tcp = &tcp;
+    let t = tcp.frame();
+    let u = udp.frame();
+    let e = echo.frame();
+    let c: Vec<(&str, Vec<u8>, Reason)> = vec![
+        ("Ethernet header only", t[..14].to_vec(), Reason::Malformed),
+        ("1 byte of IPv4 header", t[..15].to_vec(), Reason::Malformed),
+        (
+            "IPv4 header cut at 8 bytes",
+            t[..22].to_vec(),
+            Reason::Malformed,
+        ),
+        (
+            "IPv4 header cut at 19 bytes",
+            t[..33].to_vec(),
+            Reason::Malformed,
+        ),
+        ("IHL 0", edit_ip(&t, |f| f[IP] = 0x40), Reason::Malformed),
+        ("IHL 4", edit_ip(&t, |f| f[IP] = 0x44), Reason::Malformed),
+        (
+            "version 6 in an IPv4 frame",
+            edit_ip(&t, |f| f[IP] = 0x65),
+            Reason::Malformed,
+        ),
+        (
+            "version 0",
+            edit_ip(&t, |f| f[IP] = 0x05),
+            Reason::Malformed,
+        ),
+        (
+            "IHL 15 beyond the total length of 40",
+            edit_ip(&t, |f| f[IP] = 0x4f),
+            Reason::Malformed,
+        ),
+        (
+            "IHL 7 leaving 12 bytes of TCP header",
+            edit_ip(&t, |f| f[IP] = 0x47),
+            Reason::Malformed,
+        ),
+        (
+            "IHL 15 and a total length beyond the frame",
+            edit_ip(&t, |f| {
+                f[IP] = 0x4f;
+                set_u16(f, IP + 2, 80);
+            }),
+            Reason::Malformed,
+        ),
+        (
+            "total length one byte beyond the frame",
+            edit_ip(&t, |f| {
+                let n = (f.len() - IP + 1) as u16;
+                set_u16(f, IP + 2, n);
+            }),
+            Reason::Malformed,
+        ),
+        (
+            "total length 65535",
+            edit_ip(&t, |f| set_u16(f, IP + 2, 0xffff)),
+            Reason::Malformed,
+        ),
+        (
+            "total length 19, below the header",
+            edit_ip(&t, |f| set_u16(f, IP + 2, 19)),
+            Reason::Malformed,
+        ),
+        (
+            "total length 0",
+            edit_ip(&t, |f| set_u16(f, IP + 2, 0)),
+            Reason::Malformed,
+        ),
+        (
+            "TCP header cut at 19 bytes",
+            edit_ip(&t[..IP + 20 + 19], |f| set_u16(f, IP + 2, 39)),
+            Reason::Malformed,
+        ),
+        (
+            "TCP header cut at 19 bytes by the total length only",
+            edit_ip(&t, |f| set_u16(f, IP + 2, 39)),
+            Reason::Malformed,
+        ),
+        (
+            "TCP header cut at 10 bytes in the frame only",
+            t[..IP + 20 + 10].to_vec(),
+            Reason::Malformed,
+        ),
+        (
+            "UDP header cut at 7 bytes",
+            edit_ip(&u[..IP + 20 + 7], |f| set_u16(f, IP + 2, 27)),
+            Reason::Malformed,
+        ),
+        (
+            "UDP header cut at 4 bytes in the frame only",
+            u[..IP + 20 + 4].to_vec(),
+            Reason::Malformed,
+        ),
+        (
+            "ICMP header cut at 7 bytes",
+            edit_ip(&e[..IP + 20 + 7], |f| set_u16(f, IP + 2, 27)),
+            Reason::Malformed,
+        ),
+        (
+            "ICMP error quoting only an IP header",
+            error_quoting(ROUTER, NAT_ADDR, &tcp.bytes()[..20]),
+            Reason::Malformed,
+        ),
+        (
+            "ICMP error quoting 4 bytes",
+            error_quoting(ROUTER, NAT_ADDR, &tcp.bytes()[..4]),
+            Reason::Malformed,
+        ),
+        (
+            "ICMP error quoting an IP header with IHL 4",
+            error_quoting(ROUTER, NAT_ADDR, &{
+                let mut q = udp.bytes()[..28].to_vec();
+                q[0] = 0x44;
+                q
+            }),
+            Reason::Malformed,
+        ),
+        (
+            "ICMP error whose quoted IHL runs past the quote",
+            error_quoting(ROUTER, NAT_ADDR, &{
+                let mut q = udp.bytes()[..28].to_vec();
+                q[0] = 0x4f;
+                q
+            }),
+            Reason::Malformed,
+        ),
+        (
+            "ICMP error quoting a version 6 header",
+            error_quoting(ROUTER, NAT_ADDR, &{
+                let mut q = udp.bytes()[..28].to_vec();
+                q[0] = 0x65;
+                q
+            }),
+            Reason::Malformed,
+        ),
+        (
+            "ARP",
+            ethernet(MAC_B, MAC_A, ETH_P_ARP, &{
+                let mut a = vec![0, 1, 8, 0, 6, 4, 0, 1];
+                a.extend_from_slice(&MAC_A);
+                a.extend_from_slice(&tcp.src.octets());
+                a.extend_from_slice(&[0; 6]);
+                a.extend_from_slice(&tcp.dst.octets());
+                a
+            }),
+            Reason::NotIpv4,
+        ),
+        (
+            "IPv6 carrying the IPv4 packet's bytes",
+            ethernet(MAC_B, MAC_A, ETH_P_IPV6, &t[IP..]),
+            Reason::NotIpv4,
+        ),
+        (
+            "IPv6 (UDP)",
+            ethernet(MAC_B, MAC_A, ETH_P_IPV6, &{
+                let mut v = vec![0x60, 0, 0, 0, 0, 8, 17, 64];
+                v.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+                v.extend_from_slice(&[0; 11]);
+                v.push(1);
+                v.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+                v.extend_from_slice(&[0; 11]);
+                v.push(2);
+                v.extend_from_slice(&[0x9c, 0x41, 0, 53, 0, 8, 0, 0]);
+                v
+            }),
+            Reason::NotIpv4,
+        ),
+        (
+            "802.1Q-tagged IPv4",
+            ethernet(MAC_B, MAC_A, ETH_P_8021Q, &{
+                let mut v = vec![0x00, 0x07, 0x08, 0x00];
+                v.extend_from_slice(&t[IP..]);
+                v
+            }),
+            Reason::NotIpv4,
+        ),
+        (
+            "GRE",
+            Ipv4::new(
+                tcp.src,
+                tcp.dst,
+                Payload::Raw {
+                    proto: IPPROTO_GRE,
+                    bytes: t[IP + 20..].to_vec(),
+                },
+            )
+            .frame(),
+            Reason::UnsupportedProto,
+        ),
+        (
+            "ICMP timestamp",
+            {
+                let mut p = echo.clone();
+                if let Payload::Icmp(i) = &mut p.payload {
+                    i.kind = ICMP_TIMESTAMP;
+                }
+                p.frame()
+            },
+            Reason::UnsupportedProto,
+        ),
+    ];
+    c.into_iter()
+        .map(|(n, f, r)| (format!("{name}: {n}"), f, r))
+        .collect()
+}
+
+#[test]
+fn malformed_and_foreign_packets_pass_byte_identical_through_every_program_and_count_why() {
+    with_datapath(|dp| {
+        for f in &ALL_FLOWS {
+            dp.insert_flow(f);
+        }
+        let before = dp.flows();
+        let mut all = corpus(
+            "outbound",
+            &TCP_FLOW.outbound(),
+            &UDP_FLOW.outbound(),
+            &ECHO_FLOW.outbound(),
+        );
+        all.extend(corpus(
+            "reply",
+            &TCP_FLOW.reply(),
+            &UDP_FLOW.reply(),
+            &ECHO_FLOW.reply(),
+        ));
+        let mut failures = Vec::new();
+        let mut refused = Vec::new();
+        for (name, frame, reason) in &all {
+            for (prog, mark) in [
+                (PROG_LAN_IN, 0),
+                (PROG_WAN_IN, 0),
+                (PROG_WAN_OUT, UPLINK_MARK),
+            ] {
+                let what = format!("{name} on {prog}");
+                let (run, counted) = match dp.try_run_counted(prog, frame, mark) {
+                    Ok(r) => r,
+                    Err(_) if kernel_may_refuse(frame) => {
+                        refused.push(what);
+                        continue;
+                    }
+                    Err(e) => {
+                        failures.push(format!("{what}: test run failed: {e:?}"));
+                        continue;
+                    }
+                };
+                if let Err(e) = untouched_or_dropped(&run, frame, &what) {
+                    failures.push(e);
+                }
+                if counted != [(*reason, 1)] {
+                    failures.push(format!(
+                        "{what}: counted {counted:?}, expected [({reason:?}, 1)]"
+                    ));
+                }
+            }
+        }
+        if !refused.is_empty() {
+            eprintln!(
+                "the kernel refused {} test runs of frames too short for an IP header:\n  {}",
+                refused.len(),
+                refused.join("\n  ")
+            );
+        }
+        assert!(
+            failures.is_empty(),
+            "{} of {} runs failed:\n{}",
+            failures.len(),
+            all.len() * 3,
+            failures.join("\n\n")
+        );
+        assert!(
+            refused.len() * 2 < all.len() * 3,
+            "most of the corpus must actually run"
+        );
+        assert_eq!(dp.flows(), before, "no flow created or removed");
+    });
+}
+
+#[test]
+fn valid_versions_of_the_corpus_packets_are_translated() {
+    // The corpus above is only meaningful if its unbroken packets would be
+    // rewritten: check that they are.
+    with_datapath(|dp| {
+        for f in &ALL_FLOWS {
+            dp.insert_flow(f);
+        }
+        for f in [TCP_FLOW, UDP_FLOW, ECHO_FLOW] {
+            let run = dp.run(PROG_WAN_OUT, &f.outbound().frame(), UPLINK_MARK);
+            assert_passed_as(&run, &f.outbound_translated().frame(), &f.name());
+            let run = dp.run(PROG_WAN_IN, &f.reply().frame(), 0);
+            assert_passed_as(&run, &f.reply_translated().frame(), &f.name());
+            let run = dp.run(PROG_LAN_IN, &f.outbound().frame(), 0);
+            assert_eq!(run.mark, UPLINK_MARK, "{}: pinned flow found", f.name());
+        }
+    });
+}
+
+#[test]
+fn frames_shorter_than_an_ethernet_header_are_refused_or_pass_untouched() {
+    with_datapath(|dp| {
+        let full = TCP_FLOW.outbound().frame();
+        for prog in [PROG_LAN_IN, PROG_WAN_IN, PROG_WAN_OUT] {
+            for len in [1, 6, 12, 13] {
+                let input = &full[..len];
+                let what = format!("{len}-byte frame on {prog}");
+                let before = dp.reasons();
+                match dp.try_run(prog, input, UPLINK_MARK) {
+                    // The kernel refuses test runs shorter than ETH_HLEN
+                    // (EINVAL): the program never sees them.
+                    Err(_) => assert_eq!(dp.reasons(), before, "{what}"),
+                    Ok(run) => assert_untouched_or_dropped(&run, input, &what),
+                }
+            }
+        }
+    });
+}
+
+#[test]
+fn non_ipv4_frames_count_not_ipv4_on_every_program() {
+    with_datapath(|dp| {
+        dp.insert_flow(&TCP_FLOW);
+        for (ethertype, name) in [
+            (ETH_P_ARP, "ARP"),
+            (ETH_P_IPV6, "IPv6"),
+            (ETH_P_8021Q, "802.1Q"),
+            (0x88cc, "LLDP"),
+            (0x0060, "802.3 length field"),
+        ] {
+            let input = ethernet(MAC_B, MAC_A, ethertype, &TCP_FLOW.outbound().bytes());
+            for (prog, mark) in [
+                (PROG_LAN_IN, 0),
+                (PROG_WAN_IN, 0),
+                (PROG_WAN_OUT, UPLINK_MARK),
+            ] {
+                let what = format!("{name} on {prog}");
+                let (run, counted) = dp.run_counted(prog, &input, mark);
+                assert_untouched(&run, &input, &what);
+                assert_eq!(counted, [(Reason::NotIpv4, 1)], "{what}");
+            }
+        }
+    });
+}
+
+#[test]
+fn wan_out_malformed_non_first_fragments_pass_byte_identical() {
+    // A later fragment carries no L4 header, so the egress program rewrites
+    // its source before parsing the rest of the IPv4 header; a broken
+    // header must still not be rewritten.
+    with_datapath(|dp| {
+        let mut p = Ipv4::new(
+            LAN_HOST,
+            REMOTE,
+            Payload::Raw {
+                proto: IPPROTO_UDP,
+                bytes: (0..64u8).collect(),
+            },
+        );
+        p.frag = 185;
+        let good = p.frame();
+        let cases = [
+            ("IHL 4", edit_ip(&good, |f| f[ETH_HLEN] = 0x44)),
+            ("IHL 0", edit_ip(&good, |f| f[ETH_HLEN] = 0x40)),
+            ("version 6", edit_ip(&good, |f| f[ETH_HLEN] = 0x65)),
+            (
+                "total length beyond the frame",
+                edit_ip(&good, |f| set_u16(f, ETH_HLEN + 2, 200)),
+            ),
+            (
+                "total length 16, below the header",
+                edit_ip(&good, |f| set_u16(f, ETH_HLEN + 2, 16)),
+            ),
+            (
+                "header cut after the source address",
+                good[..ETH_HLEN + 16].to_vec(),
+            ),
+        ];
+        let mut failures = Vec::new();
+        for (name, input) in &cases {
+            let run = match dp.try_run(PROG_WAN_OUT, input, UPLINK_MARK) {
+                Ok(run) => run,
+                Err(_) if kernel_may_refuse(input) => continue,
+                Err(e) => panic!("later fragment, {name}: test run failed: {e:?}"),
+            };
+            if let Err(e) = untouched_or_dropped(&run, input, &format!("later fragment, {name}")) {
+                failures.push(e);
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{} of {} malformed later fragments were rewritten:\n{}",
+            failures.len(),
+            cases.len(),
+            failures.join("\n\n")
+        );
+    });
+}
