@@ -70,6 +70,43 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
+impl FlowKey {
+    /// The reverse key that replies to this LAN flow carry once it is
+    /// translated to `nat_addr_be:nat_port_be`.
+    #[inline(always)]
+    pub const fn reply(&self, nat_addr_be: u32, nat_port_be: u16) -> FlowKey {
+        FlowKey {
+            saddr_be: self.daddr_be,
+            daddr_be: nat_addr_be,
+            sport_be: if self.proto == IPPROTO_ICMP {
+                0
+            } else {
+                self.dport_be
+            },
+            dport_be: nat_port_be,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The forward key of the flow that this reverse key and entry belong to.
+    #[inline(always)]
+    pub const fn forward(&self, rev: &FlowRev) -> FlowKey {
+        FlowKey {
+            saddr_be: rev.lan_addr_be,
+            daddr_be: self.saddr_be,
+            sport_be: rev.lan_port_be,
+            dport_be: if self.proto == IPPROTO_ICMP {
+                0
+            } else {
+                self.sport_be
+            },
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// Forward entry: what a LAN flow was pinned to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -332,6 +369,34 @@ mod tests {
         // The kernel indexes the struct as an array of u64.
         let words: [u64; REASON_COUNT] = bytemuck::cast(counters);
         assert_eq!(words[Reason::MapFull as usize], 7);
+    }
+
+    #[test]
+    fn reply_and_forward_keys_are_inverse_through_the_nat() {
+        for proto in [IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP] {
+            let fwd = FlowKey {
+                saddr_be: 0xc612_0102u32.to_be(),
+                daddr_be: 0xc613_000au32.to_be(),
+                sport_be: 40000u16.to_be(),
+                dport_be: if proto == IPPROTO_ICMP {
+                    0
+                } else {
+                    443u16.to_be()
+                },
+                proto,
+                _pad: [0; 3],
+            };
+            let rev = fwd.reply(0xc612_0b01u32.to_be(), 61000u16.to_be());
+            assert_eq!(rev.saddr_be, fwd.daddr_be);
+            assert_eq!(rev.dport_be, 61000u16.to_be());
+            let entry = FlowRev {
+                lan_addr_be: fwd.saddr_be,
+                lan_port_be: fwd.sport_be,
+                uplink: 0,
+                _pad: 0,
+            };
+            assert_eq!(rev.forward(&entry), fwd, "proto {proto}");
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use multihome_common::{
 
 use crate::{
     maps::{CONN_FWD, CONN_REV},
-    parse::{L4, Packet, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{Packet, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// Random ports tried before giving up on a new flow.
@@ -47,32 +47,6 @@ pub fn wan_key(pkt: &Packet) -> FlowKey {
     lan_key(pkt)
 }
 
-/// The reverse key a LAN flow's replies will carry.
-#[inline(always)]
-fn reply_key(fwd: &FlowKey, nat_addr_be: u32, nat_port_be: u16, echo: bool) -> FlowKey {
-    FlowKey {
-        saddr_be: fwd.daddr_be,
-        daddr_be: nat_addr_be,
-        sport_be: if echo { 0 } else { fwd.dport_be },
-        dport_be: nat_port_be,
-        proto: fwd.proto,
-        _pad: [0; 3],
-    }
-}
-
-/// The forward key a reverse entry belongs to.
-#[inline(always)]
-pub fn forward_key(rev_key: &FlowKey, rev: &FlowRev, echo: bool) -> FlowKey {
-    FlowKey {
-        saddr_be: rev.lan_addr_be,
-        daddr_be: rev_key.saddr_be,
-        sport_be: rev.lan_port_be,
-        dport_be: if echo { 0 } else { rev_key.sport_be },
-        proto: rev_key.proto,
-        _pad: [0; 3],
-    }
-}
-
 #[inline(always)]
 pub fn lookup_fwd(key: &FlowKey) -> Option<*mut FlowFwd> {
     CONN_FWD.get_ptr_mut(key)
@@ -94,15 +68,14 @@ pub fn create(
     uplink: &Uplink,
     settings: &Settings,
 ) -> Result<FlowFwd, Reason> {
-    let echo = matches!(pkt.l4_kind, L4::Echo { .. });
     let rev = FlowRev {
         lan_addr_be: key.saddr_be,
         lan_port_be: key.sport_be,
         uplink: uplink_id,
         _pad: 0,
     };
-    let nat_port_be = reserve_port(key, uplink.addr_be, &rev, echo, settings)?;
-    let rev_key = reply_key(key, uplink.addr_be, nat_port_be, echo);
+    let nat_port_be = reserve_port(key, uplink.addr_be, &rev, settings)?;
+    let rev_key = key.reply(uplink.addr_be, nat_port_be);
 
     let now = now_ns();
     let fwd = FlowFwd {
@@ -138,14 +111,13 @@ fn reserve_port(
     key: &FlowKey,
     nat_addr_be: u32,
     rev: &FlowRev,
-    echo: bool,
     settings: &Settings,
 ) -> Result<u16, Reason> {
     let lan_port = u16::from_be(key.sport_be);
     let keep =
         lan_port != 0 && (lan_port < settings.local_port_min || lan_port > settings.local_port_max);
     if keep {
-        match try_port(key, nat_addr_be, key.sport_be, rev, echo) {
+        match try_port(key, nat_addr_be, key.sport_be, rev) {
             Ok(true) => return Ok(key.sport_be),
             Ok(false) => {}
             Err(r) => return Err(r),
@@ -157,7 +129,7 @@ fn reserve_port(
     let start = unsafe { bpf_get_prandom_u32() } % span;
     for i in 0..PORT_TRIES {
         let port_be = ((min + (start + i) % span) as u16).to_be();
-        if try_port(key, nat_addr_be, port_be, rev, echo)? {
+        if try_port(key, nat_addr_be, port_be, rev)? {
             return Ok(port_be);
         }
     }
@@ -166,14 +138,8 @@ fn reserve_port(
 
 /// Ok(true): reserved. Ok(false): taken.
 #[inline(always)]
-fn try_port(
-    key: &FlowKey,
-    nat_addr_be: u32,
-    port_be: u16,
-    rev: &FlowRev,
-    echo: bool,
-) -> Result<bool, Reason> {
-    let rev_key = reply_key(key, nat_addr_be, port_be, echo);
+fn try_port(key: &FlowKey, nat_addr_be: u32, port_be: u16, rev: &FlowRev) -> Result<bool, Reason> {
+    let rev_key = key.reply(nat_addr_be, port_be);
     match CONN_REV.insert(rev_key, rev, BPF_NOEXIST as u64) {
         Ok(()) => Ok(true),
         Err(e) if e == -EEXIST => Ok(false),
@@ -223,8 +189,7 @@ pub fn touch_out(key: &FlowKey, fwd: *mut FlowFwd, pkt: &Packet) {
     let now = now_ns();
     if now.wrapping_sub(f.last_seen_ns) > TOUCH_NS {
         f.last_seen_ns = now;
-        let echo = matches!(pkt.l4_kind, L4::Echo { .. });
-        let rev_key = reply_key(key, f.nat_addr_be, f.nat_port_be, echo);
+        let rev_key = key.reply(f.nat_addr_be, f.nat_port_be);
         if lookup_rev(&rev_key).is_none() {
             crate::stats::count(Reason::HalfPair);
             let rev = FlowRev {

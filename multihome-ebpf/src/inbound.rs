@@ -24,8 +24,7 @@ pub fn wan_ingress<const L2: bool>(ctx: &TcContext) -> Outcome {
     let rev = conntrack::lookup_rev(&rev_key).ok_or(Reason::NoMapping)?;
     // SAFETY: a copy of the map value.
     let rev = unsafe { *rev };
-    let echo = matches!(pkt.l4_kind, L4::Echo { .. });
-    let fwd_key = conntrack::forward_key(&rev_key, &rev, echo);
+    let fwd_key = rev_key.forward(&rev);
     let Some(flow) = conntrack::lookup_fwd(&fwd_key) else {
         conntrack::drop_orphan(&rev_key);
         return Err(Reason::NoMapping);

@@ -43,19 +43,6 @@ pub fn timeout_s(key: &FlowKey, f: &FlowFwd, t: &Timeouts) -> u64 {
     }
 }
 
-/// The reverse key of a flow, as the kernel builds it.
-pub fn reply_key(key: &FlowKey, f: &FlowFwd) -> FlowKey {
-    let echo = key.proto == IPPROTO_ICMP;
-    FlowKey {
-        saddr_be: key.daddr_be,
-        daddr_be: f.nat_addr_be,
-        sport_be: if echo { 0 } else { key.dport_be },
-        dport_be: f.nat_port_be,
-        proto: key.proto,
-        _pad: [0; 3],
-    }
-}
-
 /// A flow for people and scripts (`multihome conns`).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Conn {
@@ -101,7 +88,7 @@ fn remove_pair(
     f: &FlowFwd,
 ) {
     let _ = fwd.remove(key);
-    let rkey = reply_key(key, f);
+    let rkey = key.reply(f.nat_addr_be, f.nat_port_be);
     if let Ok(r) = rev.get(&rkey, 0)
         && r.lan_addr_be == key.saddr_be
         && r.lan_port_be == key.sport_be
@@ -149,15 +136,7 @@ pub fn reap_orphans(maps: &Maps, suspects: &mut Vec<FlowKey>) -> anyhow::Result<
     let mut rev = maps.rev()?;
     let mut orphans = Vec::new();
     for (rk, r) in rev.iter().filter_map(Result::ok) {
-        let echo = rk.proto == IPPROTO_ICMP;
-        let key = FlowKey {
-            saddr_be: r.lan_addr_be,
-            daddr_be: rk.saddr_be,
-            sport_be: r.lan_port_be,
-            dport_be: if echo { 0 } else { rk.sport_be },
-            proto: rk.proto,
-            _pad: [0; 3],
-        };
+        let key = rk.forward(&r);
         if fwd.get(&key, 0).is_err() {
             orphans.push(rk);
         }
@@ -216,20 +195,5 @@ mod tests {
         assert_eq!(timeout_s(&key(IPPROTO_TCP), &f, &t), 240);
         f.flags = FLOW_RST;
         assert_eq!(timeout_s(&key(IPPROTO_TCP), &f, &t), 10);
-    }
-
-    #[test]
-    fn reply_key_mirrors_the_forward_key_through_the_nat() {
-        let k = key(IPPROTO_UDP);
-        let f = FlowFwd {
-            nat_addr_be: u32::from(Ipv4Addr::new(198, 18, 11, 1)).to_be(),
-            nat_port_be: 61000u16.to_be(),
-            ..Default::default()
-        };
-        let r = reply_key(&k, &f);
-        assert_eq!(r.saddr_be, k.daddr_be);
-        assert_eq!(r.daddr_be, f.nat_addr_be);
-        assert_eq!(r.sport_be, k.dport_be);
-        assert_eq!(r.dport_be, f.nat_port_be);
     }
 }

@@ -52,10 +52,11 @@ fn new_flows_spread_over_both_uplinks_by_weight() {
         .iter()
         .map(|u| u["new_flows"].as_u64().expect("new_flows"))
         .sum();
-    assert!(
-        new_flows >= n as u64,
-        "status counted {new_flows} new flows"
-    );
+    // A client port the kernel reused maps to an existing flow, so count
+    // flows, not requests.
+    let flows = gw.conns().len() as u64;
+    assert_eq!(new_flows, flows, "status and conns disagree");
+    assert!(flows * 10 >= n as u64 * 9, "{flows} flows for {n} requests");
 }
 
 #[test]
