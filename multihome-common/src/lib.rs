@@ -165,6 +165,10 @@ pub struct Uplink {
     /// `UPLINK_*` bits.
     pub flags: u16,
     pub weight: u32,
+    /// Probe round-trip time, microseconds (0: not probed); for people.
+    pub rtt_us: u32,
+    /// Probe loss over the probe window, per mille; for people.
+    pub loss_permille: u32,
     /// The uplink's name from the config, NUL-padded (for people and
     /// `bpftool`; the programs never read it).
     pub name: [u8; 16],
@@ -178,6 +182,10 @@ pub const UPLINK_CONFIGURED: u16 = 1 << 0;
 pub const UPLINK_USABLE: u16 = 1 << 1;
 /// The device has no Ethernet header (ppp, tun).
 pub const UPLINK_L3: u16 = 1 << 2;
+/// Not usable because its health probes fail (for people).
+pub const UPLINK_PROBES_FAIL: u16 = 1 << 3;
+/// Not usable because its link is down or missing (for people).
+pub const UPLINK_LINK_DOWN: u16 = 1 << 4;
 
 /// The weighted choice table: new flows pick a random slot. `len` is 0
 /// (empty: no uplink usable) or [`SELECT_SLOTS`] (every slot filled).
@@ -325,7 +333,7 @@ const _: () = {
     assert!(size_of::<FlowKey>() == 16);
     assert!(size_of::<FlowFwd>() == 24);
     assert!(size_of::<FlowRev>() == 8);
-    assert!(size_of::<Uplink>() == 60);
+    assert!(size_of::<Uplink>() == 68);
     assert!(size_of::<SelectTable>() == 4 + SELECT_SLOTS);
     assert!(size_of::<LanNet>() == 16);
     assert!(size_of::<Settings>() == 16);

@@ -6,6 +6,8 @@ use anyhow::{Context as _, bail};
 use multihome_common::{DEFAULT_MAX_FLOWS, MAX_UPLINKS};
 use serde::Deserialize;
 
+use crate::health::HealthConfig;
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -36,6 +38,8 @@ pub struct UplinkConfig {
     pub weight: u32,
     /// SNAT address; learned from the interface when omitted.
     pub address: Option<Ipv4Addr>,
+    /// Health probes; without them the uplink is up while its link is.
+    pub health: Option<HealthConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -214,6 +218,9 @@ impl Config {
                     "{at}: interface {:?} is also listed in `lan`",
                     u.interface
                 ));
+            }
+            if let Some(h) = &u.health {
+                out.extend(h.problems(&format!("{at} health")));
             }
             if u.weight > 255 {
                 out.push(format!("{at}: `weight` must be 0 to 255 (0 = backup only)"));

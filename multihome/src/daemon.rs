@@ -10,16 +10,20 @@ use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use log::{error, info, warn};
 use multihome_common::{LAYOUT_VERSION, Settings};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, watch},
+};
 
 use crate::{
     config::{self, Config},
     flows,
+    health::{self, HealthReport, OnUp, ProbeBinding},
     loader::{self, Datapath, Hook},
     maps::{self, Maps},
     netinfo,
     routing::{self, Routing},
-    uplinks::{self, Observed, UplinkState},
+    uplinks::{self, Observed, Probed, UplinkState},
 };
 
 type NetlinkEvent = (
@@ -50,6 +54,14 @@ struct Daemon {
     observed: Vec<Observed>,
     attached: BTreeSet<(String, String)>,
     orphan_suspects: Vec<multihome_common::FlowKey>,
+    /// Per uplink: the probes' verdict, and where they probe from.
+    probed: Vec<Probed>,
+    probe_bindings: Vec<Option<watch::Sender<Option<ProbeBinding>>>>,
+    /// Boot seconds at which each uplink's probes started failing.
+    down_since_s: Vec<Option<u32>>,
+    reports: mpsc::Receiver<HealthReport>,
+    /// Every uplink was unusable at the last refresh.
+    all_down: bool,
     _datapath: Datapath,
 }
 
@@ -67,6 +79,20 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let snap = netinfo::snapshot(&handle).await?;
     check_interfaces(&config, &snap)?;
 
+    let (report_tx, reports) = mpsc::channel(64);
+    let probe_bindings = config
+        .uplinks
+        .iter()
+        .enumerate()
+        .map(|(id, u)| {
+            u.health.as_ref().map(|h| {
+                let (tx, rx) = watch::channel(None);
+                health::spawn(id, h.clone(), rx, report_tx.clone());
+                tx
+            })
+        })
+        .collect();
+    drop(report_tx);
     let datapath = Datapath::load(&opts.pin_dir, config.nat.max_flows)?;
     let adopted = datapath.adopted;
     let maps = Maps::open(&opts.pin_dir)?;
@@ -78,6 +104,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         observed: Vec::new(),
         attached: BTreeSet::new(),
         orphan_suspects: Vec::new(),
+        probed: vec![Probed::default(); config.uplinks.len()],
+        probe_bindings,
+        down_since_s: vec![None; config.uplinks.len()],
+        reports,
+        all_down: false,
         config,
         opts,
         _datapath: datapath,
@@ -193,11 +224,15 @@ impl Daemon {
 
         let usable: Vec<bool> = observed
             .iter()
-            .map(|o| o.state == UplinkState::Up)
+            .zip(&self.probed)
+            .map(|(o, p)| o.state == UplinkState::Up && !p.failing)
             .collect();
         for (id, o) in observed.iter().enumerate() {
-            self.maps
-                .set_uplink(id as u32, &uplinks::slot(&self.config, id, o, true))?;
+            self.maps.set_uplink(
+                id as u32,
+                &uplinks::slot(&self.config, id, o, &self.probed[id]),
+            )?;
+            self.bind_probes(id, o);
         }
         let weights: Vec<(u8, u32, bool)> = self
             .config
@@ -209,13 +244,92 @@ impl Daemon {
         self.maps.set_select(&uplinks::select_table(&weights))?;
         self.maps
             .set_lan_nets(&uplinks::lan_nets(&self.config, snap))?;
-        if !usable.iter().any(|u| *u) {
-            warn!("no uplink is usable: the LAN is offline until one comes back");
+        let all_down = !usable.iter().any(|u| *u);
+        if all_down && !self.all_down {
+            error!(
+                "NO UPLINK IS USABLE: new flows go out any uplink that still has an address, \
+                 and the LAN may be offline until one comes back"
+            );
         }
+        self.all_down = all_down;
         let plan = uplinks::routing_plan(&self.config, &observed, &usable);
         self.routing.apply(&plan).await?;
         self.observed = observed;
         Ok(())
+    }
+
+    /// Points uplink `id`'s probes at its current address and device, or
+    /// pauses them while it has none.
+    fn bind_probes(&self, id: usize, o: &Observed) {
+        let Some(tx) = &self.probe_bindings[id] else {
+            return;
+        };
+        let binding = match (o.state, o.address) {
+            (UplinkState::Up, Some(source)) => Some(ProbeBinding {
+                ifname: self.config.uplinks[id].interface.clone(),
+                source,
+                mark: uplinks::mark(&self.config, id),
+            }),
+            _ => None,
+        };
+        tx.send_if_modified(|b| {
+            let changed = *b != binding;
+            *b = binding;
+            changed
+        });
+    }
+
+    /// A probe round's outcome: on a change of state, new flows move at
+    /// the next refresh, and pinned flows follow `on_down` / `on_up`.
+    async fn on_report(&mut self, r: HealthReport) {
+        let id = r.uplink;
+        let name = self.config.uplinks[id].name.clone();
+        let Some(health) = self.config.uplinks[id].health.clone() else {
+            return;
+        };
+        self.probed[id].rtt_ms = r.rtt_ms;
+        self.probed[id].loss_pct = r.loss_pct;
+        if !r.changed {
+            if let Some(o) = self.observed.get(id) {
+                let _ = self.maps.set_uplink(
+                    id as u32,
+                    &uplinks::slot(&self.config, id, o, &self.probed[id]),
+                );
+            }
+            return;
+        }
+        let now_s = (maps::boot_ns() / 1_000_000_000) as u32;
+        self.probed[id].failing = !r.healthy;
+        if r.healthy {
+            info!(
+                "uplink {name}: probes answer again, back in service: {}",
+                r.reason
+            );
+            let since = self.down_since_s[id].take();
+            if health.on_up == OnUp::Return
+                && let Some(since) = since
+            {
+                match flows::remove_where(&self.maps, |_, f| {
+                    f.uplink as usize != id && f.created_s >= since
+                }) {
+                    Ok(n) => info!("uplink {name}: moved {n} failed-over flows back"),
+                    Err(e) => error!("{e:#}"),
+                }
+            }
+        } else {
+            warn!("uplink {name}: DOWN, probes fail: {}", r.reason);
+            self.down_since_s[id] = Some(now_s);
+            match flows::remove_where(&self.maps, |k, f| {
+                f.uplink as usize == id && health.on_down.purges(k.proto)
+            }) {
+                Ok(n) => info!(
+                    "uplink {name}: purged {n} pinned flows ({:?})",
+                    health.on_down
+                ),
+                Err(e) => error!("{e:#}"),
+            }
+        }
+        self.resync().await;
     }
 
     /// Attaches to interfaces that exist and are not attached yet (they may
@@ -263,6 +377,7 @@ impl Daemon {
                         error!("reload failed, keeping the running config: {e:#}");
                     }
                 }
+                Some(report) = self.reports.recv() => self.on_report(report).await,
                 Some(_) = self.events.next() => {
                     // Coalesce a burst of events into one refresh.
                     while self.events.try_recv().is_ok() {}
@@ -310,15 +425,13 @@ impl Daemon {
             || new.nat != self.config.nat
             || new.routing != self.config.routing
             || new.uplinks.len() != self.config.uplinks.len()
-            || new
-                .uplinks
-                .iter()
-                .zip(&self.config.uplinks)
-                .any(|(a, b)| a.name != b.name || a.interface != b.interface)
+            || new.uplinks.iter().zip(&self.config.uplinks).any(|(a, b)| {
+                a.name != b.name || a.interface != b.interface || a.health != b.health
+            })
         {
             bail!(
                 "only weights, gateways, addresses, LAN prefixes and timeouts change on reload; \
-                 restart for the rest (with --keep-on-exit no flow is lost)"
+                 restart for the rest, health probes included (with --keep-on-exit no flow is lost)"
             );
         }
         self.config = new;

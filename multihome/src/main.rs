@@ -3,6 +3,7 @@ mod cli;
 mod config;
 mod daemon;
 mod flows;
+mod health;
 mod loader;
 mod maps;
 mod netinfo;

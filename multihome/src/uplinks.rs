@@ -3,7 +3,8 @@
 use std::net::Ipv4Addr;
 
 use multihome_common::{
-    LanNet, SELECT_SLOTS, SelectTable, UPLINK_CONFIGURED, UPLINK_L3, UPLINK_USABLE, Uplink,
+    LanNet, SELECT_SLOTS, SelectTable, UPLINK_CONFIGURED, UPLINK_L3, UPLINK_LINK_DOWN,
+    UPLINK_PROBES_FAIL, UPLINK_USABLE, Uplink,
 };
 
 use crate::{
@@ -98,12 +99,26 @@ pub fn table(config: &Config, id: usize) -> u32 {
     config.routing.table_base + id as u32
 }
 
-/// The datapath's slot for uplink `id`. `healthy` is the probes' verdict.
-pub fn slot(config: &Config, id: usize, o: &Observed, healthy: bool) -> Uplink {
+/// What the probes say about an uplink.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Probed {
+    pub failing: bool,
+    pub rtt_ms: Option<f64>,
+    pub loss_pct: f64,
+}
+
+/// The datapath's slot for uplink `id`.
+pub fn slot(config: &Config, id: usize, o: &Observed, probed: &Probed) -> Uplink {
     let u = &config.uplinks[id];
     let mut flags = UPLINK_CONFIGURED;
-    if o.state == UplinkState::Up && healthy {
+    if o.state == UplinkState::Up && !probed.failing {
         flags |= UPLINK_USABLE;
+    }
+    if probed.failing {
+        flags |= UPLINK_PROBES_FAIL;
+    }
+    if o.state == UplinkState::LinkDown {
+        flags |= UPLINK_LINK_DOWN;
     }
     if o.l3 {
         flags |= UPLINK_L3;
@@ -117,6 +132,8 @@ pub fn slot(config: &Config, id: usize, o: &Observed, healthy: bool) -> Uplink {
         mtu: o.mtu.min(u16::MAX as u32) as u16,
         flags,
         weight: u.weight,
+        rtt_us: probed.rtt_ms.map_or(0, |r| (r * 1000.0) as u32),
+        loss_permille: (probed.loss_pct * 10.0) as u32,
         name: name_bytes(&u.name),
         ifname: name_bytes(&u.interface),
     }

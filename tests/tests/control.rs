@@ -176,3 +176,83 @@ fn a_tcp_connection_survives_a_daemon_restart_and_a_weight_reload() {
     }
     assert_eq!(t.spoofed_drops(), 0);
 }
+
+#[test]
+fn failing_probes_take_an_uplink_out_within_the_stated_time_and_it_returns() {
+    let t = Topology::standard();
+    let health = "\n[uplink.health]\ntargets = [\"198.19.0.10\"]\ninterval_ms = 200\ntimeout_ms = 150\n\
+                  down_after = 3\nup_after = 2\non_down = \"purge\"\non_up = \"return\"\n";
+    let mut config = String::new();
+    for part in config_for(&t, [1, 1], "").split_inclusive("\n\n") {
+        config += part;
+        if part.contains("[[uplink]]") {
+            config += health;
+        }
+    }
+    let gw = Gateway::start(&t.gw, &config);
+    let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    // One socket pinned to x, kept across the failure.
+    let sock = loop {
+        let s = t
+            .client
+            .run(|| std::net::UdpSocket::bind((CLIENT_ADDR, 0)))
+            .expect("bind");
+        s.connect(srv.addr()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
+        s.send(b"?").expect("send");
+        let mut buf = [0u8; 64];
+        let n = s.recv(&mut buf).expect("reply");
+        if std::str::from_utf8(&buf[..n])
+            .expect("utf-8")
+            .starts_with("198.18.11.1:")
+        {
+            break s;
+        }
+    };
+
+    // ISP X loses its upstream; the link to the gateway stays up, as a
+    // modem's would.
+    let upstream = ["FORWARD", "-i", IF_CORE, "-j", "DROP"];
+    let failed_at = Instant::now();
+    t.ispx
+        .exec(&[&["iptables", "-w", "-I"][..], &upstream].concat());
+    eventually(Duration::from_secs(3), "x down by its probes", || {
+        gw.status()["uplinks"][0]["state"] == "down"
+    });
+    // 3 rounds of 200 ms (replies wait 150 ms), plus the refresh.
+    assert!(
+        failed_at.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        failed_at.elapsed()
+    );
+    assert_eq!(gw.status()["uplinks"][0]["reason"], "health probes fail");
+    // `on_down = "purge"`: the pinned UDP flow reselects and keeps working.
+    let mut buf = [0u8; 64];
+    sock.send(b"?").expect("send");
+    let n = sock.recv(&mut buf).expect("the failed-over flow answers");
+    assert!(
+        std::str::from_utf8(&buf[..n])
+            .expect("utf-8")
+            .starts_with("198.18.22.1:")
+    );
+    for _ in 0..10 {
+        let peer = udp_seen_as(&t.client, None, srv.addr()).expect("new flows use y");
+        assert_eq!(*peer.ip(), UPLINK_Y_ADDR);
+    }
+
+    t.ispx
+        .exec(&[&["iptables", "-w", "-D"][..], &upstream].concat());
+    eventually(Duration::from_secs(5), "x back by its probes", || {
+        gw.status()["uplinks"][0]["state"] == "up"
+    });
+    eventually(
+        Duration::from_secs(2),
+        "failed-over flows moved back",
+        || gw.log().contains("failed-over flows back"),
+    );
+    eventually(Duration::from_secs(10), "x takes new flows again", || {
+        udp_seen_as(&t.client, None, srv.addr()).is_ok_and(|p| *p.ip() == UPLINK_X_ADDR)
+    });
+    assert_eq!(t.spoofed_drops(), 0);
+}

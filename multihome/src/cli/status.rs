@@ -2,7 +2,7 @@
 use serde::Serialize;
 
 use crate::{flows::be_addr, maps::Maps, uplinks::name_from_bytes};
-use multihome_common::{UPLINK_CONFIGURED, UPLINK_USABLE};
+use multihome_common::{UPLINK_CONFIGURED, UPLINK_LINK_DOWN, UPLINK_PROBES_FAIL, UPLINK_USABLE};
 
 #[derive(Serialize)]
 pub struct UplinkStatus {
@@ -11,7 +11,11 @@ pub struct UplinkStatus {
     pub address: Option<String>,
     pub gateway: Option<String>,
     pub state: &'static str,
+    /// Why it is not up.
+    pub reason: Option<&'static str>,
     pub weight: u32,
+    pub rtt_ms: Option<f64>,
+    pub loss_pct: f64,
     pub flows: u64,
     pub new_flows: u64,
     pub tx_packets: u64,
@@ -46,6 +50,14 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
                 (false, false) => "no-address",
                 (false, true) => "down",
             },
+            reason: match () {
+                _ if u.flags & UPLINK_LINK_DOWN != 0 => Some("link down"),
+                _ if u.addr_be == 0 => Some("no IPv4 address on the interface"),
+                _ if u.flags & UPLINK_PROBES_FAIL != 0 => Some("health probes fail"),
+                _ => None,
+            },
+            rtt_ms: (u.rtt_us != 0).then(|| u.rtt_us as f64 / 1000.0),
+            loss_pct: u.loss_permille as f64 / 10.0,
             address: addr,
             gateway: (u.gateway_be != 0).then(|| be_addr(u.gateway_be).to_string()),
             weight: u.weight,
@@ -91,7 +103,7 @@ pub fn run(pin: &super::PinDir, json: bool) -> anyhow::Result<()> {
     );
     for u in &st.uplinks {
         println!(
-            "{:<8} {:<10} {:<16} {:<16} {:<10} {:>6} {:>7} {:>12} {:>12} {:>12} {:>12}",
+            "{:<8} {:<10} {:<16} {:<16} {:<10} {:>6} {:>7} {:>12} {:>12} {:>12} {:>12} {:>8} {:>6}",
             u.name,
             u.interface,
             u.address.as_deref().unwrap_or("-"),
@@ -102,8 +114,13 @@ pub fn run(pin: &super::PinDir, json: bool) -> anyhow::Result<()> {
             u.tx_packets,
             u.tx_bytes,
             u.rx_packets,
-            u.rx_bytes
+            u.rx_bytes,
+            u.rtt_ms.map_or("-".into(), |r| format!("{r:.1}")),
+            format!("{:.0}", u.loss_pct)
         );
+        if let Some(why) = u.reason {
+            println!("         ^ {}: {why}", u.name);
+        }
     }
     println!(
         "\n{} live flows. Packets left to the kernel or dropped, by reason:",
