@@ -256,3 +256,63 @@ fn failing_probes_take_an_uplink_out_within_the_stated_time_and_it_returns() {
     });
     assert_eq!(t.spoofed_drops(), 0);
 }
+
+#[test]
+fn pinned_maps_of_another_layout_are_refused_and_cleanup_removes_everything() {
+    let t = Topology::standard();
+    let config = config_for(&t, [1, 1], "");
+    let gw = Gateway::start_with_pin(&t.gw, &config, unique_pin_dir("lv"), &["--keep-on-exit"]);
+    let cfg_path = gw.config_path().to_owned();
+    let pin = gw.stop();
+    std::fs::write(&cfg_path, &config).expect("write the config again");
+    let dir = pin.path().to_str().expect("utf-8").to_owned();
+    assert!(
+        t.gw.exec_stdout(&["ip", "rule"]).contains("proto 77"),
+        "--keep-on-exit kept the rules"
+    );
+
+    // Pretend an older multihome pinned these maps.
+    let settings = format!("{dir}/SETTINGS");
+    let mut update = vec![
+        "bpftool", "map", "update", "pinned", &settings, "key", "0", "0", "0", "0",
+    ];
+    update.push("value");
+    update.extend(["99", "0", "0", "0"]);
+    update.extend(["0"; 12]);
+    t.gw.exec(&update);
+
+    let bin = multihome_bin();
+    let bin = bin.to_str().expect("utf-8");
+    let cfg = cfg_path.to_str().expect("utf-8");
+    let out =
+        t.gw.try_exec(&[bin, "run", "--config", cfg, "--pin-dir", &dir]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a foreign layout was adopted");
+    assert!(err.contains("layout version 99"), "{err}");
+    assert!(
+        err.contains("multihome cleanup"),
+        "the message must say what to do: {err}"
+    );
+    assert!(
+        pin.path().join("CONN_FWD").exists(),
+        "the refused run removed the old maps"
+    );
+
+    let out = t.gw.try_exec(&[bin, "cleanup", "--pin-dir", &dir]);
+    assert!(out.status.success(), "cleanup failed: {out:?}");
+    assert!(
+        !pin.path().join("CONN_FWD").exists(),
+        "cleanup left the maps"
+    );
+    assert!(
+        !t.gw.exec_stdout(&["ip", "rule"]).contains("proto 77"),
+        "cleanup left rules"
+    );
+    assert!(
+        !t.gw
+            .exec_stdout(&["ip", "route", "show", "table", "all"])
+            .contains("proto 77"),
+        "cleanup left routes"
+    );
+    let _ = std::fs::remove_file(&cfg_path);
+}
