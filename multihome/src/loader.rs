@@ -205,16 +205,24 @@ impl Datapath {
             .program_mut(hook.program())
             .context("program missing")?
             .try_into()?;
-        let id = match PinnedLink::from_pin(&pin) {
-            Ok(old) => {
-                let link = FdLink::from(old)
-                    .try_into()
-                    .with_context(|| format!("{} is not a tcx link; remove it", pin.display()))?;
-                prog.attach_to_link(link)
-                    .with_context(|| format!("replacing the program behind {}", pin.display()))?
+        let adopted = PinnedLink::from_pin(&pin).ok().and_then(|old| {
+            let link = FdLink::from(old).try_into().ok()?;
+            match prog.attach_to_link(link) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    // The interface went away and came back: that link is
+                    // dead, attach afresh.
+                    log::info!("{} is stale ({e}); attaching anew", pin.display());
+                    let _ = fs::remove_file(&pin);
+                    None
+                }
             }
-            Err(_) => prog
-                .attach_with_options(
+        });
+        let id = match adopted {
+            Some(id) => id,
+            None => {
+                let _ = fs::remove_file(&pin);
+                prog.attach_with_options(
                     ifname,
                     hook.attach_type(),
                     TcAttachOptions::TcxOrder(LinkOrder::default()),
@@ -225,7 +233,8 @@ impl Datapath {
                         hook.program(),
                         hook.direction()
                     )
-                })?,
+                })?
+            }
         };
         let link: FdLink = prog.take_link(id)?.try_into()?;
         if !pin.exists() {

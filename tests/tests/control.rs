@@ -316,3 +316,39 @@ fn pinned_maps_of_another_layout_are_refused_and_cleanup_removes_everything() {
     );
     let _ = std::fs::remove_file(&cfg_path);
 }
+
+#[test]
+fn an_uplink_interface_that_disappears_and_reappears_is_picked_up_again() {
+    let t = Topology::standard();
+    let gw = Gateway::start(&t.gw, &config_for(&t, [0, 1], ""));
+    let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    assert_eq!(
+        *udp_seen_as(&t.client, None, srv.addr()).expect("UDP").ip(),
+        UPLINK_Y_ADDR
+    );
+
+    t.gw.exec(&["ip", "link", "del", IF_WANY]);
+    eventually(
+        Duration::from_secs(3),
+        "y down without its interface",
+        || gw.status()["uplinks"][1]["state"] != "up",
+    );
+    assert_eq!(
+        *udp_seen_as(&t.client, None, srv.addr())
+            .expect("x steps in")
+            .ip(),
+        UPLINK_X_ADDR
+    );
+
+    // The interface comes back (a new ifindex), as ppp0 does after a redial.
+    veth(&t.gw, IF_WANY, &t.ispy, IF_CUST);
+    addr(&t.gw, IF_WANY, "198.18.22.1/24");
+    addr(&t.ispy, IF_CUST, "198.18.22.254/24");
+    eventually(Duration::from_secs(5), "y back up", || {
+        gw.status()["uplinks"][1]["state"] == "up"
+    });
+    eventually(Duration::from_secs(5), "flows use y again", || {
+        udp_seen_as(&t.client, None, srv.addr()).is_ok_and(|p| *p.ip() == UPLINK_Y_ADDR)
+    });
+    assert_eq!(t.spoofed_drops(), 0);
+}
