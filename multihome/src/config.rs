@@ -267,6 +267,20 @@ impl Config {
                 "`nat.snat_ports` = [{lo}, {hi}]: need 1 <= first <= last"
             ));
         }
+        let t = &self.timeouts;
+        for (key, v) in [
+            ("tcp_established", t.tcp_established),
+            ("tcp_transitory", t.tcp_transitory),
+            ("tcp_closing", t.tcp_closing),
+            ("udp", t.udp),
+            ("icmp", t.icmp),
+        ] {
+            if v < 2 {
+                out.push(format!(
+                    "`timeouts.{key}` = {v}: at least 2 seconds (flows note activity once a second)"
+                ));
+            }
+        }
         if self.nat.max_flows < 16 {
             out.push("`nat.max_flows` must be at least 16".into());
         }

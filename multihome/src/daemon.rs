@@ -164,6 +164,31 @@ fn check_interfaces(config: &Config, snap: &netinfo::Snapshot) -> anyhow::Result
             missing.join(", ")
         );
     }
+    for u in &config.uplinks {
+        let have: Vec<String> = snap[&u.interface]
+            .addrs
+            .iter()
+            .map(|(a, _)| a.to_string())
+            .collect();
+        match u.address {
+            Some(a) if !have.contains(&a.to_string()) => bail!(
+                "uplink {:?}: `address` {a} is not on {} (it has: {}). Fix `address`, or \
+                 omit it to use the interface's own",
+                u.name,
+                u.interface,
+                if have.is_empty() {
+                    "none".into()
+                } else {
+                    have.join(", ")
+                }
+            ),
+            None if have.is_empty() => warn!(
+                "uplink {:?}: {} has no IPv4 address yet; it takes no flows until it gets one",
+                u.name, u.interface
+            ),
+            _ => {}
+        }
+    }
     Ok(())
 }
 

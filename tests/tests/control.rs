@@ -352,3 +352,50 @@ fn an_uplink_interface_that_disappears_and_reappears_is_picked_up_again() {
     });
     assert_eq!(t.spoofed_drops(), 0);
 }
+
+#[test]
+fn bad_configs_and_unknown_interfaces_are_refused_and_nothing_is_installed() {
+    let t = Topology::standard();
+    let bin = multihome_bin();
+    let bin = bin.to_str().expect("utf-8");
+    let pin = unique_pin_dir("bad");
+    let dir = pin.path().to_str().expect("utf-8");
+    let cases = [
+        (
+            config_for(&t, [1, 1], "").replace("wany", "nosuch0"),
+            "nosuch0",
+        ),
+        (
+            config_for(&t, [1, 1], "")
+                .replace("name = \"y\"", "name = \"y\"\naddress = \"198.18.99.9\""),
+            "198.18.99.9",
+        ),
+        (
+            config_for(&t, [1, 1], "").replace("weight = 1", "weight = -1"),
+            "weight",
+        ),
+        ("lan = []\n".to_owned(), "`lan`"),
+    ];
+    for (i, (config, needle)) in cases.iter().enumerate() {
+        let path = std::env::temp_dir().join(format!("mh-bad-{}-{i}.toml", std::process::id()));
+        std::fs::write(&path, config).expect("write");
+        let p = path.to_str().expect("utf-8");
+        let out =
+            t.gw.try_exec(&[bin, "run", "--config", p, "--pin-dir", dir]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "case {i} was accepted: {err}");
+        assert!(
+            err.contains(needle),
+            "case {i}: {err} does not name {needle}"
+        );
+        let _ = std::fs::remove_file(&path);
+    }
+    assert!(
+        !pin.path().join("CONN_FWD").exists(),
+        "maps were left pinned"
+    );
+    assert!(
+        !t.gw.exec_stdout(&["ip", "rule"]).contains("proto 77"),
+        "rules were left"
+    );
+}

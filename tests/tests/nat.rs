@@ -317,3 +317,40 @@ fn lan_sources_outside_the_lan_prefixes_are_not_translated() {
         "a flow was created for a spoofed source"
     );
 }
+
+#[test]
+fn idle_flows_expire_and_live_ones_are_never_reaped() {
+    let t = Topology::standard();
+    let gw = standard_gateway(&t, [1, 1], "[timeouts]\nudp = 2\n");
+    let srv = udp_echo_server(&t.inet, INET_SERVICE, 0);
+    let open = |port: u16| {
+        let s = t
+            .client
+            .run(|| UdpSocket::bind((CLIENT_ADDR, port)))
+            .expect("bind");
+        s.connect(srv.addr()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(1)))
+            .expect("timeout");
+        s
+    };
+    let ping_pong = |s: &UdpSocket| {
+        s.send(b"x").expect("send");
+        let mut buf = [0u8; 8];
+        s.recv(&mut buf).expect("echo");
+    };
+    let idle = open(0);
+    let live = open(0);
+    ping_pong(&idle);
+    let sport = |s: &UdpSocket| s.local_addr().expect("addr").port();
+    let has = |port: u16| gw.conns().iter().any(|c| c["sport"] == port);
+    assert!(has(sport(&idle)));
+    // The reaper runs every 5 s; keep one flow busy for two rounds of it.
+    let until = std::time::Instant::now() + Duration::from_secs(11);
+    while std::time::Instant::now() < until {
+        ping_pong(&live);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(!has(sport(&idle)), "an idle flow outlived its 2 s timeout");
+    assert!(has(sport(&live)), "a live flow was reaped");
+    ping_pong(&idle);
+}
