@@ -347,6 +347,7 @@ impl Datapath {
                         weight: 1,
                         name,
                         ifname,
+                        ..Default::default()
                     },
                     0,
                 )
