@@ -211,6 +211,12 @@ fn failing_probes_take_an_uplink_out_within_the_stated_time_and_it_returns() {
         }
     };
 
+    for _ in 0..10 {
+        udp_seen_as(&t.client, None, srv.addr()).expect("UDP");
+    }
+    let y_flows = gw.conns().iter().filter(|c| c["uplink"] == "y").count();
+    assert!(y_flows > 0);
+
     // ISP X loses its upstream; the link to the gateway stays up, as a
     // modem's would.
     let upstream = ["FORWARD", "-i", IF_CORE, "-j", "DROP"];
@@ -227,6 +233,15 @@ fn failing_probes_take_an_uplink_out_within_the_stated_time_and_it_returns() {
         failed_at.elapsed()
     );
     assert_eq!(gw.status()["uplinks"][0]["reason"], "health probes fail");
+    assert_eq!(
+        gw.conns().iter().filter(|c| c["uplink"] == "y").count(),
+        y_flows,
+        "the purge touched y's flows"
+    );
+    assert!(
+        gw.conns().iter().all(|c| c["uplink"] != "x"),
+        "x's flows were not purged"
+    );
     // `on_down = "purge"`: the pinned UDP flow reselects and keeps working.
     let mut buf = [0u8; 64];
     sock.send(b"?").expect("send");

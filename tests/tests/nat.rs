@@ -354,3 +354,60 @@ fn idle_flows_expire_and_live_ones_are_never_reaped() {
     assert!(has(sport(&live)), "a live flow was reaped");
     ping_pong(&idle);
 }
+
+#[test]
+fn a_pinned_counter_moves_with_traffic_and_bpftool_prints_it_by_field_name() {
+    let t = Topology::standard();
+    let gw = standard_gateway(&t, [1, 1], "");
+    let stats = gw.pin_dir().join("UPLINK_STATS");
+    let stats = stats.to_str().expect("utf-8");
+    let tx_packets = || -> u64 {
+        let out =
+            t.gw.exec_stdout(&["bpftool", "map", "dump", "pinned", stats]);
+        // Without --json, bpftool prints BTF-formatted JSON with field names.
+        let dump: serde_json::Value = serde_json::from_str(&out).expect("bpftool output");
+        // [{key, values: [{cpu, value: {new_flows, tx_packets, ...}}]}]
+        dump.as_array()
+            .expect("entries")
+            .iter()
+            .flat_map(|e| e["values"].as_array().expect("per-CPU values").clone())
+            .map(|v| {
+                v["value"]["tx_packets"]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("no named field tx_packets in {v}"))
+            })
+            .sum()
+    };
+    let before = tx_packets();
+    let srv = udp_echo_server(&t.inet, INET_SERVICE, 0);
+    for _ in 0..10 {
+        udp_request(&t.client, srv.addr(), b"count me").expect("UDP");
+    }
+    let after = tx_packets();
+    assert!(
+        after >= before + 10,
+        "tx_packets went from {before} to {after}"
+    );
+
+    let fwd = gw.pin_dir().join("CONN_FWD");
+    let dump = t.gw.exec_stdout(&[
+        "bpftool",
+        "map",
+        "dump",
+        "pinned",
+        fwd.to_str().expect("utf-8"),
+    ]);
+    for field in [
+        "saddr_be",
+        "sport_be",
+        "nat_addr_be",
+        "nat_port_be",
+        "uplink",
+        "flags",
+    ] {
+        assert!(
+            dump.contains(&format!("\"{field}\"")),
+            "bpftool shows no {field}: {dump}"
+        );
+    }
+}
