@@ -12,6 +12,7 @@
 //! | `p`                      | `from all lookup main suppress_prefixlength 0` |
 //! | `p + 1 + i`              | `from A_i lookup T_i` (only if `A_i` is known) |
 //! | `p + 20 + i`             | `fwmark M_i/0xffffffff lookup T_i`             |
+//! | `p + 40 + i`             | `fwmark M_i/0xffffffff unreachable`            |
 //!
 //! - The first rule lets everything in main that is more specific than a
 //!   default route (connected subnets, LAN routes) win before the uplink
@@ -386,13 +387,16 @@ impl Routing {
             .table_id(rule.table)
             .priority(rule.priority)
             .action(RuleAction::ToTable);
+        if let Selector::FwMarkUnreachable(_) = rule.selector {
+            req = req.action(RuleAction::Unreachable);
+        }
         match rule.selector {
             Selector::SuppressDefault => req
                 .message_mut()
                 .attributes
                 .push(RuleAttribute::SuppressPrefixLen(0)),
             Selector::From(addr) => req = req.source_prefix(addr, 32),
-            Selector::FwMark(mark) => {
+            Selector::FwMark(mark) | Selector::FwMarkUnreachable(mark) => {
                 req = req.fw_mark(mark);
                 req.message_mut()
                     .attributes
@@ -491,16 +495,16 @@ fn validate(plan: &RoutingPlan) -> anyhow::Result<()> {
     if plan.rule_priority == 0 {
         bail!(
             "`routing.rule_priority` 0 would put our rules before the local table's; pick 1..{}",
-            MAIN_RULE_PRIORITY - FWMARK_RULE_OFFSET - n
+            MAIN_RULE_PRIORITY - 2 * FWMARK_RULE_OFFSET - n
         );
     }
-    let last = plan.rule_priority.checked_add(FWMARK_RULE_OFFSET + n);
+    let last = plan.rule_priority.checked_add(2 * FWMARK_RULE_OFFSET + n);
     if last.is_none_or(|l| l > MAIN_RULE_PRIORITY) {
         bail!(
             "`routing.rule_priority` {} puts our rules at or after the main table's rule ({MAIN_RULE_PRIORITY}), \
              where they would never match; pick 1..{}",
             plan.rule_priority,
-            MAIN_RULE_PRIORITY - FWMARK_RULE_OFFSET - n
+            MAIN_RULE_PRIORITY - 2 * FWMARK_RULE_OFFSET - n
         );
     }
     let mut tables = HashSet::new();
@@ -549,6 +553,11 @@ fn desired_rules(plan: &RoutingPlan) -> Vec<Rule> {
             priority: p + FWMARK_RULE_OFFSET + i as u32,
             table: u.table,
             selector: Selector::FwMark(u.mark),
+        });
+        rules.push(Rule {
+            priority: p + 2 * FWMARK_RULE_OFFSET + i as u32,
+            table: 0,
+            selector: Selector::FwMarkUnreachable(u.mark),
         });
     }
     rules
@@ -616,6 +625,10 @@ enum Selector {
     From(Ipv4Addr),
     /// `fwmark MARK/0xffffffff`
     FwMark(u32),
+    /// `fwmark MARK/0xffffffff unreachable`: after the uplink's table, so
+    /// that its slow-path packets never fall through to another uplink
+    /// while its table has no route (the kernel answers unreachable).
+    FwMarkUnreachable(u32),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -629,8 +642,9 @@ impl Rule {
     /// The rule `msg` is, if it has one of the shapes we install.
     fn of(msg: &RuleMessage) -> Option<Rule> {
         let h = &msg.header;
+        let unreachable = h.action == RuleAction::Unreachable;
         if h.family != AddressFamily::Inet
-            || h.action != RuleAction::ToTable
+            || !(h.action == RuleAction::ToTable || unreachable)
             || h.dst_len != 0
             || h.tos != 0
             || h.flags.contains(RuleFlags::Invert)
@@ -664,13 +678,20 @@ impl Rule {
             }
             (Some(a), None, None) if h.src_len == 32 && mask.unwrap_or(0) == 0 => Selector::From(a),
             (None, Some(m), None) if h.src_len == 0 && mask.unwrap_or(u32::MAX) == u32::MAX => {
-                Selector::FwMark(m)
+                if unreachable {
+                    Selector::FwMarkUnreachable(m)
+                } else {
+                    Selector::FwMark(m)
+                }
             }
             _ => return None,
         };
+        if unreachable != matches!(selector, Selector::FwMarkUnreachable(_)) {
+            return None;
+        }
         Some(Rule {
             priority,
-            table,
+            table: if unreachable { 0 } else { table },
             selector,
         })
     }
@@ -685,6 +706,7 @@ impl fmt::Display for Rule {
             }
             Selector::From(a) => write!(f, "from {a} lookup {table}"),
             Selector::FwMark(m) => write!(f, "fwmark {m:#x} lookup {table}"),
+            Selector::FwMarkUnreachable(m) => write!(f, "fwmark {m:#x} unreachable"),
         }
     }
 }
@@ -1421,13 +1443,20 @@ mod tests {
         };
         let fwmark_rules = |p: u32| {
             (0..4)
-                .map(|i| {
-                    format!(
-                        "{}: from all fwmark {:#x} lookup {} proto 77",
-                        p + 20 + i,
-                        0x4d48_0001 + i,
-                        101 + i
-                    )
+                .flat_map(|i| {
+                    [
+                        format!(
+                            "{}: from all fwmark {:#x} lookup {} proto 77",
+                            p + 20 + i,
+                            0x4d48_0001 + i,
+                            101 + i
+                        ),
+                        format!(
+                            "{}: from all fwmark {:#x} unreachable proto 77",
+                            p + 40 + i,
+                            0x4d48_0001 + i
+                        ),
+                    ]
                 })
                 .collect::<Vec<_>>()
         };
