@@ -62,7 +62,7 @@ struct Daemon {
     reports: mpsc::Receiver<HealthReport>,
     /// Every uplink was unusable at the last refresh.
     all_down: bool,
-    _datapath: Datapath,
+    datapath: Datapath,
 }
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
@@ -111,7 +111,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         all_down: false,
         config,
         opts,
-        _datapath: datapath,
+        datapath,
     };
     if adopted {
         info!(
@@ -380,7 +380,7 @@ impl Daemon {
             if self.attached.contains(&tag) {
                 continue;
             }
-            self._datapath.attach(&ifname, hook)?;
+            self.datapath.attach(&ifname, hook)?;
             info!("attached {hook:?} to {ifname}");
             self.attached.insert(tag);
         }
