@@ -2,8 +2,9 @@
 //! reason to hand the packet to the kernel.
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_DIRECT,
-        BPF_FIB_LOOKUP_TBID, TC_ACT_SHOT, bpf_fib_lookup as FibParams, bpf_redir_neigh,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LOOKUP_DIRECT, BPF_FIB_LOOKUP_TBID, TC_ACT_SHOT, bpf_fib_lookup as FibParams,
+        bpf_redir_neigh,
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head},
     programs::TcContext,
@@ -32,7 +33,8 @@ pub struct NoHop;
 
 /// Where the kernel would forward this packet from `src_be` to `dst_be`:
 /// in `table`, or through the policy rules with `None`. `mtu_check` makes
-/// an oversized packet a `FRAG_NEEDED` miss.
+/// an oversized packet a `FRAG_NEEDED` miss (no check at all without it,
+/// since the route is only being classified).
 #[inline(always)]
 pub fn lookup(
     ctx: &TcContext,
@@ -46,7 +48,12 @@ pub fn lookup(
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.l4_protocol = pkt.proto;
-    p.__bindgen_anon_1.tot_len = if mtu_check { pkt.tot_len } else { 0 };
+    // SAFETY: the context pointer is valid for the program's run.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    // A GSO packet's IP length is the whole super-packet: with tot_len 0
+    // the kernel checks the segments against the MTU instead
+    // (is_skb_forwardable), so bulk TCP stays on the fast path.
+    p.__bindgen_anon_1.tot_len = if mtu_check && !gso { pkt.tot_len } else { 0 };
     p.__bindgen_anon_3.ipv4_src = src_be;
     p.__bindgen_anon_4.ipv4_dst = dst_be;
     // SAFETY: the context pointer is valid for the program's run.
@@ -65,7 +72,11 @@ pub fn lookup(
             flags,
         )
     } as u32;
-    if ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH {
+    // Without tot_len, the kernel still checks the skb against the MTU
+    // after a complete lookup; a route that is only being classified is
+    // found all the same.
+    let classified = !mtu_check && ret == BPF_FIB_LKUP_RET_FRAG_NEEDED;
+    if ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH && !classified {
         return Err(NoHop);
     }
     let mut mac = [0u8; 12];

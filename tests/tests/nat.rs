@@ -411,3 +411,34 @@ fn a_pinned_counter_moves_with_traffic_and_bpftool_prints_it_by_field_name() {
         );
     }
 }
+
+#[test]
+fn gso_super_packets_stay_on_the_fast_path_with_offloads_on() {
+    let t = Topology::standard();
+    // As a real gateway runs: segmentation offloads on along the path.
+    for (ns, dev) in [
+        (&t.client, IF_LAN),
+        (&t.gw, IF_LAN),
+        (&t.gw, IF_WANX),
+        (&t.ispx, IF_CUST),
+    ] {
+        ns.exec(&[
+            "ethtool", "-K", dev, "tx", "on", "tso", "on", "gso", "on", "gro", "on",
+        ]);
+    }
+    let gw = standard_gateway(&t, [1, 0], "");
+    let srv = tcp_echo_server(&t.inet, INET_SERVICE, 0);
+    let payload = vec![0x3cu8; 16 << 20];
+    assert!(tcp_request(&t.client, srv.addr(), &payload).expect("bulk TCP") == payload);
+    let status = gw.status();
+    let tx = status["uplinks"][0]["tx_packets"]
+        .as_u64()
+        .expect("tx_packets");
+    let slow = gw.reason("slow_path");
+    // A GSO packet's IP length is the whole super-packet; judged by it, the
+    // MTU check would send every one of them to the kernel.
+    assert!(
+        slow * 100 <= tx,
+        "{slow} of {tx} packets took the slow path"
+    );
+}
