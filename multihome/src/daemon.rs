@@ -41,6 +41,7 @@ pub struct RunOptions {
     /// Leave programs, maps and routes in place on exit, so that forwarding
     /// goes on and a later run adopts every flow.
     pub keep_on_exit: bool,
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 struct Daemon {
@@ -120,6 +121,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         );
     }
     if let Err(e) = d.start(local_ports, snap).await {
+        if !adopted {
+            d.teardown().await;
+        }
+        return Err(e);
+    }
+    if let Some(addr) = d.opts.metrics
+        && let Err(e) = crate::metrics::spawn(addr, d.opts.pin_dir.clone()).await
+    {
         if !adopted {
             d.teardown().await;
         }

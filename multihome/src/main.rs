@@ -6,6 +6,7 @@ mod flows;
 mod health;
 mod loader;
 mod maps;
+mod metrics;
 mod netinfo;
 mod routing;
 mod uplinks;
@@ -29,10 +30,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             config,
             pin,
             keep_on_exit,
+            metrics,
         } => runtime()?.block_on(daemon::run(daemon::RunOptions {
             config_path: config,
             pin_dir: pin.pin_dir,
             keep_on_exit,
+            metrics,
         })),
         Command::Conns(args) => cli::conns::run(&args),
         Command::Status { pin, json } => cli::status::run(&pin, json),

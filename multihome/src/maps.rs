@@ -125,6 +125,11 @@ impl Maps {
             .collect())
     }
 
+    /// How many flows the connection map can hold.
+    pub fn flow_capacity(&self) -> anyhow::Result<u32> {
+        Ok(open(&self.dir, MAP_CONN_FWD)?.info()?.max_entries())
+    }
+
     /// Every forward entry.
     pub fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowFwd)>> {
         let fwd = self.fwd()?;

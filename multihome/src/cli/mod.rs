@@ -36,7 +36,7 @@ pub enum Command {
     /// SIGINT/SIGTERM it detaches and removes all it installed, unless
     /// --keep-on-exit. SIGHUP reloads weights.
     ///
-    /// Example: multihome run --config /etc/multihome.toml
+    /// Example: multihome run --config /etc/multihome.toml --metrics 127.0.0.1:9801
     Run {
         /// TOML config file (see docs/CONFIG.md).
         #[arg(long, short, value_name = "FILE")]
@@ -47,6 +47,9 @@ pub enum Command {
         /// in place; the next run adopts them with every flow.
         #[arg(long)]
         keep_on_exit: bool,
+        /// Serve Prometheus metrics at http://ADDR:PORT/metrics (off by default).
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// List live flows.
     ///

@@ -1,0 +1,54 @@
+//! What an operator sees: Prometheus metrics.
+use std::io::{Read as _, Write as _};
+
+use testbed::*;
+
+fn scrape(ns: &NetNs, port: u16) -> String {
+    let mut s = ns
+        .run(|| std::net::TcpStream::connect(("127.0.0.1", port)))
+        .expect("connect to --metrics");
+    s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    out
+}
+
+fn value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+        .parse()
+        .expect("a number")
+}
+
+#[test]
+fn prometheus_metrics_show_uplinks_traffic_reasons_and_map_fill() {
+    let t = Topology::standard();
+    let config = config_for(&t, [1, 0], "");
+    let _gw = Gateway::start_with_pin(
+        &t.gw,
+        &config,
+        unique_pin_dir("pm"),
+        &["--metrics", "127.0.0.1:9801"],
+    );
+    let srv = udp_echo_server(&t.inet, INET_SERVICE, 0);
+    for _ in 0..5 {
+        udp_request(&t.client, srv.addr(), b"m").expect("UDP");
+    }
+    let m = scrape(&t.gw, 9801);
+    assert!(m.starts_with("HTTP/1.0 200 OK"), "{m}");
+    assert!(m.contains("# TYPE multihome_uplink_tx_packets_total counter"));
+    let x = "{uplink=\"x\",interface=\"wanx\"}";
+    assert_eq!(value(&m, &format!("multihome_uplink_up{x}")), 1.0);
+    assert!(value(&m, &format!("multihome_uplink_tx_packets_total{x}")) >= 5.0);
+    assert!(value(&m, &format!("multihome_uplink_flows{x}")) >= 1.0);
+    assert_eq!(value(&m, "multihome_flow_capacity"), 65536.0);
+    assert!(value(&m, "multihome_flow_fill_ratio") > 0.0);
+    assert_eq!(
+        value(&m, "multihome_packets_total{reason=\"port_exhausted\"}"),
+        0.0
+    );
+}
