@@ -186,6 +186,8 @@ pub const UPLINK_L3: u16 = 1 << 2;
 pub const UPLINK_PROBES_FAIL: u16 = 1 << 3;
 /// Not usable because its link is down or missing (for people).
 pub const UPLINK_LINK_DOWN: u16 = 1 << 4;
+/// Drained by the operator: takes no new flows, keeps its flows.
+pub const UPLINK_DRAINED: u16 = 1 << 5;
 
 /// The weighted choice table: new flows pick a random slot. `len` is 0
 /// (empty: no uplink usable) or [`SELECT_SLOTS`] (every slot filled).

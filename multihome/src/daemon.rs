@@ -17,7 +17,7 @@ use tokio::{
 
 use crate::{
     config::{self, Config},
-    flows,
+    control, flows,
     health::{self, HealthReport, OnUp, ProbeBinding},
     loader::{self, Datapath, Hook},
     maps::{self, Maps},
@@ -63,6 +63,10 @@ struct Daemon {
     reports: mpsc::Receiver<HealthReport>,
     /// Every uplink was unusable at the last refresh.
     all_down: bool,
+    /// Per uplink: drained by `multihome uplink drain`.
+    drained: Vec<bool>,
+    commands: mpsc::Receiver<control::Command>,
+    socket: PathBuf,
     datapath: Datapath,
 }
 
@@ -79,6 +83,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     tokio::spawn(watch);
     let snap = netinfo::snapshot(&handle).await?;
     check_interfaces(&config, &snap)?;
+    let (command_tx, commands) = mpsc::channel(8);
+    let socket = control::listen(&opts.pin_dir, command_tx)?;
 
     let (report_tx, reports) = mpsc::channel(64);
     let probe_bindings = config
@@ -94,7 +100,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         })
         .collect();
     drop(report_tx);
-    let datapath = Datapath::load(&opts.pin_dir, config.nat.max_flows)?;
+    let datapath = Datapath::load(&opts.pin_dir, config.nat.max_flows).inspect_err(|_| {
+        let _ = std::fs::remove_file(&socket);
+    })?;
     let adopted = datapath.adopted;
     let maps = Maps::open(&opts.pin_dir)?;
     let mut d = Daemon {
@@ -110,6 +118,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         down_since_s: vec![None; config.uplinks.len()],
         reports,
         all_down: false,
+        drained: vec![false; config.uplinks.len()],
+        commands,
+        socket,
         config,
         opts,
         datapath,
@@ -120,36 +131,41 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             d.opts.pin_dir.display()
         );
     }
-    if let Err(e) = d.start(local_ports, snap).await {
-        if !adopted {
-            d.teardown().await;
-        }
-        return Err(e);
-    }
-    if let Some(addr) = d.opts.metrics
-        && let Err(e) = crate::metrics::spawn(addr, d.opts.pin_dir.clone()).await
-    {
-        if !adopted {
-            d.teardown().await;
-        }
-        return Err(e);
-    }
-    info!(
-        "ready: {} uplinks, LAN {:?}, pin dir {}",
-        d.config.uplinks.len(),
-        d.config.lan,
-        d.opts.pin_dir.display()
-    );
-    let result = d.serve().await;
-    if d.opts.keep_on_exit {
-        info!(
-            "--keep-on-exit: leaving the datapath pinned in {} and forwarding",
-            d.opts.pin_dir.display()
-        );
-    } else {
-        d.teardown().await;
-    }
+    let result = d.start_and_serve(local_ports, snap, adopted).await;
+    let _ = std::fs::remove_file(&d.socket);
     result
+}
+
+impl Daemon {
+    async fn start_and_serve(
+        &mut self,
+        local_ports: (u16, u16),
+        snap: netinfo::Snapshot,
+        adopted: bool,
+    ) -> anyhow::Result<()> {
+        if let Err(e) = self.start(local_ports, snap).await {
+            if !adopted {
+                self.teardown().await;
+            }
+            return Err(e);
+        }
+        info!(
+            "ready: {} uplinks, LAN {:?}, pin dir {}",
+            self.config.uplinks.len(),
+            self.config.lan,
+            self.opts.pin_dir.display()
+        );
+        let result = self.serve().await;
+        if self.opts.keep_on_exit {
+            info!(
+                "--keep-on-exit: leaving the datapath pinned in {} and forwarding",
+                self.opts.pin_dir.display()
+            );
+        } else {
+            self.teardown().await;
+        }
+        result
+    }
 }
 
 fn check_interfaces(config: &Config, snap: &netinfo::Snapshot) -> anyhow::Result<()> {
@@ -222,6 +238,9 @@ impl Daemon {
                 warn!("loose rp_filter on {}: {e:#}", u.interface);
             }
         }
+        if let Some(addr) = self.opts.metrics {
+            crate::metrics::spawn(addr, self.opts.pin_dir.clone()).await?;
+        }
         Ok(())
     }
 
@@ -259,12 +278,13 @@ impl Daemon {
         let usable: Vec<bool> = observed
             .iter()
             .zip(&self.probed)
-            .map(|(o, p)| o.state == UplinkState::Up && !p.failing)
+            .zip(&self.drained)
+            .map(|((o, p), drained)| o.state == UplinkState::Up && !p.failing && !drained)
             .collect();
         for (id, o) in observed.iter().enumerate() {
             self.maps.set_uplink(
                 id as u32,
-                &uplinks::slot(&self.config, id, o, &self.probed[id]),
+                &uplinks::slot(&self.config, id, o, &self.probed[id], self.drained[id]),
             )?;
             self.bind_probes(id, o);
         }
@@ -327,7 +347,7 @@ impl Daemon {
             if let Some(o) = self.observed.get(id) {
                 let _ = self.maps.set_uplink(
                     id as u32,
-                    &uplinks::slot(&self.config, id, o, &self.probed[id]),
+                    &uplinks::slot(&self.config, id, o, &self.probed[id], self.drained[id]),
                 );
             }
             return;
@@ -412,6 +432,10 @@ impl Daemon {
                     }
                 }
                 Some(report) = self.reports.recv() => self.on_report(report).await,
+                Some(cmd) = self.commands.recv() => {
+                    let answer = self.on_command(cmd.request).await;
+                    let _ = cmd.reply.send(answer);
+                }
                 Some(_) = self.events.next() => {
                     // Coalesce a burst of events into one refresh.
                     while self.events.try_recv().is_ok() {}
@@ -426,6 +450,46 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// A live command from `multihome uplink ...`.
+    async fn on_command(&mut self, request: control::Request) -> Result<String, String> {
+        use control::Request::*;
+        let name = match &request {
+            SetWeight { uplink, .. } | Drain { uplink } | Undrain { uplink } => uplink.clone(),
+        };
+        let Some(id) = self.config.uplinks.iter().position(|u| u.name == name) else {
+            let names: Vec<_> = self
+                .config
+                .uplinks
+                .iter()
+                .map(|u| u.name.as_str())
+                .collect();
+            return Err(format!(
+                "no uplink named {name:?} (there are: {})",
+                names.join(", ")
+            ));
+        };
+        let answer = match request {
+            SetWeight { weight, .. } if weight > 255 => {
+                return Err(format!("weight {weight}: must be 0 to 255"));
+            }
+            SetWeight { weight, .. } => {
+                self.config.uplinks[id].weight = weight;
+                format!("uplink {name}: weight {weight} until the next reload or restart")
+            }
+            Drain { .. } => {
+                self.drained[id] = true;
+                format!("uplink {name}: drained: no new flows, its pinned flows stay")
+            }
+            Undrain { .. } => {
+                self.drained[id] = false;
+                format!("uplink {name}: takes new flows again")
+            }
+        };
+        info!("{answer}");
+        self.resync().await;
+        Ok(answer)
     }
 
     async fn resync(&mut self) {

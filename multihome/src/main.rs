@@ -1,6 +1,7 @@
 //! multihome: daemon and CLI.
 mod cli;
 mod config;
+mod control;
 mod daemon;
 mod flows;
 mod health;
@@ -39,6 +40,19 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         })),
         Command::Conns(args) => cli::conns::run(&args),
         Command::Status { pin, json } => cli::status::run(&pin, json),
+        Command::Uplink { action, pin } => {
+            use cli::UplinkAction::*;
+            let request = match action {
+                SetWeight { name, weight } => control::Request::SetWeight {
+                    uplink: name,
+                    weight,
+                },
+                Drain { name } => control::Request::Drain { uplink: name },
+                Undrain { name } => control::Request::Undrain { uplink: name },
+            };
+            println!("{}", control::send(&pin.pin_dir, &request)?);
+            Ok(())
+        }
         Command::Check { config } => {
             config::Config::load(&config)?;
             println!("{}: OK", config.display());

@@ -3,8 +3,8 @@
 use std::net::Ipv4Addr;
 
 use multihome_common::{
-    LanNet, SELECT_SLOTS, SelectTable, UPLINK_CONFIGURED, UPLINK_L3, UPLINK_LINK_DOWN,
-    UPLINK_PROBES_FAIL, UPLINK_USABLE, Uplink,
+    LanNet, SELECT_SLOTS, SelectTable, UPLINK_CONFIGURED, UPLINK_DRAINED, UPLINK_L3,
+    UPLINK_LINK_DOWN, UPLINK_PROBES_FAIL, UPLINK_USABLE, Uplink,
 };
 
 use crate::{
@@ -108,11 +108,14 @@ pub struct Probed {
 }
 
 /// The datapath's slot for uplink `id`.
-pub fn slot(config: &Config, id: usize, o: &Observed, probed: &Probed) -> Uplink {
+pub fn slot(config: &Config, id: usize, o: &Observed, probed: &Probed, drained: bool) -> Uplink {
     let u = &config.uplinks[id];
     let mut flags = UPLINK_CONFIGURED;
-    if o.state == UplinkState::Up && !probed.failing {
+    if o.state == UplinkState::Up && !probed.failing && !drained {
         flags |= UPLINK_USABLE;
+    }
+    if drained {
+        flags |= UPLINK_DRAINED;
     }
     if probed.failing {
         flags |= UPLINK_PROBES_FAIL;

@@ -52,3 +52,60 @@ fn prometheus_metrics_show_uplinks_traffic_reasons_and_map_fill() {
         0.0
     );
 }
+
+#[test]
+fn set_weight_and_drain_act_live_and_keep_pinned_flows() {
+    let t = Topology::standard();
+    let gw = Gateway::start(&t.gw, &config_for(&t, [1, 1], ""));
+    let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    let uplink = |args: &[&str]| {
+        let out = gw.cli(&[&["uplink"][..], args].concat());
+        assert!(out.status.success(), "uplink {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // A flow pinned to y, kept through everything below.
+    let pinned = loop {
+        let s = t
+            .client
+            .run(|| std::net::UdpSocket::bind((CLIENT_ADDR, 0)))
+            .expect("bind");
+        s.connect(srv.addr()).expect("connect");
+        s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+        s.send(b"?").expect("send");
+        let mut buf = [0u8; 64];
+        let n = s.recv(&mut buf).expect("reply");
+        if buf[..n].starts_with(b"198.18.22.1:") {
+            break s;
+        }
+    };
+
+    assert!(uplink(&["set-weight", "y", "0"]).contains("weight 0"));
+    for _ in 0..10 {
+        let peer = udp_seen_as(&t.client, None, srv.addr()).expect("UDP");
+        assert_eq!(*peer.ip(), UPLINK_X_ADDR, "y has weight 0");
+    }
+    assert_eq!(gw.status()["uplinks"][1]["weight"], 0);
+
+    uplink(&["set-weight", "y", "1"]);
+    assert!(uplink(&["drain", "x"]).contains("drained"));
+    assert_eq!(gw.status()["uplinks"][0]["state"], "drained");
+    for _ in 0..10 {
+        let peer = udp_seen_as(&t.client, None, srv.addr()).expect("UDP");
+        assert_eq!(*peer.ip(), UPLINK_Y_ADDR, "x is drained");
+    }
+    let x_flows = gw.conns().iter().filter(|c| c["uplink"] == "x").count();
+    assert!(x_flows >= 10, "draining removed x's flows ({x_flows} left)");
+    let mut buf = [0u8; 64];
+    pinned.send(b"?").expect("send");
+    let n = pinned.recv(&mut buf).expect("the pinned flow still works");
+    assert!(
+        buf[..n].starts_with(b"198.18.22.1:"),
+        "the pinned flow moved"
+    );
+
+    uplink(&["undrain", "x"]);
+    assert_eq!(gw.status()["uplinks"][0]["state"], "up");
+    let out = gw.cli(&["uplink", "drain", "nosuch"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no uplink named \"nosuch\""));
+}

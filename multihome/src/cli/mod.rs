@@ -23,8 +23,19 @@ pub const EXIT_CODES: &str =
 #[derive(Args, Debug, Clone)]
 pub struct PinDir {
     /// bpffs directory holding the pinned maps and links.
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR, global = true)]
     pub pin_dir: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UplinkAction {
+    /// Set an uplink's share of new flows (0 to 255; 0 = backup only) until
+    /// the next reload or restart. Pinned flows stay where they are.
+    SetWeight { name: String, weight: u32 },
+    /// Take no new flows on this uplink; its pinned flows stay.
+    Drain { name: String },
+    /// Let a drained uplink take new flows again.
+    Undrain { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -64,6 +75,15 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Change an uplink live, through the running daemon.
+    ///
+    /// Examples: multihome uplink set-weight y 3; multihome uplink drain x
+    Uplink {
+        #[command(subcommand)]
+        action: UplinkAction,
+        #[command(flatten)]
+        pin: PinDir,
     },
     /// Validate a config file and explain every problem.
     ///

@@ -2,7 +2,9 @@
 use serde::Serialize;
 
 use crate::{flows::be_addr, maps::Maps, uplinks::name_from_bytes};
-use multihome_common::{UPLINK_CONFIGURED, UPLINK_LINK_DOWN, UPLINK_PROBES_FAIL, UPLINK_USABLE};
+use multihome_common::{
+    UPLINK_CONFIGURED, UPLINK_DRAINED, UPLINK_LINK_DOWN, UPLINK_PROBES_FAIL, UPLINK_USABLE,
+};
 
 #[derive(Serialize)]
 pub struct UplinkStatus {
@@ -47,6 +49,7 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
             interface: name_from_bytes(&u.ifname),
             state: match (u.flags & UPLINK_USABLE != 0, addr.is_some()) {
                 (true, _) => "up",
+                _ if u.flags & UPLINK_DRAINED != 0 => "drained",
                 (false, false) => "no-address",
                 (false, true) => "down",
             },
@@ -54,6 +57,7 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
                 _ if u.flags & UPLINK_LINK_DOWN != 0 => Some("link down"),
                 _ if u.addr_be == 0 => Some("no IPv4 address on the interface"),
                 _ if u.flags & UPLINK_PROBES_FAIL != 0 => Some("health probes fail"),
+                _ if u.flags & UPLINK_DRAINED != 0 => Some("drained by the operator"),
                 _ => None,
             },
             rtt_ms: (u.rtt_us != 0).then(|| u.rtt_us as f64 / 1000.0),
