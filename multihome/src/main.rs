@@ -40,6 +40,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         })),
         Command::Conns(args) => cli::conns::run(&args),
         Command::Status { pin, json } => cli::status::run(&pin, json),
+        Command::Top { pin, iterations } => cli::top::run(&pin, iterations),
         Command::Uplink { action, pin } => {
             use cli::UplinkAction::*;
             let request = match action {

@@ -1,5 +1,8 @@
 //! What an operator sees: Prometheus metrics.
-use std::io::{Read as _, Write as _};
+use std::{
+    io::{Read as _, Write as _},
+    time::Duration,
+};
 
 use testbed::*;
 
@@ -51,6 +54,29 @@ fn prometheus_metrics_show_uplinks_traffic_reasons_and_map_fill() {
         value(&m, "multihome_packets_total{reason=\"port_exhausted\"}"),
         0.0
     );
+
+    // Every series the shipped Grafana dashboard plots exists.
+    let dash = std::fs::read_to_string(workspace_root().join("docs/grafana/multihome.json"))
+        .expect("docs/grafana/multihome.json");
+    let mut used: Vec<&str> = dash
+        .match_indices("multihome_")
+        .map(|(i, _)| {
+            let rest = &dash[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .collect();
+    used.sort_unstable();
+    used.dedup();
+    assert!(used.len() >= 5, "{used:?}");
+    for name in used {
+        assert!(
+            m.contains(&format!("# TYPE {name} ")),
+            "the dashboard plots unknown {name}"
+        );
+    }
 }
 
 #[test]
@@ -108,4 +134,75 @@ fn set_weight_and_drain_act_live_and_keep_pinned_flows() {
     let out = gw.cli(&["uplink", "drain", "nosuch"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no uplink named \"nosuch\""));
+}
+
+/// A tmux server of its own, killed on drop.
+struct Tmux(String);
+
+impl Tmux {
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("tmux")
+            .args(["-L", &self.0])
+            .args(args)
+            .output()
+            .expect("tmux (install it with `cargo xtask setup`)")
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill-server"]);
+    }
+}
+
+#[test]
+fn top_shows_uplinks_shares_and_events_live_in_a_terminal() {
+    let t = Topology::standard();
+    let gw = Gateway::start(&t.gw, &config_for(&t, [1, 3], ""));
+    let srv = udp_echo_server(&t.inet, INET_SERVICE, 0);
+    let tmux = Tmux(format!("mhtop{}", std::process::id()));
+    let cmd = format!(
+        "nsenter --net={} {} top --pin-dir {}",
+        t.gw.path().display(),
+        multihome_bin().display(),
+        gw.pin_dir().display()
+    );
+    let out = tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "top",
+        "-x",
+        "150",
+        "-y",
+        "30",
+        &cmd,
+    ]);
+    assert!(out.status.success(), "tmux: {out:?}");
+    std::thread::sleep(Duration::from_millis(1200));
+    for _ in 0..40 {
+        udp_request(&t.client, srv.addr(), b"t").expect("UDP");
+    }
+    link_down(&t.gw, IF_WANX);
+    std::thread::sleep(Duration::from_millis(2500));
+    let screen = String::from_utf8_lossy(&tmux.run(&["capture-pane", "-p", "-t", "top"]).stdout)
+        .into_owned();
+    for needle in [
+        "multihome top",
+        "UPLINK",
+        "wanx",
+        "wany",
+        "SHARE",
+        "3 (75%)",
+        "Recent events",
+    ] {
+        assert!(
+            screen.contains(needle),
+            "no {needle:?} on the screen:\n{screen}"
+        );
+    }
+    assert!(
+        screen.contains("uplink x up -> down (link down)"),
+        "no event:\n{screen}"
+    );
 }

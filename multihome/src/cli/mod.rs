@@ -7,6 +7,7 @@ use crate::loader::DEFAULT_PIN_DIR;
 
 pub mod conns;
 pub mod status;
+pub mod top;
 
 /// A gateway for a LAN with several uplinks: each new connection is pinned
 /// to one uplink by weight and SNATed to its address, in TC eBPF.
@@ -75,6 +76,18 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// A live view, redrawn every second: uplink state, rates, flows, the
+    /// share of new flows each uplink took against its weight, and recent
+    /// changes. Ctrl-C quits.
+    ///
+    /// Example: multihome top
+    Top {
+        #[command(flatten)]
+        pin: PinDir,
+        /// Stop after this many screens.
+        #[arg(long, value_name = "N")]
+        iterations: Option<u32>,
     },
     /// Change an uplink live, through the running daemon.
     ///
