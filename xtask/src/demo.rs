@@ -41,45 +41,51 @@ pub fn run(bin: &std::path::Path, opts: Options) -> Result<()> {
     let gw = Gateway::start(&t.gw, &config);
     let pin = gw.pin_dir().display().to_string();
     let b = bin.display();
-    println!(
-        "\n=== multihome demo ===\n\
+    let intro = format!(
+        "=== multihome demo ===\n\
          client {client} (198.18.1.2) -> gateway {gwns} -> ISP X {ispx} / ISP Y {ispy} -> server {inet} ({INET_SERVICE})\n\
-         uplink x: weight 1, uplink y: weight 2. Config:\n\n{config}\n\
+         uplink x has weight 1, uplink y weight 2; the client keeps opening new flows.\n\
          Try, in another terminal:\n\
-         \x20 {b} status --pin-dir {pin}\n\
+         \x20 ip -n {gwns} link set {IF_WANX} down        # kill uplink x: new flows go to y\n\
+         \x20 ip -n {gwns} link set {IF_WANX} up\n\
+         \x20 ip -n {gwns} addr replace 198.18.11.2/24 dev {IF_WANX}   # renumber uplink x\n\
+         \x20 {b} uplink set-weight --pin-dir {pin} y 5\n\
          \x20 {b} conns --pin-dir {pin}\n\
          \x20 bpftool map dump pinned {pin}/CONN_FWD\n\
-         \x20 ip netns exec {client} ping -c3 {INET_SERVICE}\n\
-         \x20 ip -n {gwns} link set {IF_WANX} down        # kill uplink x; new flows go to y\n\
-         \x20 ip -n {gwns} link set {IF_WANX} up\n\
-         \x20 ip -n {gwns} addr replace 198.18.11.2/24 dev {IF_WANX}   # add an address to uplink x\n\
-         \nCtrl-C stops the demo and removes everything.\n",
+         Ctrl-C stops the demo and removes everything.\n",
         client = t.client.name(),
         gwns = t.gw.name(),
         ispx = t.ispx.name(),
         ispy = t.ispy.name(),
         inet = t.inet.name(),
     );
+    println!("{intro}\nconfig:\n{config}");
     let started = Instant::now();
-    let mut round = 0u32;
-    while !STOP.load(Ordering::Relaxed)
-        && opts
-            .seconds
-            .is_none_or(|s| started.elapsed() < Duration::from_secs(s))
-    {
-        round += 1;
-        let mut ok = 0;
-        for _ in 0..10 {
-            ok += usize::from(udp_seen_as(&t.client, None, udp.addr()).is_ok());
-            ok += usize::from(tcp_seen_as(&t.client, None, tcp.addr()).is_ok());
+    let running = || {
+        !STOP.load(Ordering::Relaxed)
+            && opts
+                .seconds
+                .is_none_or(|s| started.elapsed() < Duration::from_secs(s))
+    };
+    std::thread::scope(|scope| {
+        // The client opens new flows all along, so that top has rates to show.
+        scope.spawn(|| {
+            while running() {
+                for _ in 0..10 {
+                    let _ = udp_seen_as(&t.client, None, udp.addr());
+                    let _ = tcp_seen_as(&t.client, None, tcp.addr());
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        while running() {
+            // One screen of `multihome top` (a second of measuring), then
+            // the way to play with it.
+            let top = gw.cli(&["top", "--iterations", "1"]);
+            print!("{}", String::from_utf8_lossy(&top.stdout));
+            println!("\n{intro}");
         }
-        if round % 5 == 1 {
-            let out = gw.cli(&["status"]);
-            println!("--- round {round}: {ok}/20 new flows answered ---");
-            print!("{}", String::from_utf8_lossy(&out.stdout));
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    });
     println!("\nstopping: removing the gateway, namespaces and pins...");
     let spoofed = t.spoofed_drops();
     drop(gw);
