@@ -12,13 +12,15 @@ mod netinfo;
 mod routing;
 mod uplinks;
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, FromArgMatches as _};
 
 use crate::cli::{Cli, Command};
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = Cli::parse();
+    // Every command's --help ends with the exit codes.
+    let command = Cli::command().mut_subcommands(|c| c.after_help(cli::EXIT_CODES));
+    let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
     if let Err(e) = dispatch(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -106,6 +106,8 @@ pub enum Command {
         config: PathBuf,
     },
     /// Remove pins, links and routing left behind by a run with --keep-on-exit.
+    ///
+    /// Example: multihome cleanup --pin-dir /sys/fs/bpf/multihome
     Cleanup {
         #[command(flatten)]
         pin: PinDir,
