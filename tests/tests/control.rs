@@ -105,6 +105,10 @@ fn a_renumbered_uplink_purges_only_its_own_flows_and_new_flows_use_the_new_addre
             .all(|c| c["nat_addr"] != UPLINK_X_ADDR.to_string())
     });
     assert_eq!(flows_on(&gw, "y"), y_before, "y's flows were touched");
+    eventually(Duration::from_secs(3), "x up with its new address", || {
+        let x = &gw.status()["uplinks"][0];
+        x["state"] == "up" && x["address"] == new_x.to_string()
+    });
     let mut seen_new = false;
     for _ in 0..30 {
         let peer = udp_seen_as(&t.client, None, srv.addr()).expect("UDP after renumbering");
