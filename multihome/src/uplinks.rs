@@ -8,7 +8,7 @@ use multihome_common::{
 };
 
 use crate::{
-    config::{Config, UplinkConfig},
+    config::{Config, Prefix, UplinkConfig},
     netinfo::Snapshot,
     routing::{RoutingPlan, UplinkRoutes},
 };
@@ -64,7 +64,11 @@ fn address_of(u: &UplinkConfig, snap: &Snapshot) -> Option<Ipv4Addr> {
     if let Some(gw) = u.gateway {
         let gw = u32::from(gw);
         for (a, len) in &iface.addrs {
-            let mask = if *len == 0 { 0 } else { u32::MAX << (32 - len) };
+            let mask = Prefix {
+                addr: *a,
+                len: *len,
+            }
+            .mask();
             if u32::from(*a) & mask == gw & mask {
                 return Some(*a);
             }
@@ -199,10 +203,13 @@ pub fn lan_nets(config: &Config, snap: &Snapshot) -> Vec<LanNet> {
     for name in &config.lan {
         if let Some(i) = snap.get(name) {
             for (a, len) in &i.addrs {
-                let mask = if *len == 0 { 0 } else { u32::MAX << (32 - len) };
+                let net = Prefix {
+                    addr: *a,
+                    len: *len,
+                };
                 nets.push(LanNet {
-                    addr_be: (u32::from(*a) & mask).to_be(),
-                    mask_be: mask.to_be(),
+                    addr_be: u32::from(net.network()).to_be(),
+                    mask_be: net.mask().to_be(),
                     ifindex: i.index,
                     in_use: 1,
                 });
