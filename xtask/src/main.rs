@@ -60,11 +60,25 @@ enum Cmd {
         #[arg(long)]
         no_lint: bool,
     },
-    /// Run the benchmarks (not implemented yet: issue #7)
+    /// Benchmark multihome against plain routing, the seed's iptables
+    /// recipe and nftables, side by side (about 10 minutes; writes
+    /// docs/BENCHMARKS.md and its plot)
     Bench {
-        /// A short run
+        /// A short run (under 3 minutes) that writes to target/bench/
         #[arg(long)]
         quick: bool,
+        /// Rounds of every mode (default 5, or 2 with --quick)
+        #[arg(long)]
+        rounds: Option<usize>,
+        /// Directory for BENCHMARKS.md, benchmarks.svg and benchmarks.json
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Load generators the bench runs inside its namespaces
+    #[command(hide = true)]
+    BenchTool {
+        #[command(subcommand)]
+        tool: bench::traffic::Tool,
     },
     /// Build, then run the gateway in a demo topology of network
     /// namespaces, with traffic (same as `cargo xtask run`)
@@ -94,7 +108,8 @@ fn main() -> ExitCode {
             }
             test::run(test::Options { filter, no_lint })
         }
-        Cmd::Bench { quick } => bench::run(bench::Options { quick }),
+        Cmd::Bench { quick, rounds, out } => bench::run(bench::Options { quick, rounds, out }),
+        Cmd::BenchTool { tool } => bench::traffic::run(tool),
         Cmd::Demo { seconds } => demo(seconds),
     };
     match result {

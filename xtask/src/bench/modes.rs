@@ -1,0 +1,193 @@
+//! Setting the gateway up in each [`Mode`]. Every mode starts from the
+//! freshly built [`Net`]: addresses and connected routes only.
+use testbed::{Gateway, NetNs, route};
+
+use super::{
+    results::Mode,
+    topo::{Net, X_ADDR, X_GW, Y_ADDR, Y_GW, nft},
+};
+
+/// Flows the multihome map holds: 2^20, so the hash has one bucket per
+/// entry (its memory per flow is what the scale test reports).
+pub const MAX_FLOWS: u64 = 1 << 20;
+
+/// Keeps the mode running; for multihome, the daemon.
+pub struct Running<'a> {
+    pub gateway: Option<Gateway<'a>>,
+}
+
+pub fn start(mode: Mode, net: &Net) -> Running<'_> {
+    let gw = &net.gw;
+    match mode {
+        Mode::Plain => route(gw, &format!("default via {X_GW} dev wanx")),
+        Mode::Seed => {
+            seed_routing(gw);
+            seed_iptables(gw);
+        }
+        Mode::Nft => {
+            seed_routing(gw);
+            seed_nft(gw);
+        }
+        Mode::Multihome => {
+            return Running {
+                gateway: Some(Gateway::start(gw, &multihome_config())),
+            };
+        }
+    }
+    Running { gateway: None }
+}
+
+pub fn multihome_config() -> String {
+    format!(
+        "lan = [\"lan0\"]\n\
+         \n[[uplink]]\nname = \"x\"\ninterface = \"wanx\"\ngateway = \"{X_GW}\"\nweight = 1\n\
+         \n[[uplink]]\nname = \"y\"\ninterface = \"wany\"\ngateway = \"{Y_GW}\"\nweight = 1\n\
+         \n[nat]\nmax_flows = {MAX_FLOWS}\n"
+    )
+}
+
+fn ip(ns: &NetNs, args: &str) {
+    let mut cmd = vec!["ip"];
+    cmd.extend(args.split_whitespace());
+    ns.exec(&cmd);
+}
+
+/// The seed's rules and routes (section 4.2.5, routers instead of PPP),
+/// plus the one fix it needs to work at all: without
+/// `lookup main suppress_prefixlength 0` first, replies restored to mark
+/// 1 or 2 follow that uplink's default route back out instead of to the
+/// LAN. It takes priority 0 because the recipe's fwmark rules, added
+/// without a priority, get 0 from the kernel (one below the first rule
+/// after `local`). The seed's second fwmark rule reads
+/// `fwmark 1 lookup 2`, a typo kept as written: mark-2 packets then use
+/// the multipath route, which hashes them onto the same uplink again.
+fn seed_routing(gw: &NetNs) {
+    ip(gw, "rule add prio 0 lookup main suppress_prefixlength 0");
+    ip(gw, &format!("rule add prio 1 from {X_ADDR} lookup 1"));
+    ip(gw, &format!("rule add prio 2 from {Y_ADDR} lookup 2"));
+    ip(
+        gw,
+        &format!("route add table 1 default via {X_GW} dev wanx"),
+    );
+    ip(
+        gw,
+        &format!("route add table 2 default via {Y_GW} dev wany"),
+    );
+    ip(
+        gw,
+        &format!("route add default nexthop via {X_GW} dev wanx nexthop via {Y_GW} dev wany"),
+    );
+    ip(gw, "rule add fwmark 1 lookup 1");
+    ip(gw, "rule add fwmark 1 lookup 2");
+}
+
+fn seed_iptables(gw: &NetNs) {
+    let rules: [&[&str]; 6] = [
+        &[
+            "-t",
+            "mangle",
+            "-A",
+            "POSTROUTING",
+            "-o",
+            "wanx",
+            "-m",
+            "state",
+            "--state",
+            "NEW",
+            "-j",
+            "MARK",
+            "--set-mark",
+            "1",
+        ],
+        &[
+            "-t",
+            "mangle",
+            "-A",
+            "POSTROUTING",
+            "-o",
+            "wany",
+            "-m",
+            "state",
+            "--state",
+            "NEW",
+            "-j",
+            "MARK",
+            "--set-mark",
+            "2",
+        ],
+        &[
+            "-t",
+            "mangle",
+            "-A",
+            "POSTROUTING",
+            "-m",
+            "state",
+            "--state",
+            "NEW",
+            "-j",
+            "CONNMARK",
+            "--save-mark",
+        ],
+        &[
+            "-t",
+            "mangle",
+            "-A",
+            "PREROUTING",
+            "-j",
+            "CONNMARK",
+            "--restore-mark",
+        ],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-m",
+            "mark",
+            "--mark",
+            "1",
+            "-j",
+            "SNAT",
+            "--to-source",
+            &X_ADDR.to_string(),
+        ],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-m",
+            "mark",
+            "--mark",
+            "2",
+            "-j",
+            "SNAT",
+            "--to-source",
+            &Y_ADDR.to_string(),
+        ],
+    ];
+    for rule in rules {
+        let mut cmd = vec!["iptables", "-w"];
+        cmd.extend_from_slice(rule);
+        gw.exec(&cmd);
+    }
+}
+
+/// The same recipe in nftables: ct mark instead of CONNMARK.
+fn seed_nft(gw: &NetNs) {
+    let ruleset = format!(
+        "table ip seed {{\n\
+         chain pre {{ type filter hook prerouting priority mangle; meta mark set ct mark; }}\n\
+         chain post {{ type filter hook postrouting priority mangle;\n\
+           ct state new oifname \"wanx\" meta mark set 1\n\
+           ct state new oifname \"wany\" meta mark set 2\n\
+           ct state new ct mark set meta mark\n\
+         }}\n\
+         chain nat {{ type nat hook postrouting priority srcnat;\n\
+           meta mark 1 snat to {X_ADDR}\n\
+           meta mark 2 snat to {Y_ADDR}\n\
+         }}\n\
+         }}\n"
+    );
+    nft(gw, &ruleset);
+}

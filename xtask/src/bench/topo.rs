@@ -1,0 +1,166 @@
+//! The bench's namespaces and the four ways of running the gateway in them.
+//!
+//! ```text
+//!  client (lan0) --- (lan0) gw (wanx) --- (ix) inet
+//!                           gw (wany) --- (iy) inet
+//! ```
+//!
+//! One hop fewer than the test bed's topology: the "internet" host is the
+//! uplinks' next hop, so the gateway's cost is not diluted by ISP routers.
+//! veth offloads stay as the kernel sets them (on) unless
+//! [`Net::set_offloads`] turns them off. `inet` drops the bench's UDP
+//! (to 198.19.0.0/16) at its interfaces' ingress hook, the cheapest place,
+//! so that the far end adds little to the cost being measured; it serves
+//! TCP on [`SERVICE`].
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, Result};
+use testbed::{NetNs, addr, link_up, route};
+
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+pub const GW_LAN: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+pub const X_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 11, 1);
+pub const X_GW: Ipv4Addr = Ipv4Addr::new(198, 18, 11, 254);
+pub const Y_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 22, 1);
+pub const Y_GW: Ipv4Addr = Ipv4Addr::new(198, 18, 22, 254);
+/// TCP services on the internet host (on `lo`).
+pub const SERVICE: Ipv4Addr = Ipv4Addr::new(198, 18, 250, 10);
+/// Where the UDP load goes: a /16 that `inet` drops.
+pub const SINK_BASE: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 0);
+
+/// Interfaces whose offloads the offload-off runs change (namespace, name).
+const LINKS: [(Side, &str); 6] = [
+    (Side::Client, "lan0"),
+    (Side::Gw, "lan0"),
+    (Side::Gw, "wanx"),
+    (Side::Gw, "wany"),
+    (Side::Inet, "ix"),
+    (Side::Inet, "iy"),
+];
+
+#[derive(Clone, Copy)]
+enum Side {
+    Client,
+    Gw,
+    Inet,
+}
+
+pub struct Net {
+    pub client: NetNs,
+    pub gw: NetNs,
+    pub inet: NetNs,
+}
+
+fn ns(prefix: &str, forwarding: bool) -> NetNs {
+    let ns = NetNs::new(prefix);
+    ns.sysctl("net.ipv4.conf.all.rp_filter", "0");
+    ns.sysctl("net.ipv4.conf.default.rp_filter", "0");
+    if std::path::Path::new("/proc/sys/net/ipv6").exists() {
+        ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
+        ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
+    }
+    ns.sysctl("net.ipv4.ip_forward", if forwarding { "1" } else { "0" });
+    ns
+}
+
+/// A veth pair with the kernel's default offloads.
+fn pair(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) {
+    a.exec(&[
+        "ip",
+        "link",
+        "add",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ]);
+    link_up(a, a_if);
+    link_up(b, b_if);
+}
+
+/// Loads an nftables ruleset into `ns`.
+pub fn nft(ns: &NetNs, ruleset: &str) {
+    let path = std::env::temp_dir().join(format!("{}.nft", ns.name()));
+    std::fs::write(&path, ruleset).expect("writing an nft ruleset to /tmp");
+    ns.exec(&["nft", "-f", &path.display().to_string()]);
+    let _ = std::fs::remove_file(path);
+}
+
+fn mac(ns: &NetNs, ifname: &str) -> Result<String> {
+    let out = ns.exec_stdout(&["ip", "-j", "link", "show", ifname]);
+    let v: serde_json::Value = serde_json::from_str(&out).context("parsing `ip -j link`")?;
+    v[0]["address"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("no MAC address for {ifname} in {}", ns.name()))
+}
+
+impl Net {
+    pub fn build() -> Net {
+        let n = Net {
+            client: ns("bc", false),
+            gw: ns("bg", true),
+            inet: ns("bi", false),
+        };
+        pair(&n.client, "lan0", &n.gw, "lan0");
+        pair(&n.gw, "wanx", &n.inet, "ix");
+        pair(&n.gw, "wany", &n.inet, "iy");
+        addr(&n.client, "lan0", &format!("{CLIENT}/24"));
+        route(&n.client, &format!("default via {GW_LAN}"));
+        addr(&n.gw, "lan0", &format!("{GW_LAN}/24"));
+        addr(&n.gw, "wanx", &format!("{X_ADDR}/24"));
+        addr(&n.gw, "wany", &format!("{Y_ADDR}/24"));
+        addr(&n.inet, "ix", &format!("{X_GW}/24"));
+        addr(&n.inet, "iy", &format!("{Y_GW}/24"));
+        addr(&n.inet, "lo", &format!("{SERVICE}/32"));
+        nft(
+            &n.inet,
+            &format!(
+                "table netdev sink {{\n\
+                 chain ix {{ type filter hook ingress device \"ix\" priority 0; ip daddr {SINK_BASE}/16 drop; }}\n\
+                 chain iy {{ type filter hook ingress device \"iy\" priority 0; ip daddr {SINK_BASE}/16 drop; }}\n\
+                 }}\n"
+            ),
+        );
+        // Only for plain routing, which does not translate the LAN.
+        route(&n.inet, &format!("198.18.1.0/24 via {X_ADDR}"));
+        n
+    }
+
+    fn side(&self, s: Side) -> &NetNs {
+        match s {
+            Side::Client => &self.client,
+            Side::Gw => &self.gw,
+            Side::Inet => &self.inet,
+        }
+    }
+
+    /// Turns checksum, segmentation and receive offloads on or off on
+    /// every link of the path.
+    pub fn set_offloads(&self, on: bool) {
+        let v = if on { "on" } else { "off" };
+        for (side, ifname) in LINKS {
+            // GRO on veth needs NAPI; the kernel refuses nothing else here.
+            self.side(side).exec(&[
+                "ethtool", "-K", ifname, "tx", v, "rx", v, "tso", v, "gso", v,
+            ]);
+        }
+    }
+
+    /// The MAC addresses of the LAN link: (gateway, client).
+    pub fn lan_macs(&self) -> Result<(String, String)> {
+        Ok((mac(&self.gw, "lan0")?, mac(&self.client, "lan0")?))
+    }
+
+    /// Packets that reached the internet host on both uplinks.
+    pub fn delivered(&self) -> u64 {
+        ["ix", "iy"]
+            .iter()
+            .map(|i| testbed::link_counters(&self.inet, i).rx_packets)
+            .sum()
+    }
+}
