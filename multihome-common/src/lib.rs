@@ -9,7 +9,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a pinned map changes shape; a daemon refuses to adopt
 /// maps pinned by another layout.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Uplink slots in [`MAP_UPLINKS`]; an uplink's id is its slot.
 pub const MAX_UPLINKS: u32 = 8;
@@ -283,7 +283,11 @@ macro_rules! reasons {
             pub const fn drops(self) -> bool {
                 matches!(
                     self,
-                    Reason::NoUplink | Reason::MapFull | Reason::PortExhausted | Reason::RewriteFailed
+                    Reason::NoUplink
+                        | Reason::MapFull
+                        | Reason::PortExhausted
+                        | Reason::RewriteFailed
+                        | Reason::HostPortClash
                 )
             }
         }
@@ -327,6 +331,9 @@ reasons! {
     RewriteFailed = rewrite_failed,
     /// Repaired: one half of a flow pair was missing.
     HalfPair = half_pair,
+    /// Drop: the gateway's own packet uses an address and port that a NAT
+    /// flow holds towards the same remote.
+    HostPortClash = host_port_clash,
 }
 
 pub const REASON_COUNT: usize = Reason::ALL.len();

@@ -3,6 +3,7 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns},
+    programs::TcContext,
 };
 use multihome_common::{
     FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FLOW_SEEN_REPLY, FlowFwd, FlowKey, FlowRev, Reason,
@@ -12,6 +13,7 @@ use multihome_common::{
 use crate::{
     maps::{CONN_FWD, CONN_REV},
     parse::{Packet, TCP_FIN, TCP_RST, TCP_SYN},
+    sockets,
 };
 
 /// Random ports tried before giving up on a new flow.
@@ -62,6 +64,7 @@ pub fn lookup_rev(key: &FlowKey) -> Option<*const FlowRev> {
 /// the reverse one is rolled back if the forward one fails.
 #[inline(always)]
 pub fn create(
+    ctx: &TcContext,
     key: &FlowKey,
     pkt: &Packet,
     uplink_id: u8,
@@ -74,7 +77,7 @@ pub fn create(
         uplink: uplink_id,
         _pad: 0,
     };
-    let nat_port_be = reserve_port(key, uplink.addr_be, &rev, settings)?;
+    let nat_port_be = reserve_port(ctx, key, pkt, uplink.addr_be, &rev, settings)?;
     let rev_key = key.reply(uplink.addr_be, nat_port_be);
 
     let now = now_ns();
@@ -104,18 +107,25 @@ pub fn create(
 }
 
 /// Finds a NAT port free for (uplink address, remote, remote port) and
-/// reserves it with the reverse entry. The LAN port is kept when it lies
-/// outside the gateway's own ephemeral range and is free.
+/// reserves it with the reverse entry. The LAN port is kept when it is
+/// free (DESIGN.md §3), as Linux NAT does, unless a socket of the gateway
+/// owns it; an echo identifier only outside the gateway's ephemeral range.
 #[inline(always)]
 fn reserve_port(
+    ctx: &TcContext,
     key: &FlowKey,
+    pkt: &Packet,
     nat_addr_be: u32,
     rev: &FlowRev,
     settings: &Settings,
 ) -> Result<u16, Reason> {
     let lan_port = u16::from_be(key.sport_be);
-    let keep =
-        lan_port != 0 && (lan_port < settings.local_port_min || lan_port > settings.local_port_max);
+    let keep = lan_port != 0
+        && if pkt.has_pseudo_header() {
+            !sockets::owned_by_host(ctx, &key.reply(nat_addr_be, key.sport_be))
+        } else {
+            lan_port < settings.local_port_min || lan_port > settings.local_port_max
+        };
     if keep {
         match try_port(key, nat_addr_be, key.sport_be, rev) {
             Ok(true) => return Ok(key.sport_be),

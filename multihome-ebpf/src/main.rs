@@ -3,7 +3,8 @@
 //!
 //! - `mh_lan_in` (LAN ingress): pin new flows to an uplink, SNAT, forward;
 //! - `mh_wan_in` (uplink ingress): reverse-translate replies and ICMP errors;
-//! - `mh_wan_out` (uplink egress): SNAT what the fast path left to the kernel.
+//! - `mh_wan_out` (uplink egress): SNAT what the fast path left to the
+//!   kernel; drop the gateway's own packets that clash with a NAT flow.
 //!
 //! The `_l3` variants serve uplinks without an Ethernet header (ppp, tun).
 #![no_std]
@@ -19,6 +20,7 @@ mod nat;
 mod outbound;
 mod parse;
 mod select;
+mod sockets;
 mod stats;
 mod verdict;
 

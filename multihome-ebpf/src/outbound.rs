@@ -112,7 +112,7 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, key: &FlowKey) -> Result<FlowFwd, Rea
     }
     let onlink = (hop.nh_be == pkt.daddr_be).then_some(hop.ifindex);
     let (id, uplink) = select::choose(onlink)?;
-    let flow = conntrack::create(key, pkt, id, uplink, &settings()?)?;
+    let flow = conntrack::create(ctx, key, pkt, id, uplink, &settings()?)?;
     stats::new_flow(id);
     Ok(flow)
 }
@@ -146,10 +146,13 @@ fn is_uplink_device(ifindex: u32) -> bool {
 
 /// `mh_wan_out`: a packet leaving an uplink. Only packets that the LAN
 /// program handed to the kernel carry an uplink mark; they get their SNAT
-/// here. Everything else (the gateway's own traffic, packets the fast path
-/// already translated) passes at the cost of a mark test.
+/// here. Packets the fast path already translated pass at the cost of a
+/// mark test; the gateway's own packets are checked for a port clash.
 #[inline(always)]
 pub fn wan_egress<const L2: bool>(ctx: &TcContext) -> Outcome {
+    if ingress_ifindex(ctx) == 0 {
+        return host_egress::<L2>(ctx);
+    }
     // SAFETY: the context pointer is valid for the program's run.
     let mark = unsafe { (*ctx.skb.skb).mark };
     if mark == 0 {
@@ -182,5 +185,26 @@ pub fn wan_egress<const L2: bool>(ctx: &TcContext) -> Outcome {
         false,
     )?;
     stats::tx(id, pkt.tot_len as u32);
+    Ok(Verdict::Pass)
+}
+
+/// A packet the gateway itself sends. A socket that took an address and
+/// port a NAT flow already holds towards the same remote would have its
+/// replies translated to the LAN host: its packets are dropped instead,
+/// and the flow keeps working.
+#[inline(always)]
+fn host_egress<const L2: bool>(ctx: &TcContext) -> Outcome {
+    let l3 = parse::l3_offset::<L2>(ctx)?;
+    if parse::is_later_fragment(ctx, l3)? {
+        return Ok(Verdict::Pass);
+    }
+    let pkt = parse::parse_ipv4(ctx, l3)?;
+    if !pkt.has_pseudo_header() {
+        return Ok(Verdict::Pass);
+    }
+    let key = conntrack::lan_key(&pkt);
+    if conntrack::lookup_rev(&key.reply(pkt.saddr_be, pkt.sport_be)).is_some() {
+        return Err(Reason::HostPortClash);
+    }
     Ok(Verdict::Pass)
 }

@@ -51,6 +51,11 @@ const ROUTER: Ipv4Addr = ISPX_CORE;
 const SKB_CTX_LEN: usize = 192;
 /// Offset of `mark` in `struct __sk_buff` (after `len` and `pkt_type`).
 const SKB_MARK: usize = 8;
+/// Offset of `ingress_ifindex` in `struct __sk_buff`.
+const SKB_INGRESS_IFINDEX: usize = 36;
+/// `ingress_ifindex` of packets the gateway forwards (from a LAN device);
+/// the gateway's own packets have 0.
+const FORWARDED_IIF: u32 = 7;
 
 fn be(a: Ipv4Addr) -> u32 {
     u32::from(a).to_be()
@@ -297,6 +302,9 @@ fn key_order(k: &FlowKey) -> (u32, u32, u16, u16, u8) {
 struct Datapath {
     ebpf: Ebpf,
     loaded: HashSet<&'static str>,
+    /// `mh_wan_out` runs see the gateway's own packets (ingress_ifindex 0)
+    /// instead of forwarded ones.
+    host_origin: bool,
 }
 
 impl Datapath {
@@ -372,6 +380,7 @@ impl Datapath {
         Datapath {
             ebpf,
             loaded: HashSet::new(),
+            host_origin: false,
         }
     }
 
@@ -396,9 +405,15 @@ impl Datapath {
         frame: &[u8],
         mark: u32,
     ) -> Result<Run, ProgramError> {
+        let iif = if prog == PROG_WAN_OUT && !self.host_origin {
+            FORWARDED_IIF
+        } else {
+            0
+        };
         let p = self.program(prog);
         let mut ctx_in = [0u8; SKB_CTX_LEN];
         ctx_in[SKB_MARK..SKB_MARK + 4].copy_from_slice(&mark.to_ne_bytes());
+        ctx_in[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4].copy_from_slice(&iif.to_ne_bytes());
         let mut ctx_out = [0u8; SKB_CTX_LEN];
         let mut out = vec![0u8; frame.len() + 256];
         let r = p.test_run(TestRunOptions {
@@ -809,6 +824,38 @@ fn wan_out_without_an_uplink_mark_passes_byte_identical() {
         }
         assert_eq!(dp.flows(), before);
         assert_eq!(dp.uplink0_stats(), UplinkStats::default());
+    });
+}
+
+#[test]
+fn wan_out_drops_the_gateways_own_packets_that_clash_with_a_nat_flow_and_passes_the_rest() {
+    with_datapath(|dp| {
+        dp.host_origin = true;
+        for f in &ALL_FLOWS {
+            dp.insert_flow(f);
+        }
+        let before = dp.flows();
+        for f in &ALL_FLOWS {
+            // The gateway's own socket on the flow's NAT address and port.
+            let input = f.outbound_translated().frame();
+            let what = format!("host packet like {}", f.name());
+            for mark in [0, UPLINK_MARK] {
+                let (run, counted) = dp.run_counted(PROG_WAN_OUT, &input, mark);
+                if f.echo() {
+                    assert_untouched(&run, &input, &what);
+                    assert_eq!(counted, NOTHING, "{what}");
+                } else {
+                    assert_eq!(run.ret, TC_ACT_SHOT, "{what} with mark {mark:#x}");
+                    assert_eq!(counted, [(Reason::HostPortClash, 1)], "{what}");
+                }
+            }
+            // Another port: no clash, untouched, even with an uplink mark.
+            let other = f.outbound().with_source(NAT_ADDR, 20000).frame();
+            let (run, counted) = dp.run_counted(PROG_WAN_OUT, &other, UPLINK_MARK);
+            assert_untouched(&run, &other, &format!("{what} on another port"));
+            assert_eq!(counted, NOTHING, "{what} on another port");
+        }
+        assert_eq!(dp.flows(), before, "the flows are left alone");
     });
 }
 
