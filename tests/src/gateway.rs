@@ -116,6 +116,11 @@ impl<'a> Gateway<'a> {
         }
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.proc().pid()
+    }
+
     pub fn pin_dir(&self) -> &Path {
         self.pin.as_ref().expect("pin dir").path()
     }

@@ -24,6 +24,8 @@ pub struct Ctx<'a> {
     pub exe: PathBuf,
     pub gw_mac: String,
     pub client_mac: String,
+    /// The multihome daemon, whose CPU time counts too.
+    pub daemon: Option<u32>,
 }
 
 fn pinned(cmd: &[&str]) -> Vec<String> {
@@ -55,10 +57,20 @@ fn run(ns: &NetNs, cmd: &[&str], timeout: Duration) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Busy CPU time of the whole machine so far (all CPUs, `/proc/stat`).
-fn busy_ns() -> Result<u64> {
+/// Clock ticks per second of /proc's CPU times.
+fn hz() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as u64
+}
+
+/// Busy time of the load CPU so far (`/proc/stat`).
+fn load_cpu_busy_ns() -> Result<u64> {
     let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-    let line = text.lines().next().context("empty /proc/stat")?;
+    let prefix = format!("cpu{LOAD_CPU} ");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .with_context(|| format!("no {prefix:?} line in /proc/stat"))?;
     let f: Vec<u64> = line
         .split_whitespace()
         .skip(1)
@@ -67,9 +79,19 @@ fn busy_ns() -> Result<u64> {
     ensure!(f.len() >= 8, "unexpected /proc/stat line {line:?}");
     // user nice system idle iowait irq softirq steal
     let busy = f[0] + f[1] + f[2] + f[5] + f[6] + f[7];
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Ok(busy * 1_000_000_000 / hz)
+    Ok(busy * 1_000_000_000 / hz())
+}
+
+/// CPU time a process has used so far (`/proc/PID/stat`), 0 if gone.
+fn process_ns(pid: u32) -> u64 {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // After the parenthesised command: state (field 3) ... utime (14), stime (15).
+    let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(11) + ticks(12)) * 1_000_000_000 / hz()
 }
 
 /// Run time of multihome's programs (kernel-wide `mh_*` programs).
@@ -110,11 +132,11 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    fn take(net: &Net) -> Result<Snapshot> {
+    fn take(net: &Net, daemon: Option<u32>) -> Result<Snapshot> {
         Ok(Snapshot {
             at: Instant::now(),
             delivered: net.delivered(),
-            busy_ns: busy_ns()?,
+            busy_ns: load_cpu_busy_ns()? + daemon.map_or(0, process_ns),
             bpf_ns: bpf_run_ns()?,
         })
     }
@@ -182,9 +204,9 @@ impl Ctx<'_> {
         let refs: Vec<&str> = cmd.iter().map(String::as_str).collect();
         let sender = spawn(&self.net.client, &refs);
         sleep(warmup);
-        let a = Snapshot::take(self.net)?;
+        let a = Snapshot::take(self.net, self.daemon)?;
         sleep(window);
-        let b = Snapshot::take(self.net)?;
+        let b = Snapshot::take(self.net, self.daemon)?;
         finish(&sender, secs)?;
         rate(&a, &b)
     }
@@ -379,10 +401,13 @@ mod tests {
     }
 
     #[test]
-    fn proc_stat_busy_time_moves_forward() {
-        let a = busy_ns().expect("busy");
+    fn own_cpu_time_moves_forward_while_spinning() {
+        let me = std::process::id();
+        let a = process_ns(me);
         let t = Instant::now();
-        while t.elapsed() < Duration::from_millis(100) {}
-        assert!(busy_ns().expect("busy") > a);
+        while t.elapsed() < Duration::from_millis(200) {}
+        assert!(process_ns(me) >= a + 10_000_000, "{a} -> {}", process_ns(me));
+        assert!(load_cpu_busy_ns().expect("cpu0 line") > 0);
+        assert_eq!(process_ns(u32::MAX), 0, "a missing process counts 0");
     }
 }

@@ -147,21 +147,22 @@ fn keep_off_load_cpu() {
     }
 }
 
-fn ctx<'a>(net: &'a Net, exe: &Path) -> Result<Ctx<'a>> {
+fn ctx<'a>(net: &'a Net, exe: &Path, running: &modes::Running) -> Result<Ctx<'a>> {
     let (gw_mac, client_mac) = net.lan_macs()?;
     Ok(Ctx {
         net,
         exe: exe.to_path_buf(),
         gw_mac,
         client_mac,
+        daemon: running.gateway.as_ref().map(|g| g.pid()),
     })
 }
 
 /// Every per-round metric of one mode, on a fresh topology.
 fn cell(plan: &Plan, mode: Mode, exe: &Path, r: &mut Results) -> Result<()> {
     let net = Net::build();
-    let _running = modes::start(mode, &net);
-    let c = ctx(&net, exe)?;
+    let running = modes::start(mode, &net);
+    let c = ctx(&net, exe, &running)?;
     let tcp1 = c.tcp(1, plan.tcp_secs).context("TCP, 1 stream")?;
     r.add("tcp1", mode, tcp1);
     let tcp8 = c.tcp(8, plan.tcp_secs).context("TCP, 8 streams")?;
@@ -226,7 +227,7 @@ fn scale_cell(plan: &Plan, mode: Mode, exe: &Path, r: &mut Results) -> Result<()
     }
     let net = Net::build();
     let running = modes::start(mode, &net);
-    let c = ctx(&net, exe)?;
+    let c = ctx(&net, exe, &running)?;
     let empty = c.udp(256, 10, plan.udp_warmup, plan.udp_window)?.pps;
     for (&n, (ratio_id, mem_id)) in plan.scale_sizes.iter().zip(ids) {
         if mode != Mode::Multihome && n > CONNTRACK_MAX {
@@ -348,7 +349,8 @@ fn meta(plan: &Plan, quick: bool) -> results::Meta {
                 .into(),
             "UDP: 64-byte payloads from a raw AF_PACKET sender (PACKET_QDISC_BYPASS, sendmmsg \
              in batches of 64); rates are packets delivered to the far end, counted on its \
-             interfaces. CPU per packet: busy time of all CPUs (/proc/stat) ÷ delivered."
+             interfaces. CPU per packet: busy time of CPU 0 (/proc/stat), plus the \
+             multihome daemon's own CPU time, ÷ packets delivered."
                 .into(),
             "seed: the recipe's rules with `iptables` (Debian's nf_tables backend), plus \
              `lookup main suppress_prefixlength 0` first; its `fwmark 1 lookup 2` typo is kept."
