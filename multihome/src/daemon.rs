@@ -22,6 +22,7 @@ use crate::{
     loader::{self, Datapath, Hook},
     maps::{self, Maps},
     netinfo,
+    reaper::Reaper,
     routing::{self, Routing},
     uplinks::{self, Observed, Probed, UplinkState},
 };
@@ -33,7 +34,6 @@ type NetlinkEvent = (
 
 /// A full re-read of interface state even without events.
 const TICK: Duration = Duration::from_secs(1);
-const REAP_EVERY_TICKS: u32 = 5;
 
 pub struct RunOptions {
     pub config_path: PathBuf,
@@ -54,7 +54,8 @@ struct Daemon {
     routing: Routing,
     observed: Vec<Observed>,
     attached: BTreeSet<(String, String)>,
-    orphan_suspects: Vec<multihome_common::FlowKey>,
+    /// Expires idle flows on its own thread while the daemon serves.
+    reaper: Option<Reaper>,
     /// Per uplink: the probes' verdict, and where they probe from.
     probed: Vec<Probed>,
     probe_bindings: Vec<Option<watch::Sender<Option<ProbeBinding>>>>,
@@ -112,7 +113,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         maps,
         observed: Vec::new(),
         attached: BTreeSet::new(),
-        orphan_suspects: Vec::new(),
+        reaper: None,
         probed: vec![Probed::default(); config.uplinks.len()],
         probe_bindings,
         down_since_s: vec![None; config.uplinks.len()],
@@ -155,7 +156,12 @@ impl Daemon {
             self.config.lan,
             self.opts.pin_dir.display()
         );
+        self.reaper = Some(Reaper::start(
+            self.maps.clone(),
+            self.config.timeouts.clone(),
+        )?);
         let result = self.serve().await;
+        self.reaper = None;
         if self.opts.keep_on_exit {
             info!(
                 "--keep-on-exit: leaving the datapath pinned in {} and forwarding",
@@ -421,7 +427,6 @@ impl Daemon {
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
         let mut tick = tokio::time::interval(TICK);
-        let mut ticks = 0u32;
         loop {
             tokio::select! {
                 _ = term.recv() => { info!("SIGTERM: stopping"); return Ok(()); }
@@ -441,13 +446,7 @@ impl Daemon {
                     while self.events.try_recv().is_ok() {}
                     self.resync().await;
                 }
-                _ = tick.tick() => {
-                    ticks += 1;
-                    self.resync().await;
-                    if ticks.is_multiple_of(REAP_EVERY_TICKS) {
-                        self.reap();
-                    }
-                }
+                _ = tick.tick() => self.resync().await,
             }
         }
     }
@@ -503,18 +502,6 @@ impl Daemon {
         }
     }
 
-    fn reap(&mut self) {
-        let now = maps::boot_ns();
-        match flows::reap(&self.maps, &self.config.timeouts, now) {
-            Ok(0) => {}
-            Ok(n) => log::debug!("expired {n} idle flows"),
-            Err(e) => error!("expiring flows: {e:#}"),
-        }
-        if let Err(e) = flows::reap_orphans(&self.maps, &mut self.orphan_suspects) {
-            error!("removing orphaned reverse entries: {e:#}");
-        }
-    }
-
     /// SIGHUP: re-read the config. Weights and uplink details change in
     /// place; live flows stay where they are pinned.
     async fn reload(&mut self) -> anyhow::Result<()> {
@@ -531,6 +518,9 @@ impl Daemon {
                 "only weights, gateways, addresses, LAN prefixes and timeouts change on reload; \
                  restart for the rest, health probes included (with --keep-on-exit no flow is lost)"
             );
+        }
+        if let Some(r) = &self.reaper {
+            r.set_timeouts(new.timeouts.clone());
         }
         self.config = new;
         let snap = netinfo::snapshot(&self.handle).await?;

@@ -1,8 +1,13 @@
 //! Flow pairs as userspace sees them: state names, timeouts, expiry and
 //! scoped purges. Removal always takes the forward entry first and the
 //! reverse one only while it still points back at that flow.
-use std::net::Ipv4Addr;
+use std::{
+    collections::HashSet,
+    hash::{BuildHasher, Hasher, RandomState},
+    net::Ipv4Addr,
+};
 
+use anyhow::Context as _;
 use aya::maps::{HashMap, MapData};
 use multihome_common::{
     FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FLOW_SEEN_REPLY, FlowFwd, FlowKey, FlowRev, IPPROTO_ICMP,
@@ -10,7 +15,7 @@ use multihome_common::{
 };
 use serde::Serialize;
 
-use crate::{config::Timeouts, maps::Maps};
+use crate::{config::Timeouts, maps::Maps, mapwalk};
 
 pub fn proto_name(p: u8) -> &'static str {
     match p {
@@ -104,11 +109,13 @@ pub fn remove_where(
 ) -> anyhow::Result<usize> {
     let mut fwd = maps.fwd()?;
     let mut rev = maps.rev()?;
-    let victims: Vec<_> = fwd
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(k, f)| doomed(k, f))
-        .collect();
+    let mut victims = Vec::new();
+    mapwalk::for_each(&fwd, |k, f| {
+        if doomed(&k, &f) {
+            victims.push((k, f));
+        }
+    })
+    .context("reading CONN_FWD")?;
     for (k, f) in &victims {
         // Re-read: the flow may have been refreshed since the scan.
         if let Ok(now) = fwd.get(k, 0)
@@ -134,21 +141,93 @@ pub fn reap(maps: &Maps, t: &Timeouts, now_ns: u64) -> anyhow::Result<usize> {
 pub fn reap_orphans(maps: &Maps, suspects: &mut Vec<FlowKey>) -> anyhow::Result<usize> {
     let fwd = maps.fwd()?;
     let mut rev = maps.rev()?;
+    let mut live = KeySet::default();
+    mapwalk::for_each(&fwd, |k, _| live.insert(&k)).context("reading CONN_FWD")?;
     let mut orphans = Vec::new();
-    for (rk, r) in rev.iter().filter_map(Result::ok) {
-        let key = rk.forward(&r);
-        if fwd.get(&key, 0).is_err() {
+    mapwalk::for_each(&rev, |rk, r| {
+        if !live.contains(&rk.forward(&r)) {
             orphans.push(rk);
         }
-    }
+    })
+    .context("reading CONN_REV")?;
+    drop(live);
+    let mut before = KeySet::default();
+    suspects.iter().for_each(|k| before.insert(k));
     let mut removed = 0;
     for rk in &orphans {
-        if suspects.contains(rk) && rev.remove(rk).is_ok() {
+        if before.contains(rk) && rev.remove(rk).is_ok() {
             removed += 1;
         }
     }
     *suspects = orphans;
     Ok(removed)
+}
+
+/// A set of flow keys with a one-multiply hash: SipHash would cost more than
+/// reading the maps at a million flows. The seed is random, against chosen
+/// collisions.
+struct KeySet(HashSet<u128, Fold>);
+
+impl Default for KeySet {
+    fn default() -> Self {
+        Self(HashSet::with_hasher(Fold(RandomState::new().hash_one(0u8))))
+    }
+}
+
+impl KeySet {
+    fn bits(k: &FlowKey) -> u128 {
+        let [a, b, c] = k._pad;
+        u128::from(k.saddr_be)
+            | u128::from(k.daddr_be) << 32
+            | u128::from(k.sport_be) << 64
+            | u128::from(k.dport_be) << 80
+            | u128::from(u32::from_ne_bytes([k.proto, a, b, c])) << 96
+    }
+
+    fn insert(&mut self, k: &FlowKey) {
+        self.0.insert(Self::bits(k));
+    }
+
+    fn contains(&self, k: &FlowKey) -> bool {
+        self.0.contains(&Self::bits(k))
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Fold(u64);
+
+impl BuildHasher for Fold {
+    type Hasher = Fold;
+
+    fn build_hasher(&self) -> Fold {
+        *self
+    }
+}
+
+impl Fold {
+    fn mix(&mut self, w: u64) {
+        let m = u128::from(self.0 ^ w) * 0x9e37_79b9_7f4a_7c15;
+        self.0 = m as u64 ^ (m >> 64) as u64;
+    }
+}
+
+impl Hasher for Fold {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut w = [0; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            self.mix(u64::from_ne_bytes(w));
+        }
+    }
+
+    fn write_u128(&mut self, v: u128) {
+        self.mix(v as u64);
+        self.mix((v >> 64) as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 #[cfg(test)]
@@ -195,5 +274,126 @@ mod tests {
         assert_eq!(timeout_s(&key(IPPROTO_TCP), &f, &t), 240);
         f.flags = FLOW_RST;
         assert_eq!(timeout_s(&key(IPPROTO_TCP), &f, &t), 10);
+    }
+
+    #[test]
+    fn key_bits_tell_every_field_apart() {
+        let k = key(IPPROTO_TCP);
+        let mut variants = vec![k];
+        variants.push(FlowKey { saddr_be: 1, ..k });
+        variants.push(FlowKey { daddr_be: 1, ..k });
+        variants.push(FlowKey { sport_be: 1, ..k });
+        variants.push(FlowKey { dport_be: 1, ..k });
+        variants.push(FlowKey {
+            proto: IPPROTO_UDP,
+            ..k
+        });
+        variants.push(FlowKey {
+            _pad: [0, 0, 1],
+            ..k
+        });
+        let mut set = KeySet::default();
+        for (i, v) in variants.iter().enumerate() {
+            assert!(!set.contains(v), "variant {i}");
+            set.insert(v);
+            assert!(set.contains(v), "variant {i}");
+        }
+    }
+
+    /// Kernel maps pinned in a scratch directory, as the daemon sees them.
+    struct Pinned(std::path::PathBuf);
+
+    impl Pinned {
+        fn new(name: &str) -> Option<Self> {
+            use multihome_common::{MAP_CONN_FWD, MAP_CONN_REV, MAP_SETTINGS};
+            let dir = std::path::Path::new("/sys/fs/bpf")
+                .join(format!("multihome-test-{}-{name}", std::process::id()));
+            let maps = [
+                (MAP_CONN_FWD, crate::mapwalk::test_map(16, 24, 64)?),
+                (MAP_CONN_REV, crate::mapwalk::test_map(16, 8, 64)?),
+                (MAP_SETTINGS, crate::mapwalk::test_map(4, 4, 1)?),
+            ];
+            if let Err(e) = std::fs::create_dir_all(&dir) {
+                eprintln!("skipped: no bpffs: {e}");
+                return None;
+            }
+            let pinned = Self(dir);
+            for (name, m) in maps {
+                m.pin(pinned.0.join(name)).expect("pin");
+            }
+            Some(pinned)
+        }
+    }
+
+    impl Drop for Pinned {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn pair(sport: u16, last_seen_ns: u64) -> (FlowKey, FlowFwd, FlowKey, FlowRev) {
+        let k = FlowKey {
+            sport_be: sport.to_be(),
+            ..key(IPPROTO_UDP)
+        };
+        let f = FlowFwd {
+            last_seen_ns,
+            nat_addr_be: u32::from(Ipv4Addr::new(198, 18, 11, 1)).to_be(),
+            nat_port_be: (sport + 1000).to_be(),
+            ..Default::default()
+        };
+        let r = FlowRev {
+            lan_addr_be: k.saddr_be,
+            lan_port_be: k.sport_be,
+            ..Default::default()
+        };
+        (k, f, k.reply(f.nat_addr_be, f.nat_port_be), r)
+    }
+
+    #[test]
+    fn reaper_on_kernel_maps() {
+        let Some(dir) = Pinned::new("reaper") else {
+            return;
+        };
+        let maps = Maps::open(&dir.0).expect("open");
+        let (mut fwd, mut rev) = (maps.fwd().expect("fwd"), maps.rev().expect("rev"));
+        let now = 1_000_000_000_000;
+        let live = pair(1, now - 10_000_000_000);
+        let idle = pair(2, now - 400_000_000_000);
+        let orphan = pair(3, now);
+        let newborn = pair(4, now);
+        for (k, f, rk, r) in [live, idle] {
+            fwd.insert(k, f, 0).expect("insert");
+            rev.insert(rk, r, 0).expect("insert");
+        }
+        rev.insert(orphan.2, orphan.3, 0).expect("insert");
+        // The datapath adds the reverse half first.
+        rev.insert(newborn.2, newborn.3, 0).expect("insert");
+
+        assert_eq!(reap(&maps, &Timeouts::default(), now).expect("reap"), 1);
+        assert!(fwd.get(&idle.0, 0).is_err() && rev.get(&idle.2, 0).is_err());
+        assert!(fwd.get(&live.0, 0).is_ok() && rev.get(&live.2, 0).is_ok());
+
+        let mut suspects = Vec::new();
+        assert_eq!(reap_orphans(&maps, &mut suspects).expect("orphans"), 0);
+        suspects.sort_by_key(|k| k.dport_be);
+        assert_eq!(suspects, [orphan.2, newborn.2]);
+        fwd.insert(newborn.0, newborn.1, 0).expect("insert");
+        assert_eq!(reap_orphans(&maps, &mut suspects).expect("orphans"), 1);
+        assert_eq!(suspects, [orphan.2], "still the orphan of this pass");
+        assert!(rev.get(&orphan.2, 0).is_err());
+        let mut left: Vec<_> = maps
+            .flows()
+            .expect("flows")
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
+        left.sort_by_key(|k| k.sport_be);
+        assert_eq!(left, [live.0, newborn.0]);
+        assert_eq!(
+            crate::mapwalk::collect(&rev).expect("rev").len(),
+            2,
+            "live and newborn reverse halves"
+        );
     }
 }

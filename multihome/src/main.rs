@@ -7,8 +7,10 @@ mod flows;
 mod health;
 mod loader;
 mod maps;
+mod mapwalk;
 mod metrics;
 mod netinfo;
+mod reaper;
 mod routing;
 mod uplinks;
 

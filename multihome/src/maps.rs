@@ -9,6 +9,9 @@ use multihome_common::{
     SelectTable, Settings, Uplink, UplinkStats,
 };
 
+use crate::mapwalk;
+
+#[derive(Clone)]
 pub struct Maps {
     dir: PathBuf,
 }
@@ -132,8 +135,7 @@ impl Maps {
 
     /// Every forward entry.
     pub fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowFwd)>> {
-        let fwd = self.fwd()?;
-        Ok(fwd.iter().filter_map(Result::ok).collect())
+        mapwalk::collect(&self.fwd()?).context("reading CONN_FWD")
     }
 }
 

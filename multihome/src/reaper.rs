@@ -1,0 +1,85 @@
+//! The reaper: expires idle flows and removes orphaned reverse entries on
+//! a thread of its own, so that a pass over a million flows (about two
+//! seconds here) never holds up link events, probes or commands.
+use std::{
+    sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel},
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use log::{debug, error};
+use multihome_common::FlowKey;
+
+use crate::{
+    config::Timeouts,
+    flows,
+    maps::{self, Maps},
+};
+
+/// Time between passes.
+const EVERY: Duration = Duration::from_secs(5);
+/// Orphans only come from rare races: look for them every sixth pass.
+const ORPHANS_EVERY: u32 = 6;
+
+/// Running reaper; stops when dropped.
+pub struct Reaper {
+    timeouts: Sender<Timeouts>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Reaper {
+    pub fn start(maps: Maps, timeouts: Timeouts) -> anyhow::Result<Reaper> {
+        let (tx, rx) = channel();
+        let thread = std::thread::Builder::new()
+            .name("reaper".into())
+            .spawn(move || run(&maps, timeouts, &rx))
+            .context("starting the reaper thread")?;
+        Ok(Reaper {
+            timeouts: tx,
+            thread: Some(thread),
+        })
+    }
+
+    /// New timeouts (a reload) for the next passes.
+    pub fn set_timeouts(&self, t: Timeouts) {
+        let _ = self.timeouts.send(t);
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        // Closing the channel wakes the thread; it exits between passes.
+        let (tx, _) = channel();
+        drop(std::mem::replace(&mut self.timeouts, tx));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(maps: &Maps, mut timeouts: Timeouts, rx: &Receiver<Timeouts>) {
+    let mut suspects: Vec<FlowKey> = Vec::new();
+    let mut pass = 0u32;
+    loop {
+        match rx.recv_timeout(EVERY) {
+            Ok(t) => {
+                timeouts = t;
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        pass += 1;
+        match flows::reap(maps, &timeouts, maps::boot_ns()) {
+            Ok(0) => {}
+            Ok(n) => debug!("expired {n} idle flows"),
+            Err(e) => error!("expiring flows: {e:#}"),
+        }
+        if pass.is_multiple_of(ORPHANS_EVERY)
+            && let Err(e) = flows::reap_orphans(maps, &mut suspects)
+        {
+            error!("removing orphaned reverse entries: {e:#}");
+        }
+    }
+}
