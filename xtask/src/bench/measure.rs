@@ -406,7 +406,11 @@ mod tests {
         let a = process_ns(me);
         let t = Instant::now();
         while t.elapsed() < Duration::from_millis(200) {}
-        assert!(process_ns(me) >= a + 10_000_000, "{a} -> {}", process_ns(me));
+        assert!(
+            process_ns(me) >= a + 10_000_000,
+            "{a} -> {}",
+            process_ns(me)
+        );
         assert!(load_cpu_busy_ns().expect("cpu0 line") > 0);
         assert_eq!(process_ns(u32::MAX), 0, "a missing process counts 0");
     }
