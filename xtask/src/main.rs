@@ -73,6 +73,10 @@ enum Cmd {
         /// Directory for BENCHMARKS.md, benchmarks.svg and benchmarks.json
         #[arg(long, value_name = "DIR")]
         out: Option<std::path::PathBuf>,
+        /// Measure nothing: rewrite BENCHMARKS.md and the plot from the
+        /// benchmarks.json already in the output directory
+        #[arg(long)]
+        render: bool,
     },
     /// Load generators the bench runs inside its namespaces
     #[command(hide = true)]
@@ -108,7 +112,17 @@ fn main() -> ExitCode {
             }
             test::run(test::Options { filter, no_lint })
         }
-        Cmd::Bench { quick, rounds, out } => bench::run(bench::Options { quick, rounds, out }),
+        Cmd::Bench {
+            quick,
+            rounds,
+            out,
+            render,
+        } => bench::run(bench::Options {
+            quick,
+            rounds,
+            out,
+            render,
+        }),
         Cmd::BenchTool { tool } => bench::traffic::run(tool),
         Cmd::Demo { seconds } => demo(seconds),
     };

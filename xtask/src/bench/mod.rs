@@ -33,6 +33,8 @@ pub struct Options {
     /// Where the report goes (default: docs/, or target/bench/ with
     /// --quick).
     pub out: Option<PathBuf>,
+    /// Only rewrite the report from the results file in `out`.
+    pub render: bool,
 }
 
 /// How long each measurement runs.
@@ -76,6 +78,17 @@ const QUICK: Plan = Plan {
 const CONNTRACK_MAX: u64 = 262_144;
 
 pub fn run(opts: Options) -> Result<()> {
+    let out = opts.out.clone().unwrap_or_else(|| {
+        util::workspace_root().join(if opts.quick { "target/bench" } else { "docs" })
+    });
+    if opts.render {
+        let json = out.join("benchmarks.json");
+        let text = std::fs::read_to_string(&json)
+            .with_context(|| format!("reading {} (run the bench first)", json.display()))?;
+        let r: Results =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))?;
+        return write(&out, &r);
+    }
     util::require_root("`cargo xtask bench`")?;
     setup::ensure()?;
     let bin = build::build(build::Profile::Release)?;
@@ -86,16 +99,13 @@ pub fn run(opts: Options) -> Result<()> {
         plan.rounds = r.max(1);
         plan.scale_rounds = plan.scale_rounds.min(plan.rounds);
     }
-    let out = opts.out.unwrap_or_else(|| {
-        util::workspace_root().join(if opts.quick { "target/bench" } else { "docs" })
-    });
-    keep_off_load_cpu();
-    let exe = std::env::current_exe().context("finding the xtask binary")?;
-    let started = Instant::now();
     let mut r = Results {
         meta: meta(&plan, opts.quick),
         ..Results::default()
     };
+    keep_off_load_cpu();
+    let exe = std::env::current_exe().context("finding the xtask binary")?;
+    let started = Instant::now();
     for round in 0..plan.rounds {
         for mode in rotated(round) {
             println!("round {}/{}: {}", round + 1, plan.rounds, mode.name());

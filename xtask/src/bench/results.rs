@@ -79,7 +79,7 @@ pub const METRICS: &[Metric] = &[
     metric("rr_p99", "Request/response latency p99", "µs", false),
     metric(
         "cpu_ns_pkt",
-        "Machine CPU per delivered packet (UDP 256 flows)",
+        "CPU per delivered packet (UDP 256 flows)",
         "ns",
         false,
     ),
