@@ -67,7 +67,10 @@ pub struct FlowKey {
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    // Two fields, not [u8; 3]: LLVM zeroes a 3-byte array with a call to a
+    // byte-loop memset in BPF code.
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 
 impl FlowKey {
@@ -85,7 +88,8 @@ impl FlowKey {
             },
             dport_be: nat_port_be,
             proto: self.proto,
-            _pad: [0; 3],
+            _pad0: 0,
+            _pad1: 0,
         }
     }
 
@@ -102,7 +106,8 @@ impl FlowKey {
                 self.sport_be
             },
             proto: self.proto,
-            _pad: [0; 3],
+            _pad0: 0,
+            _pad1: 0,
         }
     }
 }
@@ -401,7 +406,8 @@ mod tests {
                     443u16.to_be()
                 },
                 proto,
-                _pad: [0; 3],
+                _pad0: 0,
+                _pad1: 0,
             };
             let rev = fwd.reply(0xc612_0b01u32.to_be(), 61000u16.to_be());
             assert_eq!(rev.saddr_be, fwd.daddr_be);

@@ -39,7 +39,8 @@ pub fn lan_key(pkt: &Packet) -> FlowKey {
         sport_be: pkt.sport_be,
         dport_be: pkt.dport_be,
         proto: pkt.proto,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     }
 }
 

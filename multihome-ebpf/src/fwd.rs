@@ -9,6 +9,8 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head},
     programs::TcContext,
 };
+use core::mem::MaybeUninit;
+
 use multihome_common::Reason;
 
 use crate::{
@@ -44,8 +46,17 @@ pub fn lookup(
     table: Option<u32>,
     mtu_check: bool,
 ) -> Result<Hop, NoHop> {
-    // SAFETY: an all-zero bpf_fib_lookup is a valid request skeleton.
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    let mut params = MaybeUninit::<FibParams>::uninit();
+    // SAFETY: the words cover the struct (its size is a multiple of 4, its
+    // alignment 4); all-zero is a valid request skeleton.
+    let p = unsafe {
+        let words = params.as_mut_ptr() as *mut u32;
+        for i in 0..size_of::<FibParams>() / 4 {
+            // Volatile: a plain zeroing becomes a call to a byte-loop memset.
+            words.add(i).write_volatile(0);
+        }
+        params.assume_init_mut()
+    };
     p.family = AF_INET;
     p.l4_protocol = pkt.proto;
     // SAFETY: the context pointer is valid for the program's run.
@@ -67,7 +78,7 @@ pub fn lookup(
     let ret = unsafe {
         bpf_fib_lookup(
             ctx.skb.skb as *mut _,
-            &mut p,
+            p as *mut FibParams,
             size_of::<FibParams>() as i32,
             flags,
         )

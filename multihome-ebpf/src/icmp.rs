@@ -133,7 +133,8 @@ pub fn wan_error<const L2: bool>(ctx: &TcContext, pkt: &Packet) -> Outcome {
         sport_be: if inner.echo { 0 } else { inner.dport_be },
         dport_be: inner.sport_be,
         proto: inner.proto,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
     let rev = conntrack::lookup_rev(&rev_key).ok_or(Reason::IcmpNoMapping)?;
     // SAFETY: a copy of the map value.
@@ -163,7 +164,8 @@ fn lan_flow_key(inner: &Inner) -> Option<multihome_common::FlowKey> {
         sport_be: inner.dport_be,
         dport_be: inner.sport_be,
         proto: inner.proto,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     })
 }
 

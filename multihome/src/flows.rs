@@ -176,12 +176,12 @@ impl Default for KeySet {
 
 impl KeySet {
     fn bits(k: &FlowKey) -> u128 {
-        let [a, b, c] = k._pad;
+        let [a, b] = k._pad1.to_ne_bytes();
         u128::from(k.saddr_be)
             | u128::from(k.daddr_be) << 32
             | u128::from(k.sport_be) << 64
             | u128::from(k.dport_be) << 80
-            | u128::from(u32::from_ne_bytes([k.proto, a, b, c])) << 96
+            | u128::from(u32::from_ne_bytes([k.proto, k._pad0, a, b])) << 96
     }
 
     fn insert(&mut self, k: &FlowKey) {
@@ -241,7 +241,8 @@ mod tests {
             sport_be: 40000u16.to_be(),
             dport_be: 80u16.to_be(),
             proto,
-            _pad: [0; 3],
+            _pad0: 0,
+            _pad1: 0,
         }
     }
 
@@ -288,10 +289,7 @@ mod tests {
             proto: IPPROTO_UDP,
             ..k
         });
-        variants.push(FlowKey {
-            _pad: [0, 0, 1],
-            ..k
-        });
+        variants.push(FlowKey { _pad1: 1, ..k });
         let mut set = KeySet::default();
         for (i, v) in variants.iter().enumerate() {
             assert!(!set.contains(v), "variant {i}");

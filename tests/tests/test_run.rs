@@ -164,7 +164,8 @@ impl Flow {
                 self.remote_port.to_be()
             },
             proto: self.proto,
-            _pad: [0; 3],
+            _pad0: 0,
+            _pad1: 0,
         }
     }
 
@@ -179,7 +180,8 @@ impl Flow {
             },
             dport_be: self.nat_port.to_be(),
             proto: self.proto,
-            _pad: [0; 3],
+            _pad0: 0,
+            _pad1: 0,
         }
     }
 
@@ -1886,4 +1888,45 @@ fn wan_out_malformed_non_first_fragments_pass_byte_identical() {
             failures.join("\n\n")
         );
     });
+}
+
+/// The compiler's `memset`/`memcpy` for BPF are byte-at-a-time loops: a
+/// 64-byte zeroing cost more than a map lookup. No program may call them.
+#[test]
+fn no_program_calls_the_byte_loop_memory_builtins() {
+    let objdump = "/usr/lib/llvm-22/bin/llvm-objdump";
+    assert!(
+        std::path::Path::new(objdump).exists(),
+        "{objdump} is missing: run `cargo xtask setup` (package llvm-22)"
+    );
+    let path = std::env::temp_dir().join(format!("mh-builtins-{}.o", std::process::id()));
+    std::fs::write(&path, object()).expect("write the object");
+    let out = Command::new(objdump)
+        .args(["-d", "-r"])
+        .arg(&path)
+        .output()
+        .expect("run llvm-objdump");
+    let _ = std::fs::remove_file(&path);
+    assert!(out.status.success(), "llvm-objdump failed: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut program = "";
+    let mut calls = Vec::new();
+    for line in text.lines() {
+        if let Some(name) = line
+            .split_once(" <")
+            .and_then(|(_, r)| r.strip_suffix(">:"))
+        {
+            program = if name.starts_with("mh_") { name } else { "" };
+        } else if !program.is_empty() && line.contains("R_BPF_64_32") {
+            let target = line.split_whitespace().last().unwrap_or("");
+            if ["memset", "memcpy", "memmove", "memcmp", "bcmp"].contains(&target) {
+                calls.push(format!("{program} calls {target}"));
+            }
+        }
+    }
+    assert!(
+        text.contains("<mh_lan_in>:"),
+        "no mh_lan_in in:\n{text:.500}"
+    );
+    assert!(calls.is_empty(), "{calls:#?}");
 }
