@@ -67,7 +67,7 @@ enum Cmd {
         /// A short run (under 3 minutes) that writes to target/bench/
         #[arg(long)]
         quick: bool,
-        /// Rounds of every mode (default 5, or 2 with --quick)
+        /// Rounds of every mode (default 7, or 2 with --quick)
         #[arg(long)]
         rounds: Option<usize>,
         /// Directory for BENCHMARKS.md, benchmarks.svg and benchmarks.json

@@ -1,9 +1,10 @@
 //! `cargo xtask bench [--quick]`: multihome against plain routing, the
 //! seed's iptables recipe and its nftables twin, side by side (issue #7).
 //!
-//! Every round runs each mode once, in an order that rotates from round to
-//! round, each on a topology built fresh for it; the report gives the
-//! median of the rounds with the spread.
+//! Every round builds one topology per mode, all up side by side, and runs
+//! each measurement on every mode in turn, in an order that rotates from
+//! round to round; the report gives the median of the rounds with the
+//! spread.
 pub mod measure;
 pub mod modes;
 pub mod report;
@@ -51,7 +52,7 @@ struct Plan {
 }
 
 const FULL: Plan = Plan {
-    rounds: 5,
+    rounds: 7,
     tcp_secs: 3,
     udp_warmup: Duration::from_millis(300),
     udp_window: Duration::from_secs(2),
@@ -107,13 +108,11 @@ pub fn run(opts: Options) -> Result<()> {
     let exe = std::env::current_exe().context("finding the xtask binary")?;
     let started = Instant::now();
     for round in 0..plan.rounds {
-        for mode in rotated(round) {
-            println!("round {}/{}: {}", round + 1, plan.rounds, mode.name());
-            if let Err(e) = cell(&plan, mode, &exe, &mut r) {
-                let msg = format!("round {} {}: {e:#}", round + 1, mode.name());
-                eprintln!("warning: {msg}");
-                r.meta.notes.push(format!("Failed: {msg}"));
-            }
+        println!("round {}/{}", round + 1, plan.rounds);
+        if let Err(e) = run_round(&plan, round, &exe, &mut r) {
+            let msg = format!("round {}: {e:#}", round + 1);
+            eprintln!("warning: {msg}");
+            r.meta.notes.push(format!("Failed: {msg}"));
         }
     }
     for round in 0..plan.scale_rounds {
@@ -168,60 +167,116 @@ fn ctx<'a>(net: &'a Net, exe: &Path, running: &modes::Running) -> Result<Ctx<'a>
     })
 }
 
-/// Every per-round metric of one mode, on a fresh topology.
-fn cell(plan: &Plan, mode: Mode, exe: &Path, r: &mut Results) -> Result<()> {
-    let net = Net::build();
-    let running = modes::start(mode, &net);
-    let c = ctx(&net, exe, &running)?;
-    let tcp1 = c.tcp(1, plan.tcp_secs).context("TCP, 1 stream")?;
-    r.add("tcp1", mode, tcp1);
-    let tcp8 = c.tcp(8, plan.tcp_secs).context("TCP, 8 streams")?;
-    r.add("tcp8", mode, tcp8);
-    let udp = c
-        .udp(256, 10, plan.udp_warmup, plan.udp_window)
-        .context("UDP, 256 flows")?;
-    r.add("udp_pps", mode, udp.pps / 1e3);
-    r.add("cpu_ns_pkt", mode, udp.cpu_ns_per_pkt);
-    // A run of its own: the statistics cost two clock reads per program run.
-    let bpf_ns = if mode == Mode::Multihome {
+/// One mode, up in its own topology for a round.
+struct Live<'a> {
+    mode: Mode,
+    net: &'a Net,
+    ctx: Ctx<'a>,
+    _running: modes::Running<'a>,
+}
+
+/// One measurement step, run on every mode in turn.
+type Step = fn(&Plan, &Live, &mut Results) -> Result<String>;
+
+/// The steps of a round, in order. The offload-off rate comes before the
+/// loads that leave thousands of flows behind (wrk, new flows), so that
+/// every stateful mode starts it from a small table.
+const STEPS: &[(&str, Step)] = &[
+    ("TCP, 1 stream", |p, l, r| {
+        let v = l.ctx.tcp(1, p.tcp_secs)?;
+        r.add("tcp1", l.mode, v);
+        Ok(format!("{v:.2} Gbit/s"))
+    }),
+    ("TCP, 8 streams", |p, l, r| {
+        let v = l.ctx.tcp(8, p.tcp_secs)?;
+        r.add("tcp8", l.mode, v);
+        Ok(format!("{v:.2} Gbit/s"))
+    }),
+    ("UDP, 256 flows", |p, l, r| {
+        let u = l.ctx.udp(256, 10, p.udp_warmup, p.udp_window)?;
+        r.add("udp_pps", l.mode, u.pps / 1e3);
+        r.add("cpu_ns_pkt", l.mode, u.cpu_ns_per_pkt);
+        Ok(format!(
+            "{:.0} kpps, {:.0} ns CPU/pkt",
+            u.pps / 1e3,
+            u.cpu_ns_per_pkt
+        ))
+    }),
+    ("BPF run time", |p, l, r| {
+        if l.mode != Mode::Multihome {
+            r.skip("bpf_ns_pkt", l.mode, "no BPF programs in this mode");
+            return Ok("-".into());
+        }
+        // A run of its own: the statistics cost two clock reads per run.
         let _stats = measure::enable_bpf_stats().context("enabling BPF run-time statistics")?;
-        let run = c.udp(256, 10, plan.udp_warmup, plan.udp_window)?;
-        r.add("bpf_ns_pkt", mode, run.bpf_ns_per_pkt);
-        run.bpf_ns_per_pkt
-    } else {
-        r.skip("bpf_ns_pkt", mode, "no BPF programs in this mode");
-        0.0
-    };
-    // Before the loads that leave thousands of flows behind (wrk, new
-    // flows): every stateful mode then starts this one from a small table.
-    net.set_offloads(false);
-    let nooff = c
-        .udp(256, 10, plan.udp_warmup, plan.udp_window)
-        .context("UDP, offloads off")?;
-    r.add("udp_pps_nooff", mode, nooff.pps / 1e3);
-    net.set_offloads(true);
-    let (p50, p99) = c.latency(plan.rr_count).context("request/response")?;
-    r.add("rr_p50", mode, p50);
-    r.add("rr_p99", mode, p99);
-    let (conns, errors) = c.conn_rate(plan.wrk_secs).context("wrk")?;
-    r.add("conn_rate", mode, conns);
-    if errors > 0 {
-        r.meta.notes.push(format!(
-            "wrk saw {errors} socket errors in a {} run",
-            mode.name()
-        ));
+        let u = l.ctx.udp(256, 10, p.udp_warmup, p.udp_window)?;
+        r.add("bpf_ns_pkt", l.mode, u.bpf_ns_per_pkt);
+        Ok(format!("{:.0} ns/pkt", u.bpf_ns_per_pkt))
+    }),
+    ("UDP, offloads off", |p, l, r| {
+        l.net.set_offloads(false);
+        let u = l.ctx.udp(256, 10, p.udp_warmup, p.udp_window);
+        l.net.set_offloads(true);
+        let u = u?;
+        r.add("udp_pps_nooff", l.mode, u.pps / 1e3);
+        Ok(format!("{:.0} kpps", u.pps / 1e3))
+    }),
+    ("request/response", |p, l, r| {
+        let (p50, p99) = l.ctx.latency(p.rr_count)?;
+        r.add("rr_p50", l.mode, p50);
+        r.add("rr_p99", l.mode, p99);
+        Ok(format!("p50 {p50:.1} µs, p99 {p99:.1} µs"))
+    }),
+    ("wrk", |p, l, r| {
+        let (conns, errors) = l.ctx.conn_rate(p.wrk_secs)?;
+        r.add("conn_rate", l.mode, conns);
+        if errors > 0 {
+            r.meta.notes.push(format!(
+                "wrk saw {errors} socket errors in a {} run",
+                l.mode.name()
+            ));
+        }
+        Ok(format!("{conns:.0} conn/s"))
+    }),
+    ("new flows", |p, l, r| {
+        let v = l.ctx.new_flows(p.new_flow_secs)?;
+        r.add("newflow_pps", l.mode, v / 1e3);
+        Ok(format!("{:.0} kpps", v / 1e3))
+    }),
+];
+
+/// A round: the four modes up side by side in topologies of their own,
+/// and every step run on each mode in turn (in an order that rotates from
+/// round to round), so that the modes of one metric are measured within
+/// seconds of each other.
+fn run_round(plan: &Plan, round: usize, exe: &Path, r: &mut Results) -> Result<()> {
+    let order = rotated(round);
+    let nets: Vec<Net> = order.iter().map(|_| Net::build()).collect();
+    let mut live = Vec::new();
+    for (&mode, net) in order.iter().zip(&nets) {
+        let running = modes::start(mode, net);
+        live.push(Live {
+            mode,
+            net,
+            ctx: ctx(net, exe, &running)?,
+            _running: running,
+        });
     }
-    let new = c.new_flows(plan.new_flow_secs).context("new flows")?;
-    r.add("newflow_pps", mode, new / 1e3);
-    println!(
-        "  tcp1 {tcp1:.2} Gbit/s, tcp8 {tcp8:.2} Gbit/s, udp {:.0} kpps ({:.0} ns/pkt CPU, {:.0} ns BPF), \
-         new flows {:.0} kpps, {conns:.0} conn/s, rr p50 {p50:.1} µs p99 {p99:.1} µs, udp offloads off {:.0} kpps",
-        udp.pps / 1e3,
-        udp.cpu_ns_per_pkt,
-        bpf_ns,
-        new / 1e3,
-        nooff.pps / 1e3
-    );
+    for (name, step) in STEPS {
+        let mut line = format!("  {name}:");
+        for l in &live {
+            match step(plan, l, r).with_context(|| format!("{name}, {}", l.mode.name())) {
+                Ok(v) => line += &format!(" {} {v};", l.mode.name()),
+                Err(e) => {
+                    eprintln!("warning: round {}: {e:#}", round + 1);
+                    r.meta
+                        .notes
+                        .push(format!("Failed: round {}: {e:#}", round + 1));
+                }
+            }
+        }
+        println!("{line}");
+    }
     Ok(())
 }
 
@@ -350,8 +405,10 @@ fn meta(plan: &Plan, quick: bool) -> results::Meta {
         quick,
         seconds: 0.0,
         notes: vec![
-            "Topology: client — gateway — internet host, one veth pair per link, two uplinks; \
-             a fresh set of namespaces for every mode in every round."
+            "Topology: client — gateway — internet host, one veth pair per link, two uplinks. \
+             Each round builds one such topology per mode, all four up at once, and runs \
+             every measurement on each mode in turn (A B C D, order rotating by round); \
+             the scale rounds build fresh ones."
                 .into(),
             "Loads and the whole forwarding path run on CPU 0 (`taskset -c 0`, no RPS); \
              the bench and the multihome daemon on CPU 1."
