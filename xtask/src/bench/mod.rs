@@ -29,7 +29,7 @@ use crate::{build, setup, util};
 pub struct Options {
     /// A short run, for development.
     pub quick: bool,
-    /// Rounds instead of the default (5, or 2 with --quick).
+    /// Rounds instead of the default (7, or 2 with --quick).
     pub rounds: Option<usize>,
     /// Where the report goes (default: docs/, or target/bench/ with
     /// --quick).
