@@ -51,8 +51,9 @@ enum Cmd {
         #[arg(last = true, value_name = "ARGS")]
         args: Vec<OsString>,
     },
-    /// Lint, build, run the unit and integration tests (what CI runs);
-    /// stops at the first failing step
+    /// Lint, build, run the unit and integration tests, then one short
+    /// round of the benchmarks (what CI runs); stops at the first failing
+    /// step
     Test {
         /// Only run the integration tests whose name contains FILTER
         filter: Option<String>,

@@ -225,6 +225,28 @@ fn plan(filter: Option<&str>, no_lint: bool) -> Vec<Step> {
             action: Action::CargoTest(integration),
         },
     ]);
+    if filter.is_none() {
+        // One short round of every benchmark, so that the bench keeps
+        // working; its figures are not checked.
+        let mut bench = util::cargo();
+        bench.args([
+            "run",
+            "--quiet",
+            "-p",
+            "xtask",
+            "--",
+            "bench",
+            "--quick",
+            "--rounds",
+            "1",
+            "--out",
+            "target/bench-smoke",
+        ]);
+        steps.push(Step {
+            name: "bench-smoke",
+            action: Action::Cargo(bench),
+        });
+    }
     steps
 }
 

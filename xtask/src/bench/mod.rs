@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 
 use self::{
     measure::Ctx,
@@ -131,7 +131,20 @@ pub fn run(opts: Options) -> Result<()> {
         }
     }
     r.meta.seconds = started.elapsed().as_secs_f64();
-    write(&out, &r)
+    write(&out, &r)?;
+    let failed = r
+        .meta
+        .notes
+        .iter()
+        .filter(|n| n.starts_with("Failed"))
+        .count();
+    if failed > 0 {
+        bail!(
+            "{failed} measurements failed (listed in {}); the report has the rest",
+            out.join("BENCHMARKS.md").display()
+        );
+    }
+    Ok(())
 }
 
 /// The modes in round `round`'s order: rotated so that no mode always
