@@ -114,8 +114,9 @@ pub struct Topology {
     pub seg: Option<NetNs>,
 }
 
-/// A namespace with the harness defaults (see module docs).
-fn base_ns(prefix: &str, forwarding: bool) -> NetNs {
+/// A namespace with the harness defaults (see module docs): `rp_filter`
+/// off, IPv6 off, IPv4 forwarding as asked.
+pub fn base_ns(prefix: &str, forwarding: bool) -> NetNs {
     let ns = NetNs::new(prefix);
     for key in [
         "net.ipv4.conf.all.rp_filter",

@@ -7,6 +7,14 @@ use crate::netns::NetNs;
 ///
 /// The pair is created from inside `a`, so the root namespace is never touched.
 pub fn veth(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) {
+    veth_with_offloads(a, a_if, b, b_if);
+    disable_offloads(a, a_if);
+    disable_offloads(b, b_if);
+}
+
+/// Like [`veth`], but keeps the kernel's default offloads (checksum, TSO,
+/// GSO on), as a real gateway has them: for measurements.
+pub fn veth_with_offloads(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) {
     a.exec(&[
         "ip",
         "link",
@@ -20,10 +28,8 @@ pub fn veth(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) {
         "netns",
         b.name(),
     ]);
-    for (ns, ifname) in [(a, a_if), (b, b_if)] {
-        disable_offloads(ns, ifname);
-        link_up(ns, ifname);
-    }
+    link_up(a, a_if);
+    link_up(b, b_if);
 }
 
 /// `ethtool -K IF tx off rx off`.

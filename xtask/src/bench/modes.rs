@@ -82,93 +82,17 @@ fn seed_routing(gw: &NetNs) {
 }
 
 fn seed_iptables(gw: &NetNs) {
-    let rules: [&[&str]; 6] = [
-        &[
-            "-t",
-            "mangle",
-            "-A",
-            "POSTROUTING",
-            "-o",
-            "wanx",
-            "-m",
-            "state",
-            "--state",
-            "NEW",
-            "-j",
-            "MARK",
-            "--set-mark",
-            "1",
-        ],
-        &[
-            "-t",
-            "mangle",
-            "-A",
-            "POSTROUTING",
-            "-o",
-            "wany",
-            "-m",
-            "state",
-            "--state",
-            "NEW",
-            "-j",
-            "MARK",
-            "--set-mark",
-            "2",
-        ],
-        &[
-            "-t",
-            "mangle",
-            "-A",
-            "POSTROUTING",
-            "-m",
-            "state",
-            "--state",
-            "NEW",
-            "-j",
-            "CONNMARK",
-            "--save-mark",
-        ],
-        &[
-            "-t",
-            "mangle",
-            "-A",
-            "PREROUTING",
-            "-j",
-            "CONNMARK",
-            "--restore-mark",
-        ],
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "POSTROUTING",
-            "-m",
-            "mark",
-            "--mark",
-            "1",
-            "-j",
-            "SNAT",
-            "--to-source",
-            &X_ADDR.to_string(),
-        ],
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "POSTROUTING",
-            "-m",
-            "mark",
-            "--mark",
-            "2",
-            "-j",
-            "SNAT",
-            "--to-source",
-            &Y_ADDR.to_string(),
-        ],
+    let rules = [
+        "-t mangle -A POSTROUTING -o wanx -m state --state NEW -j MARK --set-mark 1".to_string(),
+        "-t mangle -A POSTROUTING -o wany -m state --state NEW -j MARK --set-mark 2".to_string(),
+        "-t mangle -A POSTROUTING -m state --state NEW -j CONNMARK --save-mark".to_string(),
+        "-t mangle -A PREROUTING -j CONNMARK --restore-mark".to_string(),
+        format!("-t nat -A POSTROUTING -m mark --mark 1 -j SNAT --to-source {X_ADDR}"),
+        format!("-t nat -A POSTROUTING -m mark --mark 2 -j SNAT --to-source {Y_ADDR}"),
     ];
     for rule in rules {
         let mut cmd = vec!["iptables", "-w"];
-        cmd.extend_from_slice(rule);
+        cmd.extend(rule.split_whitespace());
         gw.exec(&cmd);
     }
 }

@@ -15,7 +15,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result};
-use testbed::{NetNs, addr, link_up, route};
+use testbed::{NetNs, addr, base_ns, route, veth_with_offloads};
 
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 pub const GW_LAN: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
@@ -51,37 +51,6 @@ pub struct Net {
     pub inet: NetNs,
 }
 
-fn ns(prefix: &str, forwarding: bool) -> NetNs {
-    let ns = NetNs::new(prefix);
-    ns.sysctl("net.ipv4.conf.all.rp_filter", "0");
-    ns.sysctl("net.ipv4.conf.default.rp_filter", "0");
-    if std::path::Path::new("/proc/sys/net/ipv6").exists() {
-        ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
-        ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
-    }
-    ns.sysctl("net.ipv4.ip_forward", if forwarding { "1" } else { "0" });
-    ns
-}
-
-/// A veth pair with the kernel's default offloads.
-fn pair(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) {
-    a.exec(&[
-        "ip",
-        "link",
-        "add",
-        a_if,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        b_if,
-        "netns",
-        b.name(),
-    ]);
-    link_up(a, a_if);
-    link_up(b, b_if);
-}
-
 /// Loads an nftables ruleset into `ns`.
 pub fn nft(ns: &NetNs, ruleset: &str) {
     let path = std::env::temp_dir().join(format!("{}.nft", ns.name()));
@@ -102,13 +71,13 @@ fn mac(ns: &NetNs, ifname: &str) -> Result<String> {
 impl Net {
     pub fn build() -> Net {
         let n = Net {
-            client: ns("bc", false),
-            gw: ns("bg", true),
-            inet: ns("bi", false),
+            client: base_ns("bc", false),
+            gw: base_ns("bg", true),
+            inet: base_ns("bi", false),
         };
-        pair(&n.client, "lan0", &n.gw, "lan0");
-        pair(&n.gw, "wanx", &n.inet, "ix");
-        pair(&n.gw, "wany", &n.inet, "iy");
+        veth_with_offloads(&n.client, "lan0", &n.gw, "lan0");
+        veth_with_offloads(&n.gw, "wanx", &n.inet, "ix");
+        veth_with_offloads(&n.gw, "wany", &n.inet, "iy");
         addr(&n.client, "lan0", &format!("{CLIENT}/24"));
         route(&n.client, &format!("default via {GW_LAN}"));
         addr(&n.gw, "lan0", &format!("{GW_LAN}/24"));
