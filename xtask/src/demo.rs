@@ -3,10 +3,7 @@
 //! that drop spoofed sources, a server behind both), the gateway running
 //! in it, some traffic, and what to try next. Everything is removed on
 //! exit.
-use std::{
-    sync::atomic::{AtomicBool, Ordering},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use testbed::{
@@ -14,23 +11,13 @@ use testbed::{
     tcp_seen_as, udp_peer_server, udp_seen_as,
 };
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
 pub struct Options {
     /// Stop after this long instead of waiting for Ctrl-C.
     pub seconds: Option<u64>,
 }
 
 pub fn run(bin: &std::path::Path, opts: Options) -> Result<()> {
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+    crate::util::catch_stop_signals();
     // SAFETY: single-threaded at this point.
     unsafe { std::env::set_var("MULTIHOME_BIN", bin) };
     println!("building the demo topology in network namespaces...");
@@ -62,7 +49,7 @@ pub fn run(bin: &std::path::Path, opts: Options) -> Result<()> {
     println!("{intro}\nconfig:\n{config}");
     let started = Instant::now();
     let running = || {
-        !STOP.load(Ordering::Relaxed)
+        !crate::util::stopping()
             && opts
                 .seconds
                 .is_none_or(|s| started.elapsed() < Duration::from_secs(s))

@@ -105,9 +105,11 @@ pub fn run(opts: Options) -> Result<()> {
         ..Results::default()
     };
     keep_off_load_cpu();
+    util::catch_stop_signals();
     let exe = std::env::current_exe().context("finding the xtask binary")?;
     let started = Instant::now();
     for round in 0..plan.rounds {
+        interrupted()?;
         println!("round {}/{}", round + 1, plan.rounds);
         if let Err(e) = run_round(&plan, round, &exe, &mut r) {
             let msg = format!("round {}: {e:#}", round + 1);
@@ -117,6 +119,7 @@ pub fn run(opts: Options) -> Result<()> {
     }
     for round in 0..plan.scale_rounds {
         for mode in rotated(round) {
+            interrupted()?;
             println!(
                 "scale round {}/{}: {}",
                 round + 1,
@@ -143,6 +146,14 @@ pub fn run(opts: Options) -> Result<()> {
             "{failed} measurements failed (listed in {}); the report has the rest",
             out.join("BENCHMARKS.md").display()
         );
+    }
+    Ok(())
+}
+
+/// Ctrl-C: stop between steps; dropping the topologies removes them.
+fn interrupted() -> Result<()> {
+    if util::stopping() {
+        bail!("interrupted: nothing written; the namespaces are removed");
     }
     Ok(())
 }
@@ -276,6 +287,7 @@ fn run_round(plan: &Plan, round: usize, exe: &Path, r: &mut Results) -> Result<(
         });
     }
     for (name, step) in STEPS {
+        interrupted()?;
         let mut line = format!("  {name}:");
         for l in &live {
             match step(plan, l, r).with_context(|| format!("{name}, {}", l.mode.name())) {
