@@ -62,13 +62,13 @@ enum Cmd {
         no_lint: bool,
     },
     /// Benchmark multihome against plain routing, the seed's iptables
-    /// recipe and nftables, side by side (about 10 minutes; writes
+    /// recipe and nftables, side by side (about 8 minutes after the build; writes
     /// docs/BENCHMARKS.md and its plot)
     Bench {
         /// A short run (under 3 minutes) that writes to target/bench/
         #[arg(long)]
         quick: bool,
-        /// Rounds of every mode (default 7, or 2 with --quick)
+        /// Rounds of every mode (default 6, or 2 with --quick)
         #[arg(long)]
         rounds: Option<usize>,
         /// Directory for BENCHMARKS.md, benchmarks.svg and benchmarks.json

@@ -29,7 +29,7 @@ use crate::{build, setup, util};
 pub struct Options {
     /// A short run, for development.
     pub quick: bool,
-    /// Rounds instead of the default (7, or 2 with --quick).
+    /// Rounds instead of the default (6, or 2 with --quick).
     pub rounds: Option<usize>,
     /// Where the report goes (default: docs/, or target/bench/ with
     /// --quick).
@@ -52,7 +52,7 @@ struct Plan {
 }
 
 const FULL: Plan = Plan {
-    rounds: 7,
+    rounds: 6,
     tcp_secs: 3,
     udp_warmup: Duration::from_millis(300),
     udp_window: Duration::from_secs(2),
