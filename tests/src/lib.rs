@@ -30,9 +30,10 @@ pub use gateway::{Gateway, config_for};
 pub use host::{PinDir, ensure_bpffs, multihome_bin, require_root, unique_pin_dir, workspace_root};
 pub use netns::{NetNs, NsEnterGuard, Proc};
 pub use services::{
-    IO_TIMEOUT, Mode, PingStats, Server, ping, ping_from, ping_stats, tcp_connect, tcp_echo_server,
-    tcp_peer_server, tcp_request, tcp_request_from, tcp_seen_as, tcp_server, udp_echo_server,
-    udp_peer_server, udp_request, udp_request_from, udp_seen_as, udp_server,
+    IO_TIMEOUT, Mode, PingStats, Server, ping, ping_from, ping_stats, tcp_connect,
+    tcp_connect_from, tcp_echo_server, tcp_peer_server, tcp_request, tcp_request_from, tcp_seen_as,
+    tcp_server, udp_echo_server, udp_exchange, udp_peer_server, udp_request, udp_request_from,
+    udp_seen_as, udp_seen_from, udp_server,
 };
 pub use topology::*;
 pub use tun::{TunRelay, create_tun};

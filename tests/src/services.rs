@@ -216,9 +216,18 @@ pub fn udp_server(ns: &NetNs, addr: Ipv4Addr, port: u16, mode: Mode) -> Server {
 /// Connects from `ns` (optionally bound to source `src`) with [`IO_TIMEOUT`]
 /// for connect, reads and writes.
 pub fn tcp_connect(ns: &NetNs, src: Option<Ipv4Addr>, dst: SocketAddrV4) -> io::Result<TcpStream> {
+    tcp_connect_from(ns, src.map(|a| SocketAddrV4::new(a, 0)), dst)
+}
+
+/// [`tcp_connect`] from a given source address and port.
+pub fn tcp_connect_from(
+    ns: &NetNs,
+    src: Option<SocketAddrV4>,
+    dst: SocketAddrV4,
+) -> io::Result<TcpStream> {
     let sock = ns.run(|| Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)))?;
     if let Some(src) = src {
-        sock.bind(&SockAddr::from(SocketAddrV4::new(src, 0)))?;
+        sock.bind(&SockAddr::from(src))?;
     }
     sock.connect_timeout(&SockAddr::from(dst), IO_TIMEOUT)?;
     let s: TcpStream = sock.into();
@@ -303,6 +312,12 @@ pub fn udp_request_from(
     payload: &[u8],
 ) -> io::Result<Vec<u8>> {
     let sock = ns.run(|| UdpSocket::bind((src.unwrap_or(Ipv4Addr::UNSPECIFIED), 0)))?;
+    udp_exchange(&sock, dst, payload)
+}
+
+/// Sends `payload` from `sock` to `dst` and waits for one reply; up to 3
+/// attempts, 1 s each. `sock` is connected to `dst`.
+pub fn udp_exchange(sock: &UdpSocket, dst: SocketAddrV4, payload: &[u8]) -> io::Result<Vec<u8>> {
     sock.connect(dst)?;
     sock.set_read_timeout(Some(Duration::from_secs(1)))?;
     let mut buf = vec![0u8; 65536];
@@ -329,6 +344,11 @@ pub fn udp_seen_as(
     dst: SocketAddrV4,
 ) -> io::Result<SocketAddrV4> {
     parse_peer(&udp_request_from(ns, src, dst, b"?")?)
+}
+
+/// [`udp_seen_as`] from a socket the caller bound (to a chosen port).
+pub fn udp_seen_from(sock: &UdpSocket, dst: SocketAddrV4) -> io::Result<SocketAddrV4> {
+    parse_peer(&udp_exchange(sock, dst, b"?")?)
 }
 
 /// Result of [`ping_stats`].

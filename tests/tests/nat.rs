@@ -123,31 +123,13 @@ fn two_lan_hosts_on_the_same_source_port_to_the_same_server_both_work() {
     // One uplink only, so both flows need the same NAT address.
     let _gw = Gateway::start(&t.gw, &config_for(&t, [1, 0], ""));
     let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
-    // Port 1234 is outside the gateway's ephemeral range, so it is kept
-    // when free: the first flow keeps it, the second must move.
-    let a = t
-        .client
-        .run(|| UdpSocket::bind((CLIENT_ADDR, 1234)))
-        .expect("bind a");
-    let b = t
-        .client2()
-        .run(|| UdpSocket::bind((CLIENT2_ADDR, 1234)))
-        .expect("bind b");
-    let mut seen = Vec::new();
-    for s in [&a, &b] {
-        s.connect(srv.addr()).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(2)))
-            .expect("timeout");
-        s.send(b"?").expect("send");
-        let mut buf = [0u8; 64];
-        let n = s.recv(&mut buf).expect("each client gets its own reply");
-        let peer: SocketAddrV4 = std::str::from_utf8(&buf[..n])
-            .expect("utf-8")
-            .trim()
-            .parse()
-            .expect("peer");
-        seen.push(peer);
-    }
+    // A free LAN port is kept: the first flow keeps it, the second must move.
+    let a = udp_bound(&t.client, CLIENT_ADDR, 1234);
+    let b = udp_bound(t.client2(), CLIENT2_ADDR, 1234);
+    let seen: Vec<SocketAddrV4> = [&a, &b]
+        .iter()
+        .map(|s| udp_seen_from(s, srv.addr()).expect("each client gets its own reply"))
+        .collect();
     assert_eq!(*seen[0].ip(), UPLINK_X_ADDR);
     assert_eq!(*seen[1].ip(), UPLINK_X_ADDR);
     assert_eq!(seen[0].port(), 1234, "a free LAN port is kept");
@@ -155,9 +137,7 @@ fn two_lan_hosts_on_the_same_source_port_to_the_same_server_both_work() {
     assert!((61000..=65535).contains(&seen[1].port()), "{:?}", seen[1]);
     // Replies still reach the right host after both exist.
     for s in [&a, &b] {
-        s.send(b"?").expect("send");
-        let mut buf = [0u8; 64];
-        s.recv(&mut buf).expect("second reply");
+        udp_exchange(s, srv.addr(), b"?").expect("second reply");
     }
 }
 
@@ -444,25 +424,6 @@ fn gso_super_packets_stay_on_the_fast_path_with_offloads_on() {
     );
 }
 
-/// Sends one datagram from `sock` to `server` and returns the source the
-/// server saw (its reply).
-fn seen_from(sock: &UdpSocket, server: SocketAddrV4) -> std::io::Result<SocketAddrV4> {
-    sock.set_read_timeout(Some(Duration::from_secs(1)))?;
-    let mut buf = [0u8; 64];
-    let mut last = None;
-    for _ in 0..3 {
-        sock.send_to(b"?", server)?;
-        match sock.recv(&mut buf) {
-            Ok(n) => {
-                let text = std::str::from_utf8(&buf[..n]).expect("utf-8");
-                return Ok(text.trim().parse().expect("peer address"));
-            }
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.expect("three attempts"))
-}
-
 fn udp_bound(ns: &NetNs, addr: Ipv4Addr, port: u16) -> UdpSocket {
     ns.run(|| UdpSocket::bind((addr, port)))
         .unwrap_or_else(|e| panic!("bind {addr}:{port} in {}: {e}", ns.name()))
@@ -475,7 +436,7 @@ fn a_free_lan_port_inside_the_gateways_ephemeral_range_is_kept() {
     let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
     // 40000 lies in the default ip_local_port_range (32768-60999).
     let sock = udp_bound(&t.client, CLIENT_ADDR, 40000);
-    let seen = seen_from(&sock, srv.addr()).expect("reply through the NAT");
+    let seen = udp_seen_from(&sock, srv.addr()).expect("reply through the NAT");
     assert_eq!(seen, SocketAddrV4::new(UPLINK_X_ADDR, 40000));
 }
 
@@ -491,59 +452,21 @@ fn a_lan_port_that_a_gateway_socket_holds_is_translated_to_another() {
         t.gw.run(|| std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, 40002)))
             .expect("listen on the gateway");
     let sock = udp_bound(&t.client, CLIENT_ADDR, 40001);
-    let seen = seen_from(&sock, srv.addr()).expect("reply through the NAT");
+    let seen = udp_seen_from(&sock, srv.addr()).expect("reply through the NAT");
     assert_eq!(*seen.ip(), UPLINK_X_ADDR);
     assert!(
         (61000..=65535).contains(&seen.port()),
         "UDP kept a host port: {seen}"
     );
-    let seen = t
-        .client
-        .run(|| {
-            let s = tcp_from(CLIENT_ADDR, 40002, tcp_srv.addr())?;
-            let mut buf = String::new();
-            std::io::Read::read_to_string(&mut &s, &mut buf)?;
-            Ok::<_, std::io::Error>(buf)
-        })
-        .expect("TCP through the NAT");
-    let seen: SocketAddrV4 = seen.trim().parse().expect("peer address");
+    let src = SocketAddrV4::new(CLIENT_ADDR, 40002);
+    let mut conn = tcp_connect_from(&t.client, Some(src), tcp_srv.addr()).expect("connect");
+    let mut reply = String::new();
+    std::io::Read::read_to_string(&mut conn, &mut reply).expect("TCP through the NAT");
+    let seen: SocketAddrV4 = reply.trim().parse().expect("peer address");
     assert!(
         (61000..=65535).contains(&seen.port()),
         "TCP kept a host port: {seen}"
     );
-}
-
-/// A TCP connection from `src:port` (std cannot bind before connecting,
-/// so this goes through libc).
-fn tcp_from(src: Ipv4Addr, port: u16, dst: SocketAddrV4) -> std::io::Result<std::net::TcpStream> {
-    use std::os::fd::FromRawFd as _;
-    let sin = |a: Ipv4Addr, p: u16| libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: p.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(a).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let len = size_of::<libc::sockaddr_in>() as u32;
-    // SAFETY: plain socket calls; the fd is owned by the returned stream.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let stream = std::net::TcpStream::from_raw_fd(fd);
-        let local = sin(src, port);
-        if libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let remote = sin(*dst.ip(), dst.port());
-        if libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
-        Ok(stream)
-    }
 }
 
 #[test]
@@ -552,7 +475,7 @@ fn a_gateway_socket_clashing_with_a_nat_flow_is_dropped_and_the_flow_keeps_worki
     let gw = standard_gateway(&t, [1, 0], "");
     let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
     let lan = udp_bound(&t.client, CLIENT_ADDR, 40003);
-    let seen = seen_from(&lan, srv.addr()).expect("reply through the NAT");
+    let seen = udp_seen_from(&lan, srv.addr()).expect("reply through the NAT");
     assert_eq!(seen, SocketAddrV4::new(UPLINK_X_ADDR, 40003));
     // Now the gateway itself uses the same address and port to the same server.
     let host = udp_bound(&t.gw, UPLINK_X_ADDR, 40003);
@@ -569,6 +492,6 @@ fn a_gateway_socket_clashing_with_a_nat_flow_is_dropped_and_the_flow_keeps_worki
     );
     let clashes = gw.reason("host_port_clash");
     assert!(clashes >= 3, "{clashes} clashes counted, 3 sent");
-    let again = seen_from(&lan, srv.addr()).expect("the LAN flow still works");
+    let again = udp_seen_from(&lan, srv.addr()).expect("the LAN flow still works");
     assert_eq!(again, seen);
 }
