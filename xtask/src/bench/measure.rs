@@ -28,24 +28,21 @@ pub struct Ctx<'a> {
     pub daemon: Option<u32>,
 }
 
-fn pinned(cmd: &[&str]) -> Vec<String> {
+/// `cmd` run on the load CPU.
+fn pinned<S: AsRef<str>>(cmd: &[S]) -> Vec<&str> {
     ["taskset", "-c", LOAD_CPU]
-        .iter()
-        .chain(cmd)
-        .map(|s| s.to_string())
+        .into_iter()
+        .chain(cmd.iter().map(AsRef::as_ref))
         .collect()
 }
 
-fn spawn(ns: &NetNs, cmd: &[&str]) -> Proc {
-    let cmd = pinned(cmd);
-    let refs: Vec<&str> = cmd.iter().map(String::as_str).collect();
-    ns.spawn(&refs)
+fn spawn<S: AsRef<str>>(ns: &NetNs, cmd: &[S]) -> Proc {
+    ns.spawn(&pinned(cmd))
 }
 
 fn run(ns: &NetNs, cmd: &[&str], timeout: Duration) -> Result<String> {
     let cmd = pinned(cmd);
-    let refs: Vec<&str> = cmd.iter().map(String::as_str).collect();
-    let out = ns.try_exec_timeout(&refs, timeout);
+    let out = ns.try_exec_timeout(&cmd, timeout);
     ensure!(
         out.status.success(),
         "`{}` in {} failed: {}{}",
@@ -137,7 +134,8 @@ impl Snapshot {
             at: Instant::now(),
             delivered: net.delivered(),
             busy_ns: load_cpu_busy_ns()? + daemon.map_or(0, process_ns),
-            bpf_ns: bpf_run_ns()?,
+            // Only multihome (the mode with a daemon) runs BPF programs.
+            bpf_ns: if daemon.is_some() { bpf_run_ns()? } else { 0 },
         })
     }
 }
@@ -162,9 +160,12 @@ fn rate(a: &Snapshot, b: &Snapshot) -> Result<UdpRate> {
 }
 
 impl Ctx<'_> {
-    fn blast(&self, flows: u64, dport: u16, how: &[&str]) -> Vec<String> {
-        let mut cmd: Vec<String> = [
-            self.exe.to_str().unwrap_or("xtask"),
+    /// Starts the raw sender in the client: `flows` flows to `dport`,
+    /// for as long as `how` says (`--seconds=S` or `--once`).
+    fn start_blast(&self, flows: u64, dport: u16, how: &str) -> Proc {
+        let exe = self.exe.display().to_string();
+        let cmd = [
+            exe.as_str(),
             "bench-tool",
             "blast",
             "--ifname",
@@ -173,21 +174,13 @@ impl Ctx<'_> {
             &self.gw_mac,
             "--src-mac",
             &self.client_mac,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        cmd.extend(
-            [
-                format!("--src={CLIENT}"),
-                format!("--dst-base={SINK_BASE}"),
-                format!("--dport={dport}"),
-                format!("--flows={flows}"),
-            ]
-            .into_iter()
-            .chain(how.iter().map(|s| s.to_string())),
-        );
-        cmd
+            &format!("--src={CLIENT}"),
+            &format!("--dst-base={SINK_BASE}"),
+            &format!("--dport={dport}"),
+            &format!("--flows={flows}"),
+            how,
+        ];
+        spawn(&self.net.client, &cmd)
     }
 
     /// 64-byte UDP over `flows` flows: the rate delivered over `window`,
@@ -200,9 +193,7 @@ impl Ctx<'_> {
         window: Duration,
     ) -> Result<UdpRate> {
         let secs = (warmup + window).as_secs_f64() + 0.3;
-        let cmd = self.blast(flows, dport, &[&format!("--seconds={secs}")]);
-        let refs: Vec<&str> = cmd.iter().map(String::as_str).collect();
-        let sender = spawn(&self.net.client, &refs);
+        let sender = self.start_blast(flows, dport, &format!("--seconds={secs}"));
         sleep(warmup);
         let a = Snapshot::take(self.net, self.daemon)?;
         sleep(window);
@@ -214,10 +205,8 @@ impl Ctx<'_> {
     /// Every packet a new flow, for `secs`: new flows per second
     /// delivered.
     pub fn new_flows(&self, secs: f64) -> Result<f64> {
-        let cmd = self.blast(1 << 24, 9, &[&format!("--seconds={secs}")]);
-        let refs: Vec<&str> = cmd.iter().map(String::as_str).collect();
         let before = self.net.delivered();
-        let sender = spawn(&self.net.client, &refs);
+        let sender = self.start_blast(1 << 24, 9, &format!("--seconds={secs}"));
         finish(&sender, secs)?;
         sleep(Duration::from_millis(50));
         Ok((self.net.delivered() - before) as f64 / secs)
@@ -226,10 +215,8 @@ impl Ctx<'_> {
     /// Sends flows `0..n` once each (dport 9), leaving them live in the
     /// gateway's state table; returns how many reached the far end.
     pub fn populate(&self, n: u64) -> Result<u64> {
-        let cmd = self.blast(n, 9, &["--once"]);
-        let refs: Vec<&str> = cmd.iter().map(String::as_str).collect();
         let before = self.net.delivered();
-        let sender = spawn(&self.net.client, &refs);
+        let sender = self.start_blast(n, 9, "--once");
         finish(&sender, 120.0)?;
         sleep(Duration::from_millis(100));
         Ok(self.net.delivered() - before)

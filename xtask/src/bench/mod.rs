@@ -332,7 +332,7 @@ fn scale_cell(plan: &Plan, mode: Mode, exe: &Path, r: &mut Results) -> Result<()
         }
         let slab_before = slab_bytes()?;
         let sent = c.populate(n)?;
-        let live = live_flows(mode, &net, &running)?;
+        let live = live_flows(&net, &running)?;
         let per_flow = match &running.gateway {
             Some(g) => map_bytes(g.pin_dir())? as f64 / modes::MAX_FLOWS as f64,
             None => slab_bytes()?.saturating_sub(slab_before) as f64 / live.max(1) as f64,
@@ -355,7 +355,7 @@ fn scale_cell(plan: &Plan, mode: Mode, exe: &Path, r: &mut Results) -> Result<()
 }
 
 /// Flows in the gateway's state table: multihome's map, or nf_conntrack.
-fn live_flows(mode: Mode, net: &Net, running: &modes::Running) -> Result<u64> {
+fn live_flows(net: &Net, running: &modes::Running) -> Result<u64> {
     match &running.gateway {
         Some(g) => {
             let out = g.cli(&["status", "--json"]);
@@ -363,13 +363,11 @@ fn live_flows(mode: Mode, net: &Net, running: &modes::Running) -> Result<u64> {
             let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
             v["flows"].as_u64().context("no flows in status --json")
         }
-        None => {
-            let _ = mode;
-            net.gw
-                .sysctl_get("net.netfilter.nf_conntrack_count")
-                .parse()
-                .context("reading nf_conntrack_count")
-        }
+        None => net
+            .gw
+            .sysctl_get("net.netfilter.nf_conntrack_count")
+            .parse()
+            .context("reading nf_conntrack_count"),
     }
 }
 
