@@ -24,7 +24,8 @@ const ORPHANS_EVERY: u32 = 6;
 
 /// Running reaper; stops when dropped.
 pub struct Reaper {
-    timeouts: Sender<Timeouts>,
+    /// Dropping it wakes the thread and ends it.
+    timeouts: Option<Sender<Timeouts>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -36,22 +37,23 @@ impl Reaper {
             .spawn(move || run(&maps, timeouts, &rx))
             .context("starting the reaper thread")?;
         Ok(Reaper {
-            timeouts: tx,
+            timeouts: Some(tx),
             thread: Some(thread),
         })
     }
 
     /// New timeouts (a reload) for the next passes.
     pub fn set_timeouts(&self, t: Timeouts) {
-        let _ = self.timeouts.send(t);
+        if let Some(tx) = &self.timeouts {
+            let _ = tx.send(t);
+        }
     }
 }
 
 impl Drop for Reaper {
     fn drop(&mut self) {
         // Closing the channel wakes the thread; it exits between passes.
-        let (tx, _) = channel();
-        drop(std::mem::replace(&mut self.timeouts, tx));
+        self.timeouts = None;
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
