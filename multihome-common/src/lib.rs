@@ -9,7 +9,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a pinned map changes shape; a daemon refuses to adopt
 /// maps pinned by another layout.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Uplink slots in [`MAP_UPLINKS`]; an uplink's id is its slot.
 pub const MAX_UPLINKS: u32 = 8;
@@ -19,6 +19,12 @@ pub const MAX_LAN_NETS: u32 = 16;
 pub const SELECT_SLOTS: usize = 64;
 /// Default connection-map capacity (flows; each flow uses two entries).
 pub const DEFAULT_MAX_FLOWS: u32 = 65_536;
+/// Prefixes in [`MAP_ROUTED`], over all uplinks.
+pub const MAX_ROUTED_PREFIXES: u32 = 256;
+/// The low byte of `skb->mark` (over the mark base) on packets the fast
+/// path translated and redirected to an uplink: the uplink's egress
+/// program passes them without parsing.
+pub const MARK_TRANSLATED: u32 = 0xff;
 
 /// Map names: stable, at most 15 characters, also the pin file names.
 pub const MAP_CONN_FWD: &str = "CONN_FWD";
@@ -29,7 +35,8 @@ pub const MAP_LAN_NETS: &str = "LAN_NETS";
 pub const MAP_SETTINGS: &str = "SETTINGS";
 pub const MAP_UPLINK_STATS: &str = "UPLINK_STATS";
 pub const MAP_REASONS: &str = "REASONS";
-pub const ALL_MAPS: [&str; 8] = [
+pub const MAP_ROUTED: &str = "ROUTED";
+pub const ALL_MAPS: [&str; 9] = [
     MAP_CONN_FWD,
     MAP_CONN_REV,
     MAP_UPLINKS,
@@ -38,6 +45,7 @@ pub const ALL_MAPS: [&str; 8] = [
     MAP_SETTINGS,
     MAP_UPLINK_STATS,
     MAP_REASONS,
+    MAP_ROUTED,
 ];
 
 /// Program names (the `#[classifier]` functions).
@@ -242,6 +250,20 @@ pub struct Settings {
     pub local_port_max: u16,
 }
 
+/// [`MAP_ROUTED`]'s key data: an IPv4 prefix (the LPM trie's `prefix_len`
+/// counts its bits).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct RoutedKey {
+    pub addr_be: u32,
+}
+
+/// [`MAP_ROUTED`]'s value: bit `i` set when uplink `i` may carry sources
+/// of the prefix untranslated. The daemon folds every shorter prefix's
+/// bits into a longer one, so the longest match alone decides.
+pub type RoutedUplinks = u32;
+
 /// Per-uplink counters, per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -293,6 +315,7 @@ macro_rules! reasons {
                         | Reason::PortExhausted
                         | Reason::RewriteFailed
                         | Reason::HostPortClash
+                        | Reason::ForeignSource
                 )
             }
         }
@@ -339,6 +362,16 @@ reasons! {
     /// Drop: the gateway's own packet uses an address and port that a NAT
     /// flow holds towards the same remote.
     HostPortClash = host_port_clash,
+    /// Drop (BCP 38): a forwarded packet about to leave an uplink with a
+    /// source that is neither that uplink's address nor in its
+    /// `routed_prefixes`.
+    ForeignSource = foreign_source,
+    /// Pass: multicast, broadcast or a reserved destination, or a frame not
+    /// addressed to the gateway; never a flow.
+    NotUnicast = not_unicast,
+    /// Pass: a source in an uplink's `routed_prefixes`, forwarded by the
+    /// kernel without NAT.
+    RoutedSource = routed_source,
 }
 
 pub const REASON_COUNT: usize = Reason::ALL.len();
@@ -351,9 +384,14 @@ const _: () = {
     assert!(size_of::<SelectTable>() == 4 + SELECT_SLOTS);
     assert!(size_of::<LanNet>() == 16);
     assert!(size_of::<Settings>() == 16);
+    assert!(size_of::<RoutedKey>() == 4);
     assert!(size_of::<UplinkStats>() == 48);
     assert!(size_of::<Reasons>() == REASON_COUNT * 8);
     assert!(MAX_UPLINKS <= 255);
+    // One bit per uplink in RoutedUplinks; marks 1..=MAX_UPLINKS stay
+    // clear of MARK_TRANSLATED.
+    assert!(MAX_UPLINKS <= RoutedUplinks::BITS);
+    assert!(MAX_UPLINKS < MARK_TRANSLATED);
     assert!(SELECT_SLOTS == 64);
 };
 
@@ -371,6 +409,7 @@ mod pod {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for UplinkStats {}
     unsafe impl aya::Pod for Reasons {}
+    unsafe impl aya::Pod for RoutedKey {}
 }
 
 #[cfg(test)]

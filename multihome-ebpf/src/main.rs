@@ -13,6 +13,7 @@
 mod conntrack;
 mod csum;
 mod fwd;
+mod guard;
 mod icmp;
 mod inbound;
 mod maps;

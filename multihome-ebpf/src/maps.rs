@@ -1,12 +1,12 @@
 //! Every map the programs use. Sizes here are defaults; the daemon sets the
 //! connection maps' capacity at load time.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
     macros::btf_map,
 };
 use multihome_common::{
-    DEFAULT_MAX_FLOWS, FlowFwd, FlowKey, FlowRev, LanNet, MAX_LAN_NETS, MAX_UPLINKS, Reasons,
-    SelectTable, Settings, Uplink, UplinkStats,
+    DEFAULT_MAX_FLOWS, FlowFwd, FlowKey, FlowRev, LanNet, MAX_LAN_NETS, MAX_ROUTED_PREFIXES,
+    MAX_UPLINKS, Reasons, RoutedKey, RoutedUplinks, SelectTable, Settings, Uplink, UplinkStats,
 };
 
 const FLOWS: usize = DEFAULT_MAX_FLOWS as usize;
@@ -36,3 +36,8 @@ pub static UPLINK_STATS: PerCpuArray<UplinkStats, { MAX_UPLINKS as usize }> = Pe
 
 #[btf_map]
 pub static REASONS: PerCpuArray<Reasons, 1> = PerCpuArray::new();
+
+/// Routed source prefix -> the uplinks that carry it untranslated.
+#[btf_map]
+pub static ROUTED: LpmTrie<RoutedKey, RoutedUplinks, { MAX_ROUTED_PREFIXES as usize }> =
+    LpmTrie::new();

@@ -3,11 +3,12 @@
 //! path handed to the kernel.
 use aya_ebpf::programs::TcContext;
 use multihome_common::{
-    FlowFwd, FlowKey, MAX_LAN_NETS, MAX_UPLINKS, Reason, Settings, UPLINK_L3, Uplink,
+    FlowFwd, FlowKey, MARK_TRANSLATED, MAX_LAN_NETS, MAX_UPLINKS, Reason, Settings, UPLINK_L3,
+    Uplink,
 };
 
 use crate::{
-    conntrack, fwd,
+    conntrack, fwd, guard,
     maps::{LAN_NETS, SETTINGS, UPLINKS},
     nat::{self, Side},
     parse::{self, L4, Packet},
@@ -89,12 +90,37 @@ pub fn to_uplink(
         true,
     )?;
     stats::tx(flow.uplink, pkt.tot_len as u32);
+    // Tells the uplink's egress program that this one is done.
+    ctx.set_mark(uplink.mark | MARK_TRANSLATED);
     fwd::redirect(ctx, &hop, l2_in, uplink.flags & UPLINK_L3 == 0)
+}
+
+/// `skb->pkt_type` of a frame addressed to this host (`PACKET_HOST`).
+const PACKET_HOST: u32 = 0;
+
+/// Whether a new flow may be made for this packet: unicast to this host's
+/// MAC, and a destination the internet can route (not multicast,
+/// broadcast, 0/8, 127/8, 169.254/16 or 240/4; RFC 6890).
+#[inline(always)]
+fn unicast_to_internet(ctx: &TcContext, daddr_be: u32) -> bool {
+    // SAFETY: the context pointer is valid for the program's run.
+    if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
+        return false;
+    }
+    let d = u32::from_be(daddr_be);
+    let first = d >> 24;
+    !(first == 0 || first == 127 || first >= 224 || d >> 16 == 0xa9fe)
 }
 
 /// Checks, chooses an uplink for, and pins a flow seen for the first time.
 #[inline(always)]
 fn new_flow(ctx: &TcContext, pkt: &Packet, key: &FlowKey) -> Result<FlowFwd, Reason> {
+    if !unicast_to_internet(ctx, pkt.daddr_be) {
+        return Err(Reason::NotUnicast);
+    }
+    if guard::routed_uplinks(pkt.saddr_be) != 0 {
+        return Err(Reason::RoutedSource);
+    }
     if !is_lan_source(pkt.saddr_be, ingress_ifindex(ctx)) {
         return Err(Reason::SpoofedSource);
     }
@@ -144,10 +170,12 @@ fn is_uplink_device(ifindex: u32) -> bool {
     false
 }
 
-/// `mh_wan_out`: a packet leaving an uplink. Only packets that the LAN
-/// program handed to the kernel carry an uplink mark; they get their SNAT
-/// here. Packets the fast path already translated pass at the cost of a
-/// mark test; the gateway's own packets are checked for a port clash.
+/// `mh_wan_out`: a packet leaving an uplink. Packets the fast path
+/// translated carry [`MARK_TRANSLATED`] and pass at the cost of a mark
+/// test. Packets that the LAN program handed to the kernel carry their
+/// uplink's mark and get their SNAT here. Every other forwarded packet,
+/// and any the SNAT failed on, must pass the egress guard. The gateway's
+/// own packets are checked for a port clash.
 #[inline(always)]
 pub fn wan_egress<const L2: bool>(ctx: &TcContext) -> Outcome {
     if ingress_ifindex(ctx) == 0 {
@@ -155,16 +183,30 @@ pub fn wan_egress<const L2: bool>(ctx: &TcContext) -> Outcome {
     }
     // SAFETY: the context pointer is valid for the program's run.
     let mark = unsafe { (*ctx.skb.skb).mark };
-    if mark == 0 {
+    let mark_base = settings()?.mark_base;
+    if mark == mark_base | MARK_TRANSLATED {
         return Ok(Verdict::Pass);
     }
-    let Some((id, uplink)) = select::from_mark(mark, settings()?.mark_base) else {
-        return Ok(Verdict::Pass);
-    };
     let l3 = parse::l3_offset::<L2>(ctx)?;
+    if let Some((id, uplink)) = select::from_mark(mark, mark_base) {
+        // SAFETY: the context pointer is valid for the program's run.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        match slow_path_snat(ctx, l3, id, uplink.addr_be) {
+            Ok(v) if uplink.ifindex == ifindex => return Ok(v),
+            // Translated, but routed out another device: the guard decides.
+            Ok(_) => {}
+            Err(reason) => stats::count(reason),
+        }
+    }
+    guard::egress(ctx, l3)
+}
+
+/// SNAT for a packet of uplink `id` that the kernel forwarded.
+#[inline(always)]
+fn slow_path_snat(ctx: &TcContext, l3: usize, id: u8, uplink_addr_be: u32) -> Outcome {
     if parse::is_later_fragment(ctx, l3)? {
         // The L4 header, and its checksum, went out in the first fragment.
-        nat::rewrite_fragment_src(ctx, l3, uplink.addr_be)?;
+        nat::rewrite_fragment_src(ctx, l3, uplink_addr_be)?;
         stats::tx(id, ctx.len());
         return Ok(Verdict::Pass);
     }

@@ -3,7 +3,7 @@
 use std::{collections::HashSet, fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use anyhow::{Context as _, bail};
-use multihome_common::{DEFAULT_MAX_FLOWS, MAX_UPLINKS};
+use multihome_common::{DEFAULT_MAX_FLOWS, MAX_ROUTED_PREFIXES, MAX_UPLINKS};
 use serde::Deserialize;
 
 use crate::health::HealthConfig;
@@ -40,6 +40,11 @@ pub struct UplinkConfig {
     pub address: Option<Ipv4Addr>,
     /// Health probes; without them the uplink is up while its link is.
     pub health: Option<HealthConfig>,
+    /// Source prefixes (a routed public subnet) that leave through this
+    /// uplink untranslated; the egress guard drops every other foreign
+    /// source.
+    #[serde(default)]
+    pub routed_prefixes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -225,6 +230,17 @@ impl Config {
             if u.weight > 255 {
                 out.push(format!("{at}: `weight` must be 0 to 255 (0 = backup only)"));
             }
+            for (j, p) in u.routed_prefixes.iter().enumerate() {
+                if let Err(e) = p.parse::<Prefix>() {
+                    out.push(format!("{at}: `routed_prefixes[{j}]`: {e}"));
+                }
+            }
+        }
+        let routed: usize = self.uplinks.iter().map(|u| u.routed_prefixes.len()).sum();
+        if routed > MAX_ROUTED_PREFIXES as usize {
+            out.push(format!(
+                "{routed} `routed_prefixes` over all uplinks; at most {MAX_ROUTED_PREFIXES} are supported"
+            ));
         }
         let same_nic: Vec<_> = self
             .uplinks
@@ -298,6 +314,19 @@ impl Config {
             ));
         }
         out
+    }
+
+    /// Every routed prefix, with the index of the uplink that carries it.
+    pub fn routed_prefixes(&self) -> Vec<(usize, Prefix)> {
+        self.uplinks
+            .iter()
+            .enumerate()
+            .flat_map(|(id, u)| {
+                u.routed_prefixes
+                    .iter()
+                    .filter_map(move |p| p.parse().ok().map(|p| (id, p)))
+            })
+            .collect()
     }
 
     pub fn lan_prefixes(&self) -> Vec<Prefix> {
@@ -408,6 +437,22 @@ weight = 2
             .replace("gateway = \"198.18.22.254\"", "");
         let err = format!("{:#}", Config::parse(&text).expect_err("must be rejected"));
         assert!(err.contains("needs a `gateway`"), "{err}");
+    }
+
+    #[test]
+    fn routed_prefixes_are_checked_and_listed_by_uplink() {
+        let text = GOOD.replace(
+            "weight = 2",
+            "weight = 2\nrouted_prefixes = [\"198.18.50.0/24\", \"198.18.51.0/33\"]",
+        );
+        let err = format!("{:#}", Config::parse(&text).expect_err("must be rejected"));
+        assert!(err.contains("`routed_prefixes[1]`"), "{err}");
+        assert!(err.contains("#2"), "{err}");
+        let c = Config::parse(&text.replace(", \"198.18.51.0/33\"", "")).expect("valid");
+        assert_eq!(
+            c.routed_prefixes(),
+            vec![(1, "198.18.50.0/24".parse().expect("prefix"))]
+        );
     }
 
     #[test]

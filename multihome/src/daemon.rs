@@ -304,6 +304,7 @@ impl Daemon {
         self.maps.set_select(&uplinks::select_table(&weights))?;
         self.maps
             .set_lan_nets(&uplinks::lan_nets(&self.config, snap))?;
+        self.maps.set_routed(&uplinks::routed_table(&self.config))?;
         let all_down = !usable.iter().any(|u| *u);
         if all_down && !self.all_down {
             error!(

@@ -2,14 +2,17 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{
+    Array, HashMap, Map, MapData, PerCpuArray,
+    lpm_trie::{Key, LpmTrie},
+};
 use multihome_common::{
     FlowFwd, FlowKey, FlowRev, LanNet, MAP_CONN_FWD, MAP_CONN_REV, MAP_LAN_NETS, MAP_REASONS,
-    MAP_SELECT, MAP_SETTINGS, MAP_UPLINK_STATS, MAP_UPLINKS, MAX_LAN_NETS, MAX_UPLINKS, Reasons,
-    SelectTable, Settings, Uplink, UplinkStats,
+    MAP_ROUTED, MAP_SELECT, MAP_SETTINGS, MAP_UPLINK_STATS, MAP_UPLINKS, MAX_LAN_NETS, MAX_UPLINKS,
+    Reasons, RoutedKey, RoutedUplinks, SelectTable, Settings, Uplink, UplinkStats,
 };
 
-use crate::mapwalk;
+use crate::{config::Prefix, mapwalk};
 
 #[derive(Clone)]
 pub struct Maps {
@@ -95,6 +98,38 @@ impl Maps {
         for i in 0..MAX_LAN_NETS {
             let net = nets.get(i as usize).copied().unwrap_or_default();
             a.set(i, net, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Makes [`MAP_ROUTED`] hold exactly `table`: new and changed entries
+    /// first, then the stale ones go, so a prefix that stays never misses.
+    pub fn set_routed(&self, table: &[(Prefix, RoutedUplinks)]) -> anyhow::Result<()> {
+        let mut trie: LpmTrie<MapData, RoutedKey, RoutedUplinks> =
+            LpmTrie::try_from(Map::LpmTrie(open(&self.dir, MAP_ROUTED)?))?;
+        let key = |p: &Prefix| {
+            Key::new(
+                u32::from(p.len),
+                RoutedKey {
+                    addr_be: u32::from(p.network()).to_be(),
+                },
+            )
+        };
+        let wanted: Vec<_> = table.iter().map(|(p, bits)| (key(p), *bits)).collect();
+        for (k, bits) in &wanted {
+            trie.insert(k, bits, 0)?;
+        }
+        let stale: Vec<_> = trie
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                !wanted.iter().any(|(w, _)| {
+                    w.prefix_len() == k.prefix_len() && w.data().addr_be == k.data().addr_be
+                })
+            })
+            .collect();
+        for k in stale {
+            trie.remove(&k)?;
         }
         Ok(())
     }

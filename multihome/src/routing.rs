@@ -66,6 +66,8 @@ use rtnetlink::{
     },
 };
 
+use crate::config::Prefix;
+
 /// Marks everything we install: routes carry this protocol number, rules
 /// carry it as `FRA_PROTOCOL`. 77 is not an `RTPROT_*` value of the kernel
 /// nor an entry of iproute2's `rt_protos` (`ip` shows it as `proto 77`).
@@ -102,6 +104,8 @@ pub struct UplinkRoutes {
     pub weight: u32,
     /// `false`: left out of main's default route.
     pub usable: bool,
+    /// Source prefixes that leave through this uplink untranslated.
+    pub routed: Vec<Prefix>,
 }
 
 #[derive(Clone, Debug)]
@@ -395,7 +399,7 @@ impl Routing {
                 .message_mut()
                 .attributes
                 .push(RuleAttribute::SuppressPrefixLen(0)),
-            Selector::From(addr) => req = req.source_prefix(addr, 32),
+            Selector::From(addr, len) => req = req.source_prefix(addr, len),
             Selector::FwMark(mark) | Selector::FwMarkUnreachable(mark) => {
                 req = req.fw_mark(mark);
                 req.message_mut()
@@ -544,7 +548,14 @@ fn desired_rules(plan: &RoutingPlan) -> Vec<Rule> {
             rules.push(Rule {
                 priority: p + 1 + i as u32,
                 table: u.table,
-                selector: Selector::From(addr),
+                selector: Selector::From(addr, 32),
+            });
+        }
+        for r in &u.routed {
+            rules.push(Rule {
+                priority: p + 1 + i as u32,
+                table: u.table,
+                selector: Selector::From(r.network(), r.len),
             });
         }
     }
@@ -621,8 +632,8 @@ fn scale_weights(weights: &[u32]) -> Vec<u32> {
 enum Selector {
     /// `from all ... suppress_prefixlength 0`
     SuppressDefault,
-    /// `from ADDR/32`
-    From(Ipv4Addr),
+    /// `from ADDR/LEN`: an uplink's address (/32) or a routed prefix.
+    From(Ipv4Addr, u8),
     /// `fwmark MARK/0xffffffff`
     FwMark(u32),
     /// `fwmark MARK/0xffffffff unreachable`: after the uplink's table, so
@@ -676,7 +687,9 @@ impl Rule {
             (None, None, Some(0)) if h.src_len == 0 && mask.unwrap_or(0) == 0 => {
                 Selector::SuppressDefault
             }
-            (Some(a), None, None) if h.src_len == 32 && mask.unwrap_or(0) == 0 => Selector::From(a),
+            (Some(a), None, None) if h.src_len > 0 && mask.unwrap_or(0) == 0 => {
+                Selector::From(a, h.src_len)
+            }
             (None, Some(m), None) if h.src_len == 0 && mask.unwrap_or(u32::MAX) == u32::MAX => {
                 if unreachable {
                     Selector::FwMarkUnreachable(m)
@@ -704,7 +717,8 @@ impl fmt::Display for Rule {
             Selector::SuppressDefault => {
                 write!(f, "from all lookup {table} suppress_prefixlength 0")
             }
-            Selector::From(a) => write!(f, "from {a} lookup {table}"),
+            Selector::From(a, 32) => write!(f, "from {a} lookup {table}"),
+            Selector::From(a, len) => write!(f, "from {a}/{len} lookup {table}"),
             Selector::FwMark(m) => write!(f, "fwmark {m:#x} lookup {table}"),
             Selector::FwMarkUnreachable(m) => write!(f, "fwmark {m:#x} unreachable"),
         }
@@ -1175,6 +1189,7 @@ mod tests {
             gateway: gateway.map(Ipv4Addr::from),
             weight,
             usable,
+            routed: Vec::new(),
         }
     }
 
@@ -1430,6 +1445,7 @@ mod tests {
             gateway,
             weight,
             usable,
+            routed: Vec::new(),
         };
         let mut plan = RoutingPlan {
             uplinks: vec![

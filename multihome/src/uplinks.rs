@@ -3,7 +3,7 @@
 use std::net::Ipv4Addr;
 
 use multihome_common::{
-    LanNet, SELECT_SLOTS, SelectTable, UPLINK_CONFIGURED, UPLINK_DRAINED, UPLINK_L3,
+    LanNet, RoutedUplinks, SELECT_SLOTS, SelectTable, UPLINK_CONFIGURED, UPLINK_DRAINED, UPLINK_L3,
     UPLINK_LINK_DOWN, UPLINK_PROBES_FAIL, UPLINK_USABLE, Uplink,
 };
 
@@ -227,6 +227,32 @@ pub fn lan_nets(config: &Config, snap: &Snapshot) -> Vec<LanNet> {
     nets
 }
 
+/// [`multihome_common::MAP_ROUTED`]'s entries: every routed prefix with
+/// the uplinks (a bit each) whose prefixes contain it, so that the longest
+/// match alone answers for every uplink.
+pub fn routed_table(config: &Config) -> Vec<(Prefix, RoutedUplinks)> {
+    let all = config.routed_prefixes();
+    let contains = |outer: &Prefix, inner: &Prefix| {
+        outer.len <= inner.len && u32::from(inner.addr) & outer.mask() == u32::from(outer.network())
+    };
+    let mut out: Vec<(Prefix, RoutedUplinks)> = Vec::new();
+    for (_, p) in &all {
+        let p = Prefix {
+            addr: p.network(),
+            len: p.len,
+        };
+        if out.iter().any(|(q, _)| *q == p) {
+            continue;
+        }
+        let bits = all
+            .iter()
+            .filter(|(_, outer)| contains(outer, &p))
+            .fold(0, |b, (id, _)| b | 1 << id);
+        out.push((p, bits));
+    }
+    out
+}
+
 pub fn routing_plan(config: &Config, observed: &[Observed], usable: &[bool]) -> RoutingPlan {
     RoutingPlan {
         uplinks: config
@@ -241,6 +267,12 @@ pub fn routing_plan(config: &Config, observed: &[Observed], usable: &[bool]) -> 
                 gateway: u.gateway,
                 weight: u.weight,
                 usable: usable[id],
+                routed: config
+                    .routed_prefixes()
+                    .into_iter()
+                    .filter(|(u, _)| *u == id)
+                    .map(|(_, p)| p)
+                    .collect(),
             })
             .collect(),
         rule_priority: config.routing.rule_priority,
@@ -275,6 +307,28 @@ mod tests {
         assert_eq!(count(&t, 1), SELECT_SLOTS);
         let t = select_table(&[(0, 1, false)]);
         assert_eq!(t.len, 0);
+    }
+
+    #[test]
+    fn a_routed_prefix_inside_another_uplinks_carries_both_uplinks() {
+        let mut c = Config::parse(
+            "lan = [\"lan0\"]\n[[uplink]]\nname = \"x\"\ninterface = \"wanx\"\n\
+             routed_prefixes = [\"198.18.48.0/20\"]\n\
+             [[uplink]]\nname = \"y\"\ninterface = \"wany\"\n\
+             routed_prefixes = [\"198.18.50.7/24\", \"198.18.64.0/24\"]\n",
+        )
+        .expect("valid");
+        let p = |s: &str| s.parse::<Prefix>().expect("prefix");
+        assert_eq!(
+            routed_table(&c),
+            vec![
+                (p("198.18.48.0/20"), 0b01),
+                (p("198.18.50.0/24"), 0b11),
+                (p("198.18.64.0/24"), 0b10),
+            ]
+        );
+        c.uplinks[1].routed_prefixes.clear();
+        assert_eq!(routed_table(&c), vec![(p("198.18.48.0/20"), 0b01)]);
     }
 
     #[test]

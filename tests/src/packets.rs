@@ -398,14 +398,18 @@ impl Ipv4 {
 
     /// The packet in an Ethernet frame between two fixed addresses.
     pub fn frame(&self) -> Vec<u8> {
-        ethernet(MAC_B, MAC_A, ETH_P_IP, &self.bytes())
+        ethernet(MAC_GW, MAC_A, ETH_P_IP, &self.bytes())
     }
 }
 
-/// Locally administered MAC addresses for frames (the programs under test
-/// never look at them).
+/// A locally administered MAC address: the sender of every frame.
 pub const MAC_A: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x0b, 0x01];
+/// Another host's MAC: a frame to it is `PACKET_OTHERHOST` at the gateway.
 pub const MAC_B: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x0b, 0xfe];
+/// The gateway's MAC as `BPF_PROG_TEST_RUN` sees it: the loopback
+/// device's, all zeros, so the kernel classifies frames to it as
+/// `PACKET_HOST`, as a LAN host's frames to its gateway are.
+pub const MAC_GW: [u8; 6] = [0; 6];
 
 pub fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
     let mut b = Vec::with_capacity(ETH_HLEN + payload.len());

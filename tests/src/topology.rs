@@ -140,11 +140,50 @@ fn cidr(a: Ipv4Addr, len: u8) -> String {
     format!("{a}/{len}")
 }
 
-/// `iptables -w -A FORWARD -i cust ! -s ALLOWED -j DROP`.
+/// `iptables -w -A FORWARD -i cust ! -s ALLOWED -j DROP`, and a rule in
+/// `raw` PREROUTING that counts every packet arriving from the customer
+/// with another source, forwarded or not: the capture that says whether
+/// anything foreign left the gateway.
 fn anti_spoof(isp: &NetNs, allowed: &str) {
     isp.exec(&[
         "iptables", "-w", "-A", "FORWARD", "-i", IF_CUST, "!", "-s", allowed, "-j", "DROP",
     ]);
+    isp.exec(&[
+        "iptables",
+        "-w",
+        "-t",
+        "raw",
+        "-A",
+        "PREROUTING",
+        "-i",
+        IF_CUST,
+        "!",
+        "-s",
+        allowed,
+    ]);
+}
+
+/// Packets that reached `ns` on `cust` with a source other than its
+/// customer's: the `raw` counting rule of [`anti_spoof`].
+pub fn foreign_source_count(ns: &NetNs) -> u64 {
+    let text = ns.exec_stdout(&[
+        "iptables",
+        "-w",
+        "-t",
+        "raw",
+        "-L",
+        "PREROUTING",
+        "-v",
+        "-x",
+        "-n",
+    ]);
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<_> = l.split_whitespace().collect();
+            let pkts: u64 = f.first()?.parse().ok()?;
+            (f.contains(&IF_CUST) && f.iter().any(|w| w.starts_with('!'))).then_some(pkts)
+        })
+        .sum()
 }
 
 /// Packet count of the anti-spoofing DROP rule(s) (on `cust`) in `ns`.
@@ -385,6 +424,12 @@ impl Topology {
     /// Sum of both ISPs' anti-spoofing DROP counters.
     pub fn spoofed_drops(&self) -> u64 {
         self.spoofed_drops_at(Isp::X) + self.spoofed_drops_at(Isp::Y)
+    }
+
+    /// Packets with a foreign source that reached either ISP from the
+    /// gateway, counted before any routing or filtering there.
+    pub fn foreign_sources(&self) -> u64 {
+        foreign_source_count(&self.ispx) + foreign_source_count(&self.ispy)
     }
 
     /// One ISP's anti-spoofing DROP counter.

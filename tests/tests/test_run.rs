@@ -14,14 +14,18 @@ use std::{collections::HashSet, net::Ipv4Addr, process::Command, sync::OnceLock}
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{
+        Array, HashMap, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
 };
 use multihome_common::{
     FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FLOW_SEEN_REPLY, FlowFwd, FlowKey, FlowRev,
-    LAYOUT_VERSION, LanNet, MAP_CONN_FWD, MAP_CONN_REV, MAP_LAN_NETS, MAP_REASONS, MAP_SETTINGS,
-    MAP_UPLINK_STATS, MAP_UPLINKS, PROG_LAN_IN, PROG_WAN_IN, PROG_WAN_OUT, REASON_COUNT, Reason,
-    Reasons, Settings, UPLINK_CONFIGURED, UPLINK_USABLE, Uplink, UplinkStats,
+    LAYOUT_VERSION, LanNet, MAP_CONN_FWD, MAP_CONN_REV, MAP_LAN_NETS, MAP_REASONS, MAP_ROUTED,
+    MAP_SETTINGS, MAP_UPLINK_STATS, MAP_UPLINKS, MARK_TRANSLATED, PROG_LAN_IN, PROG_WAN_IN,
+    PROG_WAN_OUT, REASON_COUNT, Reason, Reasons, RoutedKey, Settings, UPLINK_CONFIGURED,
+    UPLINK_USABLE, Uplink, UplinkStats,
 };
 use testbed::packets::*;
 use testbed::{
@@ -56,6 +60,10 @@ const SKB_INGRESS_IFINDEX: usize = 36;
 /// `ingress_ifindex` of packets the gateway forwards (from a LAN device);
 /// the gateway's own packets have 0.
 const FORWARDED_IIF: u32 = 7;
+
+/// Uplink 0's device: loopback, the device `BPF_PROG_TEST_RUN` gives
+/// every skb, so packets in the tests leave by uplink 0's device.
+const UPLINK_IFINDEX: u32 = 1;
 
 fn be(a: Ipv4Addr) -> u32 {
     u32::from(a).to_be()
@@ -349,7 +357,7 @@ impl Datapath {
                     Uplink {
                         addr_be: be(NAT_ADDR),
                         gateway_be: be(UPLINK_X_GW),
-                        ifindex: 4242,
+                        ifindex: UPLINK_IFINDEX,
                         table: 100,
                         mark: UPLINK_MARK,
                         mtu: 1500,
@@ -523,6 +531,25 @@ impl Datapath {
             }
         }
         sum
+    }
+
+    /// Lets `bits` (a bit per uplink) carry sources in `net/len` untranslated.
+    fn set_routed(&mut self, net: Ipv4Addr, len: u32, bits: u32) {
+        let mut trie: LpmTrie<_, RoutedKey, u32> =
+            LpmTrie::try_from(self.ebpf.map_mut(MAP_ROUTED).expect("ROUTED map"))
+                .expect("ROUTED types");
+        trie.insert(&Key::new(len, RoutedKey { addr_be: be(net) }), bits, 0)
+            .expect("insert ROUTED");
+    }
+
+    /// Moves uplink 0 to device `ifindex`.
+    fn set_uplink0_ifindex(&mut self, ifindex: u32) {
+        let mut uplinks: Array<_, Uplink> =
+            Array::try_from(self.ebpf.map_mut(MAP_UPLINKS).expect("UPLINKS map"))
+                .expect("UPLINKS types");
+        let mut u = uplinks.get(&0, 0).expect("uplink 0");
+        u.ifindex = ifindex;
+        uplinks.set(0, u, 0).expect("write UPLINKS");
     }
 
     /// Uplink 0's traffic counters summed over all CPUs.
@@ -800,32 +827,111 @@ fn wan_out_snat_translates_tcp_with_odd_flag_combinations_whole() {
     });
 }
 
+/// Marks that name no uplink of this datapath.
+const FOREIGN_MARKS: [u32; 5] = [
+    0,
+    0x1234_0001,
+    MARK_BASE,         // id -1
+    MARK_BASE | 9,     // id 8: past the last uplink slot
+    MARK_BASE | 0x101, // not the base
+];
+
 #[test]
-fn wan_out_without_an_uplink_mark_passes_byte_identical() {
+fn wan_out_drops_forwarded_lan_sources_without_an_uplink_mark_as_foreign_source() {
     with_datapath(|dp| {
         for f in &ALL_FLOWS {
             dp.insert_flow(f);
         }
         let before = dp.flows();
-        for mark in [
-            0,
-            0x1234_0001,
-            MARK_BASE,         // id -1
-            MARK_BASE | 9,     // id 8: past the last uplink slot
-            MARK_BASE | 0x101, // not the base
-            MARK_BASE | 0xff,
-        ] {
+        for mark in FOREIGN_MARKS {
             for f in &ALL_FLOWS {
                 let input = f.outbound().frame();
                 let what = format!("{} with mark {mark:#x}", f.name());
                 let (run, counted) = dp.run_counted(PROG_WAN_OUT, &input, mark);
-                assert_untouched(&run, &input, &what);
-                assert_eq!(counted, NOTHING, "{what}");
-                assert_eq!(run.mark, mark, "{what}");
+                assert_eq!(run.ret, TC_ACT_SHOT, "{what}: must not leave untranslated");
+                assert_eq!(counted, [(Reason::ForeignSource, 1)], "{what}");
             }
         }
         assert_eq!(dp.flows(), before);
         assert_eq!(dp.uplink0_stats(), UplinkStats::default());
+    });
+}
+
+#[test]
+fn wan_out_passes_forwarded_packets_from_the_uplinks_own_address_without_a_mark() {
+    with_datapath(|dp| {
+        for mark in FOREIGN_MARKS {
+            for f in &ALL_FLOWS {
+                let input = f.outbound_translated().frame();
+                let what = format!("{} from {NAT_ADDR}, mark {mark:#x}", f.name());
+                let (run, counted) = dp.run_counted(PROG_WAN_OUT, &input, mark);
+                assert_untouched(&run, &input, &what);
+                assert_eq!(counted, NOTHING, "{what}");
+            }
+        }
+        // The same packets leaving a device that is no uplink's.
+        dp.set_uplink0_ifindex(4242);
+        let input = TCP_FLOW.outbound_translated().frame();
+        let (run, counted) = dp.run_counted(PROG_WAN_OUT, &input, 0);
+        assert_eq!(run.ret, TC_ACT_SHOT, "uplink 0's address on another device");
+        assert_eq!(counted, [(Reason::ForeignSource, 1)]);
+    });
+}
+
+#[test]
+fn wan_out_passes_what_the_fast_path_marked_translated_without_looking_at_it() {
+    with_datapath(|dp| {
+        let mark = MARK_BASE | MARK_TRANSLATED;
+        for f in &ALL_FLOWS {
+            // Even a LAN source: the mark says the LAN program did the work,
+            // and the egress program must not pay to check it again.
+            let input = f.outbound().frame();
+            let what = format!("{} marked translated", f.name());
+            let (run, counted) = dp.run_counted(PROG_WAN_OUT, &input, mark);
+            assert_untouched(&run, &input, &what);
+            assert_eq!(counted, NOTHING, "{what}");
+        }
+    });
+}
+
+#[test]
+fn wan_out_passes_routed_prefix_sources_only_on_the_uplinks_that_route_them() {
+    with_datapath(|dp| {
+        let routed = Ipv4Addr::new(198, 18, 50, 9);
+        let input = TCP_FLOW.outbound().with_source(routed, 40000).frame();
+        // Routed by uplink 1 only: not on uplink 0's device.
+        dp.set_routed(Ipv4Addr::new(198, 18, 50, 0), 24, 0b10);
+        let (run, counted) = dp.run_counted(PROG_WAN_OUT, &input, 0);
+        assert_eq!(run.ret, TC_ACT_SHOT, "routed by another uplink");
+        assert_eq!(counted, [(Reason::ForeignSource, 1)]);
+        // A longer prefix that uplink 0 routes too.
+        dp.set_routed(Ipv4Addr::new(198, 18, 50, 8), 29, 0b11);
+        let (run, counted) = dp.run_counted(PROG_WAN_OUT, &input, 0);
+        assert_untouched(&run, &input, "routed by uplink 0");
+        assert_eq!(counted, NOTHING);
+        // Just outside it.
+        let outside = TCP_FLOW
+            .outbound()
+            .with_source(Ipv4Addr::new(198, 18, 50, 16), 40000)
+            .frame();
+        let (run, counted) = dp.run_counted(PROG_WAN_OUT, &outside, 0);
+        assert_eq!(run.ret, TC_ACT_SHOT, "outside the /29");
+        assert_eq!(counted, [(Reason::ForeignSource, 1)]);
+    });
+}
+
+#[test]
+fn wan_out_drops_a_slow_path_packet_translated_for_an_uplink_on_another_device() {
+    with_datapath(|dp| {
+        dp.insert_flow(&TCP_FLOW);
+        dp.set_uplink0_ifindex(4242);
+        let input = TCP_FLOW.outbound().frame();
+        let (run, counted) = dp.run_counted(PROG_WAN_OUT, &input, UPLINK_MARK);
+        assert_eq!(
+            run.ret, TC_ACT_SHOT,
+            "uplink 0's flow leaving another device"
+        );
+        assert_eq!(counted, [(Reason::ForeignSource, 1)]);
     });
 }
 
@@ -862,14 +968,18 @@ fn wan_out_drops_the_gateways_own_packets_that_clash_with_a_nat_flow_and_passes_
 }
 
 #[test]
-fn wan_out_with_a_mark_but_no_flow_passes_byte_identical_and_counts_no_mapping() {
+fn wan_out_drops_a_slow_path_packet_whose_flow_is_gone_and_counts_both_reasons() {
     with_datapath(|dp| {
         for f in &ALL_FLOWS {
             let input = f.outbound().frame();
             let what = format!("{} without a flow", f.name());
             let (run, counted) = dp.run_counted(PROG_WAN_OUT, &input, UPLINK_MARK);
-            assert_untouched(&run, &input, &what);
-            assert_eq!(counted, [(Reason::NoMapping, 1)], "{what}");
+            assert_eq!(run.ret, TC_ACT_SHOT, "{what}: must not leave untranslated");
+            assert_eq!(
+                counted,
+                [(Reason::NoMapping, 1), (Reason::ForeignSource, 1)],
+                "{what}"
+            );
         }
         let flows = dp.flows();
         assert!(
@@ -1367,6 +1477,56 @@ fn lan_in_spoofed_source_passes_untouched_counts_spoofed_source_and_creates_no_f
 }
 
 #[test]
+fn lan_in_never_makes_a_flow_for_multicast_broadcast_reserved_or_other_host_traffic() {
+    with_datapath(|dp| {
+        let for_gw = |dst: Ipv4Addr| TCP_FLOW.outbound().with_destination(dst, 443).frame();
+        let mut frames: Vec<(String, Vec<u8>)> = [
+            Ipv4Addr::new(224, 0, 0, 251),
+            Ipv4Addr::new(239, 255, 255, 250),
+            Ipv4Addr::BROADCAST,
+            Ipv4Addr::new(240, 0, 0, 1),
+            Ipv4Addr::new(0, 1, 2, 3),
+            Ipv4Addr::new(127, 0, 0, 1),
+            Ipv4Addr::new(169, 254, 1, 1),
+        ]
+        .into_iter()
+        .map(|d| (format!("to {d}"), for_gw(d)))
+        .collect();
+        // A unicast destination, but a frame for another host's MAC, or
+        // for the broadcast MAC.
+        for (mac, name) in [(MAC_B, "another host's MAC"), ([0xff; 6], "broadcast MAC")] {
+            let mut f = TCP_FLOW.outbound().frame();
+            f[..6].copy_from_slice(&mac);
+            frames.push((format!("to {name}"), f));
+        }
+        for (what, input) in &frames {
+            let (run, counted) = dp.run_counted(PROG_LAN_IN, input, 0);
+            assert_untouched(&run, input, what);
+            assert_eq!(counted, [(Reason::NotUnicast, 1)], "{what}");
+        }
+        let flows = dp.flows();
+        assert!(flows.fwd.is_empty() && flows.rev.is_empty(), "{flows:?}");
+    });
+}
+
+#[test]
+fn lan_in_leaves_routed_prefix_sources_to_the_kernel_untranslated() {
+    with_datapath(|dp| {
+        // Inside a LAN prefix too: the routed prefix wins.
+        dp.set_routed(Ipv4Addr::new(198, 18, 1, 0), 25, 0b01);
+        for f in &ALL_FLOWS {
+            let input = f.outbound().frame();
+            let what = format!("new {} from a routed prefix", f.name());
+            let (run, counted) = dp.run_counted(PROG_LAN_IN, &input, 0);
+            assert_untouched(&run, &input, &what);
+            assert_eq!(counted, [(Reason::RoutedSource, 1)], "{what}");
+            assert_eq!(run.mark, 0, "{what}: no mark");
+        }
+        assert!(dp.flows().fwd.is_empty());
+    });
+}
+
+#[test]
 fn lan_in_new_flow_without_a_route_passes_untouched_and_creates_no_flow() {
     with_datapath(|dp| {
         for f in &ALL_FLOWS {
@@ -1701,7 +1861,7 @@ fn corpus(name: &str, tcp: &Ipv4, udp: &Ipv4, echo: &Ipv4) -> Vec<(String, Vec<u
 }
 
 #[test]
-fn malformed_and_foreign_packets_pass_byte_identical_through_every_program_and_count_why() {
+fn malformed_and_foreign_packets_are_left_untouched_or_dropped_and_never_leave_an_uplink() {
     with_datapath(|dp| {
         for f in &ALL_FLOWS {
             dp.insert_flow(f);
@@ -1742,10 +1902,21 @@ fn malformed_and_foreign_packets_pass_byte_identical_through_every_program_and_c
                 if let Err(e) = untouched_or_dropped(&run, frame, &what) {
                     failures.push(e);
                 }
-                if counted != [(*reason, 1)] {
+                // On the way out of an uplink, whatever IPv4 the SNAT could
+                // not translate meets the egress guard.
+                let guarded = prog == PROG_WAN_OUT && *reason != Reason::NotIpv4;
+                let expected: &[(Reason, u64)] = if guarded {
+                    &[(*reason, 1), (Reason::ForeignSource, 1)]
+                } else {
+                    &[(*reason, 1)]
+                };
+                if counted != expected {
                     failures.push(format!(
-                        "{what}: counted {counted:?}, expected [({reason:?}, 1)]"
+                        "{what}: counted {counted:?}, expected {expected:?}"
                     ));
+                }
+                if guarded && run.ret != TC_ACT_SHOT {
+                    failures.push(format!("{what}: left the uplink ({})", run.ret));
                 }
             }
         }
