@@ -17,8 +17,8 @@ use aya::{
     },
 };
 use multihome_common::{
-    ALL_MAPS, LAYOUT_VERSION, MAP_CONN_FWD, MAP_CONN_REV, MAP_SETTINGS, PROG_LAN_IN, PROG_WAN_IN,
-    PROG_WAN_IN_L3, PROG_WAN_OUT, PROG_WAN_OUT_L3, Settings,
+    ALL_MAPS, LAYOUT_VERSION, MAP_CONN_FWD, MAP_CONN_REV, MAP_REASONS, MAP_SETTINGS, PROG_LAN_IN,
+    PROG_WAN_IN, PROG_WAN_IN_L3, PROG_WAN_OUT, PROG_WAN_OUT_L3, Settings,
 };
 
 /// The programs, built by `build.rs`.
@@ -118,7 +118,17 @@ pub fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Refuses pinned maps of another layout version.
+/// Older layouts this binary adopts, each with the pinned maps whose shape
+/// changed since: those are unpinned and made afresh (their counters
+/// restart), while flows, uplinks and settings carry over. Maps that did
+/// not exist then are simply created.
+const MIGRATIONS: &[(u32, &[&str])] = &[
+    // 3: REASONS gained counters; ROUTED is new.
+    (2, &[MAP_REASONS]),
+];
+
+/// Adopts pinned maps of this layout or of one in [`MIGRATIONS`] (after
+/// unpinning what changed); refuses any other.
 fn check_layout(pin_dir: &Path) -> anyhow::Result<bool> {
     let path = pin_dir.join(MAP_SETTINGS);
     let data = match MapData::from_pin(&path) {
@@ -132,6 +142,21 @@ fn check_layout(pin_dir: &Path) -> anyhow::Result<bool> {
         .ok()
         .and_then(|a| a.get(&0, 0).ok())
         .map(|s| s.layout_version);
+    if let Some((from, changed)) = MIGRATIONS.iter().find(|(v, _)| Some(*v) == version) {
+        for name in *changed {
+            let path = pin_dir.join(name);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("unpinning {}", path.display())),
+            }
+        }
+        log::info!(
+            "adopting maps of layout version {from}: {} made afresh",
+            changed.join(", ")
+        );
+        return Ok(true);
+    }
     if version != Some(LAYOUT_VERSION) {
         bail!(
             "the maps pinned in {} have layout version {}, this multihome uses {LAYOUT_VERSION}. \

@@ -337,6 +337,79 @@ fn pinned_maps_of_another_layout_are_refused_and_cleanup_removes_everything() {
 }
 
 #[test]
+fn an_upgrade_from_layout_2_keeps_live_flows_and_makes_the_changed_maps_afresh() {
+    let t = Topology::standard();
+    let config = config_for(&t, [1, 1], "");
+    let gw = Gateway::start_with_pin(&t.gw, &config, unique_pin_dir("up"), &["--keep-on-exit"]);
+    let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    let sock = t
+        .client
+        .run(|| std::net::UdpSocket::bind((CLIENT_ADDR, 0)).expect("bind the client socket"));
+    let before = udp_seen_from(&sock, srv.addr()).expect("UDP before the upgrade");
+    let cfg_path = gw.config_path().to_owned();
+    let pin = gw.stop();
+    std::fs::write(&cfg_path, &config).expect("write the config again");
+    let dir = pin.path().to_str().expect("utf-8").to_owned();
+
+    // What layout 2 pinned: 16 reason counters, no ROUTED, version 2.
+    std::fs::remove_file(pin.path().join("REASONS")).expect("unpin REASONS");
+    std::fs::remove_file(pin.path().join("ROUTED")).expect("unpin ROUTED");
+    let reasons = format!("{dir}/REASONS");
+    t.gw.exec(&[
+        "bpftool",
+        "map",
+        "create",
+        &reasons,
+        "type",
+        "percpu_array",
+        "key",
+        "4",
+        "value",
+        "128",
+        "entries",
+        "1",
+        "name",
+        "REASONS",
+    ]);
+    let settings = format!("{dir}/SETTINGS");
+    let mut update = vec![
+        "bpftool", "map", "update", "pinned", &settings, "key", "0", "0", "0", "0", "value",
+    ];
+    update.extend(["2", "0", "0", "0"]);
+    let current =
+        t.gw.exec_stdout(&["bpftool", "-j", "map", "dump", "pinned", &settings]);
+    let rest: Vec<String> = serde_json::from_str::<serde_json::Value>(&current)
+        .expect("bpftool JSON")[0]["value"]
+        .as_array()
+        .map(|bytes| {
+            bytes
+                .iter()
+                .skip(4)
+                .map(|b| b.as_str().expect("hex").to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(rest.len(), 12, "SETTINGS is 16 bytes: {current}");
+    update.extend(rest.iter().map(String::as_str));
+    t.gw.exec(&update);
+
+    let gw = Gateway::start_with_pin(&t.gw, &config, pin, &[]);
+    assert!(
+        gw.log().contains("adopting maps of layout version 2"),
+        "{}",
+        gw.log()
+    );
+    let after = udp_seen_from(&sock, srv.addr()).expect("UDP after the upgrade");
+    assert_eq!(after, before, "the flow kept its uplink, address and port");
+    assert_eq!(
+        gw.reason("foreign_source"),
+        0,
+        "REASONS has the new counters"
+    );
+    let _ = std::fs::remove_file(&cfg_path);
+}
+
+#[test]
 fn an_uplink_interface_that_disappears_and_reappears_is_picked_up_again() {
     let t = Topology::standard();
     let gw = Gateway::start(&t.gw, &config_for(&t, [0, 1], ""));
