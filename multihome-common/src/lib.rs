@@ -58,6 +58,9 @@ pub const PROG_WAN_OUT_L3: &str = "mh_wan_out_l3";
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_DCCP: u8 = 33;
+pub const IPPROTO_AH: u8 = 51;
+pub const IPPROTO_UDPLITE: u8 = 136;
 
 /// A connection as one direction of it appears on the wire.
 ///
@@ -65,7 +68,9 @@ pub const IPPROTO_UDP: u8 = 17;
 /// [`MAP_CONN_REV`] it is a reply as it arrives on the uplink: remote to
 /// the NAT address and port. For ICMP echo the identifier stands in for the
 /// LAN-side port (`sport_be` forward, `dport_be` reverse) and the other
-/// port is 0.
+/// port is 0. Every other protocol (GRE, ESP, SCTP, ...) is translated by
+/// address only: both ports are 0, so one LAN host at a time holds an
+/// (uplink address, remote, protocol).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -316,6 +321,8 @@ macro_rules! reasons {
                         | Reason::RewriteFailed
                         | Reason::HostPortClash
                         | Reason::ForeignSource
+                        | Reason::AhNotNatable
+                        | Reason::AddrTaken
                 )
             }
         }
@@ -372,6 +379,12 @@ reasons! {
     /// Pass: a source in an uplink's `routed_prefixes`, forwarded by the
     /// kernel without NAT.
     RoutedSource = routed_source,
+    /// Drop: IPsec AH from the LAN; it authenticates the addresses, so no
+    /// NAT can carry it (RFC 3715 §2.1).
+    AhNotNatable = ah_not_natable,
+    /// Drop: a protocol translated by address only, and on every usable
+    /// uplink another LAN host already talks it with that remote.
+    AddrTaken = addr_taken,
 }
 
 pub const REASON_COUNT: usize = Reason::ALL.len();

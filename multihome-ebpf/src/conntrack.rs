@@ -72,19 +72,50 @@ pub fn create(
     uplink: &Uplink,
     settings: &Settings,
 ) -> Result<FlowFwd, Reason> {
-    let rev = FlowRev {
+    let rev = rev_entry(key, uplink_id);
+    let nat_port_be = reserve_port(ctx, key, pkt, uplink.addr_be, &rev, settings)?;
+    pin_fwd(key, pkt, uplink_id, uplink.addr_be, nat_port_be)
+}
+
+/// [`create`] for a protocol translated by address only: the reverse key
+/// (remote, uplink address, protocol) is the whole mapping, so the flow
+/// fails with [`Reason::AddrTaken`] while another LAN host holds it.
+#[inline(always)]
+pub fn create_portless(
+    key: &FlowKey,
+    pkt: &Packet,
+    uplink_id: u8,
+    uplink: &Uplink,
+) -> Result<FlowFwd, Reason> {
+    if !try_port(key, uplink.addr_be, 0, &rev_entry(key, uplink_id))? {
+        return Err(Reason::AddrTaken);
+    }
+    pin_fwd(key, pkt, uplink_id, uplink.addr_be, 0)
+}
+
+#[inline(always)]
+fn rev_entry(key: &FlowKey, uplink_id: u8) -> FlowRev {
+    FlowRev {
         lan_addr_be: key.saddr_be,
         lan_port_be: key.sport_be,
         uplink: uplink_id,
         _pad: 0,
-    };
-    let nat_port_be = reserve_port(ctx, key, pkt, uplink.addr_be, &rev, settings)?;
-    let rev_key = key.reply(uplink.addr_be, nat_port_be);
+    }
+}
 
+/// Inserts the forward entry once its reverse one is reserved.
+#[inline(always)]
+fn pin_fwd(
+    key: &FlowKey,
+    pkt: &Packet,
+    uplink_id: u8,
+    nat_addr_be: u32,
+    nat_port_be: u16,
+) -> Result<FlowFwd, Reason> {
     let now = now_ns();
     let fwd = FlowFwd {
         last_seen_ns: now,
-        nat_addr_be: uplink.addr_be,
+        nat_addr_be,
         flags: tcp_flags_out(0, pkt.tcp_flags()),
         nat_port_be,
         uplink: uplink_id,
@@ -94,7 +125,7 @@ pub fn create(
     match CONN_FWD.insert(key, fwd, BPF_NOEXIST as u64) {
         Ok(()) => Ok(fwd),
         Err(e) => {
-            let _ = CONN_REV.remove(rev_key);
+            let _ = CONN_REV.remove(key.reply(nat_addr_be, nat_port_be));
             if e == -EEXIST {
                 // Another CPU pinned the same flow first: use its entry.
                 // SAFETY: the value is read once, by copy.

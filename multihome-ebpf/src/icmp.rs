@@ -12,7 +12,10 @@ use crate::{
     inbound,
     maps::UPLINKS,
     nat::{self, Side},
-    parse::{ICMP_ECHO, ICMP_ECHO_REPLY, Packet, hi, ip, lo, read, write},
+    parse::{
+        ICMP_ECHO, ICMP_ECHO_REPLY, PSEUDO_CSUM_OFF, Packet, hi, ip, lo, other_has_pseudo_header,
+        read, write,
+    },
     verdict::{Outcome, Verdict},
 };
 
@@ -27,6 +30,8 @@ struct Inner {
     dport_be: u16,
     /// An echo request or reply; the identifier is in both ports.
     echo: bool,
+    /// Translated by address only; both ports are 0.
+    portless: bool,
 }
 
 #[inline(always)]
@@ -49,7 +54,7 @@ fn parse_inner(ctx: &TcContext, pkt: &Packet) -> Result<Inner, Reason> {
             let id: u16 = read(ctx, l4 + 4)?;
             (id, id, true)
         }
-        _ => return Err(Reason::IcmpNoMapping),
+        _ => (0, 0, false),
     };
     Ok(Inner {
         l3,
@@ -60,6 +65,7 @@ fn parse_inner(ctx: &TcContext, pkt: &Packet) -> Result<Inner, Reason> {
         sport_be,
         dport_be,
         echo,
+        portless: !matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP),
     })
 }
 
@@ -82,6 +88,22 @@ fn translate_inner(
     write(ctx, inner.l3 + side.addr_off(), addr_be)?;
     write(ctx, inner.l3 + ip::CSUM, new_ip_csum)?;
     icmp = icmp.u32(old_addr, addr_be).u16(old_ip_csum, new_ip_csum);
+
+    if inner.portless {
+        if other_has_pseudo_header(inner.proto) {
+            // A quoted DCCP or UDP-Lite checksum covers the addresses.
+            let off = inner.l4 + PSEUDO_CSUM_OFF;
+            if off + 2 <= pkt.l3 + pkt.tot_len as usize
+                && let Ok(old) = read::<u16>(ctx, off)
+            {
+                let new = Delta::default().u32(old_addr, addr_be).apply(old);
+                write(ctx, off, new)?;
+                icmp = icmp.u16(old, new);
+            }
+        }
+        let icmp_csum: u16 = read(ctx, pkt.l4 + 2)?;
+        return write(ctx, pkt.l4 + 2, icmp.apply(icmp_csum));
+    }
 
     let port_off = if inner.echo {
         inner.l4 + 4

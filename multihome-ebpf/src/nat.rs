@@ -73,6 +73,13 @@ pub fn rewrite(
     hop: bool,
 ) -> Result<(), Reason> {
     let old_addr = rewrite_l3(ctx, pkt.l3, side, addr_be, hop)?;
+    if let L4::Other { pseudo } = pkt.l4_kind {
+        if pseudo {
+            let (csum_off, _) = pkt.l4_csum();
+            csum::l4_addr(ctx, csum_off, false, old_addr, addr_be)?;
+        }
+        return Ok(());
+    }
     let (port_off, old_port) = match (pkt.l4_kind, side) {
         (L4::Echo { .. }, Side::Src) => (pkt.l4 + 4, pkt.sport_be),
         (L4::Echo { .. }, Side::Dst) => (pkt.l4 + 4, pkt.dport_be),

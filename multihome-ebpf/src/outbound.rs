@@ -3,8 +3,8 @@
 //! path handed to the kernel.
 use aya_ebpf::programs::TcContext;
 use multihome_common::{
-    FlowFwd, FlowKey, MARK_TRANSLATED, MAX_LAN_NETS, MAX_UPLINKS, Reason, Settings, UPLINK_L3,
-    Uplink,
+    FlowFwd, FlowKey, IPPROTO_AH, MARK_TRANSLATED, MAX_LAN_NETS, MAX_UPLINKS, Reason, Settings,
+    UPLINK_L3, Uplink,
 };
 
 use crate::{
@@ -126,9 +126,12 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, key: &FlowKey) -> Result<FlowFwd, Rea
     }
     if !matches!(
         pkt.l4_kind,
-        L4::Tcp(_) | L4::Udp | L4::Echo { request: true }
+        L4::Tcp(_) | L4::Udp | L4::Echo { request: true } | L4::Other { .. }
     ) {
         return Err(Reason::UnsupportedProto);
+    }
+    if pkt.proto == IPPROTO_AH {
+        return Err(Reason::AhNotNatable);
     }
     // Route it as the kernel would: local and LAN-to-LAN traffic is not ours.
     let hop = fwd::lookup(ctx, pkt, pkt.saddr_be, pkt.daddr_be, None, false)
@@ -138,9 +141,37 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, key: &FlowKey) -> Result<FlowFwd, Rea
     }
     let onlink = (hop.nh_be == pkt.daddr_be).then_some(hop.ifindex);
     let (id, uplink) = select::choose(onlink)?;
-    let flow = conntrack::create(ctx, key, pkt, id, uplink, &settings()?)?;
-    stats::new_flow(id);
+    let flow = if pkt.portless() {
+        portless_flow(key, pkt, id, uplink)?
+    } else {
+        conntrack::create(ctx, key, pkt, id, uplink, &settings()?)?
+    };
+    stats::new_flow(flow.uplink);
     Ok(flow)
+}
+
+/// A flow translated by address only: on the chosen uplink, else on the
+/// first other usable uplink whose address is free towards the remote.
+#[inline(always)]
+fn portless_flow(key: &FlowKey, pkt: &Packet, id: u8, uplink: &Uplink) -> Result<FlowFwd, Reason> {
+    match conntrack::create_portless(key, pkt, id, uplink) {
+        Err(Reason::AddrTaken) => {}
+        other => return other,
+    }
+    for other in 0..MAX_UPLINKS {
+        if other == id as u32 {
+            continue;
+        }
+        if let Some(u) = UPLINKS.get(other)
+            && select::usable(u)
+        {
+            match conntrack::create_portless(key, pkt, other as u8, u) {
+                Err(Reason::AddrTaken) => {}
+                created => return created,
+            }
+        }
+    }
+    Err(Reason::AddrTaken)
 }
 
 #[inline(always)]
@@ -241,7 +272,7 @@ fn host_egress<const L2: bool>(ctx: &TcContext) -> Outcome {
         return Ok(Verdict::Pass);
     }
     let pkt = parse::parse_ipv4(ctx, l3)?;
-    if !pkt.has_pseudo_header() {
+    if !pkt.has_pseudo_header() && !pkt.portless() {
         return Ok(Verdict::Pass);
     }
     let key = conntrack::lan_key(&pkt);

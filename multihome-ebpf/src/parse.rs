@@ -2,7 +2,9 @@
 //! the packet alone. Offsets come from the device kind and the IHL, never
 //! from fixed header sizes.
 use aya_ebpf::programs::TcContext;
-use multihome_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Reason};
+use multihome_common::{
+    IPPROTO_DCCP, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, Reason,
+};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
@@ -41,6 +43,22 @@ pub enum L4 {
     },
     /// ICMP destination unreachable, time exceeded or parameter problem.
     IcmpError,
+    /// Any other protocol, translated by address only. `pseudo`: its
+    /// checksum, at offset [`PSEUDO_CSUM_OFF`], covers the pseudo-header
+    /// (DCCP, UDP-Lite).
+    Other {
+        pseudo: bool,
+    },
+}
+
+/// Where DCCP (RFC 4340 §5.1) and UDP-Lite (RFC 3828 §3.1) keep their
+/// checksum, which covers the IPv4 pseudo-header.
+pub const PSEUDO_CSUM_OFF: usize = 6;
+
+/// Whether `proto`'s checksum covers the pseudo-header (besides TCP/UDP).
+#[inline(always)]
+pub fn other_has_pseudo_header(proto: u8) -> bool {
+    proto == IPPROTO_DCCP || proto == IPPROTO_UDPLITE
 }
 
 #[derive(Clone, Copy)]
@@ -199,7 +217,13 @@ pub fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, Reason> {
                 _ => return Err(Reason::UnsupportedProto),
             }
         }
-        _ => return Err(Reason::UnsupportedProto),
+        _ => {
+            let pseudo = other_has_pseudo_header(proto);
+            if pseudo && l4_len < PSEUDO_CSUM_OFF + 2 {
+                return Err(Reason::Malformed);
+            }
+            (L4::Other { pseudo }, 0, 0)
+        }
     };
     Ok(Packet {
         l3,
@@ -230,12 +254,22 @@ impl Packet {
             L4::Tcp(_) => (self.l4 + 16, false),
             L4::Udp => (self.l4 + 6, true),
             L4::Echo { .. } | L4::IcmpError => (self.l4 + 2, false),
+            L4::Other { .. } => (self.l4 + PSEUDO_CSUM_OFF, false),
         }
     }
 
     #[inline(always)]
     pub fn has_pseudo_header(&self) -> bool {
-        matches!(self.l4_kind, L4::Tcp(_) | L4::Udp)
+        matches!(
+            self.l4_kind,
+            L4::Tcp(_) | L4::Udp | L4::Other { pseudo: true }
+        )
+    }
+
+    /// Translated by address only (no ports).
+    #[inline(always)]
+    pub fn portless(&self) -> bool {
+        matches!(self.l4_kind, L4::Other { .. })
     }
 
     #[inline(always)]

@@ -11,8 +11,9 @@ fn uplink(id: u32) -> Option<&'static Uplink> {
     UPLINKS.get(id)
 }
 
+/// May take new flows: healthy, with an address.
 #[inline(always)]
-fn usable(u: &Uplink) -> bool {
+pub fn usable(u: &Uplink) -> bool {
     u.flags & UPLINK_USABLE != 0 && u.addr_be != 0
 }
 

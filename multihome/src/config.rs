@@ -74,6 +74,8 @@ pub struct Timeouts {
     pub tcp_closing: u64,
     pub udp: u64,
     pub icmp: u64,
+    /// Protocols translated by address only (GRE, ESP, SCTP, ...).
+    pub other: u64,
 }
 
 impl Default for Timeouts {
@@ -84,6 +86,8 @@ impl Default for Timeouts {
             tcp_closing: 10,
             udp: 300,
             icmp: 60,
+            // nf_conntrack_generic_timeout.
+            other: 600,
         }
     }
 }
@@ -290,6 +294,7 @@ impl Config {
             ("tcp_closing", t.tcp_closing),
             ("udp", t.udp),
             ("icmp", t.icmp),
+            ("other", t.other),
         ] {
             if v < 2 {
                 out.push(format!(

@@ -10,8 +10,8 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{HashMap, MapData};
 use multihome_common::{
-    FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FLOW_SEEN_REPLY, FlowFwd, FlowKey, FlowRev, IPPROTO_ICMP,
-    IPPROTO_TCP, IPPROTO_UDP,
+    FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FLOW_SEEN_REPLY, FlowFwd, FlowKey, FlowRev, IPPROTO_DCCP,
+    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE,
 };
 use serde::Serialize;
 
@@ -22,6 +22,12 @@ pub fn proto_name(p: u8) -> &'static str {
         IPPROTO_TCP => "tcp",
         IPPROTO_UDP => "udp",
         IPPROTO_ICMP => "icmp",
+        IPPROTO_DCCP => "dccp",
+        IPPROTO_UDPLITE => "udplite",
+        41 => "ipv6",
+        47 => "gre",
+        50 => "esp",
+        132 => "sctp",
         _ => "other",
     }
 }
@@ -44,7 +50,8 @@ pub fn timeout_s(key: &FlowKey, f: &FlowFwd, t: &Timeouts) -> u64 {
         (IPPROTO_TCP, "closed" | "closing") => t.tcp_closing,
         (IPPROTO_TCP, _) => t.tcp_transitory,
         (IPPROTO_UDP, _) => t.udp,
-        _ => t.icmp,
+        (IPPROTO_ICMP, _) => t.icmp,
+        _ => t.other,
     }
 }
 
@@ -271,6 +278,9 @@ mod tests {
         assert_eq!(timeout_s(&key(IPPROTO_TCP), &f, &t), 7440);
         assert_eq!(timeout_s(&key(IPPROTO_UDP), &f, &t), 300);
         assert_eq!(timeout_s(&key(IPPROTO_ICMP), &f, &t), 60);
+        for gre_esp_sctp in [47, 50, 132] {
+            assert_eq!(timeout_s(&key(gre_esp_sctp), &f, &t), 600);
+        }
         f.flags = 0;
         assert_eq!(timeout_s(&key(IPPROTO_TCP), &f, &t), 240);
         f.flags = FLOW_RST;

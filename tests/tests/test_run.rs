@@ -28,6 +28,8 @@ use multihome_common::{
     UPLINK_USABLE, Uplink, UplinkStats,
 };
 use testbed::packets::*;
+
+const IPPROTO_DCCP: u8 = 33;
 use testbed::{
     CLIENT_ADDR, INET_SERVICE, ISPX_CORE, NetNs, UPLINK_X_ADDR, UPLINK_X_GW, multihome_bin,
     require_root,
@@ -1831,17 +1833,17 @@ fn corpus(name: &str, tcp: &Ipv4, udp: &Ipv4, echo: &Ipv4) -> Vec<(String, Vec<u
             Reason::NotIpv4,
         ),
         (
-            "GRE",
+            "DCCP header cut before its checksum",
             Ipv4::new(
                 tcp.src,
                 tcp.dst,
                 Payload::Raw {
-                    proto: IPPROTO_GRE,
-                    bytes: t[IP + 20..].to_vec(),
+                    proto: IPPROTO_DCCP,
+                    bytes: t[IP + 20..IP + 27].to_vec(),
                 },
             )
             .frame(),
-            Reason::UnsupportedProto,
+            Reason::Malformed,
         ),
         (
             "ICMP timestamp",
@@ -2100,4 +2102,129 @@ fn no_program_calls_the_byte_loop_memory_builtins() {
         "no mh_lan_in in:\n{text:.500}"
     );
     assert!(calls.is_empty(), "{calls:#?}");
+}
+
+// ---------------------------------------------------------------------------
+// Protocols translated by address only.
+
+const IPPROTO_UDPLITE: u8 = 136;
+
+/// A packet of protocol `proto` from `src` to `dst`, with a valid header
+/// for the protocols whose checksum covers the pseudo-header (DCCP,
+/// UDP-Lite: checksum at offset 6, computed here from scratch).
+fn portless(proto: u8, src: Ipv4Addr, dst: Ipv4Addr) -> Ipv4 {
+    let mut bytes: Vec<u8> = match proto {
+        // DCCP-Request: ports, data offset 5 words, CsCov 0, type 0 with X,
+        // a 48-bit sequence number and a service code.
+        IPPROTO_DCCP => vec![
+            0x9c, 0x41, 0x13, 0x89, 5, 0, 0, 0, 0x01, 0, 0, 0, 0x12, 0x34, 0x56, 0x78, 0, 0, 0, 42,
+        ],
+        // UDP-Lite: ports, checksum coverage 0 (all), checksum, payload.
+        IPPROTO_UDPLITE => b"\x9c\x42\x13\x8a\x00\x00\x00\x00lite payload!".to_vec(),
+        // GRE carrying IPv4, ESP, SCTP, 6in4, 253: opaque to the NAT.
+        _ => (0..37u8).map(|i| i.wrapping_mul(29) ^ proto).collect(),
+    };
+    if proto == IPPROTO_DCCP || proto == IPPROTO_UDPLITE {
+        let c = l4_checksum(src, dst, proto, &bytes);
+        bytes[6..8].copy_from_slice(&c.to_be_bytes());
+    }
+    let mut p = Ipv4::new(src, dst, Payload::Raw { proto, bytes });
+    p.id = 0x5151;
+    p
+}
+
+const PORTLESS: [u8; 7] = [IPPROTO_GRE, 50, 132, 41, 253, IPPROTO_DCCP, IPPROTO_UDPLITE];
+
+/// Pins the address-only flow LAN_HOST -> REMOTE of `proto` on uplink 0.
+fn insert_portless(dp: &mut Datapath, proto: u8) {
+    let key = FlowKey {
+        saddr_be: be(LAN_HOST),
+        daddr_be: be(REMOTE),
+        proto,
+        ..Default::default()
+    };
+    let fwd = FlowFwd {
+        nat_addr_be: be(NAT_ADDR),
+        ..Default::default()
+    };
+    let rev = FlowRev {
+        lan_addr_be: be(LAN_HOST),
+        ..Default::default()
+    };
+    let mut fwd_map: HashMap<_, FlowKey, FlowFwd> =
+        HashMap::try_from(dp.ebpf.map_mut(MAP_CONN_FWD).expect("CONN_FWD")).expect("types");
+    fwd_map.insert(key, fwd, 0).expect("insert CONN_FWD");
+    let mut rev_map: HashMap<_, FlowKey, FlowRev> =
+        HashMap::try_from(dp.ebpf.map_mut(MAP_CONN_REV).expect("CONN_REV")).expect("types");
+    rev_map
+        .insert(key.reply(be(NAT_ADDR), 0), rev, 0)
+        .expect("insert CONN_REV");
+}
+
+#[test]
+fn wan_out_snat_translates_portless_protocols_by_address_and_fixes_dccp_and_udplite_checksums() {
+    with_datapath(|dp| {
+        for proto in PORTLESS {
+            insert_portless(dp, proto);
+            let input = portless(proto, LAN_HOST, REMOTE).frame();
+            let expected = portless(proto, NAT_ADDR, REMOTE).frame();
+            let what = format!("protocol {proto} on {PROG_WAN_OUT}");
+            let (run, counted) = dp.run_counted(PROG_WAN_OUT, &input, UPLINK_MARK);
+            assert_passed_as(&run, &expected, &what);
+            assert_eq!(counted, NOTHING, "{what}");
+        }
+        // Without its flow: dropped, not sent with the LAN source.
+        let input = portless(47, CLIENT_ADDR, ROUTER).frame();
+        let (run, counted) = dp.run_counted(PROG_WAN_OUT, &input, UPLINK_MARK);
+        assert_eq!(run.ret, TC_ACT_SHOT);
+        assert_eq!(
+            counted,
+            [(Reason::NoMapping, 1), (Reason::ForeignSource, 1)]
+        );
+    });
+}
+
+#[test]
+fn wan_in_reverse_translates_portless_protocols_by_address_byte_exact() {
+    with_datapath(|dp| {
+        for proto in PORTLESS {
+            insert_portless(dp, proto);
+            let input = portless(proto, REMOTE, NAT_ADDR).frame();
+            let expected = portless(proto, REMOTE, LAN_HOST).frame();
+            let what = format!("protocol {proto} on {PROG_WAN_IN}");
+            let (run, counted) = dp.run_counted(PROG_WAN_IN, &input, 0);
+            assert_passed_as(&run, &expected, &what);
+            assert_eq!(counted, NOTHING, "{what}");
+        }
+    });
+}
+
+#[test]
+fn wan_in_icmp_errors_about_portless_flows_translate_the_quoted_address_and_checksum() {
+    with_datapath(|dp| {
+        for proto in PORTLESS {
+            insert_portless(dp, proto);
+            let sent = portless(proto, NAT_ADDR, REMOTE).bytes();
+            let as_sent = portless(proto, LAN_HOST, REMOTE).bytes();
+            for quoted in [28, sent.len()] {
+                let input = error_quoting(ROUTER, NAT_ADDR, &sent[..quoted]);
+                let expected = error_quoting(ROUTER, LAN_HOST, &as_sent[..quoted]);
+                let what = format!("error quoting {quoted} bytes of protocol {proto}");
+                let (run, counted) = dp.run_counted(PROG_WAN_IN, &input, 0);
+                assert_passed_as(&run, &expected, &what);
+                assert_eq!(counted, NOTHING, "{what}");
+            }
+        }
+    });
+}
+
+#[test]
+fn lan_in_drops_ipsec_ah_which_no_nat_can_carry() {
+    with_datapath(|dp| {
+        let input = portless(51, LAN_HOST, REMOTE).frame();
+        let (run, counted) = dp.run_counted(PROG_LAN_IN, &input, 0);
+        assert_eq!(run.ret, TC_ACT_SHOT);
+        assert_eq!(counted, [(Reason::AhNotNatable, 1)]);
+        assert!(dp.flows().fwd.is_empty());
+    });
 }
