@@ -19,6 +19,10 @@ pub const MAX_LAN_NETS: u32 = 16;
 pub const SELECT_SLOTS: usize = 64;
 /// Default connection-map capacity (flows; each flow uses two entries).
 pub const DEFAULT_MAX_FLOWS: u32 = 65_536;
+/// Fragmented datagrams tracked at once in [`MAP_FRAGS`] (LRU).
+pub const FRAG_ENTRIES: u32 = 8192;
+/// (remote, NAT address) pairs of UDP flows in [`MAP_PEERS`] (LRU).
+pub const PEER_ENTRIES: u32 = 16384;
 /// Prefixes in [`MAP_ROUTED`], over all uplinks.
 pub const MAX_ROUTED_PREFIXES: u32 = 256;
 /// The low byte of `skb->mark` (over the mark base) on packets the fast
@@ -36,7 +40,9 @@ pub const MAP_SETTINGS: &str = "SETTINGS";
 pub const MAP_UPLINK_STATS: &str = "UPLINK_STATS";
 pub const MAP_REASONS: &str = "REASONS";
 pub const MAP_ROUTED: &str = "ROUTED";
-pub const ALL_MAPS: [&str; 9] = [
+pub const MAP_FRAGS: &str = "FRAGS";
+pub const MAP_PEERS: &str = "PEERS";
+pub const ALL_MAPS: [&str; 11] = [
     MAP_CONN_FWD,
     MAP_CONN_REV,
     MAP_UPLINKS,
@@ -46,6 +52,8 @@ pub const ALL_MAPS: [&str; 9] = [
     MAP_UPLINK_STATS,
     MAP_REASONS,
     MAP_ROUTED,
+    MAP_FRAGS,
+    MAP_PEERS,
 ];
 
 /// Program names (the `#[classifier]` functions).
@@ -255,6 +263,38 @@ pub struct Settings {
     pub local_port_max: u16,
 }
 
+/// A fragmented datagram as its fragments show it (RFC 791: source,
+/// destination, protocol and identification), in [`MAP_FRAGS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FragKey {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub id_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// How the rest of a datagram is translated, recorded from its first
+/// fragment: the new source (LAN to uplink) or destination (uplink to LAN).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FragXlat {
+    pub addr_be: u32,
+    pub uplink: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
+}
+
+/// [`MAP_PEERS`]'s value: the one LAN host with a UDP flow between this
+/// remote and NAT address, or 0 when there are several (or the gateway
+/// itself talks to it): for reply fragments that arrive before their
+/// first fragment (RFC 4787 REQ-14). The key is the flow's reverse key
+/// with both ports 0.
+pub type PeerLan = u32;
+
 /// [`MAP_ROUTED`]'s key data: an IPv4 prefix (the LPM trie's `prefix_len`
 /// counts its bits).
 #[repr(C)]
@@ -323,6 +363,7 @@ macro_rules! reasons {
                         | Reason::ForeignSource
                         | Reason::AhNotNatable
                         | Reason::AddrTaken
+                        | Reason::FragmentNoMapping
                 )
             }
         }
@@ -340,7 +381,8 @@ reasons! {
     NotIpv4 = not_ipv4,
     /// Pass: a header is shorter than it claims, or the packet is cut short.
     Malformed = malformed,
-    /// Pass: a non-first fragment, which carries no ports.
+    /// Pass: a non-first fragment from an uplink that matches no NAT
+    /// flow: the gateway's own, or one whose first fragment never came.
     Fragment = fragment,
     /// Pass: a protocol the NAT does not translate.
     UnsupportedProto = unsupported_proto,
@@ -385,6 +427,12 @@ reasons! {
     /// Drop: a protocol translated by address only, and on every usable
     /// uplink another LAN host already talks it with that remote.
     AddrTaken = addr_taken,
+    /// Drop: a non-first fragment from the LAN whose first fragment was
+    /// not seen (or was forgotten).
+    FragmentNoMapping = fragment_no_mapping,
+    /// Translated: a non-first fragment, by the record of its first
+    /// fragment or its protocol's address-only flow.
+    FragmentTranslated = fragment_translated,
 }
 
 pub const REASON_COUNT: usize = Reason::ALL.len();
@@ -398,6 +446,8 @@ const _: () = {
     assert!(size_of::<LanNet>() == 16);
     assert!(size_of::<Settings>() == 16);
     assert!(size_of::<RoutedKey>() == 4);
+    assert!(size_of::<FragKey>() == 12);
+    assert!(size_of::<FragXlat>() == 8);
     assert!(size_of::<UplinkStats>() == 48);
     assert!(size_of::<Reasons>() == REASON_COUNT * 8);
     assert!(MAX_UPLINKS <= 255);
@@ -423,6 +473,8 @@ mod pod {
     unsafe impl aya::Pod for UplinkStats {}
     unsafe impl aya::Pod for Reasons {}
     unsafe impl aya::Pod for RoutedKey {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragXlat {}
 }
 
 #[cfg(test)]

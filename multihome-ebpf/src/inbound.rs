@@ -4,7 +4,7 @@ use aya_ebpf::programs::TcContext;
 use multihome_common::Reason;
 
 use crate::{
-    conntrack,
+    conntrack, frag,
     fwd::{self, Hop},
     nat::{self, Side},
     parse::{self, L4, Packet},
@@ -16,7 +16,10 @@ use crate::{
 #[inline(always)]
 pub fn wan_ingress<const L2: bool>(ctx: &TcContext) -> Outcome {
     let l3 = parse::l3_offset::<L2>(ctx)?;
-    let pkt = parse::parse_ipv4(ctx, l3)?;
+    let pkt = match parse::parse_ipv4(ctx, l3) {
+        Err(Reason::Fragment) => return wan_fragment::<L2>(ctx, l3),
+        parsed => parsed?,
+    };
     if pkt.l4_kind == L4::IcmpError {
         return crate::icmp::wan_error::<L2>(ctx, &pkt);
     }
@@ -30,8 +33,22 @@ pub fn wan_ingress<const L2: bool>(ctx: &TcContext) -> Outcome {
         return Err(Reason::NoMapping);
     };
     conntrack::touch_in(flow, &pkt);
+    frag::note_first(ctx, &pkt, rev.lan_addr_be, rev.uplink);
     stats::rx(rev.uplink, pkt.tot_len as u32);
     to_lan::<L2>(ctx, &pkt, rev.lan_addr_be, rev.lan_port_be)
+}
+
+/// A later fragment from an uplink: to its LAN host when its datagram or
+/// flow is known, else to the kernel (it may be the gateway's own).
+#[inline(always)]
+fn wan_fragment<const L2: bool>(ctx: &TcContext, l3: usize) -> Outcome {
+    let pkt = parse::parse_fragment(ctx, l3)?;
+    let (lan_addr_be, uplink) = frag::inbound(ctx, &pkt).ok_or(Reason::Fragment)?;
+    let hop = lan_hop::<L2>(ctx, &pkt, lan_addr_be);
+    nat::rewrite_l3(ctx, l3, Side::Dst, lan_addr_be, hop.is_some())?;
+    stats::rx(uplink, pkt.tot_len as u32);
+    stats::count(Reason::FragmentTranslated);
+    deliver::<L2>(ctx, hop)
 }
 
 /// Rewrites the destination to the LAN host and forwards it there.

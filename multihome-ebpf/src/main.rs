@@ -12,6 +12,7 @@
 
 mod conntrack;
 mod csum;
+mod frag;
 mod fwd;
 mod guard;
 mod icmp;

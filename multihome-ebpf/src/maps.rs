@@ -1,12 +1,13 @@
 //! Every map the programs use. Sizes here are defaults; the daemon sets the
 //! connection maps' capacity at load time.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use multihome_common::{
-    DEFAULT_MAX_FLOWS, FlowFwd, FlowKey, FlowRev, LanNet, MAX_LAN_NETS, MAX_ROUTED_PREFIXES,
-    MAX_UPLINKS, Reasons, RoutedKey, RoutedUplinks, SelectTable, Settings, Uplink, UplinkStats,
+    DEFAULT_MAX_FLOWS, FRAG_ENTRIES, FlowFwd, FlowKey, FlowRev, FragKey, FragXlat, LanNet,
+    MAX_LAN_NETS, MAX_ROUTED_PREFIXES, MAX_UPLINKS, PEER_ENTRIES, PeerLan, Reasons, RoutedKey,
+    RoutedUplinks, SelectTable, Settings, Uplink, UplinkStats,
 };
 
 const FLOWS: usize = DEFAULT_MAX_FLOWS as usize;
@@ -41,3 +42,11 @@ pub static REASONS: PerCpuArray<Reasons, 1> = PerCpuArray::new();
 #[btf_map]
 pub static ROUTED: LpmTrie<RoutedKey, RoutedUplinks, { MAX_ROUTED_PREFIXES as usize }> =
     LpmTrie::new();
+
+/// A fragmented datagram -> how its later fragments are translated.
+#[btf_map]
+pub static FRAGS: LruHashMap<FragKey, FragXlat, { FRAG_ENTRIES as usize }> = LruHashMap::new();
+
+/// (remote, NAT address, UDP) -> the one LAN host with such a flow, or 0.
+#[btf_map]
+pub static PEERS: LruHashMap<FlowKey, PeerLan, { PEER_ENTRIES as usize }> = LruHashMap::new();

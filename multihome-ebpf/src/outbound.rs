@@ -8,7 +8,7 @@ use multihome_common::{
 };
 
 use crate::{
-    conntrack, fwd, guard,
+    conntrack, frag, fwd, guard,
     maps::{LAN_NETS, SETTINGS, UPLINKS},
     nat::{self, Side},
     parse::{self, L4, Packet},
@@ -31,7 +31,10 @@ pub fn settings() -> Result<Settings, Reason> {
 #[inline(always)]
 pub fn lan_ingress(ctx: &TcContext) -> Outcome {
     let l3 = parse::l3_offset::<true>(ctx)?;
-    let pkt = parse::parse_ipv4(ctx, l3)?;
+    let pkt = match parse::parse_ipv4(ctx, l3) {
+        Err(Reason::Fragment) => return lan_fragment(ctx, l3),
+        parsed => parsed?,
+    };
     match pkt.l4_kind {
         L4::IcmpError => return crate::icmp::lan_error(ctx, &pkt),
         // Answers to pings from outside: the gateway forwards no inbound
@@ -48,8 +51,22 @@ pub fn lan_ingress(ctx: &TcContext) -> Outcome {
         }
         None => new_flow(ctx, &pkt, &key)?,
     };
+    frag::note_first(ctx, &pkt, flow.nat_addr_be, flow.uplink);
     let uplink = UPLINKS.get(flow.uplink as u32).ok_or(Reason::NoUplink)?;
     to_uplink(ctx, &pkt, &flow, uplink, true)
+}
+
+/// A later fragment from the LAN: to the kernel with its datagram's
+/// uplink mark, so that `mh_wan_out` rewrites its source; dropped when its
+/// first fragment was not seen.
+#[inline(always)]
+fn lan_fragment(ctx: &TcContext, l3: usize) -> Outcome {
+    let pkt = parse::parse_fragment(ctx, l3)?;
+    let (_, id) = frag::outbound(ctx, &pkt).ok_or(Reason::FragmentNoMapping)?;
+    let uplink = UPLINKS.get(id as u32).ok_or(Reason::NoUplink)?;
+    ctx.set_mark(uplink.mark);
+    stats::slow_path(id);
+    Ok(Verdict::Pass)
 }
 
 /// Forwards a pinned flow's packet out its uplink, or hands it to the
@@ -146,6 +163,7 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, key: &FlowKey) -> Result<FlowFwd, Rea
     } else {
         conntrack::create(ctx, key, pkt, id, uplink, &settings()?)?
     };
+    frag::note_peer(pkt, flow.nat_addr_be, pkt.saddr_be);
     stats::new_flow(flow.uplink);
     Ok(flow)
 }
@@ -279,5 +297,6 @@ fn host_egress<const L2: bool>(ctx: &TcContext) -> Outcome {
     if conntrack::lookup_rev(&key.reply(pkt.saddr_be, pkt.sport_be)).is_some() {
         return Err(Reason::HostPortClash);
     }
+    frag::note_host(&pkt);
     Ok(Verdict::Pass)
 }

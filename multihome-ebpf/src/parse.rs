@@ -9,6 +9,8 @@ use multihome_common::{
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 const IP_OFFSET_MASK_BE: u16 = 0x1fffu16.to_be();
+/// More fragments follow.
+pub const IP_MF_BE: u16 = 0x2000u16.to_be();
 
 pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_DEST_UNREACH: u8 = 3;
@@ -23,6 +25,7 @@ pub const TCP_RST: u8 = 0x04;
 /// IPv4 header field offsets from its start.
 pub mod ip {
     pub const TOT_LEN: usize = 2;
+    pub const ID: usize = 4;
     pub const FRAG_OFF: usize = 6;
     pub const TTL: usize = 8;
     pub const CSUM: usize = 10;
@@ -78,6 +81,8 @@ pub struct Packet {
     pub dport_be: u16,
     /// IP total length, host order.
     pub tot_len: u16,
+    /// The IP flags and fragment offset, as on the wire.
+    pub frag_be: u16,
 }
 
 /// A checked pointer `off` bytes into the linear packet data.
@@ -236,6 +241,32 @@ pub fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, Reason> {
         sport_be,
         dport_be,
         tot_len,
+        frag_be,
+    })
+}
+
+/// Parses a non-first fragment's IPv4 header: it carries no L4 header, so
+/// the packet is described as one translated by address only.
+#[inline(always)]
+pub fn parse_fragment(ctx: &TcContext, l3: usize) -> Result<Packet, Reason> {
+    let Ipv4Basics {
+        ihl,
+        tot_len,
+        frag_be,
+    } = ipv4_basics(ctx, l3)?;
+    let ttl_proto: u16 = read(ctx, l3 + ip::TTL)?;
+    Ok(Packet {
+        l3,
+        l4: l3 + ihl,
+        proto: lo(ttl_proto),
+        l4_kind: L4::Other { pseudo: false },
+        ttl: hi(ttl_proto),
+        saddr_be: read(ctx, l3 + ip::SADDR)?,
+        daddr_be: read(ctx, l3 + ip::DADDR)?,
+        sport_be: 0,
+        dport_be: 0,
+        tot_len,
+        frag_be,
     })
 }
 

@@ -65,6 +65,19 @@ pub fn choose(onlink_ifindex: Option<u32>) -> Result<(u8, &'static Uplink), Reas
     Err(Reason::NoUplink)
 }
 
+/// The first uplink whose address is `addr_be` (0 if none: counters only).
+#[inline(always)]
+pub fn uplink_of_addr(addr_be: u32) -> u8 {
+    for id in 0..MAX_UPLINKS {
+        if let Some(u) = uplink(id)
+            && u.addr_be == addr_be
+        {
+            return id as u8;
+        }
+    }
+    0
+}
+
 /// The uplink whose `skb->mark` this is, if any.
 #[inline(always)]
 pub fn from_mark(mark: u32, mark_base: u32) -> Option<(u8, &'static Uplink)> {

@@ -30,7 +30,7 @@ pub mod veth;
 pub use gateway::{Gateway, config_for};
 pub use host::{PinDir, ensure_bpffs, multihome_bin, require_root, unique_pin_dir, workspace_root};
 pub use netns::{NetNs, NsEnterGuard, Proc};
-pub use scapy::scapy;
+pub use scapy::{PYTHON, scapy, script};
 pub use services::{
     IO_TIMEOUT, Mode, PingStats, Server, ping, ping_from, ping_stats, tcp_connect,
     tcp_connect_from, tcp_echo_server, tcp_peer_server, tcp_request, tcp_request_from, tcp_seen_as,

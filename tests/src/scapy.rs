@@ -6,7 +6,17 @@ use std::time::Duration;
 use crate::{host::check_output, netns::NetNs};
 
 /// The interpreter that has Debian's scapy (not a pyenv one on `PATH`).
-const PYTHON: &str = "/usr/bin/python3";
+pub const PYTHON: &str = "/usr/bin/python3";
+
+/// The path of `tests/scripts/NAME`.
+pub fn script(name: &str) -> String {
+    crate::host::workspace_root()
+        .join("tests/scripts")
+        .join(name)
+        .to_str()
+        .expect("utf-8 path")
+        .to_owned()
+}
 
 const PRELUDE: &str = "import sys\nfrom scapy.all import *\nconf.verb = 0\n";
 

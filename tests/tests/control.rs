@@ -351,9 +351,11 @@ fn an_upgrade_from_layout_2_keeps_live_flows_and_makes_the_changed_maps_afresh()
     std::fs::write(&cfg_path, &config).expect("write the config again");
     let dir = pin.path().to_str().expect("utf-8").to_owned();
 
-    // What layout 2 pinned: 16 reason counters, no ROUTED, version 2.
-    std::fs::remove_file(pin.path().join("REASONS")).expect("unpin REASONS");
-    std::fs::remove_file(pin.path().join("ROUTED")).expect("unpin ROUTED");
+    // What layout 2 pinned: 16 reason counters, no ROUTED, FRAGS or PEERS,
+    // version 2.
+    for name in ["REASONS", "ROUTED", "FRAGS", "PEERS"] {
+        std::fs::remove_file(pin.path().join(name)).expect("unpin a map layout 2 lacks");
+    }
     let reasons = format!("{dir}/REASONS");
     t.gw.exec(&[
         "bpftool",

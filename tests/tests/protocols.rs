@@ -7,19 +7,13 @@ use std::{net::Ipv4Addr, time::Duration};
 use testbed::*;
 
 const PROTOS: [&str; 5] = ["47", "50", "132", "41", "253"];
-const PYTHON: &str = "/usr/bin/python3";
-
-fn script() -> String {
-    workspace_root()
-        .join("tests/scripts/proto_echo.py")
-        .to_str()
-        .expect("utf-8 path")
-        .to_owned()
+fn proto_echo() -> String {
+    script("proto_echo.py")
 }
 
 /// The raw echo server on the internet host, for `seconds`.
 fn echo_server(t: &Topology, seconds: u32) -> Proc {
-    let (path, secs, addr) = (script(), seconds.to_string(), INET_SERVICE.to_string());
+    let (path, secs, addr) = (proto_echo(), seconds.to_string(), INET_SERVICE.to_string());
     let mut cmd = vec![PYTHON, "-u", &path, "serve", &secs, &addr];
     cmd.extend(PROTOS);
     let p = t.inet.spawn(&cmd);
@@ -31,7 +25,7 @@ fn echo_server(t: &Topology, seconds: u32) -> Proc {
 fn ask(ns: &NetNs, src: Ipv4Addr) -> Vec<String> {
     let src = src.to_string();
     let dst = INET_SERVICE.to_string();
-    let path = script();
+    let path = proto_echo();
     let mut cmd = vec![PYTHON, &path, "ask", &src, &dst];
     cmd.extend(PROTOS);
     let out = ns.try_exec_timeout(&cmd, Duration::from_secs(60));

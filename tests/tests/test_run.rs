@@ -22,10 +22,10 @@ use aya::{
 };
 use multihome_common::{
     FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FLOW_SEEN_REPLY, FlowFwd, FlowKey, FlowRev,
-    LAYOUT_VERSION, LanNet, MAP_CONN_FWD, MAP_CONN_REV, MAP_LAN_NETS, MAP_REASONS, MAP_ROUTED,
-    MAP_SETTINGS, MAP_UPLINK_STATS, MAP_UPLINKS, MARK_TRANSLATED, PROG_LAN_IN, PROG_WAN_IN,
-    PROG_WAN_OUT, REASON_COUNT, Reason, Reasons, RoutedKey, Settings, UPLINK_CONFIGURED,
-    UPLINK_USABLE, Uplink, UplinkStats,
+    LAYOUT_VERSION, LanNet, MAP_CONN_FWD, MAP_CONN_REV, MAP_LAN_NETS, MAP_PEERS, MAP_REASONS,
+    MAP_ROUTED, MAP_SETTINGS, MAP_UPLINK_STATS, MAP_UPLINKS, MARK_TRANSLATED, PROG_LAN_IN,
+    PROG_WAN_IN, PROG_WAN_OUT, REASON_COUNT, Reason, Reasons, RoutedKey, Settings,
+    UPLINK_CONFIGURED, UPLINK_USABLE, Uplink, UplinkStats,
 };
 use testbed::packets::*;
 
@@ -542,6 +542,21 @@ impl Datapath {
                 .expect("ROUTED types");
         trie.insert(&Key::new(len, RoutedKey { addr_be: be(net) }), bits, 0)
             .expect("insert ROUTED");
+    }
+
+    /// PEERS for (REMOTE, NAT_ADDR, UDP), as the LAN program leaves it
+    /// after making flows there (0: more than one LAN host).
+    fn set_peer(&mut self, lan: Ipv4Addr) {
+        let mut peers: HashMap<_, FlowKey, u32> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_PEERS).expect("PEERS map"))
+                .expect("PEERS types");
+        let key = FlowKey {
+            saddr_be: be(REMOTE),
+            daddr_be: be(NAT_ADDR),
+            proto: IPPROTO_UDP,
+            ..Default::default()
+        };
+        peers.insert(key, be(lan), 0).expect("insert PEERS");
     }
 
     /// Moves uplink 0 to device `ifindex`.
@@ -2226,5 +2241,144 @@ fn lan_in_drops_ipsec_ah_which_no_nat_can_carry() {
         assert_eq!(run.ret, TC_ACT_SHOT);
         assert_eq!(counted, [(Reason::AhNotNatable, 1)]);
         assert!(dp.flows().fwd.is_empty());
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Fragments.
+
+/// A non-first fragment from `src` to `dst`: offset 1480 bytes, IP id
+/// `id`, bytes that would look like ports if parsed as an L4 header.
+fn later_fragment(proto: u8, src: Ipv4Addr, dst: Ipv4Addr, id: u16) -> Ipv4 {
+    let mut p = Ipv4::new(
+        src,
+        dst,
+        Payload::Raw {
+            proto,
+            bytes: (0..77u8).map(|i| i.wrapping_mul(13)).collect(),
+        },
+    );
+    p.frag = 185;
+    p.id = id;
+    p
+}
+
+#[test]
+fn lan_in_sends_the_rest_of_a_datagram_after_its_first_fragment_and_drops_strays() {
+    with_datapath(|dp| {
+        dp.insert_flow(&UDP_FLOW);
+        let mut first = UDP_FLOW.outbound();
+        first.frag = IP_MF;
+        first.id = 0x4242;
+        let input = first.frame();
+        let (run, counted) = dp.run_counted(PROG_LAN_IN, &input, 0);
+        assert_untouched(&run, &input, "first fragment (no route: slow path)");
+        assert_eq!(counted, [(Reason::SlowPath, 1)]);
+
+        let rest = later_fragment(IPPROTO_UDP, LAN_HOST, REMOTE, 0x4242);
+        let input = rest.frame();
+        let (run, counted) = dp.run_counted(PROG_LAN_IN, &input, 0);
+        assert_untouched(&run, &input, "later fragment");
+        assert_eq!(run.mark, UPLINK_MARK, "its datagram's uplink");
+        assert_eq!(counted, [(Reason::SlowPath, 1)]);
+        // ... which the egress SNAT then translates.
+        let mut expected = rest.clone();
+        expected.src = NAT_ADDR;
+        let (run, counted) = dp.run_counted(PROG_WAN_OUT, &run.out, run.mark);
+        assert_passed_as(&run, &expected.frame(), "later fragment on the uplink");
+        assert_eq!(counted, NOTHING);
+
+        for (what, stray) in [
+            (
+                "another datagram",
+                later_fragment(IPPROTO_UDP, LAN_HOST, REMOTE, 0x4243),
+            ),
+            (
+                "another host",
+                later_fragment(IPPROTO_UDP, OUTSIDER, REMOTE, 0x4242),
+            ),
+        ] {
+            let (run, counted) = dp.run_counted(PROG_LAN_IN, &stray.frame(), 0);
+            assert_eq!(run.ret, TC_ACT_SHOT, "{what}");
+            assert_eq!(counted, [(Reason::FragmentNoMapping, 1)], "{what}");
+        }
+    });
+}
+
+#[test]
+fn wan_in_translates_the_rest_of_a_reply_after_its_first_fragment_byte_exact() {
+    with_datapath(|dp| {
+        dp.insert_flow(&UDP_FLOW);
+        let mut first = UDP_FLOW.reply();
+        first.frag = IP_MF;
+        first.id = 0x7777;
+        let mut expected = UDP_FLOW.reply_translated();
+        expected.frag = IP_MF;
+        expected.id = 0x7777;
+        let (run, counted) = dp.run_counted(PROG_WAN_IN, &first.frame(), 0);
+        assert_passed_as(&run, &expected.frame(), "first fragment of the reply");
+        assert_eq!(counted, NOTHING);
+
+        let rest = later_fragment(IPPROTO_UDP, REMOTE, NAT_ADDR, 0x7777);
+        let mut expected = rest.clone();
+        expected.dst = LAN_HOST;
+        let (run, counted) = dp.run_counted(PROG_WAN_IN, &rest.frame(), 0);
+        assert_passed_as(&run, &expected.frame(), "later fragment of the reply");
+        assert_eq!(counted, [(Reason::FragmentTranslated, 1)]);
+    });
+}
+
+#[test]
+fn wan_in_delivers_early_reply_fragments_only_while_one_lan_host_talks_to_that_remote() {
+    with_datapath(|dp| {
+        dp.insert_flow(&UDP_FLOW);
+        dp.set_peer(LAN_HOST);
+        let early = later_fragment(IPPROTO_UDP, REMOTE, NAT_ADDR, 0x1111);
+        let mut expected = early.clone();
+        expected.dst = LAN_HOST;
+        let (run, counted) = dp.run_counted(PROG_WAN_IN, &early.frame(), 0);
+        assert_passed_as(&run, &expected.frame(), "early fragment, one host");
+        assert_eq!(counted, [(Reason::FragmentTranslated, 1)]);
+
+        // The gateway itself sends UDP to that remote from that address.
+        dp.host_origin = true;
+        let own = UDP_FLOW.outbound().with_source(NAT_ADDR, 20000).frame();
+        let (run, _) = dp.run_counted(PROG_WAN_OUT, &own, 0);
+        assert_eq!(run.ret, TC_ACT_UNSPEC, "the gateway's own packet passes");
+        let input = early.frame();
+        let (run, counted) = dp.run_counted(PROG_WAN_IN, &input, 0);
+        assert_untouched(&run, &input, "early fragment, maybe the gateway's");
+        assert_eq!(counted, [(Reason::Fragment, 1)]);
+    });
+}
+
+#[test]
+fn wan_in_leaves_early_fragments_to_the_kernel_while_several_lan_hosts_share_the_pair() {
+    with_datapath(|dp| {
+        dp.insert_flow(&UDP_FLOW);
+        // What the LAN program leaves after a second host's flow there.
+        dp.set_peer(Ipv4Addr::UNSPECIFIED);
+        let input = later_fragment(IPPROTO_UDP, REMOTE, NAT_ADDR, 0x2222).frame();
+        let (run, counted) = dp.run_counted(PROG_WAN_IN, &input, 0);
+        assert_untouched(&run, &input, "early fragment, two hosts");
+        assert_eq!(counted, [(Reason::Fragment, 1)]);
+    });
+}
+
+#[test]
+fn fragments_of_portless_protocols_follow_their_flow_in_any_order() {
+    with_datapath(|dp| {
+        insert_portless(dp, IPPROTO_GRE);
+        let out = later_fragment(IPPROTO_GRE, LAN_HOST, REMOTE, 0x3333).frame();
+        let (run, counted) = dp.run_counted(PROG_LAN_IN, &out, 0);
+        assert_untouched(&run, &out, "GRE later fragment out");
+        assert_eq!(run.mark, UPLINK_MARK);
+        assert_eq!(counted, [(Reason::SlowPath, 1)]);
+        let back = later_fragment(IPPROTO_GRE, REMOTE, NAT_ADDR, 0x3334);
+        let mut expected = back.clone();
+        expected.dst = LAN_HOST;
+        let (run, counted) = dp.run_counted(PROG_WAN_IN, &back.frame(), 0);
+        assert_passed_as(&run, &expected.frame(), "GRE later fragment in");
+        assert_eq!(counted, [(Reason::FragmentTranslated, 1)]);
     });
 }
