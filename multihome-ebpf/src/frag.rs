@@ -67,7 +67,7 @@ pub fn note_first(ctx: &TcContext, pkt: &Packet, addr_be: u32, uplink: u8) {
             _pad0: 0,
             _pad1: 0,
         };
-        let _ = FRAGS.insert(&k, &x, 0);
+        let _ = FRAGS.insert(k, x, 0);
     }
 }
 
@@ -125,7 +125,7 @@ pub fn note_peer(pkt: &Packet, nat_addr_be: u32, lan_addr_be: u32) {
         Some(v) if v == lan_addr_be || v == 0 => return,
         Some(_) => 0,
     };
-    let _ = PEERS.insert(&k, &v, 0);
+    let _ = PEERS.insert(k, v, 0);
 }
 
 /// The gateway itself sends UDP from one of its addresses: early reply
@@ -145,6 +145,6 @@ pub fn note_host(pkt: &Packet) {
     if let Some(v) = peer_of(&k)
         && v != 0
     {
-        let _ = PEERS.insert(&k, &0, 0);
+        let _ = PEERS.insert(k, 0, 0);
     }
 }
