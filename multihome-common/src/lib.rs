@@ -23,6 +23,12 @@ pub const DEFAULT_MAX_FLOWS: u32 = 65_536;
 pub const FRAG_ENTRIES: u32 = 8192;
 /// (remote, NAT address) pairs of UDP flows in [`MAP_PEERS`] (LRU).
 pub const PEER_ENTRIES: u32 = 16384;
+/// The gateway's own ICMP echo (destination, id) pairs in
+/// [`MAP_HOST_ECHO`] (LRU).
+pub const HOST_ECHO_ENTRIES: u32 = 4096;
+/// How long after its last request a (destination, id) pair stays the
+/// gateway's, in nanoseconds.
+pub const HOST_ECHO_NS: u64 = 60_000_000_000;
 /// Prefixes in [`MAP_ROUTED`], over all uplinks.
 pub const MAX_ROUTED_PREFIXES: u32 = 256;
 /// The low byte of `skb->mark` (over the mark base) on packets the fast
@@ -42,7 +48,8 @@ pub const MAP_REASONS: &str = "REASONS";
 pub const MAP_ROUTED: &str = "ROUTED";
 pub const MAP_FRAGS: &str = "FRAGS";
 pub const MAP_PEERS: &str = "PEERS";
-pub const ALL_MAPS: [&str; 11] = [
+pub const MAP_HOST_ECHO: &str = "HOST_ECHO";
+pub const ALL_MAPS: [&str; 12] = [
     MAP_CONN_FWD,
     MAP_CONN_REV,
     MAP_UPLINKS,
@@ -54,6 +61,7 @@ pub const ALL_MAPS: [&str; 11] = [
     MAP_ROUTED,
     MAP_FRAGS,
     MAP_PEERS,
+    MAP_HOST_ECHO,
 ];
 
 /// Program names (the `#[classifier]` functions).
@@ -288,6 +296,18 @@ pub struct FragXlat {
     pub _pad1: u16,
 }
 
+/// An ICMP echo request the gateway itself sent: its destination and
+/// identifier, in [`MAP_HOST_ECHO`]; the value is the
+/// `bpf_ktime_get_boot_ns` of the last one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct EchoKey {
+    pub daddr_be: u32,
+    pub id_be: u16,
+    pub _pad: u16,
+}
+
 /// [`MAP_PEERS`]'s value: the one LAN host with a UDP flow between this
 /// remote and NAT address, or 0 when there are several (or the gateway
 /// itself talks to it): for reply fragments that arrive before their
@@ -433,6 +453,11 @@ reasons! {
     /// Translated: a non-first fragment, by the record of its first
     /// fragment or its protocol's address-only flow.
     FragmentTranslated = fragment_translated,
+    /// Pass: an echo reply to one of the gateway's own pings (or probes).
+    HostEcho = host_echo,
+    /// Removed: a LAN echo flow held the identifier the gateway now pings
+    /// that remote with; its next request gets another one.
+    EchoRekeyed = echo_rekeyed,
 }
 
 pub const REASON_COUNT: usize = Reason::ALL.len();
@@ -448,6 +473,7 @@ const _: () = {
     assert!(size_of::<RoutedKey>() == 4);
     assert!(size_of::<FragKey>() == 12);
     assert!(size_of::<FragXlat>() == 8);
+    assert!(size_of::<EchoKey>() == 8);
     assert!(size_of::<UplinkStats>() == 48);
     assert!(size_of::<Reasons>() == REASON_COUNT * 8);
     assert!(MAX_UPLINKS <= 255);
@@ -475,6 +501,7 @@ mod pod {
     unsafe impl aya::Pod for RoutedKey {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragXlat {}
+    unsafe impl aya::Pod for EchoKey {}
 }
 
 #[cfg(test)]

@@ -152,11 +152,13 @@ fn reserve_port(
     settings: &Settings,
 ) -> Result<u16, Reason> {
     let lan_port = u16::from_be(key.sport_be);
+    let echo = !pkt.has_pseudo_header();
     let keep = lan_port != 0
-        && if pkt.has_pseudo_header() {
-            !sockets::owned_by_host(ctx, &key.reply(nat_addr_be, key.sport_be))
+        && if echo {
+            (lan_port < settings.local_port_min || lan_port > settings.local_port_max)
+                && !sockets::echo_owned_by_host(key.daddr_be, key.sport_be)
         } else {
-            lan_port < settings.local_port_min || lan_port > settings.local_port_max
+            !sockets::owned_by_host(ctx, &key.reply(nat_addr_be, key.sport_be))
         };
     if keep {
         match try_port(key, nat_addr_be, key.sport_be, rev) {
@@ -171,6 +173,9 @@ fn reserve_port(
     let start = unsafe { bpf_get_prandom_u32() } % span;
     for i in 0..PORT_TRIES {
         let port_be = ((min + (start + i) % span) as u16).to_be();
+        if echo && sockets::echo_owned_by_host(key.daddr_be, port_be) {
+            continue;
+        }
         if try_port(key, nat_addr_be, port_be, rev)? {
             return Ok(port_be);
         }
@@ -258,6 +263,19 @@ pub fn touch_in(fwd: *mut FlowFwd, pkt: &Packet) {
     if now.wrapping_sub(f.last_seen_ns) > TOUCH_NS {
         f.last_seen_ns = now;
     }
+}
+
+/// Removes the flow whose reverse key is `rev_key`, both halves.
+#[inline(always)]
+pub fn remove_by_reply(rev_key: &FlowKey) -> bool {
+    let Some(rev) = lookup_rev(rev_key) else {
+        return false;
+    };
+    // SAFETY: a copy of the map value.
+    let rev = unsafe { *rev };
+    let _ = CONN_FWD.remove(rev_key.forward(&rev));
+    let _ = CONN_REV.remove(rev_key);
+    true
 }
 
 /// Removes a reverse entry whose forward half is gone.

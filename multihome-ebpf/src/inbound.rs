@@ -8,7 +8,7 @@ use crate::{
     fwd::{self, Hop},
     nat::{self, Side},
     parse::{self, L4, Packet},
-    stats,
+    sockets, stats,
     verdict::{Outcome, Verdict},
 };
 
@@ -22,6 +22,11 @@ pub fn wan_ingress<const L2: bool>(ctx: &TcContext) -> Outcome {
     };
     if pkt.l4_kind == L4::IcmpError {
         return crate::icmp::wan_error::<L2>(ctx, &pkt);
+    }
+    if pkt.l4_kind == (L4::Echo { request: false })
+        && sockets::echo_owned_by_host(pkt.saddr_be, pkt.dport_be)
+    {
+        return Err(Reason::HostEcho);
     }
     let rev_key = conntrack::wan_key(&pkt);
     let rev = conntrack::lookup_rev(&rev_key).ok_or(Reason::NoMapping)?;

@@ -5,9 +5,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use multihome_common::{
-    DEFAULT_MAX_FLOWS, FRAG_ENTRIES, FlowFwd, FlowKey, FlowRev, FragKey, FragXlat, LanNet,
-    MAX_LAN_NETS, MAX_ROUTED_PREFIXES, MAX_UPLINKS, PEER_ENTRIES, PeerLan, Reasons, RoutedKey,
-    RoutedUplinks, SelectTable, Settings, Uplink, UplinkStats,
+    DEFAULT_MAX_FLOWS, EchoKey, FRAG_ENTRIES, FlowFwd, FlowKey, FlowRev, FragKey, FragXlat,
+    HOST_ECHO_ENTRIES, LanNet, MAX_LAN_NETS, MAX_ROUTED_PREFIXES, MAX_UPLINKS, PEER_ENTRIES,
+    PeerLan, Reasons, RoutedKey, RoutedUplinks, SelectTable, Settings, Uplink, UplinkStats,
 };
 
 const FLOWS: usize = DEFAULT_MAX_FLOWS as usize;
@@ -50,3 +50,7 @@ pub static FRAGS: LruHashMap<FragKey, FragXlat, { FRAG_ENTRIES as usize }> = Lru
 /// (remote, NAT address, UDP) -> the one LAN host with such a flow, or 0.
 #[btf_map]
 pub static PEERS: LruHashMap<FlowKey, PeerLan, { PEER_ENTRIES as usize }> = LruHashMap::new();
+
+/// The gateway's own echo (destination, id) -> time of its last request.
+#[btf_map]
+pub static HOST_ECHO: LruHashMap<EchoKey, u64, { HOST_ECHO_ENTRIES as usize }> = LruHashMap::new();

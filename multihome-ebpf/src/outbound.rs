@@ -12,7 +12,7 @@ use crate::{
     maps::{LAN_NETS, SETTINGS, UPLINKS},
     nat::{self, Side},
     parse::{self, L4, Packet},
-    select, stats,
+    select, sockets, stats,
     verdict::{Outcome, Verdict},
 };
 
@@ -290,6 +290,16 @@ fn host_egress<const L2: bool>(ctx: &TcContext) -> Outcome {
         return Ok(Verdict::Pass);
     }
     let pkt = parse::parse_ipv4(ctx, l3)?;
+    if pkt.l4_kind == (L4::Echo { request: true }) {
+        // The gateway's ping (or probe) wins: a LAN flow on that
+        // identifier is re-keyed by its next request.
+        sockets::note_host_echo(pkt.daddr_be, pkt.sport_be);
+        let key = conntrack::lan_key(&pkt);
+        if conntrack::remove_by_reply(&key.reply(pkt.saddr_be, pkt.sport_be)) {
+            stats::count(Reason::EchoRekeyed);
+        }
+        return Ok(Verdict::Pass);
+    }
     if !pkt.has_pseudo_header() && !pkt.portless() {
         return Ok(Verdict::Pass);
     }

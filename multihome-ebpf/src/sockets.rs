@@ -8,7 +8,9 @@ use aya_ebpf::{
     helpers::{bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
     programs::TcContext,
 };
-use multihome_common::{FlowKey, IPPROTO_TCP, IPPROTO_UDP};
+use multihome_common::{EchoKey, FlowKey, HOST_ECHO_NS, IPPROTO_TCP, IPPROTO_UDP};
+
+use crate::{conntrack::now_ns, maps::HOST_ECHO};
 
 /// True when a socket of the gateway (listening, connected or in
 /// TIME_WAIT) would receive packets of `reply`, a flow's reverse key:
@@ -42,4 +44,32 @@ pub fn owned_by_host(ctx: &TcContext, reply: &FlowKey) -> bool {
         bpf_sk_release(sk as *mut _);
     }
     true
+}
+
+/// No helper finds ping or raw sockets, and Linux ping sockets may use any
+/// identifier, so the gateway's own echo requests are recorded as they
+/// leave: true while `(daddr_be, id_be)` is one of them.
+#[inline(always)]
+pub fn echo_owned_by_host(daddr_be: u32, id_be: u16) -> bool {
+    let key = EchoKey {
+        daddr_be,
+        id_be,
+        _pad: 0,
+    };
+    // SAFETY: a copy of the map value.
+    match HOST_ECHO.get_ptr(key).map(|p| unsafe { *p }) {
+        Some(at) => now_ns().wrapping_sub(at) < HOST_ECHO_NS,
+        None => false,
+    }
+}
+
+/// Records an echo request the gateway sends to `daddr_be` with `id_be`.
+#[inline(always)]
+pub fn note_host_echo(daddr_be: u32, id_be: u16) {
+    let key = EchoKey {
+        daddr_be,
+        id_be,
+        _pad: 0,
+    };
+    let _ = HOST_ECHO.insert(key, now_ns(), 0);
 }

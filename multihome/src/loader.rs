@@ -123,7 +123,7 @@ pub fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
 /// restart), while flows, uplinks and settings carry over. Maps that did
 /// not exist then are simply created.
 const MIGRATIONS: &[(u32, &[&str])] = &[
-    // 3: REASONS gained counters; ROUTED, FRAGS and PEERS are new.
+    // 3: REASONS gained counters; ROUTED, FRAGS, PEERS and HOST_ECHO are new.
     (2, &[MAP_REASONS]),
 ];
 

@@ -351,9 +351,9 @@ fn an_upgrade_from_layout_2_keeps_live_flows_and_makes_the_changed_maps_afresh()
     std::fs::write(&cfg_path, &config).expect("write the config again");
     let dir = pin.path().to_str().expect("utf-8").to_owned();
 
-    // What layout 2 pinned: 16 reason counters, no ROUTED, FRAGS or PEERS,
+    // What layout 2 pinned: 16 reason counters, none of the newer maps,
     // version 2.
-    for name in ["REASONS", "ROUTED", "FRAGS", "PEERS"] {
+    for name in ["REASONS", "ROUTED", "FRAGS", "PEERS", "HOST_ECHO"] {
         std::fs::remove_file(pin.path().join(name)).expect("unpin a map layout 2 lacks");
     }
     let reasons = format!("{dir}/REASONS");

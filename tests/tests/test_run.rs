@@ -956,23 +956,20 @@ fn wan_out_drops_a_slow_path_packet_translated_for_an_uplink_on_another_device()
 fn wan_out_drops_the_gateways_own_packets_that_clash_with_a_nat_flow_and_passes_the_rest() {
     with_datapath(|dp| {
         dp.host_origin = true;
-        for f in &ALL_FLOWS {
+        // Echo has its own rule: the gateway's ping re-keys the LAN flow.
+        let ported: Vec<&Flow> = ALL_FLOWS.iter().filter(|f| !f.echo()).collect();
+        for f in &ported {
             dp.insert_flow(f);
         }
         let before = dp.flows();
-        for f in &ALL_FLOWS {
+        for f in &ported {
             // The gateway's own socket on the flow's NAT address and port.
             let input = f.outbound_translated().frame();
             let what = format!("host packet like {}", f.name());
             for mark in [0, UPLINK_MARK] {
                 let (run, counted) = dp.run_counted(PROG_WAN_OUT, &input, mark);
-                if f.echo() {
-                    assert_untouched(&run, &input, &what);
-                    assert_eq!(counted, NOTHING, "{what}");
-                } else {
-                    assert_eq!(run.ret, TC_ACT_SHOT, "{what} with mark {mark:#x}");
-                    assert_eq!(counted, [(Reason::HostPortClash, 1)], "{what}");
-                }
+                assert_eq!(run.ret, TC_ACT_SHOT, "{what} with mark {mark:#x}");
+                assert_eq!(counted, [(Reason::HostPortClash, 1)], "{what}");
             }
             // Another port: no clash, untouched, even with an uplink mark.
             let other = f.outbound().with_source(NAT_ADDR, 20000).frame();
@@ -2380,5 +2377,35 @@ fn fragments_of_portless_protocols_follow_their_flow_in_any_order() {
         let (run, counted) = dp.run_counted(PROG_WAN_IN, &back.frame(), 0);
         assert_passed_as(&run, &expected.frame(), "GRE later fragment in");
         assert_eq!(counted, [(Reason::FragmentTranslated, 1)]);
+    });
+}
+
+// ---------------------------------------------------------------------------
+// The gateway's own pings.
+
+#[test]
+fn the_gateways_ping_re_keys_a_lan_echo_flow_on_its_identifier_and_gets_its_replies() {
+    with_datapath(|dp| {
+        dp.insert_flow(&ECHO_FLOW);
+        dp.insert_flow(&UDP_FLOW);
+        // The gateway pings REMOTE from NAT_ADDR with the LAN flow's NAT id.
+        dp.host_origin = true;
+        let ping = ECHO_FLOW.outbound_translated().frame();
+        let (run, counted) = dp.run_counted(PROG_WAN_OUT, &ping, 0);
+        assert_untouched(&run, &ping, "the gateway's echo request");
+        assert_eq!(counted, [(Reason::EchoRekeyed, 1)]);
+        let flows = dp.flows();
+        assert_eq!(flows.fwd.len(), 1, "only the UDP flow is left: {flows:?}");
+        assert_eq!(flows.rev.len(), 1, "{flows:?}");
+        // Its reply goes to the gateway, not to the LAN host.
+        let reply = ECHO_FLOW.reply().frame();
+        let (run, counted) = dp.run_counted(PROG_WAN_IN, &reply, 0);
+        assert_untouched(&run, &reply, "the reply to the gateway's ping");
+        assert_eq!(counted, [(Reason::HostEcho, 1)]);
+        // Another identifier is still the NAT's business.
+        let mut other = ECHO_FLOW.reply();
+        other.set_dport(ECHO_FLOW.nat_port + 1);
+        let (_, counted) = dp.run_counted(PROG_WAN_IN, &other.frame(), 0);
+        assert_eq!(counted, [(Reason::NoMapping, 1)]);
     });
 }
