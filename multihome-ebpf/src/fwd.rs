@@ -6,7 +6,9 @@ use aya_ebpf::{
         BPF_FIB_LOOKUP_DIRECT, BPF_FIB_LOOKUP_TBID, TC_ACT_SHOT, bpf_fib_lookup as FibParams,
         bpf_redir_neigh,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head},
+    helpers::{
+        bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head,
+    },
     programs::TcContext,
 };
 use core::mem::MaybeUninit;
@@ -19,6 +21,8 @@ use crate::{
 };
 
 const AF_INET: u8 = 2;
+/// `BPF_MTU_CHK_SEGS` (uapi `bpf.h`): check a GSO packet's segments.
+const MTU_CHK_SEGS: u64 = 1;
 
 /// A resolved next hop.
 pub struct Hop {
@@ -62,8 +66,7 @@ pub fn lookup(
     // SAFETY: the context pointer is valid for the program's run.
     let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
     // A GSO packet's IP length is the whole super-packet: with tot_len 0
-    // the kernel checks the segments against the MTU instead
-    // (is_skb_forwardable), so bulk TCP stays on the fast path.
+    // the lookup checks nothing, so its segments are checked below.
     p.__bindgen_anon_1.tot_len = if mtu_check && !gso { pkt.tot_len } else { 0 };
     p.__bindgen_anon_3.ipv4_src = src_be;
     p.__bindgen_anon_4.ipv4_dst = dst_be;
@@ -89,6 +92,19 @@ pub fn lookup(
     let classified = !mtu_check && ret == BPF_FIB_LKUP_RET_FRAG_NEEDED;
     if ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH && !classified {
         return Err(NoHop);
+    }
+    if mtu_check && gso {
+        // The lookup let every GSO packet through (is_skb_forwardable):
+        // check its segments against the egress device's MTU, which can
+        // drop under a live connection. Too big: the kernel segments or
+        // answers "fragmentation needed".
+        let mut mtu = 0u32;
+        // SAFETY: `mtu` lives on the stack for the call.
+        let r =
+            unsafe { bpf_check_mtu(ctx.skb.skb as *mut _, p.ifindex, &mut mtu, 0, MTU_CHK_SEGS) };
+        if r != 0 {
+            return Err(NoHop);
+        }
     }
     let mut mac = [0u8; 12];
     mac[..6].copy_from_slice(&p.dmac);

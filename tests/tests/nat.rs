@@ -495,3 +495,45 @@ fn a_gateway_socket_clashing_with_a_nat_flow_is_dropped_and_the_flow_keeps_worki
     let again = udp_seen_from(&lan, srv.addr()).expect("the LAN flow still works");
     assert_eq!(again, seen);
 }
+
+/// Sends `data` on `stream` from a thread while reading the echo here.
+fn echo_through(stream: &std::net::TcpStream, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read as _, Write as _};
+    let mut writer = stream.try_clone()?;
+    let out = data.to_vec();
+    let sender = std::thread::spawn(move || writer.write_all(&out));
+    let mut back = vec![0u8; data.len()];
+    let read = (&*stream).read_exact(&mut back);
+    sender.join().expect("writer thread")?;
+    read.map(|()| back)
+}
+
+#[test]
+fn after_the_uplink_mtu_drops_no_gso_segment_too_big_for_it_is_sent() {
+    let t = Topology::standard();
+    // GSO from the LAN, as a real gateway gets it; the uplink segments in
+    // software, so a too-big segment is too big on the wire, where the
+    // ISP's side of the link drops it (rx_dropped), as a real link would.
+    for (ns, dev) in [(&t.client, IF_LAN), (&t.gw, IF_LAN)] {
+        ns.exec(&["ethtool", "-K", dev, "tx", "on", "tso", "on", "gso", "on", "gro", "on"]);
+    }
+    t.gw.exec(&["ethtool", "-K", IF_WANX, "tso", "off", "gso", "off"]);
+    let _gw = standard_gateway(&t, [1, 0], "");
+    let srv = tcp_echo_server(&t.inet, INET_SERVICE, 0);
+    let stream = tcp_connect(&t.client, None, srv.addr()).expect("connect");
+    let block: Vec<u8> = (0..8u32 << 20).map(|i| (i * 31 + i / 257) as u8).collect();
+    assert!(echo_through(&stream, &block).expect("before") == block);
+    // The uplink is moved onto a smaller link under the connection.
+    t.set_uplink_mtu(Isp::X, 1400);
+    let dropped_before = link_counters(&t.ispx, IF_CUST).rx_dropped;
+    for i in 0..2 {
+        let back = echo_through(&stream, &block)
+            .unwrap_or_else(|e| panic!("block {i} after the MTU dropped stalled: {e}"));
+        assert!(back == block, "block {i} arrived changed");
+    }
+    let oversized = link_counters(&t.ispx, IF_CUST).rx_dropped - dropped_before;
+    assert_eq!(
+        oversized, 0,
+        "segments bigger than the uplink's MTU went onto the link"
+    );
+}
