@@ -208,6 +208,10 @@ pub struct Uplink {
     pub name: [u8; 16],
     /// The interface's name, NUL-padded.
     pub ifname: [u8; 16],
+    /// TCP MSS that SYN and SYN-ACK through this uplink are clamped to
+    /// (bytes); 0: no clamping.
+    pub mss_clamp: u16,
+    pub _pad: u16,
 }
 
 /// The slot holds a configured uplink.
@@ -466,7 +470,7 @@ const _: () = {
     assert!(size_of::<FlowKey>() == 16);
     assert!(size_of::<FlowFwd>() == 24);
     assert!(size_of::<FlowRev>() == 8);
-    assert!(size_of::<Uplink>() == 68);
+    assert!(size_of::<Uplink>() == 72);
     assert!(size_of::<SelectTable>() == 4 + SELECT_SLOTS);
     assert!(size_of::<LanNet>() == 16);
     assert!(size_of::<Settings>() == 16);

@@ -6,8 +6,10 @@ use multihome_common::Reason;
 use crate::{
     conntrack, frag,
     fwd::{self, Hop},
+    maps::UPLINKS,
+    mss,
     nat::{self, Side},
-    parse::{self, L4, Packet},
+    parse::{self, L4, Packet, TCP_SYN},
     sockets, stats,
     verdict::{Outcome, Verdict},
 };
@@ -23,9 +25,7 @@ pub fn wan_ingress<const L2: bool>(ctx: &TcContext) -> Outcome {
     if pkt.l4_kind == L4::IcmpError {
         return crate::icmp::wan_error::<L2>(ctx, &pkt);
     }
-    if pkt.l4_kind == (L4::Echo { request: false })
-        && sockets::echo_owned_by_host(pkt.saddr_be, pkt.dport_be)
-    {
+    if pkt.l4_kind == L4::EchoReply && sockets::echo_owned_by_host(pkt.saddr_be, pkt.dport_be) {
         return Err(Reason::HostEcho);
     }
     let rev_key = conntrack::wan_key(&pkt);
@@ -39,6 +39,11 @@ pub fn wan_ingress<const L2: bool>(ctx: &TcContext) -> Outcome {
     };
     conntrack::touch_in(flow, &pkt);
     frag::note_first(ctx, &pkt, rev.lan_addr_be, rev.uplink);
+    if pkt.tcp_flags() & TCP_SYN != 0
+        && let Some(uplink) = UPLINKS.get(rev.uplink as u32)
+    {
+        mss::clamp(ctx, &pkt, uplink.mss_clamp)?;
+    }
     stats::rx(rev.uplink, pkt.tot_len as u32);
     to_lan::<L2>(ctx, &pkt, rev.lan_addr_be, rev.lan_port_be)
 }

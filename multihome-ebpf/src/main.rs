@@ -18,6 +18,7 @@ mod guard;
 mod icmp;
 mod inbound;
 mod maps;
+mod mss;
 mod nat;
 mod outbound;
 mod parse;

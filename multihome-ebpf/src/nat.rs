@@ -73,16 +73,16 @@ pub fn rewrite(
     hop: bool,
 ) -> Result<(), Reason> {
     let old_addr = rewrite_l3(ctx, pkt.l3, side, addr_be, hop)?;
-    if let L4::Other { pseudo } = pkt.l4_kind {
-        if pseudo {
+    if pkt.portless() {
+        if pkt.l4_kind == L4::OtherPseudo {
             let (csum_off, _) = pkt.l4_csum();
             csum::l4_addr(ctx, csum_off, false, old_addr, addr_be)?;
         }
         return Ok(());
     }
     let (port_off, old_port) = match (pkt.l4_kind, side) {
-        (L4::Echo { .. }, Side::Src) => (pkt.l4 + 4, pkt.sport_be),
-        (L4::Echo { .. }, Side::Dst) => (pkt.l4 + 4, pkt.dport_be),
+        (L4::EchoRequest | L4::EchoReply, Side::Src) => (pkt.l4 + 4, pkt.sport_be),
+        (L4::EchoRequest | L4::EchoReply, Side::Dst) => (pkt.l4 + 4, pkt.dport_be),
         (_, Side::Src) => (pkt.l4, pkt.sport_be),
         (_, Side::Dst) => (pkt.l4 + 2, pkt.dport_be),
     };

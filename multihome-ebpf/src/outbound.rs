@@ -10,6 +10,7 @@ use multihome_common::{
 use crate::{
     conntrack, frag, fwd, guard,
     maps::{LAN_NETS, SETTINGS, UPLINKS},
+    mss,
     nat::{self, Side},
     parse::{self, L4, Packet},
     select, sockets, stats,
@@ -39,7 +40,7 @@ pub fn lan_ingress(ctx: &TcContext) -> Outcome {
         L4::IcmpError => return crate::icmp::lan_error(ctx, &pkt),
         // Answers to pings from outside: the gateway forwards no inbound
         // connections.
-        L4::Echo { request: false } => return Err(Reason::UnsupportedProto),
+        L4::EchoReply => return Err(Reason::UnsupportedProto),
         _ => {}
     }
     let key = conntrack::lan_key(&pkt);
@@ -53,6 +54,7 @@ pub fn lan_ingress(ctx: &TcContext) -> Outcome {
     };
     frag::note_first(ctx, &pkt, flow.nat_addr_be, flow.uplink);
     let uplink = UPLINKS.get(flow.uplink as u32).ok_or(Reason::NoUplink)?;
+    mss::clamp(ctx, &pkt, uplink.mss_clamp)?;
     to_uplink(ctx, &pkt, &flow, uplink, true)
 }
 
@@ -143,7 +145,7 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, key: &FlowKey) -> Result<FlowFwd, Rea
     }
     if !matches!(
         pkt.l4_kind,
-        L4::Tcp(_) | L4::Udp | L4::Echo { request: true } | L4::Other { .. }
+        L4::Tcp | L4::Udp | L4::EchoRequest | L4::Other | L4::OtherPseudo
     ) {
         return Err(Reason::UnsupportedProto);
     }
@@ -290,7 +292,7 @@ fn host_egress<const L2: bool>(ctx: &TcContext) -> Outcome {
         return Ok(Verdict::Pass);
     }
     let pkt = parse::parse_ipv4(ctx, l3)?;
-    if pkt.l4_kind == (L4::Echo { request: true }) {
+    if pkt.l4_kind == L4::EchoRequest {
         // The gateway's ping (or probe) wins: a LAN flow on that
         // identifier is re-keyed by its next request.
         sockets::note_host_echo(pkt.daddr_be, pkt.sport_be);

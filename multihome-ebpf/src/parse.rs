@@ -34,24 +34,26 @@ pub mod ip {
     pub const MIN_LEN: usize = 20;
 }
 
-/// What kind of L4 header follows, as far as the NAT cares.
+/// What kind of L4 header follows, as far as the NAT cares. Field-less on
+/// purpose: a variant's payload would be an undefined byte in the others,
+/// and LLVM may spill it, which the verifier refuses to read.
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum L4 {
-    /// TCP, with its flags.
-    Tcp(u8),
+    /// TCP; its flags are in [`Packet::tcp_flags`].
+    Tcp,
     Udp,
-    /// ICMP echo request or reply; ports hold the identifier.
-    Echo {
-        request: bool,
-    },
+    /// ICMP echo request; `sport_be` holds the identifier.
+    EchoRequest,
+    /// ICMP echo reply; `dport_be` holds the identifier.
+    EchoReply,
     /// ICMP destination unreachable, time exceeded or parameter problem.
     IcmpError,
-    /// Any other protocol, translated by address only. `pseudo`: its
-    /// checksum, at offset [`PSEUDO_CSUM_OFF`], covers the pseudo-header
-    /// (DCCP, UDP-Lite).
-    Other {
-        pseudo: bool,
-    },
+    /// Any other protocol, translated by address only.
+    Other,
+    /// The same, with a checksum at [`PSEUDO_CSUM_OFF`] that covers the
+    /// pseudo-header (DCCP, UDP-Lite).
+    OtherPseudo,
 }
 
 /// Where DCCP (RFC 4340 §5.1) and UDP-Lite (RFC 3828 §3.1) keep their
@@ -72,6 +74,8 @@ pub struct Packet {
     pub l4: usize,
     pub proto: u8,
     pub l4_kind: L4,
+    /// TCP flags; 0 for every other protocol.
+    pub tcp_flags: u8,
     pub ttl: u8,
     pub saddr_be: u32,
     pub daddr_be: u32,
@@ -193,13 +197,14 @@ pub fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, Reason> {
     let l4 = l3 + ihl;
     let l4_len = tot_len as usize - ihl;
 
+    let mut tcp_flags = 0;
     let (l4_kind, sport_be, dport_be) = match proto {
         IPPROTO_TCP => {
             if l4_len < 20 {
                 return Err(Reason::Malformed);
             }
-            let flags = lo(read::<u16>(ctx, l4 + 12)?);
-            (L4::Tcp(flags), read(ctx, l4)?, read(ctx, l4 + 2)?)
+            tcp_flags = lo(read::<u16>(ctx, l4 + 12)?);
+            (L4::Tcp, read(ctx, l4)?, read(ctx, l4 + 2)?)
         }
         IPPROTO_UDP => {
             if l4_len < 8 {
@@ -214,8 +219,8 @@ pub fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, Reason> {
             let kind = hi(read::<u16>(ctx, l4)?);
             let id: u16 = read(ctx, l4 + 4)?;
             match kind {
-                ICMP_ECHO => (L4::Echo { request: true }, id, 0),
-                ICMP_ECHO_REPLY => (L4::Echo { request: false }, 0, id),
+                ICMP_ECHO => (L4::EchoRequest, id, 0),
+                ICMP_ECHO_REPLY => (L4::EchoReply, 0, id),
                 ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROB => {
                     (L4::IcmpError, 0, 0)
                 }
@@ -223,11 +228,13 @@ pub fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, Reason> {
             }
         }
         _ => {
-            let pseudo = other_has_pseudo_header(proto);
-            if pseudo && l4_len < PSEUDO_CSUM_OFF + 2 {
+            if !other_has_pseudo_header(proto) {
+                (L4::Other, 0, 0)
+            } else if l4_len < PSEUDO_CSUM_OFF + 2 {
                 return Err(Reason::Malformed);
+            } else {
+                (L4::OtherPseudo, 0, 0)
             }
-            (L4::Other { pseudo }, 0, 0)
         }
     };
     Ok(Packet {
@@ -235,6 +242,7 @@ pub fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, Reason> {
         l4,
         proto,
         l4_kind,
+        tcp_flags,
         ttl,
         saddr_be,
         daddr_be,
@@ -259,7 +267,8 @@ pub fn parse_fragment(ctx: &TcContext, l3: usize) -> Result<Packet, Reason> {
         l3,
         l4: l3 + ihl,
         proto: lo(ttl_proto),
-        l4_kind: L4::Other { pseudo: false },
+        l4_kind: L4::Other,
+        tcp_flags: 0,
         ttl: hi(ttl_proto),
         saddr_be: read(ctx, l3 + ip::SADDR)?,
         daddr_be: read(ctx, l3 + ip::DADDR)?,
@@ -282,32 +291,26 @@ impl Packet {
     #[inline(always)]
     pub fn l4_csum(&self) -> (usize, bool) {
         match self.l4_kind {
-            L4::Tcp(_) => (self.l4 + 16, false),
+            L4::Tcp => (self.l4 + 16, false),
             L4::Udp => (self.l4 + 6, true),
-            L4::Echo { .. } | L4::IcmpError => (self.l4 + 2, false),
-            L4::Other { .. } => (self.l4 + PSEUDO_CSUM_OFF, false),
+            L4::EchoRequest | L4::EchoReply | L4::IcmpError => (self.l4 + 2, false),
+            L4::Other | L4::OtherPseudo => (self.l4 + PSEUDO_CSUM_OFF, false),
         }
     }
 
     #[inline(always)]
     pub fn has_pseudo_header(&self) -> bool {
-        matches!(
-            self.l4_kind,
-            L4::Tcp(_) | L4::Udp | L4::Other { pseudo: true }
-        )
+        matches!(self.l4_kind, L4::Tcp | L4::Udp | L4::OtherPseudo)
     }
 
     /// Translated by address only (no ports).
     #[inline(always)]
     pub fn portless(&self) -> bool {
-        matches!(self.l4_kind, L4::Other { .. })
+        matches!(self.l4_kind, L4::Other | L4::OtherPseudo)
     }
 
     #[inline(always)]
     pub fn tcp_flags(&self) -> u8 {
-        match self.l4_kind {
-            L4::Tcp(f) => f,
-            _ => 0,
-        }
+        self.tcp_flags
     }
 }

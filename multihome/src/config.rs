@@ -45,6 +45,53 @@ pub struct UplinkConfig {
     /// source.
     #[serde(default)]
     pub routed_prefixes: Vec<String>,
+    /// TCP MSS clamping of SYN and SYN-ACK; unset: `auto` on uplinks
+    /// without an Ethernet header (ppp, tun), `off` elsewhere.
+    pub mss_clamp: Option<MssClamp>,
+}
+
+/// `mss_clamp`: `"auto"` (the uplink's MTU - 40), a number of bytes, or
+/// `"off"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MssClamp {
+    Auto,
+    Off,
+    Bytes(u16),
+}
+
+impl MssClamp {
+    pub const MIN: u16 = 536;
+
+    /// The clamp for a device with this MTU, in bytes; 0 for none.
+    pub fn bytes(self, mtu: u32) -> u16 {
+        match self {
+            MssClamp::Auto => mtu.saturating_sub(40).min(u16::MAX as u32) as u16,
+            MssClamp::Off => 0,
+            MssClamp::Bytes(b) => b,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MssClamp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Word(String),
+            Bytes(i64),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Word(w) if w == "auto" => Ok(MssClamp::Auto),
+            Raw::Word(w) if w == "off" => Ok(MssClamp::Off),
+            Raw::Bytes(b) if (i64::from(MssClamp::MIN)..=65_495).contains(&b) => {
+                Ok(MssClamp::Bytes(b as u16))
+            }
+            _ => Err(serde::de::Error::custom(format!(
+                "`mss_clamp` must be \"auto\", \"off\" or {} to 65495 bytes",
+                MssClamp::MIN
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -458,6 +505,30 @@ weight = 2
             c.routed_prefixes(),
             vec![(1, "198.18.50.0/24".parse().expect("prefix"))]
         );
+    }
+
+    #[test]
+    fn mss_clamp_takes_auto_off_or_bytes_and_refuses_the_rest() {
+        let with =
+            |v: &str| Config::parse(&GOOD.replace("weight = 2", &format!("mss_clamp = {v}")));
+        assert_eq!(
+            with("\"auto\"").expect("auto").uplinks[1].mss_clamp,
+            Some(MssClamp::Auto)
+        );
+        assert_eq!(
+            with("\"off\"").expect("off").uplinks[1].mss_clamp,
+            Some(MssClamp::Off)
+        );
+        assert_eq!(
+            with("1360").expect("bytes").uplinks[1].mss_clamp,
+            Some(MssClamp::Bytes(1360))
+        );
+        for bad in ["\"on\"", "100", "70000", "-1"] {
+            let err = format!("{:#}", with(bad).expect_err(bad));
+            assert!(err.contains("mss_clamp"), "{bad}: {err}");
+        }
+        assert_eq!(MssClamp::Auto.bytes(1492), 1452);
+        assert_eq!(MssClamp::Off.bytes(1492), 0);
     }
 
     #[test]

@@ -17,8 +17,8 @@ use aya::{
     },
 };
 use multihome_common::{
-    ALL_MAPS, LAYOUT_VERSION, MAP_CONN_FWD, MAP_CONN_REV, MAP_REASONS, MAP_SETTINGS, PROG_LAN_IN,
-    PROG_WAN_IN, PROG_WAN_IN_L3, PROG_WAN_OUT, PROG_WAN_OUT_L3, Settings,
+    ALL_MAPS, LAYOUT_VERSION, MAP_CONN_FWD, MAP_CONN_REV, MAP_REASONS, MAP_SETTINGS, MAP_UPLINKS,
+    PROG_LAN_IN, PROG_WAN_IN, PROG_WAN_IN_L3, PROG_WAN_OUT, PROG_WAN_OUT_L3, Settings,
 };
 
 /// The programs, built by `build.rs`.
@@ -123,8 +123,10 @@ pub fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
 /// restart), while flows, uplinks and settings carry over. Maps that did
 /// not exist then are simply created.
 const MIGRATIONS: &[(u32, &[&str])] = &[
-    // 3: REASONS gained counters; ROUTED, FRAGS, PEERS and HOST_ECHO are new.
-    (2, &[MAP_REASONS]),
+    // 3: REASONS gained counters, UPLINKS an MSS clamp (the daemon
+    // rewrites every slot at start); ROUTED, FRAGS, PEERS and HOST_ECHO
+    // are new.
+    (2, &[MAP_REASONS, MAP_UPLINKS]),
 ];
 
 /// Adopts pinned maps of this layout or of one in [`MIGRATIONS`] (after

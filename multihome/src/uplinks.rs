@@ -8,7 +8,7 @@ use multihome_common::{
 };
 
 use crate::{
-    config::{Config, Prefix, UplinkConfig},
+    config::{Config, MssClamp, Prefix, UplinkConfig},
     netinfo::Snapshot,
     routing::{RoutingPlan, UplinkRoutes},
 };
@@ -143,7 +143,17 @@ pub fn slot(config: &Config, id: usize, o: &Observed, probed: &Probed, drained: 
         loss_permille: (probed.loss_pct * 10.0) as u32,
         name: name_bytes(&u.name),
         ifname: name_bytes(&u.interface),
+        mss_clamp: mss_clamp(u, o),
+        _pad: 0,
     }
+}
+
+/// The MSS clamp for an uplink as it is now: by default "auto" on links
+/// without an Ethernet header (ppp, tun: PPPoE's 1492 and PMTU black holes
+/// are common there), "off" elsewhere.
+pub fn mss_clamp(u: &UplinkConfig, o: &Observed) -> u16 {
+    let default = if o.l3 { MssClamp::Auto } else { MssClamp::Off };
+    u.mss_clamp.unwrap_or(default).bytes(o.mtu)
 }
 
 /// Spreads the choice table's slots over the usable uplinks in proportion

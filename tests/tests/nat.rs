@@ -515,7 +515,9 @@ fn after_the_uplink_mtu_drops_no_gso_segment_too_big_for_it_is_sent() {
     // software, so a too-big segment is too big on the wire, where the
     // ISP's side of the link drops it (rx_dropped), as a real link would.
     for (ns, dev) in [(&t.client, IF_LAN), (&t.gw, IF_LAN)] {
-        ns.exec(&["ethtool", "-K", dev, "tx", "on", "tso", "on", "gso", "on", "gro", "on"]);
+        ns.exec(&[
+            "ethtool", "-K", dev, "tx", "on", "tso", "on", "gso", "on", "gro", "on",
+        ]);
     }
     t.gw.exec(&["ethtool", "-K", IF_WANX, "tso", "off", "gso", "off"]);
     let _gw = standard_gateway(&t, [1, 0], "");

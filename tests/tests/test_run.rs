@@ -559,14 +559,19 @@ impl Datapath {
         peers.insert(key, be(lan), 0).expect("insert PEERS");
     }
 
-    /// Moves uplink 0 to device `ifindex`.
-    fn set_uplink0_ifindex(&mut self, ifindex: u32) {
+    /// Changes uplink 0's slot with `edit`.
+    fn edit_uplink0(&mut self, edit: impl FnOnce(&mut Uplink)) {
         let mut uplinks: Array<_, Uplink> =
             Array::try_from(self.ebpf.map_mut(MAP_UPLINKS).expect("UPLINKS map"))
                 .expect("UPLINKS types");
         let mut u = uplinks.get(&0, 0).expect("uplink 0");
-        u.ifindex = ifindex;
+        edit(&mut u);
         uplinks.set(0, u, 0).expect("write UPLINKS");
+    }
+
+    /// Moves uplink 0 to device `ifindex`.
+    fn set_uplink0_ifindex(&mut self, ifindex: u32) {
+        self.edit_uplink0(|u| u.ifindex = ifindex);
     }
 
     /// Uplink 0's traffic counters summed over all CPUs.
@@ -2407,5 +2412,100 @@ fn the_gateways_ping_re_keys_a_lan_echo_flow_on_its_identifier_and_gets_its_repl
         other.set_dport(ECHO_FLOW.nat_port + 1);
         let (_, counted) = dp.run_counted(PROG_WAN_IN, &other.frame(), 0);
         assert_eq!(counted, [(Reason::NoMapping, 1)]);
+    });
+}
+
+// ---------------------------------------------------------------------------
+// MSS clamping.
+
+/// Linux's SYN options: MSS, SACK permitted, timestamps, NOP, window scale.
+fn syn_options(mss: u16) -> Vec<u8> {
+    let mut o = vec![2, 4];
+    o.extend_from_slice(&mss.to_be_bytes());
+    o.extend_from_slice(&[4, 2, 8, 10, 0, 1, 2, 3, 0, 0, 0, 0, 1, 3, 3, 7]);
+    o
+}
+
+/// `p` (TCP) turned into a SYN (or SYN-ACK with `ack`) with `options`.
+fn as_syn(mut p: Ipv4, ack: bool, options: Vec<u8>) -> Ipv4 {
+    if let Payload::Tcp(t) = &mut p.payload {
+        t.flags = TCP_SYN | if ack { TCP_ACK } else { 0 };
+        t.options = options;
+        t.payload.clear();
+    }
+    p
+}
+
+#[test]
+fn syn_and_syn_ack_through_an_uplink_with_mss_clamp_get_the_clamped_mss_byte_exact() {
+    with_datapath(|dp| {
+        dp.insert_flow(&TCP_FLOW);
+        dp.edit_uplink0(|u| u.mss_clamp = 1360);
+        // Outbound SYN: clamped in mh_lan_in (slow path here: no route),
+        // then translated by mh_wan_out.
+        let nops_first = {
+            let mut o = vec![1, 1];
+            o.extend_from_slice(&syn_options(1460)[..18]);
+            o
+        };
+        for options in [syn_options(1460), nops_first] {
+            let syn = as_syn(TCP_FLOW.outbound(), false, options.clone());
+            let clamped_options: Vec<u8> = {
+                let mut o = options.clone();
+                let at = o.iter().position(|b| *b == 2).expect("MSS option");
+                o[at + 2..at + 4].copy_from_slice(&1360u16.to_be_bytes());
+                o
+            };
+            let clamped = as_syn(TCP_FLOW.outbound(), false, clamped_options.clone());
+            let (run, counted) = dp.run_counted(PROG_LAN_IN, &syn.frame(), 0);
+            assert_passed_as(&run, &clamped.frame(), "SYN on mh_lan_in");
+            assert_eq!(counted, [(Reason::SlowPath, 1)]);
+            let translated = as_syn(
+                TCP_FLOW.outbound_translated(),
+                false,
+                clamped_options.clone(),
+            );
+            let (run, _) = dp.run_counted(PROG_WAN_OUT, &run.out, run.mark);
+            assert_passed_as(&run, &translated.frame(), "SYN on mh_wan_out");
+
+            // The SYN-ACK back.
+            let syn_ack = as_syn(TCP_FLOW.reply(), true, options);
+            let expected = as_syn(TCP_FLOW.reply_translated(), true, clamped_options);
+            let (run, counted) = dp.run_counted(PROG_WAN_IN, &syn_ack.frame(), 0);
+            assert_passed_as(&run, &expected.frame(), "SYN-ACK on mh_wan_in");
+            assert_eq!(counted, NOTHING);
+        }
+    });
+}
+
+#[test]
+fn mss_clamping_leaves_small_mss_non_syn_segments_and_unclamped_uplinks_alone() {
+    with_datapath(|dp| {
+        dp.insert_flow(&TCP_FLOW);
+        dp.edit_uplink0(|u| u.mss_clamp = 1360);
+        for (what, p) in [
+            (
+                "an MSS below the clamp",
+                as_syn(TCP_FLOW.reply(), true, syn_options(1200)),
+            ),
+            ("an ACK carrying an MSS option", {
+                let mut p = as_syn(TCP_FLOW.reply(), true, syn_options(1460));
+                if let Payload::Tcp(t) = &mut p.payload {
+                    t.flags = TCP_ACK;
+                }
+                p
+            }),
+        ] {
+            let mut expected = p.clone();
+            expected.dst = LAN_HOST;
+            expected.set_dport(TCP_FLOW.lan_port);
+            let (run, _) = dp.run_counted(PROG_WAN_IN, &p.frame(), 0);
+            assert_passed_as(&run, &expected.frame(), what);
+        }
+        dp.edit_uplink0(|u| u.mss_clamp = 0);
+        let p = as_syn(TCP_FLOW.reply(), true, syn_options(1460));
+        let expected = as_syn(TCP_FLOW.reply_translated(), true, syn_options(1460));
+        let (run, _) = dp.run_counted(PROG_WAN_IN, &p.frame(), 0);
+        assert_passed_as(&run, &expected.frame(), "no clamp set");
     });
 }
