@@ -17,8 +17,13 @@ pub const MAX_UPLINKS: u32 = 8;
 pub const MAX_LAN_NETS: u32 = 16;
 /// Slots of the weighted choice table.
 pub const SELECT_SLOTS: usize = 64;
-/// Default connection-map capacity (flows; each flow uses two entries).
-pub const DEFAULT_MAX_FLOWS: u32 = 65_536;
+/// Default connection-map capacity (flows; each flow uses two entries):
+/// the kernel's own `nf_conntrack_max` on this machine kind, about 48 MiB
+/// at the measured 192 bytes per flow.
+pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
+/// LAN hosts whose flows are counted in [`MAP_HOSTS`]; a host beyond
+/// them is not held to its quota.
+pub const MAX_HOSTS: u32 = 65_536;
 /// Fragmented datagrams tracked at once in [`MAP_FRAGS`] (LRU).
 pub const FRAG_ENTRIES: u32 = 8192;
 /// (remote, NAT address) pairs of UDP flows in [`MAP_PEERS`] (LRU).
@@ -49,7 +54,9 @@ pub const MAP_ROUTED: &str = "ROUTED";
 pub const MAP_FRAGS: &str = "FRAGS";
 pub const MAP_PEERS: &str = "PEERS";
 pub const MAP_HOST_ECHO: &str = "HOST_ECHO";
-pub const ALL_MAPS: [&str; 12] = [
+pub const MAP_HOSTS: &str = "HOSTS";
+pub const MAP_FILL: &str = "FILL";
+pub const ALL_MAPS: [&str; 14] = [
     MAP_CONN_FWD,
     MAP_CONN_REV,
     MAP_UPLINKS,
@@ -62,6 +69,8 @@ pub const ALL_MAPS: [&str; 12] = [
     MAP_FRAGS,
     MAP_PEERS,
     MAP_HOST_ECHO,
+    MAP_HOSTS,
+    MAP_FILL,
 ];
 
 /// Program names (the `#[classifier]` functions).
@@ -273,7 +282,29 @@ pub struct Settings {
     /// never kept, so NAT entries cannot shadow the gateway's sockets.
     pub local_port_min: u16,
     pub local_port_max: u16,
+    /// The connection map's capacity, in flows: new flows are refused
+    /// before any lookup once [`MAP_FILL`] reaches it.
+    pub max_flows: u32,
+    /// Flows one LAN host may hold at once.
+    pub max_flows_per_host: u32,
 }
+
+/// One LAN host's share of the connection map, in [`MAP_HOSTS`]: counted
+/// up by the datapath as it makes flows, recounted by the reaper.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct HostFlows {
+    /// Flows the host holds.
+    pub flows: u64,
+    /// New flows refused because it held its quota (never reset).
+    pub refused: u64,
+}
+
+/// [`MAP_FILL`]'s value: flows in the connection map, counted up by the
+/// datapath, recounted by the reaper (64 bits: BPF has no narrower
+/// atomics in Rust's `core`).
+pub type Fill = u64;
 
 /// A fragmented datagram as its fragments show it (RFC 791: source,
 /// destination, protocol and identification), in [`MAP_FRAGS`].
@@ -388,6 +419,7 @@ macro_rules! reasons {
                         | Reason::AhNotNatable
                         | Reason::AddrTaken
                         | Reason::FragmentNoMapping
+                        | Reason::HostQuota
                 )
             }
         }
@@ -462,6 +494,8 @@ reasons! {
     /// Removed: a LAN echo flow held the identifier the gateway now pings
     /// that remote with; its next request gets another one.
     EchoRekeyed = echo_rekeyed,
+    /// Drop: the LAN host already holds `nat.max_flows_per_host` flows.
+    HostQuota = host_quota,
 }
 
 pub const REASON_COUNT: usize = Reason::ALL.len();
@@ -473,7 +507,8 @@ const _: () = {
     assert!(size_of::<Uplink>() == 72);
     assert!(size_of::<SelectTable>() == 4 + SELECT_SLOTS);
     assert!(size_of::<LanNet>() == 16);
-    assert!(size_of::<Settings>() == 16);
+    assert!(size_of::<Settings>() == 24);
+    assert!(size_of::<HostFlows>() == 16);
     assert!(size_of::<RoutedKey>() == 4);
     assert!(size_of::<FragKey>() == 12);
     assert!(size_of::<FragXlat>() == 8);
@@ -500,6 +535,7 @@ mod pod {
     unsafe impl aya::Pod for SelectTable {}
     unsafe impl aya::Pod for LanNet {}
     unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for HostFlows {}
     unsafe impl aya::Pod for UplinkStats {}
     unsafe impl aya::Pod for Reasons {}
     unsafe impl aya::Pod for RoutedKey {}

@@ -9,6 +9,9 @@
 //! The `_l3` variants serve uplinks without an Ethernet header (ppp, tun).
 #![no_std]
 #![no_main]
+// The atomic add of quota.rs: BPF has no atomics in Rust's `core`.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod conntrack;
 mod csum;
@@ -22,6 +25,7 @@ mod mss;
 mod nat;
 mod outbound;
 mod parse;
+mod quota;
 mod select;
 mod sockets;
 mod stats;

@@ -5,9 +5,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use multihome_common::{
-    DEFAULT_MAX_FLOWS, EchoKey, FRAG_ENTRIES, FlowFwd, FlowKey, FlowRev, FragKey, FragXlat,
-    HOST_ECHO_ENTRIES, LanNet, MAX_LAN_NETS, MAX_ROUTED_PREFIXES, MAX_UPLINKS, PEER_ENTRIES,
-    PeerLan, Reasons, RoutedKey, RoutedUplinks, SelectTable, Settings, Uplink, UplinkStats,
+    DEFAULT_MAX_FLOWS, EchoKey, FRAG_ENTRIES, Fill, FlowFwd, FlowKey, FlowRev, FragKey, FragXlat,
+    HOST_ECHO_ENTRIES, HostFlows, LanNet, MAX_HOSTS, MAX_LAN_NETS, MAX_ROUTED_PREFIXES,
+    MAX_UPLINKS, PEER_ENTRIES, PeerLan, Reasons, RoutedKey, RoutedUplinks, SelectTable, Settings,
+    Uplink, UplinkStats,
 };
 
 const FLOWS: usize = DEFAULT_MAX_FLOWS as usize;
@@ -54,3 +55,11 @@ pub static PEERS: LruHashMap<FlowKey, PeerLan, { PEER_ENTRIES as usize }> = LruH
 /// The gateway's own echo (destination, id) -> time of its last request.
 #[btf_map]
 pub static HOST_ECHO: LruHashMap<EchoKey, u64, { HOST_ECHO_ENTRIES as usize }> = LruHashMap::new();
+
+/// LAN host address -> its flows and refusals.
+#[btf_map]
+pub static HOSTS: HashMap<u32, HostFlows, { MAX_HOSTS as usize }> = HashMap::new();
+
+/// Flows in the connection map.
+#[btf_map]
+pub static FILL: Array<Fill, 1> = Array::new();

@@ -13,7 +13,7 @@ use crate::{
     mss,
     nat::{self, Side},
     parse::{self, L4, Packet},
-    select, sockets, stats,
+    quota, select, sockets, stats,
     verdict::{Outcome, Verdict},
 };
 
@@ -143,6 +143,8 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, key: &FlowKey) -> Result<FlowFwd, Rea
     if !is_lan_source(pkt.saddr_be, ingress_ifindex(ctx)) {
         return Err(Reason::SpoofedSource);
     }
+    let settings = settings()?;
+    quota::admit(pkt.saddr_be, &settings)?;
     if !matches!(
         pkt.l4_kind,
         L4::Tcp | L4::Udp | L4::EchoRequest | L4::Other | L4::OtherPseudo
@@ -163,8 +165,9 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, key: &FlowKey) -> Result<FlowFwd, Rea
     let flow = if pkt.portless() {
         portless_flow(key, pkt, id, uplink)?
     } else {
-        conntrack::create(ctx, key, pkt, id, uplink, &settings()?)?
+        conntrack::create(ctx, key, pkt, id, uplink, &settings)?
     };
+    quota::count_new(pkt.saddr_be);
     frag::note_peer(pkt, flow.nat_addr_be, pkt.saddr_be);
     stats::new_flow(flow.uplink);
     Ok(flow)

@@ -101,6 +101,15 @@ pub struct NatConfig {
     pub snat_ports: [u16; 2],
     /// Capacity of the connection map, in flows.
     pub max_flows: u32,
+    /// Flows one LAN host may hold at once; default `max_flows / 8`.
+    pub max_flows_per_host: Option<u32>,
+}
+
+impl NatConfig {
+    /// `max_flows_per_host`, defaulted.
+    pub fn per_host(&self) -> u32 {
+        self.max_flows_per_host.unwrap_or(self.max_flows / 8).max(1)
+    }
 }
 
 impl Default for NatConfig {
@@ -108,6 +117,7 @@ impl Default for NatConfig {
         Self {
             snat_ports: [61000, 65535],
             max_flows: DEFAULT_MAX_FLOWS,
+            max_flows_per_host: None,
         }
     }
 }
@@ -351,6 +361,14 @@ impl Config {
         }
         if self.nat.max_flows < 16 {
             out.push("`nat.max_flows` must be at least 16".into());
+        }
+        if let Some(n) = self.nat.max_flows_per_host
+            && (n == 0 || n > self.nat.max_flows)
+        {
+            out.push(format!(
+                "`nat.max_flows_per_host` = {n}: must be 1 to `nat.max_flows` ({})",
+                self.nat.max_flows
+            ));
         }
         if self.routing.mark_base & 0xff != 0 || self.routing.mark_base == 0 {
             out.push(format!(

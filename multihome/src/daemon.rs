@@ -236,6 +236,9 @@ impl Daemon {
             snat_port_max: self.config.nat.snat_ports[1],
             local_port_min: local_ports.0,
             local_port_max: local_ports.1,
+            // An adopted map keeps the capacity it was made with.
+            max_flows: self.maps.flow_capacity()?,
+            max_flows_per_host: self.config.nat.per_host(),
         })?;
         routing::enable_forwarding()?;
         self.refresh(&snap).await?;

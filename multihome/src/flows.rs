@@ -10,8 +10,8 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{HashMap, MapData};
 use multihome_common::{
-    FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FLOW_SEEN_REPLY, FlowFwd, FlowKey, FlowRev, IPPROTO_DCCP,
-    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE,
+    FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FLOW_SEEN_REPLY, FlowFwd, FlowKey, FlowRev, HostFlows,
+    IPPROTO_DCCP, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE,
 };
 use serde::Serialize;
 
@@ -134,12 +134,94 @@ pub fn remove_where(
     Ok(victims.len())
 }
 
-/// Removes idle flows past their timeout. Never touches a live flow: the
-/// entry is re-read just before removal.
-pub fn reap(maps: &Maps, t: &Timeouts, now_ns: u64) -> anyhow::Result<usize> {
-    remove_where(maps, |k, f| {
-        now_ns.saturating_sub(f.last_seen_ns) > timeout_s(k, f, t) * 1_000_000_000
+/// From this fill (flows per flow of capacity, in tenths) on, the reaper
+/// evicts flows that never saw a reply.
+pub const EVICT_AT_TENTHS: u64 = 9;
+/// A flow without a reply is evicted only after this much idle time, so a
+/// SYN still waiting for its SYN-ACK is spared.
+const EVICT_IDLE_NS: u64 = 1_000_000_000;
+
+/// What one reaper pass did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Pass {
+    pub expired: usize,
+    pub evicted: usize,
+    /// Flows left in the map.
+    pub flows: u64,
+    /// The map was crowded: flows without a reply were evicted.
+    pub crowded: bool,
+}
+
+/// One reaper pass over the connection map: removes idle flows past their
+/// timeout and, while the map is at least nine tenths full, flows that
+/// never saw a reply (idle for a second) — conntrack's early drop, done
+/// here since the datapath cannot scan. An established flow is never
+/// evicted, and every victim is re-read before removal, so a flow
+/// refreshed meanwhile stays. Then the flows per LAN host and in all are
+/// recounted into HOSTS and FILL, correcting whatever the datapath's
+/// counting missed. `capacity`: the map's size, in flows.
+pub fn reap(maps: &Maps, t: &Timeouts, now_ns: u64, capacity: u32) -> anyhow::Result<Pass> {
+    let crowded = maps.fill()? * 10 >= u64::from(capacity) * EVICT_AT_TENTHS;
+    let mut fwd = maps.fwd()?;
+    let mut rev = maps.rev()?;
+    let mut per_host: std::collections::HashMap<u32, u64> = Default::default();
+    let mut victims = Vec::new();
+    mapwalk::for_each(&fwd, |k, f| {
+        let idle = now_ns.saturating_sub(f.last_seen_ns);
+        let expired = idle > timeout_s(&k, &f, t) * 1_000_000_000;
+        let evict = crowded && f.flags & FLOW_SEEN_REPLY == 0 && idle >= EVICT_IDLE_NS;
+        if expired || evict {
+            victims.push((k, f, expired));
+        } else {
+            *per_host.entry(k.saddr_be).or_default() += 1;
+        }
     })
+    .context("reading CONN_FWD")?;
+    let mut pass = Pass {
+        crowded,
+        ..Pass::default()
+    };
+    for (k, f, expired) in &victims {
+        match fwd.get(k, 0) {
+            Ok(now) if now.last_seen_ns == f.last_seen_ns => {
+                remove_pair(&mut fwd, &mut rev, k, f);
+                if *expired {
+                    pass.expired += 1;
+                } else {
+                    pass.evicted += 1;
+                }
+            }
+            Ok(_) => *per_host.entry(k.saddr_be).or_default() += 1,
+            Err(_) => {}
+        }
+    }
+    pass.flows = per_host.values().sum();
+    write_census(maps, per_host, pass.flows)?;
+    Ok(pass)
+}
+
+/// Writes the recount: every host's flows (keeping its refusals; a host
+/// with neither is dropped) and the total.
+fn write_census(
+    maps: &Maps,
+    mut per_host: std::collections::HashMap<u32, u64>,
+    total: u64,
+) -> anyhow::Result<()> {
+    let mut hosts = maps.hosts()?;
+    let known: Vec<(u32, HostFlows)> = hosts.iter().filter_map(Result::ok).collect();
+    for (addr, h) in known {
+        let flows = per_host.remove(&addr).unwrap_or(0);
+        if flows == 0 && h.refused == 0 {
+            let _ = hosts.remove(&addr);
+        } else if flows != h.flows {
+            hosts.insert(addr, HostFlows { flows, ..h }, 0)?;
+        }
+    }
+    for (addr, flows) in per_host {
+        // A host the map has no room for is not held to its quota.
+        let _ = hosts.insert(addr, HostFlows { flows, refused: 0 }, 0);
+    }
+    maps.set_fill(total)
 }
 
 /// Removes reverse entries whose forward half is gone. `suspects` carries
@@ -313,13 +395,15 @@ mod tests {
 
     impl Pinned {
         fn new(name: &str) -> Option<Self> {
-            use multihome_common::{MAP_CONN_FWD, MAP_CONN_REV, MAP_SETTINGS};
+            use multihome_common::{MAP_CONN_FWD, MAP_CONN_REV, MAP_FILL, MAP_HOSTS, MAP_SETTINGS};
             let dir = std::path::Path::new("/sys/fs/bpf")
                 .join(format!("multihome-test-{}-{name}", std::process::id()));
             let maps = [
                 (MAP_CONN_FWD, crate::mapwalk::test_map(16, 24, 64)?),
                 (MAP_CONN_REV, crate::mapwalk::test_map(16, 8, 64)?),
                 (MAP_SETTINGS, crate::mapwalk::test_map(4, 4, 1)?),
+                (MAP_HOSTS, crate::mapwalk::test_map(4, 16, 64)?),
+                (MAP_FILL, crate::mapwalk::test_map_of(2, 4, 8, 1)?),
             ];
             if let Err(e) = std::fs::create_dir_all(&dir) {
                 eprintln!("skipped: no bpffs: {e}");
@@ -359,6 +443,42 @@ mod tests {
     }
 
     #[test]
+    fn a_crowded_map_loses_its_unanswered_idle_flows_first_and_never_an_established_one() {
+        let Some(dir) = Pinned::new("evict") else {
+            return;
+        };
+        let maps = Maps::open(&dir.0).expect("open");
+        let (mut fwd, mut rev) = (maps.fwd().expect("fwd"), maps.rev().expect("rev"));
+        let now = 1_000_000_000_000;
+        let unanswered = pair(1, now - 2_000_000_000);
+        let young = pair(2, now - 100_000_000);
+        let mut established = pair(3, now - 2_000_000_000);
+        established.1.flags = FLOW_SEEN_REPLY;
+        for (k, f, rk, r) in [unanswered, young, established] {
+            fwd.insert(k, f, 0).expect("insert");
+            rev.insert(rk, r, 0).expect("insert");
+        }
+        // Not crowded: nothing but expiry.
+        maps.set_fill(3).expect("fill");
+        let pass = reap(&maps, &Timeouts::default(), now, 64).expect("reap");
+        assert_eq!((pass.evicted, pass.flows, pass.crowded), (0, 3, false));
+        // Nine tenths full, as the datapath counts it.
+        maps.set_fill(58).expect("fill");
+        let pass = reap(&maps, &Timeouts::default(), now, 64).expect("reap");
+        assert_eq!((pass.evicted, pass.flows, pass.crowded), (1, 2, true));
+        assert!(
+            fwd.get(&unanswered.0, 0).is_err(),
+            "the unanswered flow goes"
+        );
+        assert!(fwd.get(&young.0, 0).is_ok(), "a SYN still waiting stays");
+        assert!(
+            fwd.get(&established.0, 0).is_ok(),
+            "an established flow stays"
+        );
+        assert_eq!(maps.fill().expect("fill"), 2);
+    }
+
+    #[test]
     fn reaper_on_kernel_maps() {
         let Some(dir) = Pinned::new("reaper") else {
             return;
@@ -378,9 +498,21 @@ mod tests {
         // The datapath adds the reverse half first.
         rev.insert(newborn.2, newborn.3, 0).expect("insert");
 
-        assert_eq!(reap(&maps, &Timeouts::default(), now).expect("reap"), 1);
+        let pass = reap(&maps, &Timeouts::default(), now, 64).expect("reap");
+        assert_eq!(
+            pass,
+            Pass {
+                expired: 1,
+                evicted: 0,
+                flows: 1,
+                crowded: false
+            }
+        );
         assert!(fwd.get(&idle.0, 0).is_err() && rev.get(&idle.2, 0).is_err());
         assert!(fwd.get(&live.0, 0).is_ok() && rev.get(&live.2, 0).is_ok());
+        assert_eq!(maps.fill().expect("fill"), 1, "the recount of FILL");
+        let hosts = maps.hosts().expect("hosts");
+        assert_eq!(hosts.get(&live.0.saddr_be, 0).expect("host").flows, 1);
 
         let mut suspects = Vec::new();
         assert_eq!(reap_orphans(&maps, &mut suspects).expect("orphans"), 0);

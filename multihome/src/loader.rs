@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData},
+    maps::MapData,
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -18,7 +18,7 @@ use aya::{
 };
 use multihome_common::{
     ALL_MAPS, LAYOUT_VERSION, MAP_CONN_FWD, MAP_CONN_REV, MAP_REASONS, MAP_SETTINGS, MAP_UPLINKS,
-    PROG_LAN_IN, PROG_WAN_IN, PROG_WAN_IN_L3, PROG_WAN_OUT, PROG_WAN_OUT_L3, Settings,
+    PROG_LAN_IN, PROG_WAN_IN, PROG_WAN_IN_L3, PROG_WAN_OUT, PROG_WAN_OUT_L3,
 };
 
 /// The programs, built by `build.rs`.
@@ -123,10 +123,11 @@ pub fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
 /// restart), while flows, uplinks and settings carry over. Maps that did
 /// not exist then are simply created.
 const MIGRATIONS: &[(u32, &[&str])] = &[
-    // 3: REASONS gained counters, UPLINKS an MSS clamp (the daemon
-    // rewrites every slot at start); ROUTED, FRAGS, PEERS and HOST_ECHO
-    // are new.
-    (2, &[MAP_REASONS, MAP_UPLINKS]),
+    // 3: REASONS gained counters, UPLINKS an MSS clamp and SETTINGS the
+    // flow limits (the daemon rewrites both at start); ROUTED, FRAGS,
+    // PEERS, HOST_ECHO, HOSTS and FILL are new (the reaper's first pass
+    // counts HOSTS and FILL).
+    (2, &[MAP_REASONS, MAP_UPLINKS, MAP_SETTINGS]),
 ];
 
 /// Adopts pinned maps of this layout or of one in [`MIGRATIONS`] (after
@@ -140,10 +141,8 @@ fn check_layout(pin_dir: &Path) -> anyhow::Result<bool> {
         }
         Err(e) => return Err(e).with_context(|| format!("opening pinned map {}", path.display())),
     };
-    let version = Array::<_, Settings>::try_from(aya::maps::Map::Array(data))
-        .ok()
-        .and_then(|a| a.get(&0, 0).ok())
-        .map(|s| s.layout_version);
+    // The version leads SETTINGS in every layout, whatever its size.
+    let version = crate::mapwalk::first_word(&data).ok();
     if let Some((from, changed)) = MIGRATIONS.iter().find(|(v, _)| Some(*v) == version) {
         for name in *changed {
             let path = pin_dir.join(name);

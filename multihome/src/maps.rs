@@ -7,9 +7,10 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use multihome_common::{
-    FlowFwd, FlowKey, FlowRev, LanNet, MAP_CONN_FWD, MAP_CONN_REV, MAP_LAN_NETS, MAP_REASONS,
-    MAP_ROUTED, MAP_SELECT, MAP_SETTINGS, MAP_UPLINK_STATS, MAP_UPLINKS, MAX_LAN_NETS, MAX_UPLINKS,
-    Reasons, RoutedKey, RoutedUplinks, SelectTable, Settings, Uplink, UplinkStats,
+    FlowFwd, FlowKey, FlowRev, HostFlows, LanNet, MAP_CONN_FWD, MAP_CONN_REV, MAP_FILL, MAP_HOSTS,
+    MAP_LAN_NETS, MAP_REASONS, MAP_ROUTED, MAP_SELECT, MAP_SETTINGS, MAP_UPLINK_STATS, MAP_UPLINKS,
+    MAX_LAN_NETS, MAX_UPLINKS, Reasons, RoutedKey, RoutedUplinks, SelectTable, Settings, Uplink,
+    UplinkStats,
 };
 
 use crate::{config::Prefix, mapwalk};
@@ -66,6 +67,22 @@ impl Maps {
             &self.dir,
             MAP_CONN_REV,
         )?))?)
+    }
+
+    /// LAN host address (network order) -> its flows and refusals.
+    pub fn hosts(&self) -> anyhow::Result<HashMap<MapData, u32, HostFlows>> {
+        Ok(HashMap::try_from(Map::HashMap(open(
+            &self.dir, MAP_HOSTS,
+        )?))?)
+    }
+
+    /// Flows in the connection map as the datapath counts them.
+    pub fn fill(&self) -> anyhow::Result<u64> {
+        Ok(self.array::<u64>(MAP_FILL)?.get(&0, 0)?)
+    }
+
+    pub fn set_fill(&self, flows: u64) -> anyhow::Result<()> {
+        Ok(self.array::<u64>(MAP_FILL)?.set(0, flows, 0)?)
     }
 
     pub fn set_settings(&self, s: &Settings) -> anyhow::Result<()> {

@@ -49,6 +49,43 @@ struct Batch {
     count: u32,
 }
 
+/// `BPF_MAP_LOOKUP_ELEM`'s part of `union bpf_attr`.
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// The first 32-bit word of element 0 of an array map, whatever its value
+/// size: how an older layout's `SETTINGS` tells its version.
+pub fn first_word(map: &aya::maps::MapData) -> io::Result<u32> {
+    let size = map.info().map_err(io::Error::other)?.value_size() as usize;
+    if size < 4 {
+        return Err(io::Error::other(format!(
+            "values of {size} bytes hold no word"
+        )));
+    }
+    let key = 0u32;
+    let mut value = vec![0u8; size];
+    let attr = ElemAttr {
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: &raw const key as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: `key` and `value` outlive the call and `value` holds the
+    // map's value size, all the kernel writes.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, 1, &raw const attr, size_of::<ElemAttr>()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u32::from_ne_bytes([value[0], value[1], value[2], value[3]]))
+}
+
 /// Why a walk stopped short.
 enum Stop {
     /// No batch lookup for this map; nothing was visited.
@@ -209,6 +246,17 @@ pub fn collect<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>) -> anyhow::Result<V
 /// A new kernel hash map, or `None` without the rights to make one.
 #[cfg(test)]
 pub fn test_map(key_size: u32, value_size: u32, max_entries: u32) -> Option<MapData> {
+    test_map_of(1, key_size, value_size, max_entries) // BPF_MAP_TYPE_HASH
+}
+
+/// [`test_map`] of another `BPF_MAP_TYPE_*` (2: an array).
+#[cfg(test)]
+pub fn test_map_of(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) -> Option<MapData> {
     use std::os::fd::{FromRawFd as _, OwnedFd};
 
     #[repr(C)]
@@ -219,7 +267,7 @@ pub fn test_map(key_size: u32, value_size: u32, max_entries: u32) -> Option<MapD
         max_entries: u32,
     }
     let attr = CreateAttr {
-        map_type: 1, // BPF_MAP_TYPE_HASH
+        map_type,
         key_size,
         value_size,
         max_entries,

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use log::{debug, error};
+use log::{debug, error, warn};
 use multihome_common::FlowKey;
 
 use crate::{
@@ -19,6 +19,8 @@ use crate::{
 
 /// Time between passes.
 const EVERY: Duration = Duration::from_secs(5);
+/// ... and while the map is crowded, so that room is made within a second.
+const CROWDED_EVERY: Duration = Duration::from_secs(1);
 /// Orphans only come from rare races: look for them every sixth pass.
 const ORPHANS_EVERY: u32 = 6;
 
@@ -63,8 +65,9 @@ impl Drop for Reaper {
 fn run(maps: &Maps, mut timeouts: Timeouts, rx: &Receiver<Timeouts>) {
     let mut suspects: Vec<FlowKey> = Vec::new();
     let mut pass = 0u32;
+    let mut crowded = false;
     loop {
-        match rx.recv_timeout(EVERY) {
+        match rx.recv_timeout(if crowded { CROWDED_EVERY } else { EVERY }) {
             Ok(t) => {
                 timeouts = t;
                 continue;
@@ -73,9 +76,22 @@ fn run(maps: &Maps, mut timeouts: Timeouts, rx: &Receiver<Timeouts>) {
             Err(RecvTimeoutError::Timeout) => {}
         }
         pass += 1;
-        match flows::reap(maps, &timeouts, maps::boot_ns()) {
-            Ok(0) => {}
-            Ok(n) => debug!("expired {n} idle flows"),
+        let reaped = maps
+            .flow_capacity()
+            .and_then(|cap| flows::reap(maps, &timeouts, maps::boot_ns(), cap));
+        match reaped {
+            Ok(p) => {
+                if p.expired > 0 {
+                    debug!("expired {} idle flows", p.expired);
+                }
+                if p.evicted > 0 {
+                    warn!(
+                        "the connection map is crowded: evicted {} flows that never saw a reply",
+                        p.evicted
+                    );
+                }
+                crowded = p.crowded;
+            }
             Err(e) => error!("expiring flows: {e:#}"),
         }
         if pass.is_multiple_of(ORPHANS_EVERY)

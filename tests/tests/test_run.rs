@@ -21,11 +21,11 @@ use aya::{
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
 };
 use multihome_common::{
-    FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FLOW_SEEN_REPLY, FlowFwd, FlowKey, FlowRev,
-    LAYOUT_VERSION, LanNet, MAP_CONN_FWD, MAP_CONN_REV, MAP_LAN_NETS, MAP_PEERS, MAP_REASONS,
-    MAP_ROUTED, MAP_SETTINGS, MAP_UPLINK_STATS, MAP_UPLINKS, MARK_TRANSLATED, PROG_LAN_IN,
-    PROG_WAN_IN, PROG_WAN_OUT, REASON_COUNT, Reason, Reasons, RoutedKey, Settings,
-    UPLINK_CONFIGURED, UPLINK_USABLE, Uplink, UplinkStats,
+    FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FLOW_SEEN_REPLY, FlowFwd, FlowKey, FlowRev, HostFlows,
+    LAYOUT_VERSION, LanNet, MAP_CONN_FWD, MAP_CONN_REV, MAP_FILL, MAP_HOSTS, MAP_LAN_NETS,
+    MAP_PEERS, MAP_REASONS, MAP_ROUTED, MAP_SETTINGS, MAP_UPLINK_STATS, MAP_UPLINKS,
+    MARK_TRANSLATED, PROG_LAN_IN, PROG_WAN_IN, PROG_WAN_OUT, REASON_COUNT, Reason, Reasons,
+    RoutedKey, Settings, UPLINK_CONFIGURED, UPLINK_USABLE, Uplink, UplinkStats,
 };
 use testbed::packets::*;
 
@@ -62,6 +62,9 @@ const SKB_INGRESS_IFINDEX: usize = 36;
 /// `ingress_ifindex` of packets the gateway forwards (from a LAN device);
 /// the gateway's own packets have 0.
 const FORWARDED_IIF: u32 = 7;
+
+/// `max_flows_per_host` of the test datapath.
+const PER_HOST: u32 = 100;
 
 /// Uplink 0's device: loopback, the device `BPF_PROG_TEST_RUN` gives
 /// every skb, so packets in the tests leave by uplink 0's device.
@@ -340,6 +343,8 @@ impl Datapath {
                         snat_port_max: 65535,
                         local_port_min: 32768,
                         local_port_max: 60999,
+                        max_flows: 1024,
+                        max_flows_per_host: PER_HOST,
                     },
                     0,
                 )
@@ -2507,5 +2512,54 @@ fn mss_clamping_leaves_small_mss_non_syn_segments_and_unclamped_uplinks_alone() 
         let expected = as_syn(TCP_FLOW.reply_translated(), true, syn_options(1460));
         let (run, _) = dp.run_counted(PROG_WAN_IN, &p.frame(), 0);
         assert_passed_as(&run, &expected.frame(), "no clamp set");
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Fairness when the map fills.
+
+#[test]
+fn a_host_at_its_quota_or_a_full_map_is_refused_before_any_route_lookup() {
+    with_datapath(|dp| {
+        let input = UDP_FLOW.outbound().frame();
+        // Below the quota: on to the route lookup, which fails here.
+        let (_, counted) = dp.run_counted(PROG_LAN_IN, &input, 0);
+        assert_eq!(counted, [(Reason::NotForUplink, 1)]);
+        {
+            let mut hosts: HashMap<_, u32, HostFlows> =
+                HashMap::try_from(dp.ebpf.map_mut(MAP_HOSTS).expect("HOSTS")).expect("types");
+            let at_quota = HostFlows {
+                flows: u64::from(PER_HOST),
+                refused: 0,
+            };
+            hosts.insert(be(LAN_HOST), at_quota, 0).expect("insert");
+        }
+        for _ in 0..3 {
+            let (run, counted) = dp.run_counted(PROG_LAN_IN, &input, 0);
+            assert_eq!(run.ret, TC_ACT_SHOT);
+            assert_eq!(counted, [(Reason::HostQuota, 1)]);
+        }
+        let hosts: HashMap<_, u32, HostFlows> =
+            HashMap::try_from(dp.ebpf.map(MAP_HOSTS).expect("HOSTS")).expect("types");
+        assert_eq!(hosts.get(&be(LAN_HOST), 0).expect("host").refused, 3);
+        // Another host is not held to this one's quota, but to the map.
+        let other = TCP_FLOW
+            .outbound()
+            .with_source(Ipv4Addr::new(198, 18, 1, 9), 40000)
+            .frame();
+        let (_, counted) = dp.run_counted(PROG_LAN_IN, &other, 0);
+        assert_eq!(counted, [(Reason::NotForUplink, 1)]);
+        {
+            let mut fill: Array<_, u64> =
+                Array::try_from(dp.ebpf.map_mut(MAP_FILL).expect("FILL")).expect("types");
+            fill.set(0, 1024, 0).expect("fill");
+        }
+        let (run, counted) = dp.run_counted(PROG_LAN_IN, &other, 0);
+        assert_eq!(run.ret, TC_ACT_SHOT);
+        assert_eq!(counted, [(Reason::MapFull, 1)]);
+        // Established flows do not care.
+        dp.insert_flow(&TCP_FLOW);
+        let (_, counted) = dp.run_counted(PROG_LAN_IN, &TCP_FLOW.outbound().frame(), 0);
+        assert_eq!(counted, [(Reason::SlowPath, 1)]);
     });
 }

@@ -27,11 +27,40 @@ pub struct UplinkStatus {
     pub slow_path: u64,
 }
 
+/// A LAN host's share of the connection map.
+#[derive(Serialize)]
+pub struct HostShare {
+    pub address: String,
+    pub flows: u64,
+    /// New flows refused because it held `max_flows_per_host`.
+    pub refused: u64,
+}
+
+/// How many hosts `status` lists.
+const TOP_HOSTS: usize = 10;
+
 #[derive(Serialize)]
 pub struct Status {
     pub uplinks: Vec<UplinkStatus>,
     pub flows: u64,
+    /// The hosts refused most (then those with most flows), at most ten.
+    pub top_hosts: Vec<HostShare>,
     pub drops: std::collections::BTreeMap<&'static str, u64>,
+}
+
+fn top_hosts(maps: &Maps) -> anyhow::Result<Vec<HostShare>> {
+    let mut hosts: Vec<(u32, multihome_common::HostFlows)> =
+        maps.hosts()?.iter().filter_map(Result::ok).collect();
+    hosts.sort_by_key(|(_, h)| std::cmp::Reverse((h.refused, h.flows)));
+    Ok(hosts
+        .into_iter()
+        .take(TOP_HOSTS)
+        .map(|(a, h)| HostShare {
+            address: be_addr(a).to_string(),
+            flows: h.flows,
+            refused: h.refused,
+        })
+        .collect())
 }
 
 pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
@@ -80,6 +109,7 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
     Ok(Status {
         uplinks,
         flows: flows.len() as u64,
+        top_hosts: top_hosts(maps)?,
         drops: maps.reasons()?.into_iter().collect(),
     })
 }
@@ -124,6 +154,13 @@ pub fn run(pin: &super::PinDir, json: bool) -> anyhow::Result<()> {
         );
         if let Some(why) = u.reason {
             println!("         ^ {}: {why}", u.name);
+        }
+    }
+    if st.top_hosts.iter().any(|h| h.refused > 0) {
+        println!("\nLAN hosts refused new flows (nat.max_flows_per_host):");
+        println!("  {:<16} {:>8} {:>10}", "HOST", "FLOWS", "REFUSED");
+        for h in st.top_hosts.iter().filter(|h| h.refused > 0) {
+            println!("  {:<16} {:>8} {:>10}", h.address, h.flows, h.refused);
         }
     }
     println!(

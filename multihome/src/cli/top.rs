@@ -172,6 +172,7 @@ mod tests {
         Status {
             uplinks,
             flows: 0,
+            top_hosts: Vec::new(),
             drops: Default::default(),
         }
     }

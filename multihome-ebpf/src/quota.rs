@@ -1,0 +1,58 @@
+//! Fairness when the connection map fills: one LAN host holds at most
+//! `max_flows_per_host` flows, and a full map refuses new flows before any
+//! lookup. Both are checked before the route lookup, so a flood of new
+//! flows costs little; the reaper recounts both exactly on every pass and
+//! evicts flows that never saw a reply first.
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::bindings::BPF_NOEXIST;
+use multihome_common::{HostFlows, Reason, Settings};
+
+use crate::maps::{FILL, HOSTS};
+
+/// Refuses a new flow from `saddr_be` when the map or the host's quota is
+/// full, counting the host's refusal.
+#[inline(always)]
+pub fn admit(saddr_be: u32, s: &Settings) -> Result<(), Reason> {
+    if let Some(fill) = FILL.get(0)
+        && *fill >= u64::from(s.max_flows)
+    {
+        return Err(Reason::MapFull);
+    }
+    if let Some(h) = HOSTS.get_ptr_mut(saddr_be) {
+        // SAFETY: a preallocated map value; counters are updated atomically.
+        let h = unsafe { &mut *h };
+        if h.flows >= u64::from(s.max_flows_per_host) {
+            add_one(&mut h.refused);
+            return Err(Reason::HostQuota);
+        }
+    }
+    Ok(())
+}
+
+/// Counts a flow just made for `saddr_be`.
+#[inline(always)]
+pub fn count_new(saddr_be: u32) {
+    if let Some(fill) = FILL.get_ptr_mut(0) {
+        add_one(fill);
+    }
+    let first = HostFlows {
+        flows: 1,
+        refused: 0,
+    };
+    if HOSTS.insert(saddr_be, first, BPF_NOEXIST as u64).is_err()
+        && let Some(h) = HOSTS.get_ptr_mut(saddr_be)
+    {
+        // SAFETY: a preallocated map value.
+        add_one(unsafe { &mut (*h).flows });
+    }
+}
+
+/// An atomic add of one (BPF_ATOMIC | BPF_ADD): Rust's `core` offers no
+/// atomic read-modify-write on BPF, so the intrinsic it lowers to is used.
+#[inline(always)]
+fn add_one(counter: *mut u64) {
+    // SAFETY: `counter` points to an aligned u64 in a map value, which
+    // lives as long as the map.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, 1) };
+}
