@@ -34,6 +34,8 @@ pub const HOST_ECHO_ENTRIES: u32 = 4096;
 /// How long after its last request a (destination, id) pair stays the
 /// gateway's, in nanoseconds.
 pub const HOST_ECHO_NS: u64 = 60_000_000_000;
+/// Mappings hairpinning can reach in [`MAP_EIM`] (LRU: the most recent).
+pub const EIM_ENTRIES: u32 = 65_536;
 /// Prefixes in [`MAP_ROUTED`], over all uplinks.
 pub const MAX_ROUTED_PREFIXES: u32 = 256;
 /// The low byte of `skb->mark` (over the mark base) on packets the fast
@@ -56,7 +58,8 @@ pub const MAP_PEERS: &str = "PEERS";
 pub const MAP_HOST_ECHO: &str = "HOST_ECHO";
 pub const MAP_HOSTS: &str = "HOSTS";
 pub const MAP_FILL: &str = "FILL";
-pub const ALL_MAPS: [&str; 14] = [
+pub const MAP_EIM: &str = "EIM";
+pub const ALL_MAPS: [&str; 15] = [
     MAP_CONN_FWD,
     MAP_CONN_REV,
     MAP_UPLINKS,
@@ -71,6 +74,7 @@ pub const ALL_MAPS: [&str; 14] = [
     MAP_HOST_ECHO,
     MAP_HOSTS,
     MAP_FILL,
+    MAP_EIM,
 ];
 
 /// Program names (the `#[classifier]` functions).
@@ -189,6 +193,9 @@ pub const FLOW_FIN_IN: u32 = 1 << 2;
 pub const FLOW_RST: u32 = 1 << 3;
 /// Pinned while its preferred uplink was down (a candidate to move back).
 pub const FLOW_FAILED_OVER: u32 = 1 << 4;
+/// A LAN-to-LAN flow through another LAN host's public mapping
+/// (hairpinning): translated, then delivered back to the LAN.
+pub const FLOW_HAIRPIN: u32 = 1 << 5;
 
 /// One uplink, written by the daemon.
 #[repr(C)]
@@ -340,6 +347,28 @@ pub struct FragXlat {
 pub struct EchoKey {
     pub daddr_be: u32,
     pub id_be: u16,
+    pub _pad: u16,
+}
+
+/// A public mapping, as [`MAP_EIM`] keys it: uplink address, NAT port,
+/// protocol (RFC 4787's endpoint-independent mapping).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct EimKey {
+    pub nat_addr_be: u32,
+    pub nat_port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// The LAN endpoint behind a public mapping, in [`MAP_EIM`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct EimLan {
+    pub lan_addr_be: u32,
+    pub lan_port_be: u16,
     pub _pad: u16,
 }
 
@@ -496,6 +525,9 @@ reasons! {
     EchoRekeyed = echo_rekeyed,
     /// Drop: the LAN host already holds `nat.max_flows_per_host` flows.
     HostQuota = host_quota,
+    /// Translated: a LAN host's packet to another LAN host's public
+    /// mapping, delivered back to the LAN (hairpinning).
+    Hairpinned = hairpinned,
 }
 
 pub const REASON_COUNT: usize = Reason::ALL.len();
@@ -513,6 +545,8 @@ const _: () = {
     assert!(size_of::<FragKey>() == 12);
     assert!(size_of::<FragXlat>() == 8);
     assert!(size_of::<EchoKey>() == 8);
+    assert!(size_of::<EimKey>() == 8);
+    assert!(size_of::<EimLan>() == 8);
     assert!(size_of::<UplinkStats>() == 48);
     assert!(size_of::<Reasons>() == REASON_COUNT * 8);
     assert!(MAX_UPLINKS <= 255);
@@ -542,6 +576,8 @@ mod pod {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragXlat {}
     unsafe impl aya::Pod for EchoKey {}
+    unsafe impl aya::Pod for EimKey {}
+    unsafe impl aya::Pod for EimLan {}
 }
 
 #[cfg(test)]

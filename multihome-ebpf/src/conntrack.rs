@@ -6,8 +6,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use multihome_common::{
-    FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FLOW_SEEN_REPLY, FlowFwd, FlowKey, FlowRev, Reason,
-    Settings, Uplink,
+    FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_HAIRPIN, FLOW_RST, FLOW_SEEN_REPLY, FlowFwd, FlowKey, FlowRev,
+    Reason, Settings, Uplink,
 };
 
 use crate::{
@@ -100,6 +100,37 @@ fn rev_entry(key: &FlowKey, uplink_id: u8) -> FlowRev {
         lan_port_be: key.sport_be,
         uplink: uplink_id,
         _pad: 0,
+    }
+}
+
+/// Pins the flow `key` to exactly `nat_addr_be:nat_port_be` with `flags`
+/// (a hairpin's return flow, which must keep its host's public mapping),
+/// or fails when that reverse key is taken.
+#[inline(always)]
+pub fn create_exact(
+    key: &FlowKey,
+    pkt: &Packet,
+    uplink_id: u8,
+    nat_addr_be: u32,
+    nat_port_be: u16,
+    flags: u32,
+) -> Result<FlowFwd, Reason> {
+    if !try_port(key, nat_addr_be, nat_port_be, &rev_entry(key, uplink_id))? {
+        return Err(Reason::PortExhausted);
+    }
+    let mut f = pin_fwd(key, pkt, uplink_id, nat_addr_be, nat_port_be)?;
+    f.flags |= flags;
+    set_flags(key, flags);
+    Ok(f)
+}
+
+/// Sets `flags` on the pinned flow `key`.
+#[inline(always)]
+pub fn set_flags(key: &FlowKey, flags: u32) {
+    if let Some(f) = lookup_fwd(key) {
+        // SAFETY: the map's preallocated value; a racing flag update loses
+        // at most a TCP state bit.
+        unsafe { (*f).flags |= flags };
     }
 }
 
@@ -198,8 +229,9 @@ fn try_port(key: &FlowKey, nat_addr_be: u32, port_be: u16, rev: &FlowRev) -> Res
 fn tcp_flags_out(flags: u32, tcp: u8) -> u32 {
     let mut f = flags;
     if tcp & TCP_SYN != 0 && f & (FLOW_RST | FLOW_FIN_OUT | FLOW_FIN_IN) != 0 {
-        // A new connection reusing a closed flow's tuple starts over.
-        f = 0;
+        // A new connection reusing a closed flow's tuple starts over; what
+        // the flow is (hairpin) stays.
+        f &= FLOW_HAIRPIN;
     }
     if tcp & TCP_FIN != 0 {
         f |= FLOW_FIN_OUT;

@@ -104,7 +104,8 @@ pub fn inbound(ctx: &TcContext, pkt: &Packet) -> Option<(u32, u8)> {
     }
     let lan = peer_of(&peer)?;
     // The uplink only feeds the counters: the one whose address it is.
-    (lan != 0).then(|| (lan, crate::select::uplink_of_addr(pkt.daddr_be)))
+    let uplink = crate::select::uplink_with_addr(pkt.daddr_be).map_or(0, |(id, _)| id);
+    (lan != 0).then_some((lan, uplink))
 }
 
 /// Notes a new UDP flow of `lan_addr_be` to `pkt`'s destination through

@@ -18,6 +18,7 @@ mod csum;
 mod frag;
 mod fwd;
 mod guard;
+mod hairpin;
 mod icmp;
 mod inbound;
 mod maps;

@@ -5,10 +5,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use multihome_common::{
-    DEFAULT_MAX_FLOWS, EchoKey, FRAG_ENTRIES, Fill, FlowFwd, FlowKey, FlowRev, FragKey, FragXlat,
-    HOST_ECHO_ENTRIES, HostFlows, LanNet, MAX_HOSTS, MAX_LAN_NETS, MAX_ROUTED_PREFIXES,
-    MAX_UPLINKS, PEER_ENTRIES, PeerLan, Reasons, RoutedKey, RoutedUplinks, SelectTable, Settings,
-    Uplink, UplinkStats,
+    DEFAULT_MAX_FLOWS, EIM_ENTRIES, EchoKey, EimKey, EimLan, FRAG_ENTRIES, Fill, FlowFwd, FlowKey,
+    FlowRev, FragKey, FragXlat, HOST_ECHO_ENTRIES, HostFlows, LanNet, MAX_HOSTS, MAX_LAN_NETS,
+    MAX_ROUTED_PREFIXES, MAX_UPLINKS, PEER_ENTRIES, PeerLan, Reasons, RoutedKey, RoutedUplinks,
+    SelectTable, Settings, Uplink, UplinkStats,
 };
 
 const FLOWS: usize = DEFAULT_MAX_FLOWS as usize;
@@ -63,3 +63,8 @@ pub static HOSTS: HashMap<u32, HostFlows, { MAX_HOSTS as usize }> = HashMap::new
 /// Flows in the connection map.
 #[btf_map]
 pub static FILL: Array<Fill, 1> = Array::new();
+
+/// Public mapping (uplink address, NAT port, protocol) -> its LAN endpoint,
+/// for hairpinning.
+#[btf_map]
+pub static EIM: LruHashMap<EimKey, EimLan, { EIM_ENTRIES as usize }> = LruHashMap::new();

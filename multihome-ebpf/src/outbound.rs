@@ -3,12 +3,12 @@
 //! path handed to the kernel.
 use aya_ebpf::programs::TcContext;
 use multihome_common::{
-    FlowFwd, FlowKey, IPPROTO_AH, MARK_TRANSLATED, MAX_LAN_NETS, MAX_UPLINKS, Reason, Settings,
-    UPLINK_L3, Uplink,
+    FLOW_HAIRPIN, FlowFwd, FlowKey, IPPROTO_AH, MARK_TRANSLATED, MAX_LAN_NETS, MAX_UPLINKS, Reason,
+    Settings, UPLINK_L3, Uplink,
 };
 
 use crate::{
-    conntrack, frag, fwd, guard,
+    conntrack, frag, fwd, guard, hairpin,
     maps::{LAN_NETS, SETTINGS, UPLINKS},
     mss,
     nat::{self, Side},
@@ -53,6 +53,9 @@ pub fn lan_ingress(ctx: &TcContext) -> Outcome {
         None => new_flow(ctx, &pkt, &key)?,
     };
     frag::note_first(ctx, &pkt, flow.nat_addr_be, flow.uplink);
+    if flow.flags & FLOW_HAIRPIN != 0 {
+        return hairpin::deliver(ctx, &pkt, flow.nat_addr_be, flow.nat_port_be);
+    }
     let uplink = UPLINKS.get(flow.uplink as u32).ok_or(Reason::NoUplink)?;
     mss::clamp(ctx, &pkt, uplink.mss_clamp)?;
     to_uplink(ctx, &pkt, &flow, uplink, true)
@@ -145,6 +148,15 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, key: &FlowKey) -> Result<FlowFwd, Rea
     }
     let settings = settings()?;
     quota::admit(pkt.saddr_be, &settings)?;
+    if let Some((id, uplink)) = select::uplink_with_addr(pkt.daddr_be) {
+        // To the gateway's public address: another LAN host's mapping, or
+        // the gateway's own service.
+        let flow = hairpin::create(ctx, key, pkt, id, uplink, &settings)?;
+        quota::count_new(pkt.saddr_be);
+        hairpin::note_mapping(key, &flow);
+        stats::new_flow(flow.uplink);
+        return Ok(flow);
+    }
     if !matches!(
         pkt.l4_kind,
         L4::Tcp | L4::Udp | L4::EchoRequest | L4::Other | L4::OtherPseudo
@@ -168,6 +180,7 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, key: &FlowKey) -> Result<FlowFwd, Rea
         conntrack::create(ctx, key, pkt, id, uplink, &settings)?
     };
     quota::count_new(pkt.saddr_be);
+    hairpin::note_mapping(key, &flow);
     frag::note_peer(pkt, flow.nat_addr_be, pkt.saddr_be);
     stats::new_flow(flow.uplink);
     Ok(flow)

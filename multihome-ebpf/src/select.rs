@@ -65,17 +65,19 @@ pub fn choose(onlink_ifindex: Option<u32>) -> Result<(u8, &'static Uplink), Reas
     Err(Reason::NoUplink)
 }
 
-/// The first uplink whose address is `addr_be` (0 if none: counters only).
+/// The configured uplink whose address is `addr_be`, if any.
 #[inline(always)]
-pub fn uplink_of_addr(addr_be: u32) -> u8 {
+pub fn uplink_with_addr(addr_be: u32) -> Option<(u8, &'static Uplink)> {
     for id in 0..MAX_UPLINKS {
         if let Some(u) = uplink(id)
             && u.addr_be == addr_be
+            && addr_be != 0
+            && u.flags & UPLINK_CONFIGURED != 0
         {
-            return id as u8;
+            return Some((id as u8, u));
         }
     }
-    0
+    None
 }
 
 /// The uplink whose `skb->mark` this is, if any.

@@ -125,8 +125,9 @@ pub fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
 const MIGRATIONS: &[(u32, &[&str])] = &[
     // 3: REASONS gained counters, UPLINKS an MSS clamp and SETTINGS the
     // flow limits (the daemon rewrites both at start); ROUTED, FRAGS,
-    // PEERS, HOST_ECHO, HOSTS and FILL are new (the reaper's first pass
-    // counts HOSTS and FILL).
+    // PEERS, HOST_ECHO, HOSTS, FILL and EIM are new (the reaper's first
+    // pass counts HOSTS and FILL; EIM fills as flows are made, so older
+    // flows cannot be hairpinned to).
     (2, &[MAP_REASONS, MAP_UPLINKS, MAP_SETTINGS]),
 ];
 

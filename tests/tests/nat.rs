@@ -247,7 +247,13 @@ fn a_tun_uplink_without_ethernet_header_carries_tcp_udp_and_ping() {
 #[test]
 fn a_full_connection_map_drops_new_flows_with_a_reason_and_keeps_old_ones() {
     let t = Topology::standard();
-    let gw = standard_gateway(&t, [1, 1], "[nat]\nmax_flows = 16\n");
+    // One host may fill the whole map here: the per-host quota has its own
+    // test (fairness.rs).
+    let gw = standard_gateway(
+        &t,
+        [1, 1],
+        "[nat]\nmax_flows = 16\nmax_flows_per_host = 16\n",
+    );
     let srv = udp_echo_server(&t.inet, INET_SERVICE, 0);
     let mut socks = Vec::new();
     let mut ok = 0;

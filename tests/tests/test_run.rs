@@ -21,11 +21,11 @@ use aya::{
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
 };
 use multihome_common::{
-    FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FLOW_SEEN_REPLY, FlowFwd, FlowKey, FlowRev, HostFlows,
-    LAYOUT_VERSION, LanNet, MAP_CONN_FWD, MAP_CONN_REV, MAP_FILL, MAP_HOSTS, MAP_LAN_NETS,
-    MAP_PEERS, MAP_REASONS, MAP_ROUTED, MAP_SETTINGS, MAP_UPLINK_STATS, MAP_UPLINKS,
-    MARK_TRANSLATED, PROG_LAN_IN, PROG_WAN_IN, PROG_WAN_OUT, REASON_COUNT, Reason, Reasons,
-    RoutedKey, Settings, UPLINK_CONFIGURED, UPLINK_USABLE, Uplink, UplinkStats,
+    EimKey, EimLan, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FLOW_SEEN_REPLY, FlowFwd, FlowKey,
+    FlowRev, HostFlows, LAYOUT_VERSION, LanNet, MAP_CONN_FWD, MAP_CONN_REV, MAP_EIM, MAP_FILL,
+    MAP_HOSTS, MAP_LAN_NETS, MAP_PEERS, MAP_REASONS, MAP_ROUTED, MAP_SETTINGS, MAP_UPLINK_STATS,
+    MAP_UPLINKS, MARK_TRANSLATED, PROG_LAN_IN, PROG_WAN_IN, PROG_WAN_OUT, REASON_COUNT, Reason,
+    Reasons, RoutedKey, Settings, UPLINK_CONFIGURED, UPLINK_USABLE, Uplink, UplinkStats,
 };
 use testbed::packets::*;
 
@@ -2561,5 +2561,52 @@ fn a_host_at_its_quota_or_a_full_map_is_refused_before_any_route_lookup() {
         dp.insert_flow(&TCP_FLOW);
         let (_, counted) = dp.run_counted(PROG_LAN_IN, &TCP_FLOW.outbound().frame(), 0);
         assert_eq!(counted, [(Reason::SlowPath, 1)]);
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Hairpinning.
+
+#[test]
+fn a_lan_host_reaches_another_through_its_public_mapping_both_ways_byte_exact() {
+    with_datapath(|dp| {
+        // B (198.18.1.3:5000) holds the public mapping NAT_ADDR:61002.
+        let b = Ipv4Addr::new(198, 18, 1, 3);
+        {
+            let mut eim: HashMap<_, EimKey, EimLan> =
+                HashMap::try_from(dp.ebpf.map_mut(MAP_EIM).expect("EIM")).expect("types");
+            let key = EimKey {
+                nat_addr_be: be(NAT_ADDR),
+                nat_port_be: 61002u16.to_be(),
+                proto: IPPROTO_UDP,
+                _pad: 0,
+            };
+            let lan = EimLan {
+                lan_addr_be: be(b),
+                lan_port_be: 5000u16.to_be(),
+                _pad: 0,
+            };
+            eim.insert(key, lan, 0).expect("insert EIM");
+        }
+        // A (LAN_HOST:40001) sends to that mapping; its free port is kept.
+        let a_to_b = Ipv4::udp(LAN_HOST, NAT_ADDR, Udp::new(40001, 61002, b"hello B"));
+        let expected = Ipv4::udp(NAT_ADDR, b, Udp::new(40001, 5000, b"hello B"));
+        let (run, counted) = dp.run_counted(PROG_LAN_IN, &a_to_b.frame(), 0);
+        // No route in the test namespace: handed to the kernel, translated.
+        assert_passed_as(&run, &expected.frame(), "A to B's mapping");
+        assert_eq!(counted, [(Reason::Hairpinned, 1)]);
+        // B answers A's public mapping.
+        let b_to_a = Ipv4::udp(b, NAT_ADDR, Udp::new(5000, 40001, b"hello A"));
+        let expected = Ipv4::udp(NAT_ADDR, LAN_HOST, Udp::new(61002, 40001, b"hello A"));
+        let (run, counted) = dp.run_counted(PROG_LAN_IN, &b_to_a.frame(), 0);
+        assert_passed_as(&run, &expected.frame(), "B's answer");
+        assert_eq!(counted, [(Reason::Hairpinned, 1)]);
+        assert_eq!(dp.flows().fwd.len(), 2, "A's flow and B's return flow");
+        // A port of the gateway's address that is nobody's mapping: the
+        // gateway's own service, left to the kernel.
+        let to_gw = Ipv4::udp(LAN_HOST, NAT_ADDR, Udp::new(40002, 53, b"q")).frame();
+        let (run, counted) = dp.run_counted(PROG_LAN_IN, &to_gw, 0);
+        assert_untouched(&run, &to_gw, "to the gateway itself");
+        assert_eq!(counted, [(Reason::NotForUplink, 1)]);
     });
 }
