@@ -40,6 +40,7 @@ pub use services::{
 pub use topology::*;
 pub use tun::{TunRelay, create_tun};
 pub use veth::{
-    LinkCounters, addr, addr_peer, bridge, disable_offloads, dummy, enslave, link_counters,
-    link_down, link_up, route, route_del, route_replace, set_mtu, veth, veth_with_offloads,
+    LinkCounters, addr, addr_peer, bridge, disable_offloads, dummy, enable_offloads, enslave,
+    link_counters, link_down, link_up, route, route_del, route_replace, set_mtu, veth,
+    veth_with_offloads,
 };

@@ -437,6 +437,24 @@ impl Topology {
         spoof_drop_count(self.isp(isp))
     }
 
+    /// Turns checksum offload back on (the topology turns it off to catch
+    /// checksum bugs) at both ends of the LAN links and the veth uplinks:
+    /// the real case, for tests that run both ways.
+    pub fn enable_checksum_offloads(&self) {
+        let mut ends = vec![(&self.client, IF_LAN), (&self.gw, IF_LAN)];
+        if let Some(c2) = &self.client2 {
+            ends.extend([(c2, IF_LAN), (&self.gw, IF_LAN1)]);
+        }
+        for u in self.uplinks() {
+            if !u.l3_only {
+                ends.extend([(&self.gw, u.ifname), (self.isp(u.isp), IF_CUST)]);
+            }
+        }
+        for (ns, ifname) in ends {
+            crate::veth::enable_offloads(ns, ifname);
+        }
+    }
+
     /// Sets the MTU on both ends of an uplink (gw side and ISP `cust`).
     /// For a bottleneck further away use [`set_mtu`] on e.g. `ispx`/`core`.
     pub fn set_uplink_mtu(&self, isp: Isp, mtu: u32) {

@@ -37,6 +37,11 @@ pub fn disable_offloads(ns: &NetNs, ifname: &str) {
     ns.exec(&["ethtool", "-K", ifname, "tx", "off", "rx", "off"]);
 }
 
+/// `ethtool -K IF tx on rx on`: checksum offload as a real NIC has it.
+pub fn enable_offloads(ns: &NetNs, ifname: &str) {
+    ns.exec(&["ethtool", "-K", ifname, "tx", "on", "rx", "on"]);
+}
+
 /// `ip link set IF up`.
 pub fn link_up(ns: &NetNs, ifname: &str) {
     ns.exec(&["ip", "link", "set", ifname, "up"]);

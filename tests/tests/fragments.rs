@@ -40,14 +40,7 @@ fn echoed(ns: &NetNs, src: Ipv4Addr) -> String {
 fn large_datagrams_cross_both_ways(offloads: bool, reverse: bool) {
     let t = Topology::standard();
     if offloads {
-        for (ns, ifname) in [
-            (&t.client, IF_LAN),
-            (&t.gw, IF_LAN),
-            (&t.gw, IF_WANX),
-            (&t.gw, IF_WANY),
-        ] {
-            ns.exec(&["ethtool", "-K", ifname, "tx", "on", "rx", "on"]);
-        }
+        t.enable_checksum_offloads();
     }
     let gw = Gateway::start(&t.gw, &config_for(&t, [1, 1], ""));
     let server = frag_server(&t.inet, reverse);

@@ -30,14 +30,7 @@ fn public_mapping(sock: &UdpSocket, srv: SocketAddrV4) -> SocketAddrV4 {
 fn hairpin_between_two_lan_hosts(offloads: bool) {
     let t = Topology::two_clients();
     if offloads {
-        for (ns, ifname) in [
-            (&t.client, IF_LAN),
-            (t.client2(), IF_LAN),
-            (&t.gw, IF_LAN),
-            (&t.gw, IF_LAN1),
-        ] {
-            ns.exec(&["ethtool", "-K", ifname, "tx", "on", "rx", "on"]);
-        }
+        t.enable_checksum_offloads();
     }
     let gw = Gateway::start(&t.gw, &config_for(&t, [1, 0], ""));
     let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);

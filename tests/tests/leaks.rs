@@ -9,12 +9,6 @@ use testbed::*;
 const ROUTED_NET: &str = "198.18.3.0/24";
 const ROUTED_HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 3, 2);
 
-/// `ethtool -K IF tx on rx on`: the real case, next to the tests'
-/// default of offloads off.
-fn enable_offloads(ns: &NetNs, ifname: &str) {
-    ns.exec(&["ethtool", "-K", ifname, "tx", "on", "rx", "on"]);
-}
-
 /// From the client: fuzzed IPv4 of every protocol, truncated headers,
 /// spoofed sources, multicast and broadcast. Prints how many were sent.
 fn odd_traffic_script(fuzzed: usize) -> String {
@@ -53,16 +47,7 @@ print(len(pkts))
 fn odd_lan_traffic_never_leaves_with_a_foreign_source(offloads: bool) {
     let t = Topology::standard();
     if offloads {
-        for (ns, ifname) in [
-            (&t.client, IF_LAN),
-            (&t.gw, IF_LAN),
-            (&t.gw, IF_WANX),
-            (&t.gw, IF_WANY),
-            (&t.ispx, IF_CUST),
-            (&t.ispy, IF_CUST),
-        ] {
-            enable_offloads(ns, ifname);
-        }
+        t.enable_checksum_offloads();
     }
     let gw = Gateway::start(&t.gw, &config_for(&t, [1, 1], ""));
     let srv = udp_echo_server(&t.inet, INET_SERVICE, 0);

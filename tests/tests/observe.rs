@@ -48,7 +48,10 @@ fn prometheus_metrics_show_uplinks_traffic_reasons_and_map_fill() {
     assert_eq!(value(&m, &format!("multihome_uplink_up{x}")), 1.0);
     assert!(value(&m, &format!("multihome_uplink_tx_packets_total{x}")) >= 5.0);
     assert!(value(&m, &format!("multihome_uplink_flows{x}")) >= 1.0);
-    assert_eq!(value(&m, "multihome_flow_capacity"), 65536.0);
+    assert_eq!(
+        value(&m, "multihome_flow_capacity"),
+        f64::from(multihome_common::DEFAULT_MAX_FLOWS)
+    );
     assert!(value(&m, "multihome_flow_fill_ratio") > 0.0);
     assert_eq!(
         value(&m, "multihome_packets_total{reason=\"port_exhausted\"}"),

@@ -55,14 +55,7 @@ fn seen_by_server(server: &Proc) -> Vec<(String, Ipv4Addr)> {
 fn protocols_cross_the_nat_both_ways(offloads: bool) {
     let t = Topology::standard();
     if offloads {
-        for (ns, ifname) in [
-            (&t.client, IF_LAN),
-            (&t.gw, IF_LAN),
-            (&t.gw, IF_WANX),
-            (&t.gw, IF_WANY),
-        ] {
-            ns.exec(&["ethtool", "-K", ifname, "tx", "on", "rx", "on"]);
-        }
+        t.enable_checksum_offloads();
     }
     let gw = Gateway::start(&t.gw, &config_for(&t, [1, 1], ""));
     let server = echo_server(&t, 30);
