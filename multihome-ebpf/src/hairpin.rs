@@ -84,7 +84,7 @@ pub fn create(
     // Already there: an earlier hairpin between the same two mappings.
     if conntrack::lookup_fwd(&back).is_none() {
         conntrack::create_exact(&back, pkt, id, key.daddr_be, key.dport_be, FLOW_HAIRPIN)?;
-        quota::count_new(back.saddr_be);
+        quota::count_new(back.saddr_be, &quota::Host::of(back.saddr_be));
     }
     Ok(a)
 }

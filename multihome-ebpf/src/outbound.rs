@@ -147,12 +147,12 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, key: &FlowKey) -> Result<FlowFwd, Rea
         return Err(Reason::SpoofedSource);
     }
     let settings = settings()?;
-    quota::admit(pkt.saddr_be, &settings)?;
+    let host = quota::admit(pkt.saddr_be, &settings)?;
     if let Some((id, uplink)) = select::uplink_with_addr(pkt.daddr_be) {
         // To the gateway's public address: another LAN host's mapping, or
         // the gateway's own service.
         let flow = hairpin::create(ctx, key, pkt, id, uplink, &settings)?;
-        quota::count_new(pkt.saddr_be);
+        quota::count_new(pkt.saddr_be, &host);
         hairpin::note_mapping(key, &flow);
         stats::new_flow(flow.uplink);
         return Ok(flow);
@@ -179,7 +179,7 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, key: &FlowKey) -> Result<FlowFwd, Rea
     } else {
         conntrack::create(ctx, key, pkt, id, uplink, &settings)?
     };
-    quota::count_new(pkt.saddr_be);
+    quota::count_new(pkt.saddr_be, &host);
     hairpin::note_mapping(key, &flow);
     frag::note_peer(pkt, flow.nat_addr_be, pkt.saddr_be);
     stats::new_flow(flow.uplink);

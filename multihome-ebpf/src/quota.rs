@@ -10,41 +10,62 @@ use multihome_common::{HostFlows, Reason, Settings};
 
 use crate::maps::{FILL, HOSTS};
 
+/// A LAN host's entry in `HOSTS`, if it has one yet.
+pub struct Host(Option<*mut HostFlows>);
+
+impl Host {
+    /// The entry of `saddr_be`, for a flow made without [`admit`] (a
+    /// hairpin's return flow).
+    #[inline(always)]
+    pub fn of(saddr_be: u32) -> Host {
+        Host(HOSTS.get_ptr_mut(saddr_be))
+    }
+}
+
 /// Refuses a new flow from `saddr_be` when the map or the host's quota is
-/// full, counting the host's refusal.
+/// full, counting the host's refusal; otherwise returns the host's entry
+/// for [`count_new`].
 #[inline(always)]
-pub fn admit(saddr_be: u32, s: &Settings) -> Result<(), Reason> {
+pub fn admit(saddr_be: u32, s: &Settings) -> Result<Host, Reason> {
     if let Some(fill) = FILL.get(0)
         && *fill >= u64::from(s.max_flows)
     {
         return Err(Reason::MapFull);
     }
-    if let Some(h) = HOSTS.get_ptr_mut(saddr_be) {
-        // SAFETY: a preallocated map value; counters are updated atomically.
+    let host = HOSTS.get_ptr_mut(saddr_be);
+    if let Some(h) = host {
+        // SAFETY: a preallocated map value.
         let h = unsafe { &mut *h };
         if h.flows >= u64::from(s.max_flows_per_host) {
             add_one(&mut h.refused);
             return Err(Reason::HostQuota);
         }
     }
-    Ok(())
+    Ok(Host(host))
 }
 
-/// Counts a flow just made for `saddr_be`.
+/// Counts a flow just made for `saddr_be`, whose entry `admit` found.
 #[inline(always)]
-pub fn count_new(saddr_be: u32) {
+pub fn count_new(saddr_be: u32, host: &Host) {
     if let Some(fill) = FILL.get_ptr_mut(0) {
         add_one(fill);
     }
-    let first = HostFlows {
-        flows: 1,
-        refused: 0,
-    };
-    if HOSTS.insert(saddr_be, first, BPF_NOEXIST as u64).is_err()
-        && let Some(h) = HOSTS.get_ptr_mut(saddr_be)
-    {
-        // SAFETY: a preallocated map value.
-        add_one(unsafe { &mut (*h).flows });
+    match host.0 {
+        // SAFETY: a preallocated map value, which outlives the program run.
+        Some(h) => add_one(unsafe { &mut (*h).flows }),
+        None => {
+            let first = HostFlows {
+                flows: 1,
+                refused: 0,
+            };
+            if HOSTS.insert(saddr_be, first, BPF_NOEXIST as u64).is_err()
+                && let Some(h) = HOSTS.get_ptr_mut(saddr_be)
+            {
+                // Another CPU made the entry first.
+                // SAFETY: as above.
+                add_one(unsafe { &mut (*h).flows });
+            }
+        }
     }
 }
 

@@ -449,7 +449,8 @@ fn meta(plan: &Plan, quick: bool) -> results::Meta {
              `lookup main suppress_prefixlength 0` first; its `fwmark 1 lookup 2` typo is kept."
                 .into(),
             format!(
-                "multihome: weights 1:1, max_flows = {} (preallocated; memory per flow is the \
+                "multihome: weights 1:1, max_flows = {} and max_flows_per_host the same (the one \
+                 client stands for a whole LAN; preallocated; memory per flow is the \
                  maps' memory ÷ max_flows). nf_conntrack: growth of the kernel's slab memory ÷ \
                  live entries.",
                 modes::MAX_FLOWS

@@ -42,7 +42,7 @@ pub fn multihome_config() -> String {
         "lan = [\"lan0\"]\n\
          \n[[uplink]]\nname = \"x\"\ninterface = \"wanx\"\ngateway = \"{X_GW}\"\nweight = 1\n\
          \n[[uplink]]\nname = \"y\"\ninterface = \"wany\"\ngateway = \"{Y_GW}\"\nweight = 1\n\
-         \n[nat]\nmax_flows = {MAX_FLOWS}\n"
+         \n[nat]\nmax_flows = {MAX_FLOWS}\nmax_flows_per_host = {MAX_FLOWS}\n"
     )
 }
 
