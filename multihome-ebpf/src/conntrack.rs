@@ -282,12 +282,13 @@ pub fn touch_out(key: &FlowKey, fwd: *mut FlowFwd, pkt: &Packet) {
     }
 }
 
-/// Records a reply of an existing flow.
+/// Records a reply of an existing flow; true for its first reply.
 #[inline(always)]
-pub fn touch_in(fwd: *mut FlowFwd, pkt: &Packet) {
+pub fn touch_in(fwd: *mut FlowFwd, pkt: &Packet) -> bool {
     // SAFETY: as in `touch_out`.
     let f = unsafe { &mut *fwd };
     let flags = tcp_flags_in(f.flags, pkt.tcp_flags());
+    let first = f.flags & FLOW_SEEN_REPLY == 0;
     if flags != f.flags {
         f.flags = flags;
     }
@@ -295,6 +296,7 @@ pub fn touch_in(fwd: *mut FlowFwd, pkt: &Packet) {
     if now.wrapping_sub(f.last_seen_ns) > TOUCH_NS {
         f.last_seen_ns = now;
     }
+    first
 }
 
 /// Removes the flow whose reverse key is `rev_key`, both halves.

@@ -2,8 +2,8 @@
 //! another LAN host's public mapping reaches it, seen from its own public
 //! mapping, and the replies come back the same way.
 //!
-//! `EIM` finds the LAN endpoint behind a public mapping (written as TCP and
-//! UDP flows are made). When A sends to X:pB, two flows are pinned at once:
+//! `EIM` finds the LAN endpoint behind a public mapping (written at a TCP
+//! or UDP flow's first reply). When A sends to X:pB, two flows are pinned at once:
 //! A's (A -> X:pB, translated to X:pA') and B's return flow (B -> X:pA',
 //! translated to B's mapping X:pB). A hairpin packet's SNAT turns it into
 //! exactly the reply tuple of the other flow, so its reverse entry names
@@ -34,19 +34,22 @@ fn eim_key(nat_addr_be: u32, nat_port_be: u16, proto: u8) -> EimKey {
     }
 }
 
-/// Records `flow`'s public mapping for hairpinning (TCP and UDP).
+/// Records a TCP or UDP flow's public mapping, from its first reply
+/// (remote -> mapping): only a mapping that has been answered, as one a
+/// STUN server told its host, is worth hairpinning to, and so floods and
+/// scans of new flows never pay for the record.
 #[inline(always)]
-pub fn note_mapping(key: &FlowKey, flow: &FlowFwd) {
-    if key.proto != IPPROTO_TCP && key.proto != IPPROTO_UDP {
+pub fn note_mapping(reply: &Packet, lan_addr_be: u32, lan_port_be: u16) {
+    if reply.proto != IPPROTO_TCP && reply.proto != IPPROTO_UDP {
         return;
     }
     let lan = EimLan {
-        lan_addr_be: key.saddr_be,
-        lan_port_be: key.sport_be,
+        lan_addr_be,
+        lan_port_be,
         _pad: 0,
     };
     let _ = EIM.insert(
-        eim_key(flow.nat_addr_be, flow.nat_port_be, key.proto),
+        eim_key(reply.daddr_be, reply.dport_be, reply.proto),
         lan,
         BPF_ANY as u64,
     );

@@ -6,6 +6,7 @@ use multihome_common::Reason;
 use crate::{
     conntrack, frag,
     fwd::{self, Hop},
+    hairpin,
     maps::UPLINKS,
     mss,
     nat::{self, Side},
@@ -37,7 +38,9 @@ pub fn wan_ingress<const L2: bool>(ctx: &TcContext) -> Outcome {
         conntrack::drop_orphan(&rev_key);
         return Err(Reason::NoMapping);
     };
-    conntrack::touch_in(flow, &pkt);
+    if conntrack::touch_in(flow, &pkt) {
+        hairpin::note_mapping(&pkt, rev.lan_addr_be, rev.lan_port_be);
+    }
     frag::note_first(ctx, &pkt, rev.lan_addr_be, rev.uplink);
     if pkt.tcp_flags() & TCP_SYN != 0
         && let Some(uplink) = UPLINKS.get(rev.uplink as u32)

@@ -153,7 +153,6 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, key: &FlowKey) -> Result<FlowFwd, Rea
         // the gateway's own service.
         let flow = hairpin::create(ctx, key, pkt, id, uplink, &settings)?;
         quota::count_new(pkt.saddr_be, &host);
-        hairpin::note_mapping(key, &flow);
         stats::new_flow(flow.uplink);
         return Ok(flow);
     }
@@ -180,7 +179,6 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, key: &FlowKey) -> Result<FlowFwd, Rea
         conntrack::create(ctx, key, pkt, id, uplink, &settings)?
     };
     quota::count_new(pkt.saddr_be, &host);
-    hairpin::note_mapping(key, &flow);
     frag::note_peer(pkt, flow.nat_addr_be, pkt.saddr_be);
     stats::new_flow(flow.uplink);
     Ok(flow)
