@@ -8,7 +8,9 @@ use multihome_common::{
 };
 
 use crate::{
-    conntrack, frag, fwd, guard, hairpin,
+    conntrack, frag,
+    fwd::{self, Hop},
+    guard, hairpin,
     maps::{LAN_NETS, SETTINGS, UPLINKS},
     mss,
     nat::{self, Side},
@@ -44,11 +46,11 @@ pub fn lan_ingress(ctx: &TcContext) -> Outcome {
         _ => {}
     }
     let key = conntrack::lan_key(&pkt);
-    let flow = match conntrack::lookup_fwd(&key) {
+    let (flow, known) = match conntrack::lookup_fwd(&key) {
         Some(f) => {
             conntrack::touch_out(&key, f, &pkt);
             // SAFETY: a copy of the map value.
-            unsafe { *f }
+            (unsafe { *f }, None)
         }
         None => new_flow(ctx, &pkt, &key)?,
     };
@@ -58,7 +60,7 @@ pub fn lan_ingress(ctx: &TcContext) -> Outcome {
     }
     let uplink = UPLINKS.get(flow.uplink as u32).ok_or(Reason::NoUplink)?;
     mss::clamp(ctx, &pkt, uplink.mss_clamp)?;
-    to_uplink(ctx, &pkt, &flow, uplink, true)
+    to_uplink(ctx, &pkt, &flow, uplink, known)
 }
 
 /// A later fragment from the LAN: to the kernel with its datagram's
@@ -76,26 +78,32 @@ fn lan_fragment(ctx: &TcContext, l3: usize) -> Outcome {
 
 /// Forwards a pinned flow's packet out its uplink, or hands it to the
 /// kernel untranslated with the uplink's mark when the fast path cannot.
+/// `known`: the next hop a new flow's classifying lookup already found
+/// for this uplink (see [`reusable_hop`]).
 #[inline(always)]
 pub fn to_uplink(
     ctx: &TcContext,
     pkt: &Packet,
     flow: &FlowFwd,
     uplink: &Uplink,
-    l2_in: bool,
+    known: Option<Hop>,
 ) -> Outcome {
     if pkt.ttl <= 1 {
         ctx.set_mark(uplink.mark);
         return Err(Reason::TtlExpired);
     }
-    let hop = match fwd::lookup(
-        ctx,
-        pkt,
-        flow.nat_addr_be,
-        pkt.daddr_be,
-        Some(uplink.table),
-        true,
-    ) {
+    let looked_up = match known {
+        Some(hop) => Ok(hop),
+        None => fwd::lookup(
+            ctx,
+            pkt,
+            flow.nat_addr_be,
+            pkt.daddr_be,
+            Some(uplink.table),
+            true,
+        ),
+    };
+    let hop = match looked_up {
         Ok(hop) => hop,
         Err(_) => {
             ctx.set_mark(uplink.mark);
@@ -114,7 +122,24 @@ pub fn to_uplink(
     stats::tx(flow.uplink, pkt.tot_len as u32);
     // Tells the uplink's egress program that this one is done.
     ctx.set_mark(uplink.mark | MARK_TRANSLATED);
-    fwd::redirect(ctx, &hop, l2_in, uplink.flags & UPLINK_L3 == 0)
+    fwd::redirect(ctx, &hop, true, uplink.flags & UPLINK_L3 == 0)
+}
+
+/// The classifying lookup's hop, when the uplink's own table would give
+/// the same: resolved (so the packet fits the route's MTU), not GSO (its
+/// segments are checked in the uplink's lookup), through the uplink's
+/// gateway on its device. Saves a new flow's second fib lookup.
+#[inline(always)]
+fn reusable_hop(ctx: &TcContext, hop: Hop, id: u8, flow: &FlowFwd, uplink: &Uplink) -> Option<Hop> {
+    // SAFETY: the context pointer is valid for the program's run.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    (hop.resolved
+        && !gso
+        && flow.uplink == id
+        && uplink.gateway_be != 0
+        && hop.nh_be == uplink.gateway_be
+        && hop.ifindex == uplink.ifindex)
+        .then_some(hop)
 }
 
 /// `skb->pkt_type` of a frame addressed to this host (`PACKET_HOST`).
@@ -134,9 +159,14 @@ fn unicast_to_internet(ctx: &TcContext, daddr_be: u32) -> bool {
     !(first == 0 || first == 127 || first >= 224 || d >> 16 == 0xa9fe)
 }
 
-/// Checks, chooses an uplink for, and pins a flow seen for the first time.
+/// Checks, chooses an uplink for, and pins a flow seen for the first time;
+/// with the next hop when the classifying lookup already found it.
 #[inline(always)]
-fn new_flow(ctx: &TcContext, pkt: &Packet, key: &FlowKey) -> Result<FlowFwd, Reason> {
+fn new_flow(
+    ctx: &TcContext,
+    pkt: &Packet,
+    key: &FlowKey,
+) -> Result<(FlowFwd, Option<Hop>), Reason> {
     if !unicast_to_internet(ctx, pkt.daddr_be) {
         return Err(Reason::NotUnicast);
     }
@@ -154,7 +184,7 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, key: &FlowKey) -> Result<FlowFwd, Rea
         let flow = hairpin::create(ctx, key, pkt, id, uplink, &settings)?;
         quota::count_new(pkt.saddr_be, &host);
         stats::new_flow(flow.uplink);
-        return Ok(flow);
+        return Ok((flow, None));
     }
     if !matches!(
         pkt.l4_kind,
@@ -181,7 +211,8 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, key: &FlowKey) -> Result<FlowFwd, Rea
     quota::count_new(pkt.saddr_be, &host);
     frag::note_peer(pkt, flow.nat_addr_be, pkt.saddr_be);
     stats::new_flow(flow.uplink);
-    Ok(flow)
+    let known = reusable_hop(ctx, hop, id, &flow, uplink);
+    Ok((flow, known))
 }
 
 /// A flow translated by address only: on the chosen uplink, else on the
