@@ -61,8 +61,9 @@ pub fn lookup_rev(key: &FlowKey) -> Option<*const FlowRev> {
 }
 
 /// Pins a new LAN flow to `uplink`: reserves a reverse entry on a free NAT
-/// port, then the forward entry. Both are inserted with `BPF_NOEXIST`, and
-/// the reverse one is rolled back if the forward one fails.
+/// port, then the forward entry, with `flags` (`FLOW_*`) besides its TCP
+/// state. Both are inserted with `BPF_NOEXIST`, and the reverse one is
+/// rolled back if the forward one fails.
 #[inline(always)]
 pub fn create(
     ctx: &TcContext,
@@ -71,10 +72,11 @@ pub fn create(
     uplink_id: u8,
     uplink: &Uplink,
     settings: &Settings,
+    flags: u32,
 ) -> Result<FlowFwd, Reason> {
     let rev = rev_entry(key, uplink_id);
     let nat_port_be = reserve_port(ctx, key, pkt, uplink.addr_be, &rev, settings)?;
-    pin_fwd(key, pkt, uplink_id, uplink.addr_be, nat_port_be)
+    pin_fwd(key, pkt, uplink_id, uplink.addr_be, nat_port_be, flags)
 }
 
 /// [`create`] for a protocol translated by address only: the reverse key
@@ -90,7 +92,7 @@ pub fn create_portless(
     if !try_port(key, uplink.addr_be, 0, &rev_entry(key, uplink_id))? {
         return Err(Reason::AddrTaken);
     }
-    pin_fwd(key, pkt, uplink_id, uplink.addr_be, 0)
+    pin_fwd(key, pkt, uplink_id, uplink.addr_be, 0, 0)
 }
 
 #[inline(always)]
@@ -118,23 +120,11 @@ pub fn create_exact(
     if !try_port(key, nat_addr_be, nat_port_be, &rev_entry(key, uplink_id))? {
         return Err(Reason::PortExhausted);
     }
-    let mut f = pin_fwd(key, pkt, uplink_id, nat_addr_be, nat_port_be)?;
-    f.flags |= flags;
-    set_flags(key, flags);
-    Ok(f)
+    pin_fwd(key, pkt, uplink_id, nat_addr_be, nat_port_be, flags)
 }
 
-/// Sets `flags` on the pinned flow `key`.
-#[inline(always)]
-pub fn set_flags(key: &FlowKey, flags: u32) {
-    if let Some(f) = lookup_fwd(key) {
-        // SAFETY: the map's preallocated value; a racing flag update loses
-        // at most a TCP state bit.
-        unsafe { (*f).flags |= flags };
-    }
-}
-
-/// Inserts the forward entry once its reverse one is reserved.
+/// Inserts the forward entry, with `flags` besides its TCP state, once its
+/// reverse one is reserved.
 #[inline(always)]
 fn pin_fwd(
     key: &FlowKey,
@@ -142,12 +132,13 @@ fn pin_fwd(
     uplink_id: u8,
     nat_addr_be: u32,
     nat_port_be: u16,
+    flags: u32,
 ) -> Result<FlowFwd, Reason> {
     let now = now_ns();
     let fwd = FlowFwd {
         last_seen_ns: now,
         nat_addr_be,
-        flags: tcp_flags_out(0, pkt.tcp_flags()),
+        flags: tcp_flags_out(flags, pkt.tcp_flags()),
         nat_port_be,
         uplink: uplink_id,
         _pad: 0,

@@ -72,9 +72,7 @@ pub fn create(
     let Some(b) = EIM.get_ptr(eim).map(|p| unsafe { *p }) else {
         return Err(Reason::NotForUplink);
     };
-    let mut a = conntrack::create(ctx, key, pkt, id, uplink, settings)?;
-    conntrack::set_flags(key, FLOW_HAIRPIN);
-    a.flags |= FLOW_HAIRPIN;
+    let a = conntrack::create(ctx, key, pkt, id, uplink, settings, FLOW_HAIRPIN)?;
     let back = FlowKey {
         saddr_be: b.lan_addr_be,
         daddr_be: key.daddr_be,
@@ -97,14 +95,11 @@ pub fn create(
 /// it goes back out to the LAN. Never sent to an uplink.
 #[inline(always)]
 pub fn deliver(ctx: &TcContext, pkt: &Packet, nat_addr_be: u32, nat_port_be: u16) -> Outcome {
+    // The packet's own tuple after its SNAT.
     let reply = FlowKey {
         saddr_be: nat_addr_be,
-        daddr_be: pkt.daddr_be,
         sport_be: nat_port_be,
-        dport_be: pkt.dport_be,
-        proto: pkt.proto,
-        _pad0: 0,
-        _pad1: 0,
+        ..conntrack::lan_key(pkt)
     };
     let rev = conntrack::lookup_rev(&reply).ok_or(Reason::NoMapping)?;
     // SAFETY: a copy of the map value.

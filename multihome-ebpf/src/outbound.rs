@@ -206,7 +206,7 @@ fn new_flow(
     let flow = if pkt.portless() {
         portless_flow(key, pkt, id, uplink)?
     } else {
-        conntrack::create(ctx, key, pkt, id, uplink, &settings)?
+        conntrack::create(ctx, key, pkt, id, uplink, &settings, 0)?
     };
     quota::count_new(pkt.saddr_be, &host);
     frag::note_peer(pkt, flow.nat_addr_be, pkt.saddr_be);
