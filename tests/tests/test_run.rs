@@ -2157,30 +2157,16 @@ fn portless(proto: u8, src: Ipv4Addr, dst: Ipv4Addr) -> Ipv4 {
 
 const PORTLESS: [u8; 7] = [IPPROTO_GRE, 50, 132, 41, 253, IPPROTO_DCCP, IPPROTO_UDPLITE];
 
-/// Pins the address-only flow LAN_HOST -> REMOTE of `proto` on uplink 0.
+/// Pins the address-only flow LAN_HOST -> REMOTE of `proto` on uplink 0:
+/// a flow whose ports are all 0.
 fn insert_portless(dp: &mut Datapath, proto: u8) {
-    let key = FlowKey {
-        saddr_be: be(LAN_HOST),
-        daddr_be: be(REMOTE),
+    dp.insert_flow(&Flow {
         proto,
-        ..Default::default()
-    };
-    let fwd = FlowFwd {
-        nat_addr_be: be(NAT_ADDR),
-        ..Default::default()
-    };
-    let rev = FlowRev {
-        lan_addr_be: be(LAN_HOST),
-        ..Default::default()
-    };
-    let mut fwd_map: HashMap<_, FlowKey, FlowFwd> =
-        HashMap::try_from(dp.ebpf.map_mut(MAP_CONN_FWD).expect("CONN_FWD")).expect("types");
-    fwd_map.insert(key, fwd, 0).expect("insert CONN_FWD");
-    let mut rev_map: HashMap<_, FlowKey, FlowRev> =
-        HashMap::try_from(dp.ebpf.map_mut(MAP_CONN_REV).expect("CONN_REV")).expect("types");
-    rev_map
-        .insert(key.reply(be(NAT_ADDR), 0), rev, 0)
-        .expect("insert CONN_REV");
+        lan_port: 0,
+        remote_port: 0,
+        nat_port: 0,
+        udp_checksum: true,
+    });
 }
 
 #[test]
