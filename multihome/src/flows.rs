@@ -109,29 +109,47 @@ fn remove_pair(
     }
 }
 
-/// Removes the flows for which `doomed` holds; returns how many.
-pub fn remove_where(
+/// One walk of CONN_FWD: removes the flows `doomed` picks, each re-read
+/// just before removal so that a flow refreshed since the walk stays, and
+/// shows every flow that stays to `kept`. Returns how many were picked and
+/// the ones removed.
+fn sweep(
     maps: &Maps,
     mut doomed: impl FnMut(&FlowKey, &FlowFwd) -> bool,
-) -> anyhow::Result<usize> {
+    mut kept: impl FnMut(&FlowKey),
+) -> anyhow::Result<(usize, Vec<(FlowKey, FlowFwd)>)> {
     let mut fwd = maps.fwd()?;
     let mut rev = maps.rev()?;
     let mut victims = Vec::new();
     mapwalk::for_each(&fwd, |k, f| {
         if doomed(&k, &f) {
             victims.push((k, f));
+        } else {
+            kept(&k);
         }
     })
     .context("reading CONN_FWD")?;
-    for (k, f) in &victims {
-        // Re-read: the flow may have been refreshed since the scan.
-        if let Ok(now) = fwd.get(k, 0)
-            && now.last_seen_ns == f.last_seen_ns
-        {
+    let picked = victims.len();
+    victims.retain(|(k, f)| match fwd.get(k, 0) {
+        Ok(now) if now.last_seen_ns == f.last_seen_ns => {
             remove_pair(&mut fwd, &mut rev, k, f);
+            true
         }
-    }
-    Ok(victims.len())
+        Ok(_) => {
+            kept(k);
+            false
+        }
+        Err(_) => false,
+    });
+    Ok((picked, victims))
+}
+
+/// Removes the flows for which `doomed` holds; returns how many.
+pub fn remove_where(
+    maps: &Maps,
+    doomed: impl FnMut(&FlowKey, &FlowFwd) -> bool,
+) -> anyhow::Result<usize> {
+    Ok(sweep(maps, doomed, |_| {})?.0)
 }
 
 /// From this fill (flows per flow of capacity, in tenths) on, the reaper
@@ -162,40 +180,22 @@ pub struct Pass {
 /// counting missed. `capacity`: the map's size, in flows.
 pub fn reap(maps: &Maps, t: &Timeouts, now_ns: u64, capacity: u32) -> anyhow::Result<Pass> {
     let crowded = maps.fill()? * 10 >= u64::from(capacity) * EVICT_AT_TENTHS;
-    let mut fwd = maps.fwd()?;
-    let mut rev = maps.rev()?;
+    let idle = |f: &FlowFwd| now_ns.saturating_sub(f.last_seen_ns);
+    let expired = |k: &FlowKey, f: &FlowFwd| idle(f) > timeout_s(k, f, t) * 1_000_000_000;
+    let unanswered = |f: &FlowFwd| f.flags & FLOW_SEEN_REPLY == 0 && idle(f) >= EVICT_IDLE_NS;
     let mut per_host: std::collections::HashMap<u32, u64> = Default::default();
-    let mut victims = Vec::new();
-    mapwalk::for_each(&fwd, |k, f| {
-        let idle = now_ns.saturating_sub(f.last_seen_ns);
-        let expired = idle > timeout_s(&k, &f, t) * 1_000_000_000;
-        let evict = crowded && f.flags & FLOW_SEEN_REPLY == 0 && idle >= EVICT_IDLE_NS;
-        if expired || evict {
-            victims.push((k, f, expired));
-        } else {
-            *per_host.entry(k.saddr_be).or_default() += 1;
-        }
-    })
-    .context("reading CONN_FWD")?;
-    let mut pass = Pass {
+    let (_, removed) = sweep(
+        maps,
+        |k, f| expired(k, f) || (crowded && unanswered(f)),
+        |k| *per_host.entry(k.saddr_be).or_default() += 1,
+    )?;
+    let expired = removed.iter().filter(|(k, f)| expired(k, f)).count();
+    let pass = Pass {
+        expired,
+        evicted: removed.len() - expired,
+        flows: per_host.values().sum(),
         crowded,
-        ..Pass::default()
     };
-    for (k, f, expired) in &victims {
-        match fwd.get(k, 0) {
-            Ok(now) if now.last_seen_ns == f.last_seen_ns => {
-                remove_pair(&mut fwd, &mut rev, k, f);
-                if *expired {
-                    pass.expired += 1;
-                } else {
-                    pass.evicted += 1;
-                }
-            }
-            Ok(_) => *per_host.entry(k.saddr_be).or_default() += 1,
-            Err(_) => {}
-        }
-    }
-    pass.flows = per_host.values().sum();
     write_census(maps, per_host, pass.flows)?;
     Ok(pass)
 }
