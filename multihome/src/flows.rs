@@ -109,15 +109,17 @@ fn remove_pair(
     }
 }
 
-/// One walk of CONN_FWD: removes the flows `doomed` picks, each re-read
-/// just before removal so that a flow refreshed since the walk stays, and
-/// shows every flow that stays to `kept`. Returns how many were picked and
-/// the ones removed.
+/// One walk of CONN_FWD: removes the flows `doomed` picks and shows every
+/// flow that stays to `kept`. Each victim is read again just before its
+/// removal and `doomed` asked again, so a flow that the datapath refreshed
+/// out of expiry, or made anew since the walk, stays, while a busy flow
+/// that a purge picks by uplink or address still goes. Returns the
+/// removed flows.
 fn sweep(
     maps: &Maps,
     mut doomed: impl FnMut(&FlowKey, &FlowFwd) -> bool,
     mut kept: impl FnMut(&FlowKey),
-) -> anyhow::Result<(usize, Vec<(FlowKey, FlowFwd)>)> {
+) -> anyhow::Result<Vec<(FlowKey, FlowFwd)>> {
     let mut fwd = maps.fwd()?;
     let mut rev = maps.rev()?;
     let mut victims = Vec::new();
@@ -129,10 +131,10 @@ fn sweep(
         }
     })
     .context("reading CONN_FWD")?;
-    let picked = victims.len();
-    victims.retain(|(k, f)| match fwd.get(k, 0) {
-        Ok(now) if now.last_seen_ns == f.last_seen_ns => {
-            remove_pair(&mut fwd, &mut rev, k, f);
+    victims.retain_mut(|(k, f)| match fwd.get(k, 0) {
+        Ok(now) if doomed(k, &now) => {
+            remove_pair(&mut fwd, &mut rev, k, &now);
+            *f = now;
             true
         }
         Ok(_) => {
@@ -141,15 +143,16 @@ fn sweep(
         }
         Err(_) => false,
     });
-    Ok((picked, victims))
+    Ok(victims)
 }
 
-/// Removes the flows for which `doomed` holds; returns how many.
+/// Removes the flows for which `doomed` holds, however busy (a purge);
+/// returns how many it removed.
 pub fn remove_where(
     maps: &Maps,
     doomed: impl FnMut(&FlowKey, &FlowFwd) -> bool,
 ) -> anyhow::Result<usize> {
-    Ok(sweep(maps, doomed, |_| {})?.0)
+    Ok(sweep(maps, doomed, |_| {})?.len())
 }
 
 /// From this fill (flows per flow of capacity, in tenths) on, the reaper
@@ -184,7 +187,7 @@ pub fn reap(maps: &Maps, t: &Timeouts, now_ns: u64, capacity: u32) -> anyhow::Re
     let expired = |k: &FlowKey, f: &FlowFwd| idle(f) > timeout_s(k, f, t) * 1_000_000_000;
     let unanswered = |f: &FlowFwd| f.flags & FLOW_SEEN_REPLY == 0 && idle(f) >= EVICT_IDLE_NS;
     let mut per_host: std::collections::HashMap<u32, u64> = Default::default();
-    let (_, removed) = sweep(
+    let removed = sweep(
         maps,
         |k, f| expired(k, f) || (crowded && unanswered(f)),
         |k| *per_host.entry(k.saddr_be).or_default() += 1,
@@ -476,6 +479,52 @@ mod tests {
             "an established flow stays"
         );
         assert_eq!(maps.fill().expect("fill"), 2);
+    }
+
+    #[test]
+    fn a_purge_removes_a_flow_refreshed_during_its_walk_and_counts_only_removals() {
+        let Some(dir) = Pinned::new("purge") else {
+            return;
+        };
+        let maps = Maps::open(&dir.0).expect("open");
+        let (mut fwd, mut rev) = (maps.fwd().expect("fwd"), maps.rev().expect("rev"));
+        let busy = pair(1, 1_000);
+        let other = pair(2, 1_000);
+        for (k, f, rk, r) in [busy, other] {
+            fwd.insert(k, f, 0).expect("insert");
+            rev.insert(rk, r, 0).expect("insert");
+        }
+        // The datapath touches the busy flow while the purge walks.
+        let mut touch = maps.fwd().expect("fwd");
+        let n = remove_where(&maps, |k, f| {
+            if *k == busy.0 && f.last_seen_ns == 1_000 {
+                let fresh = FlowFwd {
+                    last_seen_ns: 2_000,
+                    ..*f
+                };
+                touch.insert(k, fresh, 0).expect("touch");
+            }
+            *k == busy.0
+        })
+        .expect("purge");
+        assert_eq!(n, 1);
+        assert!(fwd.get(&busy.0, 0).is_err() && rev.get(&busy.2, 0).is_err());
+        assert!(fwd.get(&other.0, 0).is_ok());
+        // Expiry spares it: a flow refreshed during the walk is not idle.
+        let mut touch = maps.fwd().expect("fwd");
+        let n = remove_where(&maps, |k, f| {
+            if *k == other.0 && f.last_seen_ns == 1_000 {
+                let fresh = FlowFwd {
+                    last_seen_ns: 2_000,
+                    ..*f
+                };
+                touch.insert(k, fresh, 0).expect("touch");
+            }
+            f.last_seen_ns < 2_000
+        })
+        .expect("expire");
+        assert_eq!(n, 0, "a flow kept is not counted");
+        assert!(fwd.get(&other.0, 0).is_ok());
     }
 
     #[test]
