@@ -218,6 +218,9 @@ impl std::fmt::Display for Prefix {
     }
 }
 
+/// The longest idle timeout, in seconds: its nanoseconds fit in a `u64`.
+pub const MAX_TIMEOUT_S: u64 = u64::MAX / 1_000_000_000;
+
 impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -358,6 +361,11 @@ impl Config {
                     "`timeouts.{key}` = {v}: at least 2 seconds (flows note activity once a second)"
                 ));
             }
+            if v > MAX_TIMEOUT_S {
+                out.push(format!(
+                    "`timeouts.{key}` = {v}: at most {MAX_TIMEOUT_S} seconds (its nanoseconds must fit in 64 bits)"
+                ));
+            }
         }
         if self.nat.max_flows < 16 {
             out.push("`nat.max_flows` must be at least 16".into());
@@ -376,11 +384,29 @@ impl Config {
                 self.routing.mark_base
             ));
         }
-        if self.routing.table_base == 0 || self.routing.table_base + MAX_UPLINKS >= 253 {
+        if self
+            .routing
+            .table_base
+            .checked_add(MAX_UPLINKS)
+            .is_none_or(|last| self.routing.table_base == 0 || last >= 253)
+        {
             out.push(format!(
                 "`routing.table_base` = {}: pick 1..{} so that tables stay clear of 253-255 (default, main, local)",
                 self.routing.table_base,
                 253 - MAX_UPLINKS
+            ));
+        }
+        // Each uplink has a source rule and a mark rule, FWMARK_RULE_OFFSET
+        // apart, and all must come before the main table's rule.
+        let last_priority = crate::routing::MAIN_RULE_PRIORITY
+            - 2 * crate::routing::FWMARK_RULE_OFFSET
+            - MAX_UPLINKS;
+        if !(1..=last_priority).contains(&self.routing.rule_priority) {
+            out.push(format!(
+                "`routing.rule_priority` = {}: pick 1..{last_priority}, so that every rule comes \
+                 after the local table's and before the main table's ({})",
+                self.routing.rule_priority,
+                crate::routing::MAIN_RULE_PRIORITY
             ));
         }
         out
@@ -498,6 +524,25 @@ weight = 2
         assert!(err.contains("`weight` must be 0 to 255"), "{err}");
         assert!(err.contains("snat_ports"), "{err}");
         assert!(err.contains("#2"), "{err}");
+    }
+
+    #[test]
+    fn numbers_that_would_overflow_are_refused_with_their_key() {
+        for (extra, key) in [
+            ("[routing]\ntable_base = 4294967295\n", "routing.table_base"),
+            ("[routing]\nrule_priority = 4294967290\n", "routing.rule_priority"),
+            ("[routing]\nrule_priority = 32760\n", "routing.rule_priority"),
+            ("[timeouts]\nudp = 9223372036854775807\n", "timeouts.udp"),
+            ("[timeouts]\nother = 18446744074\n", "timeouts.other"),
+        ] {
+            let err = format!(
+                "{:#}",
+                Config::parse(&format!("{GOOD}{extra}")).expect_err(extra)
+            );
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+        let ok = format!("{GOOD}[timeouts]\nother = {MAX_TIMEOUT_S}\n");
+        Config::parse(&ok).expect("the longest timeout is valid");
     }
 
     #[test]

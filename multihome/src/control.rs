@@ -4,6 +4,7 @@
 //! [`Command`]s, so the loop stays the only owner of state.
 use std::{
     io::{BufRead as _, BufReader, Write as _},
+    os::unix::fs::PermissionsExt as _,
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     time::Duration,
@@ -63,8 +64,26 @@ pub fn listen(pin_dir: &Path, tx: mpsc::Sender<Command>) -> anyhow::Result<PathB
     let _ = std::fs::remove_file(&path);
     let listener =
         UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    // Whatever the umask: only the daemon's user may connect.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {} to its owner", path.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let owner = unsafe { libc::geteuid() };
     tokio::spawn(async move {
         while let Ok((sock, _)) = listener.accept().await {
+            // SO_PEERCRED: a socket passed on by the owner still carries
+            // its client's uid.
+            match sock.peer_cred() {
+                Ok(c) if c.uid() == owner || c.uid() == 0 => {}
+                Ok(c) => {
+                    warn!("control socket: refused a client of uid {}", c.uid());
+                    continue;
+                }
+                Err(e) => {
+                    warn!("control socket: no peer credentials: {e}");
+                    continue;
+                }
+            }
             let tx = tx.clone();
             tokio::spawn(async move {
                 let (read, mut write) = sock.into_split();

@@ -2,6 +2,7 @@
 //! pin directory, and adopts what an earlier run pinned there.
 use std::{
     fs,
+    os::unix::fs::PermissionsExt as _,
     io::ErrorKind,
     path::{Path, PathBuf},
 };
@@ -180,6 +181,9 @@ impl Datapath {
         check_bpffs(pin_dir)?;
         fs::create_dir_all(pin_dir.join("links"))
             .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+        // The maps steer every flow: only their owner may open them.
+        fs::set_permissions(pin_dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("restricting pin directory {}", pin_dir.display()))?;
         let adopted = check_layout(pin_dir)?;
         Self::load_inner(pin_dir, max_flows, adopted).inspect_err(|_| {
             if !adopted {

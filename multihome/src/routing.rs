@@ -81,7 +81,7 @@ pub const MAIN_METRIC: u32 = 50;
 pub const FWMARK_RULE_OFFSET: u32 = 20;
 
 /// The main table's own rule: ours must come before it.
-const MAIN_RULE_PRIORITY: u32 = 32766;
+pub const MAIN_RULE_PRIORITY: u32 = 32766;
 const RT_TABLE_COMPAT: u8 = 252;
 const RT_TABLE_DEFAULT: u32 = 253;
 const RT_TABLE_MAIN: u32 = 254;
