@@ -530,8 +530,14 @@ weight = 2
     fn numbers_that_would_overflow_are_refused_with_their_key() {
         for (extra, key) in [
             ("[routing]\ntable_base = 4294967295\n", "routing.table_base"),
-            ("[routing]\nrule_priority = 4294967290\n", "routing.rule_priority"),
-            ("[routing]\nrule_priority = 32760\n", "routing.rule_priority"),
+            (
+                "[routing]\nrule_priority = 4294967290\n",
+                "routing.rule_priority",
+            ),
+            (
+                "[routing]\nrule_priority = 32760\n",
+                "routing.rule_priority",
+            ),
             ("[timeouts]\nudp = 9223372036854775807\n", "timeouts.udp"),
             ("[timeouts]\nother = 18446744074\n", "timeouts.other"),
         ] {

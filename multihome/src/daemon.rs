@@ -242,11 +242,6 @@ impl Daemon {
         })?;
         routing::enable_forwarding()?;
         self.refresh(&snap).await?;
-        for u in &self.config.uplinks {
-            if let Err(e) = routing::set_rp_filter(&u.interface, 2) {
-                warn!("loose rp_filter on {}: {e:#}", u.interface);
-            }
-        }
         if let Some(addr) = self.opts.metrics {
             crate::metrics::spawn(addr, self.opts.pin_dir.clone()).await?;
         }
@@ -421,6 +416,14 @@ impl Daemon {
             }
             self.datapath.attach(&ifname, hook)?;
             info!("attached {hook:?} to {ifname}");
+            if matches!(hook, Hook::WanIngress { .. }) {
+                // A new interface (ppp0 after a redial) starts with the
+                // distribution's default, often strict: replies that come
+                // in on the uplink the kernel would not route to fail it.
+                if let Err(e) = routing::set_rp_filter(&ifname, 2) {
+                    warn!("loose rp_filter on {ifname}: {e:#}");
+                }
+            }
             self.attached.insert(tag);
         }
         Ok(())

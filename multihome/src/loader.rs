@@ -2,8 +2,8 @@
 //! pin directory, and adopts what an earlier run pinned there.
 use std::{
     fs,
-    os::unix::fs::PermissionsExt as _,
     io::ErrorKind,
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
 };
 

@@ -434,7 +434,9 @@ fn an_uplink_interface_that_disappears_and_reappears_is_picked_up_again() {
         UPLINK_X_ADDR
     );
 
-    // The interface comes back (a new ifindex), as ppp0 does after a redial.
+    // The interface comes back (a new ifindex), as ppp0 does after a redial,
+    // with a strict rp_filter from the distribution's default.
+    t.gw.sysctl("net.ipv4.conf.default.rp_filter", "1");
     veth(&t.gw, IF_WANY, &t.ispy, IF_CUST);
     addr(&t.gw, IF_WANY, "198.18.22.1/24");
     addr(&t.ispy, IF_CUST, "198.18.22.254/24");
@@ -444,6 +446,9 @@ fn an_uplink_interface_that_disappears_and_reappears_is_picked_up_again() {
     eventually(Duration::from_secs(5), "flows use y again", || {
         udp_seen_as(&t.client, None, srv.addr()).is_ok_and(|p| *p.ip() == UPLINK_Y_ADDR)
     });
+    let rp =
+        t.gw.sysctl_get(&format!("net.ipv4.conf.{IF_WANY}.rp_filter"));
+    assert_eq!(rp.trim(), "2", "loose rp_filter again on the new interface");
     assert_eq!(t.spoofed_drops(), 0);
 }
 

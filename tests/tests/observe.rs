@@ -225,7 +225,11 @@ fn only_the_daemons_user_may_use_the_control_socket_and_the_pin_dir() {
     let pin = gw.pin_dir().to_str().expect("utf-8").to_owned();
     let socket = std::path::Path::new("/run/multihome")
         .join(format!("{}.sock", pin.trim_matches('/').replace('/', "_")));
-    assert_eq!(mode(&socket), 0o600, "the socket's mode, whatever the umask");
+    assert_eq!(
+        mode(&socket),
+        0o600,
+        "the socket's mode, whatever the umask"
+    );
     assert_eq!(mode(gw.pin_dir()), 0o700, "the pin directory's mode");
     let drain_as_nobody = || {
         std::process::Command::new(multihome_bin())
@@ -235,11 +239,22 @@ fn only_the_daemons_user_may_use_the_control_socket_and_the_pin_dir() {
             .output()
             .expect("run the CLI as nobody")
     };
-    assert!(!drain_as_nobody().status.success(), "mode 0600 let nobody in");
+    assert!(
+        !drain_as_nobody().status.success(),
+        "mode 0600 let nobody in"
+    );
     // Past the file mode, the daemon checks the peer's uid itself.
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
     let out = drain_as_nobody();
     assert!(!out.status.success(), "SO_PEERCRED let nobody in: {out:?}");
-    assert!(gw.log().contains("refused a client of uid 65534"), "{}", gw.log());
-    assert_eq!(gw.status()["uplinks"][0]["state"], "up", "x was not drained");
+    assert!(
+        gw.log().contains("refused a client of uid 65534"),
+        "{}",
+        gw.log()
+    );
+    assert_eq!(
+        gw.status()["uplinks"][0]["state"],
+        "up",
+        "x was not drained"
+    );
 }
