@@ -1,7 +1,7 @@
 //! Weighted uplink choice for a new flow.
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use multihome_common::{
-    MAX_UPLINKS, Reason, SELECT_SLOTS, UPLINK_CONFIGURED, UPLINK_USABLE, Uplink,
+    MAX_UPLINKS, Reason, SELECT_SLOTS, UPLINK_CONFIGURED, UPLINK_LINK_DOWN, UPLINK_USABLE, Uplink,
 };
 
 use crate::maps::{SELECT, UPLINKS};
@@ -20,15 +20,14 @@ pub fn usable(u: &Uplink) -> bool {
 /// Picks the uplink for a new flow. A destination on the link of one
 /// uplink (its connected subnet) goes out that uplink. Otherwise the
 /// daemon's weighted table decides. With no usable uplink, any uplink that
-/// has an address keeps the LAN online.
+/// has an address and its link up keeps the LAN online.
 #[inline(always)]
 pub fn choose(onlink_ifindex: Option<u32>) -> Result<(u8, &'static Uplink), Reason> {
     if let Some(ifindex) = onlink_ifindex {
         for id in 0..MAX_UPLINKS {
             if let Some(u) = uplink(id)
                 && u.ifindex == ifindex
-                && u.addr_be != 0
-                && u.flags & UPLINK_CONFIGURED != 0
+                && has_link(u)
             {
                 return Ok((id as u8, u));
             }
@@ -56,13 +55,19 @@ pub fn choose(onlink_ifindex: Option<u32>) -> Result<(u8, &'static Uplink), Reas
     }
     for id in 0..MAX_UPLINKS {
         if let Some(u) = uplink(id)
-            && u.addr_be != 0
-            && u.flags & UPLINK_CONFIGURED != 0
+            && has_link(u)
         {
             return Ok((id as u8, u));
         }
     }
     Err(Reason::NoUplink)
+}
+
+/// Configured, with an address and its link up: packets sent there can
+/// leave, whatever the probes say.
+#[inline(always)]
+fn has_link(u: &Uplink) -> bool {
+    u.flags & (UPLINK_CONFIGURED | UPLINK_LINK_DOWN) == UPLINK_CONFIGURED && u.addr_be != 0
 }
 
 /// The configured uplink whose address is `addr_be`, if any.

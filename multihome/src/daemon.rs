@@ -306,7 +306,7 @@ impl Daemon {
         let all_down = !usable.iter().any(|u| *u);
         if all_down && !self.all_down {
             error!(
-                "NO UPLINK IS USABLE: new flows go out any uplink that still has an address, \
+                "NO UPLINK IS USABLE: new flows go out any uplink that still has an address and a link, \
                  and the LAN may be offline until one comes back"
             );
         }

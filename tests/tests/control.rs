@@ -142,6 +142,28 @@ fn a_downed_uplink_takes_no_new_flows_and_comes_back_when_up() {
 }
 
 #[test]
+fn with_every_uplink_unusable_new_flows_take_one_whose_link_is_up() {
+    let t = Topology::standard();
+    // y's probes ask a target that never answers: y is unusable but its
+    // link and ISP work.
+    let health = "[uplink.health]\ntargets = [\"198.19.0.99\"]\ninterval_ms = 200\n\
+                  timeout_ms = 150\ndown_after = 2\nup_after = 2\n";
+    let gw = Gateway::start(&t.gw, &config_for(&t, [1, 1], health));
+    let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    link_down(&t.gw, IF_WANX);
+    eventually(Duration::from_secs(5), "both uplinks unusable", || {
+        let s = gw.status();
+        s["uplinks"][0]["state"] != "up" && s["uplinks"][1]["state"] != "up"
+    });
+    assert!(gw.log().contains("NO UPLINK IS USABLE"), "{}", gw.log());
+    for _ in 0..10 {
+        let peer = udp_seen_as(&t.client, None, srv.addr())
+            .expect("the LAN stays online through the uplink whose link is up");
+        assert_eq!(*peer.ip(), UPLINK_Y_ADDR);
+    }
+}
+
+#[test]
 fn a_tcp_connection_survives_a_daemon_restart_and_a_weight_reload() {
     let t = Topology::standard();
     let config = config_for(&t, [1, 1], "");
