@@ -9,14 +9,16 @@ use core::mem::size_of;
 
 /// Bumped whenever a pinned map changes shape; a daemon refuses to adopt
 /// maps pinned by another layout.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Uplink slots in [`MAP_UPLINKS`]; an uplink's id is its slot.
 pub const MAX_UPLINKS: u32 = 8;
 /// LAN prefixes in [`MAP_LAN_NETS`].
 pub const MAX_LAN_NETS: u32 = 16;
-/// Slots of the weighted choice table.
-pub const SELECT_SLOTS: usize = 64;
+/// Slots of the choice table: a flow hash picks one. Enough that any
+/// weight ratio the config allows (1 to 255 over eight uplinks) gets
+/// its share, each uplink to within one slot.
+pub const SELECT_SLOTS: usize = 4096;
 /// Default connection-map capacity (flows; each flow uses two entries):
 /// the kernel's own `nf_conntrack_max` on this machine kind, about 48 MiB
 /// at the measured 192 bytes per flow.
@@ -189,13 +191,18 @@ pub const FLOW_SEEN_REPLY: u32 = 1 << 0;
 pub const FLOW_FIN_OUT: u32 = 1 << 1;
 /// TCP FIN from the remote side.
 pub const FLOW_FIN_IN: u32 = 1 << 2;
-/// TCP RST either way.
+/// TCP RST from the LAN side: the flow is closed.
 pub const FLOW_RST: u32 = 1 << 3;
-/// Pinned while its preferred uplink was down (a candidate to move back).
+/// Pinned while its preferred uplink (the one its hash picks with every
+/// uplink usable) was not usable: `on_up = "return"` moves it back.
 pub const FLOW_FAILED_OVER: u32 = 1 << 4;
 /// A LAN-to-LAN flow through another LAN host's public mapping
 /// (hairpinning): translated, then delivered back to the LAN.
 pub const FLOW_HAIRPIN: u32 = 1 << 5;
+/// TCP RST from the remote side: the flow is closed unless a later
+/// packet, either way, shows the RST closed nothing (a middlebox cannot
+/// check the window as the endpoint does; RFC 5961 §3).
+pub const FLOW_RST_IN: u32 = 1 << 6;
 
 /// One uplink, written by the daemon.
 #[repr(C)]
@@ -243,23 +250,78 @@ pub const UPLINK_LINK_DOWN: u16 = 1 << 4;
 /// Drained by the operator: takes no new flows, keeps its flows.
 pub const UPLINK_DRAINED: u16 = 1 << 5;
 
-/// The weighted choice table: new flows pick a random slot. `len` is 0
-/// (empty: no uplink usable) or [`SELECT_SLOTS`] (every slot filled).
+/// The choice table, Maglev-style: a new flow takes the uplink in slot
+/// `flow_hash(key, seed) % SELECT_SLOTS`, so the same 5-tuple gets the
+/// same uplink while the uplink set stays the same, and a change of the
+/// set moves few flows. Each uplink holds slots in proportion to its
+/// weight.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct SelectTable {
-    pub len: u32,
-    pub slots: [u8; SELECT_SLOTS],
+    /// 1 when `now` is filled, 0 when no uplink is usable.
+    pub usable: u32,
+    /// 1 when `preferred` is filled.
+    pub configured: u32,
+    /// Uplink ids over the usable uplinks.
+    pub now: [u8; SELECT_SLOTS],
+    /// Uplink ids as if every configured uplink were usable: a flow whose
+    /// slot differs here, on an uplink not usable, failed over.
+    pub preferred: [u8; SELECT_SLOTS],
 }
 
 impl Default for SelectTable {
     fn default() -> Self {
         Self {
-            len: 0,
-            slots: [0; SELECT_SLOTS],
+            usable: 0,
+            configured: 0,
+            now: [0; SELECT_SLOTS],
+            preferred: [0; SELECT_SLOTS],
         }
     }
+}
+
+/// One round of MurmurHash3 (x86, 32-bit): mixes the word `w` into `h`.
+#[inline(always)]
+pub const fn murmur3_round(h: u32, w: u32) -> u32 {
+    let k = w
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
+}
+
+/// MurmurHash3's finalizer, after `len` bytes were mixed in.
+#[inline(always)]
+pub const fn murmur3_finish(h: u32, len: u32) -> u32 {
+    let mut h = h ^ len;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The hash that places a new flow in [`SelectTable`]: MurmurHash3 of
+/// its key's 16 bytes as the CPU holds them, under `seed`
+/// ([`Settings::flow_hash_seed`]). The datapath and the daemon
+/// (`multihome explain`, `on_up`) compute the same value.
+#[inline(always)]
+pub const fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
+    let mut h = murmur3_round(seed, key.saddr_be);
+    h = murmur3_round(h, key.daddr_be);
+    h = murmur3_round(h, key.sport_be as u32 | (key.dport_be as u32) << 16);
+    h = murmur3_round(h, key.proto as u32);
+    murmur3_finish(h, 16)
+}
+
+/// The [`SelectTable`] slot of a flow hash.
+#[inline(always)]
+pub const fn select_slot(hash: u32) -> usize {
+    hash as usize & (SELECT_SLOTS - 1)
 }
 
 /// A prefix whose hosts may be translated.
@@ -294,6 +356,10 @@ pub struct Settings {
     pub max_flows: u32,
     /// Flows one LAN host may hold at once.
     pub max_flows_per_host: u32,
+    /// Seed of [`flow_hash`]: random when the maps are made, kept across
+    /// restarts so that a flow whose state was lost hashes the same.
+    pub flow_hash_seed: u32,
+    pub _pad: u32,
 }
 
 /// One LAN host's share of the connection map, in [`MAP_HOSTS`]: counted
@@ -528,6 +594,19 @@ reasons! {
     /// Translated: a LAN host's packet to another LAN host's public
     /// mapping, delivered back to the LAN (hairpinning).
     Hairpinned = hairpinned,
+    /// Counted: a flow made from a TCP packet that is not a SYN (its state
+    /// expired or was lost, or it is older than the daemon); its hash
+    /// gives it the uplink it had while the uplink set is the same.
+    MidStream = mid_stream,
+    /// Counted: an RST from an uplink that a later packet of its flow
+    /// showed closed nothing (out of the window, or forged).
+    RstIgnored = rst_ignored,
+    /// Removed: a flow whose NAT address is no longer its uplink's (the
+    /// uplink was renumbered); its packet makes it anew.
+    StaleAddress = stale_address,
+    /// Pass: a reply whose reverse entry points at a flow with another
+    /// NAT address or port; the stale entry is removed.
+    StaleReverse = stale_reverse,
 }
 
 pub const REASON_COUNT: usize = Reason::ALL.len();
@@ -537,9 +616,9 @@ const _: () = {
     assert!(size_of::<FlowFwd>() == 24);
     assert!(size_of::<FlowRev>() == 8);
     assert!(size_of::<Uplink>() == 72);
-    assert!(size_of::<SelectTable>() == 4 + SELECT_SLOTS);
+    assert!(size_of::<SelectTable>() == 8 + 2 * SELECT_SLOTS);
     assert!(size_of::<LanNet>() == 16);
-    assert!(size_of::<Settings>() == 24);
+    assert!(size_of::<Settings>() == 32);
     assert!(size_of::<HostFlows>() == 16);
     assert!(size_of::<RoutedKey>() == 4);
     assert!(size_of::<FragKey>() == 12);
@@ -554,7 +633,7 @@ const _: () = {
     // clear of MARK_TRANSLATED.
     assert!(MAX_UPLINKS <= RoutedUplinks::BITS);
     assert!(MAX_UPLINKS < MARK_TRANSLATED);
-    assert!(SELECT_SLOTS == 64);
+    assert!(SELECT_SLOTS.is_power_of_two() && SELECT_SLOTS <= 1 << 16);
 };
 
 #[cfg(feature = "user")]
@@ -627,6 +706,37 @@ mod tests {
             };
             assert_eq!(rev.forward(&entry), fwd, "proto {proto}");
         }
+    }
+
+    #[test]
+    fn flow_hash_is_murmur3_of_the_key_bytes() {
+        // MurmurHash3_x86_32 of the key's bytes, as 4 little-endian words.
+        fn murmur3(bytes: &[u8; 16], seed: u32) -> u32 {
+            let mut h = seed;
+            for c in bytes.chunks(4) {
+                h = murmur3_round(h, u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+            }
+            murmur3_finish(h, 16)
+        }
+        let key = FlowKey {
+            saddr_be: 0xc612_0102u32.to_be(),
+            daddr_be: 0xc613_000au32.to_be(),
+            sport_be: 40000u16.to_be(),
+            dport_be: 443u16.to_be(),
+            proto: IPPROTO_TCP,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        let bytes: [u8; 16] = bytemuck::cast(key);
+        assert_eq!(flow_hash(&key, 7), murmur3(&bytes, 7));
+        assert_ne!(flow_hash(&key, 7), flow_hash(&key, 8), "the seed matters");
+        // Published test vectors of MurmurHash3_x86_32 for 4-byte inputs.
+        assert_eq!(murmur3_finish(murmur3_round(0, 0), 4), 0x2362_f9de);
+        let aaaa = u32::from_le_bytes(*b"aaaa");
+        assert_eq!(
+            murmur3_finish(murmur3_round(0x9747_b28c, aaaa), 4),
+            0x5a97_808a
+        );
     }
 
     #[test]

@@ -6,8 +6,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use multihome_common::{
-    FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_HAIRPIN, FLOW_RST, FLOW_SEEN_REPLY, FlowFwd, FlowKey, FlowRev,
-    Reason, Settings, Uplink,
+    FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_HAIRPIN, FLOW_RST, FLOW_RST_IN, FLOW_SEEN_REPLY, FlowFwd,
+    FlowKey, FlowRev, Reason, Settings, Uplink,
 };
 
 use crate::{
@@ -88,11 +88,12 @@ pub fn create_portless(
     pkt: &Packet,
     uplink_id: u8,
     uplink: &Uplink,
+    flags: u32,
 ) -> Result<FlowFwd, Reason> {
     if !try_port(key, uplink.addr_be, 0, &rev_entry(key, uplink_id))? {
         return Err(Reason::AddrTaken);
     }
-    pin_fwd(key, pkt, uplink_id, uplink.addr_be, 0, 0)
+    pin_fwd(key, pkt, uplink_id, uplink.addr_be, 0, flags)
 }
 
 #[inline(always)]
@@ -216,10 +217,21 @@ fn try_port(key: &FlowKey, nat_addr_be: u32, port_be: u16, rev: &FlowRev) -> Res
     }
 }
 
+/// A remote's RST that a later packet of its flow, either way, shows
+/// closed nothing is disarmed and counted.
+#[inline(always)]
+fn disarm_rst(flags: u32, tcp: u8) -> u32 {
+    if flags & FLOW_RST_IN != 0 && tcp & TCP_RST == 0 {
+        crate::stats::count(Reason::RstIgnored);
+        return flags & !FLOW_RST_IN;
+    }
+    flags
+}
+
 #[inline(always)]
 fn tcp_flags_out(flags: u32, tcp: u8) -> u32 {
-    let mut f = flags;
-    if tcp & TCP_SYN != 0 && f & (FLOW_RST | FLOW_FIN_OUT | FLOW_FIN_IN) != 0 {
+    let mut f = disarm_rst(flags, tcp);
+    if tcp & TCP_SYN != 0 && f & (FLOW_RST | FLOW_RST_IN | FLOW_FIN_OUT | FLOW_FIN_IN) != 0 {
         // A new connection reusing a closed flow's tuple starts over; what
         // the flow is (hairpin) stays.
         f &= FLOW_HAIRPIN;
@@ -235,12 +247,13 @@ fn tcp_flags_out(flags: u32, tcp: u8) -> u32 {
 
 #[inline(always)]
 fn tcp_flags_in(flags: u32, tcp: u8) -> u32 {
-    let mut f = flags | FLOW_SEEN_REPLY;
+    let mut f = disarm_rst(flags, tcp) | FLOW_SEEN_REPLY;
     if tcp & TCP_FIN != 0 {
         f |= FLOW_FIN_IN;
     }
     if tcp & TCP_RST != 0 {
-        f |= FLOW_RST;
+        // Only armed: the endpoint, which knows the window, decides.
+        f |= FLOW_RST_IN;
     }
     f
 }
@@ -290,6 +303,14 @@ pub fn touch_in(fwd: *mut FlowFwd, pkt: &Packet) -> bool {
     first
 }
 
+/// Removes the flow `key`, pinned to `nat_addr_be:nat_port_be`, both
+/// halves.
+#[inline(always)]
+pub fn remove_pair(key: &FlowKey, nat_addr_be: u32, nat_port_be: u16) {
+    let _ = CONN_FWD.remove(key);
+    let _ = CONN_REV.remove(key.reply(nat_addr_be, nat_port_be));
+}
+
 /// Removes the flow whose reverse key is `rev_key`, both halves.
 #[inline(always)]
 pub fn remove_by_reply(rev_key: &FlowKey) -> bool {
@@ -308,4 +329,10 @@ pub fn remove_by_reply(rev_key: &FlowKey) -> bool {
 pub fn drop_orphan(rev_key: &FlowKey) {
     let _ = CONN_REV.remove(rev_key);
     crate::stats::count(Reason::HalfPair);
+}
+
+/// Removes a reverse entry whose forward half has another mapping.
+#[inline(always)]
+pub fn drop_stale(rev_key: &FlowKey) {
+    let _ = CONN_REV.remove(rev_key);
 }

@@ -38,6 +38,13 @@ pub fn wan_ingress<const L2: bool>(ctx: &TcContext) -> Outcome {
         conntrack::drop_orphan(&rev_key);
         return Err(Reason::NoMapping);
     };
+    // SAFETY: a read of the map value.
+    if unsafe { (*flow).nat_addr_be != rev_key.daddr_be || (*flow).nat_port_be != rev_key.dport_be }
+    {
+        // Left behind by a flow since remade on another mapping.
+        conntrack::drop_stale(&rev_key);
+        return Err(Reason::StaleReverse);
+    }
     if conntrack::touch_in(flow, &pkt) {
         hairpin::note_mapping(&pkt, rev.lan_addr_be, rev.lan_port_be);
     }

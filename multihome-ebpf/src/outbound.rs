@@ -3,8 +3,8 @@
 //! path handed to the kernel.
 use aya_ebpf::programs::TcContext;
 use multihome_common::{
-    FLOW_HAIRPIN, FlowFwd, FlowKey, IPPROTO_AH, MARK_TRANSLATED, MAX_LAN_NETS, MAX_UPLINKS, Reason,
-    Settings, UPLINK_L3, Uplink,
+    FLOW_FAILED_OVER, FLOW_HAIRPIN, FlowFwd, FlowKey, IPPROTO_AH, MARK_TRANSLATED, MAX_LAN_NETS,
+    MAX_UPLINKS, Reason, Settings, UPLINK_L3, Uplink, flow_hash,
 };
 
 use crate::{
@@ -14,7 +14,7 @@ use crate::{
     maps::{LAN_NETS, SETTINGS, UPLINKS},
     mss,
     nat::{self, Side},
-    parse::{self, L4, Packet},
+    parse::{self, L4, Packet, TCP_SYN},
     quota, select, sockets, stats,
     verdict::{Outcome, Verdict},
 };
@@ -46,7 +46,7 @@ pub fn lan_ingress(ctx: &TcContext) -> Outcome {
         _ => {}
     }
     let key = conntrack::lan_key(&pkt);
-    let (flow, known) = match conntrack::lookup_fwd(&key) {
+    let (flow, known) = match conntrack::lookup_fwd(&key).filter(|f| current(&key, *f)) {
         Some(f) => {
             conntrack::touch_out(&key, f, &pkt);
             // SAFETY: a copy of the map value.
@@ -61,6 +61,26 @@ pub fn lan_ingress(ctx: &TcContext) -> Outcome {
     let uplink = UPLINKS.get(flow.uplink as u32).ok_or(Reason::NoUplink)?;
     mss::clamp(ctx, &pkt, uplink.mss_clamp)?;
     to_uplink(ctx, &pkt, &flow, uplink, known)
+}
+
+/// Whether a pinned flow's NAT address is still its uplink's. One of a
+/// renumbered uplink is removed here, so that its packet makes it anew
+/// (the daemon's purge may come later). While the uplink has no address
+/// at all (a ppp link redialling), its flows stay: the same address may
+/// come back.
+#[inline(always)]
+fn current(key: &FlowKey, f: *mut FlowFwd) -> bool {
+    // SAFETY: a read of the map value.
+    let (uplink, nat_addr_be, nat_port_be) =
+        unsafe { ((*f).uplink, (*f).nat_addr_be, (*f).nat_port_be) };
+    match UPLINKS.get(uplink as u32) {
+        Some(u) if u.addr_be != 0 && u.addr_be != nat_addr_be => {
+            conntrack::remove_pair(key, nat_addr_be, nat_port_be);
+            stats::count(Reason::StaleAddress);
+            false
+        }
+        _ => true,
+    }
 }
 
 /// A later fragment from the LAN: to the kernel with its datagram's
@@ -202,12 +222,17 @@ fn new_flow(
         return Err(Reason::NotForUplink);
     }
     let onlink = (hop.nh_be == pkt.daddr_be).then_some(hop.ifindex);
-    let (id, uplink) = select::choose(onlink)?;
+    let (id, uplink, failed_over) =
+        select::choose(onlink, flow_hash(key, settings.flow_hash_seed))?;
+    let flags = if failed_over { FLOW_FAILED_OVER } else { 0 };
     let flow = if pkt.portless() {
-        portless_flow(key, pkt, id, uplink)?
+        portless_flow(key, pkt, id, uplink, flags)?
     } else {
-        conntrack::create(ctx, key, pkt, id, uplink, &settings, 0)?
+        conntrack::create(ctx, key, pkt, id, uplink, &settings, flags)?
     };
+    if pkt.l4_kind == L4::Tcp && pkt.tcp_flags() & TCP_SYN == 0 {
+        stats::count(Reason::MidStream);
+    }
     quota::count_new(pkt.saddr_be, &host);
     frag::note_peer(pkt, flow.nat_addr_be, pkt.saddr_be);
     stats::new_flow(flow.uplink);
@@ -218,8 +243,14 @@ fn new_flow(
 /// A flow translated by address only: on the chosen uplink, else on the
 /// first other usable uplink whose address is free towards the remote.
 #[inline(always)]
-fn portless_flow(key: &FlowKey, pkt: &Packet, id: u8, uplink: &Uplink) -> Result<FlowFwd, Reason> {
-    match conntrack::create_portless(key, pkt, id, uplink) {
+fn portless_flow(
+    key: &FlowKey,
+    pkt: &Packet,
+    id: u8,
+    uplink: &Uplink,
+    flags: u32,
+) -> Result<FlowFwd, Reason> {
+    match conntrack::create_portless(key, pkt, id, uplink, flags) {
         Err(Reason::AddrTaken) => {}
         other => return other,
     }
@@ -230,7 +261,7 @@ fn portless_flow(key: &FlowKey, pkt: &Packet, id: u8, uplink: &Uplink) -> Result
         if let Some(u) = UPLINKS.get(other)
             && select::usable(u)
         {
-            match conntrack::create_portless(key, pkt, other as u8, u) {
+            match conntrack::create_portless(key, pkt, other as u8, u, flags) {
                 Err(Reason::AddrTaken) => {}
                 created => return created,
             }
@@ -314,6 +345,10 @@ fn slow_path_snat(ctx: &TcContext, l3: usize, id: u8, uplink_addr_be: u32) -> Ou
     let flow = conntrack::lookup_fwd(&key).ok_or(Reason::NoMapping)?;
     // SAFETY: a copy of the map value.
     let flow = unsafe { *flow };
+    if flow.nat_addr_be != uplink_addr_be {
+        // Renumbered since the LAN program looked: the guard drops it.
+        return Err(Reason::StaleAddress);
+    }
     nat::rewrite(
         ctx,
         &pkt,

@@ -1,7 +1,6 @@
-//! Weighted uplink choice for a new flow.
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+//! Uplink choice for a new flow: by its hash, weighted, consistent.
 use multihome_common::{
-    MAX_UPLINKS, Reason, SELECT_SLOTS, UPLINK_CONFIGURED, UPLINK_LINK_DOWN, UPLINK_USABLE, Uplink,
+    MAX_UPLINKS, Reason, UPLINK_CONFIGURED, UPLINK_LINK_DOWN, UPLINK_USABLE, Uplink, select_slot,
 };
 
 use crate::maps::{SELECT, UPLINKS};
@@ -17,47 +16,59 @@ pub fn usable(u: &Uplink) -> bool {
     u.flags & UPLINK_USABLE != 0 && u.addr_be != 0
 }
 
-/// Picks the uplink for a new flow. A destination on the link of one
-/// uplink (its connected subnet) goes out that uplink. Otherwise the
-/// daemon's weighted table decides. With no usable uplink, any uplink that
-/// has an address and its link up keeps the LAN online.
+/// Picks the uplink for a new flow whose [`flow_hash`] is `hash`, and
+/// tells whether it failed over (`FLOW_FAILED_OVER`). A destination on
+/// the link of one uplink (its connected subnet) goes out that uplink.
+/// Otherwise the daemon's Maglev table decides, so the same 5-tuple gets
+/// the same uplink while the set of usable uplinks is the same. With no
+/// usable uplink, any uplink that has an address and its link up keeps
+/// the LAN online.
+///
+/// [`flow_hash`]: multihome_common::flow_hash
 #[inline(always)]
-pub fn choose(onlink_ifindex: Option<u32>) -> Result<(u8, &'static Uplink), Reason> {
+pub fn choose(
+    onlink_ifindex: Option<u32>,
+    hash: u32,
+) -> Result<(u8, &'static Uplink, bool), Reason> {
     if let Some(ifindex) = onlink_ifindex {
         for id in 0..MAX_UPLINKS {
             if let Some(u) = uplink(id)
                 && u.ifindex == ifindex
                 && has_link(u)
             {
-                return Ok((id as u8, u));
+                return Ok((id as u8, u, false));
             }
         }
     }
-    if let Some(table) = SELECT.get(0)
-        && table.len != 0
+    let slot = select_slot(hash);
+    let table = SELECT.get(0);
+    let preferred = match table {
+        Some(t) if t.configured != 0 => t.preferred.get(slot).copied(),
+        _ => None,
+    };
+    // Failed over: its preferred uplink exists and is not usable.
+    let failed_over =
+        |id: u8| preferred.is_some_and(|p| p != id && uplink(p as u32).is_none_or(|u| !usable(u)));
+    if let Some(t) = table
+        && t.usable != 0
+        && let Some(id) = t.now.get(slot)
+        && let Some(u) = uplink(*id as u32)
+        && usable(u)
     {
-        // The daemon fills all slots or none, so a mask picks one.
-        // SAFETY: no preconditions.
-        let slot = unsafe { bpf_get_prandom_u32() } as usize & (SELECT_SLOTS - 1);
-        if let Some(id) = table.slots.get(slot)
-            && let Some(u) = uplink(*id as u32)
-            && usable(u)
-        {
-            return Ok((*id, u));
-        }
+        return Ok((*id, u, failed_over(*id)));
     }
     for id in 0..MAX_UPLINKS {
         if let Some(u) = uplink(id)
             && usable(u)
         {
-            return Ok((id as u8, u));
+            return Ok((id as u8, u, failed_over(id as u8)));
         }
     }
     for id in 0..MAX_UPLINKS {
         if let Some(u) = uplink(id)
             && has_link(u)
         {
-            return Ok((id as u8, u));
+            return Ok((id as u8, u, failed_over(id as u8)));
         }
     }
     Err(Reason::NoUplink)

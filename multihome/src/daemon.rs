@@ -9,13 +9,14 @@ use std::{
 use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use log::{error, info, warn};
-use multihome_common::{LAYOUT_VERSION, Settings};
+use multihome_common::{FLOW_FAILED_OVER, LAYOUT_VERSION, SelectTable, Settings};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{mpsc, watch},
 };
 
 use crate::{
+    choice,
     config::{self, Config},
     control, flows,
     health::{self, HealthReport, OnUp, ProbeBinding},
@@ -59,8 +60,8 @@ struct Daemon {
     /// Per uplink: the probes' verdict, and where they probe from.
     probed: Vec<Probed>,
     probe_bindings: Vec<Option<watch::Sender<Option<ProbeBinding>>>>,
-    /// Boot seconds at which each uplink's probes started failing.
-    down_since_s: Vec<Option<u32>>,
+    /// Per uplink: its last address, kept while it has none.
+    last_address: Vec<Option<std::net::Ipv4Addr>>,
     reports: mpsc::Receiver<HealthReport>,
     /// Every uplink was unusable at the last refresh.
     all_down: bool,
@@ -69,6 +70,10 @@ struct Daemon {
     commands: mpsc::Receiver<control::Command>,
     socket: PathBuf,
     datapath: Datapath,
+    /// The choice table as last written to SELECT.
+    select: SelectTable,
+    /// [`Settings::flow_hash_seed`]: kept from adopted maps.
+    flow_hash_seed: u32,
 }
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
@@ -106,6 +111,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     })?;
     let adopted = datapath.adopted;
     let maps = Maps::open(&opts.pin_dir)?;
+    let flow_hash_seed = match maps.settings() {
+        Ok(s) if adopted && s.layout_version == LAYOUT_VERSION && s.flow_hash_seed != 0 => {
+            s.flow_hash_seed
+        }
+        _ => new_seed(),
+    };
     let mut d = Daemon {
         routing: Routing::new(handle.clone()),
         handle,
@@ -116,7 +127,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         reaper: None,
         probed: vec![Probed::default(); config.uplinks.len()],
         probe_bindings,
-        down_since_s: vec![None; config.uplinks.len()],
+        last_address: vec![None; config.uplinks.len()],
         reports,
         all_down: false,
         drained: vec![false; config.uplinks.len()],
@@ -125,6 +136,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         config,
         opts,
         datapath,
+        // Not what SELECT holds: the first refresh writes it.
+        select: SelectTable {
+            usable: u32::MAX,
+            ..Default::default()
+        },
+        flow_hash_seed,
     };
     if adopted {
         info!(
@@ -172,6 +189,12 @@ impl Daemon {
         }
         result
     }
+}
+
+/// A random, non-zero seed for the flow hash.
+fn new_seed() -> u32 {
+    use std::hash::{BuildHasher as _, RandomState};
+    (RandomState::new().hash_one(maps::boot_ns()) as u32).max(1)
 }
 
 fn check_interfaces(config: &Config, snap: &netinfo::Snapshot) -> anyhow::Result<()> {
@@ -239,6 +262,8 @@ impl Daemon {
             // An adopted map keeps the capacity it was made with.
             max_flows: self.maps.flow_capacity()?,
             max_flows_per_host: self.config.nat.per_host(),
+            flow_hash_seed: self.flow_hash_seed,
+            _pad: 0,
         })?;
         routing::enable_forwarding()?;
         self.refresh(&snap).await?;
@@ -257,6 +282,10 @@ impl Daemon {
             .iter()
             .map(|u| uplinks::observe(u, snap))
             .collect();
+        // An uplink that lost its address keeps its flows: the same
+        // address may come back (a ppp redial). A new address purges them,
+        // once the datapath knows it.
+        let mut renumbered = Vec::new();
         for (id, o) in observed.iter().enumerate() {
             let name = &self.config.uplinks[id].name;
             let old = self.observed.get(id);
@@ -267,14 +296,13 @@ impl Daemon {
                     o.address.map_or("none".into(), |a| a.to_string())
                 );
             }
-            if let Some(old_addr) = old.and_then(|p| p.address)
-                && o.address != Some(old_addr)
-            {
-                let old_be = u32::from(old_addr).to_be();
-                let n = flows::remove_where(&self.maps, |_, f| {
-                    f.uplink as usize == id && f.nat_addr_be == old_be
-                })?;
-                info!("uplink {name}: address {old_addr} gone; purged its {n} flows");
+            if let Some(new) = o.address {
+                if let Some(last) = self.last_address[id]
+                    && last != new
+                {
+                    renumbered.push((id, last));
+                }
+                self.last_address[id] = Some(new);
             }
         }
         self.attach_all(snap, &observed)?;
@@ -292,17 +320,34 @@ impl Daemon {
             )?;
             self.bind_probes(id, o);
         }
-        let weights: Vec<(u8, u32, bool)> = self
+        let members: Vec<choice::Member> = self
             .config
             .uplinks
             .iter()
             .enumerate()
-            .map(|(id, u)| (id as u8, u.weight, usable[id]))
+            .map(|(id, u)| choice::Member {
+                id: id as u8,
+                name: &u.name,
+                weight: u.weight,
+                usable: usable[id],
+            })
             .collect();
-        self.maps.set_select(&uplinks::select_table(&weights))?;
-        self.maps
-            .set_lan_nets(&uplinks::lan_nets(&self.config, snap))?;
-        self.maps.set_routed(&uplinks::routed_table(&self.config))?;
+        let select = choice::table(&members);
+        if select != self.select {
+            self.maps.set_select(&select)?;
+            self.select = select;
+        }
+        // A failure here must not keep the routing tables from following.
+        let mut failed = Vec::new();
+        if let Err(e) = self
+            .maps
+            .set_lan_nets(&uplinks::lan_nets(&self.config, snap))
+        {
+            failed.push(e);
+        }
+        if let Err(e) = self.maps.set_routed(&uplinks::routed_table(&self.config)) {
+            failed.push(e);
+        }
         let all_down = !usable.iter().any(|u| *u);
         if all_down && !self.all_down {
             error!(
@@ -312,9 +357,28 @@ impl Daemon {
         }
         self.all_down = all_down;
         let plan = uplinks::routing_plan(&self.config, &observed, &usable);
-        self.routing.apply(&plan).await?;
+        if let Err(e) = self.routing.apply(&plan).await {
+            failed.push(e);
+        }
         self.observed = observed;
-        Ok(())
+        // Published: now the old address's flows can go.
+        for (id, old) in renumbered {
+            let old_be = u32::from(old).to_be();
+            let n = flows::remove_where(&self.maps, |_, f| {
+                f.uplink as usize == id && f.nat_addr_be == old_be
+            })?;
+            info!(
+                "uplink {}: address {old} gone; purged its {n} flows",
+                self.config.uplinks[id].name
+            );
+        }
+        match failed
+            .into_iter()
+            .reduce(|a, b| a.context(format!("{b:#}")))
+        {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Points uplink `id`'s probes at its current address and device, or
@@ -349,46 +413,46 @@ impl Daemon {
         self.probed[id].rtt_ms = r.rtt_ms;
         self.probed[id].loss_pct = r.loss_pct;
         if !r.changed {
-            if let Some(o) = self.observed.get(id) {
-                let _ = self.maps.set_uplink(
-                    id as u32,
-                    &uplinks::slot(&self.config, id, o, &self.probed[id], self.drained[id]),
-                );
-            }
+            self.publish_slot(id);
             return;
         }
-        let now_s = (maps::boot_ns() / 1_000_000_000) as u32;
         self.probed[id].failing = !r.healthy;
         if r.healthy {
             info!(
                 "uplink {name}: probes answer again, back in service: {}",
                 r.reason
             );
-            let since = self.down_since_s[id].take();
-            if health.on_up == OnUp::Return
-                && let Some(since) = since
-            {
-                match flows::remove_where(&self.maps, |_, f| {
-                    f.uplink as usize != id && f.created_s >= since
-                }) {
-                    Ok(n) => info!("uplink {name}: moved {n} failed-over flows back"),
-                    Err(e) => error!("{e:#}"),
-                }
-            }
         } else {
             warn!("uplink {name}: DOWN, probes fail: {}", r.reason);
-            self.down_since_s[id] = Some(now_s);
-            match flows::remove_where(&self.maps, |k, f| {
-                f.uplink as usize == id && health.on_down.purges(k.proto)
-            }) {
-                Ok(n) => info!(
-                    "uplink {name}: purged {n} pinned flows ({:?})",
-                    health.on_down
-                ),
-                Err(e) => error!("{e:#}"),
-            }
         }
-        self.resync().await;
+        // Publish first: a purged flow's next packet must not be pinned
+        // again to the uplink it left.
+        if !self.resync().await {
+            self.publish_slot(id);
+        }
+        let (what, purged) = if r.healthy {
+            if health.on_up != OnUp::Return {
+                return;
+            }
+            // What failed over from this uplink, as on_down would have
+            // moved it.
+            let (select, seed) = (self.select, self.flow_hash_seed);
+            let moved = flows::remove_where(&self.maps, |k, f| {
+                f.flags & FLOW_FAILED_OVER != 0
+                    && health.on_down.purges(k.proto)
+                    && choice::preferred(&select, k, seed) == Some(id as u8)
+            });
+            ("moved back failed-over flows", moved)
+        } else {
+            let purged = flows::remove_where(&self.maps, |k, f| {
+                f.uplink as usize == id && health.on_down.purges(k.proto)
+            });
+            ("purged pinned flows", purged)
+        };
+        match purged {
+            Ok(n) => info!("uplink {name}: {what}: {n} ({:?})", health.on_down),
+            Err(e) => error!("{e:#}"),
+        }
     }
 
     /// Attaches to interfaces that exist and are not attached yet (they may
@@ -453,7 +517,7 @@ impl Daemon {
                     while self.events.try_recv().is_ok() {}
                     self.resync().await;
                 }
-                _ = tick.tick() => self.resync().await,
+                _ = tick.tick() => { self.resync().await; }
             }
         }
     }
@@ -498,14 +562,23 @@ impl Daemon {
         Ok(answer)
     }
 
-    async fn resync(&mut self) {
-        match netinfo::snapshot(&self.handle).await {
-            Ok(snap) => {
-                if let Err(e) = self.refresh(&snap).await {
-                    error!("{e:#}");
-                }
+    /// Refreshes from the interfaces as they are now; false if that
+    /// failed (it says why in the log).
+    async fn resync(&mut self) -> bool {
+        let result = match netinfo::snapshot(&self.handle).await {
+            Ok(snap) => self.refresh(&snap).await,
+            Err(e) => Err(e),
+        };
+        result.inspect_err(|e| error!("{e:#}")).is_ok()
+    }
+
+    /// Writes uplink `id`'s slot from what is known of it.
+    fn publish_slot(&self, id: usize) {
+        if let Some(o) = self.observed.get(id) {
+            let slot = uplinks::slot(&self.config, id, o, &self.probed[id], self.drained[id]);
+            if let Err(e) = self.maps.set_uplink(id as u32, &slot) {
+                error!("writing uplink slot {id}: {e:#}");
             }
-            Err(e) => error!("{e:#}"),
         }
     }
 

@@ -10,8 +10,9 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{HashMap, MapData};
 use multihome_common::{
-    FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FLOW_SEEN_REPLY, FlowFwd, FlowKey, FlowRev, HostFlows,
-    IPPROTO_DCCP, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE,
+    FLOW_FAILED_OVER, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FLOW_RST_IN, FLOW_SEEN_REPLY, FlowFwd,
+    FlowKey, FlowRev, HostFlows, IPPROTO_DCCP, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    IPPROTO_UDPLITE,
 };
 use serde::Serialize;
 
@@ -35,7 +36,7 @@ pub fn proto_name(p: u8) -> &'static str {
 pub fn state_name(key: &FlowKey, f: &FlowFwd) -> &'static str {
     let fin_both = FLOW_FIN_OUT | FLOW_FIN_IN;
     match () {
-        _ if f.flags & FLOW_RST != 0 => "closed",
+        _ if f.flags & (FLOW_RST | FLOW_RST_IN) != 0 => "closed",
         _ if key.proto == IPPROTO_TCP && f.flags & fin_both == fin_both => "closing",
         _ if key.proto == IPPROTO_TCP && f.flags & fin_both != 0 => "fin-wait",
         _ if f.flags & FLOW_SEEN_REPLY != 0 => "established",
@@ -68,6 +69,8 @@ pub struct Conn {
     pub nat_addr: Ipv4Addr,
     pub nat_port: u16,
     pub state: &'static str,
+    /// Made on another uplink while its preferred one was not usable.
+    pub failed_over: bool,
     pub age_s: u64,
     pub idle_s: u64,
 }
@@ -88,6 +91,7 @@ pub fn describe(key: &FlowKey, f: &FlowFwd, uplink: String, now_ns: u64) -> Conn
         nat_addr: be_addr(f.nat_addr_be),
         nat_port: u16::from_be(f.nat_port_be),
         state: state_name(key, f),
+        failed_over: f.flags & FLOW_FAILED_OVER != 0,
         age_s: (now_ns / 1_000_000_000).saturating_sub(f.created_s as u64),
         idle_s: now_ns.saturating_sub(f.last_seen_ns) / 1_000_000_000,
     }

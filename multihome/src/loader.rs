@@ -18,8 +18,8 @@ use aya::{
     },
 };
 use multihome_common::{
-    ALL_MAPS, LAYOUT_VERSION, MAP_CONN_FWD, MAP_CONN_REV, MAP_REASONS, MAP_SETTINGS, MAP_UPLINKS,
-    PROG_LAN_IN, PROG_WAN_IN, PROG_WAN_IN_L3, PROG_WAN_OUT, PROG_WAN_OUT_L3,
+    ALL_MAPS, LAYOUT_VERSION, MAP_CONN_FWD, MAP_CONN_REV, MAP_REASONS, MAP_SELECT, MAP_SETTINGS,
+    MAP_UPLINKS, PROG_LAN_IN, PROG_WAN_IN, PROG_WAN_IN_L3, PROG_WAN_OUT, PROG_WAN_OUT_L3,
 };
 
 /// The programs, built by `build.rs`.
@@ -129,7 +129,11 @@ const MIGRATIONS: &[(u32, &[&str])] = &[
     // PEERS, HOST_ECHO, HOSTS, FILL and EIM are new (the reaper's first
     // pass counts HOSTS and FILL; EIM fills as flows are made, so older
     // flows cannot be hairpinned to).
-    (2, &[MAP_REASONS, MAP_UPLINKS, MAP_SETTINGS]),
+    (2, &[MAP_REASONS, MAP_UPLINKS, MAP_SETTINGS, MAP_SELECT]),
+    // 4: SELECT became a hashed Maglev table, SETTINGS gained the hash
+    // seed and REASONS counters (all rewritten at start); flows keep
+    // their shape.
+    (3, &[MAP_REASONS, MAP_SETTINGS, MAP_SELECT]),
 ];
 
 /// Adopts pinned maps of this layout or of one in [`MIGRATIONS`] (after

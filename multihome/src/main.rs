@@ -1,4 +1,5 @@
 //! multihome: daemon and CLI.
+mod choice;
 mod cli;
 mod config;
 mod control;

@@ -85,6 +85,10 @@ impl Maps {
         Ok(self.array::<u64>(MAP_FILL)?.set(0, flows, 0)?)
     }
 
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        Ok(self.array::<Settings>(MAP_SETTINGS)?.get(&0, 0)?)
+    }
+
     pub fn set_settings(&self, s: &Settings) -> anyhow::Result<()> {
         Ok(self.array::<Settings>(MAP_SETTINGS)?.set(0, s, 0)?)
     }

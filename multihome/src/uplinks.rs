@@ -1,10 +1,10 @@
 //! From config and interface state to what the datapath and the routing
-//! tables need: uplink slots, the weighted choice table, LAN prefixes.
+//! tables need: uplink slots, LAN prefixes, routed prefixes.
 use std::net::Ipv4Addr;
 
 use multihome_common::{
-    LanNet, RoutedUplinks, SELECT_SLOTS, SelectTable, UPLINK_CONFIGURED, UPLINK_DRAINED, UPLINK_L3,
-    UPLINK_LINK_DOWN, UPLINK_PROBES_FAIL, UPLINK_USABLE, Uplink,
+    LanNet, RoutedUplinks, UPLINK_CONFIGURED, UPLINK_DRAINED, UPLINK_L3, UPLINK_LINK_DOWN,
+    UPLINK_PROBES_FAIL, UPLINK_USABLE, Uplink,
 };
 
 use crate::{
@@ -156,57 +156,6 @@ pub fn mss_clamp(u: &UplinkConfig, o: &Observed) -> u16 {
     u.mss_clamp.unwrap_or(default).bytes(o.mtu)
 }
 
-/// Spreads the choice table's slots over the usable uplinks in proportion
-/// to their weights (largest remainder). With no weighted uplink usable,
-/// the usable backups (weight 0) share it equally.
-pub fn select_table(weights: &[(u8, u32, bool)]) -> SelectTable {
-    let mut active: Vec<(u8, u32)> = weights
-        .iter()
-        .filter(|(_, w, usable)| *usable && *w > 0)
-        .map(|(id, w, _)| (*id, *w))
-        .collect();
-    if active.is_empty() {
-        active = weights
-            .iter()
-            .filter(|(_, _, usable)| *usable)
-            .map(|(id, _, _)| (*id, 1))
-            .collect();
-    }
-    let mut table = SelectTable::default();
-    let total: u32 = active.iter().map(|(_, w)| w).sum();
-    if total == 0 {
-        return table;
-    }
-    let n = SELECT_SLOTS as u32;
-    let mut shares: Vec<(u8, u32, u32)> = active
-        .iter()
-        .map(|(id, w)| (*id, w * n / total, w * n % total))
-        .collect();
-    let mut left = n - shares.iter().map(|s| s.1).sum::<u32>();
-    let mut order: Vec<usize> = (0..shares.len()).collect();
-    order.sort_by(|a, b| shares[*b].2.cmp(&shares[*a].2));
-    for i in order {
-        if left == 0 {
-            break;
-        }
-        shares[i].1 += 1;
-        left -= 1;
-    }
-    // Interleave, so that any prefix of the table is already balanced.
-    let mut pos = 0;
-    while pos < SELECT_SLOTS {
-        for s in shares.iter_mut() {
-            if s.1 > 0 && pos < SELECT_SLOTS {
-                table.slots[pos] = s.0;
-                s.1 -= 1;
-                pos += 1;
-            }
-        }
-    }
-    table.len = SELECT_SLOTS as u32;
-    table
-}
-
 /// Source prefixes whose flows may be translated.
 pub fn lan_nets(config: &Config, snap: &Snapshot) -> Vec<LanNet> {
     let mut nets = Vec::new();
@@ -293,31 +242,6 @@ pub fn routing_plan(config: &Config, observed: &[Observed], usable: &[bool]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn count(t: &SelectTable, id: u8) -> usize {
-        t.slots[..t.len as usize]
-            .iter()
-            .filter(|s| **s == id)
-            .count()
-    }
-
-    #[test]
-    fn slots_follow_weights() {
-        let t = select_table(&[(0, 1, true), (1, 2, true)]);
-        assert_eq!(t.len as usize, SELECT_SLOTS);
-        assert_eq!(count(&t, 0), 21);
-        assert_eq!(count(&t, 1), 43);
-    }
-
-    #[test]
-    fn unusable_uplinks_get_no_slots_and_backups_step_in() {
-        let t = select_table(&[(0, 1, false), (1, 2, true)]);
-        assert_eq!(count(&t, 1), SELECT_SLOTS);
-        let t = select_table(&[(0, 1, false), (1, 0, true)]);
-        assert_eq!(count(&t, 1), SELECT_SLOTS);
-        let t = select_table(&[(0, 1, false)]);
-        assert_eq!(t.len, 0);
-    }
 
     #[test]
     fn a_routed_prefix_inside_another_uplinks_carries_both_uplinks() {

@@ -290,12 +290,166 @@ fn failing_probes_take_an_uplink_out_within_the_stated_time_and_it_returns() {
     eventually(
         Duration::from_secs(2),
         "failed-over flows moved back",
-        || gw.log().contains("failed-over flows back"),
+        || gw.log().contains("moved back failed-over flows"),
     );
     eventually(Duration::from_secs(10), "x takes new flows again", || {
         udp_seen_as(&t.client, None, srv.addr()).is_ok_and(|p| *p.ip() == UPLINK_X_ADDR)
     });
     assert_eq!(t.spoofed_drops(), 0);
+}
+
+#[test]
+fn on_up_return_moves_back_only_flows_that_failed_over_and_no_tcp() {
+    let t = Topology::standard();
+    let health = "\n[uplink.health]\ntargets = [\"198.19.0.10\"]\ninterval_ms = 200\ntimeout_ms = 150\n\
+                  down_after = 2\nup_after = 2\non_down = \"purge-udp\"\non_up = \"return\"\n";
+    let mut config = String::new();
+    for part in config_for(&t, [1, 1], "").split_inclusive("\n\n") {
+        config += part;
+        if part.contains("name = \"x\"") {
+            config += health;
+        }
+    }
+    let gw = Gateway::start(&t.gw, &config);
+    let udp = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    let tcp = tcp_echo_server(&t.inet, INET_SERVICE, 0);
+    let upstream = ["FORWARD", "-i", IF_CORE, "-j", "DROP"];
+    t.ispx
+        .exec(&[&["iptables", "-w", "-I"][..], &upstream].concat());
+    eventually(Duration::from_secs(3), "x down by its probes", || {
+        gw.status()["uplinks"][0]["state"] == "down"
+    });
+    // Made during the outage, all on y: UDP sockets and TCP connections.
+    let socks: Vec<std::net::UdpSocket> = (0..24)
+        .map(|_| {
+            let s = t
+                .client
+                .run(|| std::net::UdpSocket::bind((CLIENT_ADDR, 0)))
+                .expect("bind");
+            let seen = udp_seen_from(&s, udp.addr()).expect("UDP during the outage");
+            assert_eq!(*seen.ip(), UPLINK_Y_ADDR);
+            s
+        })
+        .collect();
+    let mut conns: Vec<std::net::TcpStream> = (0..12)
+        .map(|_| tcp_connect(&t.client, None, tcp.addr()).expect("TCP during the outage"))
+        .collect();
+    let listed = gw.conns();
+    let failed_over = |proto: &str| {
+        listed
+            .iter()
+            .filter(|c| c["proto"] == proto && c["failed_over"] == true)
+            .count()
+    };
+    let (udp_fo, tcp_fo) = (failed_over("udp"), failed_over("tcp"));
+    // About half prefer x; none of 24 or all of 24 is a broken hash.
+    assert!(
+        (3..=21).contains(&udp_fo),
+        "{udp_fo} of 24 UDP flows failed over"
+    );
+    assert!(tcp_fo > 0, "some TCP flows prefer x");
+    assert!(
+        listed
+            .iter()
+            .all(|c| c["uplink"] == "y" || c["proto"] == "icmp"),
+        "{listed:?}"
+    );
+
+    t.ispx
+        .exec(&[&["iptables", "-w", "-D"][..], &upstream].concat());
+    eventually(
+        Duration::from_secs(5),
+        "failed-over flows moved back",
+        || {
+            gw.log()
+                .contains(&format!("moved back failed-over flows: {udp_fo} "))
+        },
+    );
+    // The failed-over UDP flows now go out x, the others kept their
+    // mapping on y; every TCP connection lives on, where it was.
+    let back = socks
+        .iter()
+        .map(|s| udp_seen_from(s, udp.addr()).expect("UDP after the return"))
+        .filter(|p| *p.ip() == UPLINK_X_ADDR)
+        .count();
+    assert_eq!(back, udp_fo, "exactly the failed-over UDP flows returned");
+    for c in &mut conns {
+        c.write_all(b"still here").expect("write");
+        let mut buf = [0u8; 10];
+        c.read_exact(&mut buf)
+            .expect("a TCP connection survived the return");
+        assert_eq!(&buf, b"still here");
+    }
+    assert_eq!(t.spoofed_drops(), 0);
+}
+
+#[test]
+fn a_tcp_connection_whose_flow_expired_mid_stream_comes_back_on_its_uplink_and_port() {
+    let t = Topology::standard();
+    let gw = Gateway::start(
+        &t.gw,
+        &config_for(&t, [1, 1], "[timeouts]\ntcp_established = 2\n"),
+    );
+    let tcp = tcp_echo_server(&t.inet, INET_SERVICE, 0);
+    let mut conns: Vec<std::net::TcpStream> = (0..16)
+        .map(|_| tcp_connect(&t.client, None, tcp.addr()).expect("connect"))
+        .collect();
+    for c in &mut conns {
+        c.write_all(b"a").expect("write");
+        c.read_exact(&mut [0u8; 1]).expect("echo");
+    }
+    let before: Vec<_> = gw
+        .conns()
+        .iter()
+        .map(|c| {
+            (
+                c["sport"].clone(),
+                c["uplink"].clone(),
+                c["nat_port"].clone(),
+            )
+        })
+        .collect();
+    let uplinks: std::collections::HashSet<_> = before.iter().map(|b| b.1.clone()).collect();
+    assert_eq!(uplinks.len(), 2, "spread over both uplinks: {before:?}");
+    eventually(Duration::from_secs(10), "every flow expired", || {
+        gw.conns().is_empty()
+    });
+    // Each connection's next segment makes its flow anew from mid-stream.
+    for c in &mut conns {
+        c.write_all(b"b").expect("write");
+        let mut buf = [0u8; 1];
+        c.read_exact(&mut buf)
+            .expect("the rebuilt flow took the same uplink and port");
+        assert_eq!(&buf, b"b");
+    }
+    let mut after: Vec<_> = gw
+        .conns()
+        .iter()
+        .map(|c| {
+            (
+                c["sport"].clone(),
+                c["uplink"].clone(),
+                c["nat_port"].clone(),
+            )
+        })
+        .collect();
+    let mut before = before;
+    before.sort_by_key(|b| b.0.as_u64());
+    after.sort_by_key(|b| b.0.as_u64());
+    assert_eq!(after, before);
+    assert!(gw.reason("mid_stream") >= 16, "{}", gw.reason("mid_stream"));
+}
+
+#[test]
+fn an_extreme_weight_ratio_still_gives_the_small_uplink_its_share() {
+    let t = Topology::standard();
+    let _gw = Gateway::start(&t.gw, &config_for(&t, [1, 200], ""));
+    let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    let on_x = (0..2000)
+        .filter(|_| *udp_seen_as(&t.client, None, srv.addr()).expect("UDP").ip() == UPLINK_X_ADDR)
+        .count();
+    // 2000 / 201 ≈ 10 expected; 0 is what 64 slots gave.
+    assert!((1..=30).contains(&on_x), "{on_x} of 2000 flows on x");
 }
 
 #[test]
@@ -319,7 +473,7 @@ fn pinned_maps_of_another_layout_are_refused_and_cleanup_removes_everything() {
     ];
     update.push("value");
     update.extend(["99", "0", "0", "0"]);
-    update.extend(["0"; 20]);
+    update.extend(["0"; 28]);
     t.gw.exec(&update);
 
     let bin = multihome_bin();
@@ -358,8 +512,35 @@ fn pinned_maps_of_another_layout_are_refused_and_cleanup_removes_everything() {
     let _ = std::fs::remove_file(&cfg_path);
 }
 
-#[test]
-fn an_upgrade_from_layout_2_keeps_live_flows_and_makes_the_changed_maps_afresh() {
+/// Replaces pinned map `name` with an empty one of another value size, as
+/// an older layout had it.
+fn pin_old_map(ns: &NetNs, dir: &str, name: &str, kind: &str, value_size: usize) {
+    let path = format!("{dir}/{name}");
+    let _ = std::fs::remove_file(&path);
+    let size = value_size.to_string();
+    ns.exec(&[
+        "bpftool", "map", "create", &path, "type", kind, "key", "4", "value", &size, "entries",
+        "1", "name", name,
+    ]);
+}
+
+/// Writes SETTINGS of `size` bytes with `version` first.
+fn pin_old_settings(ns: &NetNs, dir: &str, version: u8, size: usize) {
+    pin_old_map(ns, dir, "SETTINGS", "array", size);
+    let settings = format!("{dir}/SETTINGS");
+    let version = version.to_string();
+    let mut update = vec![
+        "bpftool", "map", "update", "pinned", &settings, "key", "0", "0", "0", "0", "value",
+    ];
+    update.extend([version.as_str(), "0", "0", "0"]);
+    update.extend(vec!["0"; size - 4]);
+    ns.exec(&update);
+}
+
+/// Runs a UDP flow through a daemon, stops it with `--keep-on-exit`, lets
+/// `downgrade` turn the pinned maps into an older layout's, starts this
+/// daemon on them and checks that the flow kept its mapping.
+fn upgrade_keeps_the_flow(version: u8, downgrade: impl FnOnce(&Topology, &str)) {
     let t = Topology::standard();
     let config = config_for(&t, [1, 1], "");
     let gw = Gateway::start_with_pin(&t.gw, &config, unique_pin_dir("up"), &["--keep-on-exit"]);
@@ -371,66 +552,59 @@ fn an_upgrade_from_layout_2_keeps_live_flows_and_makes_the_changed_maps_afresh()
     let cfg_path = gw.config_path().to_owned();
     let pin = gw.stop();
     std::fs::write(&cfg_path, &config).expect("write the config again");
-    let dir = pin.path().to_str().expect("utf-8").to_owned();
-
-    // What layout 2 pinned: 16 reason counters, none of the newer maps,
-    // version 2.
-    for name in [
-        "REASONS",
-        "ROUTED",
-        "FRAGS",
-        "PEERS",
-        "HOST_ECHO",
-        "HOSTS",
-        "FILL",
-    ] {
-        std::fs::remove_file(pin.path().join(name)).expect("unpin a map layout 2 lacks");
-    }
-    let reasons = format!("{dir}/REASONS");
-    t.gw.exec(&[
-        "bpftool",
-        "map",
-        "create",
-        &reasons,
-        "type",
-        "percpu_array",
-        "key",
-        "4",
-        "value",
-        "128",
-        "entries",
-        "1",
-        "name",
-        "REASONS",
-    ]);
-    // Layout 2's SETTINGS: 16 bytes, version 2 first.
-    let settings = format!("{dir}/SETTINGS");
-    std::fs::remove_file(pin.path().join("SETTINGS")).expect("unpin SETTINGS");
-    t.gw.exec(&[
-        "bpftool", "map", "create", &settings, "type", "array", "key", "4", "value", "16",
-        "entries", "1", "name", "SETTINGS",
-    ]);
-    let mut update = vec![
-        "bpftool", "map", "update", "pinned", &settings, "key", "0", "0", "0", "0", "value",
-    ];
-    update.extend(["2", "0", "0", "0"]);
-    update.extend(["0"; 12]);
-    t.gw.exec(&update);
+    downgrade(&t, pin.path().to_str().expect("utf-8"));
 
     let gw = Gateway::start_with_pin(&t.gw, &config, pin, &[]);
     assert!(
-        gw.log().contains("adopting maps of layout version 2"),
+        gw.log()
+            .contains(&format!("adopting maps of layout version {version}")),
         "{}",
         gw.log()
     );
     let after = udp_seen_from(&sock, srv.addr()).expect("UDP after the upgrade");
     assert_eq!(after, before, "the flow kept its uplink, address and port");
     assert_eq!(
-        gw.reason("foreign_source"),
+        gw.reason("stale_reverse"),
         0,
         "REASONS has the new counters"
     );
+    // New flows are placed by the new table.
+    for _ in 0..4 {
+        udp_seen_as(&t.client, None, srv.addr()).expect("a new flow after the upgrade");
+    }
     let _ = std::fs::remove_file(&cfg_path);
+}
+
+#[test]
+fn an_upgrade_from_layout_3_the_previous_release_keeps_live_flows() {
+    upgrade_keeps_the_flow(3, |t, dir| {
+        // Layout 3: 27 reason counters, a 64-slot SELECT, 24-byte SETTINGS.
+        pin_old_map(&t.gw, dir, "REASONS", "percpu_array", 27 * 8);
+        pin_old_map(&t.gw, dir, "SELECT", "array", 4 + 64);
+        pin_old_settings(&t.gw, dir, 3, 24);
+    });
+}
+
+#[test]
+fn an_upgrade_from_layout_2_keeps_live_flows_and_makes_the_changed_maps_afresh() {
+    upgrade_keeps_the_flow(2, |t, dir| {
+        // Layout 2: 16 reason counters, none of layout 3's new maps,
+        // 16-byte SETTINGS.
+        for name in [
+            "ROUTED",
+            "FRAGS",
+            "PEERS",
+            "HOST_ECHO",
+            "HOSTS",
+            "FILL",
+            "EIM",
+        ] {
+            std::fs::remove_file(format!("{dir}/{name}")).expect("unpin a map layout 2 lacks");
+        }
+        pin_old_map(&t.gw, dir, "REASONS", "percpu_array", 16 * 8);
+        pin_old_map(&t.gw, dir, "SELECT", "array", 4 + 64);
+        pin_old_settings(&t.gw, dir, 2, 16);
+    });
 }
 
 #[test]

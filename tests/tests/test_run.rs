@@ -21,11 +21,12 @@ use aya::{
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
 };
 use multihome_common::{
-    EimKey, EimLan, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FLOW_SEEN_REPLY, FlowFwd, FlowKey,
-    FlowRev, HostFlows, LAYOUT_VERSION, LanNet, MAP_CONN_FWD, MAP_CONN_REV, MAP_EIM, MAP_FILL,
-    MAP_HOSTS, MAP_LAN_NETS, MAP_PEERS, MAP_REASONS, MAP_ROUTED, MAP_SETTINGS, MAP_UPLINK_STATS,
-    MAP_UPLINKS, MARK_TRANSLATED, PROG_LAN_IN, PROG_WAN_IN, PROG_WAN_OUT, REASON_COUNT, Reason,
-    Reasons, RoutedKey, Settings, UPLINK_CONFIGURED, UPLINK_USABLE, Uplink, UplinkStats,
+    EimKey, EimLan, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FLOW_RST_IN, FLOW_SEEN_REPLY, FlowFwd,
+    FlowKey, FlowRev, HostFlows, LAYOUT_VERSION, LanNet, MAP_CONN_FWD, MAP_CONN_REV, MAP_EIM,
+    MAP_FILL, MAP_HOSTS, MAP_LAN_NETS, MAP_PEERS, MAP_REASONS, MAP_ROUTED, MAP_SETTINGS,
+    MAP_UPLINK_STATS, MAP_UPLINKS, MARK_TRANSLATED, PROG_LAN_IN, PROG_WAN_IN, PROG_WAN_OUT,
+    REASON_COUNT, Reason, Reasons, RoutedKey, Settings, UPLINK_CONFIGURED, UPLINK_USABLE, Uplink,
+    UplinkStats,
 };
 use testbed::packets::*;
 
@@ -65,6 +66,8 @@ const FORWARDED_IIF: u32 = 7;
 
 /// `max_flows_per_host` of the test datapath.
 const PER_HOST: u32 = 100;
+/// The flow hash seed of every run.
+const SEED: u32 = 0x5eed_0001;
 
 /// Uplink 0's device: loopback, the device `BPF_PROG_TEST_RUN` gives
 /// every skb, so packets in the tests leave by uplink 0's device.
@@ -345,6 +348,8 @@ impl Datapath {
                         local_port_max: 60999,
                         max_flows: 1024,
                         max_flows_per_host: PER_HOST,
+                        flow_hash_seed: SEED,
+                        _pad: 0,
                     },
                     0,
                 )
@@ -489,11 +494,14 @@ impl Datapath {
     }
 
     fn insert_fwd(&mut self, f: &Flow) {
+        self.set_fwd(f.fwd_key(), f.fwd());
+    }
+
+    fn set_fwd(&mut self, key: FlowKey, value: FlowFwd) {
         let mut fwd: HashMap<_, FlowKey, FlowFwd> =
             HashMap::try_from(self.ebpf.map_mut(MAP_CONN_FWD).expect("CONN_FWD map"))
                 .expect("CONN_FWD types");
-        fwd.insert(f.fwd_key(), f.fwd(), 0)
-            .expect("insert CONN_FWD");
+        fwd.insert(key, value, 0).expect("insert CONN_FWD");
     }
 
     fn insert_rev(&mut self, f: &Flow) {
@@ -1170,7 +1178,126 @@ fn wan_in_reverse_translates_syn_fin_rst_reply_whole_and_records_its_flags() {
         let expected = input.with_destination(LAN_HOST, TCP_FLOW.lan_port);
         check_wan_in_reverse(dp, &TCP_FLOW, &input, &expected);
         let fwd = dp.fwd_entry(&TCP_FLOW).expect("flow");
-        assert_eq!(fwd.flags, FLOW_SEEN_REPLY | FLOW_FIN_IN | FLOW_RST);
+        assert_eq!(fwd.flags, FLOW_SEEN_REPLY | FLOW_FIN_IN | FLOW_RST_IN);
+    });
+}
+
+#[test]
+fn an_rst_from_outside_only_arms_the_close_and_a_later_packet_either_way_disarms_it() {
+    with_datapath(|dp| {
+        dp.insert_flow(&TCP_FLOW);
+        let with_flags = |mut p: Ipv4, flags: u8| {
+            if let Payload::Tcp(t) = &mut p.payload {
+                t.flags = flags;
+            }
+            p.frame()
+        };
+        let rst = with_flags(TCP_FLOW.reply(), TCP_RST);
+        let ack_in = with_flags(TCP_FLOW.reply(), TCP_ACK);
+        let ack_out = with_flags(TCP_FLOW.outbound(), TCP_ACK);
+        let flags = |dp: &Datapath| dp.fwd_entry(&TCP_FLOW).expect("flow").flags;
+        for (later, prog, what) in [
+            (&ack_in, PROG_WAN_IN, "a reply"),
+            (&ack_out, PROG_LAN_IN, "a LAN packet"),
+        ] {
+            let (run, _) = dp.run_counted(PROG_WAN_IN, &rst, 0);
+            assert_ne!(
+                run.ret, TC_ACT_SHOT,
+                "the RST is forwarded: the endpoint decides"
+            );
+            assert_ne!(flags(dp) & FLOW_RST_IN, 0, "armed by the RST");
+            let (_, counted) = dp.run_counted(prog, later, 0);
+            assert!(
+                counted.contains(&(Reason::RstIgnored, 1)),
+                "{what}: {counted:?}"
+            );
+            assert_eq!(flags(dp) & (FLOW_RST_IN | FLOW_RST), 0, "{what} disarms it");
+        }
+        // A second RST does not disarm the first.
+        dp.run_counted(PROG_WAN_IN, &rst, 0);
+        let (_, counted) = dp.run_counted(PROG_WAN_IN, &rst, 0);
+        assert!(!counted.iter().any(|(r, _)| *r == Reason::RstIgnored));
+        assert_ne!(flags(dp) & FLOW_RST_IN, 0);
+    });
+}
+
+#[test]
+fn a_reply_whose_reverse_entry_points_at_a_flow_with_another_mapping_passes_and_removes_it() {
+    with_datapath(|dp| {
+        for f in &[TCP_FLOW, UDP_FLOW, ECHO_FLOW] {
+            dp.insert_rev(f);
+            // The forward half now holds another NAT port.
+            let moved = Flow {
+                nat_port: f.nat_port + 100,
+                ..*f
+            };
+            dp.insert_fwd(&moved);
+            let input = f.reply().frame();
+            let what = format!("{} reply to a stale reverse entry", f.name());
+            let (run, counted) = dp.run_counted(PROG_WAN_IN, &input, 0);
+            assert_untouched(&run, &input, &what);
+            assert_eq!(counted, [(Reason::StaleReverse, 1)], "{what}");
+            let flows = dp.flows();
+            assert!(flows.rev.is_empty(), "{what}: stale entry removed");
+            assert_eq!(flows.fwd.len(), 1, "{what}: the flow itself stays");
+            let mut fwd: HashMap<_, FlowKey, FlowFwd> =
+                HashMap::try_from(dp.ebpf.map_mut(MAP_CONN_FWD).expect("CONN_FWD")).expect("types");
+            fwd.remove(&f.fwd_key()).expect("remove");
+        }
+    });
+}
+
+#[test]
+fn a_flow_whose_nat_address_is_no_longer_its_uplinks_is_removed_by_its_next_packet() {
+    with_datapath(|dp| {
+        for f in &ALL_FLOWS {
+            dp.insert_flow(f);
+            let old = FlowFwd {
+                nat_addr_be: be(Ipv4Addr::new(198, 18, 11, 99)),
+                ..f.fwd()
+            };
+            dp.set_fwd(f.fwd_key(), old);
+            let input = f.outbound().frame();
+            let what = format!("{} on a renumbered uplink", f.name());
+            // The slow path never sends the old address.
+            let (run, counted) = dp.run_counted(PROG_WAN_OUT, &input, UPLINK_MARK);
+            assert_eq!(run.ret, TC_ACT_SHOT, "{what}");
+            assert_eq!(
+                counted,
+                [(Reason::ForeignSource, 1), (Reason::StaleAddress, 1)],
+                "{what}"
+            );
+            // The LAN program removes it; its remake needs a route, which
+            // this namespace lacks.
+            let (run, counted) = dp.run_counted(PROG_LAN_IN, &input, 0);
+            assert_untouched(&run, &input, &what);
+            assert_eq!(
+                counted,
+                [(Reason::NotForUplink, 1), (Reason::StaleAddress, 1)],
+                "{what}"
+            );
+            let flows = dp.flows();
+            assert!(flows.fwd.is_empty(), "{what}: {flows:?}");
+        }
+    });
+}
+
+#[test]
+fn a_flow_of_an_uplink_without_an_address_is_kept() {
+    with_datapath(|dp| {
+        dp.insert_flow(&UDP_FLOW);
+        let mut uplinks: Array<_, Uplink> =
+            Array::try_from(dp.ebpf.map_mut(MAP_UPLINKS).expect("UPLINKS")).expect("types");
+        let mut u = uplinks.get(&0, 0).expect("slot 0");
+        u.addr_be = 0;
+        uplinks.set(0, u, 0).expect("write");
+        let input = UDP_FLOW.outbound().frame();
+        let (_, counted) = dp.run_counted(PROG_LAN_IN, &input, 0);
+        assert!(!counted.iter().any(|(r, _)| *r == Reason::StaleAddress));
+        assert!(
+            dp.fwd_entry(&UDP_FLOW).is_some(),
+            "a redialling uplink keeps its flows"
+        );
     });
 }
 

@@ -77,11 +77,19 @@ pub fn run(args: &ConnsArgs) -> anyhow::Result<()> {
             c.proto,
             format!("{}:{}", c.src, c.sport),
             format!("{}:{}", c.dst, c.dport),
-            c.uplink,
+            if c.failed_over {
+                format!("{}*", c.uplink)
+            } else {
+                c.uplink.clone()
+            },
             format!("{}:{}", c.nat_addr, c.nat_port),
             c.state,
             c.age_s
         );
+    }
+    let failed_over = conns.iter().filter(|c| c.failed_over).count();
+    if failed_over > 0 {
+        println!("{failed_over} failed over (*): made while their preferred uplink was not usable");
     }
     println!("{} flows", conns.len());
     Ok(())
