@@ -48,6 +48,11 @@ pub struct UplinkConfig {
     /// TCP MSS clamping of SYN and SYN-ACK; unset: `auto` on uplinks
     /// without an Ethernet header (ppp, tun), `off` elsewhere.
     pub mss_clamp: Option<MssClamp>,
+    /// Its slot in the UPLINKS map, which flows, marks and tables are
+    /// numbered by: its position in the file, unless maps adopted from an
+    /// earlier run hold it elsewhere (by name; see [`Config::adopt_slots`]).
+    #[serde(skip)]
+    pub slot: u8,
 }
 
 /// `mss_clamp`: `"auto"` (the uplink's MTU - 40), a number of bytes, or
@@ -229,7 +234,10 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        let config: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut config: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        for (i, u) in config.uplinks.iter_mut().enumerate() {
+            u.slot = i.min(u8::MAX as usize) as u8;
+        }
         let problems = config.problems();
         if !problems.is_empty() {
             let mut msg = String::new();
@@ -412,6 +420,33 @@ impl Config {
         out
     }
 
+    /// Places each uplink in the slot that `pinned` (the names in an adopted
+    /// UPLINKS map, by slot; None for an empty slot) gives its name, so
+    /// that its flows stay its own however the file was reordered. A new
+    /// uplink takes the lowest empty slot, else the slot of an uplink that
+    /// left. Returns the slots whose uplink left the config: their flows
+    /// belong to no one.
+    pub fn adopt_slots(&mut self, pinned: &[Option<String>]) -> Vec<u8> {
+        let slot_of = |name: &str| pinned.iter().position(|p| p.as_deref() == Some(name));
+        let kept: Vec<Option<usize>> = self.uplinks.iter().map(|u| slot_of(&u.name)).collect();
+        let gone: Vec<u8> = (0..pinned.len())
+            .filter(|s| pinned[*s].is_some() && !kept.contains(&Some(*s)))
+            .map(|s| s as u8)
+            .collect();
+        let mut free: Vec<usize> = (0..MAX_UPLINKS as usize)
+            .filter(|s| pinned.get(*s).is_none_or(|p| p.is_none()))
+            .chain(gone.iter().map(|s| *s as usize))
+            .collect();
+        free.reverse();
+        for (u, k) in self.uplinks.iter_mut().zip(kept) {
+            u.slot = match k {
+                Some(s) => s,
+                None => free.pop().expect("at most MAX_UPLINKS uplinks"),
+            } as u8;
+        }
+        gone
+    }
+
     /// Every routed prefix, with the index of the uplink that carries it.
     pub fn routed_prefixes(&self) -> Vec<(usize, Prefix)> {
         self.uplinks
@@ -524,6 +559,29 @@ weight = 2
         assert!(err.contains("`weight` must be 0 to 255"), "{err}");
         assert!(err.contains("snat_ports"), "{err}");
         assert!(err.contains("#2"), "{err}");
+    }
+
+    #[test]
+    fn adopted_uplinks_keep_their_slots_by_name_and_new_ones_take_free_slots() {
+        let mut c = Config::parse(GOOD).expect("valid");
+        assert_eq!((c.uplinks[0].slot, c.uplinks[1].slot), (0, 1));
+        let pinned = |names: &[Option<&str>]| -> Vec<Option<String>> {
+            names.iter().map(|n| n.map(str::to_owned)).collect()
+        };
+        // Reordered: each keeps its slot.
+        let gone = c.adopt_slots(&pinned(&[Some("y"), Some("x")]));
+        assert_eq!((c.uplinks[0].slot, c.uplinks[1].slot, gone), (1, 0, vec![]));
+        // y is new, z left: y takes an empty slot before z's.
+        let gone = c.adopt_slots(&pinned(&[Some("z"), Some("x"), None]));
+        assert_eq!((c.uplinks[0].slot, c.uplinks[1].slot), (1, 2));
+        assert_eq!(gone, vec![0]);
+        // Every other slot taken: y takes the slot z left.
+        let mut full: Vec<Option<&str>> = vec![Some("z"), Some("x")];
+        let others = ["a", "b", "c", "d", "e", "f"];
+        full.extend(others.iter().map(|n| Some(*n)));
+        let gone = c.adopt_slots(&pinned(&full));
+        assert_eq!((c.uplinks[0].slot, c.uplinks[1].slot), (1, 0));
+        assert_eq!(gone.len(), 7);
     }
 
     #[test]

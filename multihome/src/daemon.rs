@@ -9,7 +9,9 @@ use std::{
 use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use log::{error, info, warn};
-use multihome_common::{FLOW_FAILED_OVER, LAYOUT_VERSION, SelectTable, Settings};
+use multihome_common::{
+    FLOW_FAILED_OVER, LAYOUT_VERSION, SelectTable, Settings, UPLINK_CONFIGURED,
+};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{mpsc, watch},
@@ -62,6 +64,9 @@ struct Daemon {
     probe_bindings: Vec<Option<watch::Sender<Option<ProbeBinding>>>>,
     /// Per uplink: its last address, kept while it has none.
     last_address: Vec<Option<std::net::Ipv4Addr>>,
+    /// Slots of adopted maps whose uplinks left the config: cleared and
+    /// their flows purged once the new slots are published.
+    gone_slots: Vec<u8>,
     reports: mpsc::Receiver<HealthReport>,
     /// Every uplink was unusable at the last refresh.
     all_down: bool,
@@ -77,7 +82,7 @@ struct Daemon {
 }
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
-    let config = Config::load(&opts.config_path)?;
+    let mut config = Config::load(&opts.config_path)?;
     let local_ports = config::check_port_ranges(config.nat.snat_ports)?;
     let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(conn);
@@ -111,6 +116,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     })?;
     let adopted = datapath.adopted;
     let maps = Maps::open(&opts.pin_dir)?;
+    let (gone_slots, last_address) = if adopted {
+        adopt_uplinks(&mut config, &maps)?
+    } else {
+        (Vec::new(), vec![None; config.uplinks.len()])
+    };
     let flow_hash_seed = match maps.settings() {
         Ok(s) if adopted && s.layout_version == LAYOUT_VERSION && s.flow_hash_seed != 0 => {
             s.flow_hash_seed
@@ -127,7 +137,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         reaper: None,
         probed: vec![Probed::default(); config.uplinks.len()],
         probe_bindings,
-        last_address: vec![None; config.uplinks.len()],
+        last_address,
+        gone_slots,
         reports,
         all_down: false,
         drained: vec![false; config.uplinks.len()],
@@ -189,6 +200,43 @@ impl Daemon {
         }
         result
     }
+}
+
+/// Places the config's uplinks in the slots the adopted maps hold them in,
+/// by name. Returns the slots of uplinks that left, and each uplink's
+/// address as the maps knew it (so that a renumbering while the daemon
+/// was stopped purges like any other).
+fn adopt_uplinks(
+    config: &mut Config,
+    maps: &Maps,
+) -> anyhow::Result<(Vec<u8>, Vec<Option<std::net::Ipv4Addr>>)> {
+    let pinned = maps.uplinks()?;
+    let names: Vec<Option<String>> = pinned
+        .iter()
+        .map(|u| (u.flags & UPLINK_CONFIGURED != 0).then(|| uplinks::name_from_bytes(&u.name)))
+        .collect();
+    let gone = config.adopt_slots(&names);
+    let mut last = Vec::new();
+    for u in &config.uplinks {
+        let at = usize::from(u.slot);
+        let same = names[at].as_deref() == Some(u.name.as_str());
+        last.push((same && pinned[at].addr_be != 0).then(|| flows::be_addr(pinned[at].addr_be)));
+    }
+    for (i, u) in config.uplinks.iter().enumerate() {
+        if usize::from(u.slot) != i {
+            info!(
+                "uplink {}: keeps slot {} of the adopted maps",
+                u.name, u.slot
+            );
+        }
+    }
+    for s in &gone {
+        info!(
+            "uplink {} left the config: its slot {s} is cleared and its flows purged",
+            names[usize::from(*s)].as_deref().unwrap_or("?")
+        );
+    }
+    Ok((gone, last))
 }
 
 /// A random, non-zero seed for the flow hash.
@@ -266,6 +314,7 @@ impl Daemon {
             _pad: 0,
         })?;
         routing::enable_forwarding()?;
+        self.purge_gone_slots()?;
         self.refresh(&snap).await?;
         if let Some(addr) = self.opts.metrics {
             crate::metrics::spawn(addr, self.opts.pin_dir.clone()).await?;
@@ -315,7 +364,7 @@ impl Daemon {
             .collect();
         for (id, o) in observed.iter().enumerate() {
             self.maps.set_uplink(
-                id as u32,
+                self.config.uplinks[id].slot.into(),
                 &uplinks::slot(&self.config, id, o, &self.probed[id], self.drained[id]),
             )?;
             self.bind_probes(id, o);
@@ -326,7 +375,7 @@ impl Daemon {
             .iter()
             .enumerate()
             .map(|(id, u)| choice::Member {
-                id: id as u8,
+                id: u.slot,
                 name: &u.name,
                 weight: u.weight,
                 usable: usable[id],
@@ -363,9 +412,9 @@ impl Daemon {
         self.observed = observed;
         // Published: now the old address's flows can go.
         for (id, old) in renumbered {
-            let old_be = u32::from(old).to_be();
+            let (old_be, slot) = (u32::from(old).to_be(), self.config.uplinks[id].slot);
             let n = flows::remove_where(&self.maps, |_, f| {
-                f.uplink as usize == id && f.nat_addr_be == old_be
+                f.uplink == slot && f.nat_addr_be == old_be
             })?;
             info!(
                 "uplink {}: address {old} gone; purged its {n} flows",
@@ -379,6 +428,21 @@ impl Daemon {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// Clears the adopted slots of uplinks that left the config, then
+    /// purges their flows, before the first refresh writes the slots anew
+    /// (a new uplink may take one).
+    fn purge_gone_slots(&mut self) -> anyhow::Result<()> {
+        let gone = std::mem::take(&mut self.gone_slots);
+        for s in &gone {
+            self.maps.set_uplink((*s).into(), &Default::default())?;
+        }
+        if !gone.is_empty() {
+            let n = flows::remove_where(&self.maps, |_, f| gone.contains(&f.uplink))?;
+            info!("purged {n} flows of uplinks that left the config");
+        }
+        Ok(())
     }
 
     /// Points uplink `id`'s probes at its current address and device, or
@@ -430,6 +494,7 @@ impl Daemon {
         if !self.resync().await {
             self.publish_slot(id);
         }
+        let slot = self.config.uplinks[id].slot;
         let (what, purged) = if r.healthy {
             if health.on_up != OnUp::Return {
                 return;
@@ -440,12 +505,12 @@ impl Daemon {
             let moved = flows::remove_where(&self.maps, |k, f| {
                 f.flags & FLOW_FAILED_OVER != 0
                     && health.on_down.purges(k.proto)
-                    && choice::preferred(&select, k, seed) == Some(id as u8)
+                    && choice::preferred(&select, k, seed) == Some(slot)
             });
             ("moved back failed-over flows", moved)
         } else {
             let purged = flows::remove_where(&self.maps, |k, f| {
-                f.uplink as usize == id && health.on_down.purges(k.proto)
+                f.uplink == slot && health.on_down.purges(k.proto)
             });
             ("purged pinned flows", purged)
         };
@@ -576,8 +641,9 @@ impl Daemon {
     fn publish_slot(&self, id: usize) {
         if let Some(o) = self.observed.get(id) {
             let slot = uplinks::slot(&self.config, id, o, &self.probed[id], self.drained[id]);
-            if let Err(e) = self.maps.set_uplink(id as u32, &slot) {
-                error!("writing uplink slot {id}: {e:#}");
+            let at = self.config.uplinks[id].slot;
+            if let Err(e) = self.maps.set_uplink(at.into(), &slot) {
+                error!("writing uplink slot {at}: {e:#}");
             }
         }
     }
@@ -601,6 +667,10 @@ impl Daemon {
         }
         if let Some(r) = &self.reaper {
             r.set_timeouts(new.timeouts.clone());
+        }
+        let mut new = new;
+        for (n, o) in new.uplinks.iter_mut().zip(&self.config.uplinks) {
+            n.slot = o.slot;
         }
         self.config = new;
         let snap = netinfo::snapshot(&self.handle).await?;

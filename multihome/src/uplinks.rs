@@ -95,12 +95,14 @@ pub fn observe(u: &UplinkConfig, snap: &Snapshot) -> Observed {
     }
 }
 
+/// The `skb->mark` of uplink `id` (its index in the config): by its slot.
 pub fn mark(config: &Config, id: usize) -> u32 {
-    config.routing.mark_base | (id as u32 + 1)
+    config.routing.mark_base | (u32::from(config.uplinks[id].slot) + 1)
 }
 
+/// The routing table of uplink `id`: by its slot.
 pub fn table(config: &Config, id: usize) -> u32 {
-    config.routing.table_base + id as u32
+    config.routing.table_base + u32::from(config.uplinks[id].slot)
 }
 
 /// What the probes say about an uplink.
@@ -206,7 +208,7 @@ pub fn routed_table(config: &Config) -> Vec<(Prefix, RoutedUplinks)> {
         let bits = all
             .iter()
             .filter(|(_, outer)| contains(outer, &p))
-            .fold(0, |b, (id, _)| b | 1 << id);
+            .fold(0, |b, (id, _)| b | 1 << config.uplinks[*id].slot);
         out.push((p, bits));
     }
     out

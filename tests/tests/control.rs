@@ -203,6 +203,117 @@ fn a_tcp_connection_survives_a_daemon_restart_and_a_weight_reload() {
     assert_eq!(t.spoofed_drops(), 0);
 }
 
+/// The uplink sections of `config`, in the order of `names` (others left
+/// out).
+fn with_uplinks(config: &str, names: &[&str]) -> String {
+    let mut parts = config.split("\n[[uplink]]\n");
+    let mut out = parts.next().expect("the head").to_owned();
+    let sections: Vec<&str> = parts.collect();
+    for n in names {
+        let s = sections
+            .iter()
+            .find(|s| s.starts_with(&format!("name = {n:?}\n")))
+            .expect("a section of that name");
+        out += "\n[[uplink]]\n";
+        out += s;
+        if !s.ends_with('\n') {
+            out += "\n";
+        }
+    }
+    out
+}
+
+#[test]
+fn a_restart_under_a_changed_config_keeps_each_uplinks_flows_its_own() {
+    let t = Topology::standard();
+    let config = config_for(&t, [1, 1], "");
+    let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    let gw = Gateway::start_with_pin(&t.gw, &config, unique_pin_dir("ad"), &["--keep-on-exit"]);
+    // A socket whose flow is on x and one on y.
+    let on = |addr: Ipv4Addr| loop {
+        let s = t
+            .client
+            .run(|| std::net::UdpSocket::bind((CLIENT_ADDR, 0)))
+            .expect("bind");
+        let seen = udp_seen_from(&s, srv.addr()).expect("UDP");
+        if *seen.ip() == addr {
+            break (s, seen);
+        }
+    };
+    let (sx, seen_x) = on(UPLINK_X_ADDR);
+    let (sy, seen_y) = on(UPLINK_Y_ADDR);
+    let cfg_path = gw.config_path().to_owned();
+    let restart = |gw: Gateway, config: &str, what: &str| {
+        let pin = gw.stop();
+        std::fs::write(&cfg_path, config).expect("write the config");
+        let gw = Gateway::start_with_pin(&t.gw, config, pin, &["--keep-on-exit"]);
+        assert!(gw.log().contains("adopted"), "{what}: {}", gw.log());
+        gw
+    };
+
+    // Reordered: each uplink keeps its slot, its flows their mapping.
+    let gw = restart(gw, &with_uplinks(&config, &["y", "x"]), "reorder");
+    assert_eq!(udp_seen_from(&sx, srv.addr()).expect("x's flow"), seen_x);
+    assert_eq!(udp_seen_from(&sy, srv.addr()).expect("y's flow"), seen_y);
+    assert!(gw.log().contains("keeps slot"), "{}", gw.log());
+
+    // y removed: its slot is cleared, its flows purged, x's untouched.
+    let gw = restart(gw, &with_uplinks(&config, &["x"]), "removal");
+    let names: Vec<_> = gw.status()["uplinks"]
+        .as_array()
+        .expect("uplinks")
+        .iter()
+        .map(|u| u["name"].clone())
+        .collect();
+    assert_eq!(names, ["x"], "the removed uplink's slot was cleared");
+    assert!(
+        gw.conns().iter().all(|c| c["uplink"] == "x"),
+        "{:?}",
+        gw.conns()
+    );
+    assert_eq!(udp_seen_from(&sx, srv.addr()).expect("x's flow"), seen_x);
+    assert_eq!(
+        *udp_seen_from(&sy, srv.addr()).expect("y's flow moves").ip(),
+        UPLINK_X_ADDR
+    );
+
+    // Renumbered while stopped: x's old flows are purged at start.
+    let pin = gw.stop();
+    t.gw.exec(&["ip", "addr", "del", "198.18.11.1/24", "dev", IF_WANX]);
+    t.gw.exec(&["ip", "addr", "add", "198.18.11.7/24", "dev", IF_WANX]);
+    let gw = Gateway::start_with_pin(
+        &t.gw,
+        &with_uplinks(&config, &["x"]),
+        pin,
+        &["--keep-on-exit"],
+    );
+    assert!(
+        gw.log().contains("address 198.18.11.1 gone; purged its"),
+        "{}",
+        gw.log()
+    );
+    assert!(
+        gw.conns().iter().all(|c| c["nat_addr"] != "198.18.11.1"),
+        "{:?}",
+        gw.conns()
+    );
+    assert_eq!(
+        *udp_seen_from(&sx, srv.addr())
+            .expect("x's flow on the new address")
+            .ip(),
+        Ipv4Addr::new(198, 18, 11, 7)
+    );
+
+    // y added back: a new uplink in a free slot, taking new flows.
+    let gw = restart(gw, &config, "addition");
+    eventually(Duration::from_secs(5), "y takes new flows", || {
+        udp_seen_as(&t.client, None, srv.addr()).is_ok_and(|p| *p.ip() == UPLINK_Y_ADDR)
+    });
+    drop(gw);
+    assert_eq!(t.spoofed_drops(), 0);
+    assert_eq!(t.foreign_sources(), 0);
+}
+
 #[test]
 fn failing_probes_take_an_uplink_out_within_the_stated_time_and_it_returns() {
     let t = Topology::standard();
