@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use log::{error, info, warn};
 use multihome_common::{
-    FLOW_FAILED_OVER, LAYOUT_VERSION, SelectTable, Settings, UPLINK_CONFIGURED,
+    FLOW_FAILED_OVER, FlowFwd, FlowKey, LAYOUT_VERSION, SelectTable, Settings, UPLINK_CONFIGURED,
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -413,12 +413,12 @@ impl Daemon {
         // Published: now the old address's flows can go.
         for (id, old) in renumbered {
             let (old_be, slot) = (u32::from(old).to_be(), self.config.uplinks[id].slot);
-            let n = flows::remove_where(&self.maps, |_, f| {
-                f.uplink == slot && f.nat_addr_be == old_be
-            })?;
-            info!(
-                "uplink {}: address {old} gone; purged its {n} flows",
-                self.config.uplinks[id].name
+            self.purge(
+                format!(
+                    "uplink {}: address {old} gone; purged its",
+                    self.config.uplinks[id].name
+                ),
+                move |_, f| f.uplink == slot && f.nat_addr_be == old_be,
             );
         }
         match failed
@@ -495,29 +495,39 @@ impl Daemon {
             self.publish_slot(id);
         }
         let slot = self.config.uplinks[id].slot;
-        let (what, purged) = if r.healthy {
+        let on_down = health.on_down;
+        if r.healthy {
             if health.on_up != OnUp::Return {
                 return;
             }
             // What failed over from this uplink, as on_down would have
             // moved it.
             let (select, seed) = (self.select, self.flow_hash_seed);
-            let moved = flows::remove_where(&self.maps, |k, f| {
-                f.flags & FLOW_FAILED_OVER != 0
-                    && health.on_down.purges(k.proto)
-                    && choice::preferred(&select, k, seed) == Some(slot)
-            });
-            ("moved back failed-over flows", moved)
+            self.purge(
+                format!("uplink {name}: moved back ({on_down:?}) failed-over"),
+                move |k, f| {
+                    f.flags & FLOW_FAILED_OVER != 0
+                        && on_down.purges(k.proto)
+                        && choice::preferred(&select, k, seed) == Some(slot)
+                },
+            );
         } else {
-            let purged = flows::remove_where(&self.maps, |k, f| {
-                f.uplink == slot && health.on_down.purges(k.proto)
-            });
-            ("purged pinned flows", purged)
-        };
-        match purged {
-            Ok(n) => info!("uplink {name}: {what}: {n} ({:?})", health.on_down),
-            Err(e) => error!("{e:#}"),
+            self.purge(
+                format!("uplink {name}: purged ({on_down:?}) its"),
+                move |k, f| f.uplink == slot && on_down.purges(k.proto),
+            );
         }
+    }
+
+    /// Removes the flows `doomed` picks on a thread of its own: a walk of
+    /// the flow table must not hold up the event loop. Logs `what` and the
+    /// count.
+    fn purge(&self, what: String, doomed: impl FnMut(&FlowKey, &FlowFwd) -> bool + Send + 'static) {
+        let maps = self.maps.clone();
+        tokio::task::spawn_blocking(move || match flows::remove_where(&maps, doomed) {
+            Ok(n) => info!("{what} {n} flows"),
+            Err(e) => error!("{what} flows: {e:#}"),
+        });
     }
 
     /// Attaches to interfaces that exist and are not attached yet (they may

@@ -26,7 +26,14 @@ pub async fn spawn(addr: SocketAddr, pin_dir: PathBuf) -> anyhow::Result<()> {
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
                 let _ = sock.read(&mut buf).await;
-                let (code, body) = match Maps::open(&pin_dir).and_then(|m| render(&m)) {
+                // A walk of the flow table: off the event loop, which
+                // must keep serving probes, netlink events and signals.
+                let rendered = tokio::task::spawn_blocking(move || {
+                    Maps::open(&pin_dir).and_then(|m| render(&m))
+                })
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("rendering metrics: {e}")));
+                let (code, body) = match rendered {
                     Ok(body) => ("200 OK", body),
                     Err(e) => {
                         warn!("metrics: {e:#}");

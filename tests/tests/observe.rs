@@ -258,3 +258,104 @@ fn only_the_daemons_user_may_use_the_control_socket_and_the_pin_dir() {
         "x was not drained"
     );
 }
+
+/// Echo requests the gateway's probes sent to `target`, as `ns` counted
+/// them in its INPUT chain.
+fn probes_seen(ns: &NetNs, target: &str) -> u64 {
+    let out = ns.exec_stdout(&["iptables", "-w", "-L", "INPUT", "-v", "-x", "-n"]);
+    out.lines()
+        .find(|l| l.contains("icmptype 8") && l.contains(target))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no probe counter in\n{out}"))
+}
+
+#[test]
+fn probe_rounds_keep_their_interval_while_metrics_walk_a_million_flows() {
+    use aya::maps::{HashMap, MapData};
+    use multihome_common::{FLOW_SEEN_REPLY, FlowFwd, FlowKey};
+    const FLOWS: u32 = 1_000_000;
+    let t = Topology::standard();
+    // Probes on y (the last uplink's table takes `extra`).
+    let extra = "[uplink.health]\ntargets = [\"198.19.0.10\"]\ninterval_ms = 100\n\
+                 timeout_ms = 90\ndown_after = 5\nup_after = 1\n\n[nat]\nmax_flows = 1048576\n";
+    let config = config_for(&t, [1, 1], extra);
+    let gw = Gateway::start_with_pin(
+        &t.gw,
+        &config,
+        unique_pin_dir("mf"),
+        &["--metrics", "127.0.0.1:9802"],
+    );
+    // A million established flows of one LAN host.
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the timespec.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) },
+        0
+    );
+    let now_ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    let data = MapData::from_pin(gw.pin_dir().join("CONN_FWD")).expect("pinned CONN_FWD");
+    let mut fwd: HashMap<_, FlowKey, FlowFwd> =
+        HashMap::try_from(aya::maps::Map::HashMap(data)).expect("CONN_FWD types");
+    for i in 0..FLOWS {
+        let key = FlowKey {
+            saddr_be: u32::from(CLIENT_ADDR).to_be(),
+            daddr_be: (0xc613_0000 | (i >> 16)).to_be(),
+            sport_be: (i as u16).to_be(),
+            dport_be: 443u16.to_be(),
+            proto: 6,
+            ..Default::default()
+        };
+        let value = FlowFwd {
+            last_seen_ns: now_ns,
+            nat_addr_be: u32::from(UPLINK_X_ADDR).to_be(),
+            flags: FLOW_SEEN_REPLY,
+            nat_port_be: (i as u16).to_be(),
+            uplink: 0,
+            ..Default::default()
+        };
+        fwd.insert(key, value, 0).expect("insert a flow");
+    }
+    t.inet.exec(&[
+        "iptables",
+        "-w",
+        "-I",
+        "INPUT",
+        "-p",
+        "icmp",
+        "--icmp-type",
+        "echo-request",
+        "-s",
+        "198.18.22.1",
+    ]);
+    let scraping = std::sync::atomic::AtomicBool::new(true);
+    let (probes, scrapes) = std::thread::scope(|s| {
+        let scraper = s.spawn(|| {
+            let mut n = 0;
+            while scraping.load(std::sync::atomic::Ordering::Relaxed) {
+                let m = scrape(&t.gw, 9802);
+                assert!(m.starts_with("HTTP/1.0 200 OK"), "{m}");
+                n += 1;
+            }
+            n
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let before = probes_seen(&t.inet, "198.18.22.1");
+        std::thread::sleep(Duration::from_secs(4));
+        let probes = probes_seen(&t.inet, "198.18.22.1") - before;
+        scraping.store(false, std::sync::atomic::Ordering::Relaxed);
+        (probes, scraper.join().expect("scraper"))
+    });
+    assert!(
+        scrapes >= 2,
+        "only {scrapes} scrapes: the walk did not happen"
+    );
+    // One probe per 100 ms round: 40 in 4 s; a stalled loop sends a few.
+    assert!(
+        probes >= 28,
+        "{probes} probes in 4 s while scraping ({scrapes} scrapes)"
+    );
+    assert_eq!(gw.status()["uplinks"][1]["state"], "up", "y stayed up");
+}
