@@ -3,7 +3,7 @@
 use std::{collections::HashSet, fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use anyhow::{Context as _, bail};
-use multihome_common::{DEFAULT_MAX_FLOWS, MAX_ROUTED_PREFIXES, MAX_UPLINKS};
+use multihome_common::{DEFAULT_MAX_FLOWS, MAX_LAN_NETS, MAX_ROUTED_PREFIXES, MAX_UPLINKS};
 use serde::Deserialize;
 
 use crate::health::HealthConfig;
@@ -259,6 +259,12 @@ impl Config {
             if let Err(e) = p.parse::<Prefix>() {
                 out.push(format!("`lan_prefixes[{i}]`: {e}"));
             }
+        }
+        if self.lan_prefixes.len() > MAX_LAN_NETS as usize {
+            out.push(format!(
+                "{} `lan_prefixes`; at most {MAX_LAN_NETS} LAN prefixes fit, the LAN interfaces' own subnets included",
+                self.lan_prefixes.len()
+            ));
         }
         if self.uplinks.is_empty() {
             out.push("no `[[uplink]]`: configure at least one uplink".into());

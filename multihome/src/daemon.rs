@@ -10,7 +10,8 @@ use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use log::{error, info, warn};
 use multihome_common::{
-    FLOW_FAILED_OVER, FlowFwd, FlowKey, LAYOUT_VERSION, SelectTable, Settings, UPLINK_CONFIGURED,
+    FLOW_FAILED_OVER, FlowFwd, FlowKey, LAYOUT_VERSION, MAX_LAN_NETS, SelectTable, Settings,
+    UPLINK_CONFIGURED,
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -264,6 +265,24 @@ fn check_interfaces(config: &Config, snap: &netinfo::Snapshot) -> anyhow::Result
         bail!(
             "no such interface: {}. Check the names with `ip link`",
             missing.join(", ")
+        );
+    }
+    for l in &config.lan {
+        if snap[l].l3 {
+            bail!(
+                "LAN interface {l:?} has no Ethernet header (tun, wg, ppp): multihome \
+                 translates LAN traffic only on Ethernet-like interfaces (Ethernet, veth, \
+                 bridge, VLAN). Route such a network to a LAN bridge and list its prefix in \
+                 `lan_prefixes` instead"
+            );
+        }
+    }
+    let nets = uplinks::lan_nets(config, snap).len();
+    if nets > MAX_LAN_NETS as usize {
+        bail!(
+            "the LAN interfaces' addresses and `lan_prefixes` make {nets} LAN prefixes; at most \
+             {MAX_LAN_NETS} fit. Remove addresses from the LAN interfaces or list fewer \
+             `lan_prefixes`"
         );
     }
     for u in &config.uplinks {

@@ -756,6 +756,14 @@ fn an_uplink_interface_that_disappears_and_reappears_is_picked_up_again() {
     assert_eq!(t.spoofed_drops(), 0);
 }
 
+/// `lan_prefixes = [...]` with `n` distinct /24s.
+fn lan_prefixes(n: u8) -> String {
+    let list: Vec<String> = (0..n)
+        .map(|i| format!("\"198.18.{}.0/24\"", 100 + i))
+        .collect();
+    format!("lan_prefixes = [{}]", list.join(", "))
+}
+
 #[test]
 fn bad_configs_and_unknown_interfaces_are_refused_and_nothing_is_installed() {
     let t = Topology::standard();
@@ -778,7 +786,21 @@ fn bad_configs_and_unknown_interfaces_are_refused_and_nothing_is_installed() {
             "weight",
         ),
         ("lan = []\n".to_owned(), "`lan`"),
+        // With lan0's own subnet, one prefix too many.
+        (
+            config_for(&t, [1, 1], "").replacen("\n", &format!("\n{}\n", lan_prefixes(16)), 1),
+            "17 LAN prefixes; at most 16 fit",
+        ),
+        (
+            config_for(&t, [1, 1], "").replacen("\n", &format!("\n{}\n", lan_prefixes(17)), 1),
+            "17 `lan_prefixes`",
+        ),
+        (
+            config_for(&t, [1, 1], "").replacen(IF_LAN, "lantun0", 1),
+            "no Ethernet header",
+        ),
     ];
+    let _tun = create_tun(&t.gw, "lantun0");
     for (i, (config, needle)) in cases.iter().enumerate() {
         let path = std::env::temp_dir().join(format!("mh-bad-{}-{i}.toml", std::process::id()));
         std::fs::write(&path, config).expect("write");
