@@ -14,7 +14,7 @@ use multihome_common::{
     UPLINK_CONFIGURED,
 };
 use tokio::{
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
     sync::{mpsc, watch},
 };
 
@@ -74,7 +74,7 @@ struct Daemon {
     /// Per uplink: drained by `multihome uplink drain`.
     drained: Vec<bool>,
     commands: mpsc::Receiver<control::Command>,
-    socket: PathBuf,
+    signals: Signals,
     datapath: Datapath,
     /// The choice table as last written to SELECT.
     select: SelectTable,
@@ -82,7 +82,35 @@ struct Daemon {
     flow_hash_seed: u32,
 }
 
+/// SIGTERM, SIGINT and SIGHUP, caught from the start: one that arrives
+/// while the daemon sets up waits for it, so nothing is left half-made.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn catch() -> anyhow::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
+/// The control socket's file, removed however `run` ends.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    let signals = Signals::catch().context("catching signals")?;
     let mut config = Config::load(&opts.config_path)?;
     let local_ports = config::check_port_ranges(config.nat.snat_ports)?;
     let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
@@ -96,7 +124,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let snap = netinfo::snapshot(&handle).await?;
     check_interfaces(&config, &snap)?;
     let (command_tx, commands) = mpsc::channel(8);
-    let socket = control::listen(&opts.pin_dir, command_tx)?;
+    let _socket = SocketFile(control::listen(&opts.pin_dir, command_tx)?);
 
     let (report_tx, reports) = mpsc::channel(64);
     let probe_bindings = config
@@ -112,15 +140,25 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         })
         .collect();
     drop(report_tx);
-    let datapath = Datapath::load(&opts.pin_dir, config.nat.max_flows).inspect_err(|_| {
-        let _ = std::fs::remove_file(&socket);
-    })?;
+    let datapath = Datapath::load(&opts.pin_dir, config.nat.max_flows)?;
     let adopted = datapath.adopted;
-    let maps = Maps::open(&opts.pin_dir)?;
-    let (gone_slots, last_address) = if adopted {
-        adopt_uplinks(&mut config, &maps)?
-    } else {
-        (Vec::new(), vec![None; config.uplinks.len()])
+    let opened = Maps::open(&opts.pin_dir).and_then(|maps| {
+        let adoption = if adopted {
+            adopt_uplinks(&mut config, &maps)?
+        } else {
+            (Vec::new(), vec![None; config.uplinks.len()])
+        };
+        Ok((maps, adoption))
+    });
+    let (maps, (gone_slots, last_address)) = match opened {
+        Ok(o) => o,
+        Err(e) => {
+            if !adopted {
+                // Nothing half-made for the next start to trip over.
+                let _ = loader::remove_pins(&opts.pin_dir);
+            }
+            return Err(e);
+        }
     };
     let flow_hash_seed = match maps.settings() {
         Ok(s) if adopted && s.layout_version == LAYOUT_VERSION && s.flow_hash_seed != 0 => {
@@ -144,7 +182,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         all_down: false,
         drained: vec![false; config.uplinks.len()],
         commands,
-        socket,
+        signals,
         config,
         opts,
         datapath,
@@ -161,9 +199,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             d.opts.pin_dir.display()
         );
     }
-    let result = d.start_and_serve(local_ports, snap, adopted).await;
-    let _ = std::fs::remove_file(&d.socket);
-    result
+    d.start_and_serve(local_ports, snap, adopted).await
 }
 
 impl Daemon {
@@ -588,15 +624,12 @@ impl Daemon {
     }
 
     async fn serve(&mut self) -> anyhow::Result<()> {
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
         let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
-                _ = term.recv() => { info!("SIGTERM: stopping"); return Ok(()); }
-                _ = int.recv() => { info!("SIGINT: stopping"); return Ok(()); }
-                _ = hup.recv() => {
+                _ = self.signals.term.recv() => { info!("SIGTERM: stopping"); return Ok(()); }
+                _ = self.signals.int.recv() => { info!("SIGINT: stopping"); return Ok(()); }
+                _ = self.signals.hup.recv() => {
                     if let Err(e) = self.reload().await {
                         error!("reload failed, keeping the running config: {e:#}");
                     }

@@ -756,6 +756,47 @@ fn an_uplink_interface_that_disappears_and_reappears_is_picked_up_again() {
     assert_eq!(t.spoofed_drops(), 0);
 }
 
+#[test]
+fn a_sigterm_during_start_up_stops_the_daemon_cleanly_and_leaves_nothing() {
+    let t = Topology::standard();
+    let bin = multihome_bin();
+    let pin = unique_pin_dir("sig");
+    let cfg = std::env::temp_dir().join(format!("mh-sig-{}.toml", std::process::id()));
+    std::fs::write(&cfg, config_for(&t, [1, 1], "")).expect("write");
+    let proc = t.gw.spawn_env(
+        &[
+            bin.to_str().expect("utf-8"),
+            "run",
+            "--config",
+            cfg.to_str().expect("utf-8"),
+            "--pin-dir",
+            pin.path().to_str().expect("utf-8"),
+        ],
+        &[("RUST_LOG", "info")],
+    );
+    // Once the programs are pinned and attached, before it is ready.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !proc.log().contains("attached LanIngress") {
+        assert!(Instant::now() < deadline, "no attach: {}", proc.log());
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    proc.signal(libc::SIGTERM);
+    let status = proc
+        .wait_timeout(Duration::from_secs(10))
+        .expect("the daemon stops");
+    assert!(status.success(), "{status:?}: {}", proc.log());
+    assert!(proc.log().contains("SIGTERM: stopping"), "{}", proc.log());
+    assert!(
+        !pin.path().join("CONN_FWD").exists(),
+        "maps were left pinned"
+    );
+    assert!(
+        !t.gw.exec_stdout(&["ip", "rule"]).contains("proto 77"),
+        "rules were left"
+    );
+    let _ = std::fs::remove_file(&cfg);
+}
+
 /// `lan_prefixes = [...]` with `n` distinct /24s.
 fn lan_prefixes(n: u8) -> String {
     let list: Vec<String> = (0..n)
