@@ -30,7 +30,20 @@ pub fn choose(
     onlink_ifindex: Option<u32>,
     hash: u32,
 ) -> Result<(u8, &'static Uplink, bool), Reason> {
+    let slot = select_slot(hash);
+    let table = SELECT.get(0);
     if let Some(ifindex) = onlink_ifindex {
+        // Uplinks may share the device (routers on one segment): the
+        // hash's choice if it is one of them.
+        if let Some(t) = table
+            && t.usable != 0
+            && let Some(id) = t.now.get(slot)
+            && let Some(u) = uplink(*id as u32)
+            && u.ifindex == ifindex
+            && usable(u)
+        {
+            return Ok((*id, u, false));
+        }
         for id in 0..MAX_UPLINKS {
             if let Some(u) = uplink(id)
                 && u.ifindex == ifindex
@@ -40,8 +53,6 @@ pub fn choose(
             }
         }
     }
-    let slot = select_slot(hash);
-    let table = SELECT.get(0);
     let preferred = match table {
         Some(t) if t.configured != 0 => t.preferred.get(slot).copied(),
         _ => None,

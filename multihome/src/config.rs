@@ -338,17 +338,15 @@ impl Config {
                 u.name, u.interface
             ));
         }
-        for u in &self.uplinks {
-            let shared = self
-                .uplinks
-                .iter()
-                .filter(|o| o.interface == u.interface)
-                .count()
-                > 1;
-            if shared && u.address.is_none() {
+        // Uplinks sharing an interface may share its one address (their
+        // gateways tell them apart), but not a gateway.
+        for (i, u) in self.uplinks.iter().enumerate() {
+            if let Some(o) = self.uplinks[..i].iter().find(|o| {
+                o.interface == u.interface && o.gateway.is_some() && o.gateway == u.gateway
+            }) {
                 out.push(format!(
-                    "uplink {:?}: shares interface {:?} with another uplink, so it needs its own `address`",
-                    u.name, u.interface
+                    "uplink {:?}: same interface and `gateway` as uplink {:?}: one of them is redundant",
+                    u.name, o.name
                 ));
             }
         }
@@ -401,20 +399,20 @@ impl Config {
         if self
             .routing
             .table_base
-            .checked_add(MAX_UPLINKS)
+            .checked_add(2 * MAX_UPLINKS)
             .is_none_or(|last| self.routing.table_base == 0 || last >= 253)
         {
             out.push(format!(
-                "`routing.table_base` = {}: pick 1..{} so that tables stay clear of 253-255 (default, main, local)",
+                "`routing.table_base` = {}: pick 1..{} so that the uplinks' tables and those of shared \
+                 addresses stay clear of 253-255 (default, main, local)",
                 self.routing.table_base,
-                253 - MAX_UPLINKS
+                253 - 2 * MAX_UPLINKS
             ));
         }
-        // Each uplink has a source rule and a mark rule, FWMARK_RULE_OFFSET
-        // apart, and all must come before the main table's rule.
-        let last_priority = crate::routing::MAIN_RULE_PRIORITY
-            - 2 * crate::routing::FWMARK_RULE_OFFSET
-            - MAX_UPLINKS;
+        // Each uplink has a source rule and two mark rules, and a shared
+        // address one more: all must come before the main table's rule.
+        let last_priority =
+            crate::routing::MAIN_RULE_PRIORITY - crate::routing::SHARED_RULE_OFFSET - MAX_UPLINKS;
         if !(1..=last_priority).contains(&self.routing.rule_priority) {
             out.push(format!(
                 "`routing.rule_priority` = {}: pick 1..{last_priority}, so that every rule comes \

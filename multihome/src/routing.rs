@@ -13,13 +13,19 @@
 //! | `p + 1 + i`              | `from A_i lookup T_i` (only if `A_i` is known) |
 //! | `p + 20 + i`             | `fwmark M_i/0xffffffff lookup T_i`             |
 //! | `p + 40 + i`             | `fwmark M_i/0xffffffff unreachable`            |
+//! | `p + 48 + i`             | `from A lookup S` (a shared address, below)    |
 //!
 //! - The first rule lets everything in main that is more specific than a
 //!   default route (connected subnets, LAN routes) win before the uplink
 //!   tables; the recipe without it sends replies to the LAN back out of an
 //!   uplink.
 //! - The `from` rules send the gateway's own traffic from an uplink's address
-//!   out of that uplink.
+//!   out of that uplink. Uplinks that share one address (the seed's 4.2.5:
+//!   two routers behind one NIC, the uplinks differ only by their gateway)
+//!   get one `from` rule instead, after the mark rules so that each
+//!   uplink's probes still leave by its own router, into table `S` =
+//!   `table_base + 8 + s` (`s`: the group's lowest slot), which holds a
+//!   multipath default over their routers.
 //! - The `fwmark` rules send what the datapath hands to the kernel (the slow
 //!   path, always with a LAN source) out of its flow's uplink. They have
 //!   their own block of priorities ([`FWMARK_RULE_OFFSET`]) so that every
@@ -108,9 +114,23 @@ pub struct UplinkRoutes {
     pub routed: Vec<Prefix>,
 }
 
+/// Uplinks that share one local address: the gateway's own traffic from it
+/// takes a multipath table over their routers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedSource {
+    pub address: Ipv4Addr,
+    pub table: u32,
+    /// Indices into [`RoutingPlan::uplinks`], at least two.
+    pub members: Vec<usize>,
+}
+
+/// Rules of shared addresses start at `rule_priority` + this.
+pub const SHARED_RULE_OFFSET: u32 = 2 * FWMARK_RULE_OFFSET + 8;
+
 #[derive(Clone, Debug)]
 pub struct RoutingPlan {
     pub uplinks: Vec<UplinkRoutes>,
+    pub shared: Vec<SharedSource>,
     /// Base priority of our rules (see the module docs).
     pub rule_priority: u32,
     /// The table our suppressing rule looks up and our default goes into
@@ -194,8 +214,33 @@ impl Routing {
             }
         }
 
+        // Shared addresses' tables.
+        for sh in &plan.shared {
+            let hops = multipath_hops(plan, &installed, |i| sh.members.contains(&i));
+            if hops.is_empty() {
+                warnings.push(format!(
+                    "table {}: no default route: no router of {} can carry it",
+                    sh.table, sh.address
+                ));
+                continue;
+            }
+            let route = Route {
+                table: sh.table,
+                metric: 0,
+                hops,
+            };
+            match self.ensure_route(&route, plan, &mut ours, &foreign).await {
+                Ok(Ensured::Present) => {}
+                Ok(Ensured::Skipped(why)) => warnings.push(format!(
+                    "table {}: no default route for now ({route}): {why}",
+                    sh.table
+                )),
+                Err(e) => errors.push(e),
+            }
+        }
+
         // Main's default route.
-        let hops = main_hops(plan, &installed);
+        let hops = multipath_hops(plan, &installed, |_| true);
         if hops.is_empty() {
             if !plan.uplinks.is_empty() {
                 warnings.push(format!(
@@ -502,13 +547,13 @@ fn validate(plan: &RoutingPlan) -> anyhow::Result<()> {
             MAIN_RULE_PRIORITY - 2 * FWMARK_RULE_OFFSET - n
         );
     }
-    let last = plan.rule_priority.checked_add(2 * FWMARK_RULE_OFFSET + n);
+    let last = plan.rule_priority.checked_add(SHARED_RULE_OFFSET + n);
     if last.is_none_or(|l| l > MAIN_RULE_PRIORITY) {
         bail!(
             "`routing.rule_priority` {} puts our rules at or after the main table's rule ({MAIN_RULE_PRIORITY}), \
              where they would never match; pick 1..{}",
             plan.rule_priority,
-            MAIN_RULE_PRIORITY - 2 * FWMARK_RULE_OFFSET - n
+            MAIN_RULE_PRIORITY - SHARED_RULE_OFFSET - n
         );
     }
     let mut tables = HashSet::new();
@@ -533,6 +578,17 @@ fn validate(plan: &RoutingPlan) -> anyhow::Result<()> {
             bail!("routing plan: fwmark {:#x} is used by two uplinks", u.mark);
         }
     }
+    for sh in &plan.shared {
+        if [0, RT_TABLE_DEFAULT, RT_TABLE_LOCAL, plan.main_table].contains(&sh.table)
+            || !tables.insert(sh.table)
+        {
+            bail!(
+                "routing table {} of shared address {} is reserved or taken; change `routing.table_base`",
+                sh.table,
+                sh.address
+            );
+        }
+    }
     Ok(())
 }
 
@@ -543,8 +599,9 @@ fn desired_rules(plan: &RoutingPlan) -> Vec<Rule> {
         table: plan.main_table,
         selector: Selector::SuppressDefault,
     }];
+    let shared = |i: usize| plan.shared.iter().any(|s| s.members.contains(&i));
     for (i, u) in plan.uplinks.iter().enumerate() {
-        if let Some(addr) = u.address {
+        if let Some(addr) = u.address.filter(|_| !shared(i)) {
             rules.push(Rule {
                 priority: p + 1 + i as u32,
                 table: u.table,
@@ -571,18 +628,31 @@ fn desired_rules(plan: &RoutingPlan) -> Vec<Rule> {
             selector: Selector::FwMarkUnreachable(u.mark),
         });
     }
+    for sh in &plan.shared {
+        let first = sh.members.iter().min().copied().unwrap_or(0);
+        rules.push(Rule {
+            priority: p + SHARED_RULE_OFFSET + first as u32,
+            table: sh.table,
+            selector: Selector::From(sh.address, 32),
+        });
+    }
     rules
 }
 
-/// Next hops of main's default route: the usable uplinks with a weight; if
-/// there are none, the usable backups (weight 0, counted as 1); if none is
-/// usable, every uplink with an address, to keep forwarding on what there
-/// is. Only uplinks whose own table route is in place (`installed`): the
-/// kernel refuses a multipath route with a next hop it cannot use.
-fn main_hops(plan: &RoutingPlan, installed: &[bool]) -> Vec<NextHop> {
+/// Next hops of a multipath default over the uplinks `member` admits
+/// (main's: all of them): the usable uplinks with a weight; if there are
+/// none, the usable backups (weight 0, counted as 1); if none is usable,
+/// every uplink with an address, to keep forwarding on what there is. Only
+/// uplinks whose own table route is in place (`installed`): the kernel
+/// refuses a multipath route with a next hop it cannot use.
+fn multipath_hops(
+    plan: &RoutingPlan,
+    installed: &[bool],
+    member: impl Fn(usize) -> bool,
+) -> Vec<NextHop> {
     let up = &plan.uplinks;
     let pick = |f: &dyn Fn(&UplinkRoutes) -> bool| -> Vec<usize> {
-        (0..up.len()).filter(|&i| f(&up[i])).collect()
+        (0..up.len()).filter(|&i| member(i) && f(&up[i])).collect()
     };
     let mut chosen = pick(&|u| u.usable && u.weight > 0);
     if chosen.is_empty() {
@@ -1196,9 +1266,57 @@ mod tests {
     fn plan(uplinks: Vec<UplinkRoutes>) -> RoutingPlan {
         RoutingPlan {
             uplinks,
+            shared: Vec::new(),
             rule_priority: 1000,
             main_table: 254,
         }
+    }
+
+    #[test]
+    fn a_shared_address_gets_one_rule_after_the_mark_rules_into_a_multipath_table() {
+        let a = Ipv4Addr::new(198, 18, 10, 1);
+        let mut p = plan(vec![
+            uplink(0, Some([198, 18, 10, 254]), 1, true),
+            uplink(1, Some([198, 18, 10, 253]), 1, true),
+            uplink(2, Some([198, 18, 33, 254]), 1, true),
+        ]);
+        p.uplinks[0].address = Some(a);
+        p.uplinks[1].address = Some(a);
+        p.uplinks[1].ifindex = 10;
+        p.shared = vec![SharedSource {
+            address: a,
+            table: 108,
+            members: vec![0, 1],
+        }];
+        validate(&p).expect("valid");
+        let from_a: Vec<Rule> = desired_rules(&p)
+            .into_iter()
+            .filter(|r| r.selector == Selector::From(a, 32))
+            .collect();
+        assert_eq!(
+            from_a,
+            [Rule {
+                priority: 1000 + SHARED_RULE_OFFSET,
+                table: 108,
+                selector: Selector::From(a, 32),
+            }]
+        );
+        let last_mark_rule = desired_rules(&p)
+            .iter()
+            .filter(|r| matches!(r.selector, Selector::FwMarkUnreachable(_)))
+            .map(|r| r.priority)
+            .max();
+        assert!(
+            last_mark_rule < Some(1000 + SHARED_RULE_OFFSET),
+            "probes go by mark first"
+        );
+        let gw = |o: u8| Some([198, 18, 10, o]);
+        assert_eq!(
+            multipath_hops(&p, &[true; 3], |i| p.shared[0].members.contains(&i)),
+            vec![hop(gw(254), 10, 1), hop(gw(253), 10, 1)]
+        );
+        p.shared[0].table = 101;
+        assert!(validate(&p).is_err(), "a table used twice");
     }
 
     #[test]
@@ -1218,17 +1336,26 @@ mod tests {
             uplink(1, None, 3, true),
             uplink(2, gw, 0, true),
         ]);
-        assert_eq!(main_hops(&p, &all), vec![hop(gw, 10, 1), hop(None, 11, 3)]);
+        assert_eq!(
+            multipath_hops(&p, &all, |_| true),
+            vec![hop(gw, 10, 1), hop(None, 11, 3)]
+        );
         // The only weighted one is down: backups step in.
         let p = plan(vec![uplink(0, gw, 1, false), uplink(1, gw, 0, true)]);
-        assert_eq!(main_hops(&p, &all), vec![hop(gw, 11, 1)]);
+        assert_eq!(multipath_hops(&p, &all, |_| true), vec![hop(gw, 11, 1)]);
         // Nothing usable: whatever has an address, if its table route is in.
         let mut p = plan(vec![uplink(0, gw, 2, false), uplink(1, gw, 5, false)]);
-        assert_eq!(main_hops(&p, &all), vec![hop(gw, 10, 2), hop(gw, 11, 5)]);
-        assert_eq!(main_hops(&p, &[false, true]), vec![hop(gw, 11, 1)]);
+        assert_eq!(
+            multipath_hops(&p, &all, |_| true),
+            vec![hop(gw, 10, 2), hop(gw, 11, 5)]
+        );
+        assert_eq!(
+            multipath_hops(&p, &[false, true], |_| true),
+            vec![hop(gw, 11, 1)]
+        );
         p.uplinks[0].address = None;
         p.uplinks[1].address = None;
-        assert_eq!(main_hops(&p, &all), vec![]);
+        assert_eq!(multipath_hops(&p, &all, |_| true), vec![]);
     }
 
     #[test]
@@ -1454,6 +1581,7 @@ mod tests {
                 up(2, None, None, 1, true),
                 up(3, addr(44), gw(44), 1, false),
             ],
+            shared: Vec::new(),
             rule_priority: 1000,
             main_table: 254,
         };

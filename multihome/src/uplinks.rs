@@ -3,14 +3,14 @@
 use std::net::Ipv4Addr;
 
 use multihome_common::{
-    LanNet, RoutedUplinks, UPLINK_CONFIGURED, UPLINK_DRAINED, UPLINK_L3, UPLINK_LINK_DOWN,
-    UPLINK_PROBES_FAIL, UPLINK_USABLE, Uplink,
+    LanNet, MAX_UPLINKS, RoutedUplinks, UPLINK_CONFIGURED, UPLINK_DRAINED, UPLINK_L3,
+    UPLINK_LINK_DOWN, UPLINK_PROBES_FAIL, UPLINK_USABLE, Uplink,
 };
 
 use crate::{
     config::{Config, MssClamp, Prefix, UplinkConfig},
     netinfo::Snapshot,
-    routing::{RoutingPlan, UplinkRoutes},
+    routing::{RoutingPlan, SharedSource, UplinkRoutes},
 };
 
 /// Why an uplink does or does not take new flows.
@@ -236,9 +236,39 @@ pub fn routing_plan(config: &Config, observed: &[Observed], usable: &[bool]) -> 
                     .collect(),
             })
             .collect(),
+        shared: shared_sources(config, observed),
         rule_priority: config.routing.rule_priority,
         main_table: 254,
     }
+}
+
+/// Addresses that two or more uplinks have now (seed 4.2.5: routers on one
+/// segment behind one NIC with one address), each with its table: table
+/// base + [`MAX_UPLINKS`] + the group's lowest slot.
+fn shared_sources(config: &Config, observed: &[Observed]) -> Vec<SharedSource> {
+    let mut out: Vec<SharedSource> = Vec::new();
+    for (i, o) in observed.iter().enumerate() {
+        let Some(address) = o.address else { continue };
+        if out.iter().any(|s| s.address == address) {
+            continue;
+        }
+        let members: Vec<usize> = (i..observed.len())
+            .filter(|j| observed[*j].address == Some(address))
+            .collect();
+        if members.len() > 1 {
+            let slot = members
+                .iter()
+                .map(|j| config.uplinks[*j].slot)
+                .min()
+                .unwrap_or(0);
+            out.push(SharedSource {
+                address,
+                table: config.routing.table_base + MAX_UPLINKS + u32::from(slot),
+                members,
+            });
+        }
+    }
+    out
 }
 
 #[cfg(test)]

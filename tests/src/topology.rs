@@ -72,6 +72,8 @@ pub enum TopologyKind {
     Standard,
     TwoClients,
     SharedNic,
+    /// The seed's 4.2.5: one gw address, two routers on its segment.
+    SharedAddress,
     TunUplink,
 }
 
@@ -145,10 +147,17 @@ fn cidr(a: Ipv4Addr, len: u8) -> String {
 /// with another source, forwarded or not: the capture that says whether
 /// anything foreign left the gateway.
 fn anti_spoof(isp: &NetNs, allowed: &str) {
+    anti_spoof_from(isp, allowed, None);
+}
+
+/// [`anti_spoof`] on a segment shared with other hosts: only frames from
+/// the gateway's MAC `gw_mac` are counted (the other router's own IGMP and
+/// ARP-driven traffic is no leak).
+fn anti_spoof_from(isp: &NetNs, allowed: &str, gw_mac: Option<&str>) {
     isp.exec(&[
         "iptables", "-w", "-A", "FORWARD", "-i", IF_CUST, "!", "-s", allowed, "-j", "DROP",
     ]);
-    isp.exec(&[
+    let mut count = vec![
         "iptables",
         "-w",
         "-t",
@@ -160,7 +169,11 @@ fn anti_spoof(isp: &NetNs, allowed: &str) {
         "!",
         "-s",
         allowed,
-    ]);
+    ];
+    if let Some(mac) = gw_mac {
+        count.extend(["-m", "mac", "--mac-source", mac]);
+    }
+    isp.exec(&count);
 }
 
 /// Packets that reached `ns` on `cust` with a source other than its
@@ -340,6 +353,53 @@ impl Topology {
         t
     }
 
+    /// The seed's 4.2.5 exactly: gw `wan0` has **one** address,
+    /// 198.18.10.1/24, on a bridged segment (namespace `seg`) with two
+    /// routers, ispx (.254) and ispy (.253). Each router NATs the segment to
+    /// its own core address on to the internet, as a DSL router in the LAN
+    /// does, so `inet` sees [`ISPX_CORE`] or [`ISPY_CORE`] as the peer.
+    pub fn shared_address() -> Topology {
+        let p = common_parts();
+        let seg = base_ns("sa", false);
+        bridge(&seg, IF_BRIDGE);
+        for (ns, ifname, port) in [
+            (&p.gw, IF_WAN0, "pgw"),
+            (&p.ispx, IF_CUST, "pispx"),
+            (&p.ispy, IF_CUST, "pispy"),
+        ] {
+            veth(ns, ifname, &seg, port);
+            enslave(&seg, port, IF_BRIDGE);
+        }
+        addr(&p.gw, IF_WAN0, &cidr(SHARED_X_ADDR, 24));
+        addr(&p.ispx, IF_CUST, &cidr(SHARED_X_GW, 24));
+        addr(&p.ispy, IF_CUST, &cidr(SHARED_Y_GW, 24));
+        let link =
+            p.gw.exec_stdout(&["ip", "-br", "link", "show", "dev", IF_WAN0]);
+        let mac = link
+            .split_whitespace()
+            .nth(2)
+            .unwrap_or_else(|| panic!("no MAC in {link:?}"))
+            .to_owned();
+        for isp in [&p.ispx, &p.ispy] {
+            anti_spoof_from(isp, &cidr(SHARED_X_ADDR, 32), Some(&mac));
+            isp.exec(&[
+                "iptables",
+                "-w",
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-o",
+                IF_CORE,
+                "-j",
+                "MASQUERADE",
+            ]);
+        }
+        let mut t = Topology::assemble(TopologyKind::SharedAddress, p, None);
+        t.seg = Some(seg);
+        t
+    }
+
     /// [`standard`](Self::standard) but uplink X is a TUN pair (no Ethernet
     /// header): gw `wanx` 198.18.11.1 peer 198.18.11.254, ispx `cust` the
     /// reverse, joined by [`TunRelay`] (a = gw, b = ispx). MTU 1500.
@@ -373,6 +433,18 @@ impl Topology {
     /// The gw's uplinks for this topology.
     pub fn uplinks(&self) -> [UplinkInfo; 2] {
         match self.kind {
+            TopologyKind::SharedAddress => [Isp::X, Isp::Y].map(|isp| UplinkInfo {
+                isp,
+                ifname: IF_WAN0,
+                addr: SHARED_X_ADDR,
+                prefix_len: 24,
+                gateway: if isp == Isp::X {
+                    SHARED_X_GW
+                } else {
+                    SHARED_Y_GW
+                },
+                l3_only: false,
+            }),
             TopologyKind::SharedNic => [
                 UplinkInfo {
                     isp: Isp::X,

@@ -84,6 +84,122 @@ fn shared_nic_routers_each_keep_their_own_flows() {
     assert_eq!(t.spoofed_drops(), 0, "a router got the other one's flow");
 }
 
+/// The byte at `i` of a test download.
+fn pattern(i: usize) -> u8 {
+    (i as u32).wrapping_mul(2_654_435_761).rotate_left(7) as u8
+}
+
+/// A TCP server in `ns` that tells each client the peer it sees (a line),
+/// then sends it `len` bytes of [`pattern`] and closes.
+fn download_server(ns: &NetNs, len: usize) -> SocketAddrV4 {
+    let listener = ns
+        .run(|| TcpListener::bind((INET_SERVICE, 0)))
+        .expect("bind the download server");
+    let addr = match listener.local_addr().expect("address") {
+        std::net::SocketAddr::V4(a) => a,
+        a => panic!("{a}"),
+    };
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { return };
+            std::thread::spawn(move || {
+                let peer = c.peer_addr().expect("peer");
+                let _ = c.write_all(format!("{peer}\n").as_bytes());
+                let body: Vec<u8> = (0..len).map(pattern).collect();
+                let _ = c.write_all(&body);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn the_seeds_one_address_shared_nic_spreads_over_both_routers_and_downloads_arrive_intact() {
+    let t = Topology::shared_address();
+    // Exactly as the seed writes it: one NIC, one address, two gateways.
+    let config = format!(
+        "lan = [\"{IF_LAN}\"]\n\n[[uplink]]\nname = \"x\"\ninterface = \"{IF_WAN0}\"\n\
+         gateway = \"{SHARED_X_GW}\"\n\n[[uplink]]\nname = \"y\"\ninterface = \"{IF_WAN0}\"\n\
+         gateway = \"{SHARED_Y_GW}\"\n"
+    );
+    let gw = Gateway::start(&t.gw, &config);
+    let s = gw.status();
+    for u in s["uplinks"].as_array().expect("uplinks") {
+        assert_eq!(u["state"], "up", "{s}");
+        assert_eq!(u["address"], SHARED_X_ADDR.to_string(), "{s}");
+    }
+    // UDP: spread over both routers, each flow staying on its router.
+    let udp = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    let mut routers = std::collections::HashSet::new();
+    for _ in 0..12 {
+        let sock = t
+            .client
+            .run(|| std::net::UdpSocket::bind((CLIENT_ADDR, 0)))
+            .expect("bind");
+        let first = udp_seen_from(&sock, udp.addr()).expect("UDP over a shared address");
+        for _ in 0..3 {
+            assert_eq!(udp_seen_from(&sock, udp.addr()).expect("again"), first);
+        }
+        routers.insert(*first.ip());
+    }
+    assert_eq!(
+        routers,
+        [ISPX_CORE, ISPY_CORE].into(),
+        "both routers carry UDP"
+    );
+    // TCP: a 20 MB download through each router, byte for byte.
+    const LEN: usize = 20 << 20;
+    let server = download_server(&t.inet, LEN);
+    let mut done = std::collections::HashSet::new();
+    for _ in 0..24 {
+        if done.len() == 2 {
+            break;
+        }
+        let mut c = tcp_connect(&t.client, None, server).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut all = Vec::with_capacity(LEN + 32);
+        c.read_to_end(&mut all).expect("the download");
+        let nl = all.iter().position(|b| *b == b'\n').expect("the peer line");
+        let peer: SocketAddrV4 = std::str::from_utf8(&all[..nl])
+            .expect("utf-8")
+            .parse()
+            .expect("a peer address");
+        let body = &all[nl + 1..];
+        assert_eq!(body.len(), LEN, "through {peer}");
+        assert!(
+            body.iter().enumerate().all(|(i, b)| *b == pattern(i)),
+            "through {peer}: corrupted"
+        );
+        done.insert(*peer.ip());
+    }
+    assert_eq!(
+        done,
+        [ISPX_CORE, ISPY_CORE].into(),
+        "a download through each router"
+    );
+    // The gateway's own traffic from the address: a multipath table over
+    // both routers.
+    let rules = t.gw.exec_stdout(&["ip", "rule"]);
+    let table = rules
+        .lines()
+        .find(|l| l.contains(&format!("from {SHARED_X_ADDR} lookup")))
+        .and_then(|l| l.split_whitespace().skip_while(|w| *w != "lookup").nth(1))
+        .unwrap_or_else(|| panic!("no rule for the shared address:\n{rules}"))
+        .to_owned();
+    let routes = t.gw.exec_stdout(&["ip", "route", "show", "table", &table]);
+    assert!(
+        routes.contains(&format!("via {SHARED_X_GW}"))
+            && routes.contains(&format!("via {SHARED_Y_GW}")),
+        "table {table}:\n{routes}"
+    );
+    assert!(
+        ping_from(&t.gw, SHARED_X_ADDR, INET_SERVICE, 2),
+        "the gateway's own ping"
+    );
+    assert_eq!(t.foreign_sources(), 0);
+}
+
 #[test]
 fn a_renumbered_uplink_purges_only_its_own_flows_and_new_flows_use_the_new_address() {
     let t = Topology::standard();
