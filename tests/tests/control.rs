@@ -608,6 +608,53 @@ fn on_up_return_moves_back_only_flows_that_failed_over_and_no_tcp() {
 }
 
 #[test]
+fn a_forged_rst_from_outside_closes_nothing_while_the_connection_goes_on() {
+    let t = Topology::standard();
+    let gw = Gateway::start(
+        &t.gw,
+        &config_for(&t, [1, 1], "[timeouts]\ntcp_closing = 2\n"),
+    );
+    let srv = tcp_echo_server(&t.inet, INET_SERVICE, 0);
+    let mut c = tcp_connect(&t.client, None, srv.addr()).expect("connect");
+    let mut echo = |what: &str| {
+        c.write_all(b"ping").expect("write");
+        let mut buf = [0u8; 4];
+        c.read_exact(&mut buf)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+    };
+    echo("before");
+    let flow = gw
+        .conns()
+        .into_iter()
+        .find(|c| c["proto"] == "tcp")
+        .expect("the TCP flow");
+    // An RST with the flow's tuple and a sequence number far outside the
+    // window, as an off-path attacker would send it.
+    let forge = format!(
+        "send(IP(src='{INET_SERVICE}', dst='{}')/TCP(sport={}, dport={}, flags='R', seq=12345))",
+        flow["nat_addr"].as_str().expect("nat_addr"),
+        srv.port(),
+        flow["nat_port"]
+    );
+    scapy(&t.inet, &forge, Duration::from_secs(20));
+    eventually(
+        Duration::from_secs(2),
+        "the RST reached the gateway",
+        || gw.conns().iter().any(|c| c["state"] == "closed"),
+    );
+    echo("right after the RST");
+    assert_eq!(gw.reason("rst_ignored"), 1, "the next packet disarmed it");
+    // Past tcp_closing: the flow was never closed, so never reaped.
+    std::thread::sleep(Duration::from_secs(3));
+    echo("after tcp_closing");
+    let now = gw.conns();
+    let same = now.iter().find(|c| c["proto"] == "tcp").expect("the flow");
+    assert_eq!(same["state"], "established");
+    assert_eq!(same["nat_port"], flow["nat_port"]);
+    assert_eq!(gw.reason("mid_stream"), 0, "the flow was never remade");
+}
+
+#[test]
 fn a_tcp_connection_whose_flow_expired_mid_stream_comes_back_on_its_uplink_and_port() {
     let t = Topology::standard();
     let gw = Gateway::start(
