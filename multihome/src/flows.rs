@@ -498,35 +498,29 @@ mod tests {
             fwd.insert(k, f, 0).expect("insert");
             rev.insert(rk, r, 0).expect("insert");
         }
-        // The datapath touches the busy flow while the purge walks.
-        let mut touch = maps.fwd().expect("fwd");
-        let n = remove_where(&maps, |k, f| {
-            if *k == busy.0 && f.last_seen_ns == 1_000 {
-                let fresh = FlowFwd {
-                    last_seen_ns: 2_000,
-                    ..*f
-                };
-                touch.insert(k, fresh, 0).expect("touch");
+        // `doomed` as the walk asks it, while the datapath touches `key`.
+        let touching = |key: FlowKey, doomed: fn(&FlowKey, &FlowFwd) -> bool| {
+            let mut touch = maps.fwd().expect("fwd");
+            move |k: &FlowKey, f: &FlowFwd| {
+                if *k == key && f.last_seen_ns == 1_000 {
+                    let fresh = FlowFwd {
+                        last_seen_ns: 2_000,
+                        ..*f
+                    };
+                    touch.insert(k, fresh, 0).expect("touch");
+                }
+                doomed(k, f)
             }
-            *k == busy.0
-        })
-        .expect("purge");
+        };
+        // A purge by key takes the busy flow all the same.
+        let n = remove_where(&maps, touching(busy.0, |k, _| k.sport_be == 1u16.to_be()))
+            .expect("purge");
         assert_eq!(n, 1);
         assert!(fwd.get(&busy.0, 0).is_err() && rev.get(&busy.2, 0).is_err());
         assert!(fwd.get(&other.0, 0).is_ok());
         // Expiry spares it: a flow refreshed during the walk is not idle.
-        let mut touch = maps.fwd().expect("fwd");
-        let n = remove_where(&maps, |k, f| {
-            if *k == other.0 && f.last_seen_ns == 1_000 {
-                let fresh = FlowFwd {
-                    last_seen_ns: 2_000,
-                    ..*f
-                };
-                touch.insert(k, fresh, 0).expect("touch");
-            }
-            f.last_seen_ns < 2_000
-        })
-        .expect("expire");
+        let n =
+            remove_where(&maps, touching(other.0, |_, f| f.last_seen_ns < 2_000)).expect("expire");
         assert_eq!(n, 0, "a flow kept is not counted");
         assert!(fwd.get(&other.0, 0).is_ok());
     }

@@ -176,6 +176,21 @@ fn anti_spoof_from(isp: &NetNs, allowed: &str, gw_mac: Option<&str>) {
     isp.exec(&count);
 }
 
+/// A bridged segment joining gw `wan0`, ispx `cust` and ispy `cust`.
+fn segment(p: &Parts, tag: &str) -> NetNs {
+    let seg = base_ns(tag, false);
+    bridge(&seg, IF_BRIDGE);
+    for (ns, ifname, port) in [
+        (&p.gw, IF_WAN0, "pgw"),
+        (&p.ispx, IF_CUST, "pispx"),
+        (&p.ispy, IF_CUST, "pispy"),
+    ] {
+        veth(ns, ifname, &seg, port);
+        enslave(&seg, port, IF_BRIDGE);
+    }
+    seg
+}
+
 /// Packets that reached `ns` on `cust` with a source other than its
 /// customer's: the `raw` counting rule of [`anti_spoof`].
 pub fn foreign_source_count(ns: &NetNs) -> u64 {
@@ -330,16 +345,7 @@ impl Topology {
     /// ispx forwards only from .1, ispy only from .2.
     pub fn shared_nic() -> Topology {
         let p = common_parts();
-        let seg = base_ns("sg", false);
-        bridge(&seg, IF_BRIDGE);
-        for (ns, ifname, port) in [
-            (&p.gw, IF_WAN0, "pgw"),
-            (&p.ispx, IF_CUST, "pispx"),
-            (&p.ispy, IF_CUST, "pispy"),
-        ] {
-            veth(ns, ifname, &seg, port);
-            enslave(&seg, port, IF_BRIDGE);
-        }
+        let seg = segment(&p, "sg");
         addr(&p.gw, IF_WAN0, &cidr(SHARED_X_ADDR, 24));
         addr(&p.gw, IF_WAN0, &cidr(SHARED_Y_ADDR, 24));
         addr(&p.ispx, IF_CUST, &cidr(SHARED_X_GW, 24));
@@ -360,16 +366,7 @@ impl Topology {
     /// does, so `inet` sees [`ISPX_CORE`] or [`ISPY_CORE`] as the peer.
     pub fn shared_address() -> Topology {
         let p = common_parts();
-        let seg = base_ns("sa", false);
-        bridge(&seg, IF_BRIDGE);
-        for (ns, ifname, port) in [
-            (&p.gw, IF_WAN0, "pgw"),
-            (&p.ispx, IF_CUST, "pispx"),
-            (&p.ispy, IF_CUST, "pispy"),
-        ] {
-            veth(ns, ifname, &seg, port);
-            enslave(&seg, port, IF_BRIDGE);
-        }
+        let seg = segment(&p, "sa");
         addr(&p.gw, IF_WAN0, &cidr(SHARED_X_ADDR, 24));
         addr(&p.ispx, IF_CUST, &cidr(SHARED_X_GW, 24));
         addr(&p.ispy, IF_CUST, &cidr(SHARED_Y_GW, 24));

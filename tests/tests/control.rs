@@ -430,18 +430,31 @@ fn a_restart_under_a_changed_config_keeps_each_uplinks_flows_its_own() {
     assert_eq!(t.foreign_sources(), 0);
 }
 
+/// A config (weights 1, 1) whose uplinks `probed` have health probes of
+/// the internet server every 200 ms, `down_after` rounds to fail, with
+/// `on_down` and `on_up = "return"`.
+fn with_health(t: &Topology, probed: &[&str], down_after: &str, on_down: &str) -> String {
+    let health = format!(
+        "\n[uplink.health]\ntargets = [\"198.19.0.10\"]\ninterval_ms = 200\ntimeout_ms = 150\n\
+         down_after = {down_after}\nup_after = 2\non_down = \"{on_down}\"\non_up = \"return\"\n"
+    );
+    let mut config = String::new();
+    for part in config_for(t, [1, 1], "").split_inclusive("\n\n") {
+        config += part;
+        if probed
+            .iter()
+            .any(|n| part.contains(&format!("name = {n:?}")))
+        {
+            config += &health;
+        }
+    }
+    config
+}
+
 #[test]
 fn failing_probes_take_an_uplink_out_within_the_stated_time_and_it_returns() {
     let t = Topology::standard();
-    let health = "\n[uplink.health]\ntargets = [\"198.19.0.10\"]\ninterval_ms = 200\ntimeout_ms = 150\n\
-                  down_after = 3\nup_after = 2\non_down = \"purge\"\non_up = \"return\"\n";
-    let mut config = String::new();
-    for part in config_for(&t, [1, 1], "").split_inclusive("\n\n") {
-        config += part;
-        if part.contains("[[uplink]]") {
-            config += health;
-        }
-    }
+    let config = with_health(&t, &["x", "y"], "3", "purge");
     let gw = Gateway::start(&t.gw, &config);
     let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
     // One socket pinned to x, kept across the failure.
@@ -528,15 +541,7 @@ fn failing_probes_take_an_uplink_out_within_the_stated_time_and_it_returns() {
 #[test]
 fn on_up_return_moves_back_only_flows_that_failed_over_and_no_tcp() {
     let t = Topology::standard();
-    let health = "\n[uplink.health]\ntargets = [\"198.19.0.10\"]\ninterval_ms = 200\ntimeout_ms = 150\n\
-                  down_after = 2\nup_after = 2\non_down = \"purge-udp\"\non_up = \"return\"\n";
-    let mut config = String::new();
-    for part in config_for(&t, [1, 1], "").split_inclusive("\n\n") {
-        config += part;
-        if part.contains("name = \"x\"") {
-            config += health;
-        }
-    }
+    let config = with_health(&t, &["x"], "2", "purge-udp");
     let gw = Gateway::start(&t.gw, &config);
     let udp = udp_peer_server(&t.inet, INET_SERVICE, 0);
     let tcp = tcp_echo_server(&t.inet, INET_SERVICE, 0);
@@ -654,6 +659,20 @@ fn a_forged_rst_from_outside_closes_nothing_while_the_connection_goes_on() {
     assert_eq!(gw.reason("mid_stream"), 0, "the flow was never remade");
 }
 
+/// Every flow's (LAN port, uplink, NAT port), by LAN port.
+fn placements(gw: &Gateway) -> Vec<(u64, String, u64)> {
+    let mut out: Vec<_> = gw
+        .conns()
+        .iter()
+        .map(|c| {
+            let n = |k: &str| c[k].as_u64().expect("a number");
+            (n("sport"), c["uplink"].to_string(), n("nat_port"))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 #[test]
 fn a_tcp_connection_whose_flow_expired_mid_stream_comes_back_on_its_uplink_and_port() {
     let t = Topology::standard();
@@ -669,17 +688,7 @@ fn a_tcp_connection_whose_flow_expired_mid_stream_comes_back_on_its_uplink_and_p
         c.write_all(b"a").expect("write");
         c.read_exact(&mut [0u8; 1]).expect("echo");
     }
-    let before: Vec<_> = gw
-        .conns()
-        .iter()
-        .map(|c| {
-            (
-                c["sport"].clone(),
-                c["uplink"].clone(),
-                c["nat_port"].clone(),
-            )
-        })
-        .collect();
+    let before = placements(&gw);
     let uplinks: std::collections::HashSet<_> = before.iter().map(|b| b.1.clone()).collect();
     assert_eq!(uplinks.len(), 2, "spread over both uplinks: {before:?}");
     eventually(Duration::from_secs(10), "every flow expired", || {
@@ -693,20 +702,7 @@ fn a_tcp_connection_whose_flow_expired_mid_stream_comes_back_on_its_uplink_and_p
             .expect("the rebuilt flow took the same uplink and port");
         assert_eq!(&buf, b"b");
     }
-    let mut after: Vec<_> = gw
-        .conns()
-        .iter()
-        .map(|c| {
-            (
-                c["sport"].clone(),
-                c["uplink"].clone(),
-                c["nat_port"].clone(),
-            )
-        })
-        .collect();
-    let mut before = before;
-    before.sort_by_key(|b| b.0.as_u64());
-    after.sort_by_key(|b| b.0.as_u64());
+    let after = placements(&gw);
     assert_eq!(after, before);
     assert!(gw.reason("mid_stream") >= 16, "{}", gw.reason("mid_stream"));
 }
