@@ -280,6 +280,36 @@ fn with_every_uplink_unusable_new_flows_take_one_whose_link_is_up() {
 }
 
 #[test]
+fn too_many_lan_prefixes_at_runtime_do_not_keep_the_routing_from_following_the_uplinks() {
+    let t = Topology::standard();
+    let gw = Gateway::start(&t.gw, &config_for(&t, [1, 1], ""));
+    // The LAN interface gains more subnets than LAN_NETS holds.
+    for i in 0..16 {
+        t.gw.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("198.18.{}.1/24", 100 + i),
+            "dev",
+            IF_LAN,
+        ]);
+    }
+    eventually(Duration::from_secs(3), "the refusal is logged", || {
+        gw.log().contains("17 LAN prefixes; at most 16 fit")
+    });
+    link_down(&t.gw, IF_WANX);
+    eventually(
+        Duration::from_secs(3),
+        "main's default follows x going down",
+        || {
+            let main =
+                t.gw.exec_stdout(&["ip", "route", "show", "table", "main", "proto", "77"]);
+            !main.contains(IF_WANX) && main.contains(IF_WANY)
+        },
+    );
+}
+
+#[test]
 fn a_tcp_connection_survives_a_daemon_restart_and_a_weight_reload() {
     let t = Topology::standard();
     let config = config_for(&t, [1, 1], "");
