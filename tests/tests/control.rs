@@ -325,6 +325,18 @@ fn a_tcp_connection_survives_a_daemon_restart_and_a_weight_reload() {
         assert_eq!(buf, msg.as_bytes());
     };
     echo("before");
+    // SETTINGS, flow hash seed included, as bytes.
+    let settings = |gw: &Gateway| {
+        let path = gw.pin_dir().join("SETTINGS");
+        t.gw.exec_stdout(&[
+            "bpftool",
+            "map",
+            "dump",
+            "pinned",
+            path.to_str().expect("utf-8"),
+        ])
+    };
+    let settings_before = settings(&gw);
     let pin = gw.stop();
     echo("with the daemon stopped (--keep-on-exit)");
     let gw = Gateway::start_with_pin(&t.gw, &config, pin, &[]);
@@ -334,6 +346,11 @@ fn a_tcp_connection_survives_a_daemon_restart_and_a_weight_reload() {
     );
     echo("after the restart");
     assert_eq!(gw.conns().len(), 1, "the flow was not kept");
+    assert_eq!(
+        settings(&gw),
+        settings_before,
+        "the flow hash seed survives a restart, so lost flows map back alike"
+    );
 
     std::fs::write(gw.config_path(), config_for(&t, [0, 3], "")).expect("new weights");
     gw.signal(libc::SIGHUP);
