@@ -71,6 +71,9 @@ struct Daemon {
     reports: mpsc::Receiver<HealthReport>,
     /// Every uplink was unusable at the last refresh.
     all_down: bool,
+    /// Per uplink: since when it is down (probes, carrier or interface;
+    /// not drained), and whether `on_down` has acted on its flows.
+    down: Vec<Down>,
     /// Per uplink: drained by `multihome uplink drain`.
     drained: Vec<bool>,
     commands: mpsc::Receiver<control::Command>,
@@ -80,6 +83,17 @@ struct Daemon {
     select: SelectTable,
     /// [`Settings::flow_hash_seed`]: kept from adopted maps.
     flow_hash_seed: u32,
+}
+
+/// An uplink's outage as the daemon follows it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Down {
+    /// It is down.
+    down: bool,
+    /// Since when it is down while another uplink is usable: the time
+    /// `confirm_ms` counts from (reset while no other uplink is usable).
+    since: Option<tokio::time::Instant>,
+    acted: bool,
 }
 
 /// SIGTERM, SIGINT and SIGHUP, caught from the start: one that arrives
@@ -180,6 +194,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         gone_slots,
         reports,
         all_down: false,
+        down: vec![Down::default(); config.uplinks.len()],
         drained: vec![false; config.uplinks.len()],
         commands,
         signals,
@@ -465,6 +480,7 @@ impl Daemon {
             failed.push(e);
         }
         self.observed = observed;
+        self.follow_outages(&usable);
         // Published: now the old address's flows can go.
         for (id, old) in renumbered {
             let (old_be, slot) = (u32::from(old).to_be(), self.config.uplinks[id].slot);
@@ -522,13 +538,13 @@ impl Daemon {
     }
 
     /// A probe round's outcome: on a change of state, new flows move at
-    /// the next refresh, and pinned flows follow `on_down` / `on_up`.
+    /// once, and pinned flows follow `on_down` / `on_up` as for any outage.
     async fn on_report(&mut self, r: HealthReport) {
         let id = r.uplink;
         let name = self.config.uplinks[id].name.clone();
-        let Some(health) = self.config.uplinks[id].health.clone() else {
+        if self.config.uplinks[id].health.is_none() {
             return;
-        };
+        }
         self.probed[id].rtt_ms = r.rtt_ms;
         self.probed[id].loss_pct = r.loss_pct;
         if !r.changed {
@@ -544,34 +560,111 @@ impl Daemon {
         } else {
             warn!("uplink {name}: DOWN, probes fail: {}", r.reason);
         }
-        // Publish first: a purged flow's next packet must not be pinned
-        // again to the uplink it left.
+        // Publish first; the outage is then followed like any other.
         if !self.resync().await {
             self.publish_slot(id);
         }
-        let slot = self.config.uplinks[id].slot;
-        let on_down = health.on_down;
-        if r.healthy {
-            if health.on_up != OnUp::Return {
-                return;
+    }
+
+    /// Follows each uplink's outages, whatever took it down (probes,
+    /// carrier, a vanished interface; not a drain): `on_down` acts on its
+    /// flows once it has stayed down for `confirm_ms` and another uplink
+    /// is usable, so a short flap or an outage of every uplink moves
+    /// nothing. `on_up` acts on recovery, if `on_down` had.
+    fn follow_outages(&mut self, usable: &[bool]) {
+        let now = tokio::time::Instant::now();
+        for id in 0..self.down.len() {
+            let failed = !usable[id] && !self.drained[id];
+            let target = usable.iter().enumerate().any(|(o, u)| o != id && *u);
+            let name = &self.config.uplinks[id].name;
+            let d = &mut self.down[id];
+            match (failed, d.down) {
+                (true, false) => {
+                    d.down = true;
+                    info!("uplink {name}: down; its flows wait to see if it stays down");
+                }
+                (false, true) => {
+                    let acted = d.acted;
+                    *d = Down::default();
+                    if acted {
+                        self.on_recovery(id);
+                    } else {
+                        info!("uplink {name}: back before its flows were moved");
+                    }
+                    continue;
+                }
+                _ => {}
             }
-            // What failed over from this uplink, as on_down would have
-            // moved it.
-            let (select, seed) = (self.select, self.flow_hash_seed);
+            if d.down && !d.acted {
+                // The confirmation counts while the flows have somewhere
+                // to go.
+                d.since = match (target, d.since) {
+                    (true, None) => Some(now),
+                    (true, since) => since,
+                    (false, _) => None,
+                };
+            }
+        }
+        self.act_on_outages();
+    }
+
+    /// When the next confirmed outage is due.
+    fn next_outage_check(&self) -> Option<tokio::time::Instant> {
+        self.down
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| !d.acted)
+            .filter_map(|(id, d)| Some(d.since? + self.down_policy(id).confirm))
+            .min()
+    }
+
+    fn down_policy(&self, id: usize) -> health::DownPolicy {
+        health::DownPolicy::of(self.config.uplinks[id].health.as_ref())
+    }
+
+    /// Runs `on_down` for outages that lasted `confirm_ms` while another
+    /// uplink was usable.
+    fn act_on_outages(&mut self) {
+        let now = tokio::time::Instant::now();
+        for id in 0..self.down.len() {
+            let policy = self.down_policy(id);
+            let d = self.down[id];
+            if d.acted || d.since.is_none_or(|t| now < t + policy.confirm) {
+                continue;
+            }
+            self.down[id].acted = true;
+            let slot = self.config.uplinks[id].slot;
+            let on_down = policy.on_down;
             self.purge(
-                format!("uplink {name}: moved back ({on_down:?}) failed-over"),
-                move |k, f| {
-                    f.flags & FLOW_FAILED_OVER != 0
-                        && on_down.purges(k.proto)
-                        && choice::preferred(&select, k, seed) == Some(slot)
-                },
-            );
-        } else {
-            self.purge(
-                format!("uplink {name}: purged ({on_down:?}) its"),
+                format!(
+                    "uplink {}: down for {:?}; purged ({on_down:?}) its",
+                    self.config.uplinks[id].name, policy.confirm
+                ),
                 move |k, f| f.uplink == slot && on_down.purges(k.proto),
             );
         }
+    }
+
+    /// `on_up = "return"`: the flows that failed over from this uplink, as
+    /// `on_down` would have moved them, pick again.
+    fn on_recovery(&mut self, id: usize) {
+        let policy = self.down_policy(id);
+        let name = &self.config.uplinks[id].name;
+        info!("uplink {name}: back in service");
+        if policy.on_up != OnUp::Return {
+            return;
+        }
+        let slot = self.config.uplinks[id].slot;
+        let on_down = policy.on_down;
+        let (select, seed) = (self.select, self.flow_hash_seed);
+        self.purge(
+            format!("uplink {name}: moved back ({on_down:?}) failed-over"),
+            move |k, f| {
+                f.flags & FLOW_FAILED_OVER != 0
+                    && on_down.purges(k.proto)
+                    && choice::preferred(&select, k, seed) == Some(slot)
+            },
+        );
     }
 
     /// Removes the flows `doomed` picks on a thread of its own: a walk of
@@ -626,7 +719,13 @@ impl Daemon {
     async fn serve(&mut self) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(TICK);
         loop {
+            let outage_check = self.next_outage_check();
             tokio::select! {
+                _ = tokio::time::sleep_until(outage_check.unwrap_or_else(|| {
+                    tokio::time::Instant::now() + Duration::from_secs(3600)
+                })), if outage_check.is_some() => {
+                    self.resync().await;
+                }
                 _ = self.signals.term.recv() => { info!("SIGTERM: stopping"); return Ok(()); }
                 _ = self.signals.int.recv() => { info!("SIGINT: stopping"); return Ok(()); }
                 _ = self.signals.hup.recv() => {

@@ -67,6 +67,30 @@ pub struct HealthConfig {
     pub on_down: OnDown,
     #[serde(default)]
     pub on_up: OnUp,
+    /// How long an uplink must stay down (probes, carrier or interface)
+    /// before `on_down` acts on its flows; a shorter flap moves nothing.
+    #[serde(default = "ms_1000")]
+    pub confirm_ms: u64,
+}
+
+/// What happens to an uplink's flows when it goes down, for an uplink with
+/// or without probes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DownPolicy {
+    pub on_down: OnDown,
+    pub on_up: OnUp,
+    pub confirm: std::time::Duration,
+}
+
+impl DownPolicy {
+    /// From the uplink's `[uplink.health]`, or the defaults without one.
+    pub fn of(health: Option<&HealthConfig>) -> Self {
+        Self {
+            on_down: health.map(|h| h.on_down).unwrap_or_default(),
+            on_up: health.map(|h| h.on_up).unwrap_or_default(),
+            confirm: std::time::Duration::from_millis(health.map_or(1000, |h| h.confirm_ms)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -164,6 +188,12 @@ impl HealthConfig {
         }
         if self.down_after == 0 {
             bad("`down_after` must be at least 1 round".into());
+        }
+        if self.confirm_ms > 600_000 {
+            bad(format!(
+                "`confirm_ms` = {}: at most 600000 (ten minutes)",
+                self.confirm_ms
+            ));
         }
         if self.up_after == 0 {
             bad("`up_after` must be at least 1 round".into());

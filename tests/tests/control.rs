@@ -309,6 +309,83 @@ fn too_many_lan_prefixes_at_runtime_do_not_keep_the_routing_from_following_the_u
     );
 }
 
+/// A UDP socket of the client whose flow is on the uplink with `addr`, and
+/// the public address and port the server sees.
+fn udp_on(t: &Topology, srv: SocketAddrV4, addr: Ipv4Addr) -> (std::net::UdpSocket, SocketAddrV4) {
+    loop {
+        let s = t
+            .client
+            .run(|| std::net::UdpSocket::bind((CLIENT_ADDR, 0)))
+            .expect("bind");
+        let seen = udp_seen_from(&s, srv).expect("UDP");
+        if *seen.ip() == addr {
+            return (s, seen);
+        }
+    }
+}
+
+#[test]
+fn losing_carrier_moves_the_uplinks_udp_flows_once_confirmed_and_a_short_flap_moves_nothing() {
+    let t = Topology::standard();
+    // No [uplink.health]: carrier alone takes x down.
+    let gw = Gateway::start(&t.gw, &config_for(&t, [1, 1], ""));
+    let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    let (sx, seen_x) = udp_on(&t, srv.addr(), UPLINK_X_ADDR);
+    // A flap shorter than confirm_ms (1 s): the flow keeps its mapping.
+    link_down(&t.gw, IF_WANX);
+    eventually(Duration::from_secs(2), "x down", || {
+        gw.status()["uplinks"][0]["state"] != "up"
+    });
+    link_up(&t.gw, IF_WANX);
+    eventually(Duration::from_secs(3), "x up", || {
+        gw.status()["uplinks"][0]["state"] == "up"
+    });
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(
+        gw.log().contains("back before its flows were moved"),
+        "{}",
+        gw.log()
+    );
+    assert_eq!(
+        udp_seen_from(&sx, srv.addr()).expect("after the flap"),
+        seen_x
+    );
+    // Carrier lost for good: after confirm_ms the UDP flow moves to y.
+    link_down(&t.gw, IF_WANX);
+    eventually(Duration::from_secs(4), "x's UDP flows purged", || {
+        gw.conns().iter().all(|c| c["uplink"] != "x")
+    });
+    let moved = udp_seen_from(&sx, srv.addr()).expect("the flow moved");
+    assert_eq!(*moved.ip(), UPLINK_Y_ADDR);
+    assert_eq!(t.spoofed_drops(), 0);
+}
+
+#[test]
+fn with_every_uplink_down_for_a_while_nothing_is_moved() {
+    let t = Topology::standard();
+    let gw = Gateway::start(&t.gw, &config_for(&t, [1, 1], ""));
+    let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    let (sx, seen_x) = udp_on(&t, srv.addr(), UPLINK_X_ADDR);
+    let (sy, seen_y) = udp_on(&t, srv.addr(), UPLINK_Y_ADDR);
+    link_down(&t.gw, IF_WANX);
+    link_down(&t.gw, IF_WANY);
+    eventually(Duration::from_secs(2), "both down", || {
+        let s = gw.status();
+        s["uplinks"][0]["state"] != "up" && s["uplinks"][1]["state"] != "up"
+    });
+    // Well past confirm_ms, with no other uplink to move to.
+    std::thread::sleep(Duration::from_secs(3));
+    link_up(&t.gw, IF_WANX);
+    link_up(&t.gw, IF_WANY);
+    eventually(Duration::from_secs(5), "both up", || {
+        let s = gw.status();
+        s["uplinks"][0]["state"] == "up" && s["uplinks"][1]["state"] == "up"
+    });
+    assert!(!gw.log().contains("purged"), "{}", gw.log());
+    assert_eq!(udp_seen_from(&sx, srv.addr()).expect("x's flow"), seen_x);
+    assert_eq!(udp_seen_from(&sy, srv.addr()).expect("y's flow"), seen_y);
+}
+
 #[test]
 fn a_tcp_connection_survives_a_daemon_restart_and_a_weight_reload() {
     let t = Topology::standard();
@@ -546,14 +623,14 @@ fn failing_probes_take_an_uplink_out_within_the_stated_time_and_it_returns() {
         failed_at.elapsed()
     );
     assert_eq!(gw.status()["uplinks"][0]["reason"], "health probes fail");
+    // on_down acts once x has stayed down for confirm_ms (1 s).
+    eventually(Duration::from_secs(3), "x's flows purged", || {
+        gw.conns().iter().all(|c| c["uplink"] != "x")
+    });
     assert_eq!(
         gw.conns().iter().filter(|c| c["uplink"] == "y").count(),
         y_flows,
         "the purge touched y's flows"
-    );
-    assert!(
-        gw.conns().iter().all(|c| c["uplink"] != "x"),
-        "x's flows were not purged"
     );
     // `on_down = "purge"`: the pinned UDP flow reselects and keeps working.
     let mut buf = [0u8; 64];
@@ -633,6 +710,10 @@ fn on_up_return_moves_back_only_flows_that_failed_over_and_no_tcp() {
             .all(|c| c["uplink"] == "y" || c["proto"] == "icmp"),
         "{listed:?}"
     );
+    // Down for longer than confirm_ms: on_down acts, so on_up will.
+    eventually(Duration::from_secs(3), "x's outage confirmed", || {
+        gw.log().contains("uplink x: down for")
+    });
 
     t.ispx
         .exec(&[&["iptables", "-w", "-D"][..], &upstream].concat());
