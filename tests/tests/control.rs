@@ -470,18 +470,8 @@ fn a_restart_under_a_changed_config_keeps_each_uplinks_flows_its_own() {
     let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
     let gw = Gateway::start_with_pin(&t.gw, &config, unique_pin_dir("ad"), &["--keep-on-exit"]);
     // A socket whose flow is on x and one on y.
-    let on = |addr: Ipv4Addr| loop {
-        let s = t
-            .client
-            .run(|| std::net::UdpSocket::bind((CLIENT_ADDR, 0)))
-            .expect("bind");
-        let seen = udp_seen_from(&s, srv.addr()).expect("UDP");
-        if *seen.ip() == addr {
-            break (s, seen);
-        }
-    };
-    let (sx, seen_x) = on(UPLINK_X_ADDR);
-    let (sy, seen_y) = on(UPLINK_Y_ADDR);
+    let (sx, seen_x) = udp_on(&t, srv.addr(), UPLINK_X_ADDR);
+    let (sy, seen_y) = udp_on(&t, srv.addr(), UPLINK_Y_ADDR);
     let cfg_path = gw.config_path().to_owned();
     let restart = |gw: Gateway, config: &str, what: &str| {
         let pin = gw.stop();
