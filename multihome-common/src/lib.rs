@@ -249,6 +249,11 @@ pub const UPLINK_PROBES_FAIL: u16 = 1 << 3;
 pub const UPLINK_LINK_DOWN: u16 = 1 << 4;
 /// Drained by the operator: takes no new flows, keeps its flows.
 pub const UPLINK_DRAINED: u16 = 1 << 5;
+/// Down long enough for `on_down` to act: the next LAN packet of a
+/// non-TCP flow pinned here removes it and makes it anew elsewhere.
+pub const UPLINK_EVACUATE: u16 = 1 << 6;
+/// With [`UPLINK_EVACUATE`]: TCP flows too (`on_down = "purge"`).
+pub const UPLINK_EVACUATE_TCP: u16 = 1 << 7;
 
 /// The choice table, Maglev-style: a new flow takes the uplink in slot
 /// `flow_hash(key, seed) % SELECT_SLOTS`, so the same 5-tuple gets the
@@ -604,6 +609,9 @@ reasons! {
     /// Removed: a flow whose NAT address is no longer its uplink's (the
     /// uplink was renumbered); its packet makes it anew.
     StaleAddress = stale_address,
+    /// Removed: a flow pinned to an uplink that went down, by its next
+    /// packet (`on_down`), which makes it anew on a usable uplink.
+    Evacuated = evacuated,
     /// Pass: a reply whose reverse entry points at a flow with another
     /// NAT address or port; the stale entry is removed.
     StaleReverse = stale_reverse,

@@ -3,8 +3,9 @@
 //! path handed to the kernel.
 use aya_ebpf::programs::TcContext;
 use multihome_common::{
-    FLOW_FAILED_OVER, FLOW_HAIRPIN, FlowFwd, FlowKey, IPPROTO_AH, MARK_TRANSLATED, MAX_LAN_NETS,
-    MAX_UPLINKS, Reason, Settings, UPLINK_L3, Uplink, flow_hash,
+    FLOW_FAILED_OVER, FLOW_HAIRPIN, FlowFwd, FlowKey, IPPROTO_AH, IPPROTO_TCP, MARK_TRANSLATED,
+    MAX_LAN_NETS, MAX_UPLINKS, Reason, Settings, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_L3,
+    Uplink, flow_hash,
 };
 
 use crate::{
@@ -63,24 +64,33 @@ pub fn lan_ingress(ctx: &TcContext) -> Outcome {
     to_uplink(ctx, &pkt, &flow, uplink, known)
 }
 
-/// Whether a pinned flow's NAT address is still its uplink's. One of a
-/// renumbered uplink is removed here, so that its packet makes it anew
-/// (the daemon's purge may come later). While the uplink has no address
-/// at all (a ppp link redialling), its flows stay: the same address may
-/// come back.
+/// Whether a pinned flow still holds. One of a renumbered uplink (its NAT
+/// address is no longer the uplink's) is removed here, so that its packet
+/// makes it anew (the daemon's purge may come later); while the uplink has
+/// no address at all (a ppp link redialling), its flows stay: the same
+/// address may come back. One of an uplink that went down, of a protocol
+/// its `on_down` moves, is removed too: moved by its next packet, with no
+/// table walk and no packet lost.
 #[inline(always)]
 fn current(key: &FlowKey, f: *mut FlowFwd) -> bool {
     // SAFETY: a read of the map value.
     let (uplink, nat_addr_be, nat_port_be) =
         unsafe { ((*f).uplink, (*f).nat_addr_be, (*f).nat_port_be) };
-    match UPLINKS.get(uplink as u32) {
-        Some(u) if u.addr_be != 0 && u.addr_be != nat_addr_be => {
-            conntrack::remove_pair(key, nat_addr_be, nat_port_be);
-            stats::count(Reason::StaleAddress);
-            false
-        }
-        _ => true,
-    }
+    let Some(u) = UPLINKS.get(uplink as u32) else {
+        return true;
+    };
+    let reason = if u.addr_be != 0 && u.addr_be != nat_addr_be {
+        Reason::StaleAddress
+    } else if u.flags & UPLINK_EVACUATE != 0
+        && (key.proto != IPPROTO_TCP || u.flags & UPLINK_EVACUATE_TCP != 0)
+    {
+        Reason::Evacuated
+    } else {
+        return true;
+    };
+    conntrack::remove_pair(key, nat_addr_be, nat_port_be);
+    stats::count(reason);
+    false
 }
 
 /// A later fragment from the LAN: to the kernel with its datagram's

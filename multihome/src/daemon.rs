@@ -22,7 +22,7 @@ use crate::{
     choice,
     config::{self, Config},
     control, flows,
-    health::{self, HealthReport, OnUp, ProbeBinding},
+    health::{self, HealthReport, OnDown, OnUp, ProbeBinding},
     loader::{self, Datapath, Hook},
     maps::{self, Maps},
     netinfo,
@@ -587,6 +587,8 @@ impl Daemon {
                     let acted = d.acted;
                     *d = Down::default();
                     if acted {
+                        self.probed[id].evacuate = uplinks::Evacuate::None;
+                        self.publish_slot(id);
                         self.on_recovery(id);
                     } else {
                         info!("uplink {name}: back before its flows were moved");
@@ -633,14 +635,16 @@ impl Daemon {
                 continue;
             }
             self.down[id].acted = true;
-            let slot = self.config.uplinks[id].slot;
-            let on_down = policy.on_down;
-            self.purge(
-                format!(
-                    "uplink {}: down for {:?}; purged ({on_down:?}) its",
-                    self.config.uplinks[id].name, policy.confirm
-                ),
-                move |k, f| f.uplink == slot && on_down.purges(k.proto),
+            self.probed[id].evacuate = match policy.on_down {
+                OnDown::Purge => uplinks::Evacuate::All,
+                OnDown::PurgeUdp => uplinks::Evacuate::NotTcp,
+                OnDown::Keep => uplinks::Evacuate::None,
+            };
+            // The datapath moves each flow on its next packet.
+            self.publish_slot(id);
+            info!(
+                "uplink {}: down for {:?}; its flows move on their next packet ({:?})",
+                self.config.uplinks[id].name, policy.confirm, policy.on_down
             );
         }
     }

@@ -3,8 +3,8 @@
 use std::net::Ipv4Addr;
 
 use multihome_common::{
-    LanNet, MAX_UPLINKS, RoutedUplinks, UPLINK_CONFIGURED, UPLINK_DRAINED, UPLINK_L3,
-    UPLINK_LINK_DOWN, UPLINK_PROBES_FAIL, UPLINK_USABLE, Uplink,
+    LanNet, MAX_UPLINKS, RoutedUplinks, UPLINK_CONFIGURED, UPLINK_DRAINED, UPLINK_EVACUATE,
+    UPLINK_EVACUATE_TCP, UPLINK_L3, UPLINK_LINK_DOWN, UPLINK_PROBES_FAIL, UPLINK_USABLE, Uplink,
 };
 
 use crate::{
@@ -96,6 +96,15 @@ pub fn observe(u: &UplinkConfig, snap: &Snapshot) -> Observed {
 }
 
 /// The `skb->mark` of uplink `id` (its index in the config): by its slot.
+/// Which of a down uplink's flows move on their next packet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Evacuate {
+    #[default]
+    None,
+    NotTcp,
+    All,
+}
+
 pub fn mark(config: &Config, id: usize) -> u32 {
     config.routing.mark_base | (u32::from(config.uplinks[id].slot) + 1)
 }
@@ -105,10 +114,13 @@ pub fn table(config: &Config, id: usize) -> u32 {
     config.routing.table_base + u32::from(config.uplinks[id].slot)
 }
 
-/// What the probes say about an uplink.
+/// What the probes say about an uplink, and what its outage does.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Probed {
     pub failing: bool,
+    /// Down long enough for `on_down` to act: flows of these protocols
+    /// move on their next packet.
+    pub evacuate: Evacuate,
     pub rtt_ms: Option<f64>,
     pub loss_pct: f64,
 }
@@ -131,6 +143,11 @@ pub fn slot(config: &Config, id: usize, o: &Observed, probed: &Probed, drained: 
     }
     if o.l3 {
         flags |= UPLINK_L3;
+    }
+    match probed.evacuate {
+        Evacuate::None => {}
+        Evacuate::NotTcp => flags |= UPLINK_EVACUATE,
+        Evacuate::All => flags |= UPLINK_EVACUATE | UPLINK_EVACUATE_TCP,
     }
     Uplink {
         addr_be: o.address.map_or(0, |a| u32::from(a).to_be()),

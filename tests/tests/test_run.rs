@@ -25,8 +25,8 @@ use multihome_common::{
     FlowKey, FlowRev, HostFlows, LAYOUT_VERSION, LanNet, MAP_CONN_FWD, MAP_CONN_REV, MAP_EIM,
     MAP_FILL, MAP_HOSTS, MAP_LAN_NETS, MAP_PEERS, MAP_REASONS, MAP_ROUTED, MAP_SETTINGS,
     MAP_UPLINK_STATS, MAP_UPLINKS, MARK_TRANSLATED, PROG_LAN_IN, PROG_WAN_IN, PROG_WAN_OUT,
-    REASON_COUNT, Reason, Reasons, RoutedKey, Settings, UPLINK_CONFIGURED, UPLINK_USABLE, Uplink,
-    UplinkStats,
+    REASON_COUNT, Reason, Reasons, RoutedKey, Settings, UPLINK_CONFIGURED, UPLINK_EVACUATE,
+    UPLINK_EVACUATE_TCP, UPLINK_USABLE, Uplink, UplinkStats,
 };
 use testbed::packets::*;
 
@@ -1279,6 +1279,37 @@ fn a_flow_whose_nat_address_is_no_longer_its_uplinks_is_removed_by_its_next_pack
             let flows = dp.flows();
             assert!(flows.fwd.is_empty(), "{what}: {flows:?}");
         }
+    });
+}
+
+#[test]
+fn a_flow_of_an_uplink_that_went_down_moves_on_its_next_packet_by_protocol() {
+    with_datapath(|dp| {
+        let set_flags = |dp: &mut Datapath, flags: u16| {
+            let mut uplinks: Array<_, Uplink> =
+                Array::try_from(dp.ebpf.map_mut(MAP_UPLINKS).expect("UPLINKS")).expect("types");
+            let mut u = uplinks.get(&0, 0).expect("slot 0");
+            u.flags = UPLINK_CONFIGURED | flags;
+            uplinks.set(0, u, 0).expect("write");
+        };
+        // purge-udp: UDP moves, TCP stays.
+        set_flags(dp, UPLINK_EVACUATE);
+        for (f, moves) in [(&UDP_FLOW, true), (&ECHO_FLOW, true), (&TCP_FLOW, false)] {
+            dp.insert_flow(f);
+            let (_, counted) = dp.run_counted(PROG_LAN_IN, &f.outbound().frame(), 0);
+            assert_eq!(
+                counted.contains(&(Reason::Evacuated, 1)),
+                moves,
+                "{}: {counted:?}",
+                f.name()
+            );
+            assert_eq!(dp.fwd_entry(f).is_none(), moves, "{}", f.name());
+        }
+        // purge: TCP too.
+        set_flags(dp, UPLINK_EVACUATE | UPLINK_EVACUATE_TCP);
+        let (_, counted) = dp.run_counted(PROG_LAN_IN, &TCP_FLOW.outbound().frame(), 0);
+        assert!(counted.contains(&(Reason::Evacuated, 1)), "{counted:?}");
+        assert!(dp.fwd_entry(&TCP_FLOW).is_none());
     });
 }
 
