@@ -115,7 +115,19 @@ fn download_server(ns: &NetNs, len: usize) -> SocketAddrV4 {
 
 #[test]
 fn the_seeds_one_address_shared_nic_spreads_over_both_routers_and_downloads_arrive_intact() {
+    one_address_shared_nic(false);
+}
+
+#[test]
+fn the_seeds_one_address_shared_nic_works_with_checksum_offloads_on() {
+    one_address_shared_nic(true);
+}
+
+fn one_address_shared_nic(offloads: bool) {
     let t = Topology::shared_address();
+    if offloads {
+        t.enable_checksum_offloads();
+    }
     // Exactly as the seed writes it: one NIC, one address, two gateways.
     let config = format!(
         "lan = [\"{IF_LAN}\"]\n\n[[uplink]]\nname = \"x\"\ninterface = \"{IF_WAN0}\"\n\
