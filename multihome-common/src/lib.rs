@@ -254,6 +254,9 @@ pub const UPLINK_DRAINED: u16 = 1 << 5;
 pub const UPLINK_EVACUATE: u16 = 1 << 6;
 /// With [`UPLINK_EVACUATE`]: TCP flows too (`on_down = "purge"`).
 pub const UPLINK_EVACUATE_TCP: u16 = 1 << 7;
+/// Not usable yet: back from an outage less than `hold_down_ms` ago (for
+/// people).
+pub const UPLINK_HELD_DOWN: u16 = 1 << 8;
 
 /// The choice table, Maglev-style: a new flow takes the uplink in slot
 /// `flow_hash(key, seed) % SELECT_SLOTS`, so the same 5-tuple gets the

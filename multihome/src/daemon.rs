@@ -65,6 +65,8 @@ struct Daemon {
     probe_bindings: Vec<Option<watch::Sender<Option<ProbeBinding>>>>,
     /// Per uplink: its last address, kept while it has none.
     last_address: Vec<Option<std::net::Ipv4Addr>>,
+    /// Per uplink: back from an outage, out of use until then.
+    held_until: Vec<Option<tokio::time::Instant>>,
     /// Slots of adopted maps whose uplinks left the config: cleared and
     /// their flows purged once the new slots are published.
     gone_slots: Vec<u8>,
@@ -195,6 +197,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         reports,
         all_down: false,
         down: vec![Down::default(); config.uplinks.len()],
+        held_until: vec![None; config.uplinks.len()],
         drained: vec![false; config.uplinks.len()],
         commands,
         signals,
@@ -426,11 +429,14 @@ impl Daemon {
         }
         self.attach_all(snap, &observed)?;
 
+        self.hold_down(&observed);
         let usable: Vec<bool> = observed
             .iter()
             .zip(&self.probed)
             .zip(&self.drained)
-            .map(|((o, p), drained)| o.state == UplinkState::Up && !p.failing && !drained)
+            .map(|((o, p), drained)| {
+                o.state == UplinkState::Up && !p.failing && !p.held && !drained
+            })
             .collect();
         for (id, o) in observed.iter().enumerate() {
             self.maps.set_uplink(
@@ -610,13 +616,41 @@ impl Daemon {
         self.act_on_outages();
     }
 
-    /// When the next confirmed outage is due.
+    /// Keeps an uplink that just came back from an outage out of use for
+    /// its `hold_down_ms`.
+    fn hold_down(&mut self, observed: &[Observed]) {
+        let now = tokio::time::Instant::now();
+        for (id, o) in observed.iter().enumerate() {
+            let ok = o.state == UplinkState::Up && !self.probed[id].failing;
+            let hold = self.down_policy(id).hold_down;
+            if ok && self.down[id].down && !self.drained[id] && self.held_until[id].is_none() {
+                if !hold.is_zero() {
+                    info!(
+                        "uplink {}: back, held down for {hold:?}",
+                        self.config.uplinks[id].name
+                    );
+                    self.held_until[id] = Some(now + hold);
+                }
+            } else if !ok {
+                self.held_until[id] = None;
+            }
+            self.probed[id].held = self.held_until[id].is_some_and(|t| now < t);
+            if !self.probed[id].held {
+                self.held_until[id] = None;
+            }
+        }
+    }
+
+    /// When the next confirmed outage or hold-down is due.
     fn next_outage_check(&self) -> Option<tokio::time::Instant> {
-        self.down
+        let outages = self
+            .down
             .iter()
             .enumerate()
             .filter(|(_, d)| !d.acted)
-            .filter_map(|(id, d)| Some(d.since? + self.down_policy(id).confirm))
+            .filter_map(|(id, d)| Some(d.since? + self.down_policy(id).confirm));
+        outages
+            .chain(self.held_until.iter().flatten().copied())
             .min()
     }
 

@@ -71,6 +71,10 @@ pub struct HealthConfig {
     /// before `on_down` acts on its flows; a shorter flap moves nothing.
     #[serde(default = "ms_1000")]
     pub confirm_ms: u64,
+    /// How long an uplink stays out of use after it comes back from an
+    /// outage, so that a flapping one does not keep taking flows.
+    #[serde(default)]
+    pub hold_down_ms: u64,
 }
 
 /// What happens to an uplink's flows when it goes down, for an uplink with
@@ -80,6 +84,7 @@ pub struct DownPolicy {
     pub on_down: OnDown,
     pub on_up: OnUp,
     pub confirm: std::time::Duration,
+    pub hold_down: std::time::Duration,
 }
 
 impl DownPolicy {
@@ -89,6 +94,7 @@ impl DownPolicy {
             on_down: health.map(|h| h.on_down).unwrap_or_default(),
             on_up: health.map(|h| h.on_up).unwrap_or_default(),
             confirm: std::time::Duration::from_millis(health.map_or(1000, |h| h.confirm_ms)),
+            hold_down: std::time::Duration::from_millis(health.map_or(0, |h| h.hold_down_ms)),
         }
     }
 }
@@ -189,11 +195,13 @@ impl HealthConfig {
         if self.down_after == 0 {
             bad("`down_after` must be at least 1 round".into());
         }
-        if self.confirm_ms > 600_000 {
-            bad(format!(
-                "`confirm_ms` = {}: at most 600000 (ten minutes)",
-                self.confirm_ms
-            ));
+        for (key, v) in [
+            ("confirm_ms", self.confirm_ms),
+            ("hold_down_ms", self.hold_down_ms),
+        ] {
+            if v > 600_000 {
+                bad(format!("`{key}` = {v}: at most 600000 (ten minutes)"));
+            }
         }
         if self.up_after == 0 {
             bad("`up_after` must be at least 1 round".into());

@@ -4,7 +4,8 @@ use std::net::Ipv4Addr;
 
 use multihome_common::{
     LanNet, MAX_UPLINKS, RoutedUplinks, UPLINK_CONFIGURED, UPLINK_DRAINED, UPLINK_EVACUATE,
-    UPLINK_EVACUATE_TCP, UPLINK_L3, UPLINK_LINK_DOWN, UPLINK_PROBES_FAIL, UPLINK_USABLE, Uplink,
+    UPLINK_EVACUATE_TCP, UPLINK_HELD_DOWN, UPLINK_L3, UPLINK_LINK_DOWN, UPLINK_PROBES_FAIL,
+    UPLINK_USABLE, Uplink,
 };
 
 use crate::{
@@ -121,6 +122,8 @@ pub struct Probed {
     /// Down long enough for `on_down` to act: flows of these protocols
     /// move on their next packet.
     pub evacuate: Evacuate,
+    /// Back from an outage, but out of use for `hold_down_ms`.
+    pub held: bool,
     pub rtt_ms: Option<f64>,
     pub loss_pct: f64,
 }
@@ -129,8 +132,11 @@ pub struct Probed {
 pub fn slot(config: &Config, id: usize, o: &Observed, probed: &Probed, drained: bool) -> Uplink {
     let u = &config.uplinks[id];
     let mut flags = UPLINK_CONFIGURED;
-    if o.state == UplinkState::Up && !probed.failing && !drained {
+    if o.state == UplinkState::Up && !probed.failing && !probed.held && !drained {
         flags |= UPLINK_USABLE;
+    }
+    if probed.held {
+        flags |= UPLINK_HELD_DOWN;
     }
     if drained {
         flags |= UPLINK_DRAINED;

@@ -375,6 +375,40 @@ fn losing_carrier_moves_the_uplinks_udp_flows_once_confirmed_and_a_short_flap_mo
 }
 
 #[test]
+fn an_uplink_back_from_a_flap_is_held_down_for_hold_down_ms() {
+    let t = Topology::standard();
+    let health = "[uplink.health]\ntargets = [\"198.19.0.10\"]\ninterval_ms = 200\n\
+                  timeout_ms = 150\ndown_after = 2\nup_after = 1\nhold_down_ms = 2000\n";
+    let gw = Gateway::start(&t.gw, &config_for(&t, [1, 1], health));
+    let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    link_down(&t.gw, IF_WANY);
+    eventually(Duration::from_secs(2), "y down", || {
+        gw.status()["uplinks"][1]["state"] != "up"
+    });
+    link_up(&t.gw, IF_WANY);
+    let back = Instant::now();
+    eventually(Duration::from_secs(2), "y held down", || {
+        gw.status()["uplinks"][1]["reason"] == "held down after an outage (hold_down_ms)"
+    });
+    for _ in 0..10 {
+        let peer = udp_seen_as(&t.client, None, srv.addr()).expect("UDP while y is held");
+        assert_eq!(
+            *peer.ip(),
+            UPLINK_X_ADDR,
+            "a held-down uplink takes no flows"
+        );
+    }
+    eventually(Duration::from_secs(4), "y back in use", || {
+        gw.status()["uplinks"][1]["state"] == "up"
+    });
+    let held = back.elapsed();
+    assert!(
+        held >= Duration::from_millis(1800),
+        "held for only {held:?}"
+    );
+}
+
+#[test]
 fn with_every_uplink_down_for_a_while_nothing_is_moved() {
     let t = Topology::standard();
     let gw = Gateway::start(&t.gw, &config_for(&t, [1, 1], ""));

@@ -3,7 +3,8 @@ use serde::Serialize;
 
 use crate::{flows::be_addr, maps::Maps, uplinks::name_from_bytes};
 use multihome_common::{
-    UPLINK_CONFIGURED, UPLINK_DRAINED, UPLINK_LINK_DOWN, UPLINK_PROBES_FAIL, UPLINK_USABLE,
+    UPLINK_CONFIGURED, UPLINK_DRAINED, UPLINK_HELD_DOWN, UPLINK_LINK_DOWN, UPLINK_PROBES_FAIL,
+    UPLINK_USABLE,
 };
 
 #[derive(Serialize)]
@@ -87,6 +88,9 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
                 _ if u.addr_be == 0 => Some("no IPv4 address on the interface"),
                 _ if u.flags & UPLINK_PROBES_FAIL != 0 => Some("health probes fail"),
                 _ if u.flags & UPLINK_DRAINED != 0 => Some("drained by the operator"),
+                _ if u.flags & UPLINK_HELD_DOWN != 0 => {
+                    Some("held down after an outage (hold_down_ms)")
+                }
                 _ => None,
             },
             rtt_ms: (u.rtt_us != 0).then(|| u.rtt_us as f64 / 1000.0),
