@@ -514,6 +514,8 @@ impl Daemon {
         let gone = std::mem::take(&mut self.gone_slots);
         for s in &gone {
             self.maps.set_uplink((*s).into(), &Default::default())?;
+            // A new uplink that takes the slot starts its counters at 0.
+            self.maps.clear_uplink_stats((*s).into())?;
         }
         if !gone.is_empty() {
             let n = flows::remove_where(&self.maps, |_, f| gone.contains(&f.uplink))?;

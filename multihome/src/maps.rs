@@ -155,6 +155,14 @@ impl Maps {
         Ok(())
     }
 
+    /// Zeroes slot `id`'s counters on every CPU (its uplink left).
+    pub fn clear_uplink_stats(&self, id: u32) -> anyhow::Result<()> {
+        let mut a = self.per_cpu::<UplinkStats>(MAP_UPLINK_STATS)?;
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        let zero = aya::maps::PerCpuValues::try_from(vec![UplinkStats::default(); cpus])?;
+        Ok(a.set(id, zero, 0)?)
+    }
+
     /// Per-uplink counters, summed over CPUs.
     pub fn uplink_stats(&self) -> anyhow::Result<Vec<UplinkStats>> {
         let a = self.per_cpu::<UplinkStats>(MAP_UPLINK_STATS)?;

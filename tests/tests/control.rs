@@ -544,6 +544,32 @@ fn a_restart_under_a_changed_config_keeps_each_uplinks_flows_its_own() {
         .map(|u| u["name"].clone())
         .collect();
     assert_eq!(names, ["x"], "the removed uplink's slot was cleared");
+    let stats = gw.pin_dir().join("UPLINK_STATS");
+    let y_stats = t.gw.exec_stdout(&[
+        "bpftool",
+        "-j",
+        "map",
+        "lookup",
+        "pinned",
+        stats.to_str().expect("utf-8"),
+        "key",
+        "1",
+        "0",
+        "0",
+        "0",
+    ]);
+    let y_stats: serde_json::Value = serde_json::from_str(&y_stats).expect("bpftool JSON");
+    // Every counter of slot 1 on every CPU: all bytes zero.
+    let all_zero = y_stats["values"]
+        .as_array()
+        .expect("per-CPU values")
+        .iter()
+        .flat_map(|v| v["value"].as_array().expect("bytes").clone())
+        .all(|b| b == "0x00");
+    assert!(
+        all_zero,
+        "the removed uplink's counters were cleared: {y_stats}"
+    );
     assert!(
         gw.conns().iter().all(|c| c["uplink"] == "x"),
         "{:?}",
