@@ -61,7 +61,8 @@ pub const MAP_HOST_ECHO: &str = "HOST_ECHO";
 pub const MAP_HOSTS: &str = "HOSTS";
 pub const MAP_FILL: &str = "FILL";
 pub const MAP_EIM: &str = "EIM";
-pub const ALL_MAPS: [&str; 15] = [
+pub const MAP_JUMP: &str = "JUMP";
+pub const ALL_MAPS: [&str; 16] = [
     MAP_CONN_FWD,
     MAP_CONN_REV,
     MAP_UPLINKS,
@@ -77,10 +78,17 @@ pub const ALL_MAPS: [&str; 15] = [
     MAP_HOSTS,
     MAP_FILL,
     MAP_EIM,
+    MAP_JUMP,
 ];
 
 /// Program names (the `#[classifier]` functions).
 pub const PROG_LAN_IN: &str = "mh_lan_in";
+/// Answers a LAN host's TCP segment of a flow whose uplink went down with
+/// an RST; tail-called by `mh_lan_in` through [`MAP_JUMP`] slot
+/// [`JUMP_LAN_RESET`], so that the rare path costs the common one nothing.
+pub const PROG_LAN_RESET: &str = "mh_lan_reset";
+/// [`MAP_JUMP`]'s slot of [`PROG_LAN_RESET`].
+pub const JUMP_LAN_RESET: u32 = 0;
 pub const PROG_WAN_IN: &str = "mh_wan_in";
 pub const PROG_WAN_IN_L3: &str = "mh_wan_in_l3";
 pub const PROG_WAN_OUT: &str = "mh_wan_out";
@@ -257,6 +265,10 @@ pub const UPLINK_EVACUATE_TCP: u16 = 1 << 7;
 /// Not usable yet: back from an outage less than `hold_down_ms` ago (for
 /// people).
 pub const UPLINK_HELD_DOWN: u16 = 1 << 8;
+/// With [`UPLINK_EVACUATE`] (`on_down = "reset"`): the next LAN segment of
+/// an answered TCP flow pinned here is answered with an RST; an
+/// unanswered one (a SYN being retried) moves instead.
+pub const UPLINK_RESET_TCP: u16 = 1 << 9;
 
 /// The choice table, Maglev-style: a new flow takes the uplink in slot
 /// `flow_hash(key, seed) % SELECT_SLOTS`, so the same 5-tuple gets the
@@ -615,6 +627,9 @@ reasons! {
     /// Removed: a flow pinned to an uplink that went down, by its next
     /// packet (`on_down`), which makes it anew on a usable uplink.
     Evacuated = evacuated,
+    /// Answered: a LAN host's TCP segment of a flow whose uplink went down
+    /// (`on_down = "reset"`), turned into the remote's RST and sent back.
+    TcpReset = tcp_reset,
     /// Pass: a reply whose reverse entry points at a flow with another
     /// NAT address or port; the stale entry is removed.
     StaleReverse = stale_reverse,

@@ -2,6 +2,8 @@
 //! turns the outcome into a TC action:
 //!
 //! - `mh_lan_in` (LAN ingress): pin new flows to an uplink, SNAT, forward;
+//! - `mh_lan_reset` (by tail call from `mh_lan_in`): answer a TCP segment
+//!   of a flow whose uplink went down with an RST;
 //! - `mh_wan_in` (uplink ingress): reverse-translate replies and ICMP errors;
 //! - `mh_wan_out` (uplink egress): SNAT what the fast path left to the
 //!   kernel; drop the gateway's own packets that clash with a NAT flow.
@@ -27,6 +29,7 @@ mod nat;
 mod outbound;
 mod parse;
 mod quota;
+mod reset;
 mod select;
 mod sockets;
 mod stats;
@@ -39,6 +42,11 @@ use crate::verdict::tc_action;
 #[classifier]
 pub fn mh_lan_in(ctx: TcContext) -> i32 {
     tc_action(outbound::lan_ingress(&ctx))
+}
+
+#[classifier]
+pub fn mh_lan_reset(ctx: TcContext) -> i32 {
+    tc_action(outbound::lan_reset(&ctx))
 }
 
 #[classifier]

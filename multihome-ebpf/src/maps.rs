@@ -1,7 +1,7 @@
 //! Every map the programs use. Sizes here are defaults; the daemon sets the
 //! connection maps' capacity at load time.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
     macros::btf_map,
 };
 use multihome_common::{
@@ -63,6 +63,10 @@ pub static HOSTS: HashMap<u32, HostFlows, { MAX_HOSTS as usize }> = HashMap::new
 /// Flows in the connection map.
 #[btf_map]
 pub static FILL: Array<Fill, 1> = Array::new();
+
+/// Programs tail-called for rare paths: `mh_lan_reset`.
+#[btf_map]
+pub static JUMP: ProgramArray<1> = ProgramArray::new();
 
 /// Public mapping (uplink address, NAT port, protocol) -> its LAN endpoint,
 /// for hairpinning.

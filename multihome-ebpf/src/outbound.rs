@@ -3,16 +3,16 @@
 //! path handed to the kernel.
 use aya_ebpf::programs::TcContext;
 use multihome_common::{
-    FLOW_FAILED_OVER, FLOW_HAIRPIN, FlowFwd, FlowKey, IPPROTO_AH, IPPROTO_TCP, MARK_TRANSLATED,
-    MAX_LAN_NETS, MAX_UPLINKS, Reason, Settings, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_L3,
-    Uplink, flow_hash,
+    FLOW_FAILED_OVER, FLOW_HAIRPIN, FLOW_SEEN_REPLY, FlowFwd, FlowKey, IPPROTO_AH, IPPROTO_TCP,
+    JUMP_LAN_RESET, MARK_TRANSLATED, MAX_LAN_NETS, MAX_UPLINKS, Reason, Settings, UPLINK_EVACUATE,
+    UPLINK_EVACUATE_TCP, UPLINK_L3, UPLINK_RESET_TCP, Uplink, flow_hash,
 };
 
 use crate::{
     conntrack, frag,
     fwd::{self, Hop},
     guard, hairpin,
-    maps::{LAN_NETS, SETTINGS, UPLINKS},
+    maps::{JUMP, LAN_NETS, SETTINGS, UPLINKS},
     mss,
     nat::{self, Side},
     parse::{self, L4, Packet, TCP_SYN},
@@ -47,7 +47,20 @@ pub fn lan_ingress(ctx: &TcContext) -> Outcome {
         _ => {}
     }
     let key = conntrack::lan_key(&pkt);
-    let (flow, known) = match conntrack::lookup_fwd(&key).filter(|f| current(&key, *f)) {
+    let pinned = match conntrack::lookup_fwd(&key) {
+        Some(f) => match fate(ctx, &key, f) {
+            Fate::Keep => Some(f),
+            Fate::Remake => None,
+            Fate::Reset => {
+                // SAFETY: the map holds only programs of this object; on
+                // failure control comes back here and the flow is made anew.
+                unsafe { JUMP.tail_call(ctx, JUMP_LAN_RESET) };
+                None
+            }
+        },
+        None => None,
+    };
+    let (flow, known) = match pinned {
         Some(f) => {
             conntrack::touch_out(&key, f, &pkt);
             // SAFETY: a copy of the map value.
@@ -64,33 +77,64 @@ pub fn lan_ingress(ctx: &TcContext) -> Outcome {
     to_uplink(ctx, &pkt, &flow, uplink, known)
 }
 
+/// What becomes of a pinned flow at its next LAN packet.
+enum Fate {
+    Keep,
+    /// Removed: the packet makes it anew.
+    Remake,
+    /// Removed: the packet is answered with an RST.
+    Reset,
+}
+
 /// Whether a pinned flow still holds. One of a renumbered uplink (its NAT
 /// address is no longer the uplink's) is removed here, so that its packet
 /// makes it anew (the daemon's purge may come later); while the uplink has
 /// no address at all (a ppp link redialling), its flows stay: the same
 /// address may come back. One of an uplink that went down, of a protocol
 /// its `on_down` moves, is removed too: moved by its next packet, with no
-/// table walk and no packet lost.
+/// table walk and no packet lost; an answered TCP flow there, under
+/// `on_down = "reset"`, is reset instead (unless the packet is GSO: then
+/// it moves, and the remote resets it).
 #[inline(always)]
-fn current(key: &FlowKey, f: *mut FlowFwd) -> bool {
+fn fate(ctx: &TcContext, key: &FlowKey, f: *mut FlowFwd) -> Fate {
     // SAFETY: a read of the map value.
-    let (uplink, nat_addr_be, nat_port_be) =
-        unsafe { ((*f).uplink, (*f).nat_addr_be, (*f).nat_port_be) };
+    let (uplink, nat_addr_be, nat_port_be, flags) =
+        unsafe { ((*f).uplink, (*f).nat_addr_be, (*f).nat_port_be, (*f).flags) };
     let Some(u) = UPLINKS.get(uplink as u32) else {
-        return true;
+        return Fate::Keep;
     };
-    let reason = if u.addr_be != 0 && u.addr_be != nat_addr_be {
-        Reason::StaleAddress
-    } else if u.flags & UPLINK_EVACUATE != 0
-        && (key.proto != IPPROTO_TCP || u.flags & UPLINK_EVACUATE_TCP != 0)
+    let (reason, fate) = if u.addr_be != 0 && u.addr_be != nat_addr_be {
+        (Reason::StaleAddress, Fate::Remake)
+    } else if u.flags & UPLINK_EVACUATE == 0 {
+        return Fate::Keep;
+    } else if key.proto != IPPROTO_TCP || u.flags & UPLINK_EVACUATE_TCP != 0 {
+        (Reason::Evacuated, Fate::Remake)
+    } else if u.flags & UPLINK_RESET_TCP == 0 {
+        return Fate::Keep;
+    } else if flags & FLOW_SEEN_REPLY != 0
+        // SAFETY: the context pointer is valid for the program's run.
+        && unsafe { (*ctx.skb.skb).gso_size } == 0
     {
-        Reason::Evacuated
+        conntrack::remove_pair(key, nat_addr_be, nat_port_be);
+        return Fate::Reset;
     } else {
-        return true;
+        (Reason::Evacuated, Fate::Remake)
     };
     conntrack::remove_pair(key, nat_addr_be, nat_port_be);
     stats::count(reason);
-    false
+    fate
+}
+
+/// `mh_lan_reset`: a LAN host's TCP segment whose flow `mh_lan_in` found
+/// on a down uplink (and removed), answered with an RST.
+#[inline(always)]
+pub fn lan_reset(ctx: &TcContext) -> Outcome {
+    let l3 = parse::l3_offset::<true>(ctx)?;
+    let pkt = parse::parse_ipv4(ctx, l3)?;
+    if pkt.l4_kind != L4::Tcp {
+        return Err(Reason::Malformed);
+    }
+    crate::reset::reply(ctx, &pkt)
 }
 
 /// A later fragment from the LAN: to the kernel with its datagram's

@@ -672,6 +672,7 @@ impl Daemon {
             }
             self.down[id].acted = true;
             self.probed[id].evacuate = match policy.on_down {
+                OnDown::Reset => uplinks::Evacuate::ResetTcp,
                 OnDown::Purge => uplinks::Evacuate::All,
                 OnDown::PurgeUdp => uplinks::Evacuate::NotTcp,
                 OnDown::Keep => uplinks::Evacuate::None,

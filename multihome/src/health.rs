@@ -113,13 +113,16 @@ pub enum ProbeMethod {
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnDown {
+    /// Reset TCP flows (the LAN host's next segment is answered with an
+    /// RST, so the application learns at once) and move the rest.
+    #[default]
+    Reset,
     /// Purge every flow, so all of them move to other uplinks.
     Purge,
     /// Keep every flow; only new flows avoid the uplink.
     Keep,
     /// Purge all but TCP flows: TCP would break anyway when it moves, and
     /// may survive a short outage.
-    #[default]
     PurgeUdp,
 }
 
@@ -128,7 +131,7 @@ impl OnDown {
     /// goes down.
     pub fn purges(self, proto: u8) -> bool {
         match self {
-            OnDown::Purge => true,
+            OnDown::Reset | OnDown::Purge => true,
             OnDown::Keep => false,
             OnDown::PurgeUdp => c_int::from(proto) != libc::IPPROTO_TCP,
         }
@@ -872,7 +875,7 @@ mod tests {
         assert_eq!((c.down_after, c.up_after, c.min_success), (3, 3, 1));
         assert_eq!((c.max_rtt_ms, c.max_loss_pct, c.window), (None, None, 10));
         assert_eq!(c.method, ProbeMethod::Icmp);
-        assert_eq!(c.on_down, OnDown::PurgeUdp);
+        assert_eq!(c.on_down, OnDown::Reset);
         assert_eq!(c.on_up, OnUp::Stay);
         assert!(c.problems("h").is_empty(), "{:?}", c.problems("h"));
     }
@@ -883,6 +886,7 @@ mod tests {
         assert_eq!((c.method, c.tcp_port), (ProbeMethod::Tcp, Some(443)));
         assert_eq!((c.on_down, c.on_up), (OnDown::Purge, OnUp::Return));
         assert_eq!(cfg("on_down = \"purge-udp\"").on_down, OnDown::PurgeUdp);
+        assert_eq!(cfg("on_down = \"reset\"").on_down, OnDown::Reset);
         let err = toml::from_str::<HealthConfig>("targets = []\nintervall_ms = 5")
             .expect_err("unknown key");
         assert!(err.to_string().contains("intervall_ms"), "{err}");

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::MapData,
+    maps::{MapData, ProgramArray},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -18,8 +18,9 @@ use aya::{
     },
 };
 use multihome_common::{
-    ALL_MAPS, LAYOUT_VERSION, MAP_CONN_FWD, MAP_CONN_REV, MAP_REASONS, MAP_SELECT, MAP_SETTINGS,
-    MAP_UPLINKS, PROG_LAN_IN, PROG_WAN_IN, PROG_WAN_IN_L3, PROG_WAN_OUT, PROG_WAN_OUT_L3,
+    ALL_MAPS, JUMP_LAN_RESET, LAYOUT_VERSION, MAP_CONN_FWD, MAP_CONN_REV, MAP_JUMP, MAP_REASONS,
+    MAP_SELECT, MAP_SETTINGS, MAP_UPLINKS, PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN,
+    PROG_WAN_IN_L3, PROG_WAN_OUT, PROG_WAN_OUT_L3,
 };
 
 /// The programs, built by `build.rs`.
@@ -211,6 +212,7 @@ impl Datapath {
             .context("loading the eBPF programs (is this kernel 6.6 or newer, with BTF?)")?;
         for name in [
             PROG_LAN_IN,
+            PROG_LAN_RESET,
             PROG_WAN_IN,
             PROG_WAN_IN_L3,
             PROG_WAN_OUT,
@@ -223,6 +225,18 @@ impl Datapath {
             prog.load()
                 .with_context(|| format!("verifying program {name}"))?;
         }
+        // The LAN program tail-calls the reset one; an adopted JUMP
+        // switches to this run's program here.
+        let fd = {
+            let prog: &SchedClassifier = ebpf
+                .program(PROG_LAN_RESET)
+                .context("program missing")?
+                .try_into()?;
+            prog.fd()?.try_clone()?
+        };
+        let mut jump = ProgramArray::try_from(ebpf.map_mut(MAP_JUMP).context("map JUMP missing")?)?;
+        jump.set(JUMP_LAN_RESET, &fd, 0)
+            .context("pointing JUMP at the reset program")?;
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),

@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use multihome_common::{
     LanNet, MAX_UPLINKS, RoutedUplinks, UPLINK_CONFIGURED, UPLINK_DRAINED, UPLINK_EVACUATE,
     UPLINK_EVACUATE_TCP, UPLINK_HELD_DOWN, UPLINK_L3, UPLINK_LINK_DOWN, UPLINK_PROBES_FAIL,
-    UPLINK_USABLE, Uplink,
+    UPLINK_RESET_TCP, UPLINK_USABLE, Uplink,
 };
 
 use crate::{
@@ -104,6 +104,8 @@ pub enum Evacuate {
     None,
     NotTcp,
     All,
+    /// Non-TCP flows move; answered TCP flows are reset.
+    ResetTcp,
 }
 
 pub fn mark(config: &Config, id: usize) -> u32 {
@@ -154,6 +156,7 @@ pub fn slot(config: &Config, id: usize, o: &Observed, probed: &Probed, drained: 
         Evacuate::None => {}
         Evacuate::NotTcp => flags |= UPLINK_EVACUATE,
         Evacuate::All => flags |= UPLINK_EVACUATE | UPLINK_EVACUATE_TCP,
+        Evacuate::ResetTcp => flags |= UPLINK_EVACUATE | UPLINK_RESET_TCP,
     }
     Uplink {
         addr_be: o.address.map_or(0, |a| u32::from(a).to_be()),

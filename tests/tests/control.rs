@@ -409,6 +409,75 @@ fn an_uplink_back_from_a_flap_is_held_down_for_hold_down_ms() {
 }
 
 #[test]
+fn tcp_sessions_on_a_dead_uplink_are_reset_at_their_next_segment() {
+    sessions_on_a_dead_uplink_are_reset(false);
+}
+
+#[test]
+fn tcp_sessions_on_a_dead_uplink_are_reset_with_checksum_offloads_on() {
+    sessions_on_a_dead_uplink_are_reset(true);
+}
+
+/// x's upstream dies while its modem still answers; the default `on_down`
+/// ("reset") answers the next segment of each TCP session on x with an
+/// RST, and sessions on y see no gap.
+fn sessions_on_a_dead_uplink_are_reset(offloads: bool) {
+    let t = Topology::standard();
+    if offloads {
+        t.enable_checksum_offloads();
+    }
+    let health = "[uplink.health]\ntargets = [\"198.19.0.10\"]\ninterval_ms = 200\n\
+                  timeout_ms = 150\ndown_after = 2\nup_after = 2\n";
+    let config = config_for(&t, [1, 1], "").replacen(
+        "\n\n[[uplink]]\nname = \"y\"",
+        &format!("\n{health}\n[[uplink]]\nname = \"y\""),
+        1,
+    );
+    let gw = Gateway::start(&t.gw, &config);
+    let srv = tcp_echo_server(&t.inet, INET_SERVICE, 0);
+    let mut on = std::collections::HashMap::new();
+    for _ in 0..40 {
+        if on.len() == 2 {
+            break;
+        }
+        let mut c = tcp_connect(&t.client, None, srv.addr()).expect("connect");
+        c.write_all(b"hi").expect("write");
+        c.read_exact(&mut [0u8; 2]).expect("echo");
+        let port = c.local_addr().expect("port").port();
+        let uplink = gw
+            .conns()
+            .iter()
+            .find(|f| f["sport"] == port)
+            .map(|f| f["uplink"].as_str().expect("name").to_owned())
+            .expect("its flow");
+        on.entry(uplink).or_insert(c);
+    }
+    let (mut cx, mut cy) = (on.remove("x").expect("on x"), on.remove("y").expect("on y"));
+    let upstream = ["FORWARD", "-i", IF_CORE, "-j", "DROP"];
+    t.ispx
+        .exec(&[&["iptables", "-w", "-I"][..], &upstream].concat());
+    eventually(Duration::from_secs(4), "x's outage confirmed", || {
+        gw.log().contains("uplink x: down for")
+    });
+    let sent = Instant::now();
+    cx.write_all(b"still there?").expect("write");
+    let mut buf = [0u8; 16];
+    let err = cx.read(&mut buf).expect_err("the session on x is reset");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert!(gw.reason("tcp_reset") >= 1);
+    cy.write_all(b"and y?").expect("write");
+    cy.read_exact(&mut buf[..6])
+        .expect("the session on y goes on");
+    assert_eq!(&buf[..6], b"and y?");
+    assert_eq!(t.spoofed_drops(), 0);
+}
+
+#[test]
 fn with_every_uplink_down_for_a_while_nothing_is_moved() {
     let t = Topology::standard();
     let gw = Gateway::start(&t.gw, &config_for(&t, [1, 1], ""));

@@ -15,18 +15,19 @@ use std::{collections::HashSet, net::Ipv4Addr, process::Command, sync::OnceLock}
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, PerCpuArray,
+        Array, HashMap, PerCpuArray, ProgramArray,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
 };
 use multihome_common::{
     EimKey, EimLan, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FLOW_RST_IN, FLOW_SEEN_REPLY, FlowFwd,
-    FlowKey, FlowRev, HostFlows, LAYOUT_VERSION, LanNet, MAP_CONN_FWD, MAP_CONN_REV, MAP_EIM,
-    MAP_FILL, MAP_HOSTS, MAP_LAN_NETS, MAP_PEERS, MAP_REASONS, MAP_ROUTED, MAP_SETTINGS,
-    MAP_UPLINK_STATS, MAP_UPLINKS, MARK_TRANSLATED, PROG_LAN_IN, PROG_WAN_IN, PROG_WAN_OUT,
-    REASON_COUNT, Reason, Reasons, RoutedKey, Settings, UPLINK_CONFIGURED, UPLINK_EVACUATE,
-    UPLINK_EVACUATE_TCP, UPLINK_USABLE, Uplink, UplinkStats,
+    FlowKey, FlowRev, HostFlows, JUMP_LAN_RESET, LAYOUT_VERSION, LanNet, MAP_CONN_FWD,
+    MAP_CONN_REV, MAP_EIM, MAP_FILL, MAP_HOSTS, MAP_JUMP, MAP_LAN_NETS, MAP_PEERS, MAP_REASONS,
+    MAP_ROUTED, MAP_SETTINGS, MAP_UPLINK_STATS, MAP_UPLINKS, MARK_TRANSLATED, PROG_LAN_IN,
+    PROG_LAN_RESET, PROG_WAN_IN, PROG_WAN_OUT, REASON_COUNT, Reason, Reasons, RoutedKey, Settings,
+    UPLINK_CONFIGURED, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_RESET_TCP, UPLINK_USABLE,
+    Uplink, UplinkStats,
 };
 use testbed::packets::*;
 
@@ -406,8 +407,21 @@ impl Datapath {
         }
     }
 
-    /// The program, loaded (verified) on first use.
+    /// The program, loaded (verified) on first use; `mh_lan_in` with the
+    /// reset program it tail-calls.
     fn program(&mut self, name: &'static str) -> &SchedClassifier {
+        if name == PROG_LAN_IN && !self.loaded.contains(PROG_LAN_RESET) {
+            let fd = self
+                .program(PROG_LAN_RESET)
+                .fd()
+                .expect("fd")
+                .try_clone()
+                .expect("dup");
+            let mut jump = ProgramArray::try_from(self.ebpf.map_mut(MAP_JUMP).expect("JUMP map"))
+                .expect("JUMP is a program array");
+            jump.set(JUMP_LAN_RESET, &fd, 0)
+                .expect("point JUMP at mh_lan_reset");
+        }
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(name)
@@ -1310,6 +1324,94 @@ fn a_flow_of_an_uplink_that_went_down_moves_on_its_next_packet_by_protocol() {
         let (_, counted) = dp.run_counted(PROG_LAN_IN, &TCP_FLOW.outbound().frame(), 0);
         assert!(counted.contains(&(Reason::Evacuated, 1)), "{counted:?}");
         assert!(dp.fwd_entry(&TCP_FLOW).is_none());
+    });
+}
+
+/// `bpf_redirect`'s verdict.
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// The RST the remote would answer `input` (a segment of `f`) with, as
+/// RFC 9293 §3.10.7.1 builds it, built independently: back to the LAN host
+/// from the remote, payload and all.
+fn rst_for(f: &Flow, input: &Ipv4) -> Vec<u8> {
+    let Payload::Tcp(t) = &input.payload else {
+        panic!("not TCP")
+    };
+    let (seq, ack, flags) = if t.flags & TCP_ACK != 0 {
+        (t.ack, 0, TCP_RST)
+    } else {
+        let len = t.payload.len() as u32 + u32::from(t.flags & TCP_SYN != 0);
+        (0, t.seq.wrapping_add(len), TCP_RST | TCP_ACK)
+    };
+    let mut out = Ipv4::tcp(
+        REMOTE,
+        LAN_HOST,
+        Tcp {
+            seq,
+            ack,
+            flags,
+            window: 0,
+            ..Tcp::new(f.remote_port, f.lan_port, flags, &t.payload)
+        },
+    );
+    out.id = input.id;
+    out.ttl = 64;
+    if let Payload::Tcp(o) = &mut out.payload {
+        o.options = t.options.clone();
+    }
+    ethernet(MAC_A, MAC_GW, ETH_P_IP, &out.bytes())
+}
+
+#[test]
+fn a_tcp_segment_of_an_answered_flow_on_a_down_uplink_is_answered_with_the_remotes_rst() {
+    with_datapath(|dp| {
+        let mut uplinks: Array<_, Uplink> =
+            Array::try_from(dp.ebpf.map_mut(MAP_UPLINKS).expect("UPLINKS")).expect("types");
+        let mut u = uplinks.get(&0, 0).expect("slot 0");
+        u.flags = UPLINK_CONFIGURED | UPLINK_EVACUATE | UPLINK_RESET_TCP;
+        uplinks.set(0, u, 0).expect("write");
+        let answered = FlowFwd {
+            flags: FLOW_SEEN_REPLY,
+            ..TCP_FLOW.fwd()
+        };
+        // With and without ACK, with options, TTL as the host sent it.
+        let mut plain = TCP_FLOW.outbound();
+        plain.ttl = 63;
+        let mut no_ack = plain.clone();
+        let mut with_options = plain.clone();
+        if let Payload::Tcp(t) = &mut no_ack.payload {
+            t.flags = TCP_PSH;
+            t.ack = 0;
+        }
+        if let Payload::Tcp(t) = &mut with_options.payload {
+            t.options = vec![1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2];
+        }
+        for (input, what) in [
+            (&plain, "ACK|PSH"),
+            (&no_ack, "PSH without ACK"),
+            (&with_options, "with timestamps"),
+        ] {
+            dp.insert_rev(&TCP_FLOW);
+            dp.set_fwd(TCP_FLOW.fwd_key(), answered);
+            let (run, counted) = dp.run_counted(PROG_LAN_IN, &input.frame(), 0);
+            assert_eq!(run.ret, TC_ACT_REDIRECT, "{what}: sent back");
+            let expected = rst_for(&TCP_FLOW, input);
+            assert!(
+                run.out == expected,
+                "{what}: not the remote's RST\n{}",
+                describe_difference(&expected, &run.out)
+            );
+            assert_eq!(counted, [(Reason::TcpReset, 1)], "{what}");
+            let flows = dp.flows();
+            assert!(
+                flows.fwd.is_empty() && flows.rev.is_empty(),
+                "{what}: removed"
+            );
+        }
+        // A flow that never saw a reply (a SYN being retried) moves instead.
+        dp.insert_flow(&TCP_FLOW);
+        let (_, counted) = dp.run_counted(PROG_LAN_IN, &plain.frame(), 0);
+        assert!(counted.contains(&(Reason::Evacuated, 1)), "{counted:?}");
     });
 }
 
