@@ -90,10 +90,10 @@ pub fn create_portless(
     uplink: &Uplink,
     flags: u32,
 ) -> Result<FlowFwd, Reason> {
-    if !try_port(key, uplink.addr_be, 0, &rev_entry(key, uplink_id))? {
-        return Err(Reason::AddrTaken);
+    match create_exact(key, pkt, uplink_id, uplink.addr_be, 0, flags) {
+        Err(Reason::PortExhausted) => Err(Reason::AddrTaken),
+        created => created,
     }
-    pin_fwd(key, pkt, uplink_id, uplink.addr_be, 0, flags)
 }
 
 #[inline(always)]
