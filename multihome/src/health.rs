@@ -93,7 +93,10 @@ impl DownPolicy {
         Self {
             on_down: health.map(|h| h.on_down).unwrap_or_default(),
             on_up: health.map(|h| h.on_up).unwrap_or_default(),
-            confirm: std::time::Duration::from_millis(health.map_or(1000, |h| h.confirm_ms)),
+            // Without [uplink.health], the same defaults as serde fills in.
+            confirm: std::time::Duration::from_millis(
+                health.map_or_else(ms_1000, |h| h.confirm_ms),
+            ),
             hold_down: std::time::Duration::from_millis(health.map_or(0, |h| h.hold_down_ms)),
         }
     }
@@ -877,6 +880,8 @@ mod tests {
         assert_eq!(c.method, ProbeMethod::Icmp);
         assert_eq!(c.on_down, OnDown::Reset);
         assert_eq!(c.on_up, OnUp::Stay);
+        let (with, without) = (DownPolicy::of(Some(&c)), DownPolicy::of(None));
+        assert_eq!(with, without, "no [uplink.health] means its defaults");
         assert!(c.problems("h").is_empty(), "{:?}", c.problems("h"));
     }
 
