@@ -1,8 +1,10 @@
 //! The connection map: forward and reverse entries kept as a pair, port
 //! allocation, TCP state from SYN/FIN/RST, and the last-seen stamp.
+use core::ffi::c_void;
+
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns, bpf_loop},
     programs::TcContext,
 };
 use multihome_common::{
@@ -192,18 +194,78 @@ fn reserve_port(
     }
     let min = settings.snat_port_min as u32;
     let span = (settings.snat_port_max as u32).saturating_sub(min) + 1;
-    // SAFETY: no preconditions.
-    let start = unsafe { bpf_get_prandom_u32() } % span;
-    for i in 0..PORT_TRIES {
-        let port_be = ((min + (start + i) % span) as u16).to_be();
-        if echo && sockets::echo_owned_by_host(key.daddr_be, port_be) {
-            continue;
+    let mut search = PortSearch {
+        key: *key,
+        rev: *rev,
+        nat_addr_be,
+        min,
+        span,
+        // SAFETY: no preconditions.
+        start: unsafe { bpf_get_prandom_u32() } % span,
+        echo,
+        port_be: 0,
+        outcome: SEARCHING,
+    };
+    // bpf_loop: the verifier checks the try once, not once per try and
+    // path into it, which keeps `mh_lan_in` far from its budget.
+    // SAFETY: the callback's context is `search`, alive for the call.
+    unsafe {
+        bpf_loop(
+            PORT_TRIES,
+            try_next_port as *mut c_void,
+            &mut search as *mut PortSearch as *mut c_void,
+            0,
+        )
+    };
+    // The outcome is rebuilt from constants: the verifier keeps no bounds
+    // on what the callback wrote.
+    match search.outcome {
+        FOUND => Ok(search.port_be),
+        MAP_FULL => Err(Reason::MapFull),
+        _ => Err(Reason::PortExhausted),
+    }
+}
+
+const SEARCHING: u8 = 0;
+const FOUND: u8 = 1;
+const MAP_FULL: u8 = 2;
+
+/// The state of [`reserve_port`]'s random search.
+struct PortSearch {
+    key: FlowKey,
+    rev: FlowRev,
+    nat_addr_be: u32,
+    min: u32,
+    span: u32,
+    start: u32,
+    echo: bool,
+    port_be: u16,
+    outcome: u8,
+}
+
+/// One random try of [`reserve_port`]: 0 to go on, 1 to stop.
+extern "C" fn try_next_port(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `bpf_loop` passes `reserve_port`'s `PortSearch`.
+    let s = unsafe { &mut *(ctx as *mut PortSearch) };
+    let Some(off) = s.start.wrapping_add(i as u32).checked_rem(s.span) else {
+        return 1;
+    };
+    let port_be = ((s.min + off) as u16).to_be();
+    if s.echo && sockets::echo_owned_by_host(s.key.daddr_be, port_be) {
+        return 0;
+    }
+    match try_port(&s.key, s.nat_addr_be, port_be, &s.rev) {
+        Ok(false) => 0,
+        Ok(true) => {
+            s.port_be = port_be;
+            s.outcome = FOUND;
+            1
         }
-        if try_port(key, nat_addr_be, port_be, rev)? {
-            return Ok(port_be);
+        Err(_) => {
+            s.outcome = MAP_FULL;
+            1
         }
     }
-    Err(Reason::PortExhausted)
 }
 
 /// Ok(true): reserved. Ok(false): taken.
