@@ -9,7 +9,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a pinned map changes shape; a daemon refuses to adopt
 /// maps pinned by another layout.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Uplink slots in [`MAP_UPLINKS`]; an uplink's id is its slot.
 pub const MAX_UPLINKS: u32 = 8;
@@ -40,10 +40,27 @@ pub const HOST_ECHO_NS: u64 = 60_000_000_000;
 pub const EIM_ENTRIES: u32 = 65_536;
 /// Prefixes in [`MAP_ROUTED`], over all uplinks.
 pub const MAX_ROUTED_PREFIXES: u32 = 256;
+/// Policies, the built-in `balanced` (id 0) included: one [`SelectTable`]
+/// each.
+pub const MAX_POLICIES: u32 = 16;
+/// Policy rules, as bits of a [`RuleSet`].
+pub const MAX_RULES: u32 = 128;
+/// Words of a [`RuleSet`].
+pub const RULE_WORDS: usize = MAX_RULES as usize / 64;
+/// Prefixes in each rule trie, both banks together.
+pub const MAX_RULE_PREFIXES: u32 = 65_536;
+/// Affinity records of the sticky balance modes (`source`, `site`).
+pub const AFFINITY_ENTRIES: u32 = 65_536;
+/// Rule banks: the daemon fills the one not in use, then switches.
+pub const RULE_BANKS: u32 = 2;
 /// The low byte of `skb->mark` (over the mark base) on packets the fast
 /// path translated and redirected to an uplink: the uplink's egress
 /// program passes them without parsing.
 pub const MARK_TRANSLATED: u32 = 0xff;
+/// Low byte of `skb->mark` for a new flow a policy refused: the daemon's
+/// `prohibit` rule makes the kernel answer ICMP administratively
+/// prohibited (code 13).
+pub const MARK_PROHIBIT: u32 = 0xfe;
 
 /// Map names: stable, at most 15 characters, also the pin file names.
 pub const MAP_CONN_FWD: &str = "CONN_FWD";
@@ -62,7 +79,14 @@ pub const MAP_HOSTS: &str = "HOSTS";
 pub const MAP_FILL: &str = "FILL";
 pub const MAP_EIM: &str = "EIM";
 pub const MAP_JUMP: &str = "JUMP";
-pub const ALL_MAPS: [&str; 16] = [
+pub const MAP_RULE_SRC: &str = "RULE_SRC";
+pub const MAP_RULE_DST: &str = "RULE_DST";
+pub const MAP_RULE_PROTO: &str = "RULE_PROTO";
+pub const MAP_RULE_DPORT: &str = "RULE_DPORT";
+pub const MAP_RULE_DSCP: &str = "RULE_DSCP";
+pub const MAP_RULE_ACTION: &str = "RULE_ACTION";
+pub const MAP_AFFINITY: &str = "AFFINITY";
+pub const ALL_MAPS: [&str; 23] = [
     MAP_CONN_FWD,
     MAP_CONN_REV,
     MAP_UPLINKS,
@@ -79,6 +103,13 @@ pub const ALL_MAPS: [&str; 16] = [
     MAP_FILL,
     MAP_EIM,
     MAP_JUMP,
+    MAP_RULE_SRC,
+    MAP_RULE_DST,
+    MAP_RULE_PROTO,
+    MAP_RULE_DPORT,
+    MAP_RULE_DSCP,
+    MAP_RULE_ACTION,
+    MAP_AFFINITY,
 ];
 
 /// Program names (the `#[classifier]` functions).
@@ -177,7 +208,8 @@ pub struct FlowFwd {
     pub flags: u32,
     pub nat_port_be: u16,
     pub uplink: u8,
-    pub _pad: u8,
+    /// The policy that placed it ([`SelectTable`] index; 0: `balanced`).
+    pub policy: u8,
     /// Creation time, seconds of `bpf_ktime_get_boot_ns`.
     pub created_s: u32,
 }
@@ -283,6 +315,22 @@ pub struct SelectTable {
     pub usable: u32,
     /// 1 when `preferred` is filled.
     pub configured: u32,
+    /// Bit `i` set when uplink `i` holds slots in `now`: an affinity to
+    /// an uplink outside it no longer holds.
+    pub now_members: u32,
+    /// How long an idle affinity lasts, in seconds (`source`, `site`).
+    pub sticky_s: u32,
+    /// `site`: the destination bits that make a site (a /24: 0xffffff00),
+    /// in network order.
+    pub site_mask_be: u32,
+    /// `BALANCE_*`.
+    pub balance: u8,
+    /// `LAST_RESORT_*`: what a new flow gets when `usable` is 0.
+    pub last_resort: u8,
+    pub _pad: u16,
+    /// The policy's name, NUL-padded: flows record the index, the CLI
+    /// shows the name, and a restart keeps each name's index.
+    pub name: [u8; 16],
     /// Uplink ids over the usable uplinks.
     pub now: [u8; SELECT_SLOTS],
     /// Uplink ids as if every configured uplink were usable: a flow whose
@@ -290,15 +338,105 @@ pub struct SelectTable {
     pub preferred: [u8; SELECT_SLOTS],
 }
 
+/// A new flow's uplink by the hash of its 5-tuple.
+pub const BALANCE_CONNECTION: u8 = 0;
+/// By the hash of (source, destination) addresses only, like MikroTik
+/// PCC's `both-addresses`: no state beyond the pinned flow.
+pub const BALANCE_HASH: u8 = 1;
+/// One uplink per LAN host while it keeps opening flows within
+/// `sticky_s` (an [`Affinity`] keyed by source).
+pub const BALANCE_SOURCE: u8 = 2;
+/// One uplink per (LAN host, destination site) within `sticky_s`.
+pub const BALANCE_SITE: u8 = 3;
+
+/// With every tier down, any usable uplink (as `balanced` would).
+pub const LAST_RESORT_ANY: u8 = 0;
+/// With every tier down, refuse: ICMP administratively prohibited.
+pub const LAST_RESORT_UNREACHABLE: u8 = 1;
+
+impl SelectTable {
+    /// The policy's name as text.
+    pub fn name(&self) -> &str {
+        let end = self.name.iter().position(|b| *b == 0).unwrap_or(16);
+        core::str::from_utf8(&self.name[..end]).unwrap_or("?")
+    }
+}
+
 impl Default for SelectTable {
     fn default() -> Self {
         Self {
             usable: 0,
             configured: 0,
+            now_members: 0,
+            sticky_s: 0,
+            site_mask_be: 0,
+            balance: BALANCE_CONNECTION,
+            last_resort: LAST_RESORT_ANY,
+            _pad: 0,
+            name: [0; 16],
             now: [0; SELECT_SLOTS],
             preferred: [0; SELECT_SLOTS],
         }
     }
+}
+
+/// A set of policy rules, bit `i` for rule `i`: what one field of a new
+/// flow's packet matches. The rules a packet matches are the
+/// intersection over its fields; the lowest bit wins (first match).
+pub type RuleSet = [u64; RULE_WORDS];
+
+/// [`MAP_RULE_SRC`] and [`MAP_RULE_DST`]'s key: the bank, then the
+/// address, so that the prefix length is 32 + the prefix's. The daemon
+/// folds every shorter prefix's rules into a longer one, so the longest
+/// match alone decides.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct RuleAddrKey {
+    pub bank_be: u32,
+    pub addr_be: u32,
+}
+
+/// [`MAP_RULE_ACTION`]'s value: the low byte is the policy, unless one of
+/// these bits says otherwise.
+pub type RuleAction = u32;
+/// Refused with ICMP administratively prohibited (RFC 1812 §5.2.7.1).
+pub const RULE_UNREACHABLE: RuleAction = 1 << 8;
+/// Not translated: the kernel routes it (the egress guard still applies).
+pub const RULE_MAIN: RuleAction = 1 << 9;
+
+/// [`Settings::rules`]: the bank in use (bit 0) and how many rules it
+/// holds (the rest), in one word so that one store switches both.
+pub const fn rules_word(bank: u32, count: u32) -> u32 {
+    count << 1 | bank & 1
+}
+
+/// [`MAP_AFFINITY`]'s key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct AffinityKey {
+    pub saddr_be: u32,
+    /// `site`: the destination's site (`daddr & site_mask`); 0 for
+    /// `source`.
+    pub site_be: u32,
+    pub policy: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
+}
+
+/// A sticky choice: where the key's new flows go while it is used.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Affinity {
+    /// Boot-clock time of the last flow it placed.
+    pub last_ns: u64,
+    /// Boot-clock seconds when it was made.
+    pub created_s: u32,
+    pub uplink: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 
 /// One round of MurmurHash3 (x86, 32-bit): mixes the word `w` into `h`.
@@ -379,7 +517,9 @@ pub struct Settings {
     /// Seed of [`flow_hash`]: random when the maps are made, kept across
     /// restarts so that a flow whose state was lost hashes the same.
     pub flow_hash_seed: u32,
-    pub _pad: u32,
+    /// [`rules_word`]: the rule bank in use and its rule count; 0 rules
+    /// skip the rule lookups.
+    pub rules: u32,
 }
 
 /// One LAN host's share of the connection map, in [`MAP_HOSTS`]: counted
@@ -633,6 +773,13 @@ reasons! {
     /// Pass: a reply whose reverse entry points at a flow with another
     /// NAT address or port; the stale entry is removed.
     StaleReverse = stale_reverse,
+    /// Pass: refused by a rule (`policy = "unreachable"`) or by a policy
+    /// with every tier down (`last_resort = "unreachable"`); the kernel
+    /// answers ICMP administratively prohibited.
+    PolicyRefused = policy_refused,
+    /// Pass: a rule (`policy = "main"`) left it untranslated to the
+    /// kernel's routes; the egress guard still applies.
+    PolicyMain = policy_main,
 }
 
 pub const REASON_COUNT: usize = Reason::ALL.len();
@@ -642,7 +789,11 @@ const _: () = {
     assert!(size_of::<FlowFwd>() == 24);
     assert!(size_of::<FlowRev>() == 8);
     assert!(size_of::<Uplink>() == 72);
-    assert!(size_of::<SelectTable>() == 8 + 2 * SELECT_SLOTS);
+    assert!(size_of::<SelectTable>() == 40 + 2 * SELECT_SLOTS);
+    assert!(size_of::<RuleAddrKey>() == 8);
+    assert!(size_of::<AffinityKey>() == 12);
+    assert!(size_of::<Affinity>() == 16);
+    assert!(MAX_POLICIES <= 256 && MAX_RULES % 64 == 0);
     assert!(size_of::<LanNet>() == 16);
     assert!(size_of::<Settings>() == 32);
     assert!(size_of::<HostFlows>() == 16);
@@ -658,7 +809,7 @@ const _: () = {
     // One bit per uplink in RoutedUplinks; marks 1..=MAX_UPLINKS stay
     // clear of MARK_TRANSLATED.
     assert!(MAX_UPLINKS <= RoutedUplinks::BITS);
-    assert!(MAX_UPLINKS < MARK_TRANSLATED);
+    assert!(MAX_UPLINKS < MARK_PROHIBIT && MARK_PROHIBIT < MARK_TRANSLATED);
     assert!(SELECT_SLOTS.is_power_of_two() && SELECT_SLOTS <= 1 << 16);
 };
 
@@ -678,6 +829,9 @@ mod pod {
     unsafe impl aya::Pod for UplinkStats {}
     unsafe impl aya::Pod for Reasons {}
     unsafe impl aya::Pod for RoutedKey {}
+    unsafe impl aya::Pod for RuleAddrKey {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for Affinity {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragXlat {}
     unsafe impl aya::Pod for EchoKey {}

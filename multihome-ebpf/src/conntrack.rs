@@ -75,10 +75,19 @@ pub fn create(
     uplink: &Uplink,
     settings: &Settings,
     flags: u32,
+    policy: u8,
 ) -> Result<FlowFwd, Reason> {
     let rev = rev_entry(key, uplink_id);
     let nat_port_be = reserve_port(ctx, key, pkt, uplink.addr_be, &rev, settings)?;
-    pin_fwd(key, pkt, uplink_id, uplink.addr_be, nat_port_be, flags)
+    pin_fwd(
+        key,
+        pkt,
+        uplink_id,
+        uplink.addr_be,
+        nat_port_be,
+        flags,
+        policy,
+    )
 }
 
 /// [`create`] for a protocol translated by address only: the reverse key
@@ -91,8 +100,9 @@ pub fn create_portless(
     uplink_id: u8,
     uplink: &Uplink,
     flags: u32,
+    policy: u8,
 ) -> Result<FlowFwd, Reason> {
-    match create_exact(key, pkt, uplink_id, uplink.addr_be, 0, flags) {
+    match create_exact(key, pkt, uplink_id, uplink.addr_be, 0, flags, policy) {
         Err(Reason::PortExhausted) => Err(Reason::AddrTaken),
         created => created,
     }
@@ -119,11 +129,12 @@ pub fn create_exact(
     nat_addr_be: u32,
     nat_port_be: u16,
     flags: u32,
+    policy: u8,
 ) -> Result<FlowFwd, Reason> {
     if !try_port(key, nat_addr_be, nat_port_be, &rev_entry(key, uplink_id))? {
         return Err(Reason::PortExhausted);
     }
-    pin_fwd(key, pkt, uplink_id, nat_addr_be, nat_port_be, flags)
+    pin_fwd(key, pkt, uplink_id, nat_addr_be, nat_port_be, flags, policy)
 }
 
 /// Inserts the forward entry, with `flags` besides its TCP state, once its
@@ -136,6 +147,7 @@ fn pin_fwd(
     nat_addr_be: u32,
     nat_port_be: u16,
     flags: u32,
+    policy: u8,
 ) -> Result<FlowFwd, Reason> {
     let now = now_ns();
     let fwd = FlowFwd {
@@ -144,7 +156,7 @@ fn pin_fwd(
         flags: tcp_flags_out(flags, pkt.tcp_flags()),
         nat_port_be,
         uplink: uplink_id,
-        _pad: 0,
+        policy,
         created_s: (now / 1_000_000_000) as u32,
     };
     match CONN_FWD.insert(key, fwd, BPF_NOEXIST as u64) {

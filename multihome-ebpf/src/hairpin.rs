@@ -72,7 +72,7 @@ pub fn create(
     let Some(b) = EIM.get_ptr(eim).map(|p| unsafe { *p }) else {
         return Err(Reason::NotForUplink);
     };
-    let a = conntrack::create(ctx, key, pkt, id, uplink, settings, FLOW_HAIRPIN)?;
+    let a = conntrack::create(ctx, key, pkt, id, uplink, settings, FLOW_HAIRPIN, 0)?;
     let back = FlowKey {
         saddr_be: b.lan_addr_be,
         daddr_be: key.daddr_be,
@@ -84,7 +84,7 @@ pub fn create(
     };
     // Already there: an earlier hairpin between the same two mappings.
     if conntrack::lookup_fwd(&back).is_none() {
-        conntrack::create_exact(&back, pkt, id, key.daddr_be, key.dport_be, FLOW_HAIRPIN)?;
+        conntrack::create_exact(&back, pkt, id, key.daddr_be, key.dport_be, FLOW_HAIRPIN, 0)?;
         quota::count_new(back.saddr_be, &quota::Host::of(back.saddr_be));
     }
     Ok(a)

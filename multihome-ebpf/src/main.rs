@@ -15,6 +15,8 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod affinity;
+mod classify;
 mod conntrack;
 mod csum;
 mod frag;

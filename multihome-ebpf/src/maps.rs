@@ -5,10 +5,11 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use multihome_common::{
-    DEFAULT_MAX_FLOWS, EIM_ENTRIES, EchoKey, EimKey, EimLan, FRAG_ENTRIES, Fill, FlowFwd, FlowKey,
-    FlowRev, FragKey, FragXlat, HOST_ECHO_ENTRIES, HostFlows, LanNet, MAX_HOSTS, MAX_LAN_NETS,
-    MAX_ROUTED_PREFIXES, MAX_UPLINKS, PEER_ENTRIES, PeerLan, Reasons, RoutedKey, RoutedUplinks,
-    SelectTable, Settings, Uplink, UplinkStats,
+    AFFINITY_ENTRIES, Affinity, AffinityKey, DEFAULT_MAX_FLOWS, EIM_ENTRIES, EchoKey, EimKey,
+    EimLan, FRAG_ENTRIES, Fill, FlowFwd, FlowKey, FlowRev, FragKey, FragXlat, HOST_ECHO_ENTRIES,
+    HostFlows, LanNet, MAX_HOSTS, MAX_LAN_NETS, MAX_POLICIES, MAX_ROUTED_PREFIXES,
+    MAX_RULE_PREFIXES, MAX_RULES, MAX_UPLINKS, PEER_ENTRIES, PeerLan, Reasons, RoutedKey,
+    RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SelectTable, Settings, Uplink, UplinkStats,
 };
 
 const FLOWS: usize = DEFAULT_MAX_FLOWS as usize;
@@ -24,8 +25,39 @@ pub static CONN_REV: HashMap<FlowKey, FlowRev, FLOWS> = HashMap::new();
 #[btf_map]
 pub static UPLINKS: Array<Uplink, { MAX_UPLINKS as usize }> = Array::new();
 
+/// Per policy (0: `balanced`): its choice table and balance mode.
 #[btf_map]
-pub static SELECT: Array<SelectTable, 1> = Array::new();
+pub static SELECT: Array<SelectTable, { MAX_POLICIES as usize }> = Array::new();
+
+/// (bank, source prefix) -> the rules whose `src` covers it.
+#[btf_map]
+pub static RULE_SRC: LpmTrie<RuleAddrKey, RuleSet, { MAX_RULE_PREFIXES as usize }> = LpmTrie::new();
+
+/// (bank, destination prefix) -> the rules whose `dst` covers it.
+#[btf_map]
+pub static RULE_DST: LpmTrie<RuleAddrKey, RuleSet, { MAX_RULE_PREFIXES as usize }> = LpmTrie::new();
+
+/// bank * 256 + IP protocol -> the rules matching it.
+#[btf_map]
+pub static RULE_PROTO: Array<RuleSet, 512> = Array::new();
+
+/// bank * 65536 + TCP/UDP destination port (0 for other protocols) ->
+/// the rules matching it.
+#[btf_map]
+pub static RULE_DPORT: Array<RuleSet, 131_072> = Array::new();
+
+/// bank * 64 + DSCP -> the rules matching it.
+#[btf_map]
+pub static RULE_DSCP: Array<RuleSet, 128> = Array::new();
+
+/// bank * MAX_RULES + rule -> its policy or action.
+#[btf_map]
+pub static RULE_ACTION: Array<RuleAction, { 2 * MAX_RULES as usize }> = Array::new();
+
+/// (source, site, policy) -> the uplink its new flows stick to.
+#[btf_map]
+pub static AFFINITY: LruHashMap<AffinityKey, Affinity, { AFFINITY_ENTRIES as usize }> =
+    LruHashMap::new();
 
 #[btf_map]
 pub static LAN_NETS: Array<LanNet, { MAX_LAN_NETS as usize }> = Array::new();

@@ -4,12 +4,13 @@
 use aya_ebpf::programs::TcContext;
 use multihome_common::{
     FLOW_FAILED_OVER, FLOW_HAIRPIN, FLOW_SEEN_REPLY, FlowFwd, FlowKey, IPPROTO_AH, IPPROTO_TCP,
-    JUMP_LAN_RESET, MARK_TRANSLATED, MAX_LAN_NETS, MAX_UPLINKS, Reason, Settings, UPLINK_EVACUATE,
-    UPLINK_EVACUATE_TCP, UPLINK_L3, UPLINK_RESET_TCP, Uplink, flow_hash,
+    JUMP_LAN_RESET, MARK_PROHIBIT, MARK_TRANSLATED, MAX_LAN_NETS, MAX_UPLINKS, RULE_MAIN,
+    RULE_UNREACHABLE, Reason, Settings, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_L3,
+    UPLINK_RESET_TCP, Uplink,
 };
 
 use crate::{
-    conntrack, frag,
+    classify, conntrack, frag,
     fwd::{self, Hop},
     guard, hairpin,
     maps::{JUMP, LAN_NETS, SETTINGS, UPLINKS},
@@ -275,14 +276,26 @@ fn new_flow(
     if !is_uplink_device(hop.ifindex) {
         return Err(Reason::NotForUplink);
     }
+    let decision = classify::decide(ctx, pkt, key, settings.rules);
+    let action = decision.action;
+    if action & RULE_UNREACHABLE != 0 {
+        return Err(refuse(ctx, &settings));
+    }
+    if action & RULE_MAIN != 0 {
+        return Err(Reason::PolicyMain);
+    }
+    let policy = action & 0xff;
     let onlink = (hop.nh_be == pkt.daddr_be).then_some(hop.ifindex);
     let (id, uplink, failed_over) =
-        select::choose(onlink, flow_hash(key, settings.flow_hash_seed))?;
+        match select::choose(onlink, key, settings.flow_hash_seed, policy, decision.stuck) {
+            Err(Reason::PolicyRefused) => return Err(refuse(ctx, &settings)),
+            chosen => chosen?,
+        };
     let flags = if failed_over { FLOW_FAILED_OVER } else { 0 };
     let flow = if pkt.portless() {
-        portless_flow(key, pkt, id, uplink, flags)?
+        portless_flow(key, pkt, id, uplink, flags, policy as u8)?
     } else {
-        conntrack::create(ctx, key, pkt, id, uplink, &settings, flags)?
+        conntrack::create(ctx, key, pkt, id, uplink, &settings, flags, policy as u8)?
     };
     if pkt.l4_kind == L4::Tcp && pkt.tcp_flags() & TCP_SYN == 0 {
         stats::count(Reason::MidStream);
@@ -294,6 +307,14 @@ fn new_flow(
     Ok((flow, known))
 }
 
+/// A new flow a policy refuses: to the kernel with the mark its
+/// `prohibit` rule answers with ICMP administratively prohibited.
+#[inline(always)]
+fn refuse(ctx: &TcContext, settings: &Settings) -> Reason {
+    ctx.set_mark(settings.mark_base | MARK_PROHIBIT);
+    Reason::PolicyRefused
+}
+
 /// A flow translated by address only: on the chosen uplink, else on the
 /// first other usable uplink whose address is free towards the remote.
 #[inline(always)]
@@ -303,8 +324,9 @@ fn portless_flow(
     id: u8,
     uplink: &Uplink,
     flags: u32,
+    policy: u8,
 ) -> Result<FlowFwd, Reason> {
-    match conntrack::create_portless(key, pkt, id, uplink, flags) {
+    match conntrack::create_portless(key, pkt, id, uplink, flags, policy) {
         Err(Reason::AddrTaken) => {}
         other => return other,
     }
@@ -315,7 +337,7 @@ fn portless_flow(
         if let Some(u) = UPLINKS.get(other)
             && select::usable(u)
         {
-            match conntrack::create_portless(key, pkt, other as u8, u, flags) {
+            match conntrack::create_portless(key, pkt, other as u8, u, flags, policy) {
                 Err(Reason::AddrTaken) => {}
                 created => return created,
             }

@@ -384,7 +384,7 @@ impl Daemon {
             max_flows: self.maps.flow_capacity()?,
             max_flows_per_host: self.config.nat.per_host(),
             flow_hash_seed: self.flow_hash_seed,
-            _pad: 0,
+            rules: 0,
         })?;
         routing::enable_forwarding()?;
         self.purge_gone_slots()?;

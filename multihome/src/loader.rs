@@ -135,6 +135,11 @@ const MIGRATIONS: &[(u32, &[&str])] = &[
     // seed and REASONS counters (all rewritten at start); flows keep
     // their shape.
     (3, &[MAP_REASONS, MAP_SETTINGS, MAP_SELECT]),
+    // 5: SELECT holds a table per policy, SETTINGS the rule bank, REASONS
+    // the policy counters (all rewritten at start); the rule maps and
+    // AFFINITY are new; a flow records its policy where its padding was
+    // (0: `balanced`).
+    (4, &[MAP_REASONS, MAP_SETTINGS, MAP_SELECT]),
 ];
 
 /// Adopts pinned maps of this layout or of one in [`MIGRATIONS`] (after

@@ -1,0 +1,185 @@
+//! Policy rules for a new flow: one lookup per field, each giving the set
+//! of rules that field matches ([`RuleSet`]); the first rule in all of
+//! them decides. The daemon compiles the rules into two banks and
+//! switches `Settings::rules` once the idle bank is written, so a reload
+//! is seen whole or not at all. Established flows never come here.
+use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
+use multihome_common::{
+    BALANCE_SITE, BALANCE_SOURCE, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MAX_RULES, MAX_UPLINKS,
+    RULE_MAIN, RULE_UNREACHABLE, RULE_WORDS, RuleAction, RuleAddrKey, RuleSet,
+};
+
+use crate::{
+    affinity,
+    maps::{RULE_ACTION, RULE_DPORT, RULE_DSCP, RULE_DST, RULE_PROTO, RULE_SRC, SELECT},
+    parse::{Packet, ptr_at},
+};
+
+/// What the policy rules and affinities say of a new flow.
+pub struct Decision {
+    /// The first matching rule's [`RuleAction`]; 0 (`balanced`) if none.
+    pub action: RuleAction,
+    /// The uplink a live affinity of its policy holds it to, if any.
+    pub stuck: Option<u8>,
+}
+
+/// The policy of the new flow `key` (from `pkt`) under `rules`
+/// (`Settings::rules`), and its affinity. The work is a BPF global
+/// function ([`mh_decide`]): the verifier checks it once, instead of once
+/// per path into it, and its branches do not multiply the paths after.
+#[inline(always)]
+pub fn decide(ctx: &TcContext, pkt: &Packet, key: &FlowKey, rules: u32) -> Decision {
+    // DSCP: the top six bits of the TOS byte (RFC 2474).
+    let dscp = match ptr_at::<u8>(ctx, pkt.l3 + 1) {
+        // SAFETY: bounds checked by `ptr_at`.
+        Some(tos) => (unsafe { *tos }) >> 2,
+        None => 0,
+    };
+    // Ports count for TCP and UDP; every other protocol is port 0.
+    let dport = if pkt.proto == IPPROTO_TCP || pkt.proto == IPPROTO_UDP {
+        u16::from_be(pkt.dport_be)
+    } else {
+        0
+    };
+    let word = mh_decide(
+        key.saddr_be,
+        key.daddr_be,
+        key.proto as u32 | (dport as u32) << 8 | (dscp as u32) << 24,
+        rules,
+    );
+    let stuck = word >> 16;
+    Decision {
+        action: word & (RULE_UNREACHABLE | RULE_MAIN | 0xff),
+        stuck: (stuck < MAX_UPLINKS).then_some(stuck as u8),
+    }
+}
+
+/// [`decide`]'s work as a BPF global function: the verifier checks it once
+/// on its own, whatever the paths into it.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn mh_decide(
+    saddr_be: u32,
+    daddr_be: u32,
+    proto_dport_dscp: u32,
+    rules: u32,
+) -> u32 {
+    let key = FlowKey {
+        saddr_be,
+        daddr_be,
+        sport_be: 0,
+        dport_be: 0,
+        proto: proto_dport_dscp as u8,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    let action = classify(
+        &key,
+        rules,
+        (proto_dport_dscp >> 8) & 0xffff,
+        proto_dport_dscp >> 24,
+    );
+    let policy = action & 0xff;
+    let mut stuck = 0xffff;
+    if action & (RULE_UNREACHABLE | RULE_MAIN) == 0
+        && let Some(t) = SELECT.get(policy)
+        && sticky(t.balance)
+        && let Some(id) = affinity::stuck(&affinity::key(&key, t, policy), t)
+    {
+        stuck = id as u32;
+    }
+    action | stuck << 16
+}
+
+#[inline(always)]
+fn sticky(balance: u8) -> bool {
+    balance == BALANCE_SOURCE || balance == BALANCE_SITE
+}
+
+/// The action of the first rule the flow `key` matches; 0, the `balanced`
+/// policy, when none does.
+#[inline(always)]
+fn classify(key: &FlowKey, rules: u32, dport: u32, dscp: u32) -> RuleAction {
+    if rules >> 1 == 0 {
+        return 0;
+    }
+    let bank = rules & 1;
+    let addr_key = |addr_be| Key {
+        prefix_len: 64,
+        data: RuleAddrKey {
+            bank_be: bank.to_be(),
+            addr_be,
+        },
+    };
+    let Some(src) = RULE_SRC.get(&addr_key(key.saddr_be)) else {
+        return 0;
+    };
+    let Some(dst) = RULE_DST.get(&addr_key(key.daddr_be)) else {
+        return 0;
+    };
+    let Some(proto) = RULE_PROTO.get(bank * 256 + key.proto as u32) else {
+        return 0;
+    };
+    let Some(dport) = RULE_DPORT.get(bank * 65536 + dport) else {
+        return 0;
+    };
+    let Some(dscp) = RULE_DSCP.get(bank * 64 + dscp) else {
+        return 0;
+    };
+    first_match(bank, src, dst, proto, dport, dscp)
+}
+
+#[inline(always)]
+fn first_match(
+    bank: u32,
+    src: &RuleSet,
+    dst: &RuleSet,
+    proto: &RuleSet,
+    dport: &RuleSet,
+    dscp: &RuleSet,
+) -> RuleAction {
+    for w in 0..RULE_WORDS {
+        let hits = src[w] & dst[w] & proto[w] & dport[w] & dscp[w];
+        if hits != 0 {
+            let rule = (w as u32) * 64 + lowest_bit(hits);
+            return RULE_ACTION
+                .get(bank * MAX_RULES + rule)
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+    0
+}
+
+/// The index of the lowest set bit of `m` (not 0), by halving. (LLVM
+/// turns the branch-free forms into a table lookup, which BPF would need
+/// a map for.)
+#[inline(always)]
+fn lowest_bit(m: u64) -> u32 {
+    let mut x = m;
+    let mut n = 0;
+    if x & 0xffff_ffff == 0 {
+        n += 32;
+        x >>= 32;
+    }
+    if x & 0xffff == 0 {
+        n += 16;
+        x >>= 16;
+    }
+    if x & 0xff == 0 {
+        n += 8;
+        x >>= 8;
+    }
+    if x & 0xf == 0 {
+        n += 4;
+        x >>= 4;
+    }
+    if x & 0x3 == 0 {
+        n += 2;
+        x >>= 2;
+    }
+    if x & 0x1 == 0 {
+        n += 1;
+    }
+    n
+}
