@@ -793,7 +793,7 @@ const _: () = {
     assert!(size_of::<RuleAddrKey>() == 8);
     assert!(size_of::<AffinityKey>() == 12);
     assert!(size_of::<Affinity>() == 16);
-    assert!(MAX_POLICIES <= 256 && MAX_RULES % 64 == 0);
+    assert!(MAX_POLICIES <= 256 && MAX_RULES.is_multiple_of(64));
     assert!(size_of::<LanNet>() == 16);
     assert!(size_of::<Settings>() == 32);
     assert!(size_of::<HostFlows>() == 16);

@@ -62,9 +62,17 @@ pub fn lookup_rev(key: &FlowKey) -> Option<*const FlowRev> {
     CONN_REV.get_ptr(key)
 }
 
+/// What a new flow records besides its mapping.
+#[derive(Clone, Copy)]
+pub struct Tags {
+    /// `FLOW_*` flags besides the TCP state.
+    pub flags: u32,
+    /// The policy that placed it.
+    pub policy: u8,
+}
+
 /// Pins a new LAN flow to `uplink`: reserves a reverse entry on a free NAT
-/// port, then the forward entry, with `flags` (`FLOW_*`) besides its TCP
-/// state. Both are inserted with `BPF_NOEXIST`, and the reverse one is
+/// port, then the forward entry, with its `tags`. Both are inserted with `BPF_NOEXIST`, and the reverse one is
 /// rolled back if the forward one fails.
 #[inline(always)]
 pub fn create(
@@ -74,20 +82,11 @@ pub fn create(
     uplink_id: u8,
     uplink: &Uplink,
     settings: &Settings,
-    flags: u32,
-    policy: u8,
+    tags: Tags,
 ) -> Result<FlowFwd, Reason> {
     let rev = rev_entry(key, uplink_id);
     let nat_port_be = reserve_port(ctx, key, pkt, uplink.addr_be, &rev, settings)?;
-    pin_fwd(
-        key,
-        pkt,
-        uplink_id,
-        uplink.addr_be,
-        nat_port_be,
-        flags,
-        policy,
-    )
+    pin_fwd(key, pkt, uplink_id, uplink.addr_be, nat_port_be, tags)
 }
 
 /// [`create`] for a protocol translated by address only: the reverse key
@@ -99,10 +98,9 @@ pub fn create_portless(
     pkt: &Packet,
     uplink_id: u8,
     uplink: &Uplink,
-    flags: u32,
-    policy: u8,
+    tags: Tags,
 ) -> Result<FlowFwd, Reason> {
-    match create_exact(key, pkt, uplink_id, uplink.addr_be, 0, flags, policy) {
+    match create_exact(key, pkt, uplink_id, uplink.addr_be, 0, tags) {
         Err(Reason::PortExhausted) => Err(Reason::AddrTaken),
         created => created,
     }
@@ -128,13 +126,12 @@ pub fn create_exact(
     uplink_id: u8,
     nat_addr_be: u32,
     nat_port_be: u16,
-    flags: u32,
-    policy: u8,
+    tags: Tags,
 ) -> Result<FlowFwd, Reason> {
     if !try_port(key, nat_addr_be, nat_port_be, &rev_entry(key, uplink_id))? {
         return Err(Reason::PortExhausted);
     }
-    pin_fwd(key, pkt, uplink_id, nat_addr_be, nat_port_be, flags, policy)
+    pin_fwd(key, pkt, uplink_id, nat_addr_be, nat_port_be, tags)
 }
 
 /// Inserts the forward entry, with `flags` besides its TCP state, once its
@@ -146,17 +143,16 @@ fn pin_fwd(
     uplink_id: u8,
     nat_addr_be: u32,
     nat_port_be: u16,
-    flags: u32,
-    policy: u8,
+    tags: Tags,
 ) -> Result<FlowFwd, Reason> {
     let now = now_ns();
     let fwd = FlowFwd {
         last_seen_ns: now,
         nat_addr_be,
-        flags: tcp_flags_out(flags, pkt.tcp_flags()),
+        flags: tcp_flags_out(tags.flags, pkt.tcp_flags()),
         nat_port_be,
         uplink: uplink_id,
-        policy,
+        policy: tags.policy,
         created_s: (now / 1_000_000_000) as u32,
     };
     match CONN_FWD.insert(key, fwd, BPF_NOEXIST as u64) {

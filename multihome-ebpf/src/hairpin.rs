@@ -24,6 +24,12 @@ use crate::{
     verdict::Outcome,
 };
 
+/// Hairpin flows: under no policy.
+const HAIRPIN: conntrack::Tags = conntrack::Tags {
+    flags: FLOW_HAIRPIN,
+    policy: 0,
+};
+
 #[inline(always)]
 fn eim_key(nat_addr_be: u32, nat_port_be: u16, proto: u8) -> EimKey {
     EimKey {
@@ -72,7 +78,7 @@ pub fn create(
     let Some(b) = EIM.get_ptr(eim).map(|p| unsafe { *p }) else {
         return Err(Reason::NotForUplink);
     };
-    let a = conntrack::create(ctx, key, pkt, id, uplink, settings, FLOW_HAIRPIN, 0)?;
+    let a = conntrack::create(ctx, key, pkt, id, uplink, settings, HAIRPIN)?;
     let back = FlowKey {
         saddr_be: b.lan_addr_be,
         daddr_be: key.daddr_be,
@@ -84,7 +90,7 @@ pub fn create(
     };
     // Already there: an earlier hairpin between the same two mappings.
     if conntrack::lookup_fwd(&back).is_none() {
-        conntrack::create_exact(&back, pkt, id, key.daddr_be, key.dport_be, FLOW_HAIRPIN, 0)?;
+        conntrack::create_exact(&back, pkt, id, key.daddr_be, key.dport_be, HAIRPIN)?;
         quota::count_new(back.saddr_be, &quota::Host::of(back.saddr_be));
     }
     Ok(a)

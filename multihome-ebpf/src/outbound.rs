@@ -10,7 +10,9 @@ use multihome_common::{
 };
 
 use crate::{
-    classify, conntrack, frag,
+    classify,
+    conntrack::{self, Tags},
+    frag,
     fwd::{self, Hop},
     guard, hairpin,
     maps::{JUMP, LAN_NETS, SETTINGS, UPLINKS},
@@ -293,9 +295,29 @@ fn new_flow(
         };
     let flags = if failed_over { FLOW_FAILED_OVER } else { 0 };
     let flow = if pkt.portless() {
-        portless_flow(key, pkt, id, uplink, flags, policy as u8)?
+        portless_flow(
+            key,
+            pkt,
+            id,
+            uplink,
+            Tags {
+                flags,
+                policy: policy as u8,
+            },
+        )?
     } else {
-        conntrack::create(ctx, key, pkt, id, uplink, &settings, flags, policy as u8)?
+        conntrack::create(
+            ctx,
+            key,
+            pkt,
+            id,
+            uplink,
+            &settings,
+            Tags {
+                flags,
+                policy: policy as u8,
+            },
+        )?
     };
     if pkt.l4_kind == L4::Tcp && pkt.tcp_flags() & TCP_SYN == 0 {
         stats::count(Reason::MidStream);
@@ -323,10 +345,9 @@ fn portless_flow(
     pkt: &Packet,
     id: u8,
     uplink: &Uplink,
-    flags: u32,
-    policy: u8,
+    tags: Tags,
 ) -> Result<FlowFwd, Reason> {
-    match conntrack::create_portless(key, pkt, id, uplink, flags, policy) {
+    match conntrack::create_portless(key, pkt, id, uplink, tags) {
         Err(Reason::AddrTaken) => {}
         other => return other,
     }
@@ -337,7 +358,7 @@ fn portless_flow(
         if let Some(u) = UPLINKS.get(other)
             && select::usable(u)
         {
-            match conntrack::create_portless(key, pkt, other as u8, u, flags, policy) {
+            match conntrack::create_portless(key, pkt, other as u8, u, tags) {
                 Err(Reason::AddrTaken) => {}
                 created => return created,
             }

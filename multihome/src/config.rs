@@ -6,7 +6,10 @@ use anyhow::{Context as _, bail};
 use multihome_common::{DEFAULT_MAX_FLOWS, MAX_LAN_NETS, MAX_ROUTED_PREFIXES, MAX_UPLINKS};
 use serde::Deserialize;
 
-use crate::health::HealthConfig;
+use crate::{
+    health::HealthConfig,
+    policy::{PolicyConfig, RuleConfig},
+};
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -25,6 +28,12 @@ pub struct Config {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub routing: RoutingConfig,
+    /// Policies that rules send flows to (see `policy`).
+    #[serde(rename = "policy", default)]
+    pub policies: Vec<PolicyConfig>,
+    /// First match wins; unmatched flows use the `balanced` policy.
+    #[serde(rename = "rule", default)]
+    pub rules: Vec<RuleConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -198,6 +207,15 @@ impl Prefix {
     pub fn network(self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.addr) & self.mask())
     }
+
+    pub fn contains(self, a: Ipv4Addr) -> bool {
+        u32::from(a) & self.mask() == u32::from(self.network())
+    }
+
+    /// Whether every address of `q` is in this prefix.
+    pub fn covers(self, q: &Prefix) -> bool {
+        self.len <= q.len && self.contains(q.network())
+    }
 }
 
 impl std::str::FromStr for Prefix {
@@ -227,6 +245,15 @@ impl std::fmt::Display for Prefix {
 pub const MAX_TIMEOUT_S: u64 = u64::MAX / 1_000_000_000;
 
 impl Config {
+    /// Whether a rule or a policy can refuse new flows (`unreachable`).
+    pub fn may_refuse(&self) -> bool {
+        self.rules.iter().any(|r| r.policy == "unreachable")
+            || self
+                .policies
+                .iter()
+                .any(|p| p.last_resort == crate::policy::LastResort::Unreachable)
+    }
+
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config file {}", path.display()))?;
@@ -237,6 +264,15 @@ impl Config {
         let mut config: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
         for (i, u) in config.uplinks.iter_mut().enumerate() {
             u.slot = i.min(u8::MAX as usize) as u8;
+        }
+        // Each `[[rule]]` header's line, for messages and `explain`.
+        let headers = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| l.trim_start().starts_with("[[rule]]"))
+            .map(|(n, _)| n + 1);
+        for (r, line) in config.rules.iter_mut().zip(headers) {
+            r.line = line;
         }
         let problems = config.problems();
         if !problems.is_empty() {
@@ -421,6 +457,7 @@ impl Config {
                 crate::routing::MAIN_RULE_PRIORITY
             ));
         }
+        out.extend(crate::policy::problems(self));
         out
     }
 

@@ -1,5 +1,5 @@
 //! The daemon's local control socket, for commands that act live:
-//! `multihome uplink set-weight|drain|undrain`. One JSON request per line,
+//! `multihome uplink set-weight|drain|undrain`, `reload` and `explain`. One JSON request per line,
 //! one JSON reply per line; requests reach the daemon's loop as
 //! [`Command`]s, so the loop stays the only owner of state.
 use std::{
@@ -24,9 +24,20 @@ const RUN_DIR: &str = "/run/multihome";
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
-    SetWeight { uplink: String, weight: u32 },
-    Drain { uplink: String },
-    Undrain { uplink: String },
+    SetWeight {
+        uplink: String,
+        weight: u32,
+    },
+    Drain {
+        uplink: String,
+    },
+    Undrain {
+        uplink: String,
+    },
+    /// Re-read the config, as SIGHUP does, and say how it went.
+    Reload,
+    /// Why a new flow would go where it goes (the reply is JSON).
+    Explain(crate::policy::explain::Query),
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -1,7 +1,7 @@
 //! `multihome run`: one task owns the state, and reacts to a tick (link
 //! and address changes, expiry), signals and reloads.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -11,7 +11,7 @@ use futures::StreamExt as _;
 use log::{error, info, warn};
 use multihome_common::{
     FLOW_FAILED_OVER, FlowFwd, FlowKey, LAYOUT_VERSION, MAX_LAN_NETS, SelectTable, Settings,
-    UPLINK_CONFIGURED,
+    UPLINK_CONFIGURED, rules_word,
 };
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
@@ -26,6 +26,11 @@ use crate::{
     loader::{self, Datapath, Hook},
     maps::{self, Maps},
     netinfo,
+    policy::{
+        self, Policies,
+        compile::{self, Compiled},
+        explain,
+    },
     reaper::Reaper,
     routing::{self, Routing},
     uplinks::{self, Observed, Probed, UplinkState},
@@ -81,10 +86,24 @@ struct Daemon {
     commands: mpsc::Receiver<control::Command>,
     signals: Signals,
     datapath: Datapath,
-    /// The choice table as last written to SELECT.
-    select: SelectTable,
+    /// The config's policies and rules, resolved.
+    policies: Policies,
+    /// Each policy's choice table as last written to SELECT, by id.
+    select: Vec<SelectTable>,
+    /// The rule banks.
+    rules: RuleBanks,
     /// [`Settings::flow_hash_seed`]: kept from adopted maps.
     flow_hash_seed: u32,
+}
+
+/// The two rule banks: the datapath reads the one `word` names
+/// ([`Settings::rules`]); a change is written to the other, then `word`
+/// switches.
+#[derive(Default)]
+struct RuleBanks {
+    word: u32,
+    /// What each bank holds, when known (written by this run).
+    known: [Option<Compiled>; 2],
 }
 
 /// An uplink's outage as the daemon follows it.
@@ -139,6 +158,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     tokio::spawn(watch);
     let snap = netinfo::snapshot(&handle).await?;
     check_interfaces(&config, &snap)?;
+    // Prefix files and interfaces resolve before anything is installed.
+    Policies::resolve(&config, &HashMap::new(), &snap)?;
     let (command_tx, commands) = mpsc::channel(8);
     let _socket = SocketFile(control::listen(&opts.pin_dir, command_tx)?);
 
@@ -164,9 +185,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         } else {
             (Vec::new(), vec![None; config.uplinks.len()])
         };
-        Ok((maps, adoption))
+        // Policies keep their ids (flows record them) by name.
+        let ids = if adopted {
+            policy::ids_of(&maps.select_tables()?)
+        } else {
+            HashMap::new()
+        };
+        let policies = Policies::resolve(&config, &ids, &snap)?;
+        Ok((maps, adoption, policies))
     });
-    let (maps, (gone_slots, last_address)) = match opened {
+    let (maps, (gone_slots, last_address), policies) = match opened {
         Ok(o) => o,
         Err(e) => {
             if !adopted {
@@ -176,11 +204,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             return Err(e);
         }
     };
+    let same_layout = |s: &Settings| adopted && s.layout_version == LAYOUT_VERSION;
     let flow_hash_seed = match maps.settings() {
-        Ok(s) if adopted && s.layout_version == LAYOUT_VERSION && s.flow_hash_seed != 0 => {
-            s.flow_hash_seed
-        }
+        Ok(s) if same_layout(&s) && s.flow_hash_seed != 0 => s.flow_hash_seed,
         _ => new_seed(),
+    };
+    // The adopted rules stay in force until this run's are switched in.
+    let rules_word = match maps.settings() {
+        Ok(s) if same_layout(&s) => s.rules,
+        _ => 0,
     };
     let mut d = Daemon {
         routing: Routing::new(handle.clone()),
@@ -204,10 +236,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         config,
         opts,
         datapath,
+        policies,
         // Not what SELECT holds: the first refresh writes it.
-        select: SelectTable {
-            usable: u32::MAX,
-            ..Default::default()
+        select: Vec::new(),
+        rules: RuleBanks {
+            word: rules_word,
+            known: [None, None],
         },
         flow_hash_seed,
     };
@@ -384,11 +418,12 @@ impl Daemon {
             max_flows: self.maps.flow_capacity()?,
             max_flows_per_host: self.config.nat.per_host(),
             flow_hash_seed: self.flow_hash_seed,
-            rules: 0,
+            rules: self.rules.word,
         })?;
         routing::enable_forwarding()?;
         self.purge_gone_slots()?;
         self.refresh(&snap).await?;
+        self.apply_rules()?;
         if let Some(addr) = self.opts.metrics {
             crate::metrics::spawn(addr, self.opts.pin_dir.clone()).await?;
         }
@@ -445,23 +480,23 @@ impl Daemon {
             )?;
             self.bind_probes(id, o);
         }
-        let members: Vec<choice::Member> = self
-            .config
-            .uplinks
-            .iter()
-            .enumerate()
-            .map(|(id, u)| choice::Member {
-                id: u.slot,
-                name: &u.name,
-                weight: u.weight,
-                usable: usable[id],
-            })
-            .collect();
-        let select = choice::table(&members);
-        if select != self.select {
-            self.maps.set_select(&select)?;
-            self.select = select;
+        // Every policy's table before any rule can send flows to it.
+        let tables = {
+            let uplinks: Vec<(u8, &str, bool)> = self
+                .config
+                .uplinks
+                .iter()
+                .zip(&usable)
+                .map(|(u, usable)| (u.slot, u.name.as_str(), *usable))
+                .collect();
+            self.policies.tables(&uplinks)
+        };
+        for (id, t) in tables.iter().enumerate() {
+            if self.select.get(id) != Some(t) {
+                self.maps.set_select(id as u32, t)?;
+            }
         }
+        self.select = tables;
         // A failure here must not keep the routing tables from following.
         let mut failed = Vec::new();
         if let Err(e) = self
@@ -697,13 +732,18 @@ impl Daemon {
         }
         let slot = self.config.uplinks[id].slot;
         let on_down = policy.on_down;
-        let (select, seed) = (self.select, self.flow_hash_seed);
+        let (select, seed) = (self.select.clone(), self.flow_hash_seed);
         self.purge(
             format!("uplink {name}: moved back ({on_down:?}) failed-over"),
             move |k, f| {
+                // A policy a reload removed: its flows fall under `balanced`.
+                let table = select
+                    .get(f.policy as usize)
+                    .filter(|t| t.configured != 0)
+                    .unwrap_or(&select[0]);
                 f.flags & FLOW_FAILED_OVER != 0
                     && on_down.purges(k.proto)
-                    && choice::preferred(&select, k, seed) == Some(slot)
+                    && choice::preferred(table, k, seed) == Some(slot)
             },
         );
     }
@@ -794,6 +834,25 @@ impl Daemon {
         use control::Request::*;
         let name = match &request {
             SetWeight { uplink, .. } | Drain { uplink } | Undrain { uplink } => uplink.clone(),
+            Reload => {
+                return match self.reload().await {
+                    Ok(()) => Ok(format!(
+                        "config reloaded: {} policies, {} rules",
+                        self.config.policies.len(),
+                        self.policies.rules.len()
+                    )),
+                    Err(e) => {
+                        error!("reload failed, keeping the running config: {e:#}");
+                        Err(format!("reload refused, the running config stays: {e:#}"))
+                    }
+                };
+            }
+            Explain(q) => {
+                return self
+                    .explain(q)
+                    .and_then(|e| Ok(serde_json::to_string(&e)?))
+                    .map_err(|e| format!("{e:#}"));
+            }
         };
         let Some(id) = self.config.uplinks.iter().position(|u| u.name == name) else {
             let names: Vec<_> = self
@@ -808,6 +867,7 @@ impl Daemon {
             ));
         };
         let answer = match request {
+            Reload | Explain(_) => unreachable!("answered above"),
             SetWeight { weight, .. } if weight > 255 => {
                 return Err(format!("weight {weight}: must be 0 to 255"));
             }
@@ -850,8 +910,30 @@ impl Daemon {
         }
     }
 
-    /// SIGHUP: re-read the config. Weights and uplink details change in
-    /// place; live flows stay where they are pinned.
+    /// Compiles the rules and, if they changed, writes them to the idle
+    /// bank and switches the datapath to it: new flows see the old rules
+    /// or the new ones, never a mix. Pinned flows keep their uplink.
+    fn apply_rules(&mut self) -> anyhow::Result<()> {
+        let compiled = compile::compile(&self.policies.rules);
+        let active = (self.rules.word & 1) as usize;
+        if self.rules.word >> 1 == compiled.rules
+            && self.rules.known[active].as_ref() == Some(&compiled)
+        {
+            return Ok(());
+        }
+        let idle = 1 - active;
+        self.maps
+            .write_rule_bank(idle as u32, &compiled, self.rules.known[idle].as_ref())
+            .context("writing the rule maps")?;
+        self.maps.switch_rules(idle as u32, compiled.rules)?;
+        self.rules.word = rules_word(idle as u32, compiled.rules);
+        self.rules.known[idle] = Some(compiled);
+        Ok(())
+    }
+
+    /// SIGHUP or `multihome reload`: re-read the config. Weights, uplink
+    /// details, policies and rules change in place; live flows stay where
+    /// they are pinned. A config with a problem is refused whole.
     async fn reload(&mut self) -> anyhow::Result<()> {
         let new = Config::load(&self.opts.config_path)?;
         if new.lan != self.config.lan
@@ -863,22 +945,65 @@ impl Daemon {
             })
         {
             bail!(
-                "only weights, gateways, addresses, LAN prefixes and timeouts change on reload; \
-                 restart for the rest, health probes included (with --keep-on-exit no flow is lost)"
+                "only weights, gateways, addresses, LAN prefixes, timeouts, policies and rules                  change on reload; restart for the rest, health probes included (with                  --keep-on-exit no flow is lost)"
             );
-        }
-        if let Some(r) = &self.reaper {
-            r.set_timeouts(new.timeouts.clone());
         }
         let mut new = new;
         for (n, o) in new.uplinks.iter_mut().zip(&self.config.uplinks) {
             n.slot = o.slot;
         }
-        self.config = new;
         let snap = netinfo::snapshot(&self.handle).await?;
+        let policies = Policies::resolve(&new, &policy::ids_of(&self.select), &snap)?;
+        if let Some(r) = &self.reaper {
+            r.set_timeouts(new.timeouts.clone());
+        }
+        self.config = new;
+        self.policies = policies;
         self.refresh(&snap).await?;
-        info!("config reloaded");
+        self.apply_rules()?;
+        info!(
+            "config reloaded: {} policies, {} rules",
+            self.config.policies.len(),
+            self.policies.rules.len()
+        );
         Ok(())
+    }
+
+    /// `multihome explain`.
+    fn explain(&self, q: &explain::Query) -> anyhow::Result<explain::Explanation> {
+        let usable: Vec<(u8, &str, bool)> = self
+            .config
+            .uplinks
+            .iter()
+            .zip(&self.select_usable())
+            .map(|(u, usable)| (u.slot, u.name.as_str(), *usable))
+            .collect();
+        let affinities = self.maps.affinities()?;
+        Ok(explain::explain(
+            q,
+            &explain::State {
+                policies: &self.policies,
+                tables: &self.select,
+                uplinks: &usable,
+                seed: self.flow_hash_seed,
+                affinities: &affinities,
+                now_ns: crate::maps::boot_ns(),
+            },
+        ))
+    }
+
+    /// Per uplink, whether the datapath sees it usable now.
+    fn select_usable(&self) -> Vec<bool> {
+        let slots = self.maps.uplinks().unwrap_or_default();
+        self.config
+            .uplinks
+            .iter()
+            .map(|u| {
+                slots.get(u.slot as usize).is_some_and(|s| {
+                    s.flags & multihome_common::UPLINK_USABLE != 0 && s.addr_be != 0
+                })
+            })
+            .collect()
     }
 
     async fn teardown(&mut self) {

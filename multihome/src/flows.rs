@@ -71,6 +71,9 @@ pub struct Conn {
     pub state: &'static str,
     /// Made on another uplink while its preferred one was not usable.
     pub failed_over: bool,
+    /// The policy that placed it (`balanced` when no rule matched, or when
+    /// a reload removed its policy).
+    pub policy: String,
     pub age_s: u64,
     pub idle_s: u64,
 }
@@ -79,7 +82,7 @@ pub fn be_addr(a: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from_be(a))
 }
 
-pub fn describe(key: &FlowKey, f: &FlowFwd, uplink: String, now_ns: u64) -> Conn {
+pub fn describe(key: &FlowKey, f: &FlowFwd, uplink: String, policy: String, now_ns: u64) -> Conn {
     Conn {
         proto: proto_name(key.proto),
         src: be_addr(key.saddr_be),
@@ -92,6 +95,7 @@ pub fn describe(key: &FlowKey, f: &FlowFwd, uplink: String, now_ns: u64) -> Conn
         nat_port: u16::from_be(f.nat_port_be),
         state: state_name(key, f),
         failed_over: f.flags & FLOW_FAILED_OVER != 0,
+        policy,
         age_s: (now_ns / 1_000_000_000).saturating_sub(f.created_s as u64),
         idle_s: now_ns.saturating_sub(f.last_seen_ns) / 1_000_000_000,
     }

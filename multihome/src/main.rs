@@ -11,6 +11,7 @@ mod maps;
 mod mapwalk;
 mod metrics;
 mod netinfo;
+mod policy;
 mod reaper;
 mod routing;
 mod uplinks;
@@ -46,6 +47,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Conns(args) => cli::conns::run(&args),
         Command::Status { pin, json } => cli::status::run(&pin, json),
         Command::Top { pin, iterations } => cli::top::run(&pin, iterations),
+        Command::Reload { pin } => {
+            println!(
+                "{}",
+                control::send(&pin.pin_dir, &control::Request::Reload)?
+            );
+            Ok(())
+        }
+        Command::Explain(args) => cli::explain::run(&args),
         Command::Uplink { action, pin } => {
             use cli::UplinkAction::*;
             let request = match action {

@@ -7,13 +7,15 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use multihome_common::{
-    FlowFwd, FlowKey, FlowRev, HostFlows, LanNet, MAP_CONN_FWD, MAP_CONN_REV, MAP_FILL, MAP_HOSTS,
-    MAP_LAN_NETS, MAP_REASONS, MAP_ROUTED, MAP_SELECT, MAP_SETTINGS, MAP_UPLINK_STATS, MAP_UPLINKS,
-    MAX_LAN_NETS, MAX_UPLINKS, Reasons, RoutedKey, RoutedUplinks, SelectTable, Settings, Uplink,
-    UplinkStats,
+    Affinity, AffinityKey, FlowFwd, FlowKey, FlowRev, HostFlows, LanNet, MAP_AFFINITY,
+    MAP_CONN_FWD, MAP_CONN_REV, MAP_FILL, MAP_HOSTS, MAP_LAN_NETS, MAP_REASONS, MAP_ROUTED,
+    MAP_RULE_ACTION, MAP_RULE_DPORT, MAP_RULE_DSCP, MAP_RULE_DST, MAP_RULE_PROTO, MAP_RULE_SRC,
+    MAP_SELECT, MAP_SETTINGS, MAP_UPLINK_STATS, MAP_UPLINKS, MAX_LAN_NETS, MAX_POLICIES, MAX_RULES,
+    MAX_UPLINKS, Reasons, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SelectTable,
+    Settings, Uplink, UplinkStats, rules_word,
 };
 
-use crate::{config::Prefix, mapwalk};
+use crate::{config::Prefix, mapwalk, policy::compile::Compiled};
 
 #[derive(Clone)]
 pub struct Maps {
@@ -104,8 +106,97 @@ impl Maps {
         Ok(self.array::<Uplink>(MAP_UPLINKS)?.set(id, u, 0)?)
     }
 
-    pub fn set_select(&self, t: &SelectTable) -> anyhow::Result<()> {
-        Ok(self.array::<SelectTable>(MAP_SELECT)?.set(0, t, 0)?)
+    /// Policy `id`'s choice table (0: `balanced`).
+    pub fn set_select(&self, id: u32, t: &SelectTable) -> anyhow::Result<()> {
+        Ok(self.array::<SelectTable>(MAP_SELECT)?.set(id, t, 0)?)
+    }
+
+    /// Every policy's choice table, by id.
+    pub fn select_tables(&self) -> anyhow::Result<Vec<SelectTable>> {
+        let a = self.array::<SelectTable>(MAP_SELECT)?;
+        (0..MAX_POLICIES)
+            .map(|i| Ok(a.get(&i, 0)?))
+            .collect::<anyhow::Result<_>>()
+    }
+
+    /// Writes rule bank `bank` (0 or 1) to hold `new`, touching only what
+    /// differs from `old`, the bank's known content (`None`: unknown).
+    /// The bank must not be the one in use.
+    pub fn write_rule_bank(
+        &self,
+        bank: u32,
+        new: &Compiled,
+        old: Option<&Compiled>,
+    ) -> anyhow::Result<()> {
+        for (name, new, old) in [
+            (MAP_RULE_SRC, &new.src, old.map(|o| &o.src)),
+            (MAP_RULE_DST, &new.dst, old.map(|o| &o.dst)),
+        ] {
+            let mut trie: LpmTrie<MapData, RuleAddrKey, RuleSet> =
+                LpmTrie::try_from(Map::LpmTrie(open(&self.dir, name)?))?;
+            let key = |(net, len): (u32, u8)| {
+                Key::new(
+                    32 + u32::from(len),
+                    RuleAddrKey {
+                        bank_be: bank.to_be(),
+                        addr_be: net.to_be(),
+                    },
+                )
+            };
+            for (k, rs) in new {
+                if old.and_then(|o| o.get(k)) != Some(rs) {
+                    trie.insert(&key(*k), rs, 0)?;
+                }
+            }
+            // Stale entries of this bank: the known ones, or all not wanted.
+            let stale: Vec<_> = trie
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| {
+                    let d = k.data();
+                    d.bank_be == bank.to_be()
+                        && !new
+                            .contains_key(&(u32::from_be(d.addr_be), (k.prefix_len() - 32) as u8))
+                })
+                .collect();
+            for k in stale {
+                trie.remove(&k)?;
+            }
+        }
+        for (name, base, new, old) in [
+            (MAP_RULE_PROTO, 256, &new.proto, old.map(|o| &o.proto)),
+            (MAP_RULE_DPORT, 65536, &new.dport, old.map(|o| &o.dport)),
+            (MAP_RULE_DSCP, 64, &new.dscp, old.map(|o| &o.dscp)),
+        ] {
+            let mut a = self.array::<RuleSet>(name)?;
+            for (i, rs) in new.iter().enumerate() {
+                if old.map(|o| &o[i]) != Some(rs) {
+                    a.set(bank * base + i as u32, rs, 0)?;
+                }
+            }
+        }
+        let mut a = self.array::<RuleAction>(MAP_RULE_ACTION)?;
+        for (i, act) in new.action.iter().enumerate() {
+            if old.map(|o| o.action[i]) != Some(*act) {
+                a.set(bank * MAX_RULES + i as u32, act, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Switches the datapath to rule bank `bank`, holding `count` rules:
+    /// one store of [`Settings::rules`].
+    pub fn switch_rules(&self, bank: u32, count: u32) -> anyhow::Result<()> {
+        let mut s = self.settings()?;
+        s.rules = rules_word(bank, count);
+        self.set_settings(&s)
+    }
+
+    /// Every affinity record.
+    pub fn affinities(&self) -> anyhow::Result<Vec<(AffinityKey, Affinity)>> {
+        let m: HashMap<MapData, AffinityKey, Affinity> =
+            HashMap::try_from(Map::LruHashMap(open(&self.dir, MAP_AFFINITY)?))?;
+        mapwalk::collect(&m).context("reading AFFINITY")
     }
 
     pub fn set_lan_nets(&self, nets: &[LanNet]) -> anyhow::Result<()> {

@@ -136,7 +136,14 @@ pub struct RoutingPlan {
     /// The table our suppressing rule looks up and our default goes into
     /// (254).
     pub main_table: u32,
+    /// The mark of new flows a policy refuses, when the config can refuse
+    /// any: `fwmark M prohibit` at `p + 19` makes the kernel answer ICMP
+    /// administratively prohibited.
+    pub prohibit_mark: Option<u32>,
 }
+
+/// The priority of the `prohibit` rule, after the `from` rules' block.
+pub const PROHIBIT_RULE_OFFSET: u32 = FWMARK_RULE_OFFSET - 1;
 
 /// Keeps the kernel's rules and routes tagged [`PROTO_MULTIHOME`] in line
 /// with a [`RoutingPlan`].
@@ -436,8 +443,10 @@ impl Routing {
             .table_id(rule.table)
             .priority(rule.priority)
             .action(RuleAction::ToTable);
-        if let Selector::FwMarkUnreachable(_) = rule.selector {
-            req = req.action(RuleAction::Unreachable);
+        match rule.selector {
+            Selector::FwMarkUnreachable(_) => req = req.action(RuleAction::Unreachable),
+            Selector::FwMarkProhibit(_) => req = req.action(RuleAction::Prohibit),
+            _ => {}
         }
         match rule.selector {
             Selector::SuppressDefault => req
@@ -445,7 +454,9 @@ impl Routing {
                 .attributes
                 .push(RuleAttribute::SuppressPrefixLen(0)),
             Selector::From(addr, len) => req = req.source_prefix(addr, len),
-            Selector::FwMark(mark) | Selector::FwMarkUnreachable(mark) => {
+            Selector::FwMark(mark)
+            | Selector::FwMarkUnreachable(mark)
+            | Selector::FwMarkProhibit(mark) => {
                 req = req.fw_mark(mark);
                 req.message_mut()
                     .attributes
@@ -628,6 +639,13 @@ fn desired_rules(plan: &RoutingPlan) -> Vec<Rule> {
             selector: Selector::FwMarkUnreachable(u.mark),
         });
     }
+    if let Some(mark) = plan.prohibit_mark {
+        rules.push(Rule {
+            priority: p + PROHIBIT_RULE_OFFSET,
+            table: 0,
+            selector: Selector::FwMarkProhibit(mark),
+        });
+    }
     for sh in &plan.shared {
         let first = sh.members.iter().min().copied().unwrap_or(0);
         rules.push(Rule {
@@ -710,6 +728,8 @@ enum Selector {
     /// that its slow-path packets never fall through to another uplink
     /// while its table has no route (the kernel answers unreachable).
     FwMarkUnreachable(u32),
+    /// `fwmark MARK/0xffffffff prohibit`: new flows a policy refuses.
+    FwMarkProhibit(u32),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -724,8 +744,9 @@ impl Rule {
     fn of(msg: &RuleMessage) -> Option<Rule> {
         let h = &msg.header;
         let unreachable = h.action == RuleAction::Unreachable;
+        let prohibit = h.action == RuleAction::Prohibit;
         if h.family != AddressFamily::Inet
-            || !(h.action == RuleAction::ToTable || unreachable)
+            || !(h.action == RuleAction::ToTable || unreachable || prohibit)
             || h.dst_len != 0
             || h.tos != 0
             || h.flags.contains(RuleFlags::Invert)
@@ -763,18 +784,22 @@ impl Rule {
             (None, Some(m), None) if h.src_len == 0 && mask.unwrap_or(u32::MAX) == u32::MAX => {
                 if unreachable {
                     Selector::FwMarkUnreachable(m)
+                } else if prohibit {
+                    Selector::FwMarkProhibit(m)
                 } else {
                     Selector::FwMark(m)
                 }
             }
             _ => return None,
         };
-        if unreachable != matches!(selector, Selector::FwMarkUnreachable(_)) {
+        if unreachable != matches!(selector, Selector::FwMarkUnreachable(_))
+            || prohibit != matches!(selector, Selector::FwMarkProhibit(_))
+        {
             return None;
         }
         Some(Rule {
             priority,
-            table: if unreachable { 0 } else { table },
+            table: if unreachable || prohibit { 0 } else { table },
             selector,
         })
     }
@@ -791,6 +816,7 @@ impl fmt::Display for Rule {
             Selector::From(a, len) => write!(f, "from {a}/{len} lookup {table}"),
             Selector::FwMark(m) => write!(f, "fwmark {m:#x} lookup {table}"),
             Selector::FwMarkUnreachable(m) => write!(f, "fwmark {m:#x} unreachable"),
+            Selector::FwMarkProhibit(m) => write!(f, "fwmark {m:#x} prohibit"),
         }
     }
 }
@@ -1269,6 +1295,7 @@ mod tests {
             shared: Vec::new(),
             rule_priority: 1000,
             main_table: 254,
+            prohibit_mark: None,
         }
     }
 
@@ -1584,6 +1611,7 @@ mod tests {
             shared: Vec::new(),
             rule_priority: 1000,
             main_table: 254,
+            prohibit_mark: None,
         };
         let fwmark_rules = |p: u32| {
             (0..4)

@@ -265,6 +265,9 @@ pub fn routing_plan(config: &Config, observed: &[Observed], usable: &[bool]) -> 
         shared: shared_sources(config, observed),
         rule_priority: config.routing.rule_priority,
         main_table: 254,
+        prohibit_mark: config
+            .may_refuse()
+            .then_some(config.routing.mark_base | multihome_common::MARK_PROHIBIT),
     }
 }
 

@@ -2,6 +2,8 @@
 use std::net::Ipv4Addr;
 
 use clap::Args;
+use multihome_common::SelectTable;
+use serde::Serialize;
 
 use super::PinDir;
 use crate::{
@@ -29,6 +31,81 @@ pub struct ConnsArgs {
     /// Only flows to this remote host.
     #[arg(long)]
     pub dst: Option<Ipv4Addr>,
+    /// List the affinity records of the sticky policies (source, site)
+    /// instead of flows.
+    #[arg(long)]
+    pub affinity: bool,
+}
+
+/// An affinity record, for `conns --affinity`.
+#[derive(Debug, Serialize)]
+pub struct AffinityRow {
+    pub policy: String,
+    pub src: Ipv4Addr,
+    /// `site` policies: the destination site (its network address).
+    pub site: Option<Ipv4Addr>,
+    pub uplink: String,
+    pub idle_s: u64,
+    pub age_s: u64,
+}
+
+pub fn affinities(maps: &Maps) -> anyhow::Result<Vec<AffinityRow>> {
+    let uplinks = maps.uplinks()?;
+    let tables = maps.select_tables()?;
+    let now = maps::boot_ns();
+    let mut out: Vec<AffinityRow> = maps
+        .affinities()?
+        .iter()
+        .map(|(k, a)| AffinityRow {
+            policy: policy_name(&tables, k.policy),
+            src: flows::be_addr(k.saddr_be),
+            site: (k.site_be != 0).then(|| flows::be_addr(k.site_be)),
+            uplink: uplinks
+                .get(a.uplink as usize)
+                .map(|u| name_from_bytes(&u.name))
+                .unwrap_or_default(),
+            idle_s: now.saturating_sub(a.last_ns) / 1_000_000_000,
+            age_s: (now / 1_000_000_000).saturating_sub(u64::from(a.created_s)),
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.policy, a.src, a.site).cmp(&(&b.policy, b.src, b.site)));
+    Ok(out)
+}
+
+fn policy_name(tables: &[SelectTable], id: u8) -> String {
+    match tables.get(id as usize) {
+        Some(t) if t.name[0] != 0 => t.name().to_string(),
+        _ => crate::policy::BALANCED.into(),
+    }
+}
+
+fn run_affinity(args: &ConnsArgs, maps: &Maps) -> anyhow::Result<()> {
+    let rows: Vec<AffinityRow> = affinities(maps)?
+        .into_iter()
+        .filter(|r| args.uplink.as_ref().is_none_or(|u| &r.uplink == u))
+        .filter(|r| args.src.is_none_or(|a| r.src == a))
+        .collect();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<15} {:<15} {:<15} {:<8} {:>7} {:>7}",
+        "POLICY", "SOURCE", "SITE", "UPLINK", "IDLE(s)", "AGE(s)"
+    );
+    for r in &rows {
+        println!(
+            "{:<15} {:<15} {:<15} {:<8} {:>7} {:>7}",
+            r.policy,
+            r.src,
+            r.site.map_or("-".into(), |s| s.to_string()),
+            r.uplink,
+            r.idle_s,
+            r.age_s
+        );
+    }
+    println!("{} affinities", rows.len());
+    Ok(())
 }
 
 pub fn list(maps: &Maps) -> anyhow::Result<Vec<Conn>> {
@@ -37,13 +114,14 @@ pub fn list(maps: &Maps) -> anyhow::Result<Vec<Conn>> {
         .iter()
         .map(|u| name_from_bytes(&u.name))
         .collect();
+    let tables = maps.select_tables()?;
     let now = maps::boot_ns();
     let mut out: Vec<Conn> = maps
         .flows()?
         .iter()
         .map(|(k, f)| {
             let name = names.get(f.uplink as usize).cloned().unwrap_or_default();
-            flows::describe(k, f, name, now)
+            flows::describe(k, f, name, policy_name(&tables, f.policy), now)
         })
         .collect();
     out.sort_by_key(|c| (c.src, c.sport, c.dst, c.dport));
@@ -52,6 +130,9 @@ pub fn list(maps: &Maps) -> anyhow::Result<Vec<Conn>> {
 
 pub fn run(args: &ConnsArgs) -> anyhow::Result<()> {
     let maps = Maps::open(&args.pin.pin_dir)?;
+    if args.affinity {
+        return run_affinity(args, &maps);
+    }
     let conns: Vec<Conn> = list(&maps)?
         .into_iter()
         .filter(|c| args.uplink.as_ref().is_none_or(|u| &c.uplink == u))
@@ -68,12 +149,12 @@ pub fn run(args: &ConnsArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<5} {:<21} {:<21} {:<8} {:<21} {:<11} {:>7}",
+        "{:<5} {:<21} {:<21} {:<8} {:<21} {:<11} {:>7} POLICY",
         "PROTO", "SOURCE", "DESTINATION", "UPLINK", "NAT", "STATE", "AGE(s)"
     );
     for c in &conns {
         println!(
-            "{:<5} {:<21} {:<21} {:<8} {:<21} {:<11} {:>7}",
+            "{:<5} {:<21} {:<21} {:<8} {:<21} {:<11} {:>7} {}",
             c.proto,
             format!("{}:{}", c.src, c.sport),
             format!("{}:{}", c.dst, c.dport),
@@ -84,7 +165,8 @@ pub fn run(args: &ConnsArgs) -> anyhow::Result<()> {
             },
             format!("{}:{}", c.nat_addr, c.nat_port),
             c.state,
-            c.age_s
+            c.age_s,
+            c.policy
         );
     }
     let failed_over = conns.iter().filter(|c| c.failed_over).count();

@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::loader::DEFAULT_PIN_DIR;
 
 pub mod conns;
+pub mod explain;
 pub mod status;
 pub mod top;
 
@@ -89,6 +90,21 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         iterations: Option<u32>,
     },
+    /// Re-read the running daemon's config (as SIGHUP does): weights,
+    /// policies and rules change, pinned flows stay. A config with a
+    /// problem is refused and the running one stays; the answer says why.
+    ///
+    /// Example: multihome reload
+    Reload {
+        #[command(flatten)]
+        pin: PinDir,
+    },
+    /// Why a new flow would go where it goes: the matching rule and its
+    /// line, the policy and tier in use, the uplinks it could take now
+    /// with their weights, and for sticky modes the affinity that decides.
+    ///
+    /// Example: multihome explain --src 198.18.1.2 --dst 198.19.0.9 --proto tcp --dport 443
+    Explain(explain::ExplainArgs),
     /// Change an uplink live, through the running daemon.
     ///
     /// Examples: multihome uplink set-weight y 3; multihome uplink drain x

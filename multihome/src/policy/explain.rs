@@ -1,0 +1,240 @@
+//! `multihome explain`: why a new flow would go where it goes, from the
+//! same rules, tables and affinities the datapath uses.
+use std::net::Ipv4Addr;
+
+use multihome_common::{
+    Affinity, AffinityKey, BALANCE_HASH, FlowKey, IPPROTO_TCP, IPPROTO_UDP, SelectTable, flow_hash,
+    select_slot,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{Action, Balance, LastResort, Policies, Probe};
+
+/// A flow to explain.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Query {
+    pub src: Ipv4Addr,
+    /// Without it, a per-connection choice cannot be named.
+    pub sport: Option<u16>,
+    pub dst: Ipv4Addr,
+    pub proto: u8,
+    pub dport: u16,
+    pub dscp: u8,
+}
+
+/// The answer, for text or JSON.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Explanation {
+    /// The matching rule: its number (1-based) and line; none: `balanced`.
+    pub rule: Option<RuleHit>,
+    /// `policy`, `unreachable` or `main`.
+    pub action: String,
+    pub policy: Option<String>,
+    pub balance: Option<String>,
+    /// The tier (1-based) that takes new flows now; none when every tier
+    /// is down (then `last_resort` decides).
+    pub tier: Option<usize>,
+    pub last_resort: Option<String>,
+    /// The uplinks a new flow could take now, with their weights.
+    pub candidates: Vec<Candidate>,
+    /// The uplink a new flow takes now, when it can be named.
+    pub uplink: Option<String>,
+    /// Why `uplink` is what it is, or why it cannot be named.
+    pub why: String,
+    /// For `source` and `site`: the affinity record that decides.
+    pub affinity: Option<AffinityView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RuleHit {
+    pub number: usize,
+    pub line: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Candidate {
+    pub uplink: String,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AffinityView {
+    pub uplink: String,
+    /// Seconds since it last placed a flow.
+    pub idle_s: u64,
+    /// Whether it still holds (fresh, its uplink in the tier in use).
+    pub live: bool,
+}
+
+/// What the daemon knows that an explanation reads.
+pub struct State<'a> {
+    pub policies: &'a Policies,
+    /// By policy id.
+    pub tables: &'a [SelectTable],
+    /// By config index: (UPLINKS slot, name, usable).
+    pub uplinks: &'a [(u8, &'a str, bool)],
+    pub seed: u32,
+    pub affinities: &'a [(AffinityKey, Affinity)],
+    /// Boot-clock nanoseconds now.
+    pub now_ns: u64,
+}
+
+pub fn explain(q: &Query, s: &State) -> Explanation {
+    let ports = q.proto == IPPROTO_TCP || q.proto == IPPROTO_UDP;
+    let probe = Probe {
+        src: q.src,
+        dst: q.dst,
+        proto: q.proto,
+        dport: if ports { q.dport } else { 0 },
+        dscp: q.dscp,
+    };
+    let (rule, action) = s.policies.classify(&probe);
+    let mut e = Explanation {
+        rule: rule.map(|i| RuleHit {
+            number: i + 1,
+            line: s.policies.rules[i].line,
+        }),
+        action: "policy".into(),
+        policy: None,
+        balance: None,
+        tier: None,
+        last_resort: None,
+        candidates: Vec::new(),
+        uplink: None,
+        why: String::new(),
+        affinity: None,
+    };
+    let id = match action {
+        Action::Unreachable => {
+            e.action = "unreachable".into();
+            e.why = "refused: ICMP administratively prohibited".into();
+            return e;
+        }
+        Action::Main => {
+            e.action = "main".into();
+            e.why = "not translated: the kernel routes it".into();
+            return e;
+        }
+        Action::Policy(id) => id,
+    };
+    let p = s.policies.get(id);
+    e.policy = Some(p.name.clone());
+    e.balance = Some(p.balance.name().into());
+    let name_of = |slot: u8| {
+        s.uplinks
+            .iter()
+            .find(|u| u.0 == slot)
+            .map_or_else(|| format!("slot {slot}"), |u| u.1.to_string())
+    };
+    let usable: Vec<bool> = s.uplinks.iter().map(|u| u.2).collect();
+    e.tier = Policies::tier_in_use(p, &usable).map(|t| t + 1);
+    let members: Vec<(usize, u32)> = match e.tier {
+        Some(t) => p.tiers[t - 1].clone(),
+        None if p.last_resort == LastResort::Any => s.policies.get(0).tiers[0].clone(),
+        None => Vec::new(),
+    };
+    if e.tier.is_none() {
+        e.last_resort = Some(
+            match p.last_resort {
+                LastResort::Any => "any",
+                LastResort::Unreachable => "unreachable",
+            }
+            .into(),
+        );
+    }
+    let live: Vec<&(usize, u32)> = members.iter().filter(|(i, _)| usable[*i]).collect();
+    let weighted = live.iter().any(|(_, w)| *w > 0);
+    e.candidates = live
+        .iter()
+        .filter(|(_, w)| *w > 0 || !weighted)
+        .map(|(i, w)| Candidate {
+            uplink: s.uplinks[*i].1.to_string(),
+            weight: *w,
+        })
+        .collect();
+    let Some(t) = s.tables.get(id as usize).filter(|t| t.usable != 0) else {
+        e.why = match p.last_resort {
+            LastResort::Unreachable => "every tier is down: refused (last_resort)".into(),
+            LastResort::Any => "no uplink is usable".into(),
+        };
+        return e;
+    };
+    if p.balance.sticky() {
+        let key = AffinityKey {
+            saddr_be: u32::from(q.src).to_be(),
+            site_be: if p.balance == Balance::Site {
+                u32::from(q.dst).to_be() & t.site_mask_be
+            } else {
+                0
+            },
+            policy: id,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        if let Some((_, a)) = s.affinities.iter().find(|(k, _)| *k == key) {
+            let idle_ns = s.now_ns.saturating_sub(a.last_ns);
+            let holds = idle_ns <= u64::from(t.sticky_s) * 1_000_000_000
+                && a.uplink < 32
+                && t.now_members & (1 << a.uplink) != 0;
+            e.affinity = Some(AffinityView {
+                uplink: name_of(a.uplink),
+                idle_s: idle_ns / 1_000_000_000,
+                live: holds,
+            });
+            if holds {
+                e.uplink = Some(name_of(a.uplink));
+                e.why = format!(
+                    "affinity: this {} sticks to it for {} s after its last new flow",
+                    if p.balance == Balance::Site {
+                        "host and site"
+                    } else {
+                        "host"
+                    },
+                    t.sticky_s
+                );
+                return e;
+            }
+        }
+    }
+    let key = |sport: u16| FlowKey {
+        saddr_be: u32::from(q.src).to_be(),
+        daddr_be: u32::from(q.dst).to_be(),
+        sport_be: sport.to_be(),
+        dport_be: if ports { q.dport.to_be() } else { 0 },
+        proto: q.proto,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    let hashed = if t.balance == BALANCE_HASH {
+        let mut k = key(0);
+        k.sport_be = 0;
+        k.dport_be = 0;
+        k.proto = 0;
+        Some(k)
+    } else {
+        q.sport.map(key)
+    };
+    match hashed {
+        Some(k) => {
+            let slot = select_slot(flow_hash(&k, s.seed));
+            e.uplink = Some(name_of(t.now[slot]));
+            e.why = format!(
+                "its hash ({}) picks it from the tier's weighted table{}",
+                if t.balance == BALANCE_HASH {
+                    "source and destination"
+                } else {
+                    "5-tuple"
+                },
+                if p.balance.sticky() {
+                    "; that makes the affinity"
+                } else {
+                    ""
+                }
+            );
+        }
+        None => {
+            e.why = "per connection: the uplink depends on the source port (give --sport)".into();
+        }
+    }
+    e
+}

@@ -1,0 +1,390 @@
+//! Policies on real traffic: each rule field sends flows to its policy,
+//! tiers fail over and come back, the sticky modes stick, a reload swaps
+//! the rules without touching a live flow, and `explain` agrees with the
+//! uplink a connection actually takes.
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use testbed::*;
+
+fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Policies "onx" (x only) and "ony" (y only), then `extra`.
+fn with_policies(t: &Topology, extra: &str) -> String {
+    config_for(
+        t,
+        [1, 1],
+        &format!(
+            "[[policy]]\nname = \"onx\"\ntiers = [[\"x\"]]\n\n\
+             [[policy]]\nname = \"ony\"\ntiers = [[\"y\"]]\n\n{extra}"
+        ),
+    )
+}
+
+/// A new UDP socket from the client, with TOS `tos`: the address the
+/// server sees it from.
+fn udp_nat(t: &Topology, dst: SocketAddrV4, tos: u8) -> (UdpSocket, SocketAddrV4) {
+    let s = t
+        .client
+        .run(|| UdpSocket::bind((CLIENT_ADDR, 0)))
+        .expect("bind");
+    socket2::SockRef::from(&s)
+        .set_tos_v4(u32::from(tos))
+        .expect("IP_TOS");
+    let seen = udp_seen_from(&s, dst).expect("UDP exchange");
+    (s, seen)
+}
+
+/// `multihome explain --json` for a flow from the client.
+fn explain(
+    gw: &Gateway,
+    sport: Option<u16>,
+    dst: Ipv4Addr,
+    proto: &str,
+    dport: u16,
+    dscp: u8,
+) -> serde_json::Value {
+    let mut args = vec![
+        "explain".to_string(),
+        "--json".into(),
+        "--src".into(),
+        CLIENT_ADDR.to_string(),
+        "--dst".into(),
+        dst.to_string(),
+        "--proto".into(),
+        proto.into(),
+        "--dport".into(),
+        dport.to_string(),
+        "--dscp".into(),
+        dscp.to_string(),
+    ];
+    if let Some(p) = sport {
+        args.extend(["--sport".into(), p.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = gw.cli(&args);
+    check_output("multihome explain", &out);
+    serde_json::from_slice(&out.stdout).expect("explain prints JSON")
+}
+
+fn check_output(what: &str, out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn uplink_of(seen: &SocketAddrV4) -> &'static str {
+    match *seen.ip() {
+        UPLINK_X_ADDR => "x",
+        UPLINK_Y_ADDR => "y",
+        other => panic!("seen from {other}, not an uplink address"),
+    }
+}
+
+#[test]
+fn each_rule_field_sends_flows_to_its_policy_and_the_first_match_wins() {
+    let t = Topology::standard();
+    let dir = std::env::temp_dir().join(format!("mh-policy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("service2.txt");
+    std::fs::write(&file, format!("# the second service\n{INET_SERVICE2}/32\n"))
+        .expect("prefix file");
+    let rules = format!(
+        "[[rule]]\nproto = \"tcp\"\ndport = [\"7000\"]\npolicy = \"unreachable\"\n\n\
+         [[rule]]\nproto = \"udp\"\ndport = [\"5060\", \"10000-10010\"]\npolicy = \"onx\"\n\n\
+         [[rule]]\nsrc = [\"{LAN_NET}\"]\ndst = [\"@file:{}\"]\npolicy = \"ony\"\n\n\
+         [[rule]]\ndscp = 46\npolicy = \"ony\"\n\n\
+         [[rule]]\nsrc = [\"@lan0\"]\npolicy = \"onx\"\n",
+        file.display()
+    );
+    let gw = Gateway::start(&t.gw, &with_policies(&t, &rules));
+    let sip = udp_peer_server(&t.inet, INET_SERVICE, 5060);
+    let media = udp_peer_server(&t.inet, INET_SERVICE, 10005);
+    let other = udp_peer_server(&t.inet, INET_SERVICE, 9000);
+    let service2 = udp_peer_server(&t.inet, INET_SERVICE2, 5060);
+    for _ in 0..8 {
+        // Port and range (rule 2), before the destination file (rule 3).
+        assert_eq!(uplink_of(&udp_nat(&t, sip.addr(), 0).1), "x");
+        assert_eq!(uplink_of(&udp_nat(&t, media.addr(), 0).1), "x");
+        assert_eq!(uplink_of(&udp_nat(&t, service2.addr(), 0).1), "x");
+        // DSCP EF (rule 4), else the LAN interface's subnet (rule 5).
+        assert_eq!(uplink_of(&udp_nat(&t, other.addr(), 46 << 2).1), "y");
+        assert_eq!(uplink_of(&udp_nat(&t, other.addr(), 0).1), "x");
+    }
+    // The destination file (rule 3) for what rule 2 leaves.
+    let tcp2 = tcp_peer_server(&t.inet, INET_SERVICE2, 0);
+    for _ in 0..8 {
+        let seen = tcp_seen_as(&t.client, None, tcp2.addr()).expect("TCP");
+        assert_eq!(uplink_of(&seen), "y");
+    }
+    // `unreachable`: refused at once with ICMP administratively
+    // prohibited, not left to time out; nothing reaches the ISPs.
+    let started = Instant::now();
+    let err = tcp_connect(&t.client, None, SocketAddrV4::new(INET_SERVICE, 7000))
+        .expect_err("a refused flow cannot connect");
+    assert_eq!(err.raw_os_error(), Some(libc::EHOSTUNREACH), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(gw.reason("policy_refused") > 0);
+
+    // `explain` names the same rules, with their lines.
+    let e = explain(&gw, None, INET_SERVICE, "udp", 5060, 0);
+    assert_eq!(e["policy"], "onx");
+    assert_eq!(e["rule"]["number"], 2);
+    let config = std::fs::read_to_string(gw.config_path()).expect("config");
+    let line = e["rule"]["line"].as_u64().expect("line") as usize;
+    assert_eq!(config.lines().nth(line - 1), Some("[[rule]]"));
+    assert_eq!(
+        explain(&gw, None, INET_SERVICE2, "tcp", 80, 0)["policy"],
+        "ony"
+    );
+    assert_eq!(
+        explain(&gw, None, INET_SERVICE, "udp", 9000, 46)["policy"],
+        "ony"
+    );
+    assert_eq!(
+        explain(&gw, None, INET_SERVICE, "tcp", 7000, 0)["action"],
+        "unreachable"
+    );
+    assert_eq!(t.spoofed_drops(), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_tier_one_uplink_going_down_moves_new_flows_to_tier_two_and_they_come_back() {
+    let t = Topology::standard();
+    let mut config = String::new();
+    let health = "\n[uplink.health]\ntargets = [\"198.19.0.10\"]\ninterval_ms = 200\n\
+                  timeout_ms = 150\ndown_after = 3\nup_after = 2\n";
+    for part in config_for(&t, [1, 1], "").split_inclusive("\n\n") {
+        config += part;
+        if part.contains("name = \"x\"") {
+            config += health;
+        }
+    }
+    config += "\n[[policy]]\nname = \"steady\"\ntiers = [[\"x\"], [\"y\"]]\n\n\
+               [[rule]]\nproto = \"udp\"\npolicy = \"steady\"\n";
+    let gw = Gateway::start(&t.gw, &config);
+    let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    for _ in 0..10 {
+        assert_eq!(uplink_of(&udp_nat(&t, srv.addr(), 0).1), "x", "tier 1");
+    }
+    let e = explain(&gw, Some(40000), INET_SERVICE, "udp", srv.port(), 0);
+    assert_eq!(e["tier"], 1);
+    assert_eq!(e["uplink"], "x");
+
+    let upstream = ["FORWARD", "-i", IF_CORE, "-j", "DROP"];
+    t.ispx
+        .exec(&[&["iptables", "-w", "-I"][..], &upstream].concat());
+    // 3 probe rounds of 200 ms, then the refresh.
+    eventually(Duration::from_secs(3), "new flows on tier 2", || {
+        udp_nat(&t, srv.addr(), 0).1.ip() == &UPLINK_Y_ADDR
+    });
+    for _ in 0..10 {
+        assert_eq!(uplink_of(&udp_nat(&t, srv.addr(), 0).1), "y", "tier 2");
+    }
+    let e = explain(&gw, Some(40000), INET_SERVICE, "udp", srv.port(), 0);
+    assert_eq!(e["tier"], 2);
+    assert_eq!(e["candidates"][0]["uplink"], "y");
+
+    t.ispx
+        .exec(&[&["iptables", "-w", "-D"][..], &upstream].concat());
+    eventually(Duration::from_secs(5), "tier 1 back", || {
+        udp_nat(&t, srv.addr(), 0).1.ip() == &UPLINK_X_ADDR
+    });
+    for _ in 0..10 {
+        assert_eq!(
+            uplink_of(&udp_nat(&t, srv.addr(), 0).1),
+            "x",
+            "tier 1 again"
+        );
+    }
+}
+
+#[test]
+fn source_balance_keeps_a_hosts_connections_on_one_uplink_until_it_idles_for_sticky_s() {
+    let t = Topology::standard();
+    let gw = Gateway::start(
+        &t.gw,
+        &config_for(
+            &t,
+            [1, 1],
+            "[[policy]]\nname = \"sticky\"\ntiers = [[\"x\", \"y\"]]\nbalance = \"source\"\nsticky_s = 2\n\n\
+             [[rule]]\npolicy = \"sticky\"\n",
+        ),
+    );
+    let srv = tcp_peer_server(&t.inet, INET_SERVICE, 0);
+    let mut first = None;
+    let mut rounds = Vec::new();
+    // Each round: 30 connections stick to one uplink; after 2 s idle the
+    // next round makes a new choice (a new record), which may differ.
+    for _ in 0..4 {
+        let mut used = std::collections::BTreeSet::new();
+        for _ in 0..30 {
+            let seen = tcp_seen_as(&t.client, None, srv.addr()).expect("TCP");
+            used.insert(uplink_of(&seen));
+        }
+        assert_eq!(used.len(), 1, "one host, one uplink: {used:?}");
+        let out = gw.cli(&["conns", "--affinity", "--json"]);
+        check_output("conns --affinity", &out);
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        assert_eq!(rows.as_array().expect("rows").len(), 1, "{rows}");
+        assert_eq!(rows[0]["policy"], "sticky");
+        let e = explain(&gw, Some(50000), INET_SERVICE, "tcp", srv.port(), 0);
+        assert_eq!(e["affinity"]["live"], true, "{e}");
+        assert_eq!(e["uplink"], *used.iter().next().expect("one"));
+        rounds.push(rows[0]["age_s"].as_u64().expect("age"));
+        first.get_or_insert(used);
+        std::thread::sleep(Duration::from_millis(2600));
+        let e = explain(&gw, Some(50000), INET_SERVICE, "tcp", srv.port(), 0);
+        assert_eq!(e["affinity"]["live"], false, "expired after sticky_s: {e}");
+    }
+    // Every round made its own record: none lived 2.6 s.
+    assert!(rounds.iter().all(|a| *a <= 2), "{rounds:?}");
+}
+
+#[test]
+fn site_balance_keeps_one_uplink_per_destination_site_and_spreads_sites() {
+    let t = Topology::standard();
+    // Twenty sites, a /24 each.
+    let sites: Vec<Ipv4Addr> = (40..60).map(|k| Ipv4Addr::new(198, 19, k, 10)).collect();
+    for a in &sites {
+        t.inet
+            .exec(&["ip", "addr", "add", &format!("{a}/32"), "dev", "lo"]);
+    }
+    let gw = Gateway::start(
+        &t.gw,
+        &config_for(
+            &t,
+            [1, 1],
+            "[[policy]]\nname = \"banks\"\ntiers = [[\"x\", \"y\"]]\nbalance = \"site\"\n\n\
+             [[rule]]\ndst = [\"198.19.0.0/16\"]\npolicy = \"banks\"\n",
+        ),
+    );
+    // 50 connections to one /24 (two servers in it) keep one uplink.
+    let a = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    let b = udp_peer_server(&t.inet, INET_SERVICE2, 0);
+    let mut used = std::collections::BTreeSet::new();
+    for i in 0..50 {
+        let srv = if i % 2 == 0 { a.addr() } else { b.addr() };
+        used.insert(uplink_of(&udp_nat(&t, srv, 0).1));
+    }
+    assert_eq!(used.len(), 1, "one site, one uplink: {used:?}");
+    let e = explain(&gw, None, INET_SERVICE2, "udp", b.port(), 0);
+    assert_eq!(e["uplink"], *used.iter().next().expect("one"));
+    // Many sites spread over both.
+    let mut per_site = std::collections::BTreeSet::new();
+    for s in &sites {
+        let srv = udp_peer_server(&t.inet, *s, 0);
+        per_site.insert(uplink_of(&udp_nat(&t, srv.addr(), 0).1));
+    }
+    assert_eq!(per_site.len(), 2, "20 sites on one uplink: {per_site:?}");
+}
+
+#[test]
+fn hash_balance_sends_every_connection_between_two_hosts_one_way_as_explain_says() {
+    let t = Topology::standard();
+    let gw = Gateway::start(
+        &t.gw,
+        &config_for(
+            &t,
+            [1, 1],
+            "[[policy]]\nname = \"pcc\"\ntiers = [[\"x\", \"y\"]]\nbalance = \"hash\"\n\n\
+             [[rule]]\npolicy = \"pcc\"\n",
+        ),
+    );
+    for dst in [INET_SERVICE, INET_SERVICE2] {
+        let srv = udp_peer_server(&t.inet, dst, 0);
+        let want = explain(&gw, None, dst, "udp", srv.port(), 0)["uplink"].clone();
+        for _ in 0..20 {
+            assert_eq!(want, uplink_of(&udp_nat(&t, srv.addr(), 0).1), "{dst}");
+        }
+    }
+}
+
+#[test]
+fn connection_balance_places_each_flow_where_explain_says() {
+    let t = Topology::standard();
+    let gw = Gateway::start(&t.gw, &config_for(&t, [1, 1], ""));
+    let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    let mut both = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let (s, seen) = udp_nat(&t, srv.addr(), 0);
+        let sport = s.local_addr().expect("local").port();
+        let e = explain(&gw, Some(sport), INET_SERVICE, "udp", srv.port(), 0);
+        assert_eq!(e["policy"], "balanced");
+        assert_eq!(e["uplink"], uplink_of(&seen), "{e}");
+        both.insert(uplink_of(&seen));
+    }
+    assert_eq!(both.len(), 2);
+}
+
+#[test]
+fn a_reload_swaps_the_rules_without_touching_live_flows_and_a_bad_file_is_refused() {
+    let t = Topology::standard();
+    let gw = Gateway::start(&t.gw, &with_policies(&t, "[[rule]]\npolicy = \"onx\"\n"));
+    let tcp = tcp_echo_server(&t.inet, INET_SERVICE, 0);
+    let udp = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    let mut conn = tcp_connect(&t.client, None, tcp.addr()).expect("connect");
+    let (sock, before) = udp_nat(&t, udp.addr(), 0);
+    assert_eq!(uplink_of(&before), "x");
+
+    // Everything to y from now on.
+    std::fs::write(
+        gw.config_path(),
+        with_policies(&t, "[[rule]]\npolicy = \"ony\"\n"),
+    )
+    .expect("config");
+    let out = gw.cli(&["reload"]);
+    check_output("multihome reload", &out);
+    for i in 0..200u32 {
+        let msg = i.to_be_bytes();
+        conn.write_all(&msg).expect("the TCP stream goes on");
+        let mut back = [0u8; 4];
+        conn.read_exact(&mut back).expect("echo");
+        assert_eq!(back, msg);
+        assert_eq!(
+            udp_seen_from(&sock, udp.addr()).expect("UDP goes on"),
+            before
+        );
+    }
+    for _ in 0..10 {
+        assert_eq!(
+            uplink_of(&udp_nat(&t, udp.addr(), 0).1),
+            "y",
+            "new flows: new rules"
+        );
+    }
+
+    // A missing prefix file: refused, the running rules stay.
+    std::fs::write(
+        gw.config_path(),
+        with_policies(
+            &t,
+            "[[rule]]\ndst = [\"@file:/nonexistent/mh\"]\npolicy = \"onx\"\n",
+        ),
+    )
+    .expect("config");
+    let out = gw.cli(&["reload"]);
+    assert!(!out.status.success(), "a bad file must be refused");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/mh"), "{err}");
+    for _ in 0..10 {
+        assert_eq!(
+            uplink_of(&udp_nat(&t, udp.addr(), 0).1),
+            "y",
+            "old rules stay"
+        );
+    }
+    assert_eq!(udp_seen_from(&sock, udp.addr()).expect("UDP"), before);
+}
