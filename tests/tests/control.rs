@@ -1105,7 +1105,30 @@ fn upgrade_keeps_the_flow(version: u8, downgrade: impl FnOnce(&Topology, &str)) 
 }
 
 #[test]
-fn an_upgrade_from_layout_3_the_previous_release_keeps_live_flows() {
+fn an_upgrade_from_layout_4_the_previous_release_keeps_live_flows() {
+    upgrade_keeps_the_flow(4, |t, dir| {
+        // Layout 4: no policy counters, one choice table of 8 + 2 * 4096
+        // bytes, SETTINGS of 32 bytes, no rule or affinity maps.
+        for name in [
+            "RULE_SRC",
+            "RULE_DST",
+            "RULE_PROTO",
+            "RULE_DPORT",
+            "RULE_DSCP",
+            "RULE_ACTION",
+            "AFFINITY",
+        ] {
+            std::fs::remove_file(format!("{dir}/{name}")).expect("unpin a map layout 4 lacks");
+        }
+        let reasons = multihome_common::REASON_COUNT - 2;
+        pin_old_map(&t.gw, dir, "REASONS", "percpu_array", reasons * 8);
+        pin_old_map(&t.gw, dir, "SELECT", "array", 8 + 2 * 4096);
+        pin_old_settings(&t.gw, dir, 4, 32);
+    });
+}
+
+#[test]
+fn an_upgrade_from_layout_3_keeps_live_flows() {
     upgrade_keeps_the_flow(3, |t, dir| {
         // Layout 3: 27 reason counters, a 64-slot SELECT, 24-byte SETTINGS.
         pin_old_map(&t.gw, dir, "REASONS", "percpu_array", 27 * 8);
