@@ -27,7 +27,7 @@ use crate::{
     maps::{self, Maps},
     netinfo,
     policy::{
-        self, Policies,
+        self, Policies, UplinkNow,
         compile::{self, Compiled},
         explain,
     },
@@ -482,12 +482,17 @@ impl Daemon {
         }
         // Every policy's table before any rule can send flows to it.
         let tables = {
-            let uplinks: Vec<(u8, &str, bool)> = self
+            let uplinks: Vec<UplinkNow> = self
                 .config
                 .uplinks
                 .iter()
                 .zip(&usable)
-                .map(|(u, usable)| (u.slot, u.name.as_str(), *usable))
+                .map(|(u, usable)| UplinkNow {
+                    slot: u.slot,
+                    name: &u.name,
+                    weight: u.weight,
+                    usable: *usable,
+                })
                 .collect();
             self.policies.tables(&uplinks)
         };
@@ -916,9 +921,10 @@ impl Daemon {
     fn apply_rules(&mut self) -> anyhow::Result<()> {
         let compiled = compile::compile(&self.policies.rules);
         let active = (self.rules.word & 1) as usize;
-        if self.rules.word >> 1 == compiled.rules
-            && self.rules.known[active].as_ref() == Some(&compiled)
-        {
+        // A bank of no rules is never read: nothing to write.
+        let unchanged = self.rules.word >> 1 == compiled.rules
+            && (compiled.rules == 0 || self.rules.known[active].as_ref() == Some(&compiled));
+        if unchanged {
             return Ok(());
         }
         let idle = 1 - active;
@@ -971,12 +977,17 @@ impl Daemon {
 
     /// `multihome explain`.
     fn explain(&self, q: &explain::Query) -> anyhow::Result<explain::Explanation> {
-        let usable: Vec<(u8, &str, bool)> = self
+        let usable: Vec<UplinkNow> = self
             .config
             .uplinks
             .iter()
             .zip(&self.select_usable())
-            .map(|(u, usable)| (u.slot, u.name.as_str(), *usable))
+            .map(|(u, usable)| UplinkNow {
+                slot: u.slot,
+                name: &u.name,
+                weight: u.weight,
+                usable: *usable,
+            })
             .collect();
         let affinities = self.maps.affinities()?;
         Ok(explain::explain(

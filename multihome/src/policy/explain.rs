@@ -8,7 +8,7 @@ use multihome_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{Action, Balance, LastResort, Policies, Probe};
+use super::{Action, Balance, LastResort, Policies, Probe, UplinkNow};
 
 /// A flow to explain.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -71,8 +71,8 @@ pub struct State<'a> {
     pub policies: &'a Policies,
     /// By policy id.
     pub tables: &'a [SelectTable],
-    /// By config index: (UPLINKS slot, name, usable).
-    pub uplinks: &'a [(u8, &'a str, bool)],
+    /// By config index.
+    pub uplinks: &'a [UplinkNow<'a>],
     pub seed: u32,
     pub affinities: &'a [(AffinityKey, Affinity)],
     /// Boot-clock nanoseconds now.
@@ -123,12 +123,12 @@ pub fn explain(q: &Query, s: &State) -> Explanation {
     let name_of = |slot: u8| {
         s.uplinks
             .iter()
-            .find(|u| u.0 == slot)
-            .map_or_else(|| format!("slot {slot}"), |u| u.1.to_string())
+            .find(|u| u.slot == slot)
+            .map_or_else(|| format!("slot {slot}"), |u| u.name.to_string())
     };
-    let usable: Vec<bool> = s.uplinks.iter().map(|u| u.2).collect();
+    let usable: Vec<bool> = s.uplinks.iter().map(|u| u.usable).collect();
     e.tier = Policies::tier_in_use(p, &usable).map(|t| t + 1);
-    let members: Vec<(usize, u32)> = match e.tier {
+    let members: Vec<(usize, Option<u32>)> = match e.tier {
         Some(t) => p.tiers[t - 1].clone(),
         None if p.last_resort == LastResort::Any => s.policies.get(0).tiers[0].clone(),
         None => Vec::new(),
@@ -142,13 +142,17 @@ pub fn explain(q: &Query, s: &State) -> Explanation {
             .into(),
         );
     }
-    let live: Vec<&(usize, u32)> = members.iter().filter(|(i, _)| usable[*i]).collect();
+    let live: Vec<(usize, u32)> = members
+        .iter()
+        .filter(|(i, _)| usable[*i])
+        .map(|(i, w)| (*i, w.unwrap_or(s.uplinks[*i].weight)))
+        .collect();
     let weighted = live.iter().any(|(_, w)| *w > 0);
     e.candidates = live
         .iter()
         .filter(|(_, w)| *w > 0 || !weighted)
         .map(|(i, w)| Candidate {
-            uplink: s.uplinks[*i].1.to_string(),
+            uplink: s.uplinks[*i].name.to_string(),
             weight: *w,
         })
         .collect();

@@ -206,6 +206,17 @@ pub struct Rule {
     pub action: Action,
 }
 
+/// An uplink as policies see it now.
+#[derive(Debug, Clone, Copy)]
+pub struct UplinkNow<'a> {
+    /// Its UPLINKS slot.
+    pub slot: u8,
+    pub name: &'a str,
+    /// Its weight now (`multihome uplink set-weight` changes it).
+    pub weight: u32,
+    pub usable: bool,
+}
+
 /// A new flow as the rules see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Probe {
@@ -240,8 +251,9 @@ impl Rule {
 pub struct Policy {
     pub id: u8,
     pub name: String,
-    /// Per tier: (uplink index in the config, weight).
-    pub tiers: Vec<Vec<(usize, u32)>>,
+    /// Per tier: (uplink index in the config, the weight this policy
+    /// gives it; none: the uplink's own, as it is now).
+    pub tiers: Vec<Vec<(usize, Option<u32>)>>,
     pub balance: Balance,
     pub sticky_s: u32,
     pub site_prefix: u8,
@@ -551,12 +563,7 @@ impl Policies {
             }
         }
         let mut policies: Vec<Option<Policy>> = vec![None; MAX_POLICIES as usize];
-        let all: Vec<(usize, u32)> = config
-            .uplinks
-            .iter()
-            .enumerate()
-            .map(|(i, u)| (i, u.weight))
-            .collect();
+        let all: Vec<(usize, Option<u32>)> = (0..config.uplinks.len()).map(|i| (i, None)).collect();
         policies[0] = Some(Policy {
             id: 0,
             name: BALANCED.into(),
@@ -588,7 +595,7 @@ impl Policies {
                         .iter()
                         .position(|u| u.name == name)
                         .with_context(|| format!("no uplink named {name:?}"))?;
-                    members.push((i, weight.unwrap_or(config.uplinks[i].weight)));
+                    members.push((i, weight));
                 }
                 tiers.push(members);
             }
@@ -627,16 +634,16 @@ impl Policies {
             .expect("balanced is always there")
     }
 
-    /// Every policy's choice table, by id, for uplinks whose config
-    /// index `i` has slot `slots[i]`, name and usability: the first tier
-    /// with a usable member takes new flows; `preferred` is tier 1 as if
-    /// all were usable. Unused ids get an empty table.
-    pub fn tables(&self, uplinks: &[(u8, &str, bool)]) -> Vec<SelectTable> {
-        let member = |(i, w): &(usize, u32)| choice::Member {
-            id: uplinks[*i].0,
-            name: uplinks[*i].1,
-            weight: *w,
-            usable: uplinks[*i].2,
+    /// Every policy's choice table, by id, for `uplinks` (by config
+    /// index) as they are now: the first tier with a usable member takes
+    /// new flows; `preferred` is tier 1 as if all were usable. Unused ids
+    /// get an empty table.
+    pub fn tables(&self, uplinks: &[UplinkNow]) -> Vec<SelectTable> {
+        let member = |(i, w): &(usize, Option<u32>)| choice::Member {
+            id: uplinks[*i].slot,
+            name: uplinks[*i].name,
+            weight: w.unwrap_or(uplinks[*i].weight),
+            usable: uplinks[*i].usable,
         };
         let balanced: Vec<choice::Member> = self.get(0).tiers[0].iter().map(member).collect();
         let any = choice::table(&balanced);
@@ -776,19 +783,38 @@ gateway = "198.18.22.254"
         let snap = Snapshot::new();
         let p = Policies::resolve(&c, &HashMap::new(), &snap).expect("resolves");
         let v = p.get(1);
-        assert_eq!(v.tiers, vec![vec![(0, 3)], vec![(1, 1)]]);
-        let t = p.tables(&[(0, "x", true), (1, "y", true)]);
+        assert_eq!(v.tiers, vec![vec![(0, Some(3))], vec![(1, None)]]);
+        let up = |x, y| {
+            [
+                UplinkNow {
+                    slot: 0,
+                    name: "x",
+                    weight: 1,
+                    usable: x,
+                },
+                UplinkNow {
+                    slot: 1,
+                    name: "y",
+                    weight: 1,
+                    usable: y,
+                },
+            ]
+        };
+        let t = p.tables(&up(true, true));
         assert_eq!(t[1].now_members, 0b01, "tier 1 while x is usable");
         assert_eq!(t[1].name(), "v");
-        let t = p.tables(&[(0, "x", false), (1, "y", true)]);
+        let t = p.tables(&up(false, true));
         assert_eq!(t[1].now_members, 0b10, "tier 2 once x is not");
         assert_eq!(t[1].preferred[0], 0, "preferred stays tier 1");
-        let t = p.tables(&[(0, "x", false), (1, "y", false)]);
+        let t = p.tables(&up(false, false));
         assert_eq!(t[1].usable, 0);
         assert_eq!(t[1].last_resort, LAST_RESORT_UNREACHABLE);
-        // `balanced` spreads over both by their own weights.
-        let t = p.tables(&[(0, "x", true), (1, "y", true)]);
+        // `balanced` spreads over both by their weights as they are now.
+        let t = p.tables(&up(true, true));
         assert_eq!(t[0].now_members, 0b11);
+        let mut now = up(true, true);
+        now[1].weight = 0;
+        assert_eq!(p.tables(&now)[0].now_members, 0b01, "y set to weight 0");
     }
 
     #[test]

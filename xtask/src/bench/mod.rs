@@ -196,7 +196,7 @@ struct Live<'a> {
     mode: Mode,
     net: &'a Net,
     ctx: Ctx<'a>,
-    _running: modes::Running<'a>,
+    running: modes::Running<'a>,
 }
 
 /// One measurement step, run on every mode in turn.
@@ -267,6 +267,26 @@ const STEPS: &[(&str, Step)] = &[
         r.add("newflow_pps", l.mode, v / 1e3);
         Ok(format!("{:.0} kpps", v / 1e3))
     }),
+    ("new flows, 100 rules", |p, l, r| {
+        let Some(gw) = l.running.gateway.as_ref() else {
+            r.skip(
+                "newflow_rules_ratio",
+                l.mode,
+                "no policy rules in this mode",
+            );
+            return Ok("-".into());
+        };
+        // Alternating, in one topology: none, 100, 100, none.
+        let mut rates = [0.0; 2];
+        for rules in [0, 100, 100, 0] {
+            modes::reload(gw, rules)?;
+            rates[usize::from(rules > 0)] += l.ctx.new_flows(p.new_flow_secs)?;
+        }
+        modes::reload(gw, 0)?;
+        let ratio = rates[1] / rates[0];
+        r.add("newflow_rules_ratio", l.mode, ratio);
+        Ok(format!("{ratio:.2}×"))
+    }),
 ];
 
 /// A round: the four modes up side by side in topologies of their own,
@@ -283,7 +303,7 @@ fn run_round(plan: &Plan, round: usize, exe: &Path, r: &mut Results) -> Result<(
             mode,
             net,
             ctx: ctx(net, exe, &running)?,
-            _running: running,
+            running,
         });
     }
     for (name, step) in STEPS {

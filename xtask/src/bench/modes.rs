@@ -37,6 +37,39 @@ pub fn start(mode: Mode, net: &Net) -> Running<'_> {
     Running { gateway: None }
 }
 
+/// multihome's config with `rules` policy rules: all but the last match
+/// no bench packet (TCP to other prefixes and ports), the last sends the
+/// bench's UDP to a policy over both uplinks, so that every new flow
+/// does every lookup and the first match is the last rule.
+pub fn multihome_config_with_rules(rules: usize) -> String {
+    let mut c = multihome_config();
+    if rules == 0 {
+        return c;
+    }
+    c += "\n[[policy]]\nname = \"bench\"\ntiers = [[\"x\", \"y\"]]\n";
+    for i in 0..rules - 1 {
+        c += &format!(
+            "\n[[rule]]\ndst = [\"198.19.{}.0/24\"]\nproto = \"tcp\"\ndport = [\"{}\"]\npolicy = \"bench\"\n",
+            100 + i % 100,
+            1000 + i
+        );
+    }
+    c + "\n[[rule]]\nproto = \"udp\"\npolicy = \"bench\"\n"
+}
+
+/// Rewrites the running daemon's config with `rules` rules and reloads it.
+pub fn reload(gw: &Gateway, rules: usize) -> anyhow::Result<()> {
+    std::fs::write(gw.config_path(), multihome_config_with_rules(rules))?;
+    let out = gw.cli(&["reload"]);
+    if !out.status.success() {
+        anyhow::bail!(
+            "multihome reload: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 pub fn multihome_config() -> String {
     format!(
         "lan = [\"lan0\"]\n\

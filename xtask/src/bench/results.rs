@@ -70,6 +70,12 @@ pub const METRICS: &[Metric] = &[
         true,
     ),
     metric(
+        "newflow_rules_ratio",
+        "New flows with 100 policy rules ÷ with none",
+        "×",
+        true,
+    ),
+    metric(
         "conn_rate",
         "New TCP connections (wrk, Connection: close)",
         "conn/s",
