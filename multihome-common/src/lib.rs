@@ -157,6 +157,21 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
+    /// The key with only its two addresses: what `balance = "hash"`
+    /// hashes.
+    #[inline(always)]
+    pub const fn addresses(&self) -> FlowKey {
+        FlowKey {
+            saddr_be: self.saddr_be,
+            daddr_be: self.daddr_be,
+            sport_be: 0,
+            dport_be: 0,
+            proto: 0,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+
     /// The reverse key that replies to this LAN flow carry once it is
     /// translated to `nat_addr_be:nat_port_be`.
     #[inline(always)]

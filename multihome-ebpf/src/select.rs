@@ -29,9 +29,9 @@ pub fn usable(u: &Uplink) -> bool {
 /// table decides by the flow's hash ([`flow_hash`] of the 5-tuple, or of
 /// the two addresses under `hash`), so the same flow gets the same uplink
 /// while the set of usable uplinks is the same; under `source` and `site`
-/// `stuck`, the uplink of a live affinity, decides first. With no usable uplink, any uplink
-/// that has an address and its link up keeps the LAN online, unless the
-/// policy's `last_resort` refuses.
+/// `stuck`, the uplink of a live affinity, decides first. With no usable
+/// uplink, any uplink that has an address and its link up keeps the LAN
+/// online, unless the policy's `last_resort` refuses.
 ///
 /// [`flow_hash`]: multihome_common::flow_hash
 #[inline(always)]
@@ -45,18 +45,7 @@ pub fn choose(
     let table = SELECT.get(policy).or_else(|| SELECT.get(0));
     let balance = table.map_or(BALANCE_CONNECTION, |t| t.balance);
     let hash = if balance == BALANCE_HASH {
-        flow_hash(
-            &FlowKey {
-                saddr_be: key.saddr_be,
-                daddr_be: key.daddr_be,
-                sport_be: 0,
-                dport_be: 0,
-                proto: 0,
-                _pad0: 0,
-                _pad1: 0,
-            },
-            seed,
-        )
+        flow_hash(&key.addresses(), seed)
     } else {
         flow_hash(key, seed)
     };

@@ -4,7 +4,7 @@
 //! so a flow's uplink is a function of its 5-tuple and the uplink set: a
 //! flow whose state was lost maps back to where it was, and a change of
 //! the set moves few flows besides those of the uplink that left.
-use multihome_common::{FlowKey, SELECT_SLOTS, SelectTable, flow_hash, select_slot};
+use multihome_common::{BALANCE_HASH, FlowKey, SELECT_SLOTS, SelectTable, flow_hash, select_slot};
 
 /// An uplink as the table sees it.
 #[derive(Clone, Copy, Debug)]
@@ -49,9 +49,15 @@ pub fn table(members: &[Member]) -> SelectTable {
     t
 }
 
-/// The uplink a flow's hash prefers (the datapath's `preferred` column).
+/// The uplink a flow's hash prefers (the datapath's `preferred` column):
+/// of its 5-tuple, or of its two addresses under `balance = "hash"`.
 pub fn preferred(t: &SelectTable, key: &FlowKey, seed: u32) -> Option<u8> {
-    (t.configured != 0).then(|| t.preferred[select_slot(flow_hash(key, seed))])
+    let key = if t.balance == BALANCE_HASH {
+        key.addresses()
+    } else {
+        *key
+    };
+    (t.configured != 0).then(|| t.preferred[select_slot(flow_hash(&key, seed))])
 }
 
 /// Slots per member, in proportion to the weights (largest remainder), so

@@ -209,6 +209,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         Ok(s) if same_layout(&s) && s.flow_hash_seed != 0 => s.flow_hash_seed,
         _ => new_seed(),
     };
+    let select = maps.select_tables()?;
     // The adopted rules stay in force until this run's are switched in.
     let rules_word = match maps.settings() {
         Ok(s) if same_layout(&s) => s.rules,
@@ -237,8 +238,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         opts,
         datapath,
         policies,
-        // Not what SELECT holds: the first refresh writes it.
-        select: Vec::new(),
+        // What SELECT holds: adopted tables of policies that are gone
+        // are cleared once the rules are in.
+        select,
         rules: RuleBanks {
             word: rules_word,
             known: [None, None],
@@ -496,12 +498,15 @@ impl Daemon {
                 .collect();
             self.policies.tables(&uplinks)
         };
-        for (id, t) in tables.iter().enumerate() {
-            if self.select.get(id) != Some(t) {
-                self.maps.set_select(id as u32, t)?;
+        // A policy's table is only written here; one no policy holds any
+        // more is cleared once the rules no longer name it.
+        self.select.resize(tables.len(), SelectTable::default());
+        for (id, t) in tables.into_iter().enumerate() {
+            if self.policies.policies[id].is_some() && self.select[id] != t {
+                self.maps.set_select(id as u32, &t)?;
+                self.select[id] = t;
             }
         }
-        self.select = tables;
         // A failure here must not keep the routing tables from following.
         let mut failed = Vec::new();
         if let Err(e) = self
@@ -925,7 +930,7 @@ impl Daemon {
         let unchanged = self.rules.word >> 1 == compiled.rules
             && (compiled.rules == 0 || self.rules.known[active].as_ref() == Some(&compiled));
         if unchanged {
-            return Ok(());
+            return self.clear_unused_tables();
         }
         let idle = 1 - active;
         self.maps
@@ -934,6 +939,19 @@ impl Daemon {
         self.maps.switch_rules(idle as u32, compiled.rules)?;
         self.rules.word = rules_word(idle as u32, compiled.rules);
         self.rules.known[idle] = Some(compiled);
+        self.clear_unused_tables()
+    }
+
+    /// Empties the tables of policy ids no policy holds (a reload removed
+    /// it): after the switch, so no new flow is placed by a half-gone
+    /// policy. Its flows fall under `balanced` for `on_up`.
+    fn clear_unused_tables(&mut self) -> anyhow::Result<()> {
+        for id in 0..self.select.len() {
+            if self.policies.policies[id].is_none() && self.select[id] != SelectTable::default() {
+                self.maps.set_select(id as u32, &SelectTable::default())?;
+                self.select[id] = SelectTable::default();
+            }
+        }
         Ok(())
     }
 

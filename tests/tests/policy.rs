@@ -388,3 +388,54 @@ fn a_reload_swaps_the_rules_without_touching_live_flows_and_a_bad_file_is_refuse
     }
     assert_eq!(udp_seen_from(&sock, udp.addr()).expect("UDP"), before);
 }
+
+#[test]
+fn a_policy_a_reload_removes_leaves_its_flows_running_under_balanced_and_a_restart_keeps_ids() {
+    let t = Topology::standard();
+    let only = |name: &str| {
+        config_for(
+            &t,
+            [1, 1],
+            &format!(
+                "[[policy]]\nname = \"{name}\"\ntiers = [[\"{}\"]]\n\n[[rule]]\nproto = \"udp\"\npolicy = \"{name}\"\n",
+                if name == "onx" { "x" } else { "y" }
+            ),
+        )
+    };
+    let gw = Gateway::start_with_pin(
+        &t.gw,
+        &only("onx"),
+        unique_pin_dir("pol"),
+        &["--keep-on-exit"],
+    );
+    let udp = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    let (sock, before) = udp_nat(&t, udp.addr(), 0);
+    assert_eq!(uplink_of(&before), "x");
+    let policy_of = |gw: &Gateway, port: u16| {
+        gw.conns()
+            .iter()
+            .find(|c| c["sport"] == port)
+            .map(|c| c["policy"].as_str().expect("policy").to_string())
+    };
+    let port = sock.local_addr().expect("local").port();
+    assert_eq!(policy_of(&gw, port).as_deref(), Some("onx"));
+
+    std::fs::write(gw.config_path(), only("ony")).expect("config");
+    check_output("multihome reload", &gw.cli(&["reload"]));
+    assert_eq!(udp_seen_from(&sock, udp.addr()).expect("UDP"), before);
+    assert_eq!(policy_of(&gw, port).as_deref(), Some("balanced"));
+    let (s2, seen) = udp_nat(&t, udp.addr(), 0);
+    assert_eq!(uplink_of(&seen), "y");
+    let port2 = s2.local_addr().expect("local").port();
+    assert_eq!(policy_of(&gw, port2).as_deref(), Some("ony"));
+
+    // A restart adopts the maps: policy ids are kept by name.
+    let config = only("ony");
+    let cfg_path = gw.config_path().to_owned();
+    let pin = gw.stop();
+    std::fs::write(&cfg_path, &config).expect("config");
+    let gw = Gateway::start_with_pin(&t.gw, &config, pin, &[]);
+    assert_eq!(policy_of(&gw, port2).as_deref(), Some("ony"));
+    assert_eq!(udp_seen_from(&s2, udp.addr()).expect("UDP"), seen);
+    let _ = std::fs::remove_file(&cfg_path);
+}

@@ -210,11 +210,7 @@ pub fn explain(q: &Query, s: &State) -> Explanation {
         _pad1: 0,
     };
     let hashed = if t.balance == BALANCE_HASH {
-        let mut k = key(0);
-        k.sport_be = 0;
-        k.dport_be = 0;
-        k.proto = 0;
-        Some(k)
+        Some(key(0).addresses())
     } else {
         q.sport.map(key)
     };

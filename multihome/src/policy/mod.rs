@@ -577,9 +577,13 @@ impl Policies {
             let id = match assigned.get(&p.name) {
                 Some(id) => *id,
                 None => {
+                    // An id a removed policy held last: its flows may
+                    // still record it, so it goes last.
                     let used: Vec<u8> = assigned.values().copied().collect();
+                    let held: Vec<u8> = ids.values().copied().collect();
                     let id = (1..MAX_POLICIES as u8)
-                        .find(|i| !used.contains(i))
+                        .filter(|i| !used.contains(i))
+                        .min_by_key(|i| (held.contains(i), *i))
                         .context("too many policies")?;
                     assigned.insert(p.name.clone(), id);
                     id
