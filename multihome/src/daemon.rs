@@ -933,8 +933,11 @@ impl Daemon {
             return self.clear_unused_tables();
         }
         let idle = 1 - active;
+        // Unknown until written whole: a write that fails half way must
+        // not be taken for the old content next time.
+        let old = self.rules.known[idle].take();
         self.maps
-            .write_rule_bank(idle as u32, &compiled, self.rules.known[idle].as_ref())
+            .write_rule_bank(idle as u32, &compiled, old.as_ref())
             .context("writing the rule maps")?;
         self.maps.switch_rules(idle as u32, compiled.rules)?;
         self.rules.word = rules_word(idle as u32, compiled.rules);

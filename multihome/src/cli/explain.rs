@@ -21,11 +21,13 @@ pub struct ExplainArgs {
     /// Its source port (or echo id); needed to name a per-connection choice.
     #[arg(long)]
     pub sport: Option<u16>,
+    /// The remote host.
     #[arg(long)]
     pub dst: Ipv4Addr,
     /// tcp, udp, icmp or a protocol number.
     #[arg(long, default_value = "tcp")]
     pub proto: String,
+    /// Destination port (TCP and UDP).
     #[arg(long, default_value_t = 0)]
     pub dport: u16,
     /// DSCP, 0 to 63.
