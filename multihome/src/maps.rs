@@ -155,8 +155,10 @@ impl Maps {
                 .filter(|k| {
                     let d = k.data();
                     d.bank_be == bank.to_be()
-                        && !new
-                            .contains_key(&(u32::from_be(d.addr_be), (k.prefix_len() - 32) as u8))
+                        && !new.contains_key(&(
+                            u32::from_be(d.addr_be),
+                            k.prefix_len().saturating_sub(32) as u8,
+                        ))
                 })
                 .collect();
             for k in stale {

@@ -101,7 +101,8 @@ fn each_rule_field_sends_flows_to_its_policy_and_the_first_match_wins() {
     std::fs::write(&file, format!("# the second service\n{INET_SERVICE2}/32\n"))
         .expect("prefix file");
     let rules = format!(
-        "[[rule]]\nproto = \"tcp\"\ndport = [\"7000\"]\npolicy = \"unreachable\"\n\n\
+        "[[rule]]\nproto = \"udp\"\ndport = [\"9999\"]\npolicy = \"main\"\n\n\
+         [[rule]]\nproto = \"tcp\"\ndport = [\"7000\"]\npolicy = \"unreachable\"\n\n\
          [[rule]]\nproto = \"udp\"\ndport = [\"5060\", \"10000-10010\"]\npolicy = \"onx\"\n\n\
          [[rule]]\nsrc = [\"{LAN_NET}\"]\ndst = [\"@file:{}\"]\npolicy = \"ony\"\n\n\
          [[rule]]\ndscp = 46\npolicy = \"ony\"\n\n\
@@ -114,15 +115,15 @@ fn each_rule_field_sends_flows_to_its_policy_and_the_first_match_wins() {
     let other = udp_peer_server(&t.inet, INET_SERVICE, 9000);
     let service2 = udp_peer_server(&t.inet, INET_SERVICE2, 5060);
     for _ in 0..8 {
-        // Port and range (rule 2), before the destination file (rule 3).
+        // Port and range (rule 3), before the destination file (rule 4).
         assert_eq!(uplink_of(&udp_nat(&t, sip.addr(), 0).1), "x");
         assert_eq!(uplink_of(&udp_nat(&t, media.addr(), 0).1), "x");
         assert_eq!(uplink_of(&udp_nat(&t, service2.addr(), 0).1), "x");
-        // DSCP EF (rule 4), else the LAN interface's subnet (rule 5).
+        // DSCP EF (rule 5), else the LAN interface's subnet (rule 6).
         assert_eq!(uplink_of(&udp_nat(&t, other.addr(), 46 << 2).1), "y");
         assert_eq!(uplink_of(&udp_nat(&t, other.addr(), 0).1), "x");
     }
-    // The destination file (rule 3) for what rule 2 leaves.
+    // The destination file (rule 4) for what rule 3 leaves.
     let tcp2 = tcp_peer_server(&t.inet, INET_SERVICE2, 0);
     for _ in 0..8 {
         let seen = tcp_seen_as(&t.client, None, tcp2.addr()).expect("TCP");
@@ -137,10 +138,28 @@ fn each_rule_field_sends_flows_to_its_policy_and_the_first_match_wins() {
     assert!(started.elapsed() < Duration::from_secs(2));
     assert!(gw.reason("policy_refused") > 0);
 
+    // `main`: not translated; the kernel routes it out an uplink with its
+    // LAN source, where the egress guard drops it. Nothing foreign leaves.
+    let main = t
+        .client
+        .run(|| UdpSocket::bind((CLIENT_ADDR, 0)))
+        .expect("bind");
+    for _ in 0..5 {
+        main.send_to(b"?", SocketAddrV4::new(INET_SERVICE, 9999))
+            .expect("send");
+    }
+    eventually(
+        Duration::from_secs(2),
+        "the guard drops `main` flows",
+        || gw.reason("foreign_source") >= 5,
+    );
+    assert!(gw.reason("policy_main") >= 5);
+    assert_eq!(t.foreign_sources(), 0, "a LAN source reached an ISP");
+
     // `explain` names the same rules, with their lines.
     let e = explain(&gw, None, INET_SERVICE, "udp", 5060, 0);
     assert_eq!(e["policy"], "onx");
-    assert_eq!(e["rule"]["number"], 2);
+    assert_eq!(e["rule"]["number"], 3);
     let config = std::fs::read_to_string(gw.config_path()).expect("config");
     let line = e["rule"]["line"].as_u64().expect("line") as usize;
     assert_eq!(config.lines().nth(line - 1), Some("[[rule]]"));
@@ -224,14 +243,19 @@ fn source_balance_keeps_a_hosts_connections_on_one_uplink_until_it_idles_for_sti
         ),
     );
     let srv = tcp_peer_server(&t.inet, INET_SERVICE, 0);
-    let mut first = None;
     let mut rounds = Vec::new();
     // Each round: 30 connections stick to one uplink; after 2 s idle the
     // next round makes a new choice (a new record), which may differ.
-    for _ in 0..4 {
+    for round in 0..4u16 {
         let mut used = std::collections::BTreeSet::new();
-        for _ in 0..30 {
-            let seen = tcp_seen_as(&t.client, None, srv.addr()).expect("TCP");
+        for i in 0..30 {
+            // Ports of their own: a tuple whose closed flow is still held
+            // (`tcp_closing`) keeps that flow's uplink (DATAPATH.md).
+            let from = SocketAddrV4::new(CLIENT_ADDR, 20_000 + round * 100 + i);
+            let mut c = tcp_connect_from(&t.client, Some(from), srv.addr()).expect("connect");
+            let mut seen = String::new();
+            c.read_to_string(&mut seen).expect("peer");
+            let seen: SocketAddrV4 = seen.trim().parse().expect("address");
             used.insert(uplink_of(&seen));
         }
         assert_eq!(used.len(), 1, "one host, one uplink: {used:?}");
@@ -244,7 +268,6 @@ fn source_balance_keeps_a_hosts_connections_on_one_uplink_until_it_idles_for_sti
         assert_eq!(e["affinity"]["live"], true, "{e}");
         assert_eq!(e["uplink"], *used.iter().next().expect("one"));
         rounds.push(rows[0]["age_s"].as_u64().expect("age"));
-        first.get_or_insert(used);
         std::thread::sleep(Duration::from_millis(2600));
         let e = explain(&gw, Some(50000), INET_SERVICE, "tcp", srv.port(), 0);
         assert_eq!(e["affinity"]["live"], false, "expired after sticky_s: {e}");
