@@ -531,10 +531,11 @@ pub fn check_port_ranges(snat: [u16; 2]) -> anyhow::Result<(u16, u16)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const GOOD: &str = r#"
+    /// Two uplinks, x and y (weight 2), on lan0.
+    pub(crate) const GOOD: &str = r#"
 lan = ["lan0"]
 
 [[uplink]]

@@ -483,21 +483,7 @@ impl Daemon {
             self.bind_probes(id, o);
         }
         // Every policy's table before any rule can send flows to it.
-        let tables = {
-            let uplinks: Vec<UplinkNow> = self
-                .config
-                .uplinks
-                .iter()
-                .zip(&usable)
-                .map(|(u, usable)| UplinkNow {
-                    slot: u.slot,
-                    name: &u.name,
-                    weight: u.weight,
-                    usable: *usable,
-                })
-                .collect();
-            self.policies.tables(&uplinks)
-        };
+        let tables = self.policies.tables(&self.uplinks_now(&usable));
         // A policy's table is only written here; one no policy holds any
         // more is cleared once the rules no longer name it.
         self.select.resize(tables.len(), SelectTable::default());
@@ -998,30 +984,36 @@ impl Daemon {
 
     /// `multihome explain`.
     fn explain(&self, q: &explain::Query) -> anyhow::Result<explain::Explanation> {
-        let usable: Vec<UplinkNow> = self
-            .config
-            .uplinks
-            .iter()
-            .zip(&self.select_usable())
-            .map(|(u, usable)| UplinkNow {
-                slot: u.slot,
-                name: &u.name,
-                weight: u.weight,
-                usable: *usable,
-            })
-            .collect();
+        let usable = self.select_usable();
+        let uplinks = self.uplinks_now(&usable);
         let affinities = self.maps.affinities()?;
         Ok(explain::explain(
             q,
             &explain::State {
                 policies: &self.policies,
                 tables: &self.select,
-                uplinks: &usable,
+                uplinks: &uplinks,
                 seed: self.flow_hash_seed,
                 affinities: &affinities,
                 now_ns: crate::maps::boot_ns(),
             },
         ))
+    }
+
+    /// The config's uplinks as policies see them, with `usable` (by
+    /// config index).
+    fn uplinks_now<'a>(&'a self, usable: &[bool]) -> Vec<UplinkNow<'a>> {
+        self.config
+            .uplinks
+            .iter()
+            .zip(usable)
+            .map(|(u, usable)| UplinkNow {
+                slot: u.slot,
+                name: &u.name,
+                weight: u.weight,
+                usable: *usable,
+            })
+            .collect()
     }
 
     /// Per uplink, whether the datapath sees it usable now.

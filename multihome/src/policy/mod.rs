@@ -716,19 +716,7 @@ pub fn ids_of(tables: &[SelectTable]) -> HashMap<String, u8> {
 mod tests {
     use super::*;
 
-    const UPLINKS: &str = r#"
-lan = ["lan0"]
-
-[[uplink]]
-name = "x"
-interface = "wanx"
-gateway = "198.18.11.254"
-
-[[uplink]]
-name = "y"
-interface = "wany"
-gateway = "198.18.22.254"
-"#;
+    use crate::config::tests::GOOD as UPLINKS;
 
     fn problems_of(extra: &str) -> String {
         match Config::parse(&format!("{UPLINKS}\n{extra}")) {
@@ -746,10 +734,10 @@ gateway = "198.18.22.254"
         );
         assert!(p.contains("no uplink named \"z\""), "{p}");
         assert!(
-            p.contains("`[[rule]]` #1 (line 18): `src` entry \"198.18.1.0/33\""),
+            p.contains("`[[rule]]` #1 (line 19): `src` entry \"198.18.1.0/33\""),
             "{p}"
         );
-        assert!(p.contains("`[[rule]]` #2 (line 22)"), "{p}");
+        assert!(p.contains("`[[rule]]` #2 (line 23)"), "{p}");
         assert!(p.contains("no such policy"), "{p}");
         assert!(p.contains("\"20-10\""), "{p}");
     }
@@ -763,7 +751,7 @@ gateway = "198.18.22.254"
              [[rule]]\ndst = [\"198.19.5.0/24\"]\ndport = [\"53\"]\npolicy = \"main\"\n",
         );
         assert!(
-            p.contains("`[[rule]]` #2 (line 23): can never match: `[[rule]]` #1 (line 18)"),
+            p.contains("`[[rule]]` #2 (line 24): can never match: `[[rule]]` #1 (line 19)"),
             "{p}"
         );
         // Rule 3 also matches TCP, which rule 1 does not.
