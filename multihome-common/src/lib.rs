@@ -51,6 +51,8 @@ pub const RULE_WORDS: usize = MAX_RULES as usize / 64;
 pub const MAX_RULE_PREFIXES: u32 = 65_536;
 /// Affinity records of the sticky balance modes (`source`, `site`).
 pub const AFFINITY_ENTRIES: u32 = 65_536;
+/// Endpoint records of `balance = "endpoint"` policies.
+pub const ENDPOINT_ENTRIES: u32 = 65_536;
 /// Rule banks: the daemon fills the one not in use, then switches.
 pub const RULE_BANKS: u32 = 2;
 /// The low byte of `skb->mark` (over the mark base) on packets the fast
@@ -86,7 +88,8 @@ pub const MAP_RULE_DPORT: &str = "RULE_DPORT";
 pub const MAP_RULE_DSCP: &str = "RULE_DSCP";
 pub const MAP_RULE_ACTION: &str = "RULE_ACTION";
 pub const MAP_AFFINITY: &str = "AFFINITY";
-pub const ALL_MAPS: [&str; 23] = [
+pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
+pub const ALL_MAPS: [&str; 24] = [
     MAP_CONN_FWD,
     MAP_CONN_REV,
     MAP_UPLINKS,
@@ -110,6 +113,7 @@ pub const ALL_MAPS: [&str; 23] = [
     MAP_RULE_DSCP,
     MAP_RULE_ACTION,
     MAP_AFFINITY,
+    MAP_ENDPOINTS,
 ];
 
 /// Program names (the `#[classifier]` functions).
@@ -363,6 +367,10 @@ pub const BALANCE_HASH: u8 = 1;
 pub const BALANCE_SOURCE: u8 = 2;
 /// One uplink per (LAN host, destination site) within `sticky_s`.
 pub const BALANCE_SITE: u8 = 3;
+/// One uplink and one NAT port per internal endpoint (LAN address, port,
+/// protocol) for every remote (RFC 4787 REQ-1): an [`Endpoint`] record
+/// lives while any of its flows does.
+pub const BALANCE_ENDPOINT: u8 = 4;
 
 /// With every tier down, any usable uplink (as `balanced` would).
 pub const LAST_RESORT_ANY: u8 = 0;
@@ -438,6 +446,34 @@ pub struct AffinityKey {
     pub policy: u8,
     pub _pad0: u8,
     pub _pad1: u16,
+}
+
+/// [`MAP_ENDPOINTS`]'s key: an internal endpoint under a policy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct EndpointKey {
+    pub lan_addr_be: u32,
+    /// The LAN port (TCP, UDP) or echo identifier.
+    pub lan_port_be: u16,
+    pub proto: u8,
+    pub policy: u8,
+}
+
+/// An endpoint's public mapping: its flows to every remote leave by
+/// `uplink` from `nat_port_be`. The reaper removes it once no flow of the
+/// endpoint is left.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Endpoint {
+    /// Boot-clock time of the last flow it placed.
+    pub last_ns: u64,
+    /// Boot-clock seconds when it was made.
+    pub created_s: u32,
+    pub nat_port_be: u16,
+    pub uplink: u8,
+    pub _pad: u8,
 }
 
 /// A sticky choice: where the key's new flows go while it is used.
@@ -795,6 +831,10 @@ reasons! {
     /// Pass: a rule (`policy = "main"`) left it untranslated to the
     /// kernel's routes; the egress guard still applies.
     PolicyMain = policy_main,
+    /// Counted: a flow of a `balance = "endpoint"` policy that could not
+    /// keep its endpoint's public port towards this remote (another LAN
+    /// host's flow holds it there) and took another port.
+    EndpointRemapped = endpoint_remapped,
 }
 
 pub const REASON_COUNT: usize = Reason::ALL.len();
@@ -808,6 +848,8 @@ const _: () = {
     assert!(size_of::<RuleAddrKey>() == 8);
     assert!(size_of::<AffinityKey>() == 12);
     assert!(size_of::<Affinity>() == 16);
+    assert!(size_of::<EndpointKey>() == 8);
+    assert!(size_of::<Endpoint>() == 16);
     assert!(MAX_POLICIES <= 256 && MAX_RULES.is_multiple_of(64));
     assert!(size_of::<LanNet>() == 16);
     assert!(size_of::<Settings>() == 32);
@@ -847,6 +889,8 @@ mod pod {
     unsafe impl aya::Pod for RuleAddrKey {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for Affinity {}
+    unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragXlat {}
     unsafe impl aya::Pod for EchoKey {}

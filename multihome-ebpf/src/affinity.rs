@@ -3,9 +3,14 @@
 //! while it opens new flows within the policy's `sticky_s`. Records live
 //! in an LRU map: losing one costs stickiness, never a flow.
 use aya_ebpf::bindings::BPF_ANY;
-use multihome_common::{Affinity, AffinityKey, BALANCE_SITE, FlowKey, SelectTable};
+use multihome_common::{
+    Affinity, AffinityKey, BALANCE_SITE, Endpoint, EndpointKey, FlowKey, SelectTable,
+};
 
-use crate::{conntrack::now_ns, maps::AFFINITY};
+use crate::{
+    conntrack::now_ns,
+    maps::{AFFINITY, ENDPOINTS},
+};
 
 /// The affinity key of flow `key` under `policy`, whose table is `t`.
 #[inline(always)]
@@ -38,6 +43,45 @@ pub fn stuck(key: &AffinityKey, t: &SelectTable) -> Option<u8> {
     }
     a.last_ns = now;
     Some(a.uplink)
+}
+
+/// The endpoint key of flow `key` under `policy`.
+#[inline(always)]
+pub fn endpoint_key(key: &FlowKey, policy: u32) -> EndpointKey {
+    EndpointKey {
+        lan_addr_be: key.saddr_be,
+        lan_port_be: key.sport_be,
+        proto: key.proto,
+        policy: policy as u8,
+    }
+}
+
+/// The uplink and public port of flow `key`'s endpoint, if it has a
+/// record whose uplink is in the policy's current choice.
+#[inline(always)]
+pub fn endpoint(key: &FlowKey, t: &SelectTable, policy: u32) -> Option<(u8, u16)> {
+    let e = ENDPOINTS.get_ptr_mut(endpoint_key(key, policy))?;
+    // SAFETY: a preallocated map value; a racing CPU only loses a stamp.
+    let e = unsafe { &mut *e };
+    if e.uplink >= 32 || t.now_members & (1 << e.uplink) == 0 {
+        return None;
+    }
+    e.last_ns = now_ns();
+    Some((e.uplink, e.nat_port_be))
+}
+
+/// Records flow `key`'s mapping as its endpoint's, for every remote.
+#[inline(always)]
+pub fn pin_endpoint(key: &FlowKey, policy: u32, uplink: u8, nat_port_be: u16) {
+    let now = now_ns();
+    let e = Endpoint {
+        last_ns: now,
+        created_s: (now / 1_000_000_000) as u32,
+        nat_port_be,
+        uplink,
+        _pad: 0,
+    };
+    let _ = ENDPOINTS.insert(endpoint_key(key, policy), e, BPF_ANY as u64);
 }
 
 /// Records that `key`'s new flows go to `uplink` from now on.

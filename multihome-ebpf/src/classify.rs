@@ -5,8 +5,8 @@
 //! is seen whole or not at all. Established flows never come here.
 use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use multihome_common::{
-    BALANCE_SITE, BALANCE_SOURCE, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MAX_RULES, MAX_UPLINKS,
-    RULE_MAIN, RULE_UNREACHABLE, RULE_WORDS, RuleAction, RuleAddrKey, RuleSet,
+    BALANCE_ENDPOINT, BALANCE_SITE, BALANCE_SOURCE, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MAX_RULES,
+    MAX_UPLINKS, RULE_MAIN, RULE_UNREACHABLE, RULE_WORDS, RuleAction, RuleAddrKey, RuleSet,
 };
 
 use crate::{
@@ -19,8 +19,13 @@ use crate::{
 pub struct Decision {
     /// The first matching rule's [`RuleAction`]; 0 (`balanced`) if none.
     pub action: RuleAction,
-    /// The uplink a live affinity of its policy holds it to, if any.
+    /// The uplink a live affinity or endpoint record of its policy holds
+    /// it to, if any.
     pub stuck: Option<u8>,
+    /// Its policy maps each internal endpoint to one uplink and port.
+    pub endpoint: bool,
+    /// The public port its endpoint's record holds (with `stuck`).
+    pub endpoint_port_be: Option<u16>,
 }
 
 /// The policy of the new flow `key` (from `pkt`) under `rules`
@@ -44,51 +49,65 @@ pub fn decide(ctx: &TcContext, pkt: &Packet, key: &FlowKey, rules: u32) -> Decis
     let word = mh_decide(
         key.saddr_be,
         key.daddr_be,
-        key.proto as u32 | (dport as u32) << 8 | (dscp as u32) << 24,
-        rules,
+        u32::from(key.sport_be) << 16 | dport as u32,
+        key.proto as u32 | (dscp as u32) << 8 | (rules & 0xffff) << 16,
     );
-    let stuck = word >> 16;
+    let stuck = (word >> 16) as u32 & 0xff;
     Decision {
-        action: word & (RULE_UNREACHABLE | RULE_MAIN | 0xff),
+        action: word as u32 & (RULE_UNREACHABLE | RULE_MAIN | 0xff),
         stuck: (stuck < MAX_UPLINKS).then_some(stuck as u8),
+        endpoint: word & DECIDE_ENDPOINT != 0,
+        endpoint_port_be: (word & DECIDE_ENDPOINT_PORT != 0).then_some((word >> 32) as u16),
     }
 }
 
+/// [`mh_decide`]: the flow's policy is `balance = "endpoint"`.
+const DECIDE_ENDPOINT: u64 = 1 << 24;
+/// [`mh_decide`]: its endpoint has a record; the port is in bits 32-47.
+const DECIDE_ENDPOINT_PORT: u64 = 1 << 48;
+
 /// [`decide`]'s work as a BPF global function: the verifier checks it once
-/// on its own, whatever the paths into it.
+/// on its own, whatever the paths into it. `ports`: the LAN port (as on
+/// the wire) above the destination port (host order); `rest`: protocol,
+/// DSCP and the low 16 bits of `Settings::rules`. Returns the action
+/// (bits 0-9), the stuck uplink (bits 16-23, 0xff: none) and the
+/// `DECIDE_*` bits.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn mh_decide(
-    saddr_be: u32,
-    daddr_be: u32,
-    proto_dport_dscp: u32,
-    rules: u32,
-) -> u32 {
+pub extern "C" fn mh_decide(saddr_be: u32, daddr_be: u32, ports: u32, rest: u32) -> u64 {
     let key = FlowKey {
         saddr_be,
         daddr_be,
-        sport_be: 0,
+        sport_be: (ports >> 16) as u16,
         dport_be: 0,
-        proto: proto_dport_dscp as u8,
+        proto: rest as u8,
         _pad0: 0,
         _pad1: 0,
     };
-    let action = classify(
-        &key,
-        rules,
-        (proto_dport_dscp >> 8) & 0xffff,
-        proto_dport_dscp >> 24,
-    );
+    let action = classify(&key, rest >> 16, ports & 0xffff, (rest >> 8) & 0xff);
     let policy = action & 0xff;
-    let mut stuck = 0xffff;
-    if action & (RULE_UNREACHABLE | RULE_MAIN) == 0
-        && let Some(t) = SELECT.get(policy)
-        && sticky(t.balance)
+    let mut out = u64::from(action) | 0xff << 16;
+    if action & (RULE_UNREACHABLE | RULE_MAIN) != 0 {
+        return out;
+    }
+    let Some(t) = SELECT.get(policy) else {
+        return out;
+    };
+    if sticky(t.balance)
         && let Some(id) = affinity::stuck(&affinity::key(&key, t, policy), t)
     {
-        stuck = id as u32;
+        out = u64::from(action) | u64::from(id) << 16;
+    } else if t.balance == BALANCE_ENDPOINT {
+        out |= DECIDE_ENDPOINT;
+        if let Some((id, port_be)) = affinity::endpoint(&key, t, policy) {
+            out = u64::from(action)
+                | u64::from(id) << 16
+                | DECIDE_ENDPOINT
+                | DECIDE_ENDPOINT_PORT
+                | u64::from(port_be) << 32;
+        }
     }
-    action | stuck << 16
+    out
 }
 
 #[inline(always)]

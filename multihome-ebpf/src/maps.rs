@@ -5,11 +5,12 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use multihome_common::{
-    AFFINITY_ENTRIES, Affinity, AffinityKey, DEFAULT_MAX_FLOWS, EIM_ENTRIES, EchoKey, EimKey,
-    EimLan, FRAG_ENTRIES, Fill, FlowFwd, FlowKey, FlowRev, FragKey, FragXlat, HOST_ECHO_ENTRIES,
-    HostFlows, LanNet, MAX_HOSTS, MAX_LAN_NETS, MAX_POLICIES, MAX_ROUTED_PREFIXES,
-    MAX_RULE_PREFIXES, MAX_RULES, MAX_UPLINKS, PEER_ENTRIES, PeerLan, Reasons, RoutedKey,
-    RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SelectTable, Settings, Uplink, UplinkStats,
+    AFFINITY_ENTRIES, Affinity, AffinityKey, DEFAULT_MAX_FLOWS, EIM_ENTRIES, ENDPOINT_ENTRIES,
+    EchoKey, EimKey, EimLan, Endpoint, EndpointKey, FRAG_ENTRIES, Fill, FlowFwd, FlowKey, FlowRev,
+    FragKey, FragXlat, HOST_ECHO_ENTRIES, HostFlows, LanNet, MAX_HOSTS, MAX_LAN_NETS, MAX_POLICIES,
+    MAX_ROUTED_PREFIXES, MAX_RULE_PREFIXES, MAX_RULES, MAX_UPLINKS, PEER_ENTRIES, PeerLan, Reasons,
+    RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SelectTable, Settings, Uplink,
+    UplinkStats,
 };
 
 const FLOWS: usize = DEFAULT_MAX_FLOWS as usize;
@@ -53,6 +54,13 @@ pub static RULE_DSCP: Array<RuleSet, 128> = Array::new();
 /// bank * MAX_RULES + rule -> its policy or action.
 #[btf_map]
 pub static RULE_ACTION: Array<RuleAction, { 2 * MAX_RULES as usize }> = Array::new();
+
+/// Internal endpoint -> its uplink and public port (`balance =
+/// "endpoint"`). Not LRU: a record must not go while its flows live; the
+/// reaper removes it after the last one.
+#[btf_map]
+pub static ENDPOINTS: HashMap<EndpointKey, Endpoint, { ENDPOINT_ENTRIES as usize }> =
+    HashMap::new();
 
 /// (source, site, policy) -> the uplink its new flows stick to.
 #[btf_map]

@@ -10,7 +10,7 @@ use multihome_common::{
 };
 
 use crate::{
-    classify,
+    affinity, classify,
     conntrack::{self, Tags},
     frag,
     fwd::{self, Hop},
@@ -293,31 +293,16 @@ fn new_flow(
             Err(Reason::PolicyRefused) => return Err(refuse(ctx, &settings)),
             chosen => chosen?,
         };
-    let flags = if failed_over { FLOW_FAILED_OVER } else { 0 };
+    let tags = Tags {
+        flags: if failed_over { FLOW_FAILED_OVER } else { 0 },
+        policy: policy as u8,
+    };
     let flow = if pkt.portless() {
-        portless_flow(
-            key,
-            pkt,
-            id,
-            uplink,
-            Tags {
-                flags,
-                policy: policy as u8,
-            },
-        )?
+        portless_flow(key, pkt, id, uplink, tags)?
+    } else if decision.endpoint {
+        endpoint_flow(ctx, key, pkt, (id, uplink), &settings, tags, &decision)?
     } else {
-        conntrack::create(
-            ctx,
-            key,
-            pkt,
-            id,
-            uplink,
-            &settings,
-            Tags {
-                flags,
-                policy: policy as u8,
-            },
-        )?
+        conntrack::create(ctx, key, pkt, id, uplink, &settings, tags)?
     };
     if pkt.l4_kind == L4::Tcp && pkt.tcp_flags() & TCP_SYN == 0 {
         stats::count(Reason::MidStream);
@@ -327,6 +312,34 @@ fn new_flow(
     stats::new_flow(flow.uplink);
     let known = reusable_hop(ctx, hop, id, &flow, uplink);
     Ok((flow, known))
+}
+
+/// A new flow of a `balance = "endpoint"` policy: on its endpoint's public
+/// port when the endpoint has one on this uplink (another port, counted,
+/// when another LAN host's flow holds that one towards this remote);
+/// otherwise a new mapping, which becomes the endpoint's.
+#[inline(always)]
+fn endpoint_flow(
+    ctx: &TcContext,
+    key: &FlowKey,
+    pkt: &Packet,
+    (id, uplink): (u8, &Uplink),
+    settings: &Settings,
+    tags: Tags,
+    decision: &classify::Decision,
+) -> Result<FlowFwd, Reason> {
+    if let Some(port_be) = decision.endpoint_port_be {
+        if decision.stuck == Some(id) {
+            match conntrack::create_exact(key, pkt, id, uplink.addr_be, port_be, tags) {
+                Err(Reason::PortExhausted) => stats::count(Reason::EndpointRemapped),
+                made => return made,
+            }
+        }
+        return conntrack::create(ctx, key, pkt, id, uplink, settings, tags);
+    }
+    let flow = conntrack::create(ctx, key, pkt, id, uplink, settings, tags)?;
+    affinity::pin_endpoint(key, tags.policy as u32, id, flow.nat_port_be);
+    Ok(flow)
 }
 
 /// A new flow a policy refuses: to the kernel with the mark its

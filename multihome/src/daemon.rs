@@ -987,6 +987,7 @@ impl Daemon {
         let usable = self.select_usable();
         let uplinks = self.uplinks_now(&usable);
         let affinities = self.maps.affinities()?;
+        let endpoints = self.maps.endpoints()?;
         Ok(explain::explain(
             q,
             &explain::State {
@@ -995,6 +996,7 @@ impl Daemon {
                 uplinks: &uplinks,
                 seed: self.flow_hash_seed,
                 affinities: &affinities,
+                endpoints: &endpoints,
                 now_ns: crate::maps::boot_ns(),
             },
         ))

@@ -263,6 +263,34 @@ pub fn reap_orphans(maps: &Maps, suspects: &mut Vec<FlowKey>) -> anyhow::Result<
     Ok(removed)
 }
 
+/// How long an endpoint record outlives its last flow: a flow being made
+/// for it may not be in the connection map yet.
+const ENDPOINT_GRACE_NS: u64 = 10_000_000_000;
+
+/// Removes the endpoint records (`balance = "endpoint"`) that no flow
+/// uses any more and that placed no flow for [`ENDPOINT_GRACE_NS`].
+/// Returns how many went.
+pub fn reap_endpoints(maps: &Maps, now_ns: u64) -> anyhow::Result<usize> {
+    let mut eps = maps.endpoints_map()?;
+    let records = mapwalk::collect(&eps).context("reading ENDPOINTS")?;
+    if records.is_empty() {
+        return Ok(0);
+    }
+    let mut live = HashSet::new();
+    mapwalk::for_each(&maps.fwd()?, |k, f| {
+        live.insert((k.saddr_be, k.sport_be, k.proto, f.policy));
+    })
+    .context("reading CONN_FWD")?;
+    let mut removed = 0;
+    for (k, e) in records {
+        let used = live.contains(&(k.lan_addr_be, k.lan_port_be, k.proto, k.policy));
+        if !used && now_ns.saturating_sub(e.last_ns) > ENDPOINT_GRACE_NS && eps.remove(&k).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// A set of flow keys with a one-multiply hash: SipHash would cost more than
 /// reading the maps at a million flows. The seed is random, against chosen
 /// collisions.

@@ -136,8 +136,8 @@ const MIGRATIONS: &[(u32, &[&str])] = &[
     // their shape.
     (3, &[MAP_REASONS, MAP_SETTINGS, MAP_SELECT]),
     // 5: SELECT holds a table per policy, SETTINGS the rule bank, REASONS
-    // the policy counters (all rewritten at start); the rule maps and
-    // AFFINITY are new; a flow records its policy where its padding was
+    // the policy counters (all rewritten at start); the rule maps,
+    // AFFINITY and ENDPOINTS are new; a flow records its policy where its padding was
     // (0: `balanced`).
     (4, &[MAP_REASONS, MAP_SETTINGS, MAP_SELECT]),
 ];

@@ -7,12 +7,12 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use multihome_common::{
-    Affinity, AffinityKey, FlowFwd, FlowKey, FlowRev, HostFlows, LanNet, MAP_AFFINITY,
-    MAP_CONN_FWD, MAP_CONN_REV, MAP_FILL, MAP_HOSTS, MAP_LAN_NETS, MAP_REASONS, MAP_ROUTED,
-    MAP_RULE_ACTION, MAP_RULE_DPORT, MAP_RULE_DSCP, MAP_RULE_DST, MAP_RULE_PROTO, MAP_RULE_SRC,
-    MAP_SELECT, MAP_SETTINGS, MAP_UPLINK_STATS, MAP_UPLINKS, MAX_LAN_NETS, MAX_POLICIES, MAX_RULES,
-    MAX_UPLINKS, Reasons, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SelectTable,
-    Settings, Uplink, UplinkStats, rules_word,
+    Affinity, AffinityKey, Endpoint, EndpointKey, FlowFwd, FlowKey, FlowRev, HostFlows, LanNet,
+    MAP_AFFINITY, MAP_CONN_FWD, MAP_CONN_REV, MAP_ENDPOINTS, MAP_FILL, MAP_HOSTS, MAP_LAN_NETS,
+    MAP_REASONS, MAP_ROUTED, MAP_RULE_ACTION, MAP_RULE_DPORT, MAP_RULE_DSCP, MAP_RULE_DST,
+    MAP_RULE_PROTO, MAP_RULE_SRC, MAP_SELECT, MAP_SETTINGS, MAP_UPLINK_STATS, MAP_UPLINKS,
+    MAX_LAN_NETS, MAX_POLICIES, MAX_RULES, MAX_UPLINKS, Reasons, RoutedKey, RoutedUplinks,
+    RuleAction, RuleAddrKey, RuleSet, SelectTable, Settings, Uplink, UplinkStats, rules_word,
 };
 
 use crate::{config::Prefix, mapwalk, policy::compile::Compiled};
@@ -192,6 +192,18 @@ impl Maps {
         let mut s = self.settings()?;
         s.rules = rules_word(bank, count);
         self.set_settings(&s)
+    }
+
+    /// Every endpoint record.
+    pub fn endpoints(&self) -> anyhow::Result<Vec<(EndpointKey, Endpoint)>> {
+        mapwalk::collect(&self.endpoints_map()?).context("reading ENDPOINTS")
+    }
+
+    pub fn endpoints_map(&self) -> anyhow::Result<HashMap<MapData, EndpointKey, Endpoint>> {
+        Ok(HashMap::try_from(Map::HashMap(open(
+            &self.dir,
+            MAP_ENDPOINTS,
+        )?))?)
     }
 
     /// Every affinity record.

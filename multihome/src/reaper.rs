@@ -94,10 +94,15 @@ fn run(maps: &Maps, mut timeouts: Timeouts, rx: &Receiver<Timeouts>) {
             }
             Err(e) => error!("expiring flows: {e:#}"),
         }
-        if pass.is_multiple_of(ORPHANS_EVERY)
-            && let Err(e) = flows::reap_orphans(maps, &mut suspects)
-        {
-            error!("removing orphaned reverse entries: {e:#}");
+        if pass.is_multiple_of(ORPHANS_EVERY) {
+            if let Err(e) = flows::reap_orphans(maps, &mut suspects) {
+                error!("removing orphaned reverse entries: {e:#}");
+            }
+            match flows::reap_endpoints(maps, maps::boot_ns()) {
+                Ok(0) => {}
+                Ok(n) => debug!("removed {n} endpoint records without flows"),
+                Err(e) => error!("removing endpoint records: {e:#}"),
+            }
         }
     }
 }

@@ -1108,7 +1108,7 @@ fn upgrade_keeps_the_flow(version: u8, downgrade: impl FnOnce(&Topology, &str)) 
 fn an_upgrade_from_layout_4_the_previous_release_keeps_live_flows() {
     upgrade_keeps_the_flow(4, |t, dir| {
         // Layout 4: no policy counters, one choice table of 8 + 2 * 4096
-        // bytes, SETTINGS of 32 bytes, no rule or affinity maps.
+        // bytes, SETTINGS of 32 bytes, no rule, affinity or endpoint maps.
         for name in [
             "RULE_SRC",
             "RULE_DST",
@@ -1117,10 +1117,11 @@ fn an_upgrade_from_layout_4_the_previous_release_keeps_live_flows() {
             "RULE_DSCP",
             "RULE_ACTION",
             "AFFINITY",
+            "ENDPOINTS",
         ] {
             std::fs::remove_file(format!("{dir}/{name}")).expect("unpin a map layout 4 lacks");
         }
-        let reasons = multihome_common::REASON_COUNT - 2;
+        let reasons = multihome_common::REASON_COUNT - 3;
         pin_old_map(&t.gw, dir, "REASONS", "percpu_array", reasons * 8);
         pin_old_map(&t.gw, dir, "SELECT", "array", 8 + 2 * 4096);
         pin_old_settings(&t.gw, dir, 4, 32);

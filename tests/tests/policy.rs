@@ -35,13 +35,20 @@ fn with_policies(t: &Topology, extra: &str) -> String {
 fn udp_nat(t: &Topology, dst: SocketAddrV4, tos: u8) -> (UdpSocket, SocketAddrV4) {
     let s = t
         .client
-        .run(|| UdpSocket::bind((CLIENT_ADDR, 0)))
+        .run(|| UdpSocket::bind((CLIENT_ADDR, fresh_port())))
         .expect("bind");
     socket2::SockRef::from(&s)
         .set_tos_v4(u32::from(tos))
         .expect("IP_TOS");
     let seen = udp_seen_from(&s, dst).expect("UDP exchange");
     (s, seen)
+}
+
+/// A client port no earlier socket of this process used: a new socket on
+/// a port whose flow is still pinned would reuse that flow, and its uplink.
+fn fresh_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(30_000);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// `multihome explain --json` for a flow from the client.
@@ -246,12 +253,12 @@ fn source_balance_keeps_a_hosts_connections_on_one_uplink_until_it_idles_for_sti
     let mut rounds = Vec::new();
     // Each round: 30 connections stick to one uplink; after 2 s idle the
     // next round makes a new choice (a new record), which may differ.
-    for round in 0..4u16 {
+    for _ in 0..4 {
         let mut used = std::collections::BTreeSet::new();
-        for i in 0..30 {
+        for _ in 0..30 {
             // Ports of their own: a tuple whose closed flow is still held
             // (`tcp_closing`) keeps that flow's uplink (DATAPATH.md).
-            let from = SocketAddrV4::new(CLIENT_ADDR, 20_000 + round * 100 + i);
+            let from = SocketAddrV4::new(CLIENT_ADDR, fresh_port());
             let mut c = tcp_connect_from(&t.client, Some(from), srv.addr()).expect("connect");
             let mut seen = String::new();
             c.read_to_string(&mut seen).expect("peer");
@@ -461,4 +468,53 @@ fn a_policy_a_reload_removes_leaves_its_flows_running_under_balanced_and_a_resta
     assert_eq!(policy_of(&gw, port2).as_deref(), Some("ony"));
     assert_eq!(udp_seen_from(&s2, udp.addr()).expect("UDP"), seen);
     let _ = std::fs::remove_file(&cfg_path);
+}
+
+#[test]
+fn endpoint_balance_gives_a_socket_one_public_address_and_port_for_every_remote() {
+    let t = Topology::standard();
+    let gw = Gateway::start(
+        &t.gw,
+        &config_for(
+            &t,
+            [1, 1],
+            "[timeouts]\nudp = 2\n\n\
+             [[policy]]\nname = \"p2p\"\ntiers = [[\"x\", \"y\"]]\nbalance = \"endpoint\"\n\n\
+             [[rule]]\nproto = \"udp\"\npolicy = \"p2p\"\n",
+        ),
+    );
+    let a = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    let b = udp_peer_server(&t.inet, INET_SERVICE2, 0);
+    let mut uplinks = std::collections::BTreeSet::new();
+    let mut last = None;
+    // RFC 5780-style: one socket, two servers, 20 sockets in a row.
+    for _ in 0..20 {
+        let s = t
+            .client
+            .run(|| UdpSocket::bind((CLIENT_ADDR, fresh_port())))
+            .expect("bind");
+        let seen_a = udp_seen_from(&s, a.addr()).expect("UDP to a");
+        let seen_b = udp_seen_from(&s, b.addr()).expect("UDP to b");
+        assert_eq!(seen_a, seen_b, "one public mapping for both remotes");
+        uplinks.insert(uplink_of(&seen_a));
+        last = Some((s, seen_a));
+    }
+    assert_eq!(uplinks.len(), 2, "sockets spread over both uplinks");
+
+    let (s, seen) = last.expect("a socket");
+    let sport = s.local_addr().expect("local").port();
+    let e = explain(&gw, Some(sport), INET_SERVICE, "udp", 4242, 0);
+    assert_eq!(e["endpoint"]["nat_port"], seen.port(), "{e}");
+    assert_eq!(e["uplink"], uplink_of(&seen), "{e}");
+    let out = gw.cli(&["conns", "--affinity", "--json"]);
+    check_output("conns --affinity", &out);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(rows.as_array().expect("rows").len(), 20, "{rows}");
+
+    // The records go with their last flow (UDP idles out in 2 s here).
+    eventually(Duration::from_secs(60), "endpoint records reaped", || {
+        let out = gw.cli(&["conns", "--affinity", "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .is_ok_and(|v| v.as_array().is_some_and(Vec::is_empty))
+    });
 }

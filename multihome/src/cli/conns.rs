@@ -32,7 +32,7 @@ pub struct ConnsArgs {
     #[arg(long)]
     pub dst: Option<Ipv4Addr>,
     /// List the affinity records of the sticky policies (source, site)
-    /// instead of flows.
+    /// and the endpoint records (endpoint) instead of flows.
     #[arg(long)]
     pub affinity: bool,
 }
@@ -44,6 +44,11 @@ pub struct AffinityRow {
     pub src: Ipv4Addr,
     /// `site` policies: the destination site (its network address).
     pub site: Option<Ipv4Addr>,
+    /// `endpoint` policies: the endpoint's protocol and LAN port, and the
+    /// public port every remote sees it from.
+    pub proto: Option<&'static str>,
+    pub lan_port: Option<u16>,
+    pub nat_port: Option<u16>,
     pub uplink: String,
     pub idle_s: u64,
     pub age_s: u64,
@@ -53,6 +58,12 @@ pub fn affinities(maps: &Maps) -> anyhow::Result<Vec<AffinityRow>> {
     let uplinks = maps.uplinks()?;
     let tables = maps.select_tables()?;
     let now = maps::boot_ns();
+    let uplink_name = |id: u8| {
+        uplinks
+            .get(id as usize)
+            .map(|u| name_from_bytes(&u.name))
+            .unwrap_or_default()
+    };
     let mut out: Vec<AffinityRow> = maps
         .affinities()?
         .iter()
@@ -60,14 +71,25 @@ pub fn affinities(maps: &Maps) -> anyhow::Result<Vec<AffinityRow>> {
             policy: policy_name(&tables, k.policy),
             src: flows::be_addr(k.saddr_be),
             site: (k.site_be != 0).then(|| flows::be_addr(k.site_be)),
-            uplink: uplinks
-                .get(a.uplink as usize)
-                .map(|u| name_from_bytes(&u.name))
-                .unwrap_or_default(),
+            proto: None,
+            lan_port: None,
+            nat_port: None,
+            uplink: uplink_name(a.uplink),
             idle_s: now.saturating_sub(a.last_ns) / 1_000_000_000,
             age_s: (now / 1_000_000_000).saturating_sub(u64::from(a.created_s)),
         })
         .collect();
+    out.extend(maps.endpoints()?.iter().map(|(k, e)| AffinityRow {
+        policy: policy_name(&tables, k.policy),
+        src: flows::be_addr(k.lan_addr_be),
+        site: None,
+        proto: Some(flows::proto_name(k.proto)),
+        lan_port: Some(u16::from_be(k.lan_port_be)),
+        nat_port: Some(u16::from_be(e.nat_port_be)),
+        uplink: uplink_name(e.uplink),
+        idle_s: now.saturating_sub(e.last_ns) / 1_000_000_000,
+        age_s: (now / 1_000_000_000).saturating_sub(u64::from(e.created_s)),
+    }));
     out.sort_by(|a, b| (&a.policy, a.src, a.site).cmp(&(&b.policy, b.src, b.site)));
     Ok(out)
 }
@@ -90,16 +112,21 @@ fn run_affinity(args: &ConnsArgs, maps: &Maps) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<15} {:<15} {:<15} {:<8} {:>7} {:>7}",
-        "POLICY", "SOURCE", "SITE", "UPLINK", "IDLE(s)", "AGE(s)"
+        "{:<15} {:<26} {:<15} {:<8} {:>8} {:>7} {:>7}",
+        "POLICY", "SOURCE", "SITE", "UPLINK", "NATPORT", "IDLE(s)", "AGE(s)"
     );
     for r in &rows {
+        let src = match (r.proto, r.lan_port) {
+            (Some(p), Some(port)) => format!("{p} {}:{port}", r.src),
+            _ => r.src.to_string(),
+        };
         println!(
-            "{:<15} {:<15} {:<15} {:<8} {:>7} {:>7}",
+            "{:<15} {:<26} {:<15} {:<8} {:>8} {:>7} {:>7}",
             r.policy,
-            r.src,
+            src,
             r.site.map_or("-".into(), |s| s.to_string()),
             r.uplink,
+            r.nat_port.map_or("-".into(), |p| p.to_string()),
             r.idle_s,
             r.age_s
         );

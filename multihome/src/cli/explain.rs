@@ -100,6 +100,14 @@ fn render(e: &Explanation) -> String {
             }
         ));
     }
+    if let Some(r) = &e.endpoint {
+        out.push_str(&format!(
+            "endpoint: {} port {} ({})\n",
+            r.uplink,
+            r.nat_port,
+            if r.live { "holds" } else { "off-tier" }
+        ));
+    }
     match &e.uplink {
         Some(u) => out.push_str(&format!("a new flow takes: {u}: {}\n", e.why)),
         None => out.push_str(&format!("{}\n", e.why)),

@@ -3,8 +3,8 @@
 use std::net::Ipv4Addr;
 
 use multihome_common::{
-    Affinity, AffinityKey, BALANCE_HASH, FlowKey, IPPROTO_TCP, IPPROTO_UDP, SelectTable, flow_hash,
-    select_slot,
+    Affinity, AffinityKey, BALANCE_HASH, Endpoint, EndpointKey, FlowKey, IPPROTO_ICMP, IPPROTO_TCP,
+    IPPROTO_UDP, SelectTable, flow_hash, select_slot,
 };
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +43,17 @@ pub struct Explanation {
     pub why: String,
     /// For `source` and `site`: the affinity record that decides.
     pub affinity: Option<AffinityView>,
+    /// For `endpoint`: the endpoint's record, if it has one.
+    pub endpoint: Option<EndpointView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EndpointView {
+    pub uplink: String,
+    /// The public port every remote sees the endpoint from.
+    pub nat_port: u16,
+    /// Whether it holds (its uplink in the tier in use).
+    pub live: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -75,6 +86,7 @@ pub struct State<'a> {
     pub uplinks: &'a [UplinkNow<'a>],
     pub seed: u32,
     pub affinities: &'a [(AffinityKey, Affinity)],
+    pub endpoints: &'a [(EndpointKey, Endpoint)],
     /// Boot-clock nanoseconds now.
     pub now_ns: u64,
 }
@@ -103,6 +115,7 @@ pub fn explain(q: &Query, s: &State) -> Explanation {
         uplink: None,
         why: String::new(),
         affinity: None,
+        endpoint: None,
     };
     let id = match action {
         Action::Unreachable => {
@@ -200,6 +213,34 @@ pub fn explain(q: &Query, s: &State) -> Explanation {
             }
         }
     }
+    let endpoint_mapped = ports || q.proto == IPPROTO_ICMP;
+    if p.balance == Balance::Endpoint
+        && endpoint_mapped
+        && let Some(sport) = q.sport
+    {
+        let key = EndpointKey {
+            lan_addr_be: u32::from(q.src).to_be(),
+            lan_port_be: sport.to_be(),
+            proto: q.proto,
+            policy: id,
+        };
+        if let Some((_, r)) = s.endpoints.iter().find(|(k, _)| *k == key) {
+            let holds = r.uplink < 32 && t.now_members & (1 << r.uplink) != 0;
+            e.endpoint = Some(EndpointView {
+                uplink: name_of(r.uplink),
+                nat_port: u16::from_be(r.nat_port_be),
+                live: holds,
+            });
+            if holds {
+                e.uplink = Some(name_of(r.uplink));
+                e.why = format!(
+                    "endpoint record: every remote sees this endpoint from its port {}",
+                    u16::from_be(r.nat_port_be)
+                );
+                return e;
+            }
+        }
+    }
     let key = |sport: u16| FlowKey {
         saddr_be: u32::from(q.src).to_be(),
         daddr_be: u32::from(q.dst).to_be(),
@@ -227,6 +268,8 @@ pub fn explain(q: &Query, s: &State) -> Explanation {
                 },
                 if p.balance.sticky() {
                     "; that makes the affinity"
+                } else if p.balance == Balance::Endpoint {
+                    "; that makes the endpoint's record"
                 } else {
                     ""
                 }

@@ -11,8 +11,9 @@ use std::{collections::HashMap, net::Ipv4Addr, path::Path};
 
 use anyhow::{Context as _, bail};
 use multihome_common::{
-    BALANCE_CONNECTION, BALANCE_HASH, BALANCE_SITE, BALANCE_SOURCE, IPPROTO_ICMP, IPPROTO_TCP,
-    IPPROTO_UDP, LAST_RESORT_ANY, LAST_RESORT_UNREACHABLE, MAX_POLICIES, MAX_RULES, SelectTable,
+    BALANCE_CONNECTION, BALANCE_ENDPOINT, BALANCE_HASH, BALANCE_SITE, BALANCE_SOURCE, IPPROTO_ICMP,
+    IPPROTO_TCP, IPPROTO_UDP, LAST_RESORT_ANY, LAST_RESORT_UNREACHABLE, MAX_POLICIES, MAX_RULES,
+    SelectTable,
 };
 use serde::Deserialize;
 
@@ -62,8 +63,7 @@ pub enum Balance {
     Connection,
     /// One uplink per LAN host while it opens flows within `sticky_s`.
     Source,
-    /// One uplink and NAT port per internal endpoint (not built yet:
-    /// refused by `check`).
+    /// One uplink and NAT port per internal endpoint, for every remote.
     Endpoint,
     /// One uplink per (LAN host, destination site) within `sticky_s`.
     Site,
@@ -74,7 +74,8 @@ pub enum Balance {
 impl Balance {
     fn code(self) -> u8 {
         match self {
-            Balance::Connection | Balance::Endpoint => BALANCE_CONNECTION,
+            Balance::Connection => BALANCE_CONNECTION,
+            Balance::Endpoint => BALANCE_ENDPOINT,
             Balance::Source => BALANCE_SOURCE,
             Balance::Site => BALANCE_SITE,
             Balance::Hash => BALANCE_HASH,
@@ -307,11 +308,6 @@ pub fn problems(config: &Config) -> Vec<String> {
                 Ok(_) => {}
                 Err(e) => out.push(format!("{at}: {e}")),
             }
-        }
-        if p.balance == Balance::Endpoint {
-            out.push(format!(
-                "{at}: `balance = \"endpoint\"` is not built yet; use source, site, hash or connection"
-            ));
         }
         if p.sticky_s == 0 {
             out.push(format!("{at}: `sticky_s` must be at least 1 second"));
@@ -756,14 +752,6 @@ mod tests {
         );
         // Rule 3 also matches TCP, which rule 1 does not.
         assert!(!p.contains("#3"), "{p}");
-    }
-
-    #[test]
-    fn endpoint_balance_is_refused_until_it_is_built() {
-        let p = problems_of(
-            "[[policy]]\nname = \"p2p\"\ntiers = [[\"x\", \"y\"]]\nbalance = \"endpoint\"\n",
-        );
-        assert!(p.contains("not built yet"), "{p}");
     }
 
     #[test]
