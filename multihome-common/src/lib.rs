@@ -320,6 +320,10 @@ pub const UPLINK_HELD_DOWN: u16 = 1 << 8;
 /// an answered TCP flow pinned here is answered with an RST; an
 /// unanswered one (a SYN being retried) moves instead.
 pub const UPLINK_RESET_TCP: u16 = 1 << 9;
+/// Down long enough for `on_down` to act, whatever the uplink's own
+/// `on_down` is: a flow whose policy has its own `on_down`
+/// ([`SelectTable::on_down`]) follows that one.
+pub const UPLINK_OUTAGE: u16 = 1 << 10;
 
 /// The choice table, Maglev-style: a new flow takes the uplink in slot
 /// `flow_hash(key, seed) % SELECT_SLOTS`, so the same 5-tuple gets the
@@ -346,7 +350,10 @@ pub struct SelectTable {
     pub balance: u8,
     /// `LAST_RESORT_*`: what a new flow gets when `usable` is 0.
     pub last_resort: u8,
-    pub _pad: u16,
+    /// `ON_DOWN_*`: what an outage of its flow's uplink does to the
+    /// policy's flows; `ON_DOWN_UPLINK` leaves it to the uplink.
+    pub on_down: u8,
+    pub _pad: u8,
     /// The policy's name, NUL-padded: flows record the index, the CLI
     /// shows the name, and a restart keeps each name's index.
     pub name: [u8; 16],
@@ -374,6 +381,13 @@ pub const BALANCE_ENDPOINT: u8 = 4;
 
 /// With every tier down, any usable uplink (as `balanced` would).
 pub const LAST_RESORT_ANY: u8 = 0;
+
+/// A policy without its own `on_down`: its flows follow their uplink's.
+pub const ON_DOWN_UPLINK: u8 = 0;
+pub const ON_DOWN_KEEP: u8 = 1;
+pub const ON_DOWN_PURGE: u8 = 2;
+pub const ON_DOWN_PURGE_UDP: u8 = 3;
+pub const ON_DOWN_RESET: u8 = 4;
 /// With every tier down, refuse: ICMP administratively prohibited.
 pub const LAST_RESORT_UNREACHABLE: u8 = 1;
 
@@ -395,6 +409,7 @@ impl Default for SelectTable {
             site_mask_be: 0,
             balance: BALANCE_CONNECTION,
             last_resort: LAST_RESORT_ANY,
+            on_down: ON_DOWN_UPLINK,
             _pad: 0,
             name: [0; 16],
             now: [0; SELECT_SLOTS],

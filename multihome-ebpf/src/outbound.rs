@@ -4,8 +4,9 @@
 use aya_ebpf::programs::TcContext;
 use multihome_common::{
     FLOW_FAILED_OVER, FLOW_HAIRPIN, FLOW_SEEN_REPLY, FlowFwd, FlowKey, IPPROTO_AH, IPPROTO_TCP,
-    JUMP_LAN_RESET, MARK_PROHIBIT, MARK_TRANSLATED, MAX_LAN_NETS, MAX_UPLINKS, RULE_MAIN,
-    RULE_UNREACHABLE, Reason, Settings, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_L3,
+    JUMP_LAN_RESET, MARK_PROHIBIT, MARK_TRANSLATED, MAX_LAN_NETS, MAX_UPLINKS, ON_DOWN_KEEP,
+    ON_DOWN_PURGE, ON_DOWN_PURGE_UDP, ON_DOWN_RESET, ON_DOWN_UPLINK, RULE_MAIN, RULE_UNREACHABLE,
+    Reason, Settings, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_L3, UPLINK_OUTAGE,
     UPLINK_RESET_TCP, Uplink,
 };
 
@@ -15,7 +16,7 @@ use crate::{
     frag,
     fwd::{self, Hop},
     guard, hairpin,
-    maps::{JUMP, LAN_NETS, SETTINGS, UPLINKS},
+    maps::{JUMP, LAN_NETS, SELECT, SETTINGS, UPLINKS},
     mss,
     nat::{self, Side},
     parse::{self, L4, Packet, TCP_SYN},
@@ -93,39 +94,71 @@ enum Fate {
 /// address is no longer the uplink's) is removed here, so that its packet
 /// makes it anew (the daemon's purge may come later); while the uplink has
 /// no address at all (a ppp link redialling), its flows stay: the same
-/// address may come back. One of an uplink that went down, of a protocol
-/// its `on_down` moves, is removed too: moved by its next packet, with no
-/// table walk and no packet lost; an answered TCP flow there, under
-/// `on_down = "reset"`, is reset instead (unless the packet is GSO: then
-/// it moves, and the remote resets it).
+/// address may come back. Once its uplink has been down for long enough
+/// (`UPLINK_OUTAGE`), the flow's `on_down` (its policy's, else its
+/// uplink's) decides: the flow is removed, so its next packet moves it with
+/// no table walk and no packet lost; or, for `reset`, an answered TCP
+/// flow's packet is answered with an RST instead (unless it is GSO: then
+/// it moves, and the remote resets it); or it is kept.
 #[inline(always)]
 fn fate(ctx: &TcContext, key: &FlowKey, f: *mut FlowFwd) -> Fate {
     // SAFETY: a read of the map value.
-    let (uplink, nat_addr_be, nat_port_be, flags) =
-        unsafe { ((*f).uplink, (*f).nat_addr_be, (*f).nat_port_be, (*f).flags) };
+    let (uplink, nat_addr_be, nat_port_be, flags, policy) = unsafe {
+        (
+            (*f).uplink,
+            (*f).nat_addr_be,
+            (*f).nat_port_be,
+            (*f).flags,
+            (*f).policy,
+        )
+    };
     let Some(u) = UPLINKS.get(uplink as u32) else {
         return Fate::Keep;
     };
     let (reason, fate) = if u.addr_be != 0 && u.addr_be != nat_addr_be {
         (Reason::StaleAddress, Fate::Remake)
-    } else if u.flags & UPLINK_EVACUATE == 0 {
+    } else if u.flags & UPLINK_OUTAGE == 0 {
         return Fate::Keep;
-    } else if key.proto != IPPROTO_TCP || u.flags & UPLINK_EVACUATE_TCP != 0 {
-        (Reason::Evacuated, Fate::Remake)
-    } else if u.flags & UPLINK_RESET_TCP == 0 {
-        return Fate::Keep;
-    } else if flags & FLOW_SEEN_REPLY != 0
-        // SAFETY: the context pointer is valid for the program's run.
-        && unsafe { (*ctx.skb.skb).gso_size } == 0
-    {
-        conntrack::remove_pair(key, nat_addr_be, nat_port_be);
-        return Fate::Reset;
     } else {
-        (Reason::Evacuated, Fate::Remake)
+        let tcp = key.proto == IPPROTO_TCP;
+        match on_down(u.flags, policy) {
+            ON_DOWN_PURGE => (Reason::Evacuated, Fate::Remake),
+            ON_DOWN_PURGE_UDP if !tcp => (Reason::Evacuated, Fate::Remake),
+            ON_DOWN_RESET if !tcp => (Reason::Evacuated, Fate::Remake),
+            ON_DOWN_RESET
+                if flags & FLOW_SEEN_REPLY != 0
+                    // SAFETY: the context pointer is valid for the program's run.
+                    && unsafe { (*ctx.skb.skb).gso_size } == 0 =>
+            {
+                conntrack::remove_pair(key, nat_addr_be, nat_port_be);
+                return Fate::Reset;
+            }
+            ON_DOWN_RESET => (Reason::Evacuated, Fate::Remake),
+            _ => return Fate::Keep,
+        }
     };
     conntrack::remove_pair(key, nat_addr_be, nat_port_be);
     stats::count(reason);
     fate
+}
+
+/// The `ON_DOWN_*` of a flow of `policy` on a down uplink with `flags`.
+#[inline(always)]
+fn on_down(flags: u16, policy: u8) -> u8 {
+    if let Some(t) = SELECT.get(policy as u32)
+        && t.on_down != ON_DOWN_UPLINK
+    {
+        return t.on_down;
+    }
+    if flags & UPLINK_EVACUATE == 0 {
+        ON_DOWN_KEEP
+    } else if flags & UPLINK_EVACUATE_TCP != 0 {
+        ON_DOWN_PURGE
+    } else if flags & UPLINK_RESET_TCP != 0 {
+        ON_DOWN_RESET
+    } else {
+        ON_DOWN_PURGE_UDP
+    }
 }
 
 /// `mh_lan_reset`: a LAN host's TCP segment whose flow `mh_lan_in` found

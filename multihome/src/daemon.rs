@@ -706,7 +706,7 @@ impl Daemon {
                 OnDown::Reset => uplinks::Evacuate::ResetTcp,
                 OnDown::Purge => uplinks::Evacuate::All,
                 OnDown::PurgeUdp => uplinks::Evacuate::NotTcp,
-                OnDown::Keep => uplinks::Evacuate::None,
+                OnDown::Keep => uplinks::Evacuate::Keep,
             };
             // The datapath moves each flow on its next packet.
             self.publish_slot(id);
@@ -723,21 +723,24 @@ impl Daemon {
         let policy = self.down_policy(id);
         let name = &self.config.uplinks[id].name;
         info!("uplink {name}: back in service");
-        if policy.on_up != OnUp::Return {
+        // Each flow by its policy's `on_up` and `on_down`, else the uplink's.
+        let fates = self.policies.outage_fates((policy.on_down, policy.on_up));
+        if fates.iter().all(|(_, up)| *up != OnUp::Return) {
             return;
         }
         let slot = self.config.uplinks[id].slot;
-        let on_down = policy.on_down;
         let (select, seed) = (self.select.clone(), self.flow_hash_seed);
         self.purge(
-            format!("uplink {name}: moved back ({on_down:?}) failed-over"),
+            format!("uplink {name}: moved back failed-over"),
             move |k, f| {
                 // A policy a reload removed: its flows fall under `balanced`.
                 let table = select
                     .get(f.policy as usize)
                     .filter(|t| t.configured != 0)
                     .unwrap_or(&select[0]);
+                let (on_down, on_up) = fates.get(f.policy as usize).copied().unwrap_or(fates[0]);
                 f.flags & FLOW_FAILED_OVER != 0
+                    && on_up == OnUp::Return
                     && on_down.purges(k.proto)
                     && choice::preferred(table, k, seed) == Some(slot)
             },

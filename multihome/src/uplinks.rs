@@ -4,8 +4,8 @@ use std::net::Ipv4Addr;
 
 use multihome_common::{
     LanNet, MAX_UPLINKS, RoutedUplinks, UPLINK_CONFIGURED, UPLINK_DRAINED, UPLINK_EVACUATE,
-    UPLINK_EVACUATE_TCP, UPLINK_HELD_DOWN, UPLINK_L3, UPLINK_LINK_DOWN, UPLINK_PROBES_FAIL,
-    UPLINK_RESET_TCP, UPLINK_USABLE, Uplink,
+    UPLINK_EVACUATE_TCP, UPLINK_HELD_DOWN, UPLINK_L3, UPLINK_LINK_DOWN, UPLINK_OUTAGE,
+    UPLINK_PROBES_FAIL, UPLINK_RESET_TCP, UPLINK_USABLE, Uplink,
 };
 
 use crate::{
@@ -100,8 +100,12 @@ pub fn observe(u: &UplinkConfig, snap: &Snapshot) -> Observed {
 /// Which of a down uplink's flows move on their next packet.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Evacuate {
+    /// Not down, or not for long enough.
     #[default]
     None,
+    /// Down long enough, with `on_down = "keep"`: only flows of policies
+    /// with their own `on_down` act.
+    Keep,
     NotTcp,
     All,
     /// Non-TCP flows move; answered TCP flows are reset.
@@ -154,9 +158,10 @@ pub fn slot(config: &Config, id: usize, o: &Observed, probed: &Probed, drained: 
     }
     match probed.evacuate {
         Evacuate::None => {}
-        Evacuate::NotTcp => flags |= UPLINK_EVACUATE,
-        Evacuate::All => flags |= UPLINK_EVACUATE | UPLINK_EVACUATE_TCP,
-        Evacuate::ResetTcp => flags |= UPLINK_EVACUATE | UPLINK_RESET_TCP,
+        Evacuate::Keep => flags |= UPLINK_OUTAGE,
+        Evacuate::NotTcp => flags |= UPLINK_OUTAGE | UPLINK_EVACUATE,
+        Evacuate::All => flags |= UPLINK_OUTAGE | UPLINK_EVACUATE | UPLINK_EVACUATE_TCP,
+        Evacuate::ResetTcp => flags |= UPLINK_OUTAGE | UPLINK_EVACUATE | UPLINK_RESET_TCP,
     }
     Uplink {
         addr_be: o.address.map_or(0, |a| u32::from(a).to_be()),

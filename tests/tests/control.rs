@@ -788,7 +788,7 @@ fn failing_probes_take_an_uplink_out_within_the_stated_time_and_it_returns() {
     eventually(
         Duration::from_secs(2),
         "failed-over flows moved back",
-        || gw.log().contains("moved back (Purge) failed-over"),
+        || gw.log().contains("moved back failed-over"),
     );
     eventually(Duration::from_secs(10), "x takes new flows again", || {
         udp_seen_as(&t.client, None, srv.addr()).is_ok_and(|p| *p.ip() == UPLINK_X_ADDR)

@@ -518,3 +518,68 @@ fn endpoint_balance_gives_a_socket_one_public_address_and_port_for_every_remote(
             .is_ok_and(|v| v.as_array().is_some_and(Vec::is_empty))
     });
 }
+
+#[test]
+fn a_policys_own_on_down_and_on_up_override_the_uplinks_for_its_flows_only() {
+    let t = Topology::standard();
+    // x keeps its flows through an outage and leaves them where they are
+    // after; the voip policy's flows move at once and come back.
+    let health = "\n[uplink.health]\ntargets = [\"198.19.0.10\"]\ninterval_ms = 200\n\
+                  timeout_ms = 150\ndown_after = 3\nup_after = 2\non_down = \"keep\"\non_up = \"stay\"\n";
+    let mut config = String::new();
+    for part in config_for(&t, [1, 1], "").split_inclusive("\n\n") {
+        config += part;
+        if part.contains("name = \"x\"") {
+            config += health;
+        }
+    }
+    config += "\n[[policy]]\nname = \"voip\"\ntiers = [[\"x\"], [\"y\"]]\non_down = \"purge\"\non_up = \"return\"\n\n\
+               [[rule]]\nproto = \"udp\"\npolicy = \"voip\"\n";
+    let gw = Gateway::start(&t.gw, &config);
+    let udp = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    let (sock, before) = udp_nat(&t, udp.addr(), 0);
+    assert_eq!(uplink_of(&before), "x", "tier 1");
+    // A TCP session under `balanced`, pinned to x.
+    let tcp = tcp_echo_server(&t.inet, INET_SERVICE, 0);
+    let mut on_x = Vec::new();
+    while on_x.is_empty() {
+        let from = SocketAddrV4::new(CLIENT_ADDR, fresh_port());
+        let c = tcp_connect_from(&t.client, Some(from), tcp.addr()).expect("connect");
+        let on = gw
+            .conns()
+            .iter()
+            .any(|f| f["sport"] == from.port() && f["uplink"] == "x");
+        if on {
+            on_x.push((c, from.port()));
+        }
+    }
+
+    let upstream = ["FORWARD", "-i", IF_CORE, "-j", "DROP"];
+    t.ispx
+        .exec(&[&["iptables", "-w", "-I"][..], &upstream].concat());
+    eventually(Duration::from_secs(5), "x's outage acted on", || {
+        gw.log().contains("uplink x: down for")
+    });
+    // voip's flow moves on its next packet (its policy's `purge`).
+    let moved = udp_seen_from(&sock, udp.addr()).expect("the UDP flow moves");
+    assert_eq!(uplink_of(&moved), "y");
+    // The TCP session stays on x (the uplink's `keep`): not moved, not reset.
+    let port = on_x[0].1;
+    let _ = on_x[0].0.write_all(b"still there?");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        gw.conns()
+            .iter()
+            .any(|f| f["sport"] == port && f["uplink"] == "x"),
+        "the balanced TCP flow was kept on x"
+    );
+    assert_eq!(gw.reason("tcp_reset"), 0);
+
+    t.ispx
+        .exec(&[&["iptables", "-w", "-D"][..], &upstream].concat());
+    // voip's `return`: its failed-over flow comes back to x.
+    eventually(Duration::from_secs(8), "the voip flow back on x", || {
+        udp_seen_from(&sock, udp.addr()).is_ok_and(|p| uplink_of(&p) == "x")
+    });
+    assert!(gw.log().contains("moved back failed-over"));
+}

@@ -26,8 +26,8 @@ use multihome_common::{
     MAP_CONN_REV, MAP_EIM, MAP_FILL, MAP_HOSTS, MAP_JUMP, MAP_LAN_NETS, MAP_PEERS, MAP_REASONS,
     MAP_ROUTED, MAP_SETTINGS, MAP_UPLINK_STATS, MAP_UPLINKS, MARK_TRANSLATED, PROG_LAN_IN,
     PROG_LAN_RESET, PROG_WAN_IN, PROG_WAN_OUT, REASON_COUNT, Reason, Reasons, RoutedKey, Settings,
-    UPLINK_CONFIGURED, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_RESET_TCP, UPLINK_USABLE,
-    Uplink, UplinkStats,
+    UPLINK_CONFIGURED, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_OUTAGE, UPLINK_RESET_TCP,
+    UPLINK_USABLE, Uplink, UplinkStats,
 };
 use testbed::packets::*;
 
@@ -1329,7 +1329,7 @@ fn a_flow_of_an_uplink_that_went_down_moves_on_its_next_packet_by_protocol() {
             uplinks.set(0, u, 0).expect("write");
         };
         // purge-udp: UDP moves, TCP stays.
-        set_flags(dp, UPLINK_EVACUATE);
+        set_flags(dp, UPLINK_OUTAGE | UPLINK_EVACUATE);
         for (f, moves) in [(&UDP_FLOW, true), (&ECHO_FLOW, true), (&TCP_FLOW, false)] {
             dp.insert_flow(f);
             let (_, counted) = dp.run_counted(PROG_LAN_IN, &f.outbound().frame(), 0);
@@ -1342,7 +1342,7 @@ fn a_flow_of_an_uplink_that_went_down_moves_on_its_next_packet_by_protocol() {
             assert_eq!(dp.fwd_entry(f).is_none(), moves, "{}", f.name());
         }
         // purge: TCP too.
-        set_flags(dp, UPLINK_EVACUATE | UPLINK_EVACUATE_TCP);
+        set_flags(dp, UPLINK_OUTAGE | UPLINK_EVACUATE | UPLINK_EVACUATE_TCP);
         let (_, counted) = dp.run_counted(PROG_LAN_IN, &TCP_FLOW.outbound().frame(), 0);
         assert!(counted.contains(&(Reason::Evacuated, 1)), "{counted:?}");
         assert!(dp.fwd_entry(&TCP_FLOW).is_none());
@@ -1390,7 +1390,7 @@ fn a_tcp_segment_of_an_answered_flow_on_a_down_uplink_is_answered_with_the_remot
         let mut uplinks: Array<_, Uplink> =
             Array::try_from(dp.ebpf.map_mut(MAP_UPLINKS).expect("UPLINKS")).expect("types");
         let mut u = uplinks.get(&0, 0).expect("slot 0");
-        u.flags = UPLINK_CONFIGURED | UPLINK_EVACUATE | UPLINK_RESET_TCP;
+        u.flags = UPLINK_CONFIGURED | UPLINK_OUTAGE | UPLINK_EVACUATE | UPLINK_RESET_TCP;
         uplinks.set(0, u, 0).expect("write");
         let answered = FlowFwd {
             flags: FLOW_SEEN_REPLY,

@@ -13,13 +13,14 @@ use anyhow::{Context as _, bail};
 use multihome_common::{
     BALANCE_CONNECTION, BALANCE_ENDPOINT, BALANCE_HASH, BALANCE_SITE, BALANCE_SOURCE, IPPROTO_ICMP,
     IPPROTO_TCP, IPPROTO_UDP, LAST_RESORT_ANY, LAST_RESORT_UNREACHABLE, MAX_POLICIES, MAX_RULES,
-    SelectTable,
+    ON_DOWN_KEEP, ON_DOWN_PURGE, ON_DOWN_PURGE_UDP, ON_DOWN_RESET, ON_DOWN_UPLINK, SelectTable,
 };
 use serde::Deserialize;
 
 use crate::{
     choice,
     config::{Config, Prefix},
+    health::{OnDown, OnUp},
     netinfo::Snapshot,
 };
 
@@ -45,6 +46,12 @@ pub struct PolicyConfig {
     /// With every tier down: any usable uplink, or refuse.
     #[serde(default)]
     pub last_resort: LastResort,
+    /// What an outage of their uplink does to this policy's flows, as in
+    /// `[uplink.health]`; unset: the uplink's own.
+    pub on_down: Option<OnDown>,
+    /// What the uplink's return does to this policy's failed-over flows;
+    /// unset: the uplink's own.
+    pub on_up: Option<OnUp>,
 }
 
 fn default_sticky_s() -> u32 {
@@ -259,6 +266,8 @@ pub struct Policy {
     pub sticky_s: u32,
     pub site_prefix: u8,
     pub last_resort: LastResort,
+    pub on_down: Option<OnDown>,
+    pub on_up: Option<OnUp>,
 }
 
 /// Every policy and rule of a config, resolved.
@@ -568,6 +577,8 @@ impl Policies {
             sticky_s: default_sticky_s(),
             site_prefix: default_site_prefix(),
             last_resort: LastResort::Any,
+            on_down: None,
+            on_up: None,
         });
         for p in &config.policies {
             let id = match assigned.get(&p.name) {
@@ -607,6 +618,8 @@ impl Policies {
                 sticky_s: p.sticky_s,
                 site_prefix: p.site_prefix,
                 last_resort: p.last_resort,
+                on_down: p.on_down,
+                on_up: p.on_up,
             });
         }
         let mut rules = Vec::new();
@@ -679,6 +692,13 @@ impl Policies {
                 }
                 .mask()
                 .to_be();
+                t.on_down = match p.on_down {
+                    None => ON_DOWN_UPLINK,
+                    Some(OnDown::Keep) => ON_DOWN_KEEP,
+                    Some(OnDown::Purge) => ON_DOWN_PURGE,
+                    Some(OnDown::PurgeUdp) => ON_DOWN_PURGE_UDP,
+                    Some(OnDown::Reset) => ON_DOWN_RESET,
+                };
                 t.last_resort = match p.last_resort {
                     LastResort::Any => LAST_RESORT_ANY,
                     LastResort::Unreachable => LAST_RESORT_UNREACHABLE,
@@ -686,6 +706,19 @@ impl Policies {
                 let n = p.name.len().min(15);
                 t.name[..n].copy_from_slice(&p.name.as_bytes()[..n]);
                 t
+            })
+            .collect()
+    }
+
+    /// Per policy id, the `on_down` and `on_up` its flows follow on an
+    /// uplink whose own are `uplink`; an id no policy holds (a reload
+    /// removed it) follows the uplink's, as `balanced` does.
+    pub fn outage_fates(&self, uplink: (OnDown, OnUp)) -> Vec<(OnDown, OnUp)> {
+        self.policies
+            .iter()
+            .map(|p| match p {
+                Some(p) => (p.on_down.unwrap_or(uplink.0), p.on_up.unwrap_or(uplink.1)),
+                None => uplink,
             })
             .collect()
     }
@@ -795,6 +828,37 @@ mod tests {
         let mut now = up(true, true);
         now[1].weight = 0;
         assert_eq!(p.tables(&now)[0].now_members, 0b01, "y set to weight 0");
+    }
+
+    #[test]
+    fn a_policys_own_on_down_and_on_up_override_the_uplinks_and_the_rest_follow_the_uplink() {
+        let c = Config::parse(&format!(
+            "{UPLINKS}\n[[policy]]\nname = \"v\"\ntiers = [[\"x\"]]\non_down = \"purge\"\n"
+        ))
+        .expect("valid");
+        let p = Policies::resolve(&c, &HashMap::new(), &Snapshot::new()).expect("resolves");
+        let fates = p.outage_fates((OnDown::Keep, OnUp::Return));
+        assert_eq!(fates[0], (OnDown::Keep, OnUp::Return), "balanced");
+        assert_eq!(fates[1], (OnDown::Purge, OnUp::Return), "v's on_down");
+        assert_eq!(fates[2], (OnDown::Keep, OnUp::Return), "an unused id");
+        let up = [UplinkNow {
+            slot: 0,
+            name: "x",
+            weight: 1,
+            usable: true,
+        }];
+        let mut two = up.to_vec();
+        two.push(UplinkNow {
+            slot: 1,
+            name: "y",
+            weight: 1,
+            usable: true,
+        });
+        let t = p.tables(&two);
+        assert_eq!(
+            (t[0].on_down, t[1].on_down),
+            (ON_DOWN_UPLINK, ON_DOWN_PURGE)
+        );
     }
 
     #[test]
