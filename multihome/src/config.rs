@@ -3,7 +3,10 @@
 use std::{collections::HashSet, fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use anyhow::{Context as _, bail};
-use multihome_common::{DEFAULT_MAX_FLOWS, MAX_LAN_NETS, MAX_ROUTED_PREFIXES, MAX_UPLINKS};
+use multihome_common::{
+    AFFINITY_ENTRIES, DEFAULT_MAX_FLOWS, ENDPOINT_ENTRIES, MAX_LAN_NETS, MAX_ROUTED_PREFIXES,
+    MAX_UPLINKS,
+};
 use serde::Deserialize;
 
 use crate::{
@@ -117,6 +120,10 @@ pub struct NatConfig {
     pub max_flows: u32,
     /// Flows one LAN host may hold at once; default `max_flows / 8`.
     pub max_flows_per_host: Option<u32>,
+    /// Affinity records of `source` and `site` policies (an LRU map).
+    pub max_affinities: u32,
+    /// Endpoint records of `endpoint` policies.
+    pub max_endpoints: u32,
 }
 
 impl NatConfig {
@@ -132,6 +139,8 @@ impl Default for NatConfig {
             snat_ports: [61000, 65535],
             max_flows: DEFAULT_MAX_FLOWS,
             max_flows_per_host: None,
+            max_affinities: AFFINITY_ENTRIES,
+            max_endpoints: ENDPOINT_ENTRIES,
         }
     }
 }
@@ -417,6 +426,14 @@ impl Config {
         }
         if self.nat.max_flows < 16 {
             out.push("`nat.max_flows` must be at least 16".into());
+        }
+        for (key, n) in [
+            ("max_affinities", self.nat.max_affinities),
+            ("max_endpoints", self.nat.max_endpoints),
+        ] {
+            if !(16..=1 << 24).contains(&n) {
+                out.push(format!("`nat.{key}` = {n}: must be 16 to 16777216"));
+            }
         }
         if let Some(n) = self.nat.max_flows_per_host
             && (n == 0 || n > self.nat.max_flows)

@@ -177,7 +177,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         })
         .collect();
     drop(report_tx);
-    let datapath = Datapath::load(&opts.pin_dir, config.nat.max_flows)?;
+    let datapath = Datapath::load(&opts.pin_dir, &config.nat)?;
     let adopted = datapath.adopted;
     let opened = Maps::open(&opts.pin_dir).and_then(|maps| {
         let adoption = if adopted {

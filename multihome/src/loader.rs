@@ -18,10 +18,12 @@ use aya::{
     },
 };
 use multihome_common::{
-    ALL_MAPS, JUMP_LAN_RESET, LAYOUT_VERSION, MAP_CONN_FWD, MAP_CONN_REV, MAP_JUMP, MAP_REASONS,
-    MAP_SELECT, MAP_SETTINGS, MAP_UPLINKS, PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN,
-    PROG_WAN_IN_L3, PROG_WAN_OUT, PROG_WAN_OUT_L3,
+    ALL_MAPS, JUMP_LAN_RESET, LAYOUT_VERSION, MAP_AFFINITY, MAP_CONN_FWD, MAP_CONN_REV,
+    MAP_ENDPOINTS, MAP_JUMP, MAP_REASONS, MAP_SELECT, MAP_SETTINGS, MAP_UPLINKS, PROG_LAN_IN,
+    PROG_LAN_RESET, PROG_WAN_IN, PROG_WAN_IN_L3, PROG_WAN_OUT, PROG_WAN_OUT_L3,
 };
+
+use crate::config::NatConfig;
 
 /// The programs, built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/multihome"));
@@ -142,6 +144,21 @@ const MIGRATIONS: &[(u32, &[&str])] = &[
     (4, &[MAP_REASONS, MAP_SETTINGS, MAP_SELECT]),
 ];
 
+/// Unpins map `name` when it holds other than `want` entries, so that it
+/// is made afresh at that size.
+fn unpin_if_resized(pin_dir: &Path, name: &str, want: u32) -> anyhow::Result<()> {
+    let path = pin_dir.join(name);
+    let Ok(data) = MapData::from_pin(&path) else {
+        return Ok(());
+    };
+    let have = data.info()?.max_entries();
+    if have != want {
+        fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+        log::info!("{name}: made afresh for {want} entries (it had {have})");
+    }
+    Ok(())
+}
+
 /// Adopts pinned maps of this layout or of one in [`MIGRATIONS`] (after
 /// unpinning what changed); refuses any other.
 fn check_layout(pin_dir: &Path) -> anyhow::Result<bool> {
@@ -186,7 +203,10 @@ fn check_layout(pin_dir: &Path) -> anyhow::Result<bool> {
 impl Datapath {
     /// Loads the programs; maps already pinned in `pin_dir` are reused, the
     /// others are created and pinned.
-    pub fn load(pin_dir: &Path, max_flows: u32) -> anyhow::Result<Self> {
+    /// `nat` sizes the maps it is made with: the connection maps keep the
+    /// size they were made with when adopted; the affinity and endpoint
+    /// maps are made afresh at a new size (that costs stickiness, no flow).
+    pub fn load(pin_dir: &Path, nat: &NatConfig) -> anyhow::Result<Self> {
         check_not_stub()?;
         check_bpffs(pin_dir)?;
         fs::create_dir_all(pin_dir.join("links"))
@@ -195,7 +215,11 @@ impl Datapath {
         fs::set_permissions(pin_dir, fs::Permissions::from_mode(0o700))
             .with_context(|| format!("restricting pin directory {}", pin_dir.display()))?;
         let adopted = check_layout(pin_dir)?;
-        Self::load_inner(pin_dir, max_flows, adopted).inspect_err(|_| {
+        if adopted {
+            unpin_if_resized(pin_dir, MAP_AFFINITY, nat.max_affinities)?;
+            unpin_if_resized(pin_dir, MAP_ENDPOINTS, nat.max_endpoints)?;
+        }
+        Self::load_inner(pin_dir, nat, adopted).inspect_err(|_| {
             if !adopted {
                 // Nothing half-installed: drop the maps this attempt pinned.
                 let _ = remove_pins(pin_dir);
@@ -203,12 +227,14 @@ impl Datapath {
         })
     }
 
-    fn load_inner(pin_dir: &Path, max_flows: u32, adopted: bool) -> anyhow::Result<Self> {
+    fn load_inner(pin_dir: &Path, nat: &NatConfig, adopted: bool) -> anyhow::Result<Self> {
         let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|m| (*m, pin_dir.join(m))).collect();
         let mut loader = EbpfLoader::new();
         loader
-            .map_max_entries(MAP_CONN_FWD, max_flows)
-            .map_max_entries(MAP_CONN_REV, max_flows);
+            .map_max_entries(MAP_CONN_FWD, nat.max_flows)
+            .map_max_entries(MAP_CONN_REV, nat.max_flows)
+            .map_max_entries(MAP_AFFINITY, nat.max_affinities)
+            .map_max_entries(MAP_ENDPOINTS, nat.max_endpoints);
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }

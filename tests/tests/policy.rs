@@ -459,14 +459,20 @@ fn a_policy_a_reload_removes_leaves_its_flows_running_under_balanced_and_a_resta
     let port2 = s2.local_addr().expect("local").port();
     assert_eq!(policy_of(&gw, port2).as_deref(), Some("ony"));
 
-    // A restart adopts the maps: policy ids are kept by name.
-    let config = only("ony");
+    // A restart adopts the maps: policy ids are kept by name. A new
+    // affinity map size remakes that map only.
+    let config = only("ony") + "\n[nat]\nmax_affinities = 1024\n";
     let cfg_path = gw.config_path().to_owned();
     let pin = gw.stop();
     std::fs::write(&cfg_path, &config).expect("config");
     let gw = Gateway::start_with_pin(&t.gw, &config, pin, &[]);
     assert_eq!(policy_of(&gw, port2).as_deref(), Some("ony"));
     assert_eq!(udp_seen_from(&s2, udp.addr()).expect("UDP"), seen);
+    assert!(
+        gw.log().contains("AFFINITY: made afresh for 1024 entries"),
+        "{}",
+        gw.log()
+    );
     let _ = std::fs::remove_file(&cfg_path);
 }
 

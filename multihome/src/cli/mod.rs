@@ -47,7 +47,8 @@ pub enum Command {
     /// Loads and attaches the programs, pins maps and links under --pin-dir,
     /// installs the fallback rule tables, follows links and addresses. On
     /// SIGINT/SIGTERM it detaches and removes all it installed, unless
-    /// --keep-on-exit. SIGHUP reloads weights.
+    /// --keep-on-exit. SIGHUP (or `multihome reload`) reloads weights,
+    /// policies and rules.
     ///
     /// Example: multihome run --config /etc/multihome.toml --metrics 127.0.0.1:9801
     Run {
