@@ -30,6 +30,35 @@ fn with_policies(t: &Topology, extra: &str) -> String {
     )
 }
 
+/// One policy `name` over x and y with `keys` (balance and the like), and
+/// one rule `rule` sending flows to it.
+fn one_policy(t: &Topology, name: &str, keys: &str, rule: &str) -> String {
+    config_for(
+        t,
+        [1, 1],
+        &format!(
+            "[[policy]]\nname = \"{name}\"\ntiers = [[\"x\", \"y\"]]\n{keys}\n\
+             [[rule]]\n{rule}policy = \"{name}\"\n"
+        ),
+    )
+}
+
+/// Probes of x every 200 ms, down after 3 lost, up after 2.
+const PROBES: &str = "\n[uplink.health]\ntargets = [\"198.19.0.10\"]\ninterval_ms = 200\n\
+                      timeout_ms = 150\ndown_after = 3\nup_after = 2\n";
+
+/// The config with `health` under uplink x, then `extra`.
+fn with_x_health(t: &Topology, health: &str, extra: &str) -> String {
+    let mut config = String::new();
+    for part in config_for(t, [1, 1], "").split_inclusive("\n\n") {
+        config += part;
+        if part.contains("name = \"x\"") {
+            config += health;
+        }
+    }
+    config + extra
+}
+
 /// A new UDP socket from the client, with TOS `tos`: the address the
 /// server sees it from.
 fn udp_nat(t: &Topology, dst: SocketAddrV4, tos: u8) -> (UdpSocket, SocketAddrV4) {
@@ -189,17 +218,12 @@ fn each_rule_field_sends_flows_to_its_policy_and_the_first_match_wins() {
 #[test]
 fn a_tier_one_uplink_going_down_moves_new_flows_to_tier_two_and_they_come_back() {
     let t = Topology::standard();
-    let mut config = String::new();
-    let health = "\n[uplink.health]\ntargets = [\"198.19.0.10\"]\ninterval_ms = 200\n\
-                  timeout_ms = 150\ndown_after = 3\nup_after = 2\n";
-    for part in config_for(&t, [1, 1], "").split_inclusive("\n\n") {
-        config += part;
-        if part.contains("name = \"x\"") {
-            config += health;
-        }
-    }
-    config += "\n[[policy]]\nname = \"steady\"\ntiers = [[\"x\"], [\"y\"]]\n\n\
-               [[rule]]\nproto = \"udp\"\npolicy = \"steady\"\n";
+    let config = with_x_health(
+        &t,
+        PROBES,
+        "\n[[policy]]\nname = \"steady\"\ntiers = [[\"x\"], [\"y\"]]\n\n\
+         [[rule]]\nproto = \"udp\"\npolicy = \"steady\"\n",
+    );
     let gw = Gateway::start(&t.gw, &config);
     let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
     for _ in 0..10 {
@@ -242,12 +266,7 @@ fn source_balance_keeps_a_hosts_connections_on_one_uplink_until_it_idles_for_sti
     let t = Topology::standard();
     let gw = Gateway::start(
         &t.gw,
-        &config_for(
-            &t,
-            [1, 1],
-            "[[policy]]\nname = \"sticky\"\ntiers = [[\"x\", \"y\"]]\nbalance = \"source\"\nsticky_s = 2\n\n\
-             [[rule]]\npolicy = \"sticky\"\n",
-        ),
+        &one_policy(&t, "sticky", "balance = \"source\"\nsticky_s = 2\n", ""),
     );
     let srv = tcp_peer_server(&t.inet, INET_SERVICE, 0);
     let mut rounds = Vec::new();
@@ -294,11 +313,11 @@ fn site_balance_keeps_one_uplink_per_destination_site_and_spreads_sites() {
     }
     let gw = Gateway::start(
         &t.gw,
-        &config_for(
+        &one_policy(
             &t,
-            [1, 1],
-            "[[policy]]\nname = \"banks\"\ntiers = [[\"x\", \"y\"]]\nbalance = \"site\"\n\n\
-             [[rule]]\ndst = [\"198.19.0.0/16\"]\npolicy = \"banks\"\n",
+            "banks",
+            "balance = \"site\"\n",
+            "dst = [\"198.19.0.0/16\"]\n",
         ),
     );
     // 50 connections to one /24 (two servers in it) keep one uplink.
@@ -324,15 +343,7 @@ fn site_balance_keeps_one_uplink_per_destination_site_and_spreads_sites() {
 #[test]
 fn hash_balance_sends_every_connection_between_two_hosts_one_way_as_explain_says() {
     let t = Topology::standard();
-    let gw = Gateway::start(
-        &t.gw,
-        &config_for(
-            &t,
-            [1, 1],
-            "[[policy]]\nname = \"pcc\"\ntiers = [[\"x\", \"y\"]]\nbalance = \"hash\"\n\n\
-             [[rule]]\npolicy = \"pcc\"\n",
-        ),
-    );
+    let gw = Gateway::start(&t.gw, &one_policy(&t, "pcc", "balance = \"hash\"\n", ""));
     for dst in [INET_SERVICE, INET_SERVICE2] {
         let srv = udp_peer_server(&t.inet, dst, 0);
         let want = explain(&gw, None, dst, "udp", srv.port(), 0)["uplink"].clone();
@@ -481,13 +492,8 @@ fn endpoint_balance_gives_a_socket_one_public_address_and_port_for_every_remote(
     let t = Topology::standard();
     let gw = Gateway::start(
         &t.gw,
-        &config_for(
-            &t,
-            [1, 1],
-            "[timeouts]\nudp = 2\n\n\
-             [[policy]]\nname = \"p2p\"\ntiers = [[\"x\", \"y\"]]\nbalance = \"endpoint\"\n\n\
-             [[rule]]\nproto = \"udp\"\npolicy = \"p2p\"\n",
-        ),
+        &(one_policy(&t, "p2p", "balance = \"endpoint\"\n", "proto = \"udp\"\n")
+            + "\n[timeouts]\nudp = 2\n"),
     );
     let a = udp_peer_server(&t.inet, INET_SERVICE, 0);
     let b = udp_peer_server(&t.inet, INET_SERVICE2, 0);
@@ -530,17 +536,12 @@ fn a_policys_own_on_down_and_on_up_override_the_uplinks_for_its_flows_only() {
     let t = Topology::standard();
     // x keeps its flows through an outage and leaves them where they are
     // after; the voip policy's flows move at once and come back.
-    let health = "\n[uplink.health]\ntargets = [\"198.19.0.10\"]\ninterval_ms = 200\n\
-                  timeout_ms = 150\ndown_after = 3\nup_after = 2\non_down = \"keep\"\non_up = \"stay\"\n";
-    let mut config = String::new();
-    for part in config_for(&t, [1, 1], "").split_inclusive("\n\n") {
-        config += part;
-        if part.contains("name = \"x\"") {
-            config += health;
-        }
-    }
-    config += "\n[[policy]]\nname = \"voip\"\ntiers = [[\"x\"], [\"y\"]]\non_down = \"purge\"\non_up = \"return\"\n\n\
-               [[rule]]\nproto = \"udp\"\npolicy = \"voip\"\n";
+    let config = with_x_health(
+        &t,
+        &format!("{PROBES}on_down = \"keep\"\non_up = \"stay\"\n"),
+        "\n[[policy]]\nname = \"voip\"\ntiers = [[\"x\"], [\"y\"]]\non_down = \"purge\"\non_up = \"return\"\n\n\
+         [[rule]]\nproto = \"udp\"\npolicy = \"voip\"\n",
+    );
     let gw = Gateway::start(&t.gw, &config);
     let udp = udp_peer_server(&t.inet, INET_SERVICE, 0);
     let (sock, before) = udp_nat(&t, udp.addr(), 0);
