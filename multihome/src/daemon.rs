@@ -185,16 +185,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         } else {
             (Vec::new(), vec![None; config.uplinks.len()])
         };
-        // Policies keep their ids (flows record them) by name.
-        let ids = if adopted {
-            policy::ids_of(&maps.select_tables()?)
-        } else {
-            HashMap::new()
-        };
-        let policies = Policies::resolve(&config, &ids, &snap)?;
-        Ok((maps, adoption, policies))
+        // Policies keep their ids (flows record them) by name; fresh maps
+        // name none.
+        let select = maps.select_tables()?;
+        let policies = Policies::resolve(&config, &policy::ids_of(&select), &snap)?;
+        Ok((maps, adoption, policies, select))
     });
-    let (maps, (gone_slots, last_address), policies) = match opened {
+    let (maps, (gone_slots, last_address), policies, select) = match opened {
         Ok(o) => o,
         Err(e) => {
             if !adopted {
@@ -209,7 +206,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         Ok(s) if same_layout(&s) && s.flow_hash_seed != 0 => s.flow_hash_seed,
         _ => new_seed(),
     };
-    let select = maps.select_tables()?;
     // The adopted rules stay in force until this run's are switched in.
     let rules_word = match maps.settings() {
         Ok(s) if same_layout(&s) => s.rules,
@@ -989,8 +985,8 @@ impl Daemon {
     fn explain(&self, q: &explain::Query) -> anyhow::Result<explain::Explanation> {
         let usable = self.select_usable();
         let uplinks = self.uplinks_now(&usable);
-        let affinities = self.maps.affinities()?;
-        let endpoints = self.maps.endpoints()?;
+        let affinities = self.maps.affinities_map()?;
+        let endpoints = self.maps.endpoints_map()?;
         Ok(explain::explain(
             q,
             &explain::State {
@@ -998,8 +994,8 @@ impl Daemon {
                 tables: &self.select,
                 uplinks: &uplinks,
                 seed: self.flow_hash_seed,
-                affinities: &affinities,
-                endpoints: &endpoints,
+                affinity: &|k| affinities.get(k, 0).ok(),
+                endpoint: &|k| endpoints.get(k, 0).ok(),
                 now_ns: crate::maps::boot_ns(),
             },
         ))

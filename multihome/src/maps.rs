@@ -206,11 +206,16 @@ impl Maps {
         )?))?)
     }
 
+    pub fn affinities_map(&self) -> anyhow::Result<HashMap<MapData, AffinityKey, Affinity>> {
+        Ok(HashMap::try_from(Map::LruHashMap(open(
+            &self.dir,
+            MAP_AFFINITY,
+        )?))?)
+    }
+
     /// Every affinity record.
     pub fn affinities(&self) -> anyhow::Result<Vec<(AffinityKey, Affinity)>> {
-        let m: HashMap<MapData, AffinityKey, Affinity> =
-            HashMap::try_from(Map::LruHashMap(open(&self.dir, MAP_AFFINITY)?))?;
-        mapwalk::collect(&m).context("reading AFFINITY")
+        mapwalk::collect(&self.affinities_map()?).context("reading AFFINITY")
     }
 
     pub fn set_lan_nets(&self, nets: &[LanNet]) -> anyhow::Result<()> {

@@ -85,8 +85,10 @@ pub struct State<'a> {
     /// By config index.
     pub uplinks: &'a [UplinkNow<'a>],
     pub seed: u32,
-    pub affinities: &'a [(AffinityKey, Affinity)],
-    pub endpoints: &'a [(EndpointKey, Endpoint)],
+    /// The record of an affinity key, read from `AFFINITY`.
+    pub affinity: &'a dyn Fn(&AffinityKey) -> Option<Affinity>,
+    /// The record of an endpoint, read from `ENDPOINTS`.
+    pub endpoint: &'a dyn Fn(&EndpointKey) -> Option<Endpoint>,
     /// Boot-clock nanoseconds now.
     pub now_ns: u64,
 }
@@ -188,7 +190,7 @@ pub fn explain(q: &Query, s: &State) -> Explanation {
             _pad0: 0,
             _pad1: 0,
         };
-        if let Some((_, a)) = s.affinities.iter().find(|(k, _)| *k == key) {
+        if let Some(a) = (s.affinity)(&key) {
             let idle_ns = s.now_ns.saturating_sub(a.last_ns);
             let holds = idle_ns <= u64::from(t.sticky_s) * 1_000_000_000
                 && a.uplink < 32
@@ -224,7 +226,7 @@ pub fn explain(q: &Query, s: &State) -> Explanation {
             proto: q.proto,
             policy: id,
         };
-        if let Some((_, r)) = s.endpoints.iter().find(|(k, _)| *k == key) {
+        if let Some(r) = (s.endpoint)(&key) {
             let holds = r.uplink < 32 && t.now_members & (1 << r.uplink) != 0;
             e.endpoint = Some(EndpointView {
                 uplink: name_of(r.uplink),
