@@ -269,21 +269,23 @@ fn source_balance_keeps_a_hosts_connections_on_one_uplink_until_it_idles_for_sti
         &one_policy(&t, "sticky", "balance = \"source\"\nsticky_s = 2\n", ""),
     );
     let srv = tcp_peer_server(&t.inet, INET_SERVICE, 0);
+    // A new TCP connection from `host`: the uplink it left by.
+    let connect = |host: Ipv4Addr| {
+        // Ports of their own: a tuple whose closed flow is still held
+        // (`tcp_closing`) keeps that flow's uplink (DATAPATH.md).
+        let from = SocketAddrV4::new(host, fresh_port());
+        let mut c = tcp_connect_from(&t.client, Some(from), srv.addr()).expect("connect");
+        let mut seen = String::new();
+        c.read_to_string(&mut seen).expect("peer");
+        uplink_of(&seen.trim().parse().expect("address"))
+    };
     let mut rounds = Vec::new();
-    // Each round: 30 connections stick to one uplink; after 2 s idle the
-    // next round makes a new choice (a new record), which may differ.
-    for _ in 0..4 {
-        let mut used = std::collections::BTreeSet::new();
-        for _ in 0..30 {
-            // Ports of their own: a tuple whose closed flow is still held
-            // (`tcp_closing`) keeps that flow's uplink (DATAPATH.md).
-            let from = SocketAddrV4::new(CLIENT_ADDR, fresh_port());
-            let mut c = tcp_connect_from(&t.client, Some(from), srv.addr()).expect("connect");
-            let mut seen = String::new();
-            c.read_to_string(&mut seen).expect("peer");
-            let seen: SocketAddrV4 = seen.trim().parse().expect("address");
-            used.insert(uplink_of(&seen));
-        }
+    // Each round: 100 connections, then 30, stick to one uplink; after 2 s
+    // idle the next round makes a new choice (a new record), which may
+    // differ.
+    for n in [100, 30, 30, 30] {
+        let started = Instant::now();
+        let used: std::collections::BTreeSet<_> = (0..n).map(|_| connect(CLIENT_ADDR)).collect();
         assert_eq!(used.len(), 1, "one host, one uplink: {used:?}");
         let out = gw.cli(&["conns", "--affinity", "--json"]);
         check_output("conns --affinity", &out);
@@ -293,13 +295,28 @@ fn source_balance_keeps_a_hosts_connections_on_one_uplink_until_it_idles_for_sti
         let e = explain(&gw, Some(50000), INET_SERVICE, "tcp", srv.port(), 0);
         assert_eq!(e["affinity"]["live"], true, "{e}");
         assert_eq!(e["uplink"], *used.iter().next().expect("one"));
-        rounds.push(rows[0]["age_s"].as_u64().expect("age"));
+        // Made in this round, not kept from the last.
+        let age = rows[0]["age_s"].as_u64().expect("age");
+        rounds.push((age, started.elapsed().as_secs() + 1));
         std::thread::sleep(Duration::from_millis(2600));
         let e = explain(&gw, Some(50000), INET_SERVICE, "tcp", srv.port(), 0);
         assert_eq!(e["affinity"]["live"], false, "expired after sticky_s: {e}");
     }
-    // Every round made its own record: none lived 2.6 s.
-    assert!(rounds.iter().all(|a| *a <= 2), "{rounds:?}");
+    // Every round made its own record: none is older than its round.
+    assert!(rounds.iter().all(|(age, round)| age <= round), "{rounds:?}");
+
+    // Twenty hosts: each keeps one uplink, and by their 1:1 weights the
+    // hosts spread over both.
+    let mut per_host = std::collections::BTreeSet::new();
+    for k in 100..120 {
+        let host = Ipv4Addr::new(198, 18, 1, k);
+        t.client
+            .exec(&["ip", "addr", "add", &format!("{host}/24"), "dev", IF_LAN]);
+        let used: std::collections::BTreeSet<_> = (0..5).map(|_| connect(host)).collect();
+        assert_eq!(used.len(), 1, "{host}: one uplink, got {used:?}");
+        per_host.extend(used);
+    }
+    assert_eq!(per_host.len(), 2, "20 hosts on one uplink");
 }
 
 #[test]
