@@ -89,7 +89,11 @@ pub const MAP_RULE_DSCP: &str = "RULE_DSCP";
 pub const MAP_RULE_ACTION: &str = "RULE_ACTION";
 pub const MAP_AFFINITY: &str = "AFFINITY";
 pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
-pub const ALL_MAPS: [&str; 24] = [
+/// A public mapping an endpoint record holds (uplink address, port,
+/// protocol, as [`EimKey`]) -> that endpoint ([`EndpointKey`]): while the
+/// record holds it, no other flow is given the port towards any remote.
+pub const MAP_ENDPOINT_PORTS: &str = "ENDPOINT_PORTS";
+pub const ALL_MAPS: [&str; 25] = [
     MAP_CONN_FWD,
     MAP_CONN_REV,
     MAP_UPLINKS,
@@ -114,6 +118,7 @@ pub const ALL_MAPS: [&str; 24] = [
     MAP_RULE_ACTION,
     MAP_AFFINITY,
     MAP_ENDPOINTS,
+    MAP_ENDPOINT_PORTS,
 ];
 
 /// Program names (the `#[classifier]` functions).
@@ -443,11 +448,22 @@ pub const RULE_UNREACHABLE: RuleAction = 1 << 8;
 /// Not translated: the kernel routes it (the egress guard still applies).
 pub const RULE_MAIN: RuleAction = 1 << 9;
 
-/// [`Settings::rules`]: the bank in use (bit 0) and how many rules it
-/// holds (the rest), in one word so that one store switches both.
-pub const fn rules_word(bank: u32, count: u32) -> u32 {
-    count << 1 | bank & 1
+/// [`Settings::rules`]: the bank in use (bit 0), how many rules it holds
+/// (bits 1-15) and [`RULES_RESERVE`], in one word so that one store
+/// switches them all.
+pub const fn rules_word(bank: u32, count: u32, reserve: bool) -> u32 {
+    (count & 0x7fff) << 1 | bank & 1 | if reserve { RULES_RESERVE } else { 0 }
 }
+
+/// The rule count of a [`Settings::rules`] word.
+pub const fn rules_count(word: u32) -> u32 {
+    word >> 1 & 0x7fff
+}
+
+/// [`Settings::rules`]: an endpoint policy exists, so a new flow's public
+/// port must not be one an endpoint record holds ([`MAP_ENDPOINT_PORTS`]).
+/// Without it, port allocation skips that lookup.
+pub const RULES_RESERVE: u32 = 1 << 16;
 
 /// [`MAP_AFFINITY`]'s key.
 #[repr(C)]
@@ -583,7 +599,8 @@ pub struct Settings {
     /// Seed of [`flow_hash`]: random when the maps are made, kept across
     /// restarts so that a flow whose state was lost hashes the same.
     pub flow_hash_seed: u32,
-    /// [`rules_word`]: the rule bank in use and its rule count; 0 rules
+    /// [`rules_word`]: the rule bank in use, its rule count and
+    /// [`RULES_RESERVE`]; 0 rules
     /// skip the rule lookups.
     pub rules: u32,
 }

@@ -29,9 +29,10 @@ pub struct Decision {
 }
 
 /// The policy of the new flow `key` (from `pkt`) under `rules`
-/// (`Settings::rules`), and its affinity. The work is a BPF global
-/// function ([`mh_decide`]): the verifier checks it once, instead of once
-/// per path into it, and its branches do not multiply the paths after.
+/// (`Settings::rules`), and its affinity. The work is done by BPF global
+/// functions ([`mh_classify`], [`mh_stick`]): the verifier checks each
+/// once, instead of once per path into it, and their branches do not
+/// multiply the paths after.
 #[inline(always)]
 pub fn decide(ctx: &TcContext, pkt: &Packet, key: &FlowKey, rules: u32) -> Decision {
     // DSCP: the top six bits of the TOS byte (RFC 2474).
@@ -46,11 +47,17 @@ pub fn decide(ctx: &TcContext, pkt: &Packet, key: &FlowKey, rules: u32) -> Decis
     } else {
         0
     };
-    let word = mh_decide(
+    let action = mh_classify(
         key.saddr_be,
         key.daddr_be,
-        u32::from(key.sport_be) << 16 | dport as u32,
-        key.proto as u32 | (dscp as u32) << 8 | (rules & 0xffff) << 16,
+        dport as u32 | (key.proto as u32) << 16 | (dscp as u32) << 24,
+        rules & 0xffff,
+    );
+    let word = mh_stick(
+        key.saddr_be,
+        key.daddr_be,
+        u32::from(key.sport_be) << 16 | key.proto as u32,
+        action,
     );
     let stuck = (word >> 16) as u32 & 0xff;
     Decision {
@@ -61,30 +68,49 @@ pub fn decide(ctx: &TcContext, pkt: &Packet, key: &FlowKey, rules: u32) -> Decis
     }
 }
 
-/// [`mh_decide`]: the flow's policy is `balance = "endpoint"`.
+/// [`mh_stick`]: the flow's policy is `balance = "endpoint"`.
 const DECIDE_ENDPOINT: u64 = 1 << 24;
-/// [`mh_decide`]: its endpoint has a record; the port is in bits 32-47.
+/// [`mh_stick`]: its endpoint has a record; the port is in bits 32-47.
 const DECIDE_ENDPOINT_PORT: u64 = 1 << 48;
 
-/// [`decide`]'s work as a BPF global function: the verifier checks it once
-/// on its own, whatever the paths into it. `ports`: the LAN port (as on
-/// the wire) above the destination port (host order); `rest`: protocol,
-/// DSCP and the low 16 bits of `Settings::rules`. Returns the action
-/// (bits 0-9), the stuck uplink (bits 16-23, 0xff: none) and the
-/// `DECIDE_*` bits.
+/// [`decide`]'s rule matching as a BPF global function: the verifier
+/// checks it once on its own, whatever the paths into it. `fields`: the
+/// destination port (host order), protocol (bits 16-23) and DSCP (bits
+/// 24-29); `rules`: the low 16 bits of `Settings::rules`. Returns the
+/// [`RuleAction`].
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn mh_decide(saddr_be: u32, daddr_be: u32, ports: u32, rest: u32) -> u64 {
+pub extern "C" fn mh_classify(saddr_be: u32, daddr_be: u32, fields: u32, rules: u32) -> u32 {
+    let key = FlowKey {
+        saddr_be,
+        daddr_be,
+        sport_be: 0,
+        dport_be: 0,
+        proto: (fields >> 16) as u8,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    classify(&key, rules, fields & 0xffff, fields >> 24)
+}
+
+/// [`decide`]'s affinity and endpoint lookups for a flow under `action`,
+/// as a second global function (two small frames instead of one large
+/// one, which the LAN program's stack could not hold). `ports`: the LAN
+/// port (as on the wire) above the protocol. Returns the action (bits
+/// 0-9), the stuck uplink (bits 16-23, 0xff: none) and the `DECIDE_*`
+/// bits.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn mh_stick(saddr_be: u32, daddr_be: u32, ports: u32, action: u32) -> u64 {
     let key = FlowKey {
         saddr_be,
         daddr_be,
         sport_be: (ports >> 16) as u16,
         dport_be: 0,
-        proto: rest as u8,
+        proto: ports as u8,
         _pad0: 0,
         _pad1: 0,
     };
-    let action = classify(&key, rest >> 16, ports & 0xffff, (rest >> 8) & 0xff);
     let policy = action & 0xff;
     let mut out = u64::from(action) | 0xff << 16;
     if action & (RULE_UNREACHABLE | RULE_MAIN) != 0 {

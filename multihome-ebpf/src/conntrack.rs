@@ -9,10 +9,11 @@ use aya_ebpf::{
 };
 use multihome_common::{
     FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_HAIRPIN, FLOW_RST, FLOW_RST_IN, FLOW_SEEN_REPLY, FlowFwd,
-    FlowKey, FlowRev, Reason, Settings, Uplink,
+    FlowKey, FlowRev, RULES_RESERVE, Reason, Settings, Uplink,
 };
 
 use crate::{
+    affinity,
     maps::{CONN_FWD, CONN_REV},
     parse::{Packet, TCP_FIN, TCP_RST, TCP_SYN},
     sockets,
@@ -71,22 +72,42 @@ pub struct Tags {
     pub policy: u8,
 }
 
+/// Whether a new flow's port search must skip ports that endpoint
+/// records hold: while an endpoint policy exists.
+#[inline(always)]
+pub fn respect_reservations(settings: &Settings) -> bool {
+    settings.rules & RULES_RESERVE != 0
+}
+
 /// Pins a new LAN flow to `uplink`: reserves a reverse entry on a free NAT
-/// port, then the forward entry, with its `tags`. Both are inserted with `BPF_NOEXIST`, and the reverse one is
-/// rolled back if the forward one fails.
+/// port (one no endpoint record holds, with [`respect_reservations`]),
+/// then the forward entry, with its `tags`. Both are inserted with
+/// `BPF_NOEXIST`, and the reverse one is rolled back if the forward one
+/// fails.
 #[inline(always)]
 pub fn create(
     ctx: &TcContext,
     key: &FlowKey,
     pkt: &Packet,
-    uplink_id: u8,
-    uplink: &Uplink,
+    (uplink_id, uplink): (u8, &Uplink),
     settings: &Settings,
     tags: Tags,
 ) -> Result<FlowFwd, Reason> {
-    let rev = rev_entry(key, uplink_id);
-    let nat_port_be = reserve_port(ctx, key, pkt, uplink.addr_be, &rev, settings)?;
+    let search = Search {
+        nat_addr_be: uplink.addr_be,
+        uplink: uplink_id,
+        respect: respect_reservations(settings),
+    };
+    let nat_port_be = reserve_port(ctx, key, pkt, settings, search)?;
     pin_fwd(key, pkt, uplink_id, uplink.addr_be, nat_port_be, tags)
+}
+
+/// Where [`reserve_port`] looks, and for whom.
+#[derive(Clone, Copy)]
+struct Search {
+    nat_addr_be: u32,
+    uplink: u8,
+    respect: bool,
 }
 
 /// [`create`] for a protocol translated by address only: the reverse key
@@ -180,10 +201,10 @@ fn reserve_port(
     ctx: &TcContext,
     key: &FlowKey,
     pkt: &Packet,
-    nat_addr_be: u32,
-    rev: &FlowRev,
     settings: &Settings,
+    search: Search,
 ) -> Result<u16, Reason> {
+    let nat_addr_be = search.nat_addr_be;
     let lan_port = u16::from_be(key.sport_be);
     let echo = !pkt.has_pseudo_header();
     let keep = lan_port != 0
@@ -193,33 +214,27 @@ fn reserve_port(
         } else {
             !sockets::owned_by_host(ctx, &key.reply(nat_addr_be, key.sport_be))
         };
-    if keep {
-        match try_port(key, nat_addr_be, key.sport_be, rev) {
-            Ok(true) => return Ok(key.sport_be),
-            Ok(false) => {}
-            Err(r) => return Err(r),
-        }
-    }
     let min = settings.snat_port_min as u32;
     let span = (settings.snat_port_max as u32).saturating_sub(min) + 1;
     let mut search = PortSearch {
         key: *key,
-        rev: *rev,
-        nat_addr_be,
-        min,
+        search,
+        min: min as u16,
         span,
         // SAFETY: no preconditions.
-        start: unsafe { bpf_get_prandom_u32() } % span,
+        start: (unsafe { bpf_get_prandom_u32() } % span) as u16,
+        keep_be: if keep { key.sport_be } else { 0 },
         echo,
         port_be: 0,
         outcome: SEARCHING,
     };
     // bpf_loop: the verifier checks the try once, not once per try and
-    // path into it, which keeps `mh_lan_in` far from its budget.
+    // path into it, which keeps `mh_lan_in` far from its budget and its
+    // stack small (the kept LAN port is the first try).
     // SAFETY: the callback's context is `search`, alive for the call.
     unsafe {
         bpf_loop(
-            PORT_TRIES,
+            PORT_TRIES + 1,
             try_next_port as *mut c_void,
             &mut search as *mut PortSearch as *mut c_void,
             0,
@@ -238,31 +253,43 @@ const SEARCHING: u8 = 0;
 const FOUND: u8 = 1;
 const MAP_FULL: u8 = 2;
 
-/// The state of [`reserve_port`]'s random search.
+/// The state of [`reserve_port`]'s search.
 struct PortSearch {
     key: FlowKey,
-    rev: FlowRev,
-    nat_addr_be: u32,
-    min: u32,
+    search: Search,
     span: u32,
-    start: u32,
+    min: u16,
+    start: u16,
+    /// The LAN port, tried first; 0: not kept.
+    keep_be: u16,
     echo: bool,
     port_be: u16,
     outcome: u8,
 }
 
-/// One random try of [`reserve_port`]: 0 to go on, 1 to stop.
+/// One try of [`reserve_port`], the kept LAN port first, then random
+/// ones: 0 to go on, 1 to stop.
 extern "C" fn try_next_port(i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `bpf_loop` passes `reserve_port`'s `PortSearch`.
     let s = unsafe { &mut *(ctx as *mut PortSearch) };
-    let Some(off) = s.start.wrapping_add(i as u32).checked_rem(s.span) else {
-        return 1;
+    let port_be = if i == 0 {
+        if s.keep_be == 0 {
+            return 0;
+        }
+        s.keep_be
+    } else {
+        let Some(off) = u32::from(s.start)
+            .wrapping_add(i as u32)
+            .checked_rem(s.span)
+        else {
+            return 1;
+        };
+        ((u32::from(s.min) + off) as u16).to_be()
     };
-    let port_be = ((s.min + off) as u16).to_be();
     if s.echo && sockets::echo_owned_by_host(s.key.daddr_be, port_be) {
         return 0;
     }
-    match try_port(&s.key, s.nat_addr_be, port_be, &s.rev) {
+    match try_mapping(&s.key, s.search, port_be) {
         Ok(false) => 0,
         Ok(true) => {
             s.port_be = port_be;
@@ -274,6 +301,18 @@ extern "C" fn try_next_port(i: u64, ctx: *mut c_void) -> i64 {
             1
         }
     }
+}
+
+/// [`try_port`] for a port the search found; one an endpoint record
+/// holds is taken, unless it is the flow's own endpoint's.
+#[inline(always)]
+fn try_mapping(key: &FlowKey, s: Search, port_be: u16) -> Result<bool, Reason> {
+    if s.respect
+        && affinity::reserved_for_other(key, &affinity::mapping(s.nat_addr_be, port_be, key.proto))
+    {
+        return Ok(false);
+    }
+    try_port(key, s.nat_addr_be, port_be, &rev_entry(key, s.uplink))
 }
 
 /// Ok(true): reserved. Ok(false): taken.

@@ -78,7 +78,7 @@ pub fn create(
     let Some(b) = EIM.get_ptr(eim).map(|p| unsafe { *p }) else {
         return Err(Reason::NotForUplink);
     };
-    let a = conntrack::create(ctx, key, pkt, id, uplink, settings, HAIRPIN)?;
+    let a = conntrack::create(ctx, key, pkt, (id, uplink), settings, HAIRPIN)?;
     let back = FlowKey {
         saddr_be: b.lan_addr_be,
         daddr_be: key.daddr_be,

@@ -62,6 +62,13 @@ pub static RULE_ACTION: Array<RuleAction, { 2 * MAX_RULES as usize }> = Array::n
 pub static ENDPOINTS: HashMap<EndpointKey, Endpoint, { ENDPOINT_ENTRIES as usize }> =
     HashMap::new();
 
+/// Public mapping (uplink address, port, protocol) -> the endpoint whose
+/// record holds it: other flows are not given that port. An entry whose
+/// endpoint no longer holds it is stale and may be taken over.
+#[btf_map]
+pub static ENDPOINT_PORTS: HashMap<EimKey, EndpointKey, { ENDPOINT_ENTRIES as usize }> =
+    HashMap::new();
+
 /// (source, site, policy) -> the uplink its new flows stick to.
 #[btf_map]
 pub static AFFINITY: LruHashMap<AffinityKey, Affinity, { AFFINITY_ENTRIES as usize }> =

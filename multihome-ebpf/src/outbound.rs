@@ -335,7 +335,7 @@ fn new_flow(
     } else if decision.endpoint {
         endpoint_flow(ctx, key, pkt, (id, uplink), &settings, tags, &decision)?
     } else {
-        conntrack::create(ctx, key, pkt, id, uplink, &settings, tags)?
+        conntrack::create(ctx, key, pkt, (id, uplink), &settings, tags)?
     };
     if pkt.l4_kind == L4::Tcp && pkt.tcp_flags() & TCP_SYN == 0 {
         stats::count(Reason::MidStream);
@@ -349,8 +349,9 @@ fn new_flow(
 
 /// A new flow of a `balance = "endpoint"` policy: on its endpoint's public
 /// port when the endpoint has one on this uplink (another port, counted,
-/// when another LAN host's flow holds that one towards this remote);
-/// otherwise a new mapping, which becomes the endpoint's.
+/// when a flow that held that port before the record was made holds it
+/// towards this remote); otherwise a new mapping, which becomes the
+/// endpoint's and is reserved for it.
 #[inline(always)]
 fn endpoint_flow(
     ctx: &TcContext,
@@ -361,18 +362,19 @@ fn endpoint_flow(
     tags: Tags,
     decision: &classify::Decision,
 ) -> Result<FlowFwd, Reason> {
-    if let Some(port_be) = decision.endpoint_port_be {
-        if decision.stuck == Some(id) {
-            match conntrack::create_exact(key, pkt, id, uplink.addr_be, port_be, tags) {
-                Err(Reason::PortExhausted) => stats::count(Reason::EndpointRemapped),
-                made => return made,
-            }
+    let Some(port_be) = decision.endpoint_port_be else {
+        let flow = conntrack::create(ctx, key, pkt, (id, uplink), settings, tags)?;
+        let at = (id, flow.nat_addr_be);
+        affinity::pin_endpoint(key, tags.policy as u32, at, flow.nat_port_be);
+        return Ok(flow);
+    };
+    if decision.stuck == Some(id) {
+        match conntrack::create_exact(key, pkt, id, uplink.addr_be, port_be, tags) {
+            Err(Reason::PortExhausted) => stats::count(Reason::EndpointRemapped),
+            made => return made,
         }
-        return conntrack::create(ctx, key, pkt, id, uplink, settings, tags);
     }
-    let flow = conntrack::create(ctx, key, pkt, id, uplink, settings, tags)?;
-    affinity::pin_endpoint(key, tags.policy as u32, id, flow.nat_port_be);
-    Ok(flow)
+    conntrack::create(ctx, key, pkt, (id, uplink), settings, tags)
 }
 
 /// A new flow a policy refuses: to the kernel with the mark its

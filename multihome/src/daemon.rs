@@ -11,7 +11,7 @@ use futures::StreamExt as _;
 use log::{error, info, warn};
 use multihome_common::{
     FLOW_FAILED_OVER, FlowFwd, FlowKey, LAYOUT_VERSION, MAX_LAN_NETS, SelectTable, Settings,
-    UPLINK_CONFIGURED, rules_word,
+    UPLINK_CONFIGURED, rules_count, rules_word,
 };
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
@@ -910,23 +910,29 @@ impl Daemon {
     /// or the new ones, never a mix. Pinned flows keep their uplink.
     fn apply_rules(&mut self) -> anyhow::Result<()> {
         let compiled = compile::compile(&self.policies.rules);
-        let active = (self.rules.word & 1) as usize;
+        let reserve = self.policies.reserves_ports();
+        let active = self.rules.word & 1;
         // A bank of no rules is never read: nothing to write.
-        let unchanged = self.rules.word >> 1 == compiled.rules
-            && (compiled.rules == 0 || self.rules.known[active].as_ref() == Some(&compiled));
+        let unchanged = rules_count(self.rules.word) == compiled.rules
+            && (compiled.rules == 0
+                || self.rules.known[active as usize].as_ref() == Some(&compiled));
         if unchanged {
+            if rules_word(active, compiled.rules, reserve) != self.rules.word {
+                self.maps.switch_rules(active, compiled.rules, reserve)?;
+                self.rules.word = rules_word(active, compiled.rules, reserve);
+            }
             return self.clear_unused_tables();
         }
         let idle = 1 - active;
         // Unknown until written whole: a write that fails half way must
         // not be taken for the old content next time.
-        let old = self.rules.known[idle].take();
+        let old = self.rules.known[idle as usize].take();
         self.maps
-            .write_rule_bank(idle as u32, &compiled, old.as_ref())
+            .write_rule_bank(idle, &compiled, old.as_ref())
             .context("writing the rule maps")?;
-        self.maps.switch_rules(idle as u32, compiled.rules)?;
-        self.rules.word = rules_word(idle as u32, compiled.rules);
-        self.rules.known[idle] = Some(compiled);
+        self.maps.switch_rules(idle, compiled.rules, reserve)?;
+        self.rules.word = rules_word(idle, compiled.rules, reserve);
+        self.rules.known[idle as usize] = Some(compiled);
         self.clear_unused_tables()
     }
 

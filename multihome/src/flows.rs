@@ -10,9 +10,9 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{HashMap, MapData};
 use multihome_common::{
-    FLOW_FAILED_OVER, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FLOW_RST_IN, FLOW_SEEN_REPLY, FlowFwd,
-    FlowKey, FlowRev, HostFlows, IPPROTO_DCCP, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
-    IPPROTO_UDPLITE,
+    EimKey, Endpoint, EndpointKey, FLOW_FAILED_OVER, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST,
+    FLOW_RST_IN, FLOW_SEEN_REPLY, FlowFwd, FlowKey, FlowRev, HostFlows, IPPROTO_DCCP, IPPROTO_ICMP,
+    IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, Uplink,
 };
 use serde::Serialize;
 
@@ -291,6 +291,66 @@ pub fn reap_endpoints(maps: &Maps, now_ns: u64) -> anyhow::Result<usize> {
     Ok(removed)
 }
 
+/// `BPF_NOEXIST`: insert only where no entry is.
+const NOEXIST: u64 = 1;
+
+/// The public mapping an endpoint record holds, if its uplink has an
+/// address (`uplinks`: the UPLINKS slots).
+fn held_mapping(k: &EndpointKey, e: &Endpoint, uplinks: &[Uplink]) -> Option<EimKey> {
+    let addr = uplinks.get(usize::from(e.uplink))?.addr_be;
+    (addr != 0).then_some(EimKey {
+        nat_addr_be: addr,
+        nat_port_be: e.nat_port_be,
+        proto: k.proto,
+        _pad: 0,
+    })
+}
+
+/// Keeps `ENDPOINT_PORTS` in step with the endpoint records: a
+/// reservation no record holds any more goes once it was seen so on the
+/// previous pass too (`suspects`; the datapath claims a port just before
+/// it writes the record), and a record without its reservation (made
+/// before the map existed, or when it was full) gets it back. Returns
+/// (removed, restored).
+pub fn sync_endpoint_ports(
+    maps: &Maps,
+    suspects: &mut HashSet<EimKey>,
+) -> anyhow::Result<(usize, usize)> {
+    let records = maps.endpoints()?;
+    let mut ports = maps.endpoint_ports()?;
+    let reserved = mapwalk::collect(&ports).context("reading ENDPOINT_PORTS")?;
+    if records.is_empty() && reserved.is_empty() {
+        suspects.clear();
+        return Ok((0, 0));
+    }
+    let uplinks = maps.uplinks()?;
+    let held: std::collections::HashMap<EimKey, EndpointKey> = records
+        .iter()
+        .filter_map(|(k, e)| Some((held_mapping(k, e, &uplinks)?, *k)))
+        .collect();
+    let mut stale = HashSet::new();
+    let mut removed = 0;
+    for (m, owner) in &reserved {
+        if held.get(m) == Some(owner) {
+            continue;
+        }
+        if suspects.contains(m) && ports.remove(m).is_ok() {
+            removed += 1;
+        } else {
+            stale.insert(*m);
+        }
+    }
+    *suspects = stale;
+    let have: HashSet<EimKey> = reserved.iter().map(|(m, _)| *m).collect();
+    let mut restored = 0;
+    for (m, owner) in held {
+        if !have.contains(&m) && ports.insert(m, owner, NOEXIST).is_ok() {
+            restored += 1;
+        }
+    }
+    Ok((removed, restored))
+}
+
 /// A set of flow keys with a one-multiply hash: SipHash would cost more than
 /// reading the maps at a million flows. The seed is random, against chosen
 /// collisions.
@@ -433,26 +493,35 @@ mod tests {
     struct Pinned(std::path::PathBuf);
 
     impl Pinned {
-        fn new(name: &str) -> Option<Self> {
-            use multihome_common::{MAP_CONN_FWD, MAP_CONN_REV, MAP_FILL, MAP_HOSTS, MAP_SETTINGS};
+        fn new(name: &str) -> Self {
+            use multihome_common::{
+                MAP_CONN_FWD, MAP_CONN_REV, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_FILL, MAP_HOSTS,
+                MAP_SETTINGS, MAP_UPLINKS, MAX_UPLINKS,
+            };
             let dir = std::path::Path::new("/sys/fs/bpf")
                 .join(format!("multihome-test-{}-{name}", std::process::id()));
+            let uplink = size_of::<Uplink>() as u32;
             let maps = [
-                (MAP_CONN_FWD, crate::mapwalk::test_map(16, 24, 64)?),
-                (MAP_CONN_REV, crate::mapwalk::test_map(16, 8, 64)?),
-                (MAP_SETTINGS, crate::mapwalk::test_map(4, 4, 1)?),
-                (MAP_HOSTS, crate::mapwalk::test_map(4, 16, 64)?),
-                (MAP_FILL, crate::mapwalk::test_map_of(2, 4, 8, 1)?),
+                (MAP_CONN_FWD, crate::mapwalk::test_map(16, 24, 64)),
+                (MAP_CONN_REV, crate::mapwalk::test_map(16, 8, 64)),
+                (MAP_SETTINGS, crate::mapwalk::test_map(4, 4, 1)),
+                (MAP_HOSTS, crate::mapwalk::test_map(4, 16, 64)),
+                (MAP_FILL, crate::mapwalk::test_map_of(2, 4, 8, 1)),
+                (MAP_ENDPOINTS, crate::mapwalk::test_map(8, 16, 64)),
+                (MAP_ENDPOINT_PORTS, crate::mapwalk::test_map(8, 8, 64)),
+                (
+                    MAP_UPLINKS,
+                    crate::mapwalk::test_map_of(2, 4, uplink, MAX_UPLINKS),
+                ),
             ];
-            if let Err(e) = std::fs::create_dir_all(&dir) {
-                eprintln!("skipped: no bpffs: {e}");
-                return None;
-            }
+            std::fs::create_dir_all(&dir).expect(
+                "a scratch directory on bpffs (/sys/fs/bpf, mounted by `cargo xtask setup`)",
+            );
             let pinned = Self(dir);
             for (name, m) in maps {
                 m.pin(pinned.0.join(name)).expect("pin");
             }
-            Some(pinned)
+            pinned
         }
     }
 
@@ -483,9 +552,7 @@ mod tests {
 
     #[test]
     fn a_crowded_map_loses_its_unanswered_idle_flows_first_and_never_an_established_one() {
-        let Some(dir) = Pinned::new("evict") else {
-            return;
-        };
+        let dir = Pinned::new("evict");
         let maps = Maps::open(&dir.0).expect("open");
         let (mut fwd, mut rev) = (maps.fwd().expect("fwd"), maps.rev().expect("rev"));
         let now = 1_000_000_000_000;
@@ -519,9 +586,7 @@ mod tests {
 
     #[test]
     fn a_purge_removes_a_flow_refreshed_during_its_walk_and_counts_only_removals() {
-        let Some(dir) = Pinned::new("purge") else {
-            return;
-        };
+        let dir = Pinned::new("purge");
         let maps = Maps::open(&dir.0).expect("open");
         let (mut fwd, mut rev) = (maps.fwd().expect("fwd"), maps.rev().expect("rev"));
         let busy = pair(1, 1_000);
@@ -559,9 +624,7 @@ mod tests {
 
     #[test]
     fn reaper_on_kernel_maps() {
-        let Some(dir) = Pinned::new("reaper") else {
-            return;
-        };
+        let dir = Pinned::new("reaper");
         let maps = Maps::open(&dir.0).expect("open");
         let (mut fwd, mut rev) = (maps.fwd().expect("fwd"), maps.rev().expect("rev"));
         let now = 1_000_000_000_000;
@@ -614,5 +677,74 @@ mod tests {
             2,
             "live and newborn reverse halves"
         );
+    }
+
+    #[test]
+    fn endpoint_port_reservations_follow_their_records_over_two_passes() {
+        let dir = Pinned::new("endpoint-ports");
+        let maps = Maps::open(&dir.0).expect("open");
+        let addr = u32::from(Ipv4Addr::new(198, 18, 11, 1)).to_be();
+        maps.set_uplink(
+            0,
+            &Uplink {
+                addr_be: addr,
+                ..Default::default()
+            },
+        )
+        .expect("uplink");
+        let owner = |port: u16| EndpointKey {
+            lan_addr_be: u32::from(Ipv4Addr::new(198, 18, 1, 2)).to_be(),
+            lan_port_be: port.to_be(),
+            proto: IPPROTO_UDP,
+            policy: 1,
+        };
+        let mapping = |port: u16| EimKey {
+            nat_addr_be: addr,
+            nat_port_be: port.to_be(),
+            proto: IPPROTO_UDP,
+            _pad: 0,
+        };
+        let record = |port: u16| Endpoint {
+            nat_port_be: port.to_be(),
+            ..Default::default()
+        };
+        let mut records = maps.endpoints_map().expect("ENDPOINTS");
+        let mut ports = maps.endpoint_ports().expect("ENDPOINT_PORTS");
+        // Held: a record and its reservation. Unreserved: a record made
+        // before the map existed. Stale: a reservation whose record went.
+        records.insert(owner(1), record(1), 0).expect("insert");
+        ports.insert(mapping(1), owner(1), 0).expect("insert");
+        records.insert(owner(2), record(2), 0).expect("insert");
+        ports.insert(mapping(3), owner(3), 0).expect("insert");
+
+        let mut suspects = HashSet::new();
+        assert_eq!(
+            sync_endpoint_ports(&maps, &mut suspects).expect("sync"),
+            (0, 1)
+        );
+        assert_eq!(ports.get(&mapping(2), 0).expect("restored"), owner(2));
+        assert!(
+            ports.get(&mapping(3), 0).is_ok(),
+            "a reservation without its record may be a claim whose record is being written"
+        );
+        assert_eq!(
+            sync_endpoint_ports(&maps, &mut suspects).expect("sync"),
+            (1, 0)
+        );
+        assert!(
+            ports.get(&mapping(3), 0).is_err(),
+            "stale on two passes: gone"
+        );
+        assert_eq!(ports.get(&mapping(1), 0).expect("kept"), owner(1));
+
+        // A record that moved to another port frees its old reservation.
+        records.insert(owner(1), record(4), 0).expect("insert");
+        sync_endpoint_ports(&maps, &mut suspects).expect("sync");
+        assert_eq!(
+            sync_endpoint_ports(&maps, &mut suspects).expect("sync"),
+            (1, 0)
+        );
+        assert!(ports.get(&mapping(1), 0).is_err());
+        assert_eq!(ports.get(&mapping(4), 0).expect("moved"), owner(1));
     }
 }

@@ -19,8 +19,9 @@ use aya::{
 };
 use multihome_common::{
     ALL_MAPS, JUMP_LAN_RESET, LAYOUT_VERSION, MAP_AFFINITY, MAP_CONN_FWD, MAP_CONN_REV,
-    MAP_ENDPOINTS, MAP_JUMP, MAP_REASONS, MAP_SELECT, MAP_SETTINGS, MAP_UPLINKS, PROG_LAN_IN,
-    PROG_LAN_RESET, PROG_WAN_IN, PROG_WAN_IN_L3, PROG_WAN_OUT, PROG_WAN_OUT_L3,
+    MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_JUMP, MAP_REASONS, MAP_SELECT, MAP_SETTINGS,
+    MAP_UPLINKS, PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN, PROG_WAN_IN_L3, PROG_WAN_OUT,
+    PROG_WAN_OUT_L3,
 };
 
 use crate::config::NatConfig;
@@ -218,6 +219,7 @@ impl Datapath {
         if adopted {
             unpin_if_resized(pin_dir, MAP_AFFINITY, nat.max_affinities)?;
             unpin_if_resized(pin_dir, MAP_ENDPOINTS, nat.max_endpoints)?;
+            unpin_if_resized(pin_dir, MAP_ENDPOINT_PORTS, nat.max_endpoints)?;
         }
         Self::load_inner(pin_dir, nat, adopted).inspect_err(|_| {
             if !adopted {
@@ -234,7 +236,8 @@ impl Datapath {
             .map_max_entries(MAP_CONN_FWD, nat.max_flows)
             .map_max_entries(MAP_CONN_REV, nat.max_flows)
             .map_max_entries(MAP_AFFINITY, nat.max_affinities)
-            .map_max_entries(MAP_ENDPOINTS, nat.max_endpoints);
+            .map_max_entries(MAP_ENDPOINTS, nat.max_endpoints)
+            .map_max_entries(MAP_ENDPOINT_PORTS, nat.max_endpoints);
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }

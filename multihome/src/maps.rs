@@ -7,12 +7,13 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use multihome_common::{
-    Affinity, AffinityKey, Endpoint, EndpointKey, FlowFwd, FlowKey, FlowRev, HostFlows, LanNet,
-    MAP_AFFINITY, MAP_CONN_FWD, MAP_CONN_REV, MAP_ENDPOINTS, MAP_FILL, MAP_HOSTS, MAP_LAN_NETS,
-    MAP_REASONS, MAP_ROUTED, MAP_RULE_ACTION, MAP_RULE_DPORT, MAP_RULE_DSCP, MAP_RULE_DST,
-    MAP_RULE_PROTO, MAP_RULE_SRC, MAP_SELECT, MAP_SETTINGS, MAP_UPLINK_STATS, MAP_UPLINKS,
-    MAX_LAN_NETS, MAX_POLICIES, MAX_RULES, MAX_UPLINKS, Reasons, RoutedKey, RoutedUplinks,
-    RuleAction, RuleAddrKey, RuleSet, SelectTable, Settings, Uplink, UplinkStats, rules_word,
+    Affinity, AffinityKey, EimKey, Endpoint, EndpointKey, FlowFwd, FlowKey, FlowRev, HostFlows,
+    LanNet, MAP_AFFINITY, MAP_CONN_FWD, MAP_CONN_REV, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_FILL,
+    MAP_HOSTS, MAP_LAN_NETS, MAP_REASONS, MAP_ROUTED, MAP_RULE_ACTION, MAP_RULE_DPORT,
+    MAP_RULE_DSCP, MAP_RULE_DST, MAP_RULE_PROTO, MAP_RULE_SRC, MAP_SELECT, MAP_SETTINGS,
+    MAP_UPLINK_STATS, MAP_UPLINKS, MAX_LAN_NETS, MAX_POLICIES, MAX_RULES, MAX_UPLINKS, Reasons,
+    RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SelectTable, Settings, Uplink,
+    UplinkStats, rules_word,
 };
 
 use crate::{config::Prefix, mapwalk, policy::compile::Compiled};
@@ -186,12 +187,21 @@ impl Maps {
         Ok(())
     }
 
-    /// Switches the datapath to rule bank `bank`, holding `count` rules:
-    /// one store of [`Settings::rules`].
-    pub fn switch_rules(&self, bank: u32, count: u32) -> anyhow::Result<()> {
+    /// Switches the datapath to rule bank `bank`, holding `count` rules,
+    /// with endpoint reservations on or off: one store of
+    /// [`Settings::rules`].
+    pub fn switch_rules(&self, bank: u32, count: u32, reserve: bool) -> anyhow::Result<()> {
         let mut s = self.settings()?;
-        s.rules = rules_word(bank, count);
+        s.rules = rules_word(bank, count, reserve);
         self.set_settings(&s)
+    }
+
+    /// Public mapping -> the endpoint whose record holds it.
+    pub fn endpoint_ports(&self) -> anyhow::Result<HashMap<MapData, EimKey, EndpointKey>> {
+        Ok(HashMap::try_from(Map::HashMap(open(
+            &self.dir,
+            MAP_ENDPOINT_PORTS,
+        )?))?)
     }
 
     /// Every endpoint record.

@@ -243,20 +243,16 @@ pub fn collect<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>) -> anyhow::Result<V
     Ok(all)
 }
 
-/// A new kernel hash map, or `None` without the rights to make one.
+/// A new kernel hash map. Panics without the rights to make one: these
+/// tests need root (CAP_BPF), and must not pass without running.
 #[cfg(test)]
-pub fn test_map(key_size: u32, value_size: u32, max_entries: u32) -> Option<MapData> {
+pub fn test_map(key_size: u32, value_size: u32, max_entries: u32) -> MapData {
     test_map_of(1, key_size, value_size, max_entries) // BPF_MAP_TYPE_HASH
 }
 
 /// [`test_map`] of another `BPF_MAP_TYPE_*` (2: an array).
 #[cfg(test)]
-pub fn test_map_of(
-    map_type: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-) -> Option<MapData> {
+pub fn test_map_of(map_type: u32, key_size: u32, value_size: u32, max_entries: u32) -> MapData {
     use std::os::fd::{FromRawFd as _, OwnedFd};
 
     #[repr(C)]
@@ -274,16 +270,14 @@ pub fn test_map_of(
     };
     // SAFETY: BPF_MAP_CREATE only reads `attr`.
     let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, &raw const attr, size_of_val(&attr)) };
-    if fd < 0 {
-        eprintln!(
-            "skipped: cannot create a BPF map: {}",
-            io::Error::last_os_error()
-        );
-        return None;
-    }
+    assert!(
+        fd >= 0,
+        "cannot create a BPF map ({}): run the tests as root",
+        io::Error::last_os_error()
+    );
     // SAFETY: a new descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    Some(MapData::from_fd(fd).expect("map info"))
+    MapData::from_fd(fd).expect("map info")
 }
 
 #[cfg(test)]
@@ -441,16 +435,13 @@ mod tests {
         assert!(matches!(r, Err(Stop::Failed(_))));
     }
 
-    fn kernel_map(max: u32) -> Option<HashMap<MapData, u64, u32>> {
-        let data = test_map(8, 4, max)?;
-        Some(HashMap::try_from(Map::HashMap(data)).expect("hash map"))
+    fn kernel_map(max: u32) -> HashMap<MapData, u64, u32> {
+        HashMap::try_from(Map::HashMap(test_map(8, 4, max))).expect("hash map")
     }
 
     #[test]
     fn kernel_walk_matches_iter() {
-        let Some(mut map) = kernel_map(20_000) else {
-            return;
-        };
+        let mut map = kernel_map(20_000);
         let read = |map: &HashMap<MapData, u64, u32>, size| {
             let mut seen = BTreeMap::new();
             let walked = walk(

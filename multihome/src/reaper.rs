@@ -2,6 +2,7 @@
 //! a thread of its own, so that a pass over a million flows (about two
 //! seconds here) never holds up link events, probes or commands.
 use std::{
+    collections::HashSet,
     sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel},
     thread::JoinHandle,
     time::Duration,
@@ -64,6 +65,7 @@ impl Drop for Reaper {
 
 fn run(maps: &Maps, mut timeouts: Timeouts, rx: &Receiver<Timeouts>) {
     let mut suspects: Vec<FlowKey> = Vec::new();
+    let mut reserved_suspects = HashSet::new();
     let mut pass = 0u32;
     let mut crowded = false;
     loop {
@@ -102,6 +104,13 @@ fn run(maps: &Maps, mut timeouts: Timeouts, rx: &Receiver<Timeouts>) {
                 Ok(0) => {}
                 Ok(n) => debug!("removed {n} endpoint records without flows"),
                 Err(e) => error!("removing endpoint records: {e:#}"),
+            }
+            match flows::sync_endpoint_ports(maps, &mut reserved_suspects) {
+                Ok((0, 0)) => {}
+                Ok((gone, back)) => {
+                    debug!("endpoint ports: {gone} stale reservations removed, {back} restored")
+                }
+                Err(e) => error!("checking endpoint port reservations: {e:#}"),
             }
         }
     }

@@ -549,6 +549,60 @@ fn endpoint_balance_gives_a_socket_one_public_address_and_port_for_every_remote(
 }
 
 #[test]
+fn an_endpoints_public_port_is_reserved_so_another_hosts_flow_never_takes_it() {
+    let t = Topology::two_clients();
+    let config = config_for(
+        &t,
+        [1, 1],
+        &format!(
+            "[[policy]]\nname = \"p2p\"\ntiers = [[\"x\"]]\nbalance = \"endpoint\"\n\n\
+             [[policy]]\nname = \"onx\"\ntiers = [[\"x\"]]\n\n\
+             [[rule]]\nsrc = [\"{CLIENT_ADDR}/32\"]\nproto = \"udp\"\npolicy = \"p2p\"\n\n\
+             [[rule]]\nsrc = [\"{CLIENT2_ADDR}/32\"]\npolicy = \"onx\"\n\n\
+             [timeouts]\nudp = 2\n"
+        ),
+    );
+    let gw = Gateway::start(&t.gw, &config);
+    let a = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    let b = udp_peer_server(&t.inet, INET_SERVICE2, 0);
+    let port = fresh_port();
+    let endpoint = t
+        .client
+        .run(|| UdpSocket::bind((CLIENT_ADDR, port)))
+        .expect("bind");
+    let other = t
+        .client2()
+        .run(|| UdpSocket::bind((CLIENT2_ADDR, port)))
+        .expect("bind");
+
+    // The endpoint's first flow keeps its LAN port, which its record holds.
+    let mapping = udp_seen_from(&endpoint, a.addr()).expect("UDP to a");
+    assert_eq!(mapping, SocketAddrV4::new(UPLINK_X_ADDR, port));
+    // Another host on the same LAN port, to a remote the endpoint has not
+    // reached yet: the port is free towards it, but reserved.
+    let seen = udp_seen_from(&other, b.addr()).expect("UDP from client2 to b");
+    assert_eq!(*seen.ip(), UPLINK_X_ADDR);
+    assert_ne!(seen.port(), port, "client2 was given the endpoint's port");
+    // So the endpoint reaches that remote from its one mapping.
+    assert_eq!(
+        udp_seen_from(&endpoint, b.addr()).expect("UDP to b"),
+        mapping
+    );
+    assert_eq!(gw.reason("endpoint_remapped"), 0);
+
+    // The reservation lives with the record: once the endpoint's flows
+    // idle out and the record is reaped, the port is anyone's.
+    drop(endpoint);
+    eventually(Duration::from_secs(60), "endpoint record reaped", || {
+        let out = gw.cli(&["conns", "--affinity", "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .is_ok_and(|v| v.as_array().is_some_and(Vec::is_empty))
+    });
+    let seen = udp_seen_from(&other, a.addr()).expect("UDP from client2 to a");
+    assert_eq!(seen, SocketAddrV4::new(UPLINK_X_ADDR, port));
+}
+
+#[test]
 fn a_policys_own_on_down_and_on_up_override_the_uplinks_for_its_flows_only() {
     let t = Topology::standard();
     // x keeps its flows through an outage and leaves them where they are

@@ -550,6 +550,15 @@ fn shadows(a: &Rule, b: &Rule) -> bool {
 }
 
 impl Policies {
+    /// Whether a policy maps endpoints, so that their ports are reserved
+    /// (`RULES_RESERVE`).
+    pub fn reserves_ports(&self) -> bool {
+        self.policies
+            .iter()
+            .flatten()
+            .any(|p| p.balance == Balance::Endpoint)
+    }
+
     /// Resolves the config's policies and rules, keeping the ids in
     /// `ids` (policy name -> id, from the running datapath) and giving new
     /// names the lowest free id. Interfaces come from `snap`.
