@@ -500,6 +500,13 @@ impl Daemon {
         if let Err(e) = self.maps.set_routed(&uplinks::routed_table(&self.config)) {
             failed.push(e);
         }
+        // `@IFACE` rule entries follow the interfaces' addresses.
+        if self.policies.follow_interfaces(snap) {
+            info!("an interface named by a rule changed its addresses: rules rewritten");
+            if let Err(e) = self.apply_rules() {
+                failed.push(e);
+            }
+        }
         let all_down = !usable.iter().any(|u| *u);
         if all_down && !self.all_down {
             error!(
@@ -963,7 +970,9 @@ impl Daemon {
             })
         {
             bail!(
-                "only weights, gateways, addresses, LAN prefixes, timeouts, policies and rules                  change on reload; restart for the rest, health probes included (with                  --keep-on-exit no flow is lost)"
+                "only weights, gateways, addresses, LAN prefixes, timeouts, policies and rules \
+                 change on reload; restart for the rest, health probes included (with \
+                 --keep-on-exit no flow is lost)"
             );
         }
         let mut new = new;

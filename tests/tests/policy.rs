@@ -603,6 +603,50 @@ fn an_endpoints_public_port_is_reserved_so_another_hosts_flow_never_takes_it() {
 }
 
 #[test]
+fn an_interface_rule_follows_a_subnet_added_to_its_interface_without_a_reload() {
+    let t = Topology::two_clients();
+    let gw = Gateway::start(
+        &t.gw,
+        &with_policies(&t, "[[rule]]\nsrc = [\"@lan1\"]\npolicy = \"ony\"\n"),
+    );
+    let server = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    let from = |addr: Ipv4Addr| {
+        let s = t
+            .client2()
+            .run(|| UdpSocket::bind((addr, fresh_port())))
+            .expect("bind");
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
+        udp_seen_from(&s, server.addr())
+            .ok()
+            .map(|seen| uplink_of(&seen))
+    };
+    for _ in 0..5 {
+        assert_eq!(from(CLIENT2_ADDR), Some("y"));
+    }
+
+    // A second subnet on lan1, as an operator adds one: its hosts are
+    // lan1's, and the rule takes them at once.
+    let added = Ipv4Addr::new(198, 18, 3, 2);
+    t.gw.exec(&["ip", "addr", "add", "198.18.3.1/24", "dev", IF_LAN1]);
+    t.client2()
+        .exec(&["ip", "addr", "add", "198.18.3.2/24", "dev", IF_LAN]);
+    eventually(
+        Duration::from_secs(10),
+        "the new subnet is translated",
+        || from(added).is_some(),
+    );
+    for _ in 0..10 {
+        assert_eq!(
+            from(added),
+            Some("y"),
+            "a host of the new subnet under the rule"
+        );
+    }
+    assert!(gw.log().contains("rules rewritten"), "{}", gw.log());
+}
+
+#[test]
 fn a_policys_own_on_down_and_on_up_override_the_uplinks_for_its_flows_only() {
     let t = Topology::standard();
     // x keeps its flows through an outage and leaves them where they are

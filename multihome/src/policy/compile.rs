@@ -178,6 +178,7 @@ mod tests {
         let policies = crate::policy::Policies {
             policies: vec![],
             rules: rules.clone(),
+            following: vec![],
         };
         for src in [
             "198.18.1.3",

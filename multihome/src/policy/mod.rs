@@ -276,6 +276,46 @@ pub struct Policies {
     /// Indexed by id; 0 is `balanced`.
     pub policies: Vec<Option<Policy>>,
     pub rules: Vec<Rule>,
+    /// The rules with `@IFACE` entries, by index: their prefixes follow
+    /// the interfaces' addresses ([`Policies::follow_interfaces`]).
+    pub following: Vec<(usize, Following)>,
+}
+
+/// A rule's `src` and `dst` as given, files read: what
+/// [`Policies::follow_interfaces`] expands again when addresses change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Following {
+    src: Option<Vec<Entry>>,
+    dst: Option<Vec<Entry>>,
+}
+
+/// One `src`/`dst` entry: prefixes (given, or read from a file at start
+/// and reload), or an interface whose subnets it stands for.
+#[derive(Debug, Clone, PartialEq)]
+enum Entry {
+    Prefixes(Vec<Prefix>),
+    Interface(String),
+}
+
+/// `entries` as prefixes, interfaces taken from `snap`. An unknown
+/// interface is an error when `strict`, else it stands for nothing (it
+/// went away: the rule field matches none of its former subnets).
+fn expand(entries: &[Entry], snap: Option<&Snapshot>, strict: bool) -> anyhow::Result<Vec<Prefix>> {
+    let mut out = Vec::new();
+    for e in entries {
+        match e {
+            Entry::Prefixes(p) => out.extend(p.iter().copied()),
+            Entry::Interface(name) => match snap.and_then(|s| s.get(name)) {
+                Some(i) => out.extend(i.addrs.iter().map(|(a, len)| Prefix {
+                    addr: *a,
+                    len: *len,
+                })),
+                None if strict => bail!("interface {name:?} is not known"),
+                None => {}
+            },
+        }
+    }
+    Ok(out)
 }
 
 /// The `[[policy]]` and `[[rule]]` problems of a config, each naming its
@@ -374,7 +414,11 @@ pub fn problems(config: &Config) -> Vec<String> {
         let rules: Vec<Option<Rule>> = config
             .rules
             .iter()
-            .map(|r| resolve_rule(r, &names_to_ids(config), None).ok())
+            .map(|r| {
+                resolve_rule(r, &names_to_ids(config), None)
+                    .ok()
+                    .map(|(r, _)| r)
+            })
             .collect();
         for (j, later) in rules.iter().enumerate() {
             let Some(later) = later else { continue };
@@ -454,34 +498,37 @@ fn names_to_ids(config: &Config) -> HashMap<String, u8> {
 }
 
 /// Resolves `r`: files are read, `@IFACE` entries take the interface's
-/// subnets from `snap` (without one, they fail).
+/// subnets from `snap` (without one, they fail). Also returns the entries
+/// when some are interfaces, to follow their addresses.
 fn resolve_rule(
     r: &RuleConfig,
     ids: &HashMap<String, u8>,
     snap: Option<&Snapshot>,
-) -> anyhow::Result<Rule> {
-    let prefixes = |list: &[String]| -> anyhow::Result<Option<Vec<Prefix>>> {
+) -> anyhow::Result<(Rule, Option<Following>)> {
+    let entries = |list: &[String]| -> anyhow::Result<Option<Vec<Entry>>> {
         if list.is_empty() {
             return Ok(None);
         }
         let mut out = Vec::new();
         for s in list {
-            if let Some(path) = s.strip_prefix("@file:") {
-                out.extend(read_prefix_file(Path::new(path))?);
+            out.push(if let Some(path) = s.strip_prefix("@file:") {
+                Entry::Prefixes(read_prefix_file(Path::new(path))?)
             } else if let Some(iface) = s.strip_prefix('@') {
-                let Some(i) = snap.and_then(|s| s.get(iface)) else {
-                    bail!("interface {iface:?} is not known");
-                };
-                out.extend(i.addrs.iter().map(|(a, len)| Prefix {
-                    addr: *a,
-                    len: *len,
-                }));
+                Entry::Interface(iface.to_string())
             } else {
-                out.push(s.parse::<Prefix>().map_err(anyhow::Error::msg)?);
-            }
+                Entry::Prefixes(vec![s.parse::<Prefix>().map_err(anyhow::Error::msg)?])
+            });
         }
         Ok(Some(out))
     };
+    let following = Following {
+        src: entries(&r.src)?,
+        dst: entries(&r.dst)?,
+    };
+    let prefixes = |e: &Option<Vec<Entry>>| -> anyhow::Result<Option<Vec<Prefix>>> {
+        e.as_deref().map(|e| expand(e, snap, true)).transpose()
+    };
+    let (src, dst) = (prefixes(&following.src)?, prefixes(&following.dst)?);
     let proto = r
         .proto
         .as_ref()
@@ -512,15 +559,21 @@ fn resolve_rule(
                 .with_context(|| format!("no policy named {name:?}"))?,
         ),
     };
-    Ok(Rule {
+    let rule = Rule {
         line: r.line,
-        src: prefixes(&r.src)?,
-        dst: prefixes(&r.dst)?,
+        src,
+        dst,
         protos,
         ports,
         dscp: r.dscp,
         action,
-    })
+    };
+    let interfaces = [&following.src, &following.dst]
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| matches!(e, Entry::Interface(_)));
+    Ok((rule, interfaces.then_some(following)))
 }
 
 /// Whether `a`, earlier, matches every flow that `b` matches.
@@ -632,10 +685,39 @@ impl Policies {
             });
         }
         let mut rules = Vec::new();
+        let mut following = Vec::new();
         for (i, r) in config.rules.iter().enumerate() {
-            rules.push(resolve_rule(r, &assigned, Some(snap)).with_context(|| rule_at(i, r))?);
+            let (rule, follow) =
+                resolve_rule(r, &assigned, Some(snap)).with_context(|| rule_at(i, r))?;
+            rules.push(rule);
+            following.extend(follow.map(|f| (i, f)));
         }
-        Ok(Self { policies, rules })
+        Ok(Self {
+            policies,
+            rules,
+            following,
+        })
+    }
+
+    /// Expands the `@IFACE` entries again from `snap`, as the interfaces'
+    /// addresses are now (an interface gone stands for nothing). Returns
+    /// whether a rule changed; the caller then writes the rules.
+    pub fn follow_interfaces(&mut self, snap: &Snapshot) -> bool {
+        let mut changed = false;
+        for (i, f) in &self.following {
+            let expand = |e: &Option<Vec<Entry>>| {
+                e.as_deref()
+                    .map(|e| expand(e, Some(snap), false).unwrap_or_default())
+            };
+            let (src, dst) = (expand(&f.src), expand(&f.dst));
+            let rule = &mut self.rules[*i];
+            if rule.src != src || rule.dst != dst {
+                rule.src = src;
+                rule.dst = dst;
+                changed = true;
+            }
+        }
+        changed
     }
 
     /// The first rule `p` matches, by index, and its action.
@@ -837,6 +919,53 @@ mod tests {
         let mut now = up(true, true);
         now[1].weight = 0;
         assert_eq!(p.tables(&now)[0].now_members, 0b01, "y set to weight 0");
+    }
+
+    #[test]
+    fn interface_entries_follow_the_interfaces_addresses_and_fixed_ones_stay() {
+        let c = Config::parse(&format!(
+            "{UPLINKS}\n[[policy]]\nname = \"v\"\ntiers = [[\"x\"]]\n\n\
+             [[rule]]\nsrc = [\"@lan1\", \"198.18.9.0/24\"]\npolicy = \"v\"\n\n\
+             [[rule]]\ndst = [\"198.19.0.0/16\"]\npolicy = \"v\"\n"
+        ))
+        .expect("valid");
+        let lan1 = |addrs: &[(Ipv4Addr, u8)]| {
+            let mut snap = Snapshot::new();
+            snap.insert(
+                "lan1".into(),
+                crate::netinfo::Interface {
+                    index: 7,
+                    name: "lan1".into(),
+                    up: true,
+                    mtu: 1500,
+                    l3: false,
+                    addrs: addrs.to_vec(),
+                },
+            );
+            snap
+        };
+        let a = (Ipv4Addr::new(198, 18, 2, 1), 24);
+        let b = (Ipv4Addr::new(198, 18, 3, 1), 24);
+        let mut p = Policies::resolve(&c, &HashMap::new(), &lan1(&[a])).expect("resolves");
+        let src = |p: &Policies| p.rules[0].src.clone().expect("src");
+        let fixed: Prefix = "198.18.9.0/24".parse().expect("prefix");
+        let of = |(addr, len): (Ipv4Addr, u8)| Prefix { addr, len };
+        assert_eq!(src(&p), vec![of(a), fixed]);
+        assert_eq!(p.following.len(), 1, "only the rule naming an interface");
+
+        assert!(!p.follow_interfaces(&lan1(&[a])), "nothing changed");
+        assert!(p.follow_interfaces(&lan1(&[a, b])), "a subnet added");
+        assert_eq!(src(&p), vec![of(a), of(b), fixed]);
+        assert!(p.follow_interfaces(&Snapshot::new()), "the interface went");
+        assert_eq!(
+            src(&p),
+            vec![fixed],
+            "it stands for nothing; the rest stays"
+        );
+        assert_eq!(
+            p.rules[1].dst,
+            Some(vec!["198.19.0.0/16".parse().expect("prefix")])
+        );
     }
 
     #[test]
