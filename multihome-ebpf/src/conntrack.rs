@@ -341,8 +341,9 @@ fn disarm_rst(flags: u32, tcp: u8) -> u32 {
 fn tcp_flags_out(flags: u32, tcp: u8) -> u32 {
     let mut f = disarm_rst(flags, tcp);
     if tcp & TCP_SYN != 0 && f & (FLOW_RST | FLOW_RST_IN | FLOW_FIN_OUT | FLOW_FIN_IN) != 0 {
-        // A new connection reusing a closed flow's tuple starts over; what
-        // the flow is (hairpin) stays.
+        // A new connection reusing a closed hairpin flow's tuple starts
+        // over and stays a hairpin (other closed flows are made anew:
+        // `outbound::fate`).
         f &= FLOW_HAIRPIN;
     }
     if tcp & TCP_FIN != 0 {

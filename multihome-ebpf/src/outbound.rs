@@ -3,11 +3,11 @@
 //! path handed to the kernel.
 use aya_ebpf::programs::TcContext;
 use multihome_common::{
-    FLOW_FAILED_OVER, FLOW_HAIRPIN, FLOW_SEEN_REPLY, FlowFwd, FlowKey, IPPROTO_AH, IPPROTO_TCP,
-    JUMP_LAN_RESET, MARK_PROHIBIT, MARK_TRANSLATED, MAX_LAN_NETS, MAX_UPLINKS, ON_DOWN_KEEP,
-    ON_DOWN_PURGE, ON_DOWN_PURGE_UDP, ON_DOWN_RESET, ON_DOWN_UPLINK, RULE_MAIN, RULE_UNREACHABLE,
-    Reason, Settings, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_L3, UPLINK_OUTAGE,
-    UPLINK_RESET_TCP, Uplink,
+    FLOW_FAILED_OVER, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_HAIRPIN, FLOW_RST, FLOW_RST_IN,
+    FLOW_SEEN_REPLY, FlowFwd, FlowKey, IPPROTO_AH, IPPROTO_TCP, JUMP_LAN_RESET, MARK_PROHIBIT,
+    MARK_TRANSLATED, MAX_LAN_NETS, MAX_UPLINKS, ON_DOWN_KEEP, ON_DOWN_PURGE, ON_DOWN_PURGE_UDP,
+    ON_DOWN_RESET, ON_DOWN_UPLINK, RULE_MAIN, RULE_UNREACHABLE, Reason, Settings, UPLINK_EVACUATE,
+    UPLINK_EVACUATE_TCP, UPLINK_L3, UPLINK_OUTAGE, UPLINK_RESET_TCP, Uplink,
 };
 
 use crate::{
@@ -19,7 +19,7 @@ use crate::{
     maps::{JUMP, LAN_NETS, SELECT, SETTINGS, UPLINKS},
     mss,
     nat::{self, Side},
-    parse::{self, L4, Packet, TCP_SYN},
+    parse::{self, L4, Packet, TCP_ACK, TCP_SYN},
     quota, select, sockets, stats,
     verdict::{Outcome, Verdict},
 };
@@ -52,7 +52,7 @@ pub fn lan_ingress(ctx: &TcContext) -> Outcome {
     }
     let key = conntrack::lan_key(&pkt);
     let pinned = match conntrack::lookup_fwd(&key) {
-        Some(f) => match fate(ctx, &key, f) {
+        Some(f) => match fate(ctx, &key, f, pkt.tcp_flags()) {
             Fate::Keep => Some(f),
             Fate::Remake => None,
             Fate::Reset => {
@@ -81,6 +81,9 @@ pub fn lan_ingress(ctx: &TcContext) -> Outcome {
     to_uplink(ctx, &pkt, &flow, uplink, known)
 }
 
+/// Flags of a TCP flow that one end closed or reset.
+const FLOW_CLOSED: u32 = FLOW_RST | FLOW_RST_IN | FLOW_FIN_OUT | FLOW_FIN_IN;
+
 /// What becomes of a pinned flow at its next LAN packet.
 enum Fate {
     Keep,
@@ -99,9 +102,13 @@ enum Fate {
 /// uplink's) decides: the flow is removed, so its next packet moves it with
 /// no table walk and no packet lost; or, for `reset`, an answered TCP
 /// flow's packet is answered with an RST instead (unless it is GSO: then
-/// it moves, and the remote resets it); or it is kept.
+/// it moves, and the remote resets it); or it is kept. A SYN (`tcp`: the
+/// packet's TCP flags) on a closed TCP flow's tuple opens a new
+/// connection: the old flow goes, and the new one is placed by the rules
+/// and affinities as they are now (netfilter, too, makes a new conntrack
+/// for a SYN in TIME_WAIT). Hairpin flows, made in pairs, just restart.
 #[inline(always)]
-fn fate(ctx: &TcContext, key: &FlowKey, f: *mut FlowFwd) -> Fate {
+fn fate(ctx: &TcContext, key: &FlowKey, f: *mut FlowFwd, tcp: u8) -> Fate {
     // SAFETY: a read of the map value.
     let (uplink, nat_addr_be, nat_port_be, flags, policy) = unsafe {
         (
@@ -112,6 +119,11 @@ fn fate(ctx: &TcContext, key: &FlowKey, f: *mut FlowFwd) -> Fate {
             (*f).policy,
         )
     };
+    if flags & FLOW_CLOSED != 0 && tcp & (TCP_SYN | TCP_ACK) == TCP_SYN && flags & FLOW_HAIRPIN == 0
+    {
+        conntrack::remove_pair(key, nat_addr_be, nat_port_be);
+        return Fate::Remake;
+    }
     let Some(u) = UPLINKS.get(uplink as u32) else {
         return Fate::Keep;
     };

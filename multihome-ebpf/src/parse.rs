@@ -21,6 +21,7 @@ pub const ICMP_PARAMETER_PROB: u8 = 12;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// IPv4 header field offsets from its start.
 pub mod ip {

@@ -1258,6 +1258,52 @@ fn an_rst_from_outside_only_arms_the_close_and_a_later_packet_either_way_disarms
 }
 
 #[test]
+fn a_lan_syn_on_a_closed_tcp_flows_tuple_makes_the_flow_anew_and_other_segments_keep_it() {
+    with_datapath(|dp| {
+        let with_flags = |flags: u8| {
+            let mut p = TCP_FLOW.outbound();
+            if let Payload::Tcp(t) = &mut p.payload {
+                t.flags = flags;
+            }
+            p.frame()
+        };
+        for closed in [
+            FLOW_FIN_OUT | FLOW_FIN_IN,
+            FLOW_RST,
+            FLOW_RST_IN,
+            FLOW_FIN_OUT,
+        ] {
+            for (flags, remade) in [
+                (TCP_ACK, false),
+                (TCP_SYN | TCP_ACK, false),
+                (TCP_SYN, true),
+            ] {
+                dp.insert_flow(&TCP_FLOW);
+                let fwd = FlowFwd {
+                    flags: FLOW_SEEN_REPLY | closed,
+                    ..TCP_FLOW.fwd()
+                };
+                dp.set_fwd(TCP_FLOW.fwd_key(), fwd);
+                let (_, counted) = dp.run_counted(PROG_LAN_IN, &with_flags(flags), 0);
+                let what = format!("TCP flags {flags:#x} on a flow with {closed:#x}");
+                // Made anew, it would need a route, which this namespace lacks.
+                assert_eq!(
+                    counted.contains(&(Reason::NotForUplink, 1)),
+                    remade,
+                    "{what}: {counted:?}"
+                );
+                assert_eq!(dp.fwd_entry(&TCP_FLOW).is_none(), remade, "{what}");
+                assert_eq!(dp.flows().rev.is_empty(), remade, "{what}: both halves");
+            }
+        }
+        // A live flow keeps its mapping whatever the LAN host sends.
+        dp.insert_flow(&TCP_FLOW);
+        let (_, counted) = dp.run_counted(PROG_LAN_IN, &with_flags(TCP_SYN), 0);
+        assert!(dp.fwd_entry(&TCP_FLOW).is_some(), "{counted:?}");
+    });
+}
+
+#[test]
 fn a_reply_whose_reverse_entry_points_at_a_flow_with_another_mapping_passes_and_removes_it() {
     with_datapath(|dp| {
         for f in &[TCP_FLOW, UDP_FLOW, ECHO_FLOW] {
