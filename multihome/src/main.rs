@@ -14,6 +14,7 @@ mod netinfo;
 mod policy;
 mod reaper;
 mod routing;
+mod status;
 mod uplinks;
 
 use clap::{CommandFactory as _, FromArgMatches as _};

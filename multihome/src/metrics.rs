@@ -9,7 +9,7 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::{cli::status, maps::Maps};
+use crate::{maps::Maps, status};
 
 /// Binds `addr` and serves scrapes until the process ends.
 pub async fn spawn(addr: SocketAddr, pin_dir: PathBuf) -> anyhow::Result<()> {

@@ -1,178 +1,144 @@
-//! `multihome status`: uplinks, counters and reasons, from the maps.
-use serde::Serialize;
+//! `multihome status`: renders the [`Status`] model as a table or JSON.
+use std::fmt::Write as _;
 
-use crate::{flows::be_addr, maps::Maps, uplinks::name_from_bytes};
-use multihome_common::{
-    UPLINK_CONFIGURED, UPLINK_DRAINED, UPLINK_HELD_DOWN, UPLINK_LINK_DOWN, UPLINK_PROBES_FAIL,
-    UPLINK_USABLE,
+use crate::{
+    maps::Maps,
+    status::{self, Status},
 };
-
-#[derive(Serialize)]
-pub struct UplinkStatus {
-    pub name: String,
-    pub interface: String,
-    pub address: Option<String>,
-    pub gateway: Option<String>,
-    pub state: &'static str,
-    /// Why it is not up.
-    pub reason: Option<&'static str>,
-    pub weight: u32,
-    pub rtt_ms: Option<f64>,
-    pub loss_pct: f64,
-    pub flows: u64,
-    pub new_flows: u64,
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
-    pub slow_path: u64,
-}
-
-/// A LAN host's share of the connection map.
-#[derive(Serialize)]
-pub struct HostShare {
-    pub address: String,
-    pub flows: u64,
-    /// New flows refused because it held `max_flows_per_host`.
-    pub refused: u64,
-}
-
-/// How many hosts `status` lists.
-const TOP_HOSTS: usize = 10;
-
-#[derive(Serialize)]
-pub struct Status {
-    pub uplinks: Vec<UplinkStatus>,
-    pub flows: u64,
-    /// The hosts refused most (then those with most flows), at most ten.
-    pub top_hosts: Vec<HostShare>,
-    pub drops: std::collections::BTreeMap<&'static str, u64>,
-}
-
-fn top_hosts(maps: &Maps) -> anyhow::Result<Vec<HostShare>> {
-    let mut hosts: Vec<(u32, multihome_common::HostFlows)> =
-        maps.hosts()?.iter().filter_map(Result::ok).collect();
-    hosts.sort_by_key(|(_, h)| std::cmp::Reverse((h.refused, h.flows)));
-    Ok(hosts
-        .into_iter()
-        .take(TOP_HOSTS)
-        .map(|(a, h)| HostShare {
-            address: be_addr(a).to_string(),
-            flows: h.flows,
-            refused: h.refused,
-        })
-        .collect())
-}
-
-pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
-    let flows = maps.flows()?;
-    let stats = maps.uplink_stats()?;
-    let mut uplinks = Vec::new();
-    for (id, u) in maps.uplinks()?.iter().enumerate() {
-        if u.flags & UPLINK_CONFIGURED == 0 {
-            continue;
-        }
-        let s = &stats[id];
-        let addr = (u.addr_be != 0).then(|| be_addr(u.addr_be).to_string());
-        uplinks.push(UplinkStatus {
-            name: name_from_bytes(&u.name),
-            interface: name_from_bytes(&u.ifname),
-            state: match (u.flags & UPLINK_USABLE != 0, addr.is_some()) {
-                (true, _) => "up",
-                _ if u.flags & UPLINK_DRAINED != 0 => "drained",
-                (false, false) => "no-address",
-                (false, true) => "down",
-            },
-            reason: match () {
-                _ if u.flags & UPLINK_LINK_DOWN != 0 => Some("link down"),
-                _ if u.addr_be == 0 => Some("no IPv4 address on the interface"),
-                _ if u.flags & UPLINK_PROBES_FAIL != 0 => Some("health probes fail"),
-                _ if u.flags & UPLINK_DRAINED != 0 => Some("drained by the operator"),
-                _ if u.flags & UPLINK_HELD_DOWN != 0 => {
-                    Some("held down after an outage (hold_down_ms)")
-                }
-                _ => None,
-            },
-            rtt_ms: (u.rtt_us != 0).then(|| u.rtt_us as f64 / 1000.0),
-            loss_pct: u.loss_permille as f64 / 10.0,
-            address: addr,
-            gateway: (u.gateway_be != 0).then(|| be_addr(u.gateway_be).to_string()),
-            weight: u.weight,
-            flows: flows
-                .iter()
-                .filter(|(_, f)| f.uplink as usize == id)
-                .count() as u64,
-            new_flows: s.new_flows,
-            tx_packets: s.tx_packets,
-            tx_bytes: s.tx_bytes,
-            rx_packets: s.rx_packets,
-            rx_bytes: s.rx_bytes,
-            slow_path: s.slow_path,
-        });
-    }
-    Ok(Status {
-        uplinks,
-        flows: flows.len() as u64,
-        top_hosts: top_hosts(maps)?,
-        drops: maps.reasons()?.into_iter().collect(),
-    })
-}
 
 pub fn run(pin: &super::PinDir, json: bool) -> anyhow::Result<()> {
     let maps = Maps::open(&pin.pin_dir)?;
-    let st = collect(&maps)?;
+    let st = status::collect(&maps)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&st)?);
-        return Ok(());
+    } else {
+        print!("{}", table(&st));
     }
-    println!(
-        "{:<8} {:<10} {:<16} {:<16} {:<10} {:>6} {:>7} {:>12} {:>12} {:>12} {:>12}",
-        "UPLINK",
-        "IFACE",
-        "ADDRESS",
-        "GATEWAY",
-        "STATE",
-        "WEIGHT",
-        "FLOWS",
-        "TX PKTS",
-        "TX BYTES",
-        "RX PKTS",
-        "RX BYTES"
-    );
+    Ok(())
+}
+
+/// The uplink table's columns: header, width, left-aligned.
+const COLUMNS: [(&str, usize, bool); 13] = [
+    ("UPLINK", 8, true),
+    ("IFACE", 10, true),
+    ("ADDRESS", 16, true),
+    ("GATEWAY", 16, true),
+    ("STATE", 10, true),
+    ("WEIGHT", 6, false),
+    ("FLOWS", 7, false),
+    ("TX PKTS", 12, false),
+    ("TX BYTES", 12, false),
+    ("RX PKTS", 12, false),
+    ("RX BYTES", 12, false),
+    ("RTT MS", 8, false),
+    ("LOSS %", 6, false),
+];
+
+/// One table row of `cells`, laid out by [`COLUMNS`].
+fn row<S: AsRef<str>>(cells: &[S]) -> String {
+    let mut line = String::new();
+    for ((_, width, left), cell) in COLUMNS.iter().zip(cells) {
+        let cell = cell.as_ref();
+        let _ = if *left {
+            write!(line, "{cell:<width$} ")
+        } else {
+            write!(line, "{cell:>width$} ")
+        };
+    }
+    line.trim_end().to_string() + "\n"
+}
+
+/// `status` as text: the uplink table, refused hosts, reasons.
+fn table(st: &Status) -> String {
+    let mut out = row(&COLUMNS.map(|(h, _, _)| h));
     for u in &st.uplinks {
-        println!(
-            "{:<8} {:<10} {:<16} {:<16} {:<10} {:>6} {:>7} {:>12} {:>12} {:>12} {:>12} {:>8} {:>6}",
-            u.name,
-            u.interface,
-            u.address.as_deref().unwrap_or("-"),
-            u.gateway.as_deref().unwrap_or("-"),
-            u.state,
-            u.weight,
-            u.flows,
-            u.tx_packets,
-            u.tx_bytes,
-            u.rx_packets,
-            u.rx_bytes,
+        out += &row(&[
+            u.name.clone(),
+            u.interface.clone(),
+            u.address.clone().unwrap_or_else(|| "-".into()),
+            u.gateway.clone().unwrap_or_else(|| "-".into()),
+            u.state.to_string(),
+            u.weight.to_string(),
+            u.flows.to_string(),
+            u.tx_packets.to_string(),
+            u.tx_bytes.to_string(),
+            u.rx_packets.to_string(),
+            u.rx_bytes.to_string(),
             u.rtt_ms.map_or("-".into(), |r| format!("{r:.1}")),
-            format!("{:.0}", u.loss_pct)
-        );
+            format!("{:.0}", u.loss_pct),
+        ]);
         if let Some(why) = u.reason {
-            println!("         ^ {}: {why}", u.name);
+            let _ = writeln!(out, "         ^ {}: {why}", u.name);
         }
     }
     if st.top_hosts.iter().any(|h| h.refused > 0) {
-        println!("\nLAN hosts refused new flows (nat.max_flows_per_host):");
-        println!("  {:<16} {:>8} {:>10}", "HOST", "FLOWS", "REFUSED");
+        out += "\nLAN hosts refused new flows (nat.max_flows_per_host):\n";
+        let _ = writeln!(out, "  {:<16} {:>8} {:>10}", "HOST", "FLOWS", "REFUSED");
         for h in st.top_hosts.iter().filter(|h| h.refused > 0) {
-            println!("  {:<16} {:>8} {:>10}", h.address, h.flows, h.refused);
+            let _ = writeln!(out, "  {:<16} {:>8} {:>10}", h.address, h.flows, h.refused);
         }
     }
-    println!(
+    let _ = writeln!(
+        out,
         "\n{} live flows. Packets left to the kernel or dropped, by reason:",
         st.flows
     );
     for (name, n) in st.drops.iter().filter(|(_, n)| **n > 0) {
-        println!("  {name:<20} {n}");
+        let _ = writeln!(out, "  {name:<20} {n}");
     }
-    Ok(())
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::UplinkStatus;
+
+    #[test]
+    fn every_uplink_column_has_a_header() {
+        let st = Status {
+            uplinks: vec![UplinkStatus {
+                name: "x".into(),
+                interface: "wan0".into(),
+                address: Some("198.18.11.1".into()),
+                gateway: None,
+                state: "up",
+                reason: None,
+                weight: 1,
+                rtt_ms: Some(1.5),
+                loss_pct: 0.0,
+                flows: 3,
+                new_flows: 4,
+                tx_packets: 5,
+                tx_bytes: 6,
+                rx_packets: 7,
+                rx_bytes: 8,
+                slow_path: 0,
+            }],
+            flows: 3,
+            top_hosts: vec![],
+            drops: Default::default(),
+        };
+        let text = table(&st);
+        let mut lines = text.lines();
+        let header = lines.next().expect("header");
+        let row = lines.next().expect("row");
+        assert_eq!(row.split_whitespace().count(), COLUMNS.len(), "{text}");
+        assert!(
+            header.contains("RTT MS") && header.contains("LOSS %"),
+            "{header}"
+        );
+        // Each header sits over its column, and each column has a cell.
+        let mut at = 0;
+        for (h, width, left) in COLUMNS {
+            let head = &header[at..at + width];
+            let cell = &row[at..(at + width).min(row.len())];
+            assert_eq!(head.trim(), h, "{text}");
+            assert!(!cell.trim().is_empty(), "column {h} is empty: {text}");
+            if left {
+                assert!(!cell.starts_with(' '), "{h}: {text}");
+            }
+            at += width + 1;
+        }
+    }
 }

@@ -7,8 +7,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::status::{self, Status};
 use crate::maps::Maps;
+use crate::status::{self, Status};
 
 const EVENTS: usize = 8;
 
@@ -145,7 +145,7 @@ fn chrono_less_time() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::status::UplinkStatus;
+    use crate::status::UplinkStatus;
 
     fn uplink(name: &str, state: &'static str, new_flows: u64, weight: u32) -> UplinkStatus {
         UplinkStatus {

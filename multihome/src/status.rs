@@ -1,0 +1,121 @@
+//! The gateway's state as people see it: uplinks, counters, hosts and
+//! reasons, read from the maps. `multihome status`, `top` and the
+//! metrics render it.
+use serde::Serialize;
+
+use crate::{flows::be_addr, maps::Maps, uplinks::name_from_bytes};
+use multihome_common::{
+    UPLINK_CONFIGURED, UPLINK_DRAINED, UPLINK_HELD_DOWN, UPLINK_LINK_DOWN, UPLINK_PROBES_FAIL,
+    UPLINK_USABLE,
+};
+
+#[derive(Serialize)]
+pub struct UplinkStatus {
+    pub name: String,
+    pub interface: String,
+    pub address: Option<String>,
+    pub gateway: Option<String>,
+    pub state: &'static str,
+    /// Why it is not up.
+    pub reason: Option<&'static str>,
+    pub weight: u32,
+    pub rtt_ms: Option<f64>,
+    pub loss_pct: f64,
+    pub flows: u64,
+    pub new_flows: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub slow_path: u64,
+}
+
+/// A LAN host's share of the connection map.
+#[derive(Serialize)]
+pub struct HostShare {
+    pub address: String,
+    pub flows: u64,
+    /// New flows refused because it held `max_flows_per_host`.
+    pub refused: u64,
+}
+
+/// How many hosts `status` lists.
+const TOP_HOSTS: usize = 10;
+
+#[derive(Serialize)]
+pub struct Status {
+    pub uplinks: Vec<UplinkStatus>,
+    pub flows: u64,
+    /// The hosts refused most (then those with most flows), at most ten.
+    pub top_hosts: Vec<HostShare>,
+    pub drops: std::collections::BTreeMap<&'static str, u64>,
+}
+
+fn top_hosts(maps: &Maps) -> anyhow::Result<Vec<HostShare>> {
+    let mut hosts: Vec<(u32, multihome_common::HostFlows)> =
+        maps.hosts()?.iter().filter_map(Result::ok).collect();
+    hosts.sort_by_key(|(_, h)| std::cmp::Reverse((h.refused, h.flows)));
+    Ok(hosts
+        .into_iter()
+        .take(TOP_HOSTS)
+        .map(|(a, h)| HostShare {
+            address: be_addr(a).to_string(),
+            flows: h.flows,
+            refused: h.refused,
+        })
+        .collect())
+}
+
+pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
+    let flows = maps.flows()?;
+    let stats = maps.uplink_stats()?;
+    let mut uplinks = Vec::new();
+    for (id, u) in maps.uplinks()?.iter().enumerate() {
+        if u.flags & UPLINK_CONFIGURED == 0 {
+            continue;
+        }
+        let s = &stats[id];
+        let addr = (u.addr_be != 0).then(|| be_addr(u.addr_be).to_string());
+        uplinks.push(UplinkStatus {
+            name: name_from_bytes(&u.name),
+            interface: name_from_bytes(&u.ifname),
+            state: match (u.flags & UPLINK_USABLE != 0, addr.is_some()) {
+                (true, _) => "up",
+                _ if u.flags & UPLINK_DRAINED != 0 => "drained",
+                (false, false) => "no-address",
+                (false, true) => "down",
+            },
+            reason: match () {
+                _ if u.flags & UPLINK_LINK_DOWN != 0 => Some("link down"),
+                _ if u.addr_be == 0 => Some("no IPv4 address on the interface"),
+                _ if u.flags & UPLINK_PROBES_FAIL != 0 => Some("health probes fail"),
+                _ if u.flags & UPLINK_DRAINED != 0 => Some("drained by the operator"),
+                _ if u.flags & UPLINK_HELD_DOWN != 0 => {
+                    Some("held down after an outage (hold_down_ms)")
+                }
+                _ => None,
+            },
+            rtt_ms: (u.rtt_us != 0).then(|| u.rtt_us as f64 / 1000.0),
+            loss_pct: u.loss_permille as f64 / 10.0,
+            address: addr,
+            gateway: (u.gateway_be != 0).then(|| be_addr(u.gateway_be).to_string()),
+            weight: u.weight,
+            flows: flows
+                .iter()
+                .filter(|(_, f)| f.uplink as usize == id)
+                .count() as u64,
+            new_flows: s.new_flows,
+            tx_packets: s.tx_packets,
+            tx_bytes: s.tx_bytes,
+            rx_packets: s.rx_packets,
+            rx_bytes: s.rx_bytes,
+            slow_path: s.slow_path,
+        });
+    }
+    Ok(Status {
+        uplinks,
+        flows: flows.len() as u64,
+        top_hosts: top_hosts(maps)?,
+        drops: maps.reasons()?.into_iter().collect(),
+    })
+}
