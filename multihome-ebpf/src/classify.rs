@@ -7,6 +7,7 @@ use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use multihome_common::{
     BALANCE_ENDPOINT, BALANCE_SITE, BALANCE_SOURCE, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MAX_RULES,
     MAX_UPLINKS, RULE_MAIN, RULE_UNREACHABLE, RULE_WORDS, RuleAction, RuleAddrKey, RuleSet,
+    rules_count,
 };
 
 use crate::{
@@ -47,12 +48,17 @@ pub fn decide(ctx: &TcContext, pkt: &Packet, key: &FlowKey, rules: u32) -> Decis
     } else {
         0
     };
-    let action = mh_classify(
-        key.saddr_be,
-        key.daddr_be,
-        dport as u32 | (key.proto as u32) << 16 | (dscp as u32) << 24,
-        rules & 0xffff,
-    );
+    // No rules: `balanced`, without the call.
+    let action = if rules_count(rules) == 0 {
+        0
+    } else {
+        mh_classify(
+            key.saddr_be,
+            key.daddr_be,
+            dport as u32 | (key.proto as u32) << 16 | (dscp as u32) << 24,
+            rules & 0xffff,
+        )
+    };
     let word = mh_stick(
         key.saddr_be,
         key.daddr_be,

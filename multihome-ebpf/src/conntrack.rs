@@ -214,6 +214,17 @@ fn reserve_port(
         } else {
             !sockets::owned_by_host(ctx, &key.reply(nat_addr_be, key.sport_be))
         };
+    // The common case, inline: the LAN port kept, with no reservations to
+    // respect (those are checked in the search's callback only, whose
+    // frame the LAN program's stack can hold).
+    if keep && !search.respect {
+        let rev = rev_entry(key, search.uplink);
+        match try_port(key, nat_addr_be, key.sport_be, &rev) {
+            Ok(true) => return Ok(key.sport_be),
+            Ok(false) => {}
+            Err(r) => return Err(r),
+        }
+    }
     let min = settings.snat_port_min as u32;
     let span = (settings.snat_port_max as u32).saturating_sub(min) + 1;
     let mut search = PortSearch {
@@ -223,14 +234,19 @@ fn reserve_port(
         span,
         // SAFETY: no preconditions.
         start: (unsafe { bpf_get_prandom_u32() } % span) as u16,
-        keep_be: if keep { key.sport_be } else { 0 },
+        keep_be: if keep && search.respect {
+            key.sport_be
+        } else {
+            0
+        },
         echo,
         port_be: 0,
         outcome: SEARCHING,
     };
     // bpf_loop: the verifier checks the try once, not once per try and
     // path into it, which keeps `mh_lan_in` far from its budget and its
-    // stack small (the kept LAN port is the first try).
+    // stack small (the kept LAN port is the first try when reservations
+    // count).
     // SAFETY: the callback's context is `search`, alive for the call.
     unsafe {
         bpf_loop(
@@ -260,7 +276,7 @@ struct PortSearch {
     span: u32,
     min: u16,
     start: u16,
-    /// The LAN port, tried first; 0: not kept.
+    /// The LAN port, tried first; 0: not kept, or tried already.
     keep_be: u16,
     echo: bool,
     port_be: u16,
