@@ -329,6 +329,9 @@ pub const UPLINK_RESET_TCP: u16 = 1 << 9;
 /// `on_down` is: a flow whose policy has its own `on_down`
 /// ([`SelectTable::on_down`]) follows that one.
 pub const UPLINK_OUTAGE: u16 = 1 << 10;
+/// Drained with `--reset` (with [`UPLINK_OUTAGE`]): each flow's next LAN
+/// packet resets it (TCP) or moves it, whatever its policy's `on_down`.
+pub const UPLINK_DRAIN_RESET: u16 = 1 << 11;
 
 /// The choice table, Maglev-style: a new flow takes the uplink in slot
 /// `flow_hash(key, seed) % SELECT_SLOTS`, so the same 5-tuple gets the

@@ -6,8 +6,9 @@ use multihome_common::{
     FLOW_FAILED_OVER, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_HAIRPIN, FLOW_RST, FLOW_RST_IN,
     FLOW_SEEN_REPLY, FlowFwd, FlowKey, IPPROTO_AH, IPPROTO_TCP, JUMP_LAN_RESET, MARK_PROHIBIT,
     MARK_TRANSLATED, MAX_LAN_NETS, MAX_UPLINKS, ON_DOWN_KEEP, ON_DOWN_PURGE, ON_DOWN_PURGE_UDP,
-    ON_DOWN_RESET, ON_DOWN_UPLINK, RULE_MAIN, RULE_UNREACHABLE, Reason, Settings, UPLINK_EVACUATE,
-    UPLINK_EVACUATE_TCP, UPLINK_L3, UPLINK_OUTAGE, UPLINK_RESET_TCP, Uplink,
+    ON_DOWN_RESET, ON_DOWN_UPLINK, RULE_MAIN, RULE_UNREACHABLE, Reason, Settings,
+    UPLINK_DRAIN_RESET, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_L3, UPLINK_OUTAGE,
+    UPLINK_RESET_TCP, Uplink,
 };
 
 use crate::{
@@ -154,9 +155,13 @@ fn fate(ctx: &TcContext, key: &FlowKey, f: *mut FlowFwd, tcp: u8) -> Fate {
     fate
 }
 
-/// The `ON_DOWN_*` of a flow of `policy` on a down uplink with `flags`.
+/// The `ON_DOWN_*` of a flow of `policy` on a down uplink with `flags`;
+/// `drain --reset` overrides every policy.
 #[inline(always)]
 fn on_down(flags: u16, policy: u8) -> u8 {
+    if flags & UPLINK_DRAIN_RESET != 0 {
+        return ON_DOWN_RESET;
+    }
     if let Some(t) = SELECT.get(policy as u32)
         && t.on_down != ON_DOWN_UPLINK
     {

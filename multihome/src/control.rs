@@ -30,6 +30,9 @@ pub enum Request {
     },
     Drain {
         uplink: String,
+        /// Also end its flows: TCP reset, the rest moved.
+        #[serde(default)]
+        reset: bool,
     },
     Undrain {
         uplink: String,

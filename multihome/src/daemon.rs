@@ -19,7 +19,7 @@ use tokio::{
 };
 
 use crate::{
-    choice,
+    challenge, choice,
     config::{self, Config},
     control, flows,
     health::{self, HealthReport, OnDown, OnUp, ProbeBinding},
@@ -82,7 +82,7 @@ struct Daemon {
     /// not drained), and whether `on_down` has acted on its flows.
     down: Vec<Down>,
     /// Per uplink: drained by `multihome uplink drain`.
-    drained: Vec<bool>,
+    drained: Vec<uplinks::Drain>,
     commands: mpsc::Receiver<control::Command>,
     signals: Signals,
     datapath: Datapath,
@@ -227,7 +227,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         all_down: false,
         down: vec![Down::default(); config.uplinks.len()],
         held_until: vec![None; config.uplinks.len()],
-        drained: vec![false; config.uplinks.len()],
+        drained: vec![uplinks::Drain::No; config.uplinks.len()],
         commands,
         signals,
         config,
@@ -467,8 +467,8 @@ impl Daemon {
             .iter()
             .zip(&self.probed)
             .zip(&self.drained)
-            .map(|((o, p), drained)| {
-                o.state == UplinkState::Up && !p.failing && !p.held && !drained
+            .map(|((o, p), drain)| {
+                o.state == UplinkState::Up && !p.failing && !p.held && *drain == uplinks::Drain::No
             })
             .collect();
         for (id, o) in observed.iter().enumerate() {
@@ -616,7 +616,7 @@ impl Daemon {
     fn follow_outages(&mut self, usable: &[bool]) {
         let now = tokio::time::Instant::now();
         for id in 0..self.down.len() {
-            let failed = !usable[id] && !self.drained[id];
+            let failed = !usable[id] && self.drained[id] == uplinks::Drain::No;
             let target = usable.iter().enumerate().any(|(o, u)| o != id && *u);
             let name = &self.config.uplinks[id].name;
             let d = &mut self.down[id];
@@ -659,7 +659,11 @@ impl Daemon {
         for (id, o) in observed.iter().enumerate() {
             let ok = o.state == UplinkState::Up && !self.probed[id].failing;
             let hold = self.down_policy(id).hold_down;
-            if ok && self.down[id].down && !self.drained[id] && self.held_until[id].is_none() {
+            if ok
+                && self.down[id].down
+                && self.drained[id] == uplinks::Drain::No
+                && self.held_until[id].is_none()
+            {
                 if !hold.is_zero() {
                     info!(
                         "uplink {}: back, held down for {hold:?}",
@@ -713,11 +717,37 @@ impl Daemon {
             };
             // The datapath moves each flow on its next packet.
             self.publish_slot(id);
+            let name = &self.config.uplinks[id].name;
             info!(
-                "uplink {}: down for {:?}; its flows move on their next packet ({:?})",
-                self.config.uplinks[id].name, policy.confirm, policy.on_down
+                "uplink {name}: down for {:?}; its flows move on their next packet ({:?})",
+                policy.confirm, policy.on_down
             );
+            // Sessions that only receive send no next packet: provoke one.
+            let fates = self.policies.outage_fates((policy.on_down, policy.on_up));
+            let slot = self.config.uplinks[id].slot;
+            self.challenge(format!("uplink {name}"), move |_, f| {
+                let (on_down, _) = fates.get(f.policy as usize).copied().unwrap_or(fates[0]);
+                f.uplink == slot && on_down == OnDown::Reset
+            });
         }
+    }
+
+    /// Sends challenge SYNs ([`challenge::provoke`]) to the LAN hosts of
+    /// the TCP flows `doomed` picks, on a thread of its own, once their
+    /// uplink is published as down.
+    fn challenge(
+        &self,
+        what: String,
+        doomed: impl FnMut(&FlowKey, &FlowFwd) -> bool + Send + 'static,
+    ) {
+        let maps = self.maps.clone();
+        tokio::task::spawn_blocking(move || match challenge::provoke(&maps, doomed) {
+            Ok(0) => {}
+            Ok(n) => {
+                info!("{what}: sent {n} challenge SYNs, so that idle TCP sessions learn at once")
+            }
+            Err(e) => error!("{what}: challenge SYNs: {e:#}"),
+        });
     }
 
     /// `on_up = "return"`: the flows that failed over from this uplink, as
@@ -835,7 +865,7 @@ impl Daemon {
     async fn on_command(&mut self, request: control::Request) -> Result<String, String> {
         use control::Request::*;
         let name = match &request {
-            SetWeight { uplink, .. } | Drain { uplink } | Undrain { uplink } => uplink.clone(),
+            SetWeight { uplink, .. } | Drain { uplink, .. } | Undrain { uplink } => uplink.clone(),
             Reload => {
                 return match self.reload().await {
                     Ok(()) => Ok(format!(
@@ -877,17 +907,29 @@ impl Daemon {
                 self.config.uplinks[id].weight = weight;
                 format!("uplink {name}: weight {weight} until the next reload or restart")
             }
-            Drain { .. } => {
-                self.drained[id] = true;
+            Drain { reset: false, .. } => {
+                self.drained[id] = uplinks::Drain::Keep;
                 format!("uplink {name}: drained: no new flows, its pinned flows stay")
             }
+            Drain { reset: true, .. } => {
+                self.drained[id] = uplinks::Drain::Reset;
+                format!(
+                    "uplink {name}: drained with --reset: no new flows; its TCP sessions are \
+                     reset and its other flows move at their next packet"
+                )
+            }
             Undrain { .. } => {
-                self.drained[id] = false;
+                self.drained[id] = uplinks::Drain::No;
                 format!("uplink {name}: takes new flows again")
             }
         };
         info!("{answer}");
         self.resync().await;
+        if self.drained[id] == uplinks::Drain::Reset {
+            // Published by the resync: now the idle sessions can learn.
+            let slot = self.config.uplinks[id].slot;
+            self.challenge(format!("uplink {name}"), move |_, f| f.uplink == slot);
+        }
         Ok(answer)
     }
 

@@ -764,7 +764,8 @@ fn recv(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-fn checksum(data: &[u8]) -> u16 {
+/// The Internet checksum (RFC 1071) of `data`.
+pub(crate) fn checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = data
         .chunks(2)
         .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))

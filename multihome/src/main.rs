@@ -1,4 +1,5 @@
 //! multihome: daemon and CLI.
+mod challenge;
 mod choice;
 mod cli;
 mod config;
@@ -63,7 +64,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     uplink: name,
                     weight,
                 },
-                Drain { name } => control::Request::Drain { uplink: name },
+                Drain { name, reset } => control::Request::Drain {
+                    uplink: name,
+                    reset,
+                },
                 Undrain { name } => control::Request::Undrain { uplink: name },
             };
             println!("{}", control::send(&pin.pin_dir, &request)?);

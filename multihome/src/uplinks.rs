@@ -3,9 +3,9 @@
 use std::net::Ipv4Addr;
 
 use multihome_common::{
-    LanNet, MAX_UPLINKS, RoutedUplinks, UPLINK_CONFIGURED, UPLINK_DRAINED, UPLINK_EVACUATE,
-    UPLINK_EVACUATE_TCP, UPLINK_HELD_DOWN, UPLINK_L3, UPLINK_LINK_DOWN, UPLINK_OUTAGE,
-    UPLINK_PROBES_FAIL, UPLINK_RESET_TCP, UPLINK_USABLE, Uplink,
+    LanNet, MAX_UPLINKS, RoutedUplinks, UPLINK_CONFIGURED, UPLINK_DRAIN_RESET, UPLINK_DRAINED,
+    UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_HELD_DOWN, UPLINK_L3, UPLINK_LINK_DOWN,
+    UPLINK_OUTAGE, UPLINK_PROBES_FAIL, UPLINK_RESET_TCP, UPLINK_USABLE, Uplink,
 };
 
 use crate::{
@@ -97,6 +97,19 @@ pub fn observe(u: &UplinkConfig, snap: &Snapshot) -> Observed {
 }
 
 /// The `skb->mark` of uplink `id` (its index in the config): by its slot.
+/// `multihome uplink drain`: whether the operator took the uplink out of
+/// use, and whether its flows go too.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Drain {
+    #[default]
+    No,
+    /// No new flows; pinned ones stay.
+    Keep,
+    /// `--reset`: no new flows, and each pinned flow is reset (TCP) or
+    /// moved at its next packet, as `on_down = "reset"` does.
+    Reset,
+}
+
 /// Which of a down uplink's flows move on their next packet.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Evacuate {
@@ -135,8 +148,9 @@ pub struct Probed {
 }
 
 /// The datapath's slot for uplink `id`.
-pub fn slot(config: &Config, id: usize, o: &Observed, probed: &Probed, drained: bool) -> Uplink {
+pub fn slot(config: &Config, id: usize, o: &Observed, probed: &Probed, drain: Drain) -> Uplink {
     let u = &config.uplinks[id];
+    let drained = drain != Drain::No;
     let mut flags = UPLINK_CONFIGURED;
     if o.state == UplinkState::Up && !probed.failing && !probed.held && !drained {
         flags |= UPLINK_USABLE;
@@ -162,6 +176,9 @@ pub fn slot(config: &Config, id: usize, o: &Observed, probed: &Probed, drained: 
         Evacuate::NotTcp => flags |= UPLINK_OUTAGE | UPLINK_EVACUATE,
         Evacuate::All => flags |= UPLINK_OUTAGE | UPLINK_EVACUATE | UPLINK_EVACUATE_TCP,
         Evacuate::ResetTcp => flags |= UPLINK_OUTAGE | UPLINK_EVACUATE | UPLINK_RESET_TCP,
+    }
+    if drain == Drain::Reset {
+        flags |= UPLINK_OUTAGE | UPLINK_EVACUATE | UPLINK_RESET_TCP | UPLINK_DRAIN_RESET;
     }
     Uplink {
         addr_be: o.address.map_or(0, |a| u32::from(a).to_be()),

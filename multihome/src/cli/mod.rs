@@ -34,8 +34,17 @@ pub enum UplinkAction {
     /// Set an uplink's share of new flows (0 to 255; 0 = backup only) until
     /// the next reload or restart. Pinned flows stay where they are.
     SetWeight { name: String, weight: u32 },
-    /// Take no new flows on this uplink; its pinned flows stay.
-    Drain { name: String },
+    /// Take no new flows on this uplink; its pinned flows stay, unless
+    /// --reset.
+    Drain {
+        name: String,
+        /// Also end its flows now, as `on_down = "reset"` would, whatever
+        /// their policy says: each TCP session is reset (idle ones within
+        /// a second), every other flow moves to another uplink at its next
+        /// packet.
+        #[arg(long)]
+        reset: bool,
+    },
     /// Let a drained uplink take new flows again.
     Undrain { name: String },
 }
