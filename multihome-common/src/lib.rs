@@ -9,7 +9,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a pinned map changes shape; a daemon refuses to adopt
 /// maps pinned by another layout.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Uplink slots in [`MAP_UPLINKS`]; an uplink's id is its slot.
 pub const MAX_UPLINKS: u32 = 8;
@@ -53,6 +53,8 @@ pub const MAX_RULE_PREFIXES: u32 = 65_536;
 pub const AFFINITY_ENTRIES: u32 = 65_536;
 /// Endpoint records of `balance = "endpoint"` policies.
 pub const ENDPOINT_ENTRIES: u32 = 65_536;
+/// Destinations waiting for a SYN-ACK, over all uplinks ([`MAP_SYN_WAIT`]).
+pub const SYN_WAIT_ENTRIES: u32 = 4096;
 /// Rule banks: the daemon fills the one not in use, then switches.
 pub const RULE_BANKS: u32 = 2;
 /// The low byte of `skb->mark` (over the mark base) on packets the fast
@@ -93,7 +95,8 @@ pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
 /// protocol, as [`EimKey`]) -> that endpoint ([`EndpointKey`]): while the
 /// record holds it, no other flow is given the port towards any remote.
 pub const MAP_ENDPOINT_PORTS: &str = "ENDPOINT_PORTS";
-pub const ALL_MAPS: [&str; 25] = [
+pub const MAP_SYN_WAIT: &str = "SYN_WAIT";
+pub const ALL_MAPS: [&str; 26] = [
     MAP_CONN_FWD,
     MAP_CONN_REV,
     MAP_UPLINKS,
@@ -119,6 +122,7 @@ pub const ALL_MAPS: [&str; 25] = [
     MAP_AFFINITY,
     MAP_ENDPOINTS,
     MAP_ENDPOINT_PORTS,
+    MAP_SYN_WAIT,
 ];
 
 /// Program names (the `#[classifier]` functions).
@@ -332,6 +336,10 @@ pub const UPLINK_OUTAGE: u16 = 1 << 10;
 /// Drained with `--reset` (with [`UPLINK_OUTAGE`]): each flow's next LAN
 /// packet resets it (TCP) or moves it, whatever its policy's `on_down`.
 pub const UPLINK_DRAIN_RESET: u16 = 1 << 11;
+/// Live traffic took it down: SYNs to several remotes went unanswered.
+pub const UPLINK_TRAFFIC_DOWN: u16 = 1 << 12;
+/// Back on trial after [`UPLINK_TRAFFIC_DOWN`]: a share of new flows tries it.
+pub const UPLINK_CANARY: u16 = 1 << 13;
 
 /// The choice table, Maglev-style: a new flow takes the uplink in slot
 /// `flow_hash(key, seed) % SELECT_SLOTS`, so the same 5-tuple gets the
@@ -478,6 +486,20 @@ pub struct AffinityKey {
     /// `source`.
     pub site_be: u32,
     pub policy: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
+}
+
+/// [`MAP_SYN_WAIT`]'s key: a remote that a LAN host sent a SYN to through
+/// an uplink. The value is when the first such SYN went (boot clock, ns);
+/// the first SYN-ACK from that remote on that uplink removes it. The
+/// daemon counts the remotes left waiting: passive health.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SynWaitKey {
+    pub daddr_be: u32,
+    pub uplink: u8,
     pub _pad0: u8,
     pub _pad1: u16,
 }
@@ -717,6 +739,12 @@ pub struct UplinkStats {
     pub rx_bytes: u64,
     /// Packets of this uplink that the fast path handed to the stack.
     pub slow_path: u64,
+    /// New TCP flows opened by a LAN SYN (passive health).
+    pub syns: u64,
+    /// TCP flows whose first reply was a SYN-ACK.
+    pub synacks: u64,
+    /// Sum over those of the time from the flow's SYN to its SYN-ACK, ns.
+    pub synack_rtt_ns: u64,
 }
 
 macro_rules! reasons {
@@ -895,7 +923,8 @@ const _: () = {
     assert!(size_of::<EchoKey>() == 8);
     assert!(size_of::<EimKey>() == 8);
     assert!(size_of::<EimLan>() == 8);
-    assert!(size_of::<UplinkStats>() == 48);
+    assert!(size_of::<UplinkStats>() == 72);
+    assert!(size_of::<SynWaitKey>() == 8);
     assert!(size_of::<Reasons>() == REASON_COUNT * 8);
     assert!(MAX_UPLINKS <= 255);
     // One bit per uplink in RoutedUplinks; marks 1..=MAX_UPLINKS stay
@@ -931,6 +960,7 @@ mod pod {
     unsafe impl aya::Pod for EchoKey {}
     unsafe impl aya::Pod for EimKey {}
     unsafe impl aya::Pod for EimLan {}
+    unsafe impl aya::Pod for SynWaitKey {}
 }
 
 #[cfg(test)]

@@ -412,9 +412,11 @@ pub fn touch_out(key: &FlowKey, fwd: *mut FlowFwd, pkt: &Packet) {
     }
 }
 
-/// Records a reply of an existing flow; true for its first reply.
+/// Records a reply of an existing flow. For its first reply, returns the
+/// time since the flow was made (or since its last LAN packet, when that
+/// came more than a second later: a retried SYN), in ns.
 #[inline(always)]
-pub fn touch_in(fwd: *mut FlowFwd, pkt: &Packet) -> bool {
+pub fn touch_in(fwd: *mut FlowFwd, pkt: &Packet) -> Option<u64> {
     // SAFETY: as in `touch_out`.
     let f = unsafe { &mut *fwd };
     let flags = tcp_flags_in(f.flags, pkt.tcp_flags());
@@ -423,10 +425,11 @@ pub fn touch_in(fwd: *mut FlowFwd, pkt: &Packet) -> bool {
         f.flags = flags;
     }
     let now = now_ns();
-    if now.wrapping_sub(f.last_seen_ns) > TOUCH_NS {
+    let since = now.wrapping_sub(f.last_seen_ns);
+    if since > TOUCH_NS {
         f.last_seen_ns = now;
     }
-    first
+    first.then_some(since)
 }
 
 /// Removes the flow `key`, pinned to `nat_addr_be:nat_port_be`, both

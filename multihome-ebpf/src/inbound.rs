@@ -10,7 +10,7 @@ use crate::{
     maps::UPLINKS,
     mss,
     nat::{self, Side},
-    parse::{self, L4, Packet, TCP_SYN},
+    parse::{self, L4, Packet, TCP_ACK, TCP_SYN},
     sockets, stats,
     verdict::{Outcome, Verdict},
 };
@@ -45,8 +45,11 @@ pub fn wan_ingress<const L2: bool>(ctx: &TcContext) -> Outcome {
         conntrack::drop_stale(&rev_key);
         return Err(Reason::StaleReverse);
     }
-    if conntrack::touch_in(flow, &pkt) {
+    if let Some(waited_ns) = conntrack::touch_in(flow, &pkt) {
         hairpin::note_mapping(&pkt, rev.lan_addr_be, rev.lan_port_be);
+        if pkt.tcp_flags() & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+            stats::synack(rev.uplink, pkt.saddr_be, waited_ns);
+        }
     }
     frag::note_first(ctx, &pkt, rev.lan_addr_be, rev.uplink);
     if pkt.tcp_flags() & TCP_SYN != 0

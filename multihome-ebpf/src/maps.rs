@@ -9,8 +9,8 @@ use multihome_common::{
     EchoKey, EimKey, EimLan, Endpoint, EndpointKey, FRAG_ENTRIES, Fill, FlowFwd, FlowKey, FlowRev,
     FragKey, FragXlat, HOST_ECHO_ENTRIES, HostFlows, LanNet, MAX_HOSTS, MAX_LAN_NETS, MAX_POLICIES,
     MAX_ROUTED_PREFIXES, MAX_RULE_PREFIXES, MAX_RULES, MAX_UPLINKS, PEER_ENTRIES, PeerLan, Reasons,
-    RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SelectTable, Settings, Uplink,
-    UplinkStats,
+    RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SYN_WAIT_ENTRIES, SelectTable,
+    Settings, SynWaitKey, Uplink, UplinkStats,
 };
 
 const FLOWS: usize = DEFAULT_MAX_FLOWS as usize;
@@ -61,6 +61,11 @@ pub static RULE_ACTION: Array<RuleAction, { 2 * MAX_RULES as usize }> = Array::n
 #[btf_map]
 pub static ENDPOINTS: HashMap<EndpointKey, Endpoint, { ENDPOINT_ENTRIES as usize }> =
     HashMap::new();
+
+/// (remote, uplink) -> when a LAN SYN first went there unanswered (LRU):
+/// the daemon's passive health counts the remotes left waiting.
+#[btf_map]
+pub static SYN_WAIT: LruHashMap<SynWaitKey, u64, { SYN_WAIT_ENTRIES as usize }> = LruHashMap::new();
 
 /// Public mapping (uplink address, port, protocol) -> the endpoint whose
 /// record holds it: other flows are not given that port. An entry whose

@@ -354,8 +354,13 @@ fn new_flow(
     } else {
         conntrack::create(ctx, key, pkt, (id, uplink), &settings, tags)?
     };
-    if pkt.l4_kind == L4::Tcp && pkt.tcp_flags() & TCP_SYN == 0 {
-        stats::count(Reason::MidStream);
+    if pkt.l4_kind == L4::Tcp {
+        let tcp = pkt.tcp_flags();
+        if tcp & TCP_SYN == 0 {
+            stats::count(Reason::MidStream);
+        } else if tcp & TCP_ACK == 0 {
+            stats::syn_sent(flow.uplink, pkt.daddr_be);
+        }
     }
     quota::count_new(pkt.saddr_be, &host);
     frag::note_peer(pkt, flow.nat_addr_be, pkt.saddr_be);

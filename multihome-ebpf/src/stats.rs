@@ -1,7 +1,9 @@
-//! Per-CPU counters: reasons and per-uplink traffic.
-use multihome_common::{Reason, UplinkStats};
+//! Per-CPU counters: reasons and per-uplink traffic, and the SYNs that
+//! passive health watches.
+use aya_ebpf::bindings::BPF_NOEXIST;
+use multihome_common::{Reason, SynWaitKey, UplinkStats};
 
-use crate::maps::{REASONS, UPLINK_STATS};
+use crate::maps::{REASONS, SYN_WAIT, UPLINK_STATS};
 
 #[inline(always)]
 pub fn count(reason: Reason) {
@@ -45,4 +47,35 @@ pub fn new_flow(uplink: u8) {
 pub fn slow_path(uplink: u8) {
     with_uplink(uplink, |s| s.slow_path += 1);
     count(Reason::SlowPath);
+}
+
+/// Passive health: a LAN SYN opened a TCP flow to `daddr_be` through
+/// `uplink`. The remote waits in `SYN_WAIT` until it answers.
+#[inline(always)]
+pub fn syn_sent(uplink: u8, daddr_be: u32) {
+    with_uplink(uplink, |s| s.syns += 1);
+    let key = SynWaitKey {
+        daddr_be,
+        uplink,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    let _ = SYN_WAIT.insert(key, crate::conntrack::now_ns(), BPF_NOEXIST as u64);
+}
+
+/// Passive health: the first reply of a TCP flow through `uplink` was a
+/// SYN-ACK from `saddr_be`, `rtt_ns` after the flow's SYN.
+#[inline(always)]
+pub fn synack(uplink: u8, saddr_be: u32, rtt_ns: u64) {
+    with_uplink(uplink, |s| {
+        s.synacks += 1;
+        s.synack_rtt_ns += rtt_ns;
+    });
+    let key = SynWaitKey {
+        daddr_be: saddr_be,
+        uplink,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    let _ = SYN_WAIT.remove(key);
 }

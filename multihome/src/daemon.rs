@@ -22,10 +22,10 @@ use crate::{
     challenge, choice,
     config::{self, Config},
     control, flows,
-    health::{self, HealthReport, OnDown, OnUp, ProbeBinding},
+    health::{self, HealthReport, OnDown, OnUp, ProbeBinding, passive},
     loader::{self, Datapath, Hook},
     maps::{self, Maps},
-    netinfo,
+    mapwalk, netinfo,
     policy::{
         self, Policies, UplinkNow,
         compile::{self, Compiled},
@@ -43,6 +43,11 @@ type NetlinkEvent = (
 
 /// A full re-read of interface state even without events.
 const TICK: Duration = Duration::from_secs(1);
+/// An uplink on trial after live traffic took it down gets about
+/// 1 / (1 + this) of new flows (with equal weights).
+const CANARY_SHARE: u32 = 8;
+/// How often passive health looks at the SYNs waiting for an answer.
+const PASSIVE_TICK: Duration = Duration::from_millis(250);
 
 pub struct RunOptions {
     pub config_path: PathBuf,
@@ -67,6 +72,8 @@ struct Daemon {
     reaper: Option<Reaper>,
     /// Per uplink: the probes' verdict, and where they probe from.
     probed: Vec<Probed>,
+    /// Passive health: what the LAN's own SYNs say of each uplink.
+    passive: passive::Watch,
     probe_bindings: Vec<Option<watch::Sender<Option<ProbeBinding>>>>,
     /// Per uplink: its last address, kept while it has none.
     last_address: Vec<Option<std::net::Ipv4Addr>>,
@@ -169,11 +176,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .iter()
         .enumerate()
         .map(|(id, u)| {
-            u.health.as_ref().map(|h| {
-                let (tx, rx) = watch::channel(None);
-                health::spawn(id, h.clone(), rx, report_tx.clone());
-                tx
-            })
+            u.health
+                .as_ref()
+                .filter(|h| !h.targets.is_empty())
+                .map(|h| {
+                    let (tx, rx) = watch::channel(None);
+                    health::spawn(id, h.clone(), rx, report_tx.clone());
+                    tx
+                })
         })
         .collect();
     drop(report_tx);
@@ -220,6 +230,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         attached: BTreeSet::new(),
         reaper: None,
         probed: vec![Probed::default(); config.uplinks.len()],
+        passive: passive::Watch::new(config.uplinks.len()),
         probe_bindings,
         last_address,
         gone_slots,
@@ -468,7 +479,7 @@ impl Daemon {
             .zip(&self.probed)
             .zip(&self.drained)
             .map(|((o, p), drain)| {
-                o.state == UplinkState::Up && !p.failing && !p.held && *drain == uplinks::Drain::No
+                o.state == UplinkState::Up && p.in_service() && *drain == uplinks::Drain::No
             })
             .collect();
         for (id, o) in observed.iter().enumerate() {
@@ -577,6 +588,60 @@ impl Daemon {
             *b = binding;
             changed
         });
+    }
+
+    /// Passive health: one look at the remotes LAN SYNs wait on and at the
+    /// SYN-ACKs counted. A change of verdict is published like a probe's:
+    /// new flows move at once, pinned ones follow `on_down` / `on_up`.
+    async fn watch_traffic(&mut self) {
+        let now = maps::boot_ns();
+        let read = self.maps.syn_wait().and_then(|m| {
+            let waiting = mapwalk::collect(&m)?;
+            Ok((m, waiting, self.maps.uplink_stats()?))
+        });
+        let (mut map, waiting, stats) = match read {
+            Ok(r) => r,
+            Err(e) => {
+                error!("passive health: reading SYN_WAIT: {e:#}");
+                return;
+            }
+        };
+        let synacks: Vec<u64> = stats.iter().map(|s| s.synacks).collect();
+        let slots: Vec<u8> = self.config.uplinks.iter().map(|u| u.slot).collect();
+        let configs: Vec<passive::PassiveConfig> = self
+            .config
+            .uplinks
+            .iter()
+            .map(|u| passive::PassiveConfig::of(u.health.as_ref()))
+            .collect();
+        let (changes, stale) = self.passive.tick(now, &waiting, &synacks, &slots, &configs);
+        for k in stale {
+            let _ = map.remove(&k);
+        }
+        if changes.is_empty() {
+            return;
+        }
+        for c in changes {
+            let name = &self.config.uplinks[c.uplink].name;
+            match c.verdict {
+                passive::Verdict::Down { destinations, .. } => warn!(
+                    "uplink {name}: DOWN by live traffic: SYNs to {destinations} remotes went \
+                     unanswered, and none was answered since"
+                ),
+                passive::Verdict::Canary { .. } => {
+                    info!("uplink {name}: on trial: a share of new flows tries it (passive health)")
+                }
+                passive::Verdict::Healthy => {
+                    info!("uplink {name}: live traffic is answered again, back in full service")
+                }
+            }
+            self.probed[c.uplink].traffic = c.verdict;
+        }
+        if !self.resync().await {
+            for id in 0..self.config.uplinks.len() {
+                self.publish_slot(id);
+            }
+        }
     }
 
     /// A probe round's outcome: on a change of state, new flows move at
@@ -831,6 +896,7 @@ impl Daemon {
 
     async fn serve(&mut self) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(TICK);
+        let mut traffic = tokio::time::interval(PASSIVE_TICK);
         loop {
             let outage_check = self.next_outage_check();
             tokio::select! {
@@ -857,6 +923,7 @@ impl Daemon {
                     self.resync().await;
                 }
                 _ = tick.tick() => { self.resync().await; }
+                _ = traffic.tick() => self.watch_traffic().await,
             }
         }
     }
@@ -1061,14 +1128,24 @@ impl Daemon {
     /// The config's uplinks as policies see them, with `usable` (by
     /// config index).
     fn uplinks_now<'a>(&'a self, usable: &[bool]) -> Vec<UplinkNow<'a>> {
+        let canaries = self
+            .probed
+            .iter()
+            .any(|p| matches!(p.traffic, passive::Verdict::Canary { .. }));
         self.config
             .uplinks
             .iter()
             .zip(usable)
-            .map(|(u, usable)| UplinkNow {
+            .zip(&self.probed)
+            .map(|((u, usable), p)| UplinkNow {
                 slot: u.slot,
                 name: &u.name,
-                weight: u.weight,
+                // An uplink on trial takes a small share: the others count
+                // CANARY_SHARE times their weight.
+                weight: match (canaries, p.traffic) {
+                    (false, _) | (true, passive::Verdict::Canary { .. }) => u.weight,
+                    (true, _) => u.weight.saturating_mul(CANARY_SHARE),
+                },
                 usable: *usable,
             })
             .collect()

@@ -20,8 +20,8 @@ use aya::{
 use multihome_common::{
     ALL_MAPS, JUMP_LAN_RESET, LAYOUT_VERSION, MAP_AFFINITY, MAP_CONN_FWD, MAP_CONN_REV,
     MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_JUMP, MAP_REASONS, MAP_SELECT, MAP_SETTINGS,
-    MAP_UPLINKS, PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN, PROG_WAN_IN_L3, PROG_WAN_OUT,
-    PROG_WAN_OUT_L3,
+    MAP_UPLINK_STATS, MAP_UPLINKS, PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN, PROG_WAN_IN_L3,
+    PROG_WAN_OUT, PROG_WAN_OUT_L3,
 };
 
 use crate::config::NatConfig;
@@ -133,16 +133,34 @@ const MIGRATIONS: &[(u32, &[&str])] = &[
     // PEERS, HOST_ECHO, HOSTS, FILL and EIM are new (the reaper's first
     // pass counts HOSTS and FILL; EIM fills as flows are made, so older
     // flows cannot be hairpinned to).
-    (2, &[MAP_REASONS, MAP_UPLINKS, MAP_SETTINGS, MAP_SELECT]),
+    (
+        2,
+        &[
+            MAP_REASONS,
+            MAP_UPLINKS,
+            MAP_SETTINGS,
+            MAP_SELECT,
+            MAP_UPLINK_STATS,
+        ],
+    ),
     // 4: SELECT became a hashed Maglev table, SETTINGS gained the hash
     // seed and REASONS counters (all rewritten at start); flows keep
     // their shape.
-    (3, &[MAP_REASONS, MAP_SETTINGS, MAP_SELECT]),
+    (
+        3,
+        &[MAP_REASONS, MAP_SETTINGS, MAP_SELECT, MAP_UPLINK_STATS],
+    ),
     // 5: SELECT holds a table per policy, SETTINGS the rule bank, REASONS
     // the policy counters (all rewritten at start); the rule maps,
     // AFFINITY and ENDPOINTS are new; a flow records its policy where its padding was
     // (0: `balanced`).
-    (4, &[MAP_REASONS, MAP_SETTINGS, MAP_SELECT]),
+    (
+        4,
+        &[MAP_REASONS, MAP_SETTINGS, MAP_SELECT, MAP_UPLINK_STATS],
+    ),
+    // 6: UPLINK_STATS gained the passive-health counters (they restart
+    // at 0); ENDPOINT_PORTS and SYN_WAIT are new.
+    (5, &[MAP_UPLINK_STATS]),
 ];
 
 /// Unpins map `name` when it holds other than `want` entries, so that it

@@ -11,9 +11,9 @@ use multihome_common::{
     LanNet, MAP_AFFINITY, MAP_CONN_FWD, MAP_CONN_REV, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_FILL,
     MAP_HOSTS, MAP_LAN_NETS, MAP_REASONS, MAP_ROUTED, MAP_RULE_ACTION, MAP_RULE_DPORT,
     MAP_RULE_DSCP, MAP_RULE_DST, MAP_RULE_PROTO, MAP_RULE_SRC, MAP_SELECT, MAP_SETTINGS,
-    MAP_UPLINK_STATS, MAP_UPLINKS, MAX_LAN_NETS, MAX_POLICIES, MAX_RULES, MAX_UPLINKS, Reasons,
-    RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SelectTable, Settings, Uplink,
-    UplinkStats, rules_word,
+    MAP_SYN_WAIT, MAP_UPLINK_STATS, MAP_UPLINKS, MAX_LAN_NETS, MAX_POLICIES, MAX_RULES,
+    MAX_UPLINKS, Reasons, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SelectTable,
+    Settings, SynWaitKey, Uplink, UplinkStats, rules_word,
 };
 
 use crate::{config::Prefix, mapwalk, policy::compile::Compiled};
@@ -196,6 +196,14 @@ impl Maps {
         self.set_settings(&s)
     }
 
+    /// (remote, uplink) -> when a LAN SYN first went there unanswered.
+    pub fn syn_wait(&self) -> anyhow::Result<HashMap<MapData, SynWaitKey, u64>> {
+        Ok(HashMap::try_from(Map::LruHashMap(open(
+            &self.dir,
+            MAP_SYN_WAIT,
+        )?))?)
+    }
+
     /// Public mapping -> the endpoint whose record holds it.
     pub fn endpoint_ports(&self) -> anyhow::Result<HashMap<MapData, EimKey, EndpointKey>> {
         Ok(HashMap::try_from(Map::HashMap(open(
@@ -296,6 +304,9 @@ impl Maps {
                     t.rx_packets += s.rx_packets;
                     t.rx_bytes += s.rx_bytes;
                     t.slow_path += s.slow_path;
+                    t.syns += s.syns;
+                    t.synacks += s.synacks;
+                    t.synack_rtt_ns += s.synack_rtt_ns;
                     t
                 }))
             })

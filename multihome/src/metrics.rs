@@ -65,12 +65,12 @@ pub fn render(maps: &Maps) -> anyhow::Result<String> {
     let st = status::collect(maps)?;
     let mut out = String::new();
     type Field = fn(&status::UplinkStatus) -> f64;
-    let per_uplink: [(&str, &str, &str, Field); 11] = [
+    let per_uplink: [(&str, &str, &str, Field); 14] = [
         (
             "uplink_up",
             "gauge",
-            "1 if the uplink takes new flows",
-            |u| f64::from(u8::from(u.state == "up")),
+            "1 if the uplink takes new flows (a share of them while on trial)",
+            |u| f64::from(u8::from(u.state == "up" || u.state == "trial")),
         ),
         ("uplink_weight", "gauge", "configured weight", |u| {
             u.weight.into()
@@ -128,6 +128,24 @@ pub fn render(maps: &Maps) -> anyhow::Result<String> {
             "gauge",
             "probe loss over the probe window",
             |u| u.loss_pct / 100.0,
+        ),
+        (
+            "uplink_syns_total",
+            "counter",
+            "TCP flows opened by a LAN SYN",
+            |u| u.syns as f64,
+        ),
+        (
+            "uplink_synacks_total",
+            "counter",
+            "TCP flows whose first reply was a SYN-ACK",
+            |u| u.synacks as f64,
+        ),
+        (
+            "uplink_syn_rtt_seconds",
+            "gauge",
+            "mean time from a LAN SYN to its SYN-ACK since the counters started",
+            |u| u.syn_rtt_ms.unwrap_or(f64::NAN) / 1000.0,
         ),
     ];
     for (name, kind, help, value) in per_uplink {

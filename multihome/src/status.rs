@@ -5,8 +5,8 @@ use serde::Serialize;
 
 use crate::{flows::be_addr, maps::Maps, uplinks::name_from_bytes};
 use multihome_common::{
-    UPLINK_CONFIGURED, UPLINK_DRAINED, UPLINK_HELD_DOWN, UPLINK_LINK_DOWN, UPLINK_PROBES_FAIL,
-    UPLINK_USABLE,
+    UPLINK_CANARY, UPLINK_CONFIGURED, UPLINK_DRAINED, UPLINK_HELD_DOWN, UPLINK_LINK_DOWN,
+    UPLINK_PROBES_FAIL, UPLINK_TRAFFIC_DOWN, UPLINK_USABLE,
 };
 
 #[derive(Serialize)]
@@ -28,6 +28,12 @@ pub struct UplinkStatus {
     pub rx_packets: u64,
     pub rx_bytes: u64,
     pub slow_path: u64,
+    /// TCP flows opened by a LAN SYN (passive health).
+    pub syns: u64,
+    /// Of those, answered by a SYN-ACK.
+    pub synacks: u64,
+    /// Mean time from SYN to SYN-ACK since the counters started, ms.
+    pub syn_rtt_ms: Option<f64>,
 }
 
 /// A LAN host's share of the connection map.
@@ -80,6 +86,7 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
             name: name_from_bytes(&u.name),
             interface: name_from_bytes(&u.ifname),
             state: match (u.flags & UPLINK_USABLE != 0, addr.is_some()) {
+                (true, _) if u.flags & UPLINK_CANARY != 0 => "trial",
                 (true, _) => "up",
                 _ if u.flags & UPLINK_DRAINED != 0 => "drained",
                 (false, false) => "no-address",
@@ -89,9 +96,15 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
                 _ if u.flags & UPLINK_LINK_DOWN != 0 => Some("link down"),
                 _ if u.addr_be == 0 => Some("no IPv4 address on the interface"),
                 _ if u.flags & UPLINK_PROBES_FAIL != 0 => Some("health probes fail"),
+                _ if u.flags & UPLINK_TRAFFIC_DOWN != 0 => {
+                    Some("live traffic: SYNs to several remotes went unanswered")
+                }
                 _ if u.flags & UPLINK_DRAINED != 0 => Some("drained by the operator"),
                 _ if u.flags & UPLINK_HELD_DOWN != 0 => {
                     Some("held down after an outage (hold_down_ms)")
+                }
+                _ if u.flags & UPLINK_CANARY != 0 => {
+                    Some("on trial after live traffic took it down: a share of new flows tries it")
                 }
                 _ => None,
             },
@@ -110,6 +123,10 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
             rx_packets: s.rx_packets,
             rx_bytes: s.rx_bytes,
             slow_path: s.slow_path,
+            syns: s.syns,
+            synacks: s.synacks,
+            syn_rtt_ms: (s.synacks != 0)
+                .then(|| s.synack_rtt_ns as f64 / s.synacks as f64 / 1_000_000.0),
         });
     }
     Ok(Status {

@@ -3,13 +3,15 @@
 use std::net::Ipv4Addr;
 
 use multihome_common::{
-    LanNet, MAX_UPLINKS, RoutedUplinks, UPLINK_CONFIGURED, UPLINK_DRAIN_RESET, UPLINK_DRAINED,
-    UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_HELD_DOWN, UPLINK_L3, UPLINK_LINK_DOWN,
-    UPLINK_OUTAGE, UPLINK_PROBES_FAIL, UPLINK_RESET_TCP, UPLINK_USABLE, Uplink,
+    LanNet, MAX_UPLINKS, RoutedUplinks, UPLINK_CANARY, UPLINK_CONFIGURED, UPLINK_DRAIN_RESET,
+    UPLINK_DRAINED, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_HELD_DOWN, UPLINK_L3,
+    UPLINK_LINK_DOWN, UPLINK_OUTAGE, UPLINK_PROBES_FAIL, UPLINK_RESET_TCP, UPLINK_TRAFFIC_DOWN,
+    UPLINK_USABLE, Uplink,
 };
 
 use crate::{
     config::{Config, MssClamp, Prefix, UplinkConfig},
+    health::passive,
     netinfo::Snapshot,
     routing::{RoutingPlan, SharedSource, UplinkRoutes},
 };
@@ -143,8 +145,17 @@ pub struct Probed {
     pub evacuate: Evacuate,
     /// Back from an outage, but out of use for `hold_down_ms`.
     pub held: bool,
+    /// What live traffic says (passive health).
+    pub traffic: passive::Verdict,
     pub rtt_ms: Option<f64>,
     pub loss_pct: f64,
+}
+
+impl Probed {
+    /// Neither probes nor live traffic nor a hold-down keep it out.
+    pub fn in_service(&self) -> bool {
+        !self.failing && !self.held && !matches!(self.traffic, passive::Verdict::Down { .. })
+    }
 }
 
 /// The datapath's slot for uplink `id`.
@@ -152,8 +163,13 @@ pub fn slot(config: &Config, id: usize, o: &Observed, probed: &Probed, drain: Dr
     let u = &config.uplinks[id];
     let drained = drain != Drain::No;
     let mut flags = UPLINK_CONFIGURED;
-    if o.state == UplinkState::Up && !probed.failing && !probed.held && !drained {
+    if o.state == UplinkState::Up && probed.in_service() && !drained {
         flags |= UPLINK_USABLE;
+    }
+    match probed.traffic {
+        passive::Verdict::Healthy => {}
+        passive::Verdict::Down { .. } => flags |= UPLINK_TRAFFIC_DOWN,
+        passive::Verdict::Canary { .. } => flags |= UPLINK_CANARY,
     }
     if probed.held {
         flags |= UPLINK_HELD_DOWN;

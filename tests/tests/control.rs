@@ -1214,7 +1214,20 @@ fn upgrade_keeps_the_flow(version: u8, downgrade: impl FnOnce(&Topology, &str)) 
 }
 
 #[test]
-fn an_upgrade_from_layout_4_the_previous_release_keeps_live_flows() {
+fn an_upgrade_from_layout_5_the_previous_release_keeps_live_flows() {
+    upgrade_keeps_the_flow(5, |t, dir| {
+        // Layout 5: six counters per uplink, no endpoint reservations, no
+        // SYN_WAIT.
+        for name in ["ENDPOINT_PORTS", "SYN_WAIT"] {
+            std::fs::remove_file(format!("{dir}/{name}")).expect("unpin a map layout 5 lacks");
+        }
+        pin_old_map(&t.gw, dir, "UPLINK_STATS", "percpu_array", 6 * 8);
+        pin_old_settings(&t.gw, dir, 5, 32);
+    });
+}
+
+#[test]
+fn an_upgrade_from_layout_4_keeps_live_flows() {
     upgrade_keeps_the_flow(4, |t, dir| {
         // Layout 4: no policy counters, one choice table of 8 + 2 * 4096
         // bytes, SETTINGS of 32 bytes, no rule, affinity or endpoint maps.
@@ -1227,6 +1240,8 @@ fn an_upgrade_from_layout_4_the_previous_release_keeps_live_flows() {
             "RULE_ACTION",
             "AFFINITY",
             "ENDPOINTS",
+            "ENDPOINT_PORTS",
+            "SYN_WAIT",
         ] {
             std::fs::remove_file(format!("{dir}/{name}")).expect("unpin a map layout 4 lacks");
         }

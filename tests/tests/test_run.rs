@@ -24,10 +24,10 @@ use multihome_common::{
     EimKey, EimLan, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FLOW_RST_IN, FLOW_SEEN_REPLY, FlowFwd,
     FlowKey, FlowRev, HostFlows, JUMP_LAN_RESET, LAYOUT_VERSION, LanNet, MAP_CONN_FWD,
     MAP_CONN_REV, MAP_EIM, MAP_FILL, MAP_HOSTS, MAP_JUMP, MAP_LAN_NETS, MAP_PEERS, MAP_REASONS,
-    MAP_ROUTED, MAP_SETTINGS, MAP_UPLINK_STATS, MAP_UPLINKS, MARK_TRANSLATED, PROG_LAN_IN,
-    PROG_LAN_RESET, PROG_WAN_IN, PROG_WAN_OUT, REASON_COUNT, Reason, Reasons, RoutedKey, Settings,
-    UPLINK_CONFIGURED, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_OUTAGE, UPLINK_RESET_TCP,
-    UPLINK_USABLE, Uplink, UplinkStats,
+    MAP_ROUTED, MAP_SETTINGS, MAP_SYN_WAIT, MAP_UPLINK_STATS, MAP_UPLINKS, MARK_TRANSLATED,
+    PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN, PROG_WAN_OUT, REASON_COUNT, Reason, Reasons,
+    RoutedKey, Settings, SynWaitKey, UPLINK_CONFIGURED, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP,
+    UPLINK_OUTAGE, UPLINK_RESET_TCP, UPLINK_USABLE, Uplink, UplinkStats,
 };
 use testbed::packets::*;
 
@@ -616,6 +616,9 @@ impl Datapath {
                 rx_packets: a.rx_packets + s.rx_packets,
                 rx_bytes: a.rx_bytes + s.rx_bytes,
                 slow_path: a.slow_path + s.slow_path,
+                syns: a.syns + s.syns,
+                synacks: a.synacks + s.synacks,
+                synack_rtt_ns: a.synack_rtt_ns + s.synack_rtt_ns,
             })
     }
 }
@@ -1300,6 +1303,49 @@ fn a_lan_syn_on_a_closed_tcp_flows_tuple_makes_the_flow_anew_and_other_segments_
         dp.insert_flow(&TCP_FLOW);
         let (_, counted) = dp.run_counted(PROG_LAN_IN, &with_flags(TCP_SYN), 0);
         assert!(dp.fwd_entry(&TCP_FLOW).is_some(), "{counted:?}");
+    });
+}
+
+#[test]
+fn a_flows_first_reply_that_is_a_syn_ack_is_counted_once_and_its_remote_stops_waiting() {
+    with_datapath(|dp| {
+        let reply = |flags: u8| {
+            let mut p = TCP_FLOW.reply();
+            if let Payload::Tcp(t) = &mut p.payload {
+                t.flags = flags;
+            }
+            p.frame()
+        };
+        let wait = SynWaitKey {
+            daddr_be: TCP_FLOW.fwd_key().daddr_be,
+            uplink: 0,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        let mut waiting: HashMap<_, SynWaitKey, u64> =
+            HashMap::try_from(dp.ebpf.map_mut(MAP_SYN_WAIT).expect("SYN_WAIT")).expect("types");
+        waiting.insert(wait, 1, 0).expect("a remote waited on");
+        dp.insert_flow(&TCP_FLOW);
+        dp.set_fwd(
+            TCP_FLOW.fwd_key(),
+            FlowFwd {
+                flags: 0,
+                ..TCP_FLOW.fwd()
+            },
+        );
+        dp.run(PROG_WAN_IN, &reply(TCP_SYN | TCP_ACK), 0);
+        dp.run(PROG_WAN_IN, &reply(TCP_ACK), 0);
+        let s = dp.uplink0_stats();
+        assert_eq!(s.synacks, 1, "{s:?}");
+        let waiting: HashMap<_, SynWaitKey, u64> =
+            HashMap::try_from(dp.ebpf.map(MAP_SYN_WAIT).expect("SYN_WAIT")).expect("types");
+        assert!(waiting.get(&wait, 0).is_err(), "the remote answered");
+
+        // A first reply that is not a SYN-ACK (UDP, or TCP picked up mid
+        // stream) says nothing of SYNs.
+        dp.insert_flow(&UDP_FLOW);
+        dp.run(PROG_WAN_IN, &UDP_FLOW.reply().frame(), 0);
+        assert_eq!(dp.uplink0_stats().synacks, 1);
     });
 }
 

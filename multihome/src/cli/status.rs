@@ -18,7 +18,7 @@ pub fn run(pin: &super::PinDir, json: bool) -> anyhow::Result<()> {
 }
 
 /// The uplink table's columns: header, width, left-aligned.
-const COLUMNS: [(&str, usize, bool); 13] = [
+const COLUMNS: [(&str, usize, bool); 14] = [
     ("UPLINK", 8, true),
     ("IFACE", 10, true),
     ("ADDRESS", 16, true),
@@ -32,6 +32,7 @@ const COLUMNS: [(&str, usize, bool); 13] = [
     ("RX BYTES", 12, false),
     ("RTT MS", 8, false),
     ("LOSS %", 6, false),
+    ("SYN MS", 7, false),
 ];
 
 /// One table row of `cells`, laid out by [`COLUMNS`].
@@ -66,6 +67,7 @@ fn table(st: &Status) -> String {
             u.rx_bytes.to_string(),
             u.rtt_ms.map_or("-".into(), |r| format!("{r:.1}")),
             format!("{:.0}", u.loss_pct),
+            u.syn_rtt_ms.map_or("-".into(), |r| format!("{r:.1}")),
         ]);
         if let Some(why) = u.reason {
             let _ = writeln!(out, "         ^ {}: {why}", u.name);
@@ -114,6 +116,9 @@ mod tests {
                 rx_packets: 7,
                 rx_bytes: 8,
                 slow_path: 0,
+                syns: 9,
+                synacks: 9,
+                syn_rtt_ms: Some(2.0),
             }],
             flows: 3,
             top_hosts: vec![],

@@ -8,7 +8,7 @@ use std::{
 };
 
 use crate::maps::Maps;
-use crate::status::{self, Status};
+use crate::status::{self, Status, UplinkStatus};
 
 const EVENTS: usize = 8;
 
@@ -46,6 +46,25 @@ fn changes(before: &Status, now: &Status) -> Vec<String> {
     out
 }
 
+/// Passive health over the frame: the mean SYN to SYN-ACK time and the
+/// share of SYNs answered, or "-" without SYNs.
+fn syn_signals(now: &UplinkStatus, before: &UplinkStatus) -> (String, String) {
+    let sum = |u: &UplinkStatus| u.syn_rtt_ms.unwrap_or(0.0) * u.synacks as f64;
+    let answered = now.synacks.saturating_sub(before.synacks);
+    let sent = now.syns.saturating_sub(before.syns);
+    let ms = if answered > 0 {
+        format!("{:.1}", (sum(now) - sum(before)) / answered as f64)
+    } else {
+        "-".into()
+    };
+    let ok = if sent > 0 {
+        format!("{:.0}%", 100.0 * (answered.min(sent)) as f64 / sent as f64)
+    } else {
+        "-".into()
+    };
+    (ms, ok)
+}
+
 /// One screen.
 fn render(now: &Status, before: &Status, secs: f64, events: &VecDeque<String>) -> String {
     let mut s = String::new();
@@ -56,8 +75,19 @@ fn render(now: &Status, before: &Status, secs: f64, events: &VecDeque<String>) -
     );
     let _ = writeln!(
         s,
-        "{:<8} {:<10} {:<16} {:<9} {:>7} {:>14} {:>14} {:>7} {:>9} {:>7}",
-        "UPLINK", "IFACE", "ADDRESS", "STATE", "FLOWS", "OUT", "IN", "WEIGHT", "NEW/s", "SHARE"
+        "{:<8} {:<10} {:<16} {:<9} {:>7} {:>14} {:>14} {:>7} {:>9} {:>7} {:>7} {:>7}",
+        "UPLINK",
+        "IFACE",
+        "ADDRESS",
+        "STATE",
+        "FLOWS",
+        "OUT",
+        "IN",
+        "WEIGHT",
+        "NEW/s",
+        "SHARE",
+        "SYN MS",
+        "SYN OK"
     );
     let new: Vec<f64> = now
         .uplinks
@@ -75,9 +105,10 @@ fn render(now: &Status, before: &Status, secs: f64, events: &VecDeque<String>) -
                 "-".into()
             }
         };
+        let (syn_ms, syn_ok) = syn_signals(n, b);
         let _ = writeln!(
             s,
-            "{:<8} {:<10} {:<16} {:<9} {:>7} {:>14} {:>14} {:>7} {:>9.1} {:>7}",
+            "{:<8} {:<10} {:<16} {:<9} {:>7} {:>14} {:>14} {:>7} {:>9.1} {:>7} {:>7} {:>7}",
             n.name,
             n.interface,
             n.address.as_deref().unwrap_or("-"),
@@ -92,6 +123,8 @@ fn render(now: &Status, before: &Status, secs: f64, events: &VecDeque<String>) -
             ),
             new,
             share(*new, total_new),
+            syn_ms,
+            syn_ok,
         );
     }
     let _ = writeln!(s, "\nRecent events:");
@@ -165,6 +198,9 @@ mod tests {
             rx_packets: 0,
             rx_bytes: 0,
             slow_path: 0,
+            syns: 0,
+            synacks: 0,
+            syn_rtt_ms: None,
         }
     }
 
@@ -180,13 +216,18 @@ mod tests {
     #[test]
     fn shares_of_new_flows_are_shown_against_weights() {
         let before = status(vec![uplink("x", "up", 0, 1), uplink("y", "up", 0, 3)]);
-        let now = status(vec![uplink("x", "up", 25, 1), uplink("y", "up", 75, 3)]);
+        let mut x_now = uplink("x", "up", 25, 1);
+        // 10 SYNs, 8 answered in 12 ms each on average.
+        (x_now.syns, x_now.synacks, x_now.syn_rtt_ms) = (10, 8, Some(12.0));
+        let now = status(vec![x_now, uplink("y", "up", 75, 3)]);
         let screen = render(&now, &before, 1.0, &VecDeque::new());
         let x = screen.lines().find(|l| l.starts_with("x ")).expect("x row");
         assert!(
-            x.contains("1 (25%)") && x.trim_end().ends_with("25%"),
+            x.contains("1 (25%)") && x.trim_end().ends_with("25%    12.0     80%"),
             "{x}"
         );
+        let y = screen.lines().find(|l| l.starts_with("y ")).expect("y row");
+        assert!(y.trim_end().ends_with("-       -"), "no SYNs: {y}");
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! down after `down_after` bad rounds in a row and up again after
 //! `up_after` good ones. At most one round is in flight: when a round
 //! outlasts the interval, the next one starts as soon as it ends.
+pub mod passive;
+
 use std::{
     collections::VecDeque,
     fmt::Write as _,
@@ -31,7 +33,9 @@ use tokio::{
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
-    /// Addresses to probe; a round asks each of them once.
+    /// Addresses to probe; a round asks each of them once. Empty: no
+    /// probes (live traffic and the link alone tell).
+    #[serde(default)]
     pub targets: Vec<Ipv4Addr>,
     /// Time between round starts.
     #[serde(default = "ms_1000")]
@@ -75,6 +79,35 @@ pub struct HealthConfig {
     /// outage, so that a flapping one does not keep taking flows.
     #[serde(default)]
     pub hold_down_ms: u64,
+    /// Watch live TCP: SYNs to several remotes left unanswered take the
+    /// uplink down before a probe notices.
+    #[serde(default = "yes")]
+    pub passive: bool,
+    /// How long a SYN waits for its SYN-ACK before it counts as
+    /// unanswered.
+    #[serde(default = "ms_1000")]
+    pub syn_timeout_ms: u64,
+    /// Distinct remotes whose SYNs went unanswered (with no SYN-ACK at all
+    /// since) before live traffic takes the uplink down.
+    #[serde(default = "three")]
+    pub passive_min_destinations: u32,
+    /// How long live traffic keeps the uplink down before a share of new
+    /// flows tries it again (and how long that trial lasts).
+    #[serde(default = "ms_10000")]
+    pub passive_hold_ms: u64,
+}
+
+impl passive::PassiveConfig {
+    /// From the uplink's `[uplink.health]`, or the defaults without one.
+    pub fn of(health: Option<&HealthConfig>) -> Self {
+        let ms = |v: u64| v * 1_000_000;
+        Self {
+            enabled: health.is_none_or(|h| h.passive),
+            syn_timeout_ns: ms(health.map_or_else(ms_1000, |h| h.syn_timeout_ms)),
+            min_destinations: health.map_or_else(three, |h| h.passive_min_destinations) as usize,
+            hold_ns: ms(health.map_or_else(ms_10000, |h| h.passive_hold_ms)),
+        }
+    }
 }
 
 /// What happens to an uplink's flows when it goes down, for an uplink with
@@ -156,6 +189,14 @@ fn ms_1000() -> u64 {
     1000
 }
 
+fn ms_10000() -> u64 {
+    10_000
+}
+
+fn yes() -> bool {
+    true
+}
+
 fn one() -> u32 {
     1
 }
@@ -174,9 +215,6 @@ impl HealthConfig {
     pub fn problems(&self, at: &str) -> Vec<String> {
         let mut out = Vec::new();
         let mut bad = |msg: String| out.push(format!("{at}: {msg}"));
-        if self.targets.is_empty() {
-            bad("`targets` is empty: list at least one address to probe, e.g. targets = [\"9.9.9.9\", \"1.1.1.1\"]".into());
-        }
         for (i, t) in self.targets.iter().enumerate() {
             if t.is_unspecified() || t.is_broadcast() || t.is_multicast() || t.is_loopback() {
                 bad(format!(
@@ -204,10 +242,20 @@ impl HealthConfig {
         for (key, v) in [
             ("confirm_ms", self.confirm_ms),
             ("hold_down_ms", self.hold_down_ms),
+            ("passive_hold_ms", self.passive_hold_ms),
         ] {
             if v > 600_000 {
                 bad(format!("`{key}` = {v}: at most 600000 (ten minutes)"));
             }
+        }
+        if !(100..=60_000).contains(&self.syn_timeout_ms) {
+            bad(format!(
+                "`syn_timeout_ms` = {}: pick 100 to 60000",
+                self.syn_timeout_ms
+            ));
+        }
+        if self.passive_min_destinations == 0 {
+            bad("`passive_min_destinations` must be at least 1".into());
         }
         if self.up_after == 0 {
             bad("`up_after` must be at least 1 round".into());
@@ -896,7 +944,10 @@ mod tests {
         let err = toml::from_str::<HealthConfig>("targets = []\nintervall_ms = 5")
             .expect_err("unknown key");
         assert!(err.to_string().contains("intervall_ms"), "{err}");
-        assert!(toml::from_str::<HealthConfig>("interval_ms = 500").is_err());
+        // No targets: no probes, live traffic and the link alone.
+        let c = toml::from_str::<HealthConfig>("on_down = \"purge\"").expect("no targets");
+        assert!(c.targets.is_empty() && c.passive);
+        assert_eq!((c.syn_timeout_ms, c.passive_min_destinations), (1000, 3));
     }
 
     #[test]
@@ -924,11 +975,15 @@ mod tests {
         assert!(cfg("tcp_port = 80").problems("h")[0].contains("only used with"));
         let mut empty = cfg("");
         empty.targets.clear();
+        assert!(empty.problems("h").is_empty(), "no probes is fine");
+        let p = cfg("syn_timeout_ms = 50\npassive_min_destinations = 0").problems("h");
         assert!(
-            empty
-                .problems("h")
-                .join("\n")
-                .contains("`targets` is empty")
+            p.iter().any(|m| m.contains("`syn_timeout_ms` = 50")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|m| m.contains("`passive_min_destinations`")),
+            "{p:?}"
         );
     }
 

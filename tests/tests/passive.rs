@@ -1,0 +1,191 @@
+//! Passive health on real traffic: the LAN's own TCP SYNs, left
+//! unanswered by a dead upstream, take an uplink out before its probes
+//! notice; unanswered SYNs to firewalled remotes do not; an uplink taken
+//! out by traffic alone comes back through a trial.
+use std::{
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    time::{Duration, Instant},
+};
+
+use testbed::*;
+
+fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Four remotes on the internet host, all served by one listener on
+/// `port`.
+fn remotes(t: &Topology, port: u16) -> Vec<SocketAddrV4> {
+    for last in [12, 13] {
+        t.inet.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("198.19.0.{last}/32"),
+            "dev",
+            "lo",
+        ]);
+    }
+    [10, 11, 12, 13]
+        .map(|last| SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, last), port))
+        .to_vec()
+}
+
+/// A TCP connection from the client, given `limit` to be answered.
+fn connects(t: &Topology, to: SocketAddrV4, limit: Duration) -> bool {
+    t.client
+        .run(|| TcpStream::connect_timeout(&to.into(), limit))
+        .is_ok()
+}
+
+/// x and y, each with `health` (probes of the internet server or none),
+/// then `extra`.
+fn config(t: &Topology, health_x: &str, extra: &str) -> String {
+    let mut config = String::new();
+    for part in config_for(t, [1, 1], "").split_inclusive("\n\n") {
+        config += part;
+        if part.contains("name = \"x\"") {
+            config += health_x;
+        }
+    }
+    config + extra
+}
+
+/// Probes every 5 s, three rounds to fail: 15 s before they could tell.
+const SLOW_PROBES: &str = "\n[uplink.health]\ntargets = [\"198.19.0.10\"]\ninterval_ms = 5000\n\
+                           timeout_ms = 1000\ndown_after = 3\nsyn_timeout_ms = 500\n";
+
+#[test]
+fn new_tcp_connections_leave_an_uplink_whose_upstream_died_before_its_probes_notice() {
+    let t = Topology::standard();
+    let gw = Gateway::start(&t.gw, &config(&t, SLOW_PROBES, ""));
+    let srv = tcp_echo_server(&t.inet, Ipv4Addr::UNSPECIFIED, 0);
+    let to = remotes(&t, srv.addr().port());
+    for r in &to {
+        assert!(connects(&t, *r, Duration::from_secs(2)), "{r} before");
+    }
+    std::thread::sleep(Duration::from_millis(600));
+
+    t.ispx.exec(&[
+        "iptables", "-w", "-I", "FORWARD", "-i", IF_CORE, "-j", "DROP",
+    ]);
+    let died = Instant::now();
+    // Steady new connections, round robin over the remotes: those through
+    // x go unanswered until live traffic takes it out.
+    let mut i = 0;
+    eventually(Duration::from_millis(1500), "x out by live traffic", || {
+        i += 1;
+        let _ = connects(&t, to[i % to.len()], Duration::from_millis(100));
+        gw.log().contains("uplink x: DOWN by live traffic")
+    });
+    let after = died.elapsed();
+    for r in to.iter().cycle().take(8) {
+        assert!(
+            connects(&t, *r, Duration::from_secs(1)),
+            "{r}: a new connection after {after:?} still went to x"
+        );
+    }
+    let st = gw.status();
+    assert_eq!(st["uplinks"][0]["state"], "down", "{st}");
+    assert_eq!(st["uplinks"][1]["state"], "up", "{st}");
+    assert!(
+        st["uplinks"][0]["syns"].as_u64() > st["uplinks"][0]["synacks"].as_u64(),
+        "{st}"
+    );
+    assert!(st["uplinks"][1]["syn_rtt_ms"].as_f64().is_some(), "{st}");
+    assert!(!gw.log().contains("probes fail"), "{}", gw.log());
+}
+
+#[test]
+fn syns_to_firewalled_hosts_do_not_take_a_working_uplink_down() {
+    let t = Topology::standard();
+    let gw = Gateway::start(&t.gw, &config(&t, SLOW_PROBES, ""));
+    let srv = tcp_echo_server(&t.inet, Ipv4Addr::UNSPECIFIED, 0);
+    let open = remotes(&t, srv.addr().port());
+    // Four more remotes drop every SYN, as firewalled hosts do.
+    for last in 20..24 {
+        t.inet.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("198.19.0.{last}/32"),
+            "dev",
+            "lo",
+        ]);
+    }
+    t.inet.exec(&[
+        "iptables",
+        "-w",
+        "-I",
+        "INPUT",
+        "-p",
+        "tcp",
+        "-d",
+        "198.19.0.20/30",
+        "-j",
+        "DROP",
+    ]);
+    let closed: Vec<SocketAddrV4> = (20..24)
+        .map(|last| SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, last), srv.addr().port()))
+        .collect();
+    let start = Instant::now();
+    let mut i = 0;
+    while start.elapsed() < Duration::from_secs(3) {
+        i += 1;
+        let _ = connects(&t, closed[i % closed.len()], Duration::from_millis(50));
+        assert!(connects(&t, open[i % open.len()], Duration::from_secs(1)));
+    }
+    assert!(!gw.log().contains("DOWN by live traffic"), "{}", gw.log());
+    let st = gw.status();
+    assert_eq!(st["uplinks"][0]["state"], "up", "{st}");
+    assert_eq!(st["uplinks"][1]["state"], "up", "{st}");
+}
+
+#[test]
+fn an_uplink_out_by_traffic_alone_goes_on_trial_with_a_share_of_new_flows_and_comes_back() {
+    let t = Topology::standard();
+    // No probes at all on x: only its traffic tells.
+    let health = "\n[uplink.health]\nsyn_timeout_ms = 500\npassive_hold_ms = 3000\n";
+    let gw = Gateway::start(&t.gw, &config(&t, health, ""));
+    let srv = tcp_echo_server(&t.inet, Ipv4Addr::UNSPECIFIED, 0);
+    let peer = udp_peer_server(&t.inet, INET_SERVICE2, 0);
+    let to = remotes(&t, srv.addr().port());
+    let upstream = ["FORWARD", "-i", IF_CORE, "-j", "DROP"];
+    t.ispx
+        .exec(&[&["iptables", "-w", "-I"][..], &upstream].concat());
+    let mut i = 0;
+    eventually(Duration::from_secs(3), "x out by live traffic", || {
+        i += 1;
+        let _ = connects(&t, to[i % to.len()], Duration::from_millis(100));
+        gw.log().contains("uplink x: DOWN by live traffic")
+    });
+    // The upstream comes back while x is out; after the hold, a trial.
+    t.ispx
+        .exec(&[&["iptables", "-w", "-D"][..], &upstream].concat());
+    eventually(Duration::from_secs(5), "x on trial", || {
+        gw.status()["uplinks"][0]["state"] == "trial"
+    });
+    let mut on_x = 0;
+    for _ in 0..80 {
+        let seen = udp_seen_as(&t.client, None, peer.addr()).expect("UDP");
+        on_x += usize::from(*seen.ip() == UPLINK_X_ADDR);
+    }
+    assert!((1..40).contains(&on_x), "{on_x} of 80 new flows on x");
+    // Answered during the trial: back in full service at its end.
+    for r in to.iter().cycle().take(8) {
+        assert!(connects(&t, *r, Duration::from_secs(1)), "{r}");
+    }
+    eventually(Duration::from_secs(5), "x back in full service", || {
+        gw.status()["uplinks"][0]["state"] == "up"
+    });
+    assert!(
+        gw.log()
+            .contains("uplink x: live traffic is answered again"),
+        "{}",
+        gw.log()
+    );
+}
