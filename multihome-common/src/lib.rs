@@ -340,6 +340,9 @@ pub const UPLINK_DRAIN_RESET: u16 = 1 << 11;
 pub const UPLINK_TRAFFIC_DOWN: u16 = 1 << 12;
 /// Back on trial after [`UPLINK_TRAFFIC_DOWN`]: a share of new flows tries it.
 pub const UPLINK_CANARY: u16 = 1 << 13;
+/// Past a degraded threshold of live traffic: no new flows while another
+/// uplink is healthy; pinned flows stay.
+pub const UPLINK_DEGRADED: u16 = 1 << 14;
 
 /// The choice table, Maglev-style: a new flow takes the uplink in slot
 /// `flow_hash(key, seed) % SELECT_SLOTS`, so the same 5-tuple gets the

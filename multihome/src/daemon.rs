@@ -606,7 +606,14 @@ impl Daemon {
                 return;
             }
         };
-        let synacks: Vec<u64> = stats.iter().map(|s| s.synacks).collect();
+        let counts: Vec<passive::SynCounts> = stats
+            .iter()
+            .map(|s| passive::SynCounts {
+                syns: s.syns,
+                synacks: s.synacks,
+                rtt_ns: s.synack_rtt_ns,
+            })
+            .collect();
         let slots: Vec<u8> = self.config.uplinks.iter().map(|u| u.slot).collect();
         let configs: Vec<passive::PassiveConfig> = self
             .config
@@ -614,7 +621,7 @@ impl Daemon {
             .iter()
             .map(|u| passive::PassiveConfig::of(u.health.as_ref()))
             .collect();
-        let (changes, stale) = self.passive.tick(now, &waiting, &synacks, &slots, &configs);
+        let (changes, stale) = self.passive.tick(now, &waiting, &counts, &slots, &configs);
         for k in stale {
             let _ = map.remove(&k);
         }
@@ -634,6 +641,11 @@ impl Daemon {
                 passive::Verdict::Healthy => {
                     info!("uplink {name}: live traffic is answered again, back in full service")
                 }
+                passive::Verdict::Degraded { .. } => warn!(
+                    "uplink {name}: degraded: its SYNs are answered slowly or seldom \
+                     (degraded_syn_rtt_ms / degraded_answered_pct); no new flows while \
+                     another uplink is healthy"
+                ),
             }
             self.probed[c.uplink].traffic = c.verdict;
         }
@@ -1132,6 +1144,12 @@ impl Daemon {
             .probed
             .iter()
             .any(|p| matches!(p.traffic, passive::Verdict::Canary { .. }));
+        let degraded = |p: &Probed| matches!(p.traffic, passive::Verdict::Degraded { .. });
+        // A degraded uplink takes new flows only when no healthy one can.
+        let healthy = usable
+            .iter()
+            .zip(&self.probed)
+            .any(|(u, p)| *u && !degraded(p));
         self.config
             .uplinks
             .iter()
@@ -1146,7 +1164,7 @@ impl Daemon {
                     (false, _) | (true, passive::Verdict::Canary { .. }) => u.weight,
                     (true, _) => u.weight.saturating_mul(CANARY_SHARE),
                 },
-                usable: *usable,
+                usable: *usable && !(healthy && degraded(p)),
             })
             .collect()
     }

@@ -69,8 +69,9 @@ pub fn render(maps: &Maps) -> anyhow::Result<String> {
         (
             "uplink_up",
             "gauge",
-            "1 if the uplink takes new flows (a share of them while on trial)",
-            |u| f64::from(u8::from(u.state == "up" || u.state == "trial")),
+            "1 if the uplink takes new flows (a share of them while on trial, only \
+             when no healthy uplink can while degraded)",
+            |u| f64::from(u8::from(matches!(u.state, "up" | "trial" | "degraded"))),
         ),
         ("uplink_weight", "gauge", "configured weight", |u| {
             u.weight.into()

@@ -5,8 +5,8 @@ use serde::Serialize;
 
 use crate::{flows::be_addr, maps::Maps, uplinks::name_from_bytes};
 use multihome_common::{
-    UPLINK_CANARY, UPLINK_CONFIGURED, UPLINK_DRAINED, UPLINK_HELD_DOWN, UPLINK_LINK_DOWN,
-    UPLINK_PROBES_FAIL, UPLINK_TRAFFIC_DOWN, UPLINK_USABLE,
+    UPLINK_CANARY, UPLINK_CONFIGURED, UPLINK_DEGRADED, UPLINK_DRAINED, UPLINK_HELD_DOWN,
+    UPLINK_LINK_DOWN, UPLINK_PROBES_FAIL, UPLINK_TRAFFIC_DOWN, UPLINK_USABLE,
 };
 
 #[derive(Serialize)]
@@ -87,6 +87,7 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
             interface: name_from_bytes(&u.ifname),
             state: match (u.flags & UPLINK_USABLE != 0, addr.is_some()) {
                 (true, _) if u.flags & UPLINK_CANARY != 0 => "trial",
+                (true, _) if u.flags & UPLINK_DEGRADED != 0 => "degraded",
                 (true, _) => "up",
                 _ if u.flags & UPLINK_DRAINED != 0 => "drained",
                 (false, false) => "no-address",
@@ -103,6 +104,9 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
                 _ if u.flags & UPLINK_HELD_DOWN != 0 => {
                     Some("held down after an outage (hold_down_ms)")
                 }
+                _ if u.flags & UPLINK_DEGRADED != 0 => Some(
+                    "live traffic past a degraded threshold: no new flows while another uplink is healthy",
+                ),
                 _ if u.flags & UPLINK_CANARY != 0 => {
                     Some("on trial after live traffic took it down: a share of new flows tries it")
                 }

@@ -3,10 +3,10 @@
 use std::net::Ipv4Addr;
 
 use multihome_common::{
-    LanNet, MAX_UPLINKS, RoutedUplinks, UPLINK_CANARY, UPLINK_CONFIGURED, UPLINK_DRAIN_RESET,
-    UPLINK_DRAINED, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_HELD_DOWN, UPLINK_L3,
-    UPLINK_LINK_DOWN, UPLINK_OUTAGE, UPLINK_PROBES_FAIL, UPLINK_RESET_TCP, UPLINK_TRAFFIC_DOWN,
-    UPLINK_USABLE, Uplink,
+    LanNet, MAX_UPLINKS, RoutedUplinks, UPLINK_CANARY, UPLINK_CONFIGURED, UPLINK_DEGRADED,
+    UPLINK_DRAIN_RESET, UPLINK_DRAINED, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_HELD_DOWN,
+    UPLINK_L3, UPLINK_LINK_DOWN, UPLINK_OUTAGE, UPLINK_PROBES_FAIL, UPLINK_RESET_TCP,
+    UPLINK_TRAFFIC_DOWN, UPLINK_USABLE, Uplink,
 };
 
 use crate::{
@@ -170,6 +170,7 @@ pub fn slot(config: &Config, id: usize, o: &Observed, probed: &Probed, drain: Dr
         passive::Verdict::Healthy => {}
         passive::Verdict::Down { .. } => flags |= UPLINK_TRAFFIC_DOWN,
         passive::Verdict::Canary { .. } => flags |= UPLINK_CANARY,
+        passive::Verdict::Degraded { .. } => flags |= UPLINK_DEGRADED,
     }
     if probed.held {
         flags |= UPLINK_HELD_DOWN;

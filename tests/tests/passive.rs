@@ -189,3 +189,78 @@ fn an_uplink_out_by_traffic_alone_goes_on_trial_with_a_share_of_new_flows_and_co
         gw.log()
     );
 }
+
+#[test]
+fn an_uplink_whose_syns_are_seldom_answered_is_degraded_and_keeps_its_pinned_flows() {
+    let t = Topology::standard();
+    let health = "\n[uplink.health]\nsyn_timeout_ms = 500\ndegraded_answered_pct = 80\n";
+    let gw = Gateway::start(&t.gw, &config(&t, health, ""));
+    let srv = tcp_echo_server(&t.inet, Ipv4Addr::UNSPECIFIED, 0);
+    let peer = udp_peer_server(&t.inet, INET_SERVICE2, 0);
+    let open = remotes(&t, srv.addr().port());
+    // A session pinned to x before anything goes wrong.
+    let mut pinned = None;
+    for r in open.iter().cycle().take(40) {
+        let c = t
+            .client
+            .run(|| TcpStream::connect_timeout(&(*r).into(), Duration::from_secs(1)))
+            .expect("connect");
+        let port = c.local_addr().expect("port").port();
+        if gw
+            .conns()
+            .iter()
+            .any(|f| f["sport"] == port && f["uplink"] == "x")
+        {
+            pinned = Some(c);
+            break;
+        }
+    }
+    let mut pinned = pinned.expect("a session on x");
+    // x's ISP drops SYNs to four hosts that y reaches: half of x's SYNs
+    // go unanswered, while it still answers the rest.
+    for last in 20..24 {
+        t.inet.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("198.19.0.{last}/32"),
+            "dev",
+            "lo",
+        ]);
+    }
+    t.ispx.exec(&[
+        "iptables",
+        "-w",
+        "-I",
+        "FORWARD",
+        "-p",
+        "tcp",
+        "-d",
+        "198.19.0.20/30",
+        "-j",
+        "DROP",
+    ]);
+    let mut i = 0;
+    eventually(Duration::from_secs(10), "x degraded", || {
+        i += 1;
+        let closed = SocketAddrV4::new(
+            Ipv4Addr::new(198, 19, 0, 20 + (i % 4) as u8),
+            srv.addr().port(),
+        );
+        let _ = connects(&t, closed, Duration::from_millis(50));
+        let _ = connects(&t, open[i % open.len()], Duration::from_secs(1));
+        gw.status()["uplinks"][0]["state"] == "degraded"
+    });
+    assert!(!gw.log().contains("DOWN by live traffic"), "{}", gw.log());
+    for _ in 0..20 {
+        let seen = udp_seen_as(&t.client, None, peer.addr()).expect("UDP");
+        assert_eq!(*seen.ip(), UPLINK_Y_ADDR, "a new flow on degraded x");
+    }
+    use std::io::{Read as _, Write as _};
+    pinned.write_all(b"still?").expect("write");
+    let mut buf = [0u8; 6];
+    pinned
+        .read_exact(&mut buf)
+        .expect("the pinned session goes on");
+    assert_eq!(&buf, b"still?");
+}

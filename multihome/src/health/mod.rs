@@ -95,6 +95,14 @@ pub struct HealthConfig {
     /// flows tries it again (and how long that trial lasts).
     #[serde(default = "ms_10000")]
     pub passive_hold_ms: u64,
+    /// Degraded (no new flows while another uplink is healthy) while the
+    /// mean SYN to SYN-ACK time over the last 10 s is above this.
+    #[serde(default)]
+    pub degraded_syn_rtt_ms: Option<u32>,
+    /// Degraded while fewer than this percentage of SYNs over the last
+    /// 10 s are answered.
+    #[serde(default)]
+    pub degraded_answered_pct: Option<u32>,
 }
 
 impl passive::PassiveConfig {
@@ -106,6 +114,10 @@ impl passive::PassiveConfig {
             syn_timeout_ns: ms(health.map_or_else(ms_1000, |h| h.syn_timeout_ms)),
             min_destinations: health.map_or_else(three, |h| h.passive_min_destinations) as usize,
             hold_ns: ms(health.map_or_else(ms_10000, |h| h.passive_hold_ms)),
+            degraded_rtt_ns: health
+                .and_then(|h| h.degraded_syn_rtt_ms)
+                .map(|v| ms(v.into())),
+            degraded_answered_pct: health.and_then(|h| h.degraded_answered_pct),
         }
     }
 }
@@ -253,6 +265,15 @@ impl HealthConfig {
                 "`syn_timeout_ms` = {}: pick 100 to 60000",
                 self.syn_timeout_ms
             ));
+        }
+        if self.degraded_syn_rtt_ms == Some(0) {
+            bad("`degraded_syn_rtt_ms` must be at least 1, or omitted".into());
+        }
+        if self
+            .degraded_answered_pct
+            .is_some_and(|p| p == 0 || p > 100)
+        {
+            bad("`degraded_answered_pct` must be 1 to 100, or omitted".into());
         }
         if self.passive_min_destinations == 0 {
             bad("`passive_min_destinations` must be at least 1".into());

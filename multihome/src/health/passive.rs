@@ -9,12 +9,28 @@
 //! nothing. After `passive_hold_ms` it goes on trial (a canary): a small
 //! share of new flows tries it, and either they are answered and it is
 //! back, or it is down again.
+//!
+//! An operator may also set thresholds on the SYN-ACK round-trip time and
+//! on the share of SYNs answered: beyond them, over the last
+//! [`WINDOW_NS`] and on enough samples, the uplink is degraded: it takes
+//! no new flows while another is healthy, and keeps its pinned ones.
 use std::collections::VecDeque;
 
 use multihome_common::SynWaitKey;
 
 /// How far back SYNs count: older unanswered ones say nothing of now.
 pub const WINDOW_NS: u64 = 10_000_000_000;
+/// SYNs (or SYN-ACKs, for the round-trip time) a window needs before a
+/// degraded threshold is judged.
+pub const MIN_SAMPLES: u64 = 10;
+
+/// One uplink's SYN counters, as `UPLINK_STATS` sums them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynCounts {
+    pub syns: u64,
+    pub synacks: u64,
+    pub rtt_ns: u64,
+}
 
 /// The passive-health settings of one uplink (`[uplink.health]`, or the
 /// defaults without it).
@@ -26,8 +42,13 @@ pub struct PassiveConfig {
     /// Distinct remotes left unanswered before a verdict.
     pub min_destinations: usize,
     /// How long a traffic verdict keeps the uplink out before a trial, ns;
-    /// also how long the trial lasts.
+    /// also how long the trial lasts, and how long a degraded one stays so
+    /// at least.
     pub hold_ns: u64,
+    /// Degraded while the mean SYN to SYN-ACK time is above this, ns.
+    pub degraded_rtt_ns: Option<u64>,
+    /// Degraded while fewer SYNs than this percentage are answered.
+    pub degraded_answered_pct: Option<u32>,
 }
 
 /// Where an uplink stands by its traffic.
@@ -39,6 +60,9 @@ pub enum Verdict {
     Down { since: u64, destinations: usize },
     /// On trial until `until`: a share of new flows tries it.
     Canary { until: u64 },
+    /// Past a degraded threshold since `since`: no new flows while another
+    /// uplink is healthy; pinned flows stay.
+    Degraded { since: u64 },
 }
 
 /// A change for the daemon to publish and log.
@@ -55,8 +79,8 @@ pub struct Watch {
     verdicts: Vec<Verdict>,
     /// Since when SYNs count: the last change of verdict (boot ns).
     counting_from: Vec<u64>,
-    /// (time, SYN-ACKs so far per slot), oldest first, over the window.
-    answered: VecDeque<(u64, Vec<u64>)>,
+    /// (time, counters so far per slot), oldest first, over the window.
+    history: VecDeque<(u64, Vec<SynCounts>)>,
 }
 
 impl Watch {
@@ -64,7 +88,7 @@ impl Watch {
         Self {
             verdicts: vec![Verdict::Healthy; uplinks],
             counting_from: vec![0; uplinks],
-            answered: VecDeque::new(),
+            history: VecDeque::new(),
         }
     }
 
@@ -74,26 +98,26 @@ impl Watch {
     }
 
     /// One look at the datapath at `now` (boot ns): `waiting` is
-    /// `SYN_WAIT`, `synacks[slot]` the SYN-ACKs counted so far; uplink `i`
-    /// of the config has slot `slots[i]` and settings `configs[i]`.
-    /// Returns the changes of verdict, and the `waiting` keys too old to
-    /// matter (to delete).
+    /// `SYN_WAIT`, `counts[slot]` the SYN counters so far; uplink `i` of
+    /// the config has slot `slots[i]` and settings `configs[i]`. Returns
+    /// the changes of verdict, and the `waiting` keys too old to matter
+    /// (to delete).
     pub fn tick(
         &mut self,
         now: u64,
         waiting: &[(SynWaitKey, u64)],
-        synacks: &[u64],
+        counts: &[SynCounts],
         slots: &[u8],
         configs: &[PassiveConfig],
     ) -> (Vec<Change>, Vec<SynWaitKey>) {
-        self.answered.push_back((now, synacks.to_vec()));
+        self.history.push_back((now, counts.to_vec()));
         let horizon = configs.iter().map(|c| c.syn_timeout_ns).max().unwrap_or(0) + WINDOW_NS;
         while self
-            .answered
+            .history
             .get(1)
             .is_some_and(|(t, _)| now.saturating_sub(*t) > horizon)
         {
-            self.answered.pop_front();
+            self.history.pop_front();
         }
         let stale = waiting
             .iter()
@@ -121,17 +145,28 @@ impl Watch {
                     .iter()
                     .min()
                     .is_some_and(|oldest| self.answered_since(*oldest, slot) == 0);
+            let degraded = self.degraded(now, slot, cfg);
             let next = match self.verdicts[id] {
-                Verdict::Healthy | Verdict::Canary { .. } if unanswered => Verdict::Down {
-                    since: now,
-                    destinations: late.len(),
-                },
                 Verdict::Down { since, .. } if now.saturating_sub(since) >= cfg.hold_ns => {
                     Verdict::Canary {
                         until: now + cfg.hold_ns,
                     }
                 }
+                Verdict::Down { .. } => self.verdicts[id],
+                _ if unanswered => Verdict::Down {
+                    since: now,
+                    destinations: late.len(),
+                },
                 Verdict::Canary { until } if now >= until => Verdict::Healthy,
+                Verdict::Healthy if degraded == Some(true) => Verdict::Degraded { since: now },
+                // Out of new flows it may see too few SYNs to say: after
+                // the hold it takes them again, and is judged anew.
+                Verdict::Degraded { since }
+                    if degraded == Some(false)
+                        || (degraded.is_none() && now.saturating_sub(since) >= cfg.hold_ns) =>
+                {
+                    Verdict::Healthy
+                }
                 v => v,
             };
             if next != self.verdicts[id] {
@@ -146,21 +181,53 @@ impl Watch {
         (changes, stale)
     }
 
-    /// SYN-ACKs through `slot` since `t` (boot ns), at least: counted from
-    /// the last look at or before `t`, else the oldest one kept.
-    fn answered_since(&self, t: u64, slot: u8) -> u64 {
-        let count = |(_, c): &(u64, Vec<u64>)| c.get(usize::from(slot)).copied().unwrap_or(0);
-        let Some(latest) = self.answered.back() else {
-            return 0;
-        };
-        let before = self
-            .answered
+    /// The counters of `slot` at the last look at or before `t`, else at
+    /// the oldest kept.
+    fn counts_at(&self, t: u64, slot: u8) -> SynCounts {
+        self.history
             .iter()
             .rev()
             .find(|(at, _)| *at <= t)
-            .or(self.answered.front())
-            .map_or(0, count);
-        count(latest).saturating_sub(before)
+            .or(self.history.front())
+            .and_then(|(_, c)| c.get(usize::from(slot)).copied())
+            .unwrap_or_default()
+    }
+
+    fn latest(&self, slot: u8) -> SynCounts {
+        self.history
+            .back()
+            .and_then(|(_, c)| c.get(usize::from(slot)).copied())
+            .unwrap_or_default()
+    }
+
+    /// SYN-ACKs through `slot` since `t` (boot ns), at least.
+    fn answered_since(&self, t: u64, slot: u8) -> u64 {
+        self.latest(slot)
+            .synacks
+            .saturating_sub(self.counts_at(t, slot).synacks)
+    }
+
+    /// Whether `slot` is past a degraded threshold over the last window;
+    /// None without a threshold or with too few samples to say.
+    fn degraded(&self, now: u64, slot: u8, cfg: &PassiveConfig) -> Option<bool> {
+        let (now_c, then) = (
+            self.latest(slot),
+            self.counts_at(now.saturating_sub(WINDOW_NS), slot),
+        );
+        let syns = now_c.syns.saturating_sub(then.syns);
+        let synacks = now_c.synacks.saturating_sub(then.synacks);
+        let slow = cfg
+            .degraded_rtt_ns
+            .filter(|_| synacks >= MIN_SAMPLES)
+            .map(|max| now_c.rtt_ns.saturating_sub(then.rtt_ns) / synacks > max);
+        let unanswered = cfg
+            .degraded_answered_pct
+            .filter(|_| syns >= MIN_SAMPLES)
+            .map(|pct| synacks.min(syns) * 100 < u64::from(pct) * syns);
+        match (slow, unanswered) {
+            (None, None) => None,
+            (a, b) => Some(a == Some(true) || b == Some(true)),
+        }
     }
 }
 
@@ -174,7 +241,18 @@ mod tests {
         syn_timeout_ns: 500 * MS,
         min_destinations: 3,
         hold_ns: 5_000 * MS,
+        degraded_rtt_ns: None,
+        degraded_answered_pct: None,
     };
+
+    /// Counters with `synacks` SYN-ACKs (as many SYNs), 10 ms each.
+    fn acks(synacks: u64) -> SynCounts {
+        SynCounts {
+            syns: synacks,
+            synacks,
+            rtt_ns: synacks * 10 * MS,
+        }
+    }
 
     fn wait(dest: u32, slot: u8, t: u64) -> (SynWaitKey, u64) {
         (
@@ -194,15 +272,15 @@ mod tests {
         let t0 = 100_000 * MS;
         let (slots, cfgs) = ([0, 1], [CFG, CFG]);
         // Answers on both before; then x (slot 0) stops answering.
-        w.tick(t0, &[], &[5, 5], &slots, &cfgs);
+        w.tick(t0, &[], &[acks(5), acks(5)], &slots, &cfgs);
         let waiting = [
             wait(1, 0, t0 + MS),
             wait(2, 0, t0 + 2 * MS),
             wait(3, 0, t0 + 3 * MS),
         ];
-        let (c, _) = w.tick(t0 + 400 * MS, &waiting, &[5, 9], &slots, &cfgs);
+        let (c, _) = w.tick(t0 + 400 * MS, &waiting, &[acks(5), acks(9)], &slots, &cfgs);
         assert!(c.is_empty(), "not yet syn_timeout_ms");
-        let (c, _) = w.tick(t0 + 600 * MS, &waiting, &[5, 12], &slots, &cfgs);
+        let (c, _) = w.tick(t0 + 600 * MS, &waiting, &[acks(5), acks(12)], &slots, &cfgs);
         assert_eq!(
             c,
             vec![Change {
@@ -216,7 +294,7 @@ mod tests {
         assert_eq!(w.verdict(1), Verdict::Healthy, "y answered");
         // After the hold, a trial; SYNs from before it do not count.
         let later = t0 + 5_700 * MS;
-        let (c, _) = w.tick(later, &waiting, &[5, 20], &slots, &cfgs);
+        let (c, _) = w.tick(later, &waiting, &[acks(5), acks(20)], &slots, &cfgs);
         assert_eq!(
             c[0].verdict,
             Verdict::Canary {
@@ -224,7 +302,13 @@ mod tests {
             }
         );
         // Answered during the trial: healthy at its end.
-        let (c, _) = w.tick(later + CFG.hold_ns, &waiting, &[8, 25], &slots, &cfgs);
+        let (c, _) = w.tick(
+            later + CFG.hold_ns,
+            &waiting,
+            &[acks(8), acks(25)],
+            &slots,
+            &cfgs,
+        );
         assert_eq!(c[0].verdict, Verdict::Healthy);
     }
 
@@ -234,18 +318,18 @@ mod tests {
         let (slots, cfgs) = ([0], [CFG]);
         // A firewalled remote or two, while others answer.
         let mut w = Watch::new(1);
-        w.tick(t0, &[], &[5], &slots, &cfgs);
+        w.tick(t0, &[], &[acks(5)], &slots, &cfgs);
         let waiting = [
             wait(1, 0, t0 + MS),
             wait(2, 0, t0 + 2 * MS),
             wait(3, 0, t0 + 3 * MS),
         ];
-        let (c, _) = w.tick(t0 + 600 * MS, &waiting, &[6], &slots, &cfgs);
+        let (c, _) = w.tick(t0 + 600 * MS, &waiting, &[acks(6)], &slots, &cfgs);
         assert!(c.is_empty(), "an answer came after those SYNs went");
         // Two remotes only.
         let mut w = Watch::new(1);
-        w.tick(t0, &[], &[5], &slots, &cfgs);
-        let (c, _) = w.tick(t0 + 600 * MS, &waiting[..2], &[5], &slots, &cfgs);
+        w.tick(t0, &[], &[acks(5)], &slots, &cfgs);
+        let (c, _) = w.tick(t0 + 600 * MS, &waiting[..2], &[acks(5)], &slots, &cfgs);
         assert!(c.is_empty(), "too few remotes to say");
         // Disabled.
         let off = [PassiveConfig {
@@ -253,7 +337,43 @@ mod tests {
             ..CFG
         }];
         let mut w = Watch::new(1);
-        let (c, _) = w.tick(t0 + 600 * MS, &waiting, &[5], &slots, &off);
+        let (c, _) = w.tick(t0 + 600 * MS, &waiting, &[acks(5)], &slots, &off);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn past_a_threshold_on_enough_samples_an_uplink_is_degraded_until_it_is_not() {
+        let t0 = 100_000 * MS;
+        let cfg = PassiveConfig {
+            degraded_rtt_ns: Some(50 * MS),
+            degraded_answered_pct: Some(80),
+            ..CFG
+        };
+        let at = |syns, synacks, rtt_ms| SynCounts {
+            syns,
+            synacks,
+            rtt_ns: rtt_ms * MS,
+        };
+        let mut w = Watch::new(1);
+        w.tick(t0, &[], &[at(0, 0, 0)], &[0], &[cfg]);
+        // Slow, but on too few samples.
+        let (c, _) = w.tick(t0 + MS, &[], &[at(5, 5, 500)], &[0], &[cfg]);
+        assert!(c.is_empty());
+        // Twenty SYN-ACKs at 100 ms each.
+        let (c, _) = w.tick(t0 + 2 * MS, &[], &[at(20, 20, 2000)], &[0], &[cfg]);
+        assert_eq!(c[0].verdict, Verdict::Degraded { since: t0 + 2 * MS });
+        // A window later: 30 SYNs, all answered in 10 ms.
+        let t1 = t0 + WINDOW_NS + 10 * MS;
+        let (c, _) = w.tick(t1, &[], &[at(50, 50, 2300)], &[0], &[cfg]);
+        assert_eq!(c[0].verdict, Verdict::Healthy);
+        // Fast, but only half the SYNs answered.
+        let t2 = t1 + WINDOW_NS + 10 * MS;
+        let (c, _) = w.tick(t2, &[], &[at(90, 70, 2500)], &[0], &[cfg]);
+        assert_eq!(c[0].verdict, Verdict::Degraded { since: t2 });
+        // Without thresholds, never.
+        let mut w = Watch::new(1);
+        w.tick(t0, &[], &[at(0, 0, 0)], &[0], &[CFG]);
+        let (c, _) = w.tick(t0 + MS, &[], &[at(90, 10, 9000)], &[0], &[CFG]);
         assert!(c.is_empty());
     }
 
@@ -262,7 +382,7 @@ mod tests {
         let mut w = Watch::new(1);
         let t0 = 100_000 * MS;
         let old = wait(9, 0, t0);
-        let (_, stale) = w.tick(t0 + WINDOW_NS + 600 * MS, &[old], &[0], &[0], &[CFG]);
+        let (_, stale) = w.tick(t0 + WINDOW_NS + 600 * MS, &[old], &[acks(0)], &[0], &[CFG]);
         assert_eq!(stale, vec![old.0]);
     }
 }
