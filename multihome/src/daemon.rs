@@ -3,6 +3,10 @@
 use std::{
     collections::{BTreeSet, HashMap},
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -43,6 +47,18 @@ type NetlinkEvent = (
 
 /// A full re-read of interface state even without events.
 const TICK: Duration = Duration::from_secs(1);
+/// The longest time between two `on_up = "return-idle"` passes.
+const RETURN_EVERY: Duration = Duration::from_secs(5);
+
+/// An uplink moving its idle failed-over flows back (`on_up =
+/// "return-idle"`): whether a pass runs now, and whether none is left.
+#[derive(Clone, Default)]
+struct Returning {
+    running: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
+    last: Option<tokio::time::Instant>,
+}
+
 /// An uplink on trial after live traffic took it down gets about
 /// 1 / (1 + this) of new flows (with equal weights).
 const CANARY_SHARE: u32 = 8;
@@ -74,6 +90,8 @@ struct Daemon {
     probed: Vec<Probed>,
     /// Passive health: what the LAN's own SYNs say of each uplink.
     passive: passive::Watch,
+    /// Per uplink back from an outage under `on_up = "return-idle"`.
+    returning: Vec<Option<Returning>>,
     probe_bindings: Vec<Option<watch::Sender<Option<ProbeBinding>>>>,
     /// Per uplink: its last address, kept while it has none.
     last_address: Vec<Option<std::net::Ipv4Addr>>,
@@ -231,6 +249,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         reaper: None,
         probed: vec![Probed::default(); config.uplinks.len()],
         passive: passive::Watch::new(config.uplinks.len()),
+        returning: vec![None; config.uplinks.len()],
         probe_bindings,
         last_address,
         gone_slots,
@@ -502,6 +521,14 @@ impl Daemon {
         }
         // A failure here must not keep the routing tables from following.
         let mut failed = Vec::new();
+        // `@IFACE` rule entries follow the interfaces' addresses, before
+        // a new subnet's hosts are translated (LAN_NETS, below).
+        if self.policies.follow_interfaces(snap) {
+            info!("an interface named by a rule changed its addresses: rules rewritten");
+            if let Err(e) = self.apply_rules() {
+                failed.push(e);
+            }
+        }
         if let Err(e) = self
             .maps
             .set_lan_nets(&uplinks::lan_nets(&self.config, snap))
@@ -510,13 +537,6 @@ impl Daemon {
         }
         if let Err(e) = self.maps.set_routed(&uplinks::routed_table(&self.config)) {
             failed.push(e);
-        }
-        // `@IFACE` rule entries follow the interfaces' addresses.
-        if self.policies.follow_interfaces(snap) {
-            info!("an interface named by a rule changed its addresses: rules rewritten");
-            if let Err(e) = self.apply_rules() {
-                failed.push(e);
-            }
         }
         let all_down = !usable.iter().any(|u| *u);
         if all_down && !self.all_down {
@@ -835,6 +855,10 @@ impl Daemon {
         info!("uplink {name}: back in service");
         // Each flow by its policy's `on_up` and `on_down`, else the uplink's.
         let fates = self.policies.outage_fates((policy.on_down, policy.on_up));
+        if fates.iter().any(|(_, up)| *up == OnUp::ReturnIdle) {
+            // Moved back as they fall idle, by `return_idle_pass`.
+            self.returning[id] = Some(Returning::default());
+        }
         if fates.iter().all(|(_, up)| *up != OnUp::Return) {
             return;
         }
@@ -855,6 +879,72 @@ impl Daemon {
                     && choice::preferred(table, k, seed) == Some(slot)
             },
         );
+    }
+
+    /// `on_up = "return-idle"`: every `RETURN_EVERY`, for each uplink back
+    /// from an outage, moves back the flows that failed over from it and
+    /// have been idle for its `return_idle_s`, on a thread of its own,
+    /// until none is left (or it goes down again).
+    fn return_idle_pass(&mut self) {
+        for id in 0..self.returning.len() {
+            let Some(r) = &self.returning[id] else {
+                continue;
+            };
+            if r.done.load(Ordering::Relaxed) || self.down[id].down {
+                self.returning[id] = None;
+                continue;
+            }
+            let policy = self.down_policy(id);
+            // A walk of the flow table at most every few seconds, and a few
+            // times per `return_idle_s`.
+            let every = (policy.return_idle / 2).clamp(Duration::from_secs(1), RETURN_EVERY);
+            let now = tokio::time::Instant::now();
+            if r.last.is_some_and(|t| now < t + every) || r.running.swap(true, Ordering::Relaxed) {
+                continue;
+            }
+            let (done, running) = (r.done.clone(), r.running.clone());
+            if let Some(r) = &mut self.returning[id] {
+                r.last = Some(now);
+            }
+            let fates = self.policies.outage_fates((policy.on_down, policy.on_up));
+            let sticky: Vec<bool> = (0..fates.len())
+                .map(|p| self.policies.is_sticky(p))
+                .collect();
+            let (select, seed) = (self.select.clone(), self.flow_hash_seed);
+            let (slot, name) = (
+                self.config.uplinks[id].slot,
+                self.config.uplinks[id].name.clone(),
+            );
+            let idle_ns = policy.return_idle.as_nanos() as u64;
+            let maps = self.maps.clone();
+            tokio::task::spawn_blocking(move || {
+                let candidate = |k: &FlowKey, f: &FlowFwd| {
+                    let p = f.policy as usize;
+                    let table = select
+                        .get(p)
+                        .filter(|t| t.configured != 0)
+                        .unwrap_or(&select[0]);
+                    let (on_down, on_up) = fates.get(p).copied().unwrap_or(fates[0]);
+                    (f.flags & FLOW_FAILED_OVER != 0
+                        && on_up == OnUp::ReturnIdle
+                        && on_down.purges(k.proto)
+                        && choice::preferred(table, k, seed) == Some(slot))
+                    .then(|| sticky.get(p).copied().unwrap_or(false))
+                };
+                match flows::return_idle(&maps, maps::boot_ns(), idle_ns, candidate) {
+                    Ok((moved, left)) => {
+                        if moved > 0 {
+                            info!("uplink {name}: moved back {moved} idle failed-over flows");
+                        }
+                        if left == 0 {
+                            done.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    Err(e) => error!("uplink {name}: moving back idle flows: {e:#}"),
+                }
+                running.store(false, Ordering::Relaxed);
+            });
+        }
     }
 
     /// Removes the flows `doomed` picks on a thread of its own: a walk of
@@ -934,7 +1024,10 @@ impl Daemon {
                     while self.events.try_recv().is_ok() {}
                     self.resync().await;
                 }
-                _ = tick.tick() => { self.resync().await; }
+                _ = tick.tick() => {
+                    self.resync().await;
+                    self.return_idle_pass();
+                }
                 _ = traffic.tick() => self.watch_traffic().await,
             }
         }

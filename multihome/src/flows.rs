@@ -263,6 +263,50 @@ pub fn reap_orphans(maps: &Maps, suspects: &mut Vec<FlowKey>) -> anyhow::Result<
     Ok(removed)
 }
 
+/// `on_up = "return-idle"`: removes the flows `candidate` picks (it says
+/// whether the flow's policy is sticky: `source` or `site`) once idle for
+/// `idle_ns`, so that their next packet places them anew. A sticky flow
+/// goes only when every sticky candidate of its host and policy is idle
+/// (a call's signalling and media stay together), and then that host's
+/// affinity records of the policy go too, so its next flows choose
+/// afresh. Returns (removed, candidates left).
+pub fn return_idle(
+    maps: &Maps,
+    now_ns: u64,
+    idle_ns: u64,
+    candidate: impl Fn(&FlowKey, &FlowFwd) -> Option<bool>,
+) -> anyhow::Result<(usize, usize)> {
+    let idle = |f: &FlowFwd| now_ns.saturating_sub(f.last_seen_ns) >= idle_ns;
+    let (mut candidates, mut busy) = (0usize, HashSet::new());
+    mapwalk::for_each(&maps.fwd()?, |k, f| {
+        if let Some(sticky) = candidate(&k, &f) {
+            candidates += 1;
+            if sticky && !idle(&f) {
+                busy.insert((k.saddr_be, f.policy));
+            }
+        }
+    })
+    .context("reading CONN_FWD")?;
+    let mut returned = HashSet::new();
+    let removed = remove_where(maps, |k, f| {
+        let go = candidate(k, f)
+            .is_some_and(|sticky| idle(f) && !(sticky && busy.contains(&(k.saddr_be, f.policy))));
+        if go && candidate(k, f) == Some(true) {
+            returned.insert((k.saddr_be, f.policy));
+        }
+        go
+    })?;
+    if !returned.is_empty() {
+        let mut affinities = maps.affinities_map()?;
+        for (k, _) in mapwalk::collect(&affinities).context("reading AFFINITY")? {
+            if returned.contains(&(k.saddr_be, k.policy)) {
+                let _ = affinities.remove(&k);
+            }
+        }
+    }
+    Ok((removed, candidates.saturating_sub(removed)))
+}
+
 /// How long an endpoint record outlives its last flow: a flow being made
 /// for it may not be in the connection map yet.
 const ENDPOINT_GRACE_NS: u64 = 10_000_000_000;

@@ -984,6 +984,72 @@ fn on_up_return_moves_back_only_flows_that_failed_over_and_no_tcp() {
 }
 
 #[test]
+fn on_up_return_idle_moves_back_failed_over_flows_only_once_idle() {
+    let t = Topology::standard();
+    let config = with_health(&t, &["x"], "2", "purge-udp").replace(
+        "on_up = \"return\"",
+        "on_up = \"return-idle\"\nreturn_idle_s = 2",
+    );
+    let gw = Gateway::start(&t.gw, &config);
+    let udp = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    let upstream = ["FORWARD", "-i", IF_CORE, "-j", "DROP"];
+    t.ispx
+        .exec(&[&["iptables", "-w", "-I"][..], &upstream].concat());
+    eventually(Duration::from_secs(3), "x's outage confirmed", || {
+        gw.log().contains("uplink x: down for")
+    });
+    let socks: Vec<std::net::UdpSocket> = (0..24)
+        .map(|_| {
+            let s = t
+                .client
+                .run(|| std::net::UdpSocket::bind((CLIENT_ADDR, 0)))
+                .expect("bind");
+            udp_seen_from(&s, udp.addr()).expect("UDP during the outage");
+            s
+        })
+        .collect();
+    let listed = gw.conns();
+    let failed_over = |s: &std::net::UdpSocket| {
+        let port = s.local_addr().expect("port").port();
+        listed
+            .iter()
+            .any(|c| c["sport"] == port && c["failed_over"] == true)
+    };
+    let (moving, staying): (Vec<_>, Vec<_>) = socks.iter().partition(|s| failed_over(s));
+    assert!(moving.len() >= 2, "{} of 24 failed over", moving.len());
+    let (busy, idle) = moving.split_at(1);
+
+    t.ispx
+        .exec(&[&["iptables", "-w", "-D"][..], &upstream].concat());
+    eventually(Duration::from_secs(5), "x back", || {
+        gw.log().contains("uplink x: back in service")
+    });
+    // The busy flow sends every 300 ms and stays where it is; the others
+    // wait for return_idle_s.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(4) {
+        let seen = udp_seen_from(busy[0], udp.addr()).expect("busy");
+        assert_eq!(*seen.ip(), UPLINK_Y_ADDR, "a busy flow was moved");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    eventually(Duration::from_secs(5), "idle flows moved back", || {
+        gw.log().contains("idle failed-over flows")
+    });
+    for s in idle {
+        assert_eq!(
+            *udp_seen_from(s, udp.addr()).expect("idle").ip(),
+            UPLINK_X_ADDR
+        );
+    }
+    for s in staying {
+        assert_eq!(
+            *udp_seen_from(s, udp.addr()).expect("stays").ip(),
+            UPLINK_Y_ADDR
+        );
+    }
+}
+
+#[test]
 fn a_forged_rst_from_outside_closes_nothing_while_the_connection_goes_on() {
     let t = Topology::standard();
     let gw = Gateway::start(

@@ -71,6 +71,10 @@ pub struct HealthConfig {
     pub on_down: OnDown,
     #[serde(default)]
     pub on_up: OnUp,
+    /// `on_up = "return-idle"`: how long a failed-over flow must be idle
+    /// before it moves back.
+    #[serde(default = "s_30")]
+    pub return_idle_s: u64,
     /// How long an uplink must stay down (probes, carrier or interface)
     /// before `on_down` acts on its flows; a shorter flap moves nothing.
     #[serde(default = "ms_1000")]
@@ -130,6 +134,8 @@ pub struct DownPolicy {
     pub on_up: OnUp,
     pub confirm: std::time::Duration,
     pub hold_down: std::time::Duration,
+    /// `on_up = "return-idle"`: how long a flow must be idle to move back.
+    pub return_idle: std::time::Duration,
 }
 
 impl DownPolicy {
@@ -143,6 +149,9 @@ impl DownPolicy {
                 health.map_or_else(ms_1000, |h| h.confirm_ms),
             ),
             hold_down: std::time::Duration::from_millis(health.map_or(0, |h| h.hold_down_ms)),
+            return_idle: std::time::Duration::from_secs(
+                health.map_or_else(s_30, |h| h.return_idle_s),
+            ),
         }
     }
 }
@@ -195,10 +204,18 @@ pub enum OnUp {
     Stay,
     /// Purge the flows that failed over, so they come back.
     Return,
+    /// Move the flows that failed over back once each has been idle for
+    /// `return_idle_s` (under a `source` or `site` policy: once all of its
+    /// host's have), so that a busy flow is never cut.
+    ReturnIdle,
 }
 
 fn ms_1000() -> u64 {
     1000
+}
+
+fn s_30() -> u64 {
+    30
 }
 
 fn ms_10000() -> u64 {
@@ -259,6 +276,12 @@ impl HealthConfig {
             if v > 600_000 {
                 bad(format!("`{key}` = {v}: at most 600000 (ten minutes)"));
             }
+        }
+        if !(1..=86_400).contains(&self.return_idle_s) {
+            bad(format!(
+                "`return_idle_s` = {}: pick 1 to 86400",
+                self.return_idle_s
+            ));
         }
         if !(100..=60_000).contains(&self.syn_timeout_ms) {
             bad(format!(

@@ -603,6 +603,15 @@ fn shadows(a: &Rule, b: &Rule) -> bool {
 }
 
 impl Policies {
+    /// Whether policy `id` sticks a host's flows together (`source`,
+    /// `site`).
+    pub fn is_sticky(&self, id: usize) -> bool {
+        self.policies
+            .get(id)
+            .and_then(Option::as_ref)
+            .is_some_and(|p| matches!(p.balance, Balance::Source | Balance::Site))
+    }
+
     /// Whether a policy maps endpoints, so that their ports are reserved
     /// (`RULES_RESERVE`).
     pub fn reserves_ports(&self) -> bool {
