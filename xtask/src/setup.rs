@@ -29,6 +29,8 @@ pub const DEB_PACKAGES: &[&str] = &[
     "nginx-light",
     "wrk",
     "python3-scapy",
+    "wireguard-go",
+    "wireguard-tools",
     "tmux",
     "util-linux",
     "kmod",
