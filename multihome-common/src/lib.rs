@@ -748,6 +748,9 @@ pub struct UplinkStats {
     pub synacks: u64,
     /// Sum over those of the time from the flow's SYN to its SYN-ACK, ns.
     pub synack_rtt_ns: u64,
+    /// LAN SYNs sent again on a flow that saw no reply yet: a host retrying
+    /// a connection the uplink does not carry.
+    pub syn_retries: u64,
 }
 
 macro_rules! reasons {
@@ -926,7 +929,7 @@ const _: () = {
     assert!(size_of::<EchoKey>() == 8);
     assert!(size_of::<EimKey>() == 8);
     assert!(size_of::<EimLan>() == 8);
-    assert!(size_of::<UplinkStats>() == 72);
+    assert!(size_of::<UplinkStats>() == 80);
     assert!(size_of::<SynWaitKey>() == 8);
     assert!(size_of::<Reasons>() == REASON_COUNT * 8);
     assert!(MAX_UPLINKS <= 255);

@@ -391,9 +391,13 @@ pub fn touch_out(key: &FlowKey, fwd: *mut FlowFwd, pkt: &Packet) {
     // SAFETY: `fwd` points into the map's preallocated value; races with
     // other CPUs only lose a stamp or a flag bit, never a flow.
     let f = unsafe { &mut *fwd };
-    let flags = tcp_flags_out(f.flags, pkt.tcp_flags());
+    let tcp = pkt.tcp_flags();
+    let flags = tcp_flags_out(f.flags, tcp);
     if flags != f.flags {
         f.flags = flags;
+    }
+    if tcp & TCP_SYN != 0 && flags & FLOW_SEEN_REPLY == 0 {
+        crate::stats::syn_retry(f.uplink);
     }
     let now = now_ns();
     if now.wrapping_sub(f.last_seen_ns) > TOUCH_NS {

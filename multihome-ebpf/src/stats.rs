@@ -63,6 +63,13 @@ pub fn syn_sent(uplink: u8, daddr_be: u32) {
     let _ = SYN_WAIT.insert(key, crate::conntrack::now_ns(), BPF_NOEXIST as u64);
 }
 
+/// Passive health: a LAN host sent its SYN again on a flow through
+/// `uplink` that saw no reply yet.
+#[inline(always)]
+pub fn syn_retry(uplink: u8) {
+    with_uplink(uplink, |s| s.syn_retries += 1);
+}
+
 /// Passive health: the first reply of a TCP flow through `uplink` was a
 /// SYN-ACK from `saddr_be`, `rtt_ns` after the flow's SYN.
 #[inline(always)]

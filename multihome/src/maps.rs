@@ -307,6 +307,7 @@ impl Maps {
                     t.syns += s.syns;
                     t.synacks += s.synacks;
                     t.synack_rtt_ns += s.synack_rtt_ns;
+                    t.syn_retries += s.syn_retries;
                     t
                 }))
             })

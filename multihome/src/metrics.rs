@@ -65,7 +65,7 @@ pub fn render(maps: &Maps) -> anyhow::Result<String> {
     let st = status::collect(maps)?;
     let mut out = String::new();
     type Field = fn(&status::UplinkStatus) -> f64;
-    let per_uplink: [(&str, &str, &str, Field); 14] = [
+    let per_uplink: [(&str, &str, &str, Field); 15] = [
         (
             "uplink_up",
             "gauge",
@@ -141,6 +141,12 @@ pub fn render(maps: &Maps) -> anyhow::Result<String> {
             "counter",
             "TCP flows whose first reply was a SYN-ACK",
             |u| u.synacks as f64,
+        ),
+        (
+            "uplink_syn_retries_total",
+            "counter",
+            "SYNs LAN hosts sent again on flows that saw no reply",
+            |u| u.syn_retries as f64,
         ),
         (
             "uplink_syn_rtt_seconds",

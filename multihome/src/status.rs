@@ -34,6 +34,8 @@ pub struct UplinkStatus {
     pub synacks: u64,
     /// Mean time from SYN to SYN-ACK since the counters started, ms.
     pub syn_rtt_ms: Option<f64>,
+    /// SYNs LAN hosts sent again, unanswered.
+    pub syn_retries: u64,
 }
 
 /// A LAN host's share of the connection map.
@@ -129,6 +131,7 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
             slow_path: s.slow_path,
             syns: s.syns,
             synacks: s.synacks,
+            syn_retries: s.syn_retries,
             syn_rtt_ms: (s.synacks != 0)
                 .then(|| s.synack_rtt_ns as f64 / s.synacks as f64 / 1_000_000.0),
         });

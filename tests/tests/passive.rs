@@ -74,12 +74,12 @@ fn new_tcp_connections_leave_an_uplink_whose_upstream_died_before_its_probes_not
         "iptables", "-w", "-I", "FORWARD", "-i", IF_CORE, "-j", "DROP",
     ]);
     let died = Instant::now();
-    // Steady new connections, round robin over the remotes: those through
-    // x go unanswered until live traffic takes it out.
-    let mut i = 0;
+    // Steady new connections, to every remote in turn: those through x
+    // go unanswered until live traffic takes it out.
     eventually(Duration::from_millis(1500), "x out by live traffic", || {
-        i += 1;
-        let _ = connects(&t, to[i % to.len()], Duration::from_millis(100));
+        for r in &to {
+            let _ = connects(&t, *r, Duration::from_millis(25));
+        }
         gw.log().contains("uplink x: DOWN by live traffic")
     });
     let after = died.elapsed();
@@ -157,10 +157,10 @@ fn an_uplink_out_by_traffic_alone_goes_on_trial_with_a_share_of_new_flows_and_co
     let upstream = ["FORWARD", "-i", IF_CORE, "-j", "DROP"];
     t.ispx
         .exec(&[&["iptables", "-w", "-I"][..], &upstream].concat());
-    let mut i = 0;
     eventually(Duration::from_secs(3), "x out by live traffic", || {
-        i += 1;
-        let _ = connects(&t, to[i % to.len()], Duration::from_millis(100));
+        for r in &to {
+            let _ = connects(&t, *r, Duration::from_millis(25));
+        }
         gw.log().contains("uplink x: DOWN by live traffic")
     });
     // The upstream comes back while x is out; after the hold, a trial.

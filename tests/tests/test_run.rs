@@ -619,6 +619,7 @@ impl Datapath {
                 syns: a.syns + s.syns,
                 synacks: a.synacks + s.synacks,
                 synack_rtt_ns: a.synack_rtt_ns + s.synack_rtt_ns,
+                syn_retries: a.syn_retries + s.syn_retries,
             })
     }
 }
@@ -1303,6 +1304,42 @@ fn a_lan_syn_on_a_closed_tcp_flows_tuple_makes_the_flow_anew_and_other_segments_
         dp.insert_flow(&TCP_FLOW);
         let (_, counted) = dp.run_counted(PROG_LAN_IN, &with_flags(TCP_SYN), 0);
         assert!(dp.fwd_entry(&TCP_FLOW).is_some(), "{counted:?}");
+    });
+}
+
+#[test]
+fn a_syn_sent_again_on_an_unanswered_flow_counts_as_a_retry_and_never_once_answered() {
+    with_datapath(|dp| {
+        let syn = {
+            let mut p = TCP_FLOW.outbound();
+            if let Payload::Tcp(t) = &mut p.payload {
+                t.flags = TCP_SYN;
+            }
+            p.frame()
+        };
+        dp.insert_flow(&TCP_FLOW);
+        dp.set_fwd(
+            TCP_FLOW.fwd_key(),
+            FlowFwd {
+                flags: 0,
+                ..TCP_FLOW.fwd()
+            },
+        );
+        dp.run(PROG_LAN_IN, &syn, 0);
+        dp.run(PROG_LAN_IN, &syn, 0);
+        assert_eq!(dp.uplink0_stats().syn_retries, 2);
+        // Answered: a SYN now is no retry (nor, on an open flow, a new
+        // connection).
+        dp.set_fwd(
+            TCP_FLOW.fwd_key(),
+            FlowFwd {
+                flags: FLOW_SEEN_REPLY,
+                ..TCP_FLOW.fwd()
+            },
+        );
+        dp.run(PROG_LAN_IN, &syn, 0);
+        dp.run(PROG_LAN_IN, &TCP_FLOW.outbound().frame(), 0);
+        assert_eq!(dp.uplink0_stats().syn_retries, 2);
     });
 }
 

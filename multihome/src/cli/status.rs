@@ -119,6 +119,7 @@ mod tests {
                 syns: 9,
                 synacks: 9,
                 syn_rtt_ms: Some(2.0),
+                syn_retries: 0,
             }],
             flows: 3,
             top_hosts: vec![],

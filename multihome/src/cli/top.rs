@@ -201,6 +201,7 @@ mod tests {
             syns: 0,
             synacks: 0,
             syn_rtt_ms: None,
+            syn_retries: 0,
         }
     }
 
