@@ -8,8 +8,8 @@
 //! sends the SYNs: BPF programs cannot send on their own.
 use std::{
     io,
-    net::{Ipv4Addr, SocketAddrV4},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    net::Ipv4Addr,
+    os::fd::{FromRawFd as _, OwnedFd},
 };
 
 use anyhow::Context as _;
@@ -53,13 +53,13 @@ pub fn provoke(
     let sock = raw_socket().context("opening a raw socket for challenge SYNs")?;
     let sent = targets
         .iter()
-        .filter(|k| send(&sock, &syn_for(k), host(k)).is_ok())
+        .filter(|k| crate::health::send_to(&sock, &syn_for(k), host(k)).is_ok())
         .count();
     Ok(sent)
 }
 
-fn host(k: &FlowKey) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(u32::from_be(k.saddr_be)), 0)
+fn host(k: &FlowKey) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from_be(k.saddr_be))
 }
 
 /// The SYN the remote of flow `k` would send to its LAN host: IPv4 header
@@ -107,33 +107,6 @@ fn raw_socket() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn send(sock: &OwnedFd, packet: &[u8], to: SocketAddrV4) -> io::Result<()> {
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*to.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: `packet` and `addr` are valid for the call's lengths.
-    let rc = unsafe {
-        libc::sendto(
-            sock.as_raw_fd(),
-            packet.as_ptr().cast(),
-            packet.len(),
-            0,
-            (&raw const addr).cast(),
-            size_of_val(&addr) as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,6 +134,6 @@ mod tests {
         all.extend_from_slice(&[0, IPPROTO_TCP, 0, 20]);
         all.extend_from_slice(&p[20..]);
         assert_eq!(crate::health::checksum(&all), 0);
-        assert_eq!(host(&k), SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 2), 0));
+        assert_eq!(host(&k), Ipv4Addr::new(198, 18, 1, 2));
     }
 }

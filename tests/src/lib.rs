@@ -38,6 +38,19 @@ pub use services::{
     udp_seen_as, udp_seen_from, udp_server,
 };
 pub use topology::*;
+
+/// Polls `f` every 50 ms until it holds; panics naming `what` once
+/// `limit` has passed.
+pub fn eventually(limit: std::time::Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not within {limit:?}: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
 pub use tun::{TunRelay, create_tun};
 pub use veth::{
     LinkCounters, addr, addr_peer, bridge, disable_offloads, dummy, enable_offloads, enslave,

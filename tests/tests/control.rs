@@ -9,15 +9,6 @@ use std::{
 
 use testbed::*;
 
-/// Polls `f` until it holds or `limit` passes.
-fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn flows_on(gw: &Gateway, uplink: &str) -> usize {
     gw.conns().iter().filter(|c| c["uplink"] == uplink).count()
 }

@@ -9,18 +9,18 @@ use std::{
 
 use testbed::*;
 
-fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Four remotes on the internet host, all served by one listener on
 /// `port`.
 fn remotes(t: &Topology, port: u16) -> Vec<SocketAddrV4> {
-    for last in [12, 13] {
+    more_remotes(t, 12..14);
+    [10, 11, 12, 13]
+        .map(|last| SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, last), port))
+        .to_vec()
+}
+
+/// Gives the internet host the addresses 198.19.0.`lasts`.
+fn more_remotes(t: &Topology, lasts: std::ops::Range<u8>) {
+    for last in lasts {
         t.inet.exec(&[
             "ip",
             "addr",
@@ -30,9 +30,6 @@ fn remotes(t: &Topology, port: u16) -> Vec<SocketAddrV4> {
             "lo",
         ]);
     }
-    [10, 11, 12, 13]
-        .map(|last| SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, last), port))
-        .to_vec()
 }
 
 /// A TCP connection from the client, given `limit` to be answered.
@@ -107,16 +104,7 @@ fn syns_to_firewalled_hosts_do_not_take_a_working_uplink_down() {
     let srv = tcp_echo_server(&t.inet, Ipv4Addr::UNSPECIFIED, 0);
     let open = remotes(&t, srv.addr().port());
     // Four more remotes drop every SYN, as firewalled hosts do.
-    for last in 20..24 {
-        t.inet.exec(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("198.19.0.{last}/32"),
-            "dev",
-            "lo",
-        ]);
-    }
+    more_remotes(&t, 20..24);
     t.inet.exec(&[
         "iptables",
         "-w",
@@ -218,16 +206,7 @@ fn an_uplink_whose_syns_are_seldom_answered_is_degraded_and_keeps_its_pinned_flo
     let mut pinned = pinned.expect("a session on x");
     // x's ISP drops SYNs to four hosts that y reaches: half of x's SYNs
     // go unanswered, while it still answers the rest.
-    for last in 20..24 {
-        t.inet.exec(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("198.19.0.{last}/32"),
-            "dev",
-            "lo",
-        ]);
-    }
+    more_remotes(&t, 20..24);
     t.ispx.exec(&[
         "iptables",
         "-w",

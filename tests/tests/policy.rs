@@ -10,14 +10,6 @@ use std::{
 
 use testbed::*;
 
-fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < limit, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Policies "onx" (x only) and "ony" (y only), then `extra`.
 fn with_policies(t: &Topology, extra: &str) -> String {
     config_for(

@@ -79,6 +79,14 @@ fn be(a: Ipv4Addr) -> u32 {
 }
 
 /// The eBPF object the daemon embeds, written out once per test process.
+/// `p` as a frame, with TCP flags `flags`.
+fn with_tcp_flags(mut p: Ipv4, flags: u8) -> Vec<u8> {
+    if let Payload::Tcp(t) = &mut p.payload {
+        t.flags = flags;
+    }
+    p.frame()
+}
+
 fn object() -> &'static [u8] {
     static OBJECT: OnceLock<Vec<u8>> = OnceLock::new();
     OBJECT.get_or_init(|| {
@@ -1226,15 +1234,9 @@ fn wan_in_reverse_translates_syn_fin_rst_reply_whole_and_records_its_flags() {
 fn an_rst_from_outside_only_arms_the_close_and_a_later_packet_either_way_disarms_it() {
     with_datapath(|dp| {
         dp.insert_flow(&TCP_FLOW);
-        let with_flags = |mut p: Ipv4, flags: u8| {
-            if let Payload::Tcp(t) = &mut p.payload {
-                t.flags = flags;
-            }
-            p.frame()
-        };
-        let rst = with_flags(TCP_FLOW.reply(), TCP_RST);
-        let ack_in = with_flags(TCP_FLOW.reply(), TCP_ACK);
-        let ack_out = with_flags(TCP_FLOW.outbound(), TCP_ACK);
+        let rst = with_tcp_flags(TCP_FLOW.reply(), TCP_RST);
+        let ack_in = with_tcp_flags(TCP_FLOW.reply(), TCP_ACK);
+        let ack_out = with_tcp_flags(TCP_FLOW.outbound(), TCP_ACK);
         let flags = |dp: &Datapath| dp.fwd_entry(&TCP_FLOW).expect("flow").flags;
         for (later, prog, what) in [
             (&ack_in, PROG_WAN_IN, "a reply"),
@@ -1264,13 +1266,7 @@ fn an_rst_from_outside_only_arms_the_close_and_a_later_packet_either_way_disarms
 #[test]
 fn a_lan_syn_on_a_closed_tcp_flows_tuple_makes_the_flow_anew_and_other_segments_keep_it() {
     with_datapath(|dp| {
-        let with_flags = |flags: u8| {
-            let mut p = TCP_FLOW.outbound();
-            if let Payload::Tcp(t) = &mut p.payload {
-                t.flags = flags;
-            }
-            p.frame()
-        };
+        let with_flags = |flags: u8| with_tcp_flags(TCP_FLOW.outbound(), flags);
         for closed in [
             FLOW_FIN_OUT | FLOW_FIN_IN,
             FLOW_RST,
@@ -1310,13 +1306,7 @@ fn a_lan_syn_on_a_closed_tcp_flows_tuple_makes_the_flow_anew_and_other_segments_
 #[test]
 fn a_syn_sent_again_on_an_unanswered_flow_counts_as_a_retry_and_never_once_answered() {
     with_datapath(|dp| {
-        let syn = {
-            let mut p = TCP_FLOW.outbound();
-            if let Payload::Tcp(t) = &mut p.payload {
-                t.flags = TCP_SYN;
-            }
-            p.frame()
-        };
+        let syn = with_tcp_flags(TCP_FLOW.outbound(), TCP_SYN);
         dp.insert_flow(&TCP_FLOW);
         dp.set_fwd(
             TCP_FLOW.fwd_key(),
@@ -1346,13 +1336,7 @@ fn a_syn_sent_again_on_an_unanswered_flow_counts_as_a_retry_and_never_once_answe
 #[test]
 fn a_flows_first_reply_that_is_a_syn_ack_is_counted_once_and_its_remote_stops_waiting() {
     with_datapath(|dp| {
-        let reply = |flags: u8| {
-            let mut p = TCP_FLOW.reply();
-            if let Payload::Tcp(t) = &mut p.payload {
-                t.flags = flags;
-            }
-            p.frame()
-        };
+        let reply = |flags: u8| with_tcp_flags(TCP_FLOW.reply(), flags);
         let wait = SynWaitKey {
             daddr_be: TCP_FLOW.fwd_key().daddr_be,
             uplink: 0,

@@ -9,14 +9,6 @@ use std::{
 
 use testbed::*;
 
-fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// The name of this process's WireGuard interface `side`: unique, since
 /// wireguard-go's control sockets live in one directory for every
 /// namespace.

@@ -826,7 +826,8 @@ async fn icmp_round(targets: &[Ipv4Addr], b: &ProbeBinding, seq0: u16, timeout: 
     round
 }
 
-fn send_to(fd: &OwnedFd, packet: &[u8], to: Ipv4Addr) -> io::Result<()> {
+/// Sends `packet` on raw or datagram socket `fd` to `to`.
+pub(crate) fn send_to(fd: &OwnedFd, packet: &[u8], to: Ipv4Addr) -> io::Result<()> {
     let sa = sockaddr(to, 0);
     // SAFETY: valid buffer and sockaddr_in with their sizes.
     let rc = unsafe {
