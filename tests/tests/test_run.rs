@@ -1307,14 +1307,8 @@ fn a_lan_syn_on_a_closed_tcp_flows_tuple_makes_the_flow_anew_and_other_segments_
 fn a_syn_sent_again_on_an_unanswered_flow_counts_as_a_retry_and_never_once_answered() {
     with_datapath(|dp| {
         let syn = with_tcp_flags(TCP_FLOW.outbound(), TCP_SYN);
+        // Not answered yet: its flags are 0.
         dp.insert_flow(&TCP_FLOW);
-        dp.set_fwd(
-            TCP_FLOW.fwd_key(),
-            FlowFwd {
-                flags: 0,
-                ..TCP_FLOW.fwd()
-            },
-        );
         dp.run(PROG_LAN_IN, &syn, 0);
         dp.run(PROG_LAN_IN, &syn, 0);
         assert_eq!(dp.uplink0_stats().syn_retries, 2);
@@ -1346,14 +1340,8 @@ fn a_flows_first_reply_that_is_a_syn_ack_is_counted_once_and_its_remote_stops_wa
         let mut waiting: HashMap<_, SynWaitKey, u64> =
             HashMap::try_from(dp.ebpf.map_mut(MAP_SYN_WAIT).expect("SYN_WAIT")).expect("types");
         waiting.insert(wait, 1, 0).expect("a remote waited on");
+        // Not answered yet: its flags are 0.
         dp.insert_flow(&TCP_FLOW);
-        dp.set_fwd(
-            TCP_FLOW.fwd_key(),
-            FlowFwd {
-                flags: 0,
-                ..TCP_FLOW.fwd()
-            },
-        );
         dp.run(PROG_WAN_IN, &reply(TCP_SYN | TCP_ACK), 0);
         dp.run(PROG_WAN_IN, &reply(TCP_ACK), 0);
         let s = dp.uplink0_stats();
