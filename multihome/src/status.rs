@@ -9,7 +9,7 @@ use multihome_common::{
     UPLINK_LINK_DOWN, UPLINK_PROBES_FAIL, UPLINK_TRAFFIC_DOWN, UPLINK_USABLE,
 };
 
-#[derive(Serialize)]
+#[derive(Debug, Serialize)]
 pub struct UplinkStatus {
     pub name: String,
     pub interface: String,
@@ -39,7 +39,7 @@ pub struct UplinkStatus {
 }
 
 /// A LAN host's share of the connection map.
-#[derive(Serialize)]
+#[derive(Debug, Serialize)]
 pub struct HostShare {
     pub address: String,
     pub flows: u64,
@@ -50,7 +50,7 @@ pub struct HostShare {
 /// How many hosts `status` lists.
 const TOP_HOSTS: usize = 10;
 
-#[derive(Serialize)]
+#[derive(Debug, Serialize)]
 pub struct Status {
     pub uplinks: Vec<UplinkStatus>,
     pub flows: u64,
@@ -74,8 +74,32 @@ fn top_hosts(maps: &Maps) -> anyhow::Result<Vec<HostShare>> {
         .collect())
 }
 
+/// The whole model: uplinks with their flows counted (a walk of the
+/// connection map), hosts and reasons.
 pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
     let flows = maps.flows()?;
+    let mut per_uplink = [0u64; multihome_common::MAX_UPLINKS as usize];
+    for (_, f) in &flows {
+        if let Some(n) = per_uplink.get_mut(usize::from(f.uplink)) {
+            *n += 1;
+        }
+    }
+    Ok(Status {
+        uplinks: uplinks_with(maps, &per_uplink)?,
+        flows: flows.len() as u64,
+        top_hosts: top_hosts(maps)?,
+        drops: maps.reasons()?.into_iter().collect(),
+    })
+}
+
+/// The uplinks alone, without walking the connection map (their `flows`
+/// are 0): for `/healthz`.
+pub fn uplinks(maps: &Maps) -> anyhow::Result<Vec<UplinkStatus>> {
+    uplinks_with(maps, &[0; multihome_common::MAX_UPLINKS as usize])
+}
+
+/// The configured uplinks, `flows[slot]` flows each.
+fn uplinks_with(maps: &Maps, flows: &[u64]) -> anyhow::Result<Vec<UplinkStatus>> {
     let stats = maps.uplink_stats()?;
     let mut uplinks = Vec::new();
     for (id, u) in maps.uplinks()?.iter().enumerate() {
@@ -119,10 +143,7 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
             address: addr,
             gateway: (u.gateway_be != 0).then(|| be_addr(u.gateway_be).to_string()),
             weight: u.weight,
-            flows: flows
-                .iter()
-                .filter(|(_, f)| f.uplink as usize == id)
-                .count() as u64,
+            flows: flows.get(id).copied().unwrap_or(0),
             new_flows: s.new_flows,
             tx_packets: s.tx_packets,
             tx_bytes: s.tx_bytes,
@@ -136,10 +157,5 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
                 .then(|| s.synack_rtt_ns as f64 / s.synacks as f64 / 1_000_000.0),
         });
     }
-    Ok(Status {
-        uplinks,
-        flows: flows.len() as u64,
-        top_hosts: top_hosts(maps)?,
-        drops: maps.reasons()?.into_iter().collect(),
-    })
+    Ok(uplinks)
 }

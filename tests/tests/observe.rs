@@ -7,15 +7,29 @@ use std::{
 use testbed::*;
 
 fn scrape(ns: &NetNs, port: u16) -> String {
+    get(ns, port, "/metrics")
+}
+
+/// The whole HTTP/1.0 response to `GET path`.
+fn get(ns: &NetNs, port: u16, path: &str) -> String {
     let mut s = ns
         .run(|| std::net::TcpStream::connect(("127.0.0.1", port)))
         .expect("connect to --metrics");
     s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
         .expect("request");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("response");
     out
+}
+
+/// The status code of an HTTP response.
+fn code(response: &str) -> u16 {
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {response}"))
 }
 
 fn value(metrics: &str, series: &str) -> f64 {
@@ -31,7 +45,7 @@ fn value(metrics: &str, series: &str) -> f64 {
 fn prometheus_metrics_show_uplinks_traffic_reasons_and_map_fill() {
     let t = Topology::standard();
     let config = config_for(&t, [1, 0], "");
-    let _gw = Gateway::start_with_pin(
+    let gw = Gateway::start_with_pin(
         &t.gw,
         &config,
         unique_pin_dir("pm"),
@@ -42,8 +56,15 @@ fn prometheus_metrics_show_uplinks_traffic_reasons_and_map_fill() {
         udp_request(&t.client, srv.addr(), b"m").expect("UDP");
     }
     let m = scrape(&t.gw, 9801);
-    assert!(m.starts_with("HTTP/1.0 200 OK"), "{m}");
-    assert!(m.contains("# TYPE multihome_uplink_tx_packets_total counter"));
+    assert_eq!(code(&m), 200, "{m}");
+    // OpenMetrics: a counter family is named without `_total`, its
+    // samples with it, once.
+    assert!(
+        m.contains("# TYPE multihome_uplink_tx_packets counter"),
+        "{m}"
+    );
+    assert!(!m.contains("_total_total"), "{m}");
+    assert!(m.trim_end().ends_with("# EOF"), "{m}");
     let x = "{uplink=\"x\",interface=\"wanx\"}";
     assert_eq!(value(&m, &format!("multihome_uplink_up{x}")), 1.0);
     assert!(value(&m, &format!("multihome_uplink_tx_packets_total{x}")) >= 5.0);
@@ -76,10 +97,26 @@ fn prometheus_metrics_show_uplinks_traffic_reasons_and_map_fill() {
     assert!(used.len() >= 5, "{used:?}");
     for name in used {
         assert!(
-            m.contains(&format!("# TYPE {name} ")),
+            m.lines().any(|l| l
+                .strip_prefix(name)
+                .is_some_and(|r| r.starts_with(['{', ' ']))),
             "the dashboard plots unknown {name}"
         );
     }
+
+    // Only /metrics and /healthz are served.
+    assert_eq!(code(&get(&t.gw, 9801, "/")), 404);
+    assert_eq!(code(&get(&t.gw, 9801, "/metrics/x")), 404);
+    let h = get(&t.gw, 9801, "/healthz");
+    assert_eq!(code(&h), 200, "{h}");
+    assert!(h.ends_with("ok: x up, y up\n"), "{h}");
+    for u in ["x", "y"] {
+        let out = gw.cli(&["uplink", "drain", u]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let h = get(&t.gw, 9801, "/healthz");
+    assert_eq!(code(&h), 503, "{h}");
+    assert!(h.contains("no usable uplink: x drained"), "{h}");
 }
 
 #[test]
