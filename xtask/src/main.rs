@@ -91,14 +91,22 @@ enum Cmd {
         /// Stop after this many seconds instead of waiting for Ctrl-C
         #[arg(long)]
         seconds: Option<u64>,
+        /// Take uplink x down by itself after this many seconds, for a few
+        /// seconds, to show a failover without a second terminal
+        #[arg(long)]
+        outage_after: Option<u64>,
+        /// Fail unless that outage showed in `top` and moved new flows
+        /// (what `cargo xtask test` runs)
+        #[arg(long, requires = "outage_after")]
+        check: bool,
     },
 }
 
-fn demo(seconds: Option<u64>) -> anyhow::Result<()> {
+fn demo(opts: demo::Options) -> anyhow::Result<()> {
     util::require_root("`cargo xtask demo`")?;
     setup::ensure()?;
     let bin = build::build(Profile::Release)?;
-    demo::run(&bin, demo::Options { seconds })
+    demo::run(&bin, opts)
 }
 
 fn main() -> ExitCode {
@@ -125,7 +133,15 @@ fn main() -> ExitCode {
             render,
         }),
         Cmd::BenchTool { tool } => bench::traffic::run(tool),
-        Cmd::Demo { seconds } => demo(seconds),
+        Cmd::Demo {
+            seconds,
+            outage_after,
+            check,
+        } => demo(demo::Options {
+            seconds,
+            outage_after,
+            check,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

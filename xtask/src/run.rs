@@ -15,7 +15,14 @@ pub fn run(profile: Profile, args: Vec<OsString>) -> Result<()> {
     setup::ensure()?;
     let bin = build::build(profile)?;
     if args.is_empty() {
-        return crate::demo::run(&bin, crate::demo::Options { seconds: None });
+        return crate::demo::run(
+            &bin,
+            crate::demo::Options {
+                seconds: None,
+                outage_after: None,
+                check: false,
+            },
+        );
     }
     let mut cmd = Command::new(&bin);
     cmd.args(&args).env("PATH", util::search_path());

@@ -246,6 +246,26 @@ fn plan(filter: Option<&str>, no_lint: bool) -> Vec<Step> {
             name: "bench-smoke",
             action: Action::Cargo(bench),
         });
+        // The demo shows a failover as a newcomer would watch it: its own
+        // outage of x appears in top's events and moves the new flows.
+        let mut demo = util::cargo();
+        demo.args([
+            "run",
+            "--quiet",
+            "-p",
+            "xtask",
+            "--",
+            "demo",
+            "--seconds",
+            "16",
+            "--outage-after",
+            "4",
+            "--check",
+        ]);
+        steps.push(Step {
+            name: "demo-outage",
+            action: Action::Cargo(demo),
+        });
     }
     steps
 }
