@@ -17,6 +17,7 @@ use multihome_common::{
     FLOW_FAILED_OVER, FlowFwd, FlowKey, LAYOUT_VERSION, MAX_LAN_NETS, SelectTable, Settings,
     UPLINK_CONFIGURED, rules_count, rules_word,
 };
+use sd_notify::NotifyState;
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
     sync::{mpsc, watch},
@@ -305,7 +306,9 @@ impl Daemon {
             self.maps.clone(),
             self.config.timeouts.clone(),
         )?);
+        notify(&[NotifyState::Ready]);
         let result = self.serve().await;
+        notify(&[NotifyState::Stopping]);
         self.reaper = None;
         if self.opts.keep_on_exit {
             info!(
@@ -316,6 +319,14 @@ impl Daemon {
             self.teardown().await;
         }
         result
+    }
+}
+
+/// Tells systemd (`Type=notify`, through `$NOTIFY_SOCKET`) how the daemon
+/// stands; outside systemd it does nothing.
+fn notify(state: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        warn!("telling systemd: {e}");
     }
 }
 

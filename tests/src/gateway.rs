@@ -60,6 +60,17 @@ impl<'a> Gateway<'a> {
     /// Like [`Gateway::start`], reusing a pin directory (restart tests)
     /// and passing extra `run` flags.
     pub fn start_with_pin(ns: &'a NetNs, config: &str, pin: PinDir, flags: &[&str]) -> Self {
+        Self::start_with_env(ns, config, pin, flags, &[])
+    }
+
+    /// [`Gateway::start_with_pin`] with extra environment variables.
+    pub fn start_with_env(
+        ns: &'a NetNs,
+        config: &str,
+        pin: PinDir,
+        flags: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let path = std::env::temp_dir().join(format!(
             "{}-multihome.toml",
             pin.path()
@@ -79,7 +90,9 @@ impl<'a> Gateway<'a> {
             pin.path().to_str().expect("utf-8 path"),
         ];
         cmd.extend_from_slice(flags);
-        let proc = ns.spawn_env(&cmd, &[("RUST_LOG", "info")]);
+        let mut vars = vec![("RUST_LOG", "info")];
+        vars.extend_from_slice(env);
+        let proc = ns.spawn_env(&cmd, &vars);
         let gw = Gateway {
             ns,
             proc: Some(proc),

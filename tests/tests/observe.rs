@@ -396,3 +396,33 @@ fn probe_rounds_keep_their_interval_while_metrics_walk_a_million_flows() {
     );
     assert_eq!(gw.status()["uplinks"][1]["state"], "up", "y stayed up");
 }
+
+/// Under systemd (`Type=notify`) the daemon says READY=1 once it forwards,
+/// and STOPPING=1 when it stops.
+#[test]
+fn the_daemon_tells_systemd_when_it_is_ready_and_when_it_stops() {
+    let t = Topology::standard();
+    let path = std::env::temp_dir().join(format!("mh-notify-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("bind NOTIFY_SOCKET");
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let gw = Gateway::start_with_env(
+        &t.gw,
+        &config_for(&t, [1, 1], ""),
+        unique_pin_dir("sd"),
+        &[],
+        &[("NOTIFY_SOCKET", path.to_str().expect("utf-8"))],
+    );
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).expect("a notification");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "READY=1");
+    assert!(
+        gw.log().contains("ready:"),
+        "READY=1 came before the daemon was ready"
+    );
+    drop(gw.stop());
+    let n = sock.recv(&mut buf).expect("a notification");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "STOPPING=1");
+    let _ = std::fs::remove_file(&path);
+}

@@ -6,6 +6,7 @@
 //! test bed do.
 mod bench;
 mod build;
+mod deb;
 mod demo;
 mod run;
 mod setup;
@@ -85,6 +86,9 @@ enum Cmd {
         #[command(subcommand)]
         tool: bench::traffic::Tool,
     },
+    /// Build the Debian package (cargo-deb) into target/debian and check
+    /// what it holds
+    Deb,
     /// Build, then run the gateway in a demo topology of network
     /// namespaces, with traffic (same as `cargo xtask run`)
     Demo {
@@ -133,6 +137,7 @@ fn main() -> ExitCode {
             render,
         }),
         Cmd::BenchTool { tool } => bench::traffic::run(tool),
+        Cmd::Deb => deb::run().map(|_| ()),
         Cmd::Demo {
             seconds,
             outage_after,

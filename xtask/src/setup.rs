@@ -47,7 +47,9 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPFFS: &str = "/sys/fs/bpf";
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
-const STEPS: usize = 5;
+const STEPS: usize = 6;
+/// cargo-deb, for `cargo xtask deb`.
+const CARGO_DEB_SERIES: &str = "3";
 
 /// Cheap checks only: whether [`run`] has anything to do.
 pub fn setup_needed() -> bool {
@@ -55,6 +57,7 @@ pub fn setup_needed() -> bool {
         || !matches!(nightly_missing_components(), Ok(ref missing) if missing.is_empty())
         || !bpf_linker_ok()
         || !bpffs_mounted()
+        || !cargo_deb_ok()
 }
 
 /// Runs [`run`] only if [`setup_needed`].
@@ -76,7 +79,7 @@ struct Failure {
 /// `cargo xtask setup`.
 pub fn run() -> Result<()> {
     let mut failures = Vec::new();
-    for (i, step) in [debs, nightly, bpf_linker, bpffs, kernel]
+    for (i, step) in [debs, nightly, bpf_linker, bpffs, kernel, cargo_deb]
         .into_iter()
         .enumerate()
     {
@@ -375,4 +378,43 @@ fn kernel(step: usize) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+// ---- f. cargo-deb ------------------------------------------------------------
+
+fn cargo_deb_ok() -> bool {
+    let mut cmd = util::cargo();
+    cmd.args(["deb", "--version"]);
+    // "cargo-deb 3.8.0"
+    util::output_ok(&mut cmd)
+        .and_then(|out| out.split_whitespace().nth(1).map(str::to_owned))
+        .is_some_and(|v| v.starts_with(&format!("{CARGO_DEB_SERIES}.")))
+}
+
+fn cargo_deb(step: usize) -> Result<(), Failure> {
+    let what = format!("cargo-deb {CARGO_DEB_SERIES}.x (for `cargo xtask deb`)");
+    if cargo_deb_ok() {
+        progress(step, &what, "already present");
+        return Ok(());
+    }
+    progress(step, &what, "installing");
+    let mut cmd = util::cargo();
+    cmd.args(["install", "cargo-deb", "--locked", "--version"])
+        .arg(format!("^{CARGO_DEB_SERIES}"));
+    println!("+ {}", util::display(&cmd));
+    match util::run(&mut cmd) {
+        Ok(()) if cargo_deb_ok() => {
+            progress(step, &what, "installed");
+            Ok(())
+        }
+        result => Err(Failure {
+            what: format!(
+                "{what}: {}",
+                result
+                    .err()
+                    .map_or("not found after install".into(), |e| format!("{e:#}"))
+            ),
+            by_hand: format!("cargo install cargo-deb --locked --version ^{CARGO_DEB_SERIES}"),
+        }),
+    }
 }

@@ -246,6 +246,13 @@ fn plan(filter: Option<&str>, no_lint: bool) -> Vec<Step> {
             name: "bench-smoke",
             action: Action::Cargo(bench),
         });
+        // The Debian package builds and holds what it must.
+        let mut deb = util::cargo();
+        deb.args(["run", "--quiet", "-p", "xtask", "--", "deb"]);
+        steps.push(Step {
+            name: "deb",
+            action: Action::Cargo(deb),
+        });
         // The demo shows a failover as a newcomer would watch it: its own
         // outage of x appears in top's events and moves the new flows.
         let mut demo = util::cargo();
