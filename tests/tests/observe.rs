@@ -235,6 +235,11 @@ fn top_shows_uplinks_shares_and_events_live_in_a_terminal() {
         "SHARE",
         "3 (75%)",
         "Recent events",
+        // The terminal screen: a rate sparkline per uplink, the top hosts.
+        "x out+in, bit/s",
+        "y out+in, bit/s",
+        "LAN hosts with most flows",
+        "198.18.1.2",
     ] {
         assert!(
             screen.contains(needle),

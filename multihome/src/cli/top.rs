@@ -1,9 +1,12 @@
-//! `multihome top`: a live view, redrawn every second, from the pinned
-//! maps: per-uplink state, rates, flows, the share of new flows each took
-//! against its weight, and the changes seen since it started.
+//! `multihome top`: a live view, redrawn every second, of the status
+//! model: per-uplink state, rates (with a sparkline each in a terminal),
+//! flows, the share of new flows each took against its weight, passive
+//! health, the LAN hosts with most flows, and the changes seen since it
+//! started.
 use std::{
     collections::VecDeque,
     fmt::Write as _,
+    io::IsTerminal as _,
     time::{Duration, Instant},
 };
 
@@ -65,30 +68,16 @@ fn syn_signals(now: &UplinkStatus, before: &UplinkStatus) -> (String, String) {
     (ms, ok)
 }
 
-/// One screen.
-fn render(now: &Status, before: &Status, secs: f64, events: &VecDeque<String>) -> String {
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "multihome top: {} live flows (Ctrl-C quits)\n",
-        now.flows
-    );
-    let _ = writeln!(
-        s,
-        "{:<8} {:<10} {:<16} {:<9} {:>7} {:>14} {:>14} {:>7} {:>9} {:>7} {:>7} {:>7}",
-        "UPLINK",
-        "IFACE",
-        "ADDRESS",
-        "STATE",
-        "FLOWS",
-        "OUT",
-        "IN",
-        "WEIGHT",
-        "NEW/s",
-        "SHARE",
-        "SYN MS",
-        "SYN OK"
-    );
+/// The uplink table's headers.
+const HEADERS: [&str; 12] = [
+    "UPLINK", "IFACE", "ADDRESS", "STATE", "FLOWS", "OUT", "IN", "WEIGHT", "NEW/s", "SHARE",
+    "SYN MS", "SYN OK",
+];
+
+/// The uplink table's cells, a row per uplink: state, rates over the
+/// frame of `secs`, and each uplink's share of new flows against its
+/// share of the weights.
+fn rows(now: &Status, before: &Status, secs: f64) -> Vec<[String; 12]> {
     let new: Vec<f64> = now
         .uplinks
         .iter()
@@ -97,35 +86,55 @@ fn render(now: &Status, before: &Status, secs: f64, events: &VecDeque<String>) -
         .collect();
     let total_new: f64 = new.iter().sum();
     let total_weight: u32 = now.uplinks.iter().map(|u| u.weight).sum();
-    for ((n, b), new) in now.uplinks.iter().zip(&before.uplinks).zip(&new) {
-        let share = |part: f64, all: f64| {
-            if all > 0.0 {
-                format!("{:.0}%", 100.0 * part / all)
-            } else {
-                "-".into()
-            }
+    let share = |part: f64, all: f64| {
+        if all > 0.0 {
+            format!("{:.0}%", 100.0 * part / all)
+        } else {
+            "-".into()
+        }
+    };
+    now.uplinks
+        .iter()
+        .zip(&before.uplinks)
+        .zip(&new)
+        .map(|((n, b), new)| {
+            let (syn_ms, syn_ok) = syn_signals(n, b);
+            [
+                n.name.clone(),
+                n.interface.clone(),
+                n.address.clone().unwrap_or_else(|| "-".into()),
+                n.state.to_string(),
+                n.flows.to_string(),
+                human_bits(rate(n.tx_bytes, b.tx_bytes, secs)),
+                human_bits(rate(n.rx_bytes, b.rx_bytes, secs)),
+                format!(
+                    "{} ({})",
+                    n.weight,
+                    share(n.weight.into(), total_weight.into())
+                ),
+                format!("{new:.1}"),
+                share(*new, total_new),
+                syn_ms,
+                syn_ok,
+            ]
+        })
+        .collect()
+}
+
+/// One screen as text (a pipe, or `--iterations`).
+fn render(now: &Status, before: &Status, secs: f64, events: &VecDeque<String>) -> String {
+    let line = |cells: &[&str]| {
+        let [a, b, c, d, e, f, g, h, i, j, k, l] = cells else {
+            return String::new();
         };
-        let (syn_ms, syn_ok) = syn_signals(n, b);
-        let _ = writeln!(
-            s,
-            "{:<8} {:<10} {:<16} {:<9} {:>7} {:>14} {:>14} {:>7} {:>9.1} {:>7} {:>7} {:>7}",
-            n.name,
-            n.interface,
-            n.address.as_deref().unwrap_or("-"),
-            n.state,
-            n.flows,
-            human_bits(rate(n.tx_bytes, b.tx_bytes, secs)),
-            human_bits(rate(n.rx_bytes, b.rx_bytes, secs)),
-            format!(
-                "{} ({})",
-                n.weight,
-                share(n.weight.into(), total_weight.into())
-            ),
-            new,
-            share(*new, total_new),
-            syn_ms,
-            syn_ok,
-        );
+        format!(
+            "{a:<8} {b:<10} {c:<16} {d:<9} {e:>7} {f:>14} {g:>14} {h:>7} {i:>9} {j:>7} {k:>7} {l:>7}\n"
+        )
+    };
+    let mut s = format!("multihome top: {} live flows (Ctrl-C quits)\n\n", now.flows);
+    s += &line(&HEADERS);
+    for r in rows(now, before, secs) {
+        s += &line(&r.each_ref().map(String::as_str));
     }
     let _ = writeln!(s, "\nRecent events:");
     if events.is_empty() {
@@ -137,9 +146,16 @@ fn render(now: &Status, before: &Status, secs: f64, events: &VecDeque<String>) -
     s
 }
 
-/// Redraws every `interval` until interrupted, or `iterations` times.
+/// In a terminal, until `q` or Ctrl-C: a ratatui screen; to a pipe or
+/// with `iterations`, text frames (the screen cleared before each).
 pub fn run(pin: &super::PinDir, iterations: Option<u32>) -> anyhow::Result<()> {
     let maps = Maps::open(&pin.pin_dir)?;
+    if iterations.is_none() && std::io::stdout().is_terminal() {
+        let mut terminal = ratatui::init();
+        let result = screen::run(&mut terminal, &maps);
+        ratatui::restore();
+        return result;
+    }
     let mut before = status::collect(&maps)?;
     let mut at = Instant::now();
     let mut events = VecDeque::new();
@@ -149,11 +165,7 @@ pub fn run(pin: &super::PinDir, iterations: Option<u32>) -> anyhow::Result<()> {
         let now = status::collect(&maps)?;
         let secs = at.elapsed().as_secs_f64();
         at = Instant::now();
-        for e in changes(&before, &now) {
-            let stamp = chrono_less_time();
-            events.push_front(format!("{stamp} {e}"));
-            events.truncate(EVENTS);
-        }
+        note_changes(&before, &now, &mut events);
         // Clear the screen and home the cursor, then draw.
         print!("\x1b[2J\x1b[H{}", render(&now, &before, secs, &events));
         before = now;
@@ -162,17 +174,140 @@ pub fn run(pin: &super::PinDir, iterations: Option<u32>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Wall-clock HH:MM:SS (UTC), without a date crate.
-fn chrono_less_time() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    format!(
-        "{:02}:{:02}:{:02}",
-        secs / 3600 % 24,
-        secs / 60 % 60,
-        secs % 60
-    )
+/// Puts the changes from `before` to `now`, stamped, first in `events`.
+fn note_changes(before: &Status, now: &Status, events: &mut VecDeque<String>) {
+    for e in changes(before, now) {
+        let stamp = jiff::Timestamp::now().strftime("%H:%M:%S");
+        events.push_front(format!("{stamp} {e}"));
+        events.truncate(EVENTS);
+    }
+}
+
+/// The ratatui screen: the uplink table, a rate sparkline per uplink, the
+/// LAN hosts with most flows, and the events.
+mod screen {
+    use std::{
+        collections::VecDeque,
+        time::{Duration, Instant},
+    };
+
+    use ratatui::{
+        DefaultTerminal, Frame,
+        crossterm::event::{self, Event, KeyCode, KeyModifiers},
+        layout::{Constraint, Layout},
+        style::Stylize as _,
+        widgets::{Block, List, Paragraph, Row, Sparkline, Table},
+    };
+
+    use super::{HEADERS, note_changes, rows};
+    use crate::{
+        maps::Maps,
+        status::{self, Status},
+    };
+
+    /// Rate samples kept per uplink: two minutes.
+    const HISTORY: usize = 120;
+
+    pub fn run(terminal: &mut DefaultTerminal, maps: &Maps) -> anyhow::Result<()> {
+        let mut before = status::collect(maps)?;
+        let mut at = Instant::now();
+        let mut events = VecDeque::new();
+        let mut history: Vec<VecDeque<u64>> = vec![VecDeque::new(); before.uplinks.len()];
+        loop {
+            let next = at + Duration::from_secs(1);
+            while let Some(left) = next.checked_duration_since(Instant::now()) {
+                if !event::poll(left)? {
+                    break;
+                }
+                if let Event::Key(k) = event::read()?
+                    && (k.code == KeyCode::Char('q')
+                        || (k.code == KeyCode::Char('c')
+                            && k.modifiers.contains(KeyModifiers::CONTROL)))
+                {
+                    return Ok(());
+                }
+            }
+            let now = status::collect(maps)?;
+            let secs = at.elapsed().as_secs_f64();
+            at = Instant::now();
+            note_changes(&before, &now, &mut events);
+            history.resize(now.uplinks.len(), VecDeque::new());
+            for ((h, n), b) in history.iter_mut().zip(&now.uplinks).zip(&before.uplinks) {
+                let bytes = (n.tx_bytes + n.rx_bytes).saturating_sub(b.tx_bytes + b.rx_bytes);
+                h.push_back((bytes as f64 * 8.0 / secs) as u64);
+                if h.len() > HISTORY {
+                    h.pop_front();
+                }
+            }
+            let table = rows(&now, &before, secs);
+            terminal.draw(|f| draw(f, &now, &table, &history, &events))?;
+            before = now;
+        }
+    }
+
+    fn draw(
+        f: &mut Frame,
+        now: &Status,
+        table: &[[String; 12]],
+        history: &[VecDeque<u64>],
+        events: &VecDeque<String>,
+    ) {
+        let n = now.uplinks.len() as u16;
+        let [title, uplinks, sparks, bottom] = Layout::vertical([
+            Constraint::Length(1),
+            Constraint::Length(n + 3),
+            Constraint::Length(3 * n),
+            Constraint::Min(4),
+        ])
+        .areas(f.area());
+        f.render_widget(
+            Paragraph::new(format!("multihome top: {} live flows (q quits)", now.flows)),
+            title,
+        );
+        let widths = [8, 10, 16, 9, 7, 14, 14, 8, 9, 7, 7, 7].map(Constraint::Length);
+        f.render_widget(
+            Table::new(table.iter().map(|r| Row::new(r.clone())), widths)
+                .header(Row::new(HEADERS).bold())
+                .block(Block::bordered().title("uplinks")),
+            uplinks,
+        );
+        let areas = Layout::vertical(vec![Constraint::Length(3); history.len()]).split(sparks);
+        for ((h, u), area) in history.iter().zip(&now.uplinks).zip(areas.iter()) {
+            let data: Vec<u64> = h.iter().copied().collect();
+            f.render_widget(
+                Sparkline::default()
+                    .block(Block::bordered().title(format!(
+                        "{} out+in, bit/s, last {} s",
+                        u.name,
+                        data.len()
+                    )))
+                    .data(&data),
+                *area,
+            );
+        }
+        let [hosts, recent] =
+            Layout::horizontal([Constraint::Percentage(40), Constraint::Percentage(60)])
+                .areas(bottom);
+        let talkers = now.top_hosts.iter().map(|h| {
+            format!(
+                "{:<16} {:>8} flows {:>8} refused",
+                h.address, h.flows, h.refused
+            )
+        });
+        f.render_widget(
+            List::new(talkers).block(Block::bordered().title("LAN hosts with most flows")),
+            hosts,
+        );
+        let lines: Vec<String> = if events.is_empty() {
+            vec!["none since top started".into()]
+        } else {
+            events.iter().cloned().collect()
+        };
+        f.render_widget(
+            List::new(lines).block(Block::bordered().title("Recent events")),
+            recent,
+        );
+    }
 }
 
 #[cfg(test)]
