@@ -78,7 +78,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             println!("{}: OK", config.display());
             Ok(())
         }
-        Command::Cleanup { pin } => runtime()?.block_on(daemon::cleanup(&pin.pin_dir)),
+        Command::Cleanup {
+            pin,
+            unless_restarting,
+        } => {
+            if let Some(unit) = unless_restarting
+                && let Some(why) = cli::systemd::keep_for(&unit)
+            {
+                println!("keeping the datapath and its flows: {why}");
+                return Ok(());
+            }
+            runtime()?.block_on(daemon::cleanup(&pin.pin_dir))
+        }
         Command::EbpfObject { out } => loader::write_object(&out),
     }
 }

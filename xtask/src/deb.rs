@@ -2,7 +2,9 @@
 //! `[package.metadata.deb]` in multihome's Cargo.toml), built from the
 //! release binary and checked: the binary, `/etc/multihome.toml` as a
 //! conffile, and the hardened `Type=notify` unit (not enabled on install:
-//! the config must name the interfaces first).
+//! the config must name the interfaces first); then installed with
+//! `dpkg -i` into a scratch root, where `multihome check` must pass on
+//! the shipped config and `systemd-analyze verify` on the unit.
 use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -36,6 +38,7 @@ pub fn run() -> Result<PathBuf> {
         "cargo deb printed no package path: {printed}"
     );
     check(&deb)?;
+    install_check(&deb)?;
     println!("built and checked {}", deb.display());
     Ok(deb)
 }
@@ -83,10 +86,69 @@ fn check(deb: &std::path::Path) -> Result<()> {
         "CapabilityBoundingSet=",
         "ProtectSystem=strict",
         "ReadWritePaths=/sys/fs/bpf /proc/sys/net",
+        "ExecStopPost=/usr/bin/multihome cleanup --unless-restarting %n",
     ] {
         ensure!(unit.contains(want), "the unit lacks {want}:\n{unit}");
     }
     Ok(())
+}
+
+/// Installs the package with `dpkg -i` into a scratch root (nothing
+/// outside it changes), then checks the shipped config with the shipped
+/// binary, and the unit with `systemd-analyze verify` (which must have
+/// nothing to say).
+fn install_check(deb: &std::path::Path) -> Result<()> {
+    let root = tempdir()?;
+    let result = (|| {
+        util::run(
+            Command::new("dpkg")
+                .arg(format!("--root={}", root.display()))
+                .args([
+                    "--force-script-chrootless",
+                    "--force-not-root",
+                    // The scratch root has no libc6 package to depend on.
+                    "--force-depends",
+                    "-i",
+                ])
+                .arg(deb),
+        )?;
+        let config = root.join("etc/multihome.toml");
+        ensure!(config.is_file(), "dpkg -i left no {}", config.display());
+        util::run(
+            Command::new(root.join("usr/bin/multihome"))
+                .args(["check", "--config"])
+                .arg(&config),
+        )?;
+        // The targets and slices the unit's default dependencies name.
+        let units = root.join("usr/lib/systemd/system");
+        for entry in std::fs::read_dir("/usr/lib/systemd/system")? {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if name.ends_with(".target") || name.ends_with(".slice") {
+                let _ = std::fs::copy(&path, units.join(name));
+            }
+        }
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(format!("--root={}", root.display()))
+            .arg("/usr/lib/systemd/system/multihome.service")
+            .output()?;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(
+            out.status.success() && said.trim().is_empty(),
+            "systemd-analyze verify rejects the unit:\n{said}"
+        );
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&root);
+    result
 }
 
 fn tempdir() -> Result<PathBuf> {

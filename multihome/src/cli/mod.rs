@@ -8,6 +8,7 @@ use crate::loader::DEFAULT_PIN_DIR;
 pub mod conns;
 pub mod explain;
 pub mod status;
+pub mod systemd;
 pub mod top;
 
 /// A gateway for a LAN with several uplinks: each new connection is pinned
@@ -137,6 +138,12 @@ pub enum Command {
     Cleanup {
         #[command(flatten)]
         pin: PinDir,
+        /// As the unit's ExecStopPost: do nothing while systemd restarts
+        /// UNIT (a restart job, as `systemctl restart` and package
+        /// upgrades make) or after it failed (Restart= brings it back,
+        /// and the new run adopts the flows); clean up after a stop.
+        #[arg(long, value_name = "UNIT")]
+        unless_restarting: Option<String>,
     },
     /// Write the embedded eBPF object to FILE (for tests and bpftool).
     #[command(hide = true)]
