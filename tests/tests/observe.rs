@@ -104,19 +104,53 @@ fn prometheus_metrics_show_uplinks_traffic_reasons_and_map_fill() {
         );
     }
 
+    // Every family parses with an independent OpenMetrics parser.
+    let body = m.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let parse = "import sys\n\
+                 from prometheus_client.openmetrics.parser import text_string_to_metric_families\n\
+                 print(len(list(text_string_to_metric_families(sys.stdin.read()))))";
+    let mut py = std::process::Command::new(PYTHON)
+        .args(["-c", parse])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 (python3-prometheus-client comes with `cargo xtask setup`)");
+    py.stdin
+        .take()
+        .expect("stdin")
+        .write_all(body.as_bytes())
+        .expect("feed the parser");
+    let out = py.wait_with_output().expect("the parser");
+    assert!(
+        out.status.success(),
+        "the OpenMetrics parser refused the scrape: {}\n{body}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let families: usize = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("a count");
+    assert!(families >= 19, "{families} families");
+
     // Only /metrics and /healthz are served.
     assert_eq!(code(&get(&t.gw, 9801, "/")), 404);
     assert_eq!(code(&get(&t.gw, 9801, "/metrics/x")), 404);
     let h = get(&t.gw, 9801, "/healthz");
     assert_eq!(code(&h), 200, "{h}");
     assert!(h.ends_with("ok: x up, y up\n"), "{h}");
-    for u in ["x", "y"] {
-        let out = gw.cli(&["uplink", "drain", u]);
-        assert!(out.status.success(), "{out:?}");
-    }
-    let h = get(&t.gw, 9801, "/healthz");
-    assert_eq!(code(&h), 503, "{h}");
-    assert!(h.contains("no usable uplink: x drained"), "{h}");
+    // Every uplink down: unhealthy, and says why.
+    link_down(&t.gw, IF_WANX);
+    link_down(&t.gw, IF_WANY);
+    let mut h = String::new();
+    eventually(Duration::from_secs(5), "healthz turns unhealthy", || {
+        h = get(&t.gw, 9801, "/healthz");
+        code(&h) == 503
+    });
+    assert!(
+        h.contains("no usable uplink: x down (link down), y down (link down)"),
+        "{h}"
+    );
 }
 
 #[test]
@@ -224,7 +258,12 @@ fn top_shows_uplinks_shares_and_events_live_in_a_terminal() {
         udp_request(&t.client, srv.addr(), b"t").expect("UDP");
     }
     link_down(&t.gw, IF_WANX);
-    std::thread::sleep(Duration::from_millis(2500));
+    // Traffic goes on, on y.
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_millis(2500) {
+        udp_request(&t.client, srv.addr(), b"t").expect("UDP");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let screen = String::from_utf8_lossy(&tmux.run(&["capture-pane", "-p", "-t", "top"]).stdout)
         .into_owned();
     for needle in [
@@ -249,6 +288,18 @@ fn top_shows_uplinks_shares_and_events_live_in_a_terminal() {
     assert!(
         screen.contains("uplink x up -> down (link down)"),
         "no event:\n{screen}"
+    );
+    // The rates moved to the surviving uplink.
+    let row = |name: &str| {
+        screen
+            .lines()
+            .find(|l| l.trim_start_matches('│').starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{screen}"))
+    };
+    assert!(row("x").contains(" 0 bit/s"), "x still carries:\n{screen}");
+    assert!(
+        row("y").contains("kbit/s") && row("y").contains("100%"),
+        "y carries nothing:\n{screen}"
     );
 }
 

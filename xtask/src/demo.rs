@@ -76,6 +76,12 @@ pub fn run(bin: &std::path::Path, opts: Options) -> Result<()> {
         .spawn()?;
     let frames = top.stdout.take().expect("piped");
     let mut seen = Seen::default();
+    // With --check, also a `top` in a terminal (tmux), as a newcomer
+    // would watch it.
+    let tmux = opts
+        .check
+        .then(|| Tmux::start(&format!("mhdemo{}", std::process::id()), bin, &pin))
+        .transpose()?;
     std::thread::scope(|scope| {
         // The client opens new flows all along, so that top has rates to
         // show; several workers, with short timeouts, so that one flow
@@ -89,14 +95,14 @@ pub fn run(bin: &std::path::Path, opts: Options) -> Result<()> {
                 }
             });
         }
-        let outage = scope.spawn(|| outage(&t, &gw, opts.outage_after, &running));
+        let outage = scope.spawn(|| outage(&t, &gw, opts.outage_after, tmux.as_ref(), &running));
         let shown = scope.spawn(|| show_frames(frames, &intro, opts.outage_after.is_some()));
         while running() {
             std::thread::sleep(Duration::from_millis(100));
         }
         let _ = top.kill();
         let _ = top.wait();
-        seen.flows = outage.join().unwrap_or_default();
+        (seen.flows, seen.screen) = outage.join().unwrap_or_default();
         seen.events = shown.join().unwrap_or_default();
     });
     println!("\nstopping: removing the gateway, namespaces and pins...");
@@ -118,6 +124,8 @@ struct Seen {
     flows: Option<(u64, u64)>,
     /// `top`'s event lines.
     events: Vec<String>,
+    /// The terminal `top`'s screen while x was down.
+    screen: String,
 }
 
 impl Seen {
@@ -134,6 +142,19 @@ impl Seen {
             x == 0 && y > 0,
             "new flows while x was down: {x} on x, {y} on y"
         );
+        let row = |name: &str| {
+            self.screen
+                .lines()
+                .find(|l| l.trim_start_matches('│').starts_with(&format!("{name} ")))
+                .unwrap_or_default()
+        };
+        anyhow::ensure!(
+            self.screen.contains("uplink x up -> down")
+                && row("x").contains(" 0 bit/s")
+                && (row("y").contains("kbit/s") || row("y").contains("Mbit/s")),
+            "the terminal top did not show x's outage and y's rates:\n{}",
+            self.screen
+        );
         Ok(())
     }
 }
@@ -145,13 +166,16 @@ fn outage(
     t: &Topology,
     gw: &Gateway,
     after: Option<u64>,
+    tmux: Option<&Tmux>,
     running: &(dyn Fn() -> bool + Sync),
-) -> Option<(u64, u64)> {
-    let after = Duration::from_secs(after?);
+) -> (Option<(u64, u64)>, String) {
+    let Some(after) = after.map(Duration::from_secs) else {
+        return (None, String::new());
+    };
     let start = Instant::now();
     while start.elapsed() < after {
         if !running() {
-            return None;
+            return (None, String::new());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -160,8 +184,51 @@ fn outage(
     let before = new_flows(gw);
     std::thread::sleep(OUTAGE - Duration::from_secs(2));
     let during = new_flows(gw);
+    let screen = tmux.map(Tmux::capture).unwrap_or_default();
     t.gw.exec(&["ip", "link", "set", IF_WANX, "up"]);
-    Some((during.0 - before.0, during.1 - before.1))
+    (Some((during.0 - before.0, during.1 - before.1)), screen)
+}
+
+/// A `multihome top` in a tmux server of its own, killed on drop.
+struct Tmux(String);
+
+impl Tmux {
+    fn start(name: &str, bin: &std::path::Path, pin: &str) -> Result<Self> {
+        let tmux = Self(name.to_string());
+        let top = format!("{} top --pin-dir {pin}", bin.display());
+        let out = tmux.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            "top",
+            "-x",
+            "150",
+            "-y",
+            "40",
+            &top,
+        ])?;
+        anyhow::ensure!(out.status.success(), "tmux: {out:?}");
+        Ok(tmux)
+    }
+
+    fn run(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(std::process::Command::new("tmux")
+            .args(["-L", &self.0])
+            .args(args)
+            .output()?)
+    }
+
+    fn capture(&self) -> String {
+        self.run(&["capture-pane", "-p", "-t", "top"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill-server"]);
+    }
 }
 
 /// New flows so far on x and y, from `multihome status`.

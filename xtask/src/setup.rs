@@ -29,6 +29,7 @@ pub const DEB_PACKAGES: &[&str] = &[
     "nginx-light",
     "wrk",
     "python3-scapy",
+    "python3-prometheus-client",
     "wireguard-go",
     "wireguard-tools",
     "tmux",
