@@ -45,7 +45,7 @@ fn value(metrics: &str, series: &str) -> f64 {
 fn prometheus_metrics_show_uplinks_traffic_reasons_and_map_fill() {
     let t = Topology::standard();
     let config = config_for(&t, [1, 0], "");
-    let gw = Gateway::start_with_pin(
+    let _gw = Gateway::start_with_pin(
         &t.gw,
         &config,
         unique_pin_dir("pm"),
