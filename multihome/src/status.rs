@@ -92,6 +92,29 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
     })
 }
 
+/// The model without a walk of the connection map: the per-uplink flow
+/// counts of `last` (an earlier [`collect`]), the total from the
+/// datapath's fill count. For views redrawn every second (`top`), which
+/// must not walk a million flows per frame.
+pub fn collect_quick(maps: &Maps, last: &Status) -> anyhow::Result<Status> {
+    let mut per_uplink = [0u64; multihome_common::MAX_UPLINKS as usize];
+    let slots = maps.uplinks()?;
+    for u in &last.uplinks {
+        if let Some(i) = slots
+            .iter()
+            .position(|s| name_from_bytes(&s.name) == u.name)
+        {
+            per_uplink[i] = u.flows;
+        }
+    }
+    Ok(Status {
+        uplinks: uplinks_with(maps, &per_uplink)?,
+        flows: maps.fill()?,
+        top_hosts: top_hosts(maps)?,
+        drops: maps.reasons()?.into_iter().collect(),
+    })
+}
+
 /// The uplinks alone, without walking the connection map (their `flows`
 /// are 0): for `/healthz`.
 pub fn uplinks(maps: &Maps) -> anyhow::Result<Vec<UplinkStatus>> {

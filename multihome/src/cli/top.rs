@@ -162,7 +162,7 @@ pub fn run(pin: &super::PinDir, iterations: Option<u32>) -> anyhow::Result<()> {
     let mut drawn = 0;
     while iterations.is_none_or(|n| drawn < n) {
         std::thread::sleep(Duration::from_secs(1));
-        let now = status::collect(&maps)?;
+        let now = look(&maps, &before, drawn)?;
         let secs = at.elapsed().as_secs_f64();
         at = Instant::now();
         note_changes(&before, &now, &mut events);
@@ -172,6 +172,20 @@ pub fn run(pin: &super::PinDir, iterations: Option<u32>) -> anyhow::Result<()> {
         drawn += 1;
     }
     Ok(())
+}
+
+/// Frames between two walks of the connection map (for the per-uplink
+/// flow counts); the others read counters only.
+const WALK_EVERY: u32 = 10;
+
+/// The model for frame `frame`: whole every `WALK_EVERY` frames, else
+/// without walking the flows.
+fn look(maps: &Maps, before: &Status, frame: u32) -> anyhow::Result<Status> {
+    if frame % WALK_EVERY == WALK_EVERY - 1 {
+        status::collect(maps)
+    } else {
+        status::collect_quick(maps, before)
+    }
 }
 
 /// Puts the changes from `before` to `now`, stamped, first in `events`.
@@ -199,7 +213,7 @@ mod screen {
         widgets::{Block, List, Paragraph, Row, Sparkline, Table},
     };
 
-    use super::{HEADERS, note_changes, rows};
+    use super::{HEADERS, look, note_changes, rows};
     use crate::{
         maps::Maps,
         status::{self, Status},
@@ -213,6 +227,7 @@ mod screen {
         let mut at = Instant::now();
         let mut events = VecDeque::new();
         let mut history: Vec<VecDeque<u64>> = vec![VecDeque::new(); before.uplinks.len()];
+        let mut frame = 0;
         loop {
             let next = at + Duration::from_secs(1);
             while let Some(left) = next.checked_duration_since(Instant::now()) {
@@ -227,7 +242,8 @@ mod screen {
                     return Ok(());
                 }
             }
-            let now = status::collect(maps)?;
+            let now = look(maps, &before, frame)?;
+            frame += 1;
             let secs = at.elapsed().as_secs_f64();
             at = Instant::now();
             note_changes(&before, &now, &mut events);
