@@ -475,6 +475,8 @@ fn an_idle_receive_only_tcp_session_on_a_dead_uplink_is_reset_within_a_second() 
     );
     assert!(gw.log().contains("challenge SYNs"), "{}", gw.log());
     assert!(gw.reason("tcp_reset") >= 1);
+    // The SYNs, sent from the remotes' addresses, went to the LAN only.
+    assert_eq!(t.foreign_sources(), 0);
     let mut buf = [0u8; 6];
     cy.write_all(b"and y?").expect("write");
     cy.read_exact(&mut buf).expect("the session on y goes on");
@@ -516,6 +518,7 @@ fn drain_reset_ends_every_flow_of_the_uplink_and_touches_no_other() {
     cy.write_all(b"and y?").expect("write");
     cy.read_exact(&mut buf).expect("the session on y goes on");
     assert_eq!(&buf, b"and y?");
+    assert_eq!(t.foreign_sources(), 0);
 
     // Undrained, x takes new flows again.
     let out = gw.cli(&["uplink", "undrain", "x"]);
