@@ -293,26 +293,9 @@ mod tests {
 
     fn uplink(name: &str, state: &'static str, reason: Option<&'static str>) -> UplinkStatus {
         UplinkStatus {
-            name: name.into(),
-            interface: format!("wan{name}"),
-            address: None,
-            gateway: None,
-            state,
             reason,
-            weight: 1,
-            rtt_ms: None,
-            loss_pct: 0.0,
-            flows: 0,
             new_flows: 7,
-            tx_packets: 0,
-            tx_bytes: 0,
-            rx_packets: 0,
-            rx_bytes: 0,
-            slow_path: 0,
-            syns: 0,
-            synacks: 0,
-            syn_rtt_ms: None,
-            syn_retries: 0,
+            ..UplinkStatus::sample(name, state)
         }
     }
 

@@ -38,6 +38,36 @@ pub struct UplinkStatus {
     pub syn_retries: u64,
 }
 
+#[cfg(test)]
+impl UplinkStatus {
+    /// Uplink `name` (interface `wan<name>`, address 198.18.11.1) in
+    /// `state`, every counter 0: for the renderers' tests.
+    pub fn sample(name: &str, state: &'static str) -> Self {
+        Self {
+            name: name.into(),
+            interface: format!("wan{name}"),
+            address: Some("198.18.11.1".into()),
+            gateway: None,
+            state,
+            reason: None,
+            weight: 1,
+            rtt_ms: None,
+            loss_pct: 0.0,
+            flows: 0,
+            new_flows: 0,
+            tx_packets: 0,
+            tx_bytes: 0,
+            rx_packets: 0,
+            rx_bytes: 0,
+            slow_path: 0,
+            syns: 0,
+            synacks: 0,
+            syn_rtt_ms: None,
+            syn_retries: 0,
+        }
+    }
+}
+
 /// A LAN host's share of the connection map.
 #[derive(Debug, Serialize)]
 pub struct HostShare {

@@ -100,26 +100,18 @@ mod tests {
     fn every_uplink_column_has_a_header() {
         let st = Status {
             uplinks: vec![UplinkStatus {
-                name: "x".into(),
                 interface: "wan0".into(),
-                address: Some("198.18.11.1".into()),
-                gateway: None,
-                state: "up",
-                reason: None,
-                weight: 1,
                 rtt_ms: Some(1.5),
-                loss_pct: 0.0,
                 flows: 3,
                 new_flows: 4,
                 tx_packets: 5,
                 tx_bytes: 6,
                 rx_packets: 7,
                 rx_bytes: 8,
-                slow_path: 0,
                 syns: 9,
                 synacks: 9,
                 syn_rtt_ms: Some(2.0),
-                syn_retries: 0,
+                ..UplinkStatus::sample("x", "up")
             }],
             flows: 3,
             top_hosts: vec![],

@@ -333,26 +333,9 @@ mod tests {
 
     fn uplink(name: &str, state: &'static str, new_flows: u64, weight: u32) -> UplinkStatus {
         UplinkStatus {
-            name: name.into(),
-            interface: format!("wan{name}"),
-            address: Some("198.18.11.1".into()),
-            gateway: None,
-            state,
-            reason: None,
-            weight,
-            rtt_ms: None,
-            loss_pct: 0.0,
-            flows: 0,
             new_flows,
-            tx_packets: 0,
-            tx_bytes: 0,
-            rx_packets: 0,
-            rx_bytes: 0,
-            slow_path: 0,
-            syns: 0,
-            synacks: 0,
-            syn_rtt_ms: None,
-            syn_retries: 0,
+            weight,
+            ..UplinkStatus::sample(name, state)
         }
     }
 
