@@ -697,3 +697,49 @@ fn a_policys_own_on_down_and_on_up_override_the_uplinks_for_its_flows_only() {
     });
     assert!(gw.log().contains("moved back failed-over"));
 }
+
+/// A non-TCP flow whose uplink is drained with `--reset` moves at its
+/// next packet; when its policy has nowhere to move it (`last_resort =
+/// "unreachable"`), that packet is answered with ICMP administratively
+/// prohibited instead, so the application learns at once.
+#[test]
+fn a_udp_flow_its_policy_cannot_move_gets_icmp_prohibited_when_its_uplink_is_reset() {
+    let t = Topology::standard();
+    let gw = Gateway::start(
+        &t.gw,
+        &config_for(
+            &t,
+            [1, 1],
+            "[[policy]]\nname = \"onlyx\"\ntiers = [[\"x\"]]\nlast_resort = \"unreachable\"\n\n\
+             [[rule]]\nproto = \"udp\"\npolicy = \"onlyx\"\n",
+        ),
+    );
+    let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    let s = t
+        .client
+        .run(|| UdpSocket::bind((CLIENT_ADDR, fresh_port())))
+        .expect("bind");
+    s.connect(srv.addr()).expect("connect");
+    assert_eq!(uplink_of(&udp_seen_from(&s, srv.addr()).expect("UDP")), "x");
+    let out = gw.cli(&["uplink", "drain", "x", "--reset"]);
+    check_output("uplink drain x --reset", &out);
+    // The datagram that finds its flow reset is refused; the error comes
+    // back to the connected socket.
+    let started = Instant::now();
+    let mut refused = None;
+    while refused.is_none() && started.elapsed() < Duration::from_secs(3) {
+        let _ = s.send(b"?");
+        let mut buf = [0u8; 64];
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        if let Err(e) = s.recv(&mut buf)
+            && e.raw_os_error() == Some(libc::EHOSTUNREACH)
+        {
+            refused = Some(started.elapsed());
+        }
+    }
+    let after = refused.expect("ICMP administratively prohibited came back");
+    assert!(after < Duration::from_secs(1), "{after:?}");
+    assert!(gw.reason("policy_refused") > 0);
+    assert_eq!(t.foreign_sources(), 0);
+}
