@@ -75,7 +75,7 @@ pub struct Tags {
 /// Whether a new flow's port search must skip ports that endpoint
 /// records hold: while an endpoint policy exists.
 #[inline(always)]
-pub fn respect_reservations(settings: &Settings) -> bool {
+fn respect_reservations(settings: &Settings) -> bool {
     settings.rules & RULES_RESERVE != 0
 }
 

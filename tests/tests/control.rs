@@ -899,6 +899,22 @@ fn failing_probes_take_an_uplink_out_within_the_stated_time_and_it_returns() {
     assert_eq!(t.spoofed_drops(), 0);
 }
 
+/// 24 new UDP sockets of the client, each with a flow to `srv` made while
+/// x is out: all on y.
+fn udp_flows_during_outage(t: &Topology, srv: SocketAddrV4) -> Vec<std::net::UdpSocket> {
+    (0..24)
+        .map(|_| {
+            let s = t
+                .client
+                .run(|| std::net::UdpSocket::bind((CLIENT_ADDR, 0)))
+                .expect("bind");
+            let seen = udp_seen_from(&s, srv).expect("UDP during the outage");
+            assert_eq!(*seen.ip(), UPLINK_Y_ADDR);
+            s
+        })
+        .collect()
+}
+
 #[test]
 fn on_up_return_moves_back_only_flows_that_failed_over_and_no_tcp() {
     let t = Topology::standard();
@@ -913,17 +929,7 @@ fn on_up_return_moves_back_only_flows_that_failed_over_and_no_tcp() {
         gw.status()["uplinks"][0]["state"] == "down"
     });
     // Made during the outage, all on y: UDP sockets and TCP connections.
-    let socks: Vec<std::net::UdpSocket> = (0..24)
-        .map(|_| {
-            let s = t
-                .client
-                .run(|| std::net::UdpSocket::bind((CLIENT_ADDR, 0)))
-                .expect("bind");
-            let seen = udp_seen_from(&s, udp.addr()).expect("UDP during the outage");
-            assert_eq!(*seen.ip(), UPLINK_Y_ADDR);
-            s
-        })
-        .collect();
+    let socks = udp_flows_during_outage(&t, udp.addr());
     let mut conns: Vec<std::net::TcpStream> = (0..12)
         .map(|_| tcp_connect(&t.client, None, tcp.addr()).expect("TCP during the outage"))
         .collect();
@@ -992,16 +998,7 @@ fn on_up_return_idle_moves_back_failed_over_flows_only_once_idle() {
     eventually(Duration::from_secs(3), "x's outage confirmed", || {
         gw.log().contains("uplink x: down for")
     });
-    let socks: Vec<std::net::UdpSocket> = (0..24)
-        .map(|_| {
-            let s = t
-                .client
-                .run(|| std::net::UdpSocket::bind((CLIENT_ADDR, 0)))
-                .expect("bind");
-            udp_seen_from(&s, udp.addr()).expect("UDP during the outage");
-            s
-        })
-        .collect();
+    let socks = udp_flows_during_outage(&t, udp.addr());
     let listed = gw.conns();
     let failed_over = |s: &std::net::UdpSocket| {
         let port = s.local_addr().expect("port").port();
