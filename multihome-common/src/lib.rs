@@ -9,7 +9,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a pinned map changes shape; a daemon refuses to adopt
 /// maps pinned by another layout.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Uplink slots in [`MAP_UPLINKS`]; an uplink's id is its slot.
 pub const MAX_UPLINKS: u32 = 8;
@@ -240,6 +240,12 @@ pub struct FlowFwd {
     pub policy: u8,
     /// Creation time, seconds of `bpf_ktime_get_boot_ns`.
     pub created_s: u32,
+    /// TCP: the sequence number just past the highest data byte the LAN
+    /// host sent on this flow (RFC 9293 SND.MAX as the gateway sees it); 0
+    /// before any data. A data segment that ends at or before it is a
+    /// retransmission.
+    pub snd_max: u32,
+    pub _pad: u32,
 }
 
 /// Reverse entry: where a reply goes back to.
@@ -336,7 +342,8 @@ pub const UPLINK_OUTAGE: u16 = 1 << 10;
 /// Drained with `--reset` (with [`UPLINK_OUTAGE`]): each flow's next LAN
 /// packet resets it (TCP) or moves it, whatever its policy's `on_down`.
 pub const UPLINK_DRAIN_RESET: u16 = 1 << 11;
-/// Live traffic took it down: SYNs to several remotes went unanswered.
+/// Live traffic took it down: SYNs or data sent again to several
+/// remotes went unanswered.
 pub const UPLINK_TRAFFIC_DOWN: u16 = 1 << 12;
 /// Back on trial after [`UPLINK_TRAFFIC_DOWN`]: a share of new flows tries it.
 pub const UPLINK_CANARY: u16 = 1 << 13;
@@ -493,19 +500,28 @@ pub struct AffinityKey {
     pub _pad1: u16,
 }
 
-/// [`MAP_SYN_WAIT`]'s key: a remote that a LAN host sent a SYN to through
-/// an uplink. The value is when the first such SYN went (boot clock, ns);
-/// the first SYN-ACK from that remote on that uplink removes it. The
-/// daemon counts the remotes left waiting: passive health.
+/// [`MAP_SYN_WAIT`]'s key: a remote that a LAN host is waiting on through
+/// an uplink, for a SYN-ACK ([`WAIT_SYN`]) or after sending data again
+/// ([`WAIT_RETRANSMIT`]). The value is when the first such segment went
+/// (boot clock, ns). The first SYN-ACK from that remote on that uplink
+/// removes its `WAIT_SYN` entry; the daemon removes a `WAIT_RETRANSMIT`
+/// one once the uplink has carried a reply since. The daemon counts the
+/// remotes left waiting: passive health.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct SynWaitKey {
     pub daddr_be: u32,
     pub uplink: u8,
-    pub _pad0: u8,
+    /// [`WAIT_SYN`] or [`WAIT_RETRANSMIT`].
+    pub kind: u8,
     pub _pad1: u16,
 }
+
+/// [`SynWaitKey::kind`]: a SYN waits for its SYN-ACK.
+pub const WAIT_SYN: u8 = 0;
+/// [`SynWaitKey::kind`]: a data segment went out again.
+pub const WAIT_RETRANSMIT: u8 = 1;
 
 /// [`MAP_ENDPOINTS`]'s key: an internal endpoint under a policy.
 #[repr(C)]
@@ -751,6 +767,9 @@ pub struct UplinkStats {
     /// LAN SYNs sent again on a flow that saw no reply yet: a host retrying
     /// a connection the uplink does not carry.
     pub syn_retries: u64,
+    /// LAN TCP data segments that carried no byte beyond what their flow
+    /// had already sent: retransmissions (or reordering on the LAN).
+    pub retransmits: u64,
 }
 
 macro_rules! reasons {
@@ -910,7 +929,7 @@ pub const REASON_COUNT: usize = Reason::ALL.len();
 
 const _: () = {
     assert!(size_of::<FlowKey>() == 16);
-    assert!(size_of::<FlowFwd>() == 24);
+    assert!(size_of::<FlowFwd>() == 32);
     assert!(size_of::<FlowRev>() == 8);
     assert!(size_of::<Uplink>() == 72);
     assert!(size_of::<SelectTable>() == 40 + 2 * SELECT_SLOTS);
@@ -929,7 +948,7 @@ const _: () = {
     assert!(size_of::<EchoKey>() == 8);
     assert!(size_of::<EimKey>() == 8);
     assert!(size_of::<EimLan>() == 8);
-    assert!(size_of::<UplinkStats>() == 80);
+    assert!(size_of::<UplinkStats>() == 88);
     assert!(size_of::<SynWaitKey>() == 8);
     assert!(size_of::<Reasons>() == REASON_COUNT * 8);
     assert!(MAX_UPLINKS <= 255);

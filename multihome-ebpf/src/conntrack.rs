@@ -15,7 +15,7 @@ use multihome_common::{
 use crate::{
     affinity,
     maps::{CONN_FWD, CONN_REV},
-    parse::{Packet, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{L4, Packet, TCP_FIN, TCP_RST, TCP_SYN, hi, read},
     sockets,
 };
 
@@ -175,6 +175,8 @@ fn pin_fwd(
         uplink: uplink_id,
         policy: tags.policy,
         created_s: (now / 1_000_000_000) as u32,
+        snd_max: 0,
+        _pad: 0,
     };
     match CONN_FWD.insert(key, fwd, BPF_NOEXIST as u64) {
         Ok(()) => Ok(fwd),
@@ -387,7 +389,7 @@ fn tcp_flags_in(flags: u32, tcp: u8) -> u32 {
 /// Records a LAN packet of an existing flow. Once a second it also checks
 /// that the reverse half still exists and puts it back if not.
 #[inline(always)]
-pub fn touch_out(key: &FlowKey, fwd: *mut FlowFwd, pkt: &Packet) {
+pub fn touch_out(ctx: &TcContext, key: &FlowKey, fwd: *mut FlowFwd, pkt: &Packet) {
     // SAFETY: `fwd` points into the map's preallocated value; races with
     // other CPUs only lose a stamp or a flag bit, never a flow.
     let f = unsafe { &mut *fwd };
@@ -398,6 +400,9 @@ pub fn touch_out(key: &FlowKey, fwd: *mut FlowFwd, pkt: &Packet) {
     }
     if tcp & TCP_SYN != 0 && flags & FLOW_SEEN_REPLY == 0 {
         crate::stats::syn_retry(f.uplink);
+    }
+    if pkt.l4_kind == L4::Tcp {
+        track_data(ctx, f, pkt);
     }
     let now = now_ns();
     if now.wrapping_sub(f.last_seen_ns) > TOUCH_NS {
@@ -413,6 +418,29 @@ pub fn touch_out(key: &FlowKey, fwd: *mut FlowFwd, pkt: &Packet) {
             };
             let _ = CONN_REV.insert(rev_key, rev, BPF_NOEXIST as u64);
         }
+    }
+}
+
+/// Passive health: follows the highest data byte a LAN host sent on a TCP
+/// flow ([`FlowFwd::snd_max`]), and counts a data segment that carries
+/// nothing beyond it as a retransmission. Segments of under two bytes
+/// (pure ACKs, keepalives, window probes) are left out.
+#[inline(always)]
+fn track_data(ctx: &TcContext, f: &mut FlowFwd, pkt: &Packet) {
+    let (Ok(seq_be), Ok(off)) = (read::<u32>(ctx, pkt.l4 + 4), read::<u16>(ctx, pkt.l4 + 12))
+    else {
+        return;
+    };
+    let headers = pkt.l4 - pkt.l3 + usize::from(hi(off) >> 4) * 4;
+    let len = (pkt.tot_len as usize).saturating_sub(headers) as u32;
+    if len < 2 {
+        return;
+    }
+    let end = u32::from_be(seq_be).wrapping_add(len);
+    if f.snd_max != 0 && end.wrapping_sub(f.snd_max) as i32 <= 0 {
+        crate::stats::retransmit(f.uplink, pkt.daddr_be);
+    } else {
+        f.snd_max = end;
     }
 }
 

@@ -67,7 +67,7 @@ pub fn lan_ingress(ctx: &TcContext) -> Outcome {
     };
     let (flow, known) = match pinned {
         Some(f) => {
-            conntrack::touch_out(&key, f, &pkt);
+            conntrack::touch_out(ctx, &key, f, &pkt);
             // SAFETY: a copy of the map value.
             (unsafe { *f }, None)
         }

@@ -1,7 +1,7 @@
 //! Per-CPU counters: reasons and per-uplink traffic, and the SYNs that
 //! passive health watches.
 use aya_ebpf::bindings::BPF_NOEXIST;
-use multihome_common::{Reason, SynWaitKey, UplinkStats};
+use multihome_common::{Reason, SynWaitKey, UplinkStats, WAIT_RETRANSMIT, WAIT_SYN};
 
 use crate::maps::{REASONS, SYN_WAIT, UPLINK_STATS};
 
@@ -57,7 +57,7 @@ pub fn syn_sent(uplink: u8, daddr_be: u32) {
     let key = SynWaitKey {
         daddr_be,
         uplink,
-        _pad0: 0,
+        kind: WAIT_SYN,
         _pad1: 0,
     };
     let _ = SYN_WAIT.insert(key, crate::conntrack::now_ns(), BPF_NOEXIST as u64);
@@ -68,6 +68,21 @@ pub fn syn_sent(uplink: u8, daddr_be: u32) {
 #[inline(always)]
 pub fn syn_retry(uplink: u8) {
     with_uplink(uplink, |s| s.syn_retries += 1);
+}
+
+/// Passive health: a LAN host sent TCP data to `daddr_be` through `uplink`
+/// again. The remote waits in `SYN_WAIT` until the daemon sees the uplink
+/// carry a reply.
+#[inline(always)]
+pub fn retransmit(uplink: u8, daddr_be: u32) {
+    with_uplink(uplink, |s| s.retransmits += 1);
+    let key = SynWaitKey {
+        daddr_be,
+        uplink,
+        kind: WAIT_RETRANSMIT,
+        _pad1: 0,
+    };
+    let _ = SYN_WAIT.insert(key, crate::conntrack::now_ns(), BPF_NOEXIST as u64);
 }
 
 /// Passive health: the first reply of a TCP flow through `uplink` was a
@@ -81,7 +96,7 @@ pub fn synack(uplink: u8, saddr_be: u32, rtt_ns: u64) {
     let key = SynWaitKey {
         daddr_be: saddr_be,
         uplink,
-        _pad0: 0,
+        kind: WAIT_SYN,
         _pad1: 0,
     };
     let _ = SYN_WAIT.remove(key);

@@ -462,6 +462,10 @@ impl Daemon {
         routing::enable_forwarding()?;
         self.purge_gone_slots()?;
         self.refresh(&snap).await?;
+        // Every program of this run is attached now.
+        if let Err(e) = self.datapath.finish_migration() {
+            warn!("upgrade: {e:#} (flows made during the start are made again)");
+        }
         self.apply_rules()?;
         if let Some(addr) = self.opts.metrics {
             crate::metrics::spawn(addr, self.opts.pin_dir.clone()).await?;
@@ -643,6 +647,9 @@ impl Daemon {
                 syns: s.syns,
                 synacks: s.synacks,
                 rtt_ns: s.synack_rtt_ns,
+                tx_packets: s.tx_packets,
+                rx_packets: s.rx_packets,
+                retransmits: s.retransmits,
             })
             .collect();
         let slots: Vec<u8> = self.config.uplinks.iter().map(|u| u.slot).collect();
@@ -663,8 +670,8 @@ impl Daemon {
             let name = &self.config.uplinks[c.uplink].name;
             match c.verdict {
                 passive::Verdict::Down { destinations, .. } => warn!(
-                    "uplink {name}: DOWN by live traffic: SYNs to {destinations} remotes went \
-                     unanswered, and none was answered since"
+                    "uplink {name}: DOWN by live traffic: SYNs or data sent again to \
+                     {destinations} remotes went unanswered, and nothing was answered since"
                 ),
                 passive::Verdict::Canary { .. } => {
                     info!("uplink {name}: on trial: a share of new flows tries it (passive health)")
@@ -674,7 +681,8 @@ impl Daemon {
                 }
                 passive::Verdict::Degraded { .. } => warn!(
                     "uplink {name}: degraded: its SYNs are answered slowly or seldom \
-                     (degraded_syn_rtt_ms / degraded_answered_pct); no new flows while \
+                     or its data is sent again too often (degraded_syn_rtt_ms / \
+                     degraded_answered_pct / degraded_retransmit_pct); no new flows while \
                      another uplink is healthy"
                 ),
             }

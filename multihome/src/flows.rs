@@ -336,7 +336,7 @@ pub fn reap_endpoints(maps: &Maps, now_ns: u64) -> anyhow::Result<usize> {
 }
 
 /// `BPF_NOEXIST`: insert only where no entry is.
-const NOEXIST: u64 = 1;
+pub const NOEXIST: u64 = 1;
 
 /// The public mapping an endpoint record holds, if its uplink has an
 /// address (`uplinks`: the UPLINKS slots).
@@ -546,7 +546,10 @@ mod tests {
                 .join(format!("multihome-test-{}-{name}", std::process::id()));
             let uplink = size_of::<Uplink>() as u32;
             let maps = [
-                (MAP_CONN_FWD, crate::mapwalk::test_map(16, 24, 64)),
+                (
+                    MAP_CONN_FWD,
+                    crate::mapwalk::test_map(16, size_of::<FlowFwd>() as u32, 64),
+                ),
                 (MAP_CONN_REV, crate::mapwalk::test_map(16, 8, 64)),
                 (MAP_SETTINGS, crate::mapwalk::test_map(4, 4, 1)),
                 (MAP_HOSTS, crate::mapwalk::test_map(4, 16, 64)),

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, ProgramArray},
+    maps::{HashMap, Map, MapData, ProgramArray},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -18,10 +18,10 @@ use aya::{
     },
 };
 use multihome_common::{
-    ALL_MAPS, JUMP_LAN_RESET, LAYOUT_VERSION, MAP_AFFINITY, MAP_CONN_FWD, MAP_CONN_REV,
-    MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_JUMP, MAP_REASONS, MAP_SELECT, MAP_SETTINGS,
-    MAP_UPLINK_STATS, MAP_UPLINKS, PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN, PROG_WAN_IN_L3,
-    PROG_WAN_OUT, PROG_WAN_OUT_L3,
+    ALL_MAPS, FlowFwd, FlowKey, JUMP_LAN_RESET, LAYOUT_VERSION, MAP_AFFINITY, MAP_CONN_FWD,
+    MAP_CONN_REV, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_JUMP, MAP_REASONS, MAP_SELECT,
+    MAP_SETTINGS, MAP_UPLINK_STATS, MAP_UPLINKS, PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN,
+    PROG_WAN_IN_L3, PROG_WAN_OUT, PROG_WAN_OUT_L3,
 };
 
 use crate::config::NatConfig;
@@ -161,7 +161,94 @@ const MIGRATIONS: &[(u32, &[&str])] = &[
     // 6: UPLINK_STATS gained the passive-health counters (they restart
     // at 0); ENDPOINT_PORTS and SYN_WAIT are new.
     (5, &[MAP_UPLINK_STATS]),
+    // 7: UPLINK_STATS counts retransmissions; flows grew by `snd_max`:
+    // their CONN_FWD is copied into one of today's size (`set_fwd_aside`),
+    // as it is from every older layout; SYN_WAIT keys name their kind
+    // where padding was (0: a SYN).
+    (6, &[MAP_UPLINK_STATS]),
 ];
+
+/// Where a `CONN_FWD` of shorter entries waits while its flows are copied
+/// into the new map (bpffs refuses dots in names).
+const FWD_ASIDE: &str = "CONN_FWD_OLD";
+
+/// The size of a flow entry in layouts 2 to 6; layout 7 appended
+/// `snd_max` and padding.
+const FWD_SIZE_V6: usize = 24;
+
+/// A pinned `CONN_FWD` of layout 6 or older is moved aside, so that the
+/// load makes one of today's entry size, and its flows are copied over
+/// ([`Datapath::finish_migration`]). Returns the size to make the new map
+/// with: the old one's, as `CONN_REV` keeps its own.
+fn set_fwd_aside(pin_dir: &Path) -> anyhow::Result<Option<u32>> {
+    let aside = pin_dir.join(FWD_ASIDE);
+    if let Ok(data) = MapData::from_pin(&aside) {
+        // A start that stopped halfway: the new map exists, copy again.
+        return Ok(Some(data.info()?.max_entries()));
+    }
+    let path = pin_dir.join(MAP_CONN_FWD);
+    let Ok(data) = MapData::from_pin(&path) else {
+        return Ok(None);
+    };
+    let info = data.info()?;
+    let size = info.value_size() as usize;
+    if size == size_of::<FlowFwd>() {
+        return Ok(None);
+    }
+    if size != FWD_SIZE_V6 {
+        bail!(
+            "{} holds entries of {size} bytes, which no layout this multihome knows had",
+            path.display()
+        );
+    }
+    fs::rename(&path, &aside)
+        .with_context(|| format!("moving {} aside to copy its flows", path.display()))?;
+    log::info!("{MAP_CONN_FWD}: its flows are copied into entries of today's size");
+    Ok(Some(info.max_entries()))
+}
+
+/// Copies every flow of a layout-6 `CONN_FWD` into `to`, the new fields
+/// zeroed (no data seen yet), leaving flows `to` already holds as they
+/// are. Returns how many were copied.
+pub fn copy_old_flows(
+    from: &HashMap<MapData, FlowKey, [u8; FWD_SIZE_V6]>,
+    to: &mut HashMap<&mut MapData, FlowKey, FlowFwd>,
+) -> anyhow::Result<usize> {
+    let mut copied = 0;
+    let mut failed = None;
+    crate::mapwalk::for_each(from, |key, old| {
+        match to.insert(key, flow_of_v6(&old), crate::flows::NOEXIST) {
+            Ok(()) => copied += 1,
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => failed = Some(e),
+        }
+    })?;
+    match failed {
+        Some(e) => Err(e).context("copying flows into the new CONN_FWD"),
+        None => Ok(copied),
+    }
+}
+
+/// A layout-6 flow entry (the fields of today's up to `created_s`, in
+/// host order) as today's, with no data seen yet.
+fn flow_of_v6(old: &[u8; FWD_SIZE_V6]) -> FlowFwd {
+    let u16_at = |i: usize| u16::from_ne_bytes([old[i], old[i + 1]]);
+    let u32_at = |i: usize| u32::from_ne_bytes([old[i], old[i + 1], old[i + 2], old[i + 3]]);
+    FlowFwd {
+        last_seen_ns: u64::from_ne_bytes([
+            old[0], old[1], old[2], old[3], old[4], old[5], old[6], old[7],
+        ]),
+        nat_addr_be: u32_at(8),
+        flags: u32_at(12),
+        nat_port_be: u16_at(16),
+        uplink: old[18],
+        policy: old[19],
+        created_s: u32_at(20),
+        snd_max: 0,
+        _pad: 0,
+    }
+}
 
 /// Unpins map `name` when it holds other than `want` entries, so that it
 /// is made afresh at that size.
@@ -234,24 +321,67 @@ impl Datapath {
         fs::set_permissions(pin_dir, fs::Permissions::from_mode(0o700))
             .with_context(|| format!("restricting pin directory {}", pin_dir.display()))?;
         let adopted = check_layout(pin_dir)?;
+        let mut fwd_aside = None;
         if adopted {
             unpin_if_resized(pin_dir, MAP_AFFINITY, nat.max_affinities)?;
             unpin_if_resized(pin_dir, MAP_ENDPOINTS, nat.max_endpoints)?;
             unpin_if_resized(pin_dir, MAP_ENDPOINT_PORTS, nat.max_endpoints)?;
+            fwd_aside = set_fwd_aside(pin_dir)?;
         }
-        Self::load_inner(pin_dir, nat, adopted).inspect_err(|_| {
-            if !adopted {
-                // Nothing half-installed: drop the maps this attempt pinned.
-                let _ = remove_pins(pin_dir);
-            }
-        })
+        let mut datapath =
+            Self::load_inner(pin_dir, nat, adopted, fwd_aside).inspect_err(|_| {
+                if !adopted {
+                    // Nothing half-installed: drop the maps this attempt pinned.
+                    let _ = remove_pins(pin_dir);
+                }
+            })?;
+        if fwd_aside.is_some() {
+            // The old programs still run on the old map until `attach`
+            // replaces them: copy now so that they find their flows, and
+            // again once they are replaced.
+            datapath.copy_aside()?;
+        }
+        Ok(datapath)
     }
 
-    fn load_inner(pin_dir: &Path, nat: &NatConfig, adopted: bool) -> anyhow::Result<Self> {
+    /// Copies the flows of a `CONN_FWD` set aside by an upgrade into the
+    /// new one; returns how many were new.
+    fn copy_aside(&mut self) -> anyhow::Result<usize> {
+        let from = HashMap::try_from(Map::HashMap(MapData::from_pin(
+            self.pin_dir.join(FWD_ASIDE),
+        )?))?;
+        let mut to = HashMap::try_from(
+            self.ebpf
+                .map_mut(MAP_CONN_FWD)
+                .context("map CONN_FWD missing")?,
+        )?;
+        copy_old_flows(&from, &mut to)
+    }
+
+    /// Once every program of this run is attached: copies the flows the
+    /// old programs made meanwhile into the new `CONN_FWD` and unpins the
+    /// old one. Nothing to do unless an upgrade set one aside.
+    pub fn finish_migration(&mut self) -> anyhow::Result<()> {
+        let aside = self.pin_dir.join(FWD_ASIDE);
+        if !aside.exists() {
+            return Ok(());
+        }
+        let late = self.copy_aside()?;
+        fs::remove_file(&aside).with_context(|| format!("unpinning {}", aside.display()))?;
+        log::info!("{MAP_CONN_FWD}: upgrade done ({late} flows made during it copied)");
+        Ok(())
+    }
+
+    fn load_inner(
+        pin_dir: &Path,
+        nat: &NatConfig,
+        adopted: bool,
+        fwd_aside: Option<u32>,
+    ) -> anyhow::Result<Self> {
         let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|m| (*m, pin_dir.join(m))).collect();
         let mut loader = EbpfLoader::new();
         loader
-            .map_max_entries(MAP_CONN_FWD, nat.max_flows)
+            .map_max_entries(MAP_CONN_FWD, fwd_aside.unwrap_or(nat.max_flows))
             .map_max_entries(MAP_CONN_REV, nat.max_flows)
             .map_max_entries(MAP_AFFINITY, nat.max_affinities)
             .map_max_entries(MAP_ENDPOINTS, nat.max_endpoints)
@@ -359,12 +489,65 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<()> {
         }
     }
     let _ = fs::remove_dir(&links);
-    for m in ALL_MAPS {
+    for m in ALL_MAPS.iter().chain(&[FWD_ASIDE]) {
         let _ = fs::remove_file(pin_dir.join(m));
     }
     match fs::remove_dir(pin_dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).with_context(|| format!("removing pin directory {}", pin_dir.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapwalk::test_map;
+
+    #[test]
+    fn flows_of_a_layout_6_map_are_copied_whole_with_the_new_fields_zeroed() {
+        let mut old: HashMap<MapData, FlowKey, [u8; FWD_SIZE_V6]> =
+            HashMap::try_from(Map::HashMap(test_map(16, FWD_SIZE_V6 as u32, 8))).expect("old map");
+        let mut new_map = Map::HashMap(test_map(16, size_of::<FlowFwd>() as u32, 8));
+        let mut new: HashMap<&mut MapData, FlowKey, FlowFwd> =
+            HashMap::try_from(&mut new_map).expect("new map");
+        let key = |n: u32| FlowKey {
+            saddr_be: n,
+            proto: 6,
+            ..FlowKey::default()
+        };
+        let flow = FlowFwd {
+            last_seen_ns: 0x0102_0304_0506_0708,
+            nat_addr_be: 0xc612_0b01,
+            flags: 0b101,
+            nat_port_be: 4242,
+            uplink: 3,
+            policy: 2,
+            created_s: 77,
+            ..FlowFwd::default()
+        };
+        // Layout 6's entry: the same fields, up to `created_s`.
+        let mut bytes = Vec::new();
+        bytes.extend(flow.last_seen_ns.to_ne_bytes());
+        bytes.extend(flow.nat_addr_be.to_ne_bytes());
+        bytes.extend(flow.flags.to_ne_bytes());
+        bytes.extend(flow.nat_port_be.to_ne_bytes());
+        bytes.extend([flow.uplink, flow.policy]);
+        bytes.extend(flow.created_s.to_ne_bytes());
+        let bytes: [u8; FWD_SIZE_V6] = bytes.try_into().expect("24 bytes");
+        old.insert(key(1), bytes, 0).expect("old flow 1");
+        old.insert(key(2), bytes, 0).expect("old flow 2");
+        // A flow the new programs already hold is left as it is.
+        let newer = FlowFwd { snd_max: 9, ..flow };
+        new.insert(key(2), newer, 0).expect("new flow 2");
+
+        assert_eq!(copy_old_flows(&old, &mut new).expect("copy"), 1);
+        assert_eq!(new.get(&key(1), 0).expect("flow 1"), flow);
+        assert_eq!(new.get(&key(2), 0).expect("flow 2"), newer);
+        assert_eq!(
+            copy_old_flows(&old, &mut new).expect("copy again"),
+            0,
+            "twice is harmless"
+        );
     }
 }

@@ -308,6 +308,7 @@ impl Maps {
                     t.synacks += s.synacks;
                     t.synack_rtt_ns += s.synack_rtt_ns;
                     t.syn_retries += s.syn_retries;
+                    t.retransmits += s.retransmits;
                     t
                 }))
             })

@@ -150,7 +150,7 @@ type Series = (
     fn(&UplinkStatus) -> f64,
 );
 
-const PER_UPLINK: [Series; 15] = [
+const PER_UPLINK: [Series; 16] = [
     (
         "uplink_up",
         MetricType::Gauge,
@@ -234,6 +234,12 @@ const PER_UPLINK: [Series; 15] = [
         MetricType::Counter,
         "SYNs LAN hosts sent again on flows that saw no reply",
         |u| u.syn_retries as f64,
+    ),
+    (
+        "uplink_retransmits",
+        MetricType::Counter,
+        "TCP data segments LAN hosts sent again",
+        |u| u.retransmits as f64,
     ),
     (
         "uplink_syn_rtt_seconds",

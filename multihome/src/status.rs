@@ -36,6 +36,8 @@ pub struct UplinkStatus {
     pub syn_rtt_ms: Option<f64>,
     /// SYNs LAN hosts sent again, unanswered.
     pub syn_retries: u64,
+    /// TCP data segments LAN hosts sent again.
+    pub retransmits: u64,
 }
 
 #[cfg(test)]
@@ -64,6 +66,7 @@ impl UplinkStatus {
             synacks: 0,
             syn_rtt_ms: None,
             syn_retries: 0,
+            retransmits: 0,
         }
     }
 }
@@ -177,7 +180,7 @@ fn uplinks_with(maps: &Maps, flows: &[u64]) -> anyhow::Result<Vec<UplinkStatus>>
                 _ if u.addr_be == 0 => Some("no IPv4 address on the interface"),
                 _ if u.flags & UPLINK_PROBES_FAIL != 0 => Some("health probes fail"),
                 _ if u.flags & UPLINK_TRAFFIC_DOWN != 0 => {
-                    Some("live traffic: SYNs to several remotes went unanswered")
+                    Some("live traffic: several remotes went unanswered")
                 }
                 _ if u.flags & UPLINK_DRAINED != 0 => Some("drained by the operator"),
                 _ if u.flags & UPLINK_HELD_DOWN != 0 => {
@@ -206,6 +209,7 @@ fn uplinks_with(maps: &Maps, flows: &[u64]) -> anyhow::Result<Vec<UplinkStatus>>
             syns: s.syns,
             synacks: s.synacks,
             syn_retries: s.syn_retries,
+            retransmits: s.retransmits,
             syn_rtt_ms: (s.synacks != 0)
                 .then(|| s.synack_rtt_ns as f64 / s.synacks as f64 / 1_000_000.0),
         });

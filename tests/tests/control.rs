@@ -1219,6 +1219,41 @@ fn pin_old_map(ns: &NetNs, dir: &str, name: &str, kind: &str, value_size: usize)
     ]);
 }
 
+/// Turns the pinned CONN_FWD into one of layouts 2 to 6, whose entries
+/// lacked today's last 8 bytes, holding the same flows.
+fn pin_old_conn_fwd(ns: &NetNs, dir: &str) {
+    let path = format!("{dir}/CONN_FWD");
+    let show: serde_json::Value =
+        serde_json::from_str(&ns.exec_stdout(&["bpftool", "-j", "map", "show", "pinned", &path]))
+            .expect("bpftool map show");
+    let dump: serde_json::Value =
+        serde_json::from_str(&ns.exec_stdout(&["bpftool", "-j", "map", "dump", "pinned", &path]))
+            .expect("bpftool map dump");
+    let entries = show["max_entries"].to_string();
+    std::fs::remove_file(&path).expect("unpin CONN_FWD");
+    ns.exec(&[
+        "bpftool", "map", "create", &path, "type", "hash", "key", "16", "value", "24", "entries",
+        &entries, "name", "CONN_FWD",
+    ]);
+    let bytes = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .expect("bytes")
+            .iter()
+            .map(|b| b.as_str().expect("hex byte").to_owned())
+            .collect()
+    };
+    let flows = dump.as_array().expect("entries");
+    assert!(!flows.is_empty(), "no flow to carry over");
+    for e in flows {
+        let mut cmd = vec!["bpftool", "map", "update", "pinned", &path, "key"];
+        let (key, value) = (bytes(&e["key"]), bytes(&e["value"]));
+        cmd.extend(key.iter().map(String::as_str));
+        cmd.push("value");
+        cmd.extend(value[..24].iter().map(String::as_str));
+        ns.exec(&cmd);
+    }
+}
+
 /// Writes SETTINGS of `size` bytes with `version` first.
 fn pin_old_settings(ns: &NetNs, dir: &str, version: u8, size: usize) {
     pin_old_map(ns, dir, "SETTINGS", "array", size);
@@ -1247,7 +1282,9 @@ fn upgrade_keeps_the_flow(version: u8, downgrade: impl FnOnce(&Topology, &str)) 
     let cfg_path = gw.config_path().to_owned();
     let pin = gw.stop();
     std::fs::write(&cfg_path, &config).expect("write the config again");
-    downgrade(&t, pin.path().to_str().expect("utf-8"));
+    let dir = pin.path().to_str().expect("utf-8").to_owned();
+    pin_old_conn_fwd(&t.gw, &dir);
+    downgrade(&t, &dir);
 
     let gw = Gateway::start_with_pin(&t.gw, &config, pin, &[]);
     assert!(
@@ -1255,6 +1292,11 @@ fn upgrade_keeps_the_flow(version: u8, downgrade: impl FnOnce(&Topology, &str)) 
             .contains(&format!("adopting maps of layout version {version}")),
         "{}",
         gw.log()
+    );
+    assert!(gw.log().contains("CONN_FWD: upgrade done"), "{}", gw.log());
+    assert!(
+        !std::path::Path::new(&format!("{dir}/CONN_FWD_OLD")).exists(),
+        "the old map is unpinned"
     );
     let after = udp_seen_from(&sock, srv.addr()).expect("UDP after the upgrade");
     assert_eq!(after, before, "the flow kept its uplink, address and port");
@@ -1271,7 +1313,16 @@ fn upgrade_keeps_the_flow(version: u8, downgrade: impl FnOnce(&Topology, &str)) 
 }
 
 #[test]
-fn an_upgrade_from_layout_5_the_previous_release_keeps_live_flows() {
+fn an_upgrade_from_layout_6_the_previous_release_keeps_live_flows_in_a_map_of_longer_entries() {
+    upgrade_keeps_the_flow(6, |t, dir| {
+        // Layout 6: ten counters per uplink, 24-byte flows.
+        pin_old_map(&t.gw, dir, "UPLINK_STATS", "percpu_array", 10 * 8);
+        pin_old_settings(&t.gw, dir, 6, 32);
+    });
+}
+
+#[test]
+fn an_upgrade_from_layout_5_keeps_live_flows() {
     upgrade_keeps_the_flow(5, |t, dir| {
         // Layout 5: six counters per uplink, no endpoint reservations, no
         // SYN_WAIT.

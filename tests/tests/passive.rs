@@ -3,6 +3,7 @@
 //! notice; unanswered SYNs to firewalled remotes do not; an uplink taken
 //! out by traffic alone comes back through a trial.
 use std::{
+    io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
     time::{Duration, Instant},
 };
@@ -95,6 +96,100 @@ fn new_tcp_connections_leave_an_uplink_whose_upstream_died_before_its_probes_not
     );
     assert!(st["uplinks"][1]["syn_rtt_ms"].as_f64().is_some(), "{st}");
     assert!(!gw.log().contains("probes fail"), "{}", gw.log());
+}
+
+/// Four long-lived TCP sessions to the four remotes, all through x (y
+/// has weight 0 while they open), each checked by an echo.
+fn sessions_through_x(t: &Topology, gw: &Gateway, port: u16) -> Vec<TcpStream> {
+    let weight = |w: &str| {
+        let out = gw.cli(&["uplink", "set-weight", "y", w]);
+        assert!(out.status.success(), "{out:?}");
+    };
+    weight("0");
+    let sessions = remotes(t, port)
+        .iter()
+        .map(|r| {
+            let mut s = t
+                .client
+                .run(|| TcpStream::connect_timeout(&(*r).into(), Duration::from_secs(2)))
+                .expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("timeout");
+            s.write_all(b"hello").expect("write");
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).expect("echoed");
+            s
+        })
+        .collect();
+    assert!(gw.conns().iter().all(|c| c["uplink"] == "x"));
+    weight("1");
+    sessions
+}
+
+#[test]
+fn established_sessions_sending_data_again_take_an_uplink_whose_upstream_died_down_with_no_new_connection()
+ {
+    let t = Topology::standard();
+    let gw = Gateway::start(&t.gw, &config(&t, SLOW_PROBES, ""));
+    let srv = tcp_echo_server(&t.inet, Ipv4Addr::UNSPECIFIED, 0);
+    let mut sessions = sessions_through_x(&t, &gw, srv.port());
+    let syns = gw.status()["uplinks"][0]["syns"].clone();
+    std::thread::sleep(Duration::from_millis(600));
+
+    t.ispx.exec(&[
+        "iptables", "-w", "-I", "FORWARD", "-i", IF_CORE, "-j", "DROP",
+    ]);
+    let died = Instant::now();
+    // Each session sends once; its host sends the data again and again.
+    for s in &mut sessions {
+        s.write_all(&[1u8; 200]).expect("write");
+    }
+    eventually(Duration::from_secs(2), "x out by live traffic", || {
+        gw.log().contains("uplink x: DOWN by live traffic")
+    });
+    let after = died.elapsed();
+    let st = gw.status();
+    assert_eq!(st["uplinks"][0]["syns"], syns, "no new connection: {st}");
+    assert!(st["uplinks"][0]["retransmits"].as_u64() >= Some(3), "{st}");
+    assert_eq!(st["uplinks"][0]["state"], "down", "after {after:?}: {st}");
+    assert!(!gw.log().contains("probes fail"), "{}", gw.log());
+}
+
+#[test]
+fn uploads_that_lose_a_tenth_of_their_segments_do_not_take_a_working_uplink_down() {
+    let t = Topology::standard();
+    let gw = Gateway::start(&t.gw, &config(&t, SLOW_PROBES, ""));
+    let srv = tcp_echo_server(&t.inet, Ipv4Addr::UNSPECIFIED, 0);
+    let mut sessions = sessions_through_x(&t, &gw, srv.port());
+    // x's ISP drops one segment from the gateway in ten.
+    t.ispx.exec(&[
+        "iptables",
+        "-w",
+        "-I",
+        "FORWARD",
+        "-i",
+        IF_CUST,
+        "-m",
+        "statistic",
+        "--mode",
+        "random",
+        "--probability",
+        "0.1",
+        "-j",
+        "DROP",
+    ]);
+    let start = Instant::now();
+    let mut buf = [0u8; 1000];
+    while start.elapsed() < Duration::from_secs(4) {
+        for s in &mut sessions {
+            s.write_all(&[2u8; 1000]).expect("write");
+            s.read_exact(&mut buf).expect("echoed through the loss");
+        }
+    }
+    let st = gw.status();
+    assert!(st["uplinks"][0]["retransmits"].as_u64() >= Some(3), "{st}");
+    assert_eq!(st["uplinks"][0]["state"], "up", "{st}");
+    assert!(!gw.log().contains("DOWN by live traffic"), "{}", gw.log());
 }
 
 #[test]

@@ -27,7 +27,7 @@ use multihome_common::{
     MAP_ROUTED, MAP_SETTINGS, MAP_SYN_WAIT, MAP_UPLINK_STATS, MAP_UPLINKS, MARK_TRANSLATED,
     PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN, PROG_WAN_OUT, REASON_COUNT, Reason, Reasons,
     RoutedKey, Settings, SynWaitKey, UPLINK_CONFIGURED, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP,
-    UPLINK_OUTAGE, UPLINK_RESET_TCP, UPLINK_USABLE, Uplink, UplinkStats,
+    UPLINK_OUTAGE, UPLINK_RESET_TCP, UPLINK_USABLE, Uplink, UplinkStats, WAIT_RETRANSMIT, WAIT_SYN,
 };
 use testbed::packets::*;
 
@@ -219,6 +219,7 @@ impl Flow {
             uplink: 0,
             policy: 0,
             created_s: 0,
+            ..FlowFwd::default()
         }
     }
 
@@ -628,6 +629,7 @@ impl Datapath {
                 synacks: a.synacks + s.synacks,
                 synack_rtt_ns: a.synack_rtt_ns + s.synack_rtt_ns,
                 syn_retries: a.syn_retries + s.syn_retries,
+                retransmits: a.retransmits + s.retransmits,
             })
     }
 }
@@ -1328,13 +1330,71 @@ fn a_syn_sent_again_on_an_unanswered_flow_counts_as_a_retry_and_never_once_answe
 }
 
 #[test]
+fn a_lan_data_segment_with_no_new_byte_counts_as_a_retransmission_and_leaves_its_remote_waiting() {
+    with_datapath(|dp| {
+        let seg = |seq: u32, payload: &[u8]| {
+            let mut p = TCP_FLOW.outbound();
+            if let Payload::Tcp(t) = &mut p.payload {
+                (t.seq, t.payload) = (seq, payload.to_vec());
+            }
+            p.frame()
+        };
+        let data = [7u8; 100];
+        let snd_max = |dp: &Datapath| dp.fwd_entry(&TCP_FLOW).expect("flow").snd_max;
+        let resent = |dp: &Datapath| dp.uplink0_stats().retransmits;
+        dp.insert_flow(&TCP_FLOW);
+        dp.run(PROG_LAN_IN, &seg(1000, &data), 0);
+        assert_eq!((snd_max(dp), resent(dp)), (1100, 0), "new data");
+        dp.run(PROG_LAN_IN, &seg(1100, &data), 0);
+        assert_eq!((snd_max(dp), resent(dp)), (1200, 0), "the next segment");
+        // Partly new data is not a retransmission.
+        dp.run(PROG_LAN_IN, &seg(1150, &data), 0);
+        assert_eq!((snd_max(dp), resent(dp)), (1250, 0));
+        // Pure ACKs, keepalives and window probes carry under two bytes.
+        dp.run(PROG_LAN_IN, &seg(1000, b""), 0);
+        dp.run(PROG_LAN_IN, &seg(1249, b"k"), 0);
+        assert_eq!(resent(dp), 0);
+        // The first segment, sent again.
+        dp.run(PROG_LAN_IN, &seg(1000, &data), 0);
+        dp.run(PROG_LAN_IN, &seg(1150, &data), 0);
+        assert_eq!((snd_max(dp), resent(dp)), (1250, 2));
+        let wait = SynWaitKey {
+            daddr_be: TCP_FLOW.fwd_key().daddr_be,
+            uplink: 0,
+            kind: WAIT_RETRANSMIT,
+            _pad1: 0,
+        };
+        let waiting: HashMap<_, SynWaitKey, u64> =
+            HashMap::try_from(dp.ebpf.map(MAP_SYN_WAIT).expect("SYN_WAIT")).expect("types");
+        assert!(waiting.get(&wait, 0).is_ok(), "the remote waits");
+        // Sequence numbers wrap.
+        dp.set_fwd(
+            TCP_FLOW.fwd_key(),
+            FlowFwd {
+                snd_max: u32::MAX - 10,
+                ..TCP_FLOW.fwd()
+            },
+        );
+        dp.run(PROG_LAN_IN, &seg(u32::MAX - 10, &data), 0);
+        assert_eq!((snd_max(dp), resent(dp)), (89, 2), "new past the wrap");
+        dp.run(PROG_LAN_IN, &seg(u32::MAX - 50, &data), 0);
+        assert_eq!((snd_max(dp), resent(dp)), (89, 3), "old across the wrap");
+        // UDP has no sequence.
+        dp.insert_flow(&UDP_FLOW);
+        dp.run(PROG_LAN_IN, &UDP_FLOW.outbound().frame(), 0);
+        dp.run(PROG_LAN_IN, &UDP_FLOW.outbound().frame(), 0);
+        assert_eq!(resent(dp), 3);
+    });
+}
+
+#[test]
 fn a_flows_first_reply_that_is_a_syn_ack_is_counted_once_and_its_remote_stops_waiting() {
     with_datapath(|dp| {
         let reply = |flags: u8| with_tcp_flags(TCP_FLOW.reply(), flags);
         let wait = SynWaitKey {
             daddr_be: TCP_FLOW.fwd_key().daddr_be,
             uplink: 0,
-            _pad0: 0,
+            kind: WAIT_SYN,
             _pad1: 0,
         };
         let mut waiting: HashMap<_, SynWaitKey, u64> =

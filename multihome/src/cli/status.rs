@@ -18,7 +18,7 @@ pub fn run(pin: &super::PinDir, json: bool) -> anyhow::Result<()> {
 }
 
 /// The uplink table's columns: header, width, left-aligned.
-const COLUMNS: [(&str, usize, bool); 14] = [
+const COLUMNS: [(&str, usize, bool); 15] = [
     ("UPLINK", 8, true),
     ("IFACE", 10, true),
     ("ADDRESS", 16, true),
@@ -33,6 +33,7 @@ const COLUMNS: [(&str, usize, bool); 14] = [
     ("RTT MS", 8, false),
     ("LOSS %", 6, false),
     ("SYN MS", 7, false),
+    ("RETX", 8, false),
 ];
 
 /// One table row of `cells`, laid out by [`COLUMNS`].
@@ -68,6 +69,7 @@ fn table(st: &Status) -> String {
             u.rtt_ms.map_or("-".into(), |r| format!("{r:.1}")),
             format!("{:.0}", u.loss_pct),
             u.syn_rtt_ms.map_or("-".into(), |r| format!("{r:.1}")),
+            u.retransmits.to_string(),
         ]);
         if let Some(why) = u.reason {
             let _ = writeln!(out, "         ^ {}: {why}", u.name);

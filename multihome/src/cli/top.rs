@@ -69,15 +69,15 @@ fn syn_signals(now: &UplinkStatus, before: &UplinkStatus) -> (String, String) {
 }
 
 /// The uplink table's headers.
-const HEADERS: [&str; 12] = [
+const HEADERS: [&str; 13] = [
     "UPLINK", "IFACE", "ADDRESS", "STATE", "FLOWS", "OUT", "IN", "WEIGHT", "NEW/s", "SHARE",
-    "SYN MS", "SYN OK",
+    "SYN MS", "SYN OK", "RETX/s",
 ];
 
 /// The uplink table's cells, a row per uplink: state, rates over the
 /// frame of `secs`, and each uplink's share of new flows against its
 /// share of the weights.
-fn rows(now: &Status, before: &Status, secs: f64) -> Vec<[String; 12]> {
+fn rows(now: &Status, before: &Status, secs: f64) -> Vec<[String; 13]> {
     let new: Vec<f64> = now
         .uplinks
         .iter()
@@ -116,6 +116,7 @@ fn rows(now: &Status, before: &Status, secs: f64) -> Vec<[String; 12]> {
                 share(*new, total_new),
                 syn_ms,
                 syn_ok,
+                format!("{:.1}", rate(n.retransmits, b.retransmits, secs)),
             ]
         })
         .collect()
@@ -124,11 +125,11 @@ fn rows(now: &Status, before: &Status, secs: f64) -> Vec<[String; 12]> {
 /// One screen as text (a pipe, or `--iterations`).
 fn render(now: &Status, before: &Status, secs: f64, events: &VecDeque<String>) -> String {
     let line = |cells: &[&str]| {
-        let [a, b, c, d, e, f, g, h, i, j, k, l] = cells else {
+        let [a, b, c, d, e, f, g, h, i, j, k, l, m] = cells else {
             return String::new();
         };
         format!(
-            "{a:<8} {b:<10} {c:<16} {d:<9} {e:>7} {f:>14} {g:>14} {h:>7} {i:>9} {j:>7} {k:>7} {l:>7}\n"
+            "{a:<8} {b:<10} {c:<16} {d:<9} {e:>7} {f:>14} {g:>14} {h:>7} {i:>9} {j:>7} {k:>7} {l:>7} {m:>7}\n"
         )
     };
     let mut s = format!("multihome top: {} live flows (Ctrl-C quits)\n\n", now.flows);
@@ -264,7 +265,7 @@ mod screen {
     fn draw(
         f: &mut Frame,
         now: &Status,
-        table: &[[String; 12]],
+        table: &[[String; 13]],
         history: &[VecDeque<u64>],
         events: &VecDeque<String>,
     ) {
@@ -280,7 +281,7 @@ mod screen {
             Paragraph::new(format!("multihome top: {} live flows (q quits)", now.flows)),
             title,
         );
-        let widths = [8, 10, 16, 9, 7, 14, 14, 8, 9, 7, 7, 7].map(Constraint::Length);
+        let widths = [8, 10, 16, 9, 7, 14, 14, 8, 9, 7, 7, 7, 7].map(Constraint::Length);
         f.render_widget(
             Table::new(table.iter().map(|r| Row::new(r.clone())), widths)
                 .header(Row::new(HEADERS).bold())
@@ -354,15 +355,16 @@ mod tests {
         let mut x_now = uplink("x", "up", 25, 1);
         // 10 SYNs, 8 answered in 12 ms each on average.
         (x_now.syns, x_now.synacks, x_now.syn_rtt_ms) = (10, 8, Some(12.0));
+        x_now.retransmits = 3;
         let now = status(vec![x_now, uplink("y", "up", 75, 3)]);
         let screen = render(&now, &before, 1.0, &VecDeque::new());
         let x = screen.lines().find(|l| l.starts_with("x ")).expect("x row");
         assert!(
-            x.contains("1 (25%)") && x.trim_end().ends_with("25%    12.0     80%"),
+            x.contains("1 (25%)") && x.trim_end().ends_with("25%    12.0     80%     3.0"),
             "{x}"
         );
         let y = screen.lines().find(|l| l.starts_with("y ")).expect("y row");
-        assert!(y.trim_end().ends_with("-       -"), "no SYNs: {y}");
+        assert!(y.trim_end().ends_with("-       -     0.0"), "no SYNs: {y}");
     }
 
     #[test]

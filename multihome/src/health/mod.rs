@@ -83,8 +83,8 @@ pub struct HealthConfig {
     /// outage, so that a flapping one does not keep taking flows.
     #[serde(default)]
     pub hold_down_ms: u64,
-    /// Watch live TCP: SYNs to several remotes left unanswered take the
-    /// uplink down before a probe notices.
+    /// Watch live TCP: SYNs or data sent again to several remotes, left
+    /// unanswered, take the uplink down before a probe notices.
     #[serde(default = "yes")]
     pub passive: bool,
     /// How long a SYN waits for its SYN-ACK before it counts as
@@ -107,6 +107,10 @@ pub struct HealthConfig {
     /// 10 s are answered.
     #[serde(default)]
     pub degraded_answered_pct: Option<u32>,
+    /// Degraded while more than this percentage of the packets sent over
+    /// the last 10 s are TCP retransmissions.
+    #[serde(default)]
+    pub degraded_retransmit_pct: Option<u32>,
 }
 
 impl passive::PassiveConfig {
@@ -122,6 +126,7 @@ impl passive::PassiveConfig {
                 .and_then(|h| h.degraded_syn_rtt_ms)
                 .map(|v| ms(v.into())),
             degraded_answered_pct: health.and_then(|h| h.degraded_answered_pct),
+            degraded_retransmit_pct: health.and_then(|h| h.degraded_retransmit_pct),
         }
     }
 }
@@ -297,6 +302,12 @@ impl HealthConfig {
             .is_some_and(|p| p == 0 || p > 100)
         {
             bad("`degraded_answered_pct` must be 1 to 100, or omitted".into());
+        }
+        if self
+            .degraded_retransmit_pct
+            .is_some_and(|p| p == 0 || p > 100)
+        {
+            bad("`degraded_retransmit_pct` must be 1 to 100, or omitted".into());
         }
         if self.passive_min_destinations == 0 {
             bad("`passive_min_destinations` must be at least 1".into());

@@ -10,26 +10,40 @@
 //! share of new flows tries it, and either they are answered and it is
 //! back, or it is down again.
 //!
+//! Established flows speak too: a LAN host that sends TCP data again
+//! (a retransmission, seen against the flow's `snd_max`) leaves its remote
+//! waiting in `SYN_WAIT` as well, and that wait ends with any reply the
+//! uplink carries. Remotes of either kind count together, so an uplink
+//! that only carries long-lived sessions (SSH, an upload) is found dead
+//! without a new connection.
+//!
 //! An operator may also set thresholds on the SYN-ACK round-trip time and
 //! on the share of SYNs answered: beyond them, over the last
 //! [`WINDOW_NS`] and on enough samples, the uplink is degraded: it takes
 //! no new flows while another is healthy, and keeps its pinned ones.
 use std::collections::VecDeque;
 
-use multihome_common::SynWaitKey;
+use multihome_common::{SynWaitKey, WAIT_RETRANSMIT};
 
 /// How far back SYNs count: older unanswered ones say nothing of now.
 pub const WINDOW_NS: u64 = 10_000_000_000;
 /// SYNs (or SYN-ACKs, for the round-trip time) a window needs before a
 /// degraded threshold is judged.
 pub const MIN_SAMPLES: u64 = 10;
+/// Packets sent a window needs before the retransmitted share is judged.
+pub const MIN_SENT: u64 = 100;
 
-/// One uplink's SYN counters, as `UPLINK_STATS` sums them.
+/// One uplink's counters, as `UPLINK_STATS` sums them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SynCounts {
     pub syns: u64,
     pub synacks: u64,
     pub rtt_ns: u64,
+    /// Translated packets sent and received.
+    pub tx_packets: u64,
+    pub rx_packets: u64,
+    /// LAN TCP data segments sent again.
+    pub retransmits: u64,
 }
 
 /// The passive-health settings of one uplink (`[uplink.health]`, or the
@@ -49,6 +63,9 @@ pub struct PassiveConfig {
     pub degraded_rtt_ns: Option<u64>,
     /// Degraded while fewer SYNs than this percentage are answered.
     pub degraded_answered_pct: Option<u32>,
+    /// Degraded while more than this percentage of the packets sent are
+    /// TCP retransmissions.
+    pub degraded_retransmit_pct: Option<u32>,
 }
 
 /// Where an uplink stands by its traffic.
@@ -56,7 +73,8 @@ pub struct PassiveConfig {
 pub enum Verdict {
     #[default]
     Healthy,
-    /// Unanswered SYNs took it down at `since` (boot clock, ns).
+    /// Remotes left unanswered (SYNs, or data sent again) took it down at
+    /// `since` (boot clock, ns).
     Down { since: u64, destinations: usize },
     /// On trial until `until`: a share of new flows tries it.
     Canary { until: u64 },
@@ -98,10 +116,11 @@ impl Watch {
     }
 
     /// One look at the datapath at `now` (boot ns): `waiting` is
-    /// `SYN_WAIT`, `counts[slot]` the SYN counters so far; uplink `i` of
+    /// `SYN_WAIT`, `counts[slot]` the counters so far; uplink `i` of
     /// the config has slot `slots[i]` and settings `configs[i]`. Returns
-    /// the changes of verdict, and the `waiting` keys too old to matter
-    /// (to delete).
+    /// the changes of verdict, and the `waiting` keys that no longer
+    /// matter (to delete): too old, or retransmissions the uplink has
+    /// carried a reply since.
     pub fn tick(
         &mut self,
         now: u64,
@@ -121,7 +140,10 @@ impl Watch {
         }
         let stale = waiting
             .iter()
-            .filter(|(_, t)| now.saturating_sub(*t) > horizon)
+            .filter(|(k, t)| {
+                now.saturating_sub(*t) > horizon
+                    || (k.kind == WAIT_RETRANSMIT && self.received_since(*t, k.uplink) > 0)
+            })
             .map(|(k, _)| *k)
             .collect();
         let mut changes = Vec::new();
@@ -130,7 +152,7 @@ impl Watch {
                 continue;
             }
             let from = self.counting_from[id];
-            let late: Vec<u64> = waiting
+            let late: Vec<&(SynWaitKey, u64)> = waiting
                 .iter()
                 .filter(|(k, t)| {
                     k.uplink == slot
@@ -138,13 +160,20 @@ impl Watch {
                         && now.saturating_sub(*t) >= cfg.syn_timeout_ns
                         && now.saturating_sub(*t) <= cfg.syn_timeout_ns + WINDOW_NS
                 })
-                .map(|(_, t)| *t)
                 .collect();
-            let unanswered = late.len() >= cfg.min_destinations
-                && late
-                    .iter()
+            let oldest = |kind_is_retransmit: bool| {
+                late.iter()
+                    .filter(|(k, _)| (k.kind == WAIT_RETRANSMIT) == kind_is_retransmit)
+                    .map(|(_, t)| *t)
                     .min()
-                    .is_some_and(|oldest| self.answered_since(*oldest, slot) == 0);
+            };
+            let mut remotes: Vec<u32> = late.iter().map(|(k, _)| k.daddr_be).collect();
+            remotes.sort_unstable();
+            remotes.dedup();
+            // A SYN is answered by a SYN-ACK, data sent again by any reply.
+            let unanswered = remotes.len() >= cfg.min_destinations
+                && oldest(false).is_none_or(|t| self.answered_since(t, slot) == 0)
+                && oldest(true).is_none_or(|t| self.received_since(t, slot) == 0);
             let degraded = self.degraded(now, slot, cfg);
             let next = match self.verdicts[id] {
                 Verdict::Down { since, .. } if now.saturating_sub(since) >= cfg.hold_ns => {
@@ -155,7 +184,7 @@ impl Watch {
                 Verdict::Down { .. } => self.verdicts[id],
                 _ if unanswered => Verdict::Down {
                     since: now,
-                    destinations: late.len(),
+                    destinations: remotes.len(),
                 },
                 Verdict::Canary { until } if now >= until => Verdict::Healthy,
                 Verdict::Healthy if degraded == Some(true) => Verdict::Degraded { since: now },
@@ -207,6 +236,19 @@ impl Watch {
             .saturating_sub(self.counts_at(t, slot).synacks)
     }
 
+    /// Packets received through `slot` from the first look at or after `t`
+    /// (boot ns) on: what arrived in the moments before it may have been
+    /// on its way already.
+    fn received_since(&self, t: u64, slot: u8) -> u64 {
+        let then = self
+            .history
+            .iter()
+            .find(|(at, _)| *at >= t)
+            .and_then(|(_, c)| c.get(usize::from(slot)).copied())
+            .unwrap_or_else(|| self.latest(slot));
+        self.latest(slot).rx_packets.saturating_sub(then.rx_packets)
+    }
+
     /// Whether `slot` is past a degraded threshold over the last window;
     /// None without a threshold or with too few samples to say.
     fn degraded(&self, now: u64, slot: u8, cfg: &PassiveConfig) -> Option<bool> {
@@ -224,9 +266,15 @@ impl Watch {
             .degraded_answered_pct
             .filter(|_| syns >= MIN_SAMPLES)
             .map(|pct| synacks.min(syns) * 100 < u64::from(pct) * syns);
-        match (slow, unanswered) {
-            (None, None) => None,
-            (a, b) => Some(a == Some(true) || b == Some(true)),
+        let sent = now_c.tx_packets.saturating_sub(then.tx_packets);
+        let resent = now_c.retransmits.saturating_sub(then.retransmits);
+        let lossy = cfg
+            .degraded_retransmit_pct
+            .filter(|_| sent >= MIN_SENT)
+            .map(|pct| resent * 100 > u64::from(pct) * sent);
+        match [slow, unanswered, lossy] {
+            [None, None, None] => None,
+            v => Some(v.contains(&Some(true))),
         }
     }
 }
@@ -243,6 +291,7 @@ mod tests {
         hold_ns: 5_000 * MS,
         degraded_rtt_ns: None,
         degraded_answered_pct: None,
+        degraded_retransmit_pct: None,
     };
 
     /// Counters with `synacks` SYN-ACKs (as many SYNs), 10 ms each.
@@ -251,6 +300,15 @@ mod tests {
             syns: synacks,
             synacks,
             rtt_ns: synacks * 10 * MS,
+            ..SynCounts::default()
+        }
+    }
+
+    /// Counters with `rx` packets received and no SYN.
+    fn received(rx_packets: u64) -> SynCounts {
+        SynCounts {
+            rx_packets,
+            ..SynCounts::default()
         }
     }
 
@@ -259,11 +317,77 @@ mod tests {
             SynWaitKey {
                 daddr_be: dest,
                 uplink: slot,
-                _pad0: 0,
+                kind: multihome_common::WAIT_SYN,
                 _pad1: 0,
             },
             t,
         )
+    }
+
+    fn resent(dest: u32, slot: u8, t: u64) -> (SynWaitKey, u64) {
+        let (mut k, t) = wait(dest, slot, t);
+        k.kind = WAIT_RETRANSMIT;
+        (k, t)
+    }
+
+    #[test]
+    fn data_sent_again_to_several_remotes_with_nothing_received_takes_an_uplink_down() {
+        let t0 = 100_000 * MS;
+        let (slots, cfgs) = ([0], [CFG]);
+        let waiting = [
+            resent(1, 0, t0 + MS),
+            resent(2, 0, t0 + 2 * MS),
+            resent(3, 0, t0 + 3 * MS),
+        ];
+        // Replies keep arriving: the retransmissions were ordinary loss,
+        // and their entries are handed back to delete.
+        let mut w = Watch::new(1);
+        w.tick(t0, &[], &[received(100)], &slots, &cfgs);
+        w.tick(t0 + 250 * MS, &waiting, &[received(150)], &slots, &cfgs);
+        let (c, stale) = w.tick(t0 + 600 * MS, &waiting, &[received(200)], &slots, &cfgs);
+        assert!(c.is_empty(), "replies came after the data went again");
+        assert_eq!(stale.len(), 3, "answered retransmissions are forgotten");
+        // Nothing received since: down, with no SYN involved.
+        let mut w = Watch::new(1);
+        w.tick(t0, &[], &[received(100)], &slots, &cfgs);
+        w.tick(t0 + 250 * MS, &waiting, &[received(100)], &slots, &cfgs);
+        let (c, stale) = w.tick(t0 + 600 * MS, &waiting, &[received(100)], &slots, &cfgs);
+        assert!(stale.is_empty());
+        assert_eq!(
+            c.first().map(|c| c.verdict),
+            Some(Verdict::Down {
+                since: t0 + 600 * MS,
+                destinations: 3
+            })
+        );
+        // A SYN and data to the same remote count once.
+        let mut w = Watch::new(1);
+        w.tick(t0, &[], &[received(100)], &slots, &cfgs);
+        let mixed = [waiting[0], waiting[1], wait(2, 0, t0 + 4 * MS)];
+        let (c, _) = w.tick(t0 + 600 * MS, &mixed, &[received(100)], &slots, &cfgs);
+        assert!(c.is_empty(), "two remotes only");
+    }
+
+    #[test]
+    fn a_share_of_data_sent_again_past_the_threshold_degrades_an_uplink() {
+        let t0 = 100_000 * MS;
+        let cfg = PassiveConfig {
+            degraded_retransmit_pct: Some(5),
+            ..CFG
+        };
+        let sent = |tx_packets, retransmits| SynCounts {
+            tx_packets,
+            retransmits,
+            ..SynCounts::default()
+        };
+        let mut w = Watch::new(1);
+        w.tick(t0, &[], &[sent(0, 0)], &[0], &[cfg]);
+        let (c, _) = w.tick(t0 + MS, &[], &[sent(50, 10)], &[0], &[cfg]);
+        assert!(c.is_empty(), "too few packets to say");
+        let (c, _) = w.tick(t0 + 2 * MS, &[], &[sent(1000, 40)], &[0], &[cfg]);
+        assert!(c.is_empty(), "4 % is under 5 %");
+        let (c, _) = w.tick(t0 + 3 * MS, &[], &[sent(1000, 60)], &[0], &[cfg]);
+        assert_eq!(c[0].verdict, Verdict::Degraded { since: t0 + 3 * MS });
     }
 
     #[test]
@@ -353,6 +477,7 @@ mod tests {
             syns,
             synacks,
             rtt_ns: rtt_ms * MS,
+            ..SynCounts::default()
         };
         let mut w = Watch::new(1);
         w.tick(t0, &[], &[at(0, 0, 0)], &[0], &[cfg]);
