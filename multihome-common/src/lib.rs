@@ -96,7 +96,9 @@ pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
 /// record holds it, no other flow is given the port towards any remote.
 pub const MAP_ENDPOINT_PORTS: &str = "ENDPOINT_PORTS";
 pub const MAP_SYN_WAIT: &str = "SYN_WAIT";
-pub const ALL_MAPS: [&str; 26] = [
+/// Uplink slot -> its next hop ([`NextHop`]), kept by the daemon.
+pub const MAP_NEXT_HOPS: &str = "NEXT_HOPS";
+pub const ALL_MAPS: [&str; 27] = [
     MAP_CONN_FWD,
     MAP_CONN_REV,
     MAP_UPLINKS,
@@ -123,6 +125,7 @@ pub const ALL_MAPS: [&str; 26] = [
     MAP_ENDPOINTS,
     MAP_ENDPOINT_PORTS,
     MAP_SYN_WAIT,
+    MAP_NEXT_HOPS,
 ];
 
 /// Program names (the `#[classifier]` functions).
@@ -350,6 +353,26 @@ pub const UPLINK_CANARY: u16 = 1 << 13;
 /// Past a degraded threshold of live traffic: no new flows while another
 /// uplink is healthy; pinned flows stay.
 pub const UPLINK_DEGRADED: u16 = 1 << 14;
+
+/// An uplink's next hop as the daemon last saw it in the kernel's
+/// neighbour and link tables (rtnetlink `RTM_NEWNEIGH`, `RTM_NEWLINK`):
+/// what `bpf_fib_lookup` would answer for the uplink's table, cached so
+/// that a flow's packets need no lookup. [`MAP_NEXT_HOPS`]'s value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct NextHop {
+    /// The gateway's MAC then the device's, as an Ethernet header starts;
+    /// zero on L3 devices, which take none.
+    pub mac: [u8; 12],
+    /// The device; a packet takes the lookup unless it is the uplink's.
+    pub ifindex: u32,
+    /// The device's MTU, bytes: a larger packet takes the lookup.
+    pub mtu: u32,
+    /// 1 while the entry may be used: link up, and the gateway's MAC known
+    /// (on an Ethernet device). 0: every packet takes the lookup.
+    pub valid: u32,
+}
 
 /// The choice table, Maglev-style: a new flow takes the uplink in slot
 /// `flow_hash(key, seed) % SELECT_SLOTS`, so the same 5-tuple gets the
@@ -950,6 +973,7 @@ const _: () = {
     assert!(size_of::<EimLan>() == 8);
     assert!(size_of::<UplinkStats>() == 88);
     assert!(size_of::<SynWaitKey>() == 8);
+    assert!(size_of::<NextHop>() == 24);
     assert!(size_of::<Reasons>() == REASON_COUNT * 8);
     assert!(MAX_UPLINKS <= 255);
     // One bit per uplink in RoutedUplinks; marks 1..=MAX_UPLINKS stay
@@ -986,6 +1010,7 @@ mod pod {
     unsafe impl aya::Pod for EimKey {}
     unsafe impl aya::Pod for EimLan {}
     unsafe impl aya::Pod for SynWaitKey {}
+    unsafe impl aya::Pod for NextHop {}
 }
 
 #[cfg(test)]

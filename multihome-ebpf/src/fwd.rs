@@ -13,9 +13,10 @@ use aya_ebpf::{
 };
 use core::mem::MaybeUninit;
 
-use multihome_common::Reason;
+use multihome_common::{Reason, Uplink};
 
 use crate::{
+    maps::NEXT_HOPS,
     parse::{ETH_HLEN, ETH_P_IP_BE, Packet, write},
     verdict::{Outcome, Verdict},
 };
@@ -115,6 +116,27 @@ pub fn lookup(
         nh_be: unsafe { p.__bindgen_anon_4.ipv4_dst },
         resolved: ret == BPF_FIB_LKUP_RET_SUCCESS,
         mac,
+    })
+}
+
+/// Uplink `id`'s next hop from `NEXT_HOPS`, when the daemon has it and
+/// it serves this packet: the entry is valid and on the uplink's device,
+/// and the packet is not GSO (its segments are checked in the lookup) and
+/// fits the device's MTU (else the lookup answers "fragmentation
+/// needed"). None: take [`lookup`].
+#[inline(always)]
+pub fn cached(ctx: &TcContext, pkt: &Packet, id: u8, uplink: &Uplink) -> Option<Hop> {
+    let h = NEXT_HOPS.get(u32::from(id))?;
+    // SAFETY: the context pointer is valid for the program's run.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    if h.valid == 0 || h.ifindex != uplink.ifindex || gso || u32::from(pkt.tot_len) > h.mtu {
+        return None;
+    }
+    Some(Hop {
+        ifindex: h.ifindex,
+        nh_be: uplink.gateway_be,
+        resolved: true,
+        mac: h.mac,
     })
 }
 

@@ -8,9 +8,9 @@ use multihome_common::{
     AFFINITY_ENTRIES, Affinity, AffinityKey, DEFAULT_MAX_FLOWS, EIM_ENTRIES, ENDPOINT_ENTRIES,
     EchoKey, EimKey, EimLan, Endpoint, EndpointKey, FRAG_ENTRIES, Fill, FlowFwd, FlowKey, FlowRev,
     FragKey, FragXlat, HOST_ECHO_ENTRIES, HostFlows, LanNet, MAX_HOSTS, MAX_LAN_NETS, MAX_POLICIES,
-    MAX_ROUTED_PREFIXES, MAX_RULE_PREFIXES, MAX_RULES, MAX_UPLINKS, PEER_ENTRIES, PeerLan, Reasons,
-    RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SYN_WAIT_ENTRIES, SelectTable,
-    Settings, SynWaitKey, Uplink, UplinkStats,
+    MAX_ROUTED_PREFIXES, MAX_RULE_PREFIXES, MAX_RULES, MAX_UPLINKS, NextHop, PEER_ENTRIES, PeerLan,
+    Reasons, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SYN_WAIT_ENTRIES,
+    SelectTable, Settings, SynWaitKey, Uplink, UplinkStats,
 };
 
 const FLOWS: usize = DEFAULT_MAX_FLOWS as usize;
@@ -25,6 +25,11 @@ pub static CONN_REV: HashMap<FlowKey, FlowRev, FLOWS> = HashMap::new();
 
 #[btf_map]
 pub static UPLINKS: Array<Uplink, { MAX_UPLINKS as usize }> = Array::new();
+
+/// Uplink slot -> its next hop, so that a flow's packets skip
+/// `bpf_fib_lookup`.
+#[btf_map]
+pub static NEXT_HOPS: Array<NextHop, { MAX_UPLINKS as usize }> = Array::new();
 
 /// Per policy (0: `balanced`): its choice table and balance mode.
 #[btf_map]

@@ -219,7 +219,7 @@ pub fn to_uplink(
         ctx.set_mark(uplink.mark);
         return Err(Reason::TtlExpired);
     }
-    let looked_up = match known {
+    let looked_up = match known.or_else(|| fwd::cached(ctx, pkt, flow.uplink, uplink)) {
         Some(hop) => Ok(hop),
         None => fwd::lookup(
             ctx,

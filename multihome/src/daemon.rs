@@ -179,8 +179,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (watch, _, events) = rtnetlink::new_multicast_connection(&[
         rtnetlink::MulticastGroup::Link,
         rtnetlink::MulticastGroup::Ipv4Ifaddr,
+        rtnetlink::MulticastGroup::Neigh,
     ])
-    .context("subscribing to link and address events")?;
+    .context("subscribing to link, address and neighbour events")?;
     tokio::spawn(watch);
     let snap = netinfo::snapshot(&handle).await?;
     check_interfaces(&config, &snap)?;
@@ -523,6 +524,7 @@ impl Daemon {
             )?;
             self.bind_probes(id, o);
         }
+        self.write_next_hops(&observed).await;
         // Every policy's table before any rule can send flows to it.
         let tables = self.policies.tables(&self.uplinks_now(&usable));
         // A policy's table is only written here; one no policy holds any
@@ -1038,10 +1040,15 @@ impl Daemon {
                     let answer = self.on_command(cmd.request).await;
                     let _ = cmd.reply.send(answer);
                 }
-                Some(_) = self.events.next() => {
+                Some(event) = self.events.next() => {
                     // Coalesce a burst of events into one refresh.
-                    while self.events.try_recv().is_ok() {}
-                    self.resync().await;
+                    let mut concerns = self.concerns_uplinks(&event);
+                    while let Ok(event) = self.events.try_recv() {
+                        concerns |= self.concerns_uplinks(&event);
+                    }
+                    if concerns {
+                        self.resync().await;
+                    }
                 }
                 _ = tick.tick() => {
                     self.resync().await;
@@ -1132,6 +1139,41 @@ impl Daemon {
             Err(e) => Err(e),
         };
         result.inspect_err(|e| error!("{e:#}")).is_ok()
+    }
+
+    /// Writes each uplink's cached next hop from the kernel's neighbour
+    /// table. Without it (a failed read), none is cached: every packet
+    /// takes the lookup, as before the cache.
+    async fn write_next_hops(&self, observed: &[Observed]) {
+        let devices: Vec<u32> = observed.iter().map(|o| o.ifindex).collect();
+        let neighbours = netinfo::neighbours(&self.handle, &devices)
+            .await
+            .inspect_err(|e| warn!("reading the neighbour table: {e:#}"))
+            .unwrap_or_default();
+        for (u, o) in self.config.uplinks.iter().zip(observed) {
+            let mac = u
+                .gateway
+                .and_then(|g| neighbours.get(&(o.ifindex, g)).copied());
+            if let Err(e) = self
+                .maps
+                .set_next_hop(u.slot.into(), &uplinks::next_hop(u, o, mac))
+            {
+                error!("writing uplink {}'s next hop: {e:#}", u.name);
+            }
+        }
+    }
+
+    /// Whether a netlink event may change what the datapath holds: any
+    /// link or address event, and neighbour events on an uplink's device
+    /// (the LAN's own come and go all the time).
+    fn concerns_uplinks(&self, (msg, _): &NetlinkEvent) -> bool {
+        use rtnetlink::{packet_core::NetlinkPayload, packet_route::RouteNetlinkMessage as M};
+        match &msg.payload {
+            NetlinkPayload::InnerMessage(M::NewNeighbour(n) | M::DelNeighbour(n)) => {
+                self.observed.iter().any(|o| o.ifindex == n.header.ifindex)
+            }
+            _ => true,
+        }
     }
 
     /// Writes uplink `id`'s slot from what is known of it.

@@ -9,11 +9,11 @@ use aya::maps::{
 use multihome_common::{
     Affinity, AffinityKey, EimKey, Endpoint, EndpointKey, FlowFwd, FlowKey, FlowRev, HostFlows,
     LanNet, MAP_AFFINITY, MAP_CONN_FWD, MAP_CONN_REV, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_FILL,
-    MAP_HOSTS, MAP_LAN_NETS, MAP_REASONS, MAP_ROUTED, MAP_RULE_ACTION, MAP_RULE_DPORT,
-    MAP_RULE_DSCP, MAP_RULE_DST, MAP_RULE_PROTO, MAP_RULE_SRC, MAP_SELECT, MAP_SETTINGS,
-    MAP_SYN_WAIT, MAP_UPLINK_STATS, MAP_UPLINKS, MAX_LAN_NETS, MAX_POLICIES, MAX_RULES,
-    MAX_UPLINKS, Reasons, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SelectTable,
-    Settings, SynWaitKey, Uplink, UplinkStats, rules_word,
+    MAP_HOSTS, MAP_LAN_NETS, MAP_NEXT_HOPS, MAP_REASONS, MAP_ROUTED, MAP_RULE_ACTION,
+    MAP_RULE_DPORT, MAP_RULE_DSCP, MAP_RULE_DST, MAP_RULE_PROTO, MAP_RULE_SRC, MAP_SELECT,
+    MAP_SETTINGS, MAP_SYN_WAIT, MAP_UPLINK_STATS, MAP_UPLINKS, MAX_LAN_NETS, MAX_POLICIES,
+    MAX_RULES, MAX_UPLINKS, NextHop, Reasons, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey,
+    RuleSet, SelectTable, Settings, SynWaitKey, Uplink, UplinkStats, rules_word,
 };
 
 use crate::{config::Prefix, mapwalk, policy::compile::Compiled};
@@ -105,6 +105,15 @@ impl Maps {
 
     pub fn set_uplink(&self, id: u32, u: &Uplink) -> anyhow::Result<()> {
         Ok(self.array::<Uplink>(MAP_UPLINKS)?.set(id, u, 0)?)
+    }
+
+    /// Uplink slot `id`'s cached next hop.
+    pub fn next_hop(&self, id: u32) -> anyhow::Result<NextHop> {
+        Ok(self.array::<NextHop>(MAP_NEXT_HOPS)?.get(&id, 0)?)
+    }
+
+    pub fn set_next_hop(&self, id: u32, h: &NextHop) -> anyhow::Result<()> {
+        Ok(self.array::<NextHop>(MAP_NEXT_HOPS)?.set(id, h, 0)?)
     }
 
     /// Policy `id`'s choice table (0: `balanced`).

@@ -1,12 +1,15 @@
-//! What the kernel says about interfaces: index, state, MTU, device kind
-//! and IPv4 addresses, read over rtnetlink.
+//! What the kernel says about interfaces: index, state, MTU, device kind,
+//! MAC and IPv4 addresses, and the neighbours behind them, read over
+//! rtnetlink.
 use std::{collections::HashMap, net::Ipv4Addr};
 
 use anyhow::Context as _;
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::{
+    AddressFamily,
     address::{AddressAttribute, AddressHeaderFlags},
     link::{LinkAttribute, LinkFlags, LinkLayerType},
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,6 +21,8 @@ pub struct Interface {
     pub mtu: u32,
     /// No Ethernet header (ppp, tun).
     pub l3: bool,
+    /// The device's own MAC; None on L3 devices.
+    pub mac: Option<[u8; 6]>,
     /// Local IPv4 addresses with prefix length, primary first. On
     /// point-to-point links this is the local end, never the peer.
     pub addrs: Vec<(Ipv4Addr, u8)>,
@@ -32,13 +37,16 @@ pub async fn snapshot(handle: &rtnetlink::Handle) -> anyhow::Result<Snapshot> {
     while let Some(msg) = links.try_next().await.context("listing interfaces")? {
         let mut name = String::new();
         let mut mtu = 0;
+        let mut mac = None;
         for a in &msg.attributes {
             match a {
                 LinkAttribute::IfName(n) => name = n.clone(),
                 LinkAttribute::Mtu(m) => mtu = *m,
+                LinkAttribute::Address(a) => mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
                 _ => {}
             }
         }
+        let l3 = msg.header.link_layer_type != LinkLayerType::Ether;
         let f = msg.header.flags;
         by_index.insert(
             msg.header.index,
@@ -47,7 +55,8 @@ pub async fn snapshot(handle: &rtnetlink::Handle) -> anyhow::Result<Snapshot> {
                 name,
                 up: f.contains(LinkFlags::Up) && f.contains(LinkFlags::LowerUp),
                 mtu,
-                l3: msg.header.link_layer_type != LinkLayerType::Ether,
+                l3,
+                mac: mac.filter(|_| !l3),
                 addrs: Vec::new(),
             },
         );
@@ -83,4 +92,53 @@ pub async fn snapshot(handle: &rtnetlink::Handle) -> anyhow::Result<Snapshot> {
         .into_values()
         .map(|i| (i.name.clone(), i))
         .collect())
+}
+
+/// IPv4 neighbours on the devices `ifindexes` whose link-layer address the
+/// kernel would use to forward (`NUD_VALID`: reachable, stale, delay,
+/// probe, permanent, noarp): (device, address) -> MAC.
+pub async fn neighbours(
+    handle: &rtnetlink::Handle,
+    ifindexes: &[u32],
+) -> anyhow::Result<HashMap<(u32, Ipv4Addr), [u8; 6]>> {
+    let mut found = HashMap::new();
+    let mut dump = handle
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Inet)
+        .execute();
+    while let Some(msg) = dump.try_next().await.context("listing neighbours")? {
+        if !ifindexes.contains(&msg.header.ifindex) || !usable(msg.header.state) {
+            continue;
+        }
+        let mut addr = None;
+        let mut mac = None;
+        for a in &msg.attributes {
+            match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => addr = Some(*v),
+                NeighbourAttribute::LinkLayerAddress(l) => {
+                    mac = <[u8; 6]>::try_from(l.as_slice()).ok()
+                }
+                _ => {}
+            }
+        }
+        if let (Some(addr), Some(mac)) = (addr, mac) {
+            found.insert((msg.header.ifindex, addr), mac);
+        }
+    }
+    Ok(found)
+}
+
+/// Whether `bpf_fib_lookup` forwards to a neighbour in this state
+/// (`NUD_VALID`, include/net/neighbour.h).
+fn usable(state: NeighbourState) -> bool {
+    matches!(
+        state,
+        NeighbourState::Reachable
+            | NeighbourState::Stale
+            | NeighbourState::Delay
+            | NeighbourState::Probe
+            | NeighbourState::Permanent
+            | NeighbourState::Noarp
+    )
 }

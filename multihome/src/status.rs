@@ -5,8 +5,8 @@ use serde::Serialize;
 
 use crate::{flows::be_addr, maps::Maps, uplinks::name_from_bytes};
 use multihome_common::{
-    UPLINK_CANARY, UPLINK_CONFIGURED, UPLINK_DEGRADED, UPLINK_DRAINED, UPLINK_HELD_DOWN,
-    UPLINK_LINK_DOWN, UPLINK_PROBES_FAIL, UPLINK_TRAFFIC_DOWN, UPLINK_USABLE,
+    NextHop, UPLINK_CANARY, UPLINK_CONFIGURED, UPLINK_DEGRADED, UPLINK_DRAINED, UPLINK_HELD_DOWN,
+    UPLINK_L3, UPLINK_LINK_DOWN, UPLINK_PROBES_FAIL, UPLINK_TRAFFIC_DOWN, UPLINK_USABLE, Uplink,
 };
 
 #[derive(Debug, Serialize)]
@@ -38,6 +38,10 @@ pub struct UplinkStatus {
     pub syn_retries: u64,
     /// TCP data segments LAN hosts sent again.
     pub retransmits: u64,
+    /// The next hop its flows' packets are sent to without a route lookup:
+    /// the gateway's MAC, or "point-to-point" on an L3 link; None while
+    /// every packet takes the lookup (`NEXT_HOPS`).
+    pub next_hop: Option<String>,
 }
 
 #[cfg(test)]
@@ -67,6 +71,7 @@ impl UplinkStatus {
             syn_rtt_ms: None,
             syn_retries: 0,
             retransmits: 0,
+            next_hop: None,
         }
     }
 }
@@ -148,6 +153,18 @@ pub fn collect_quick(maps: &Maps, last: &Status) -> anyhow::Result<Status> {
     })
 }
 
+/// A cached next hop for people: the gateway's MAC, or "point-to-point".
+fn describe_hop(hop: &NextHop, u: &Uplink) -> String {
+    if u.flags & UPLINK_L3 != 0 {
+        return "point-to-point".into();
+    }
+    hop.mac[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// The uplinks alone, without walking the connection map (their `flows`
 /// are 0): for `/healthz`.
 pub fn uplinks(maps: &Maps) -> anyhow::Result<Vec<UplinkStatus>> {
@@ -163,6 +180,7 @@ fn uplinks_with(maps: &Maps, flows: &[u64]) -> anyhow::Result<Vec<UplinkStatus>>
             continue;
         }
         let s = &stats[id];
+        let hop = maps.next_hop(id as u32)?;
         let addr = (u.addr_be != 0).then(|| be_addr(u.addr_be).to_string());
         uplinks.push(UplinkStatus {
             name: name_from_bytes(&u.name),
@@ -210,6 +228,7 @@ fn uplinks_with(maps: &Maps, flows: &[u64]) -> anyhow::Result<Vec<UplinkStatus>>
             synacks: s.synacks,
             syn_retries: s.syn_retries,
             retransmits: s.retransmits,
+            next_hop: (hop.valid != 0).then(|| describe_hop(&hop, u)),
             syn_rtt_ms: (s.synacks != 0)
                 .then(|| s.synack_rtt_ns as f64 / s.synacks as f64 / 1_000_000.0),
         });

@@ -3,7 +3,7 @@
 use std::net::Ipv4Addr;
 
 use multihome_common::{
-    LanNet, MAX_UPLINKS, RoutedUplinks, UPLINK_CANARY, UPLINK_CONFIGURED, UPLINK_DEGRADED,
+    LanNet, MAX_UPLINKS, NextHop, RoutedUplinks, UPLINK_CANARY, UPLINK_CONFIGURED, UPLINK_DEGRADED,
     UPLINK_DRAIN_RESET, UPLINK_DRAINED, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_HELD_DOWN,
     UPLINK_L3, UPLINK_LINK_DOWN, UPLINK_OUTAGE, UPLINK_PROBES_FAIL, UPLINK_RESET_TCP,
     UPLINK_TRAFFIC_DOWN, UPLINK_USABLE, Uplink,
@@ -42,6 +42,8 @@ pub struct Observed {
     pub address: Option<Ipv4Addr>,
     pub mtu: u32,
     pub l3: bool,
+    /// The device's MAC (Ethernet only).
+    pub mac: Option<[u8; 6]>,
     pub state: UplinkState,
 }
 
@@ -94,7 +96,36 @@ pub fn observe(u: &UplinkConfig, snap: &Snapshot) -> Observed {
         address,
         mtu: iface.map_or(0, |i| i.mtu),
         l3: iface.is_some_and(|i| i.l3),
+        mac: iface.and_then(|i| i.mac),
         state,
+    }
+}
+
+/// What `NEXT_HOPS` holds for uplink `u` as observed, `gateway_mac` being
+/// its gateway's MAC if the kernel knows it: what `bpf_fib_lookup` in the
+/// uplink's table (`default via G dev I`, or `default dev I` on an L3
+/// link) would answer. Valid while the link is up with an address and,
+/// on Ethernet, both MACs are known; an Ethernet uplink without a
+/// configured gateway is never cached.
+pub fn next_hop(u: &UplinkConfig, o: &Observed, gateway_mac: Option<[u8; 6]>) -> NextHop {
+    let macs = match (o.l3, gateway_mac, o.mac, u.gateway) {
+        (true, ..) => Some([0; 12]),
+        (false, Some(dst), Some(src), Some(_)) => {
+            let mut mac = [0; 12];
+            mac[..6].copy_from_slice(&dst);
+            mac[6..].copy_from_slice(&src);
+            Some(mac)
+        }
+        _ => None,
+    };
+    match macs {
+        Some(mac) if o.state == UplinkState::Up => NextHop {
+            mac,
+            ifindex: o.ifindex,
+            mtu: o.mtu,
+            valid: 1,
+        },
+        _ => NextHop::default(),
     }
 }
 
@@ -363,6 +394,44 @@ mod tests {
         );
         c.uplinks[1].routed_prefixes.clear();
         assert_eq!(routed_table(&c), vec![(p("198.18.48.0/20"), 0b01)]);
+    }
+
+    #[test]
+    fn a_next_hop_is_cached_only_while_the_link_is_up_and_both_macs_are_known() {
+        let c = Config::parse(
+            "lan = [\"lan0\"]\n[[uplink]]\nname = \"x\"\ninterface = \"wanx\"\n\
+             gateway = \"198.18.11.254\"\n[[uplink]]\nname = \"p\"\ninterface = \"ppp0\"\n",
+        )
+        .expect("valid");
+        let (gw, dev) = ([2, 0, 0, 0, 0x11, 0xfe], [2, 0, 0, 0, 0x11, 1]);
+        let up = Observed {
+            ifindex: 4,
+            address: Some(Ipv4Addr::new(198, 18, 11, 1)),
+            mtu: 1492,
+            l3: false,
+            mac: Some(dev),
+            state: UplinkState::Up,
+        };
+        let hop = next_hop(&c.uplinks[0], &up, Some(gw));
+        assert_eq!(hop.valid, 1);
+        assert_eq!((hop.ifindex, hop.mtu), (4, 1492));
+        assert_eq!(hop.mac[..6], gw);
+        assert_eq!(hop.mac[6..], dev);
+        // The gateway's MAC unknown, the link down, or no address.
+        assert_eq!(next_hop(&c.uplinks[0], &up, None), NextHop::default());
+        for state in [UplinkState::LinkDown, UplinkState::NoAddress] {
+            let o = Observed { state, ..up };
+            assert_eq!(next_hop(&c.uplinks[0], &o, Some(gw)), NextHop::default());
+        }
+        // An L3 link needs no MAC; an Ethernet uplink without a configured
+        // gateway is never cached.
+        let ppp = Observed {
+            l3: true,
+            mac: None,
+            ..up
+        };
+        assert_eq!(next_hop(&c.uplinks[1], &ppp, None).valid, 1);
+        assert_eq!(next_hop(&c.uplinks[1], &up, Some(gw)).valid, 0);
     }
 
     #[test]

@@ -545,3 +545,67 @@ fn after_the_uplink_mtu_drops_no_gso_segment_too_big_for_it_is_sent() {
         "segments bigger than the uplink's MTU went onto the link"
     );
 }
+
+/// The MAC a namespace's `dev` has now, as `ip` prints it.
+fn mac_of(ns: &NetNs, dev: &str) -> String {
+    let out = ns.exec_stdout(&["ip", "-j", "link", "show", "dev", dev]);
+    let link: serde_json::Value = serde_json::from_str(&out).expect("ip -j link");
+    link[0]["address"].as_str().expect("a MAC").to_owned()
+}
+
+#[test]
+fn a_pinned_flow_follows_its_gateways_new_mac_through_the_cached_next_hop() {
+    let t = Topology::standard();
+    let gw = standard_gateway(&t, [1, 0], "");
+    let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    let sock = t
+        .client
+        .run(|| UdpSocket::bind((CLIENT_ADDR, 0)).expect("bind the client socket"));
+    let before = udp_seen_from(&sock, srv.addr()).expect("UDP through x");
+    assert_eq!(*before.ip(), UPLINK_X_ADDR);
+    let cached = || gw.status()["uplinks"][0]["next_hop"].clone();
+    eventually(Duration::from_secs(2), "x's next hop cached", || {
+        cached() == mac_of(&t.ispx, IF_CUST).as_str()
+    });
+
+    // The ISP swaps its router (a new MAC), and the gateway learns it, as
+    // a gratuitous ARP or a probe would teach it.
+    let new_mac = "02:00:00:00:11:aa";
+    t.ispx
+        .exec(&["ip", "link", "set", IF_CUST, "address", new_mac]);
+    t.gw.exec(&[
+        "ip",
+        "neigh",
+        "replace",
+        &UPLINK_X_GW.to_string(),
+        "lladdr",
+        new_mac,
+        "dev",
+        IF_WANX,
+        "nud",
+        "reachable",
+    ]);
+    eventually(Duration::from_millis(500), "the new MAC cached", || {
+        cached() == new_mac
+    });
+    let after = udp_seen_from(&sock, srv.addr()).expect("UDP through x after the swap");
+    assert_eq!(after, before, "the same flow");
+
+    // Unknown neighbour: nothing cached, the lookup resolves it again.
+    t.gw.exec(&[
+        "ip",
+        "neigh",
+        "del",
+        &UPLINK_X_GW.to_string(),
+        "dev",
+        IF_WANX,
+    ]);
+    eventually(Duration::from_millis(500), "nothing cached", || {
+        cached().is_null()
+    });
+    let again = udp_seen_from(&sock, srv.addr()).expect("UDP with the lookup");
+    assert_eq!(again, before);
+    eventually(Duration::from_secs(2), "cached once resolved", || {
+        cached() == new_mac
+    });
+}

@@ -23,11 +23,12 @@ use aya::{
 use multihome_common::{
     EimKey, EimLan, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FLOW_RST_IN, FLOW_SEEN_REPLY, FlowFwd,
     FlowKey, FlowRev, HostFlows, JUMP_LAN_RESET, LAYOUT_VERSION, LanNet, MAP_CONN_FWD,
-    MAP_CONN_REV, MAP_EIM, MAP_FILL, MAP_HOSTS, MAP_JUMP, MAP_LAN_NETS, MAP_PEERS, MAP_REASONS,
-    MAP_ROUTED, MAP_SETTINGS, MAP_SYN_WAIT, MAP_UPLINK_STATS, MAP_UPLINKS, MARK_TRANSLATED,
-    PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN, PROG_WAN_OUT, REASON_COUNT, Reason, Reasons,
-    RoutedKey, Settings, SynWaitKey, UPLINK_CONFIGURED, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP,
-    UPLINK_OUTAGE, UPLINK_RESET_TCP, UPLINK_USABLE, Uplink, UplinkStats, WAIT_RETRANSMIT, WAIT_SYN,
+    MAP_CONN_REV, MAP_EIM, MAP_FILL, MAP_HOSTS, MAP_JUMP, MAP_LAN_NETS, MAP_NEXT_HOPS, MAP_PEERS,
+    MAP_REASONS, MAP_ROUTED, MAP_SETTINGS, MAP_SYN_WAIT, MAP_UPLINK_STATS, MAP_UPLINKS,
+    MARK_TRANSLATED, NextHop, PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN, PROG_WAN_OUT, REASON_COUNT,
+    Reason, Reasons, RoutedKey, Settings, SynWaitKey, UPLINK_CONFIGURED, UPLINK_EVACUATE,
+    UPLINK_EVACUATE_TCP, UPLINK_OUTAGE, UPLINK_RESET_TCP, UPLINK_USABLE, Uplink, UplinkStats,
+    WAIT_RETRANSMIT, WAIT_SYN,
 };
 use testbed::packets::*;
 
@@ -2043,6 +2044,79 @@ fn lan_in_pinned_flow_without_a_route_takes_the_slow_path_and_wan_out_snats_it_b
             }
         }
         assert_eq!(dp.uplink0_stats().slow_path, 3 * ALL_FLOWS.len() as u64);
+    });
+}
+
+/// The ISP router's MAC and the uplink device's, as `NEXT_HOPS` caches
+/// them.
+const MAC_ISP: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x11, 0xfe];
+const MAC_WANX: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x11, 0x01];
+
+impl Datapath {
+    /// Caches `hop` as uplink 0's next hop.
+    fn set_next_hop0(&mut self, hop: NextHop) {
+        let mut hops: Array<_, NextHop> =
+            Array::try_from(self.ebpf.map_mut(MAP_NEXT_HOPS).expect("NEXT_HOPS")).expect("types");
+        hops.set(0, hop, 0).expect("write NEXT_HOPS");
+    }
+}
+
+#[test]
+fn lan_in_pinned_flow_with_a_cached_next_hop_is_translated_and_redirected_byte_exact_without_a_route()
+ {
+    with_datapath(|dp| {
+        let mut mac = [0u8; 12];
+        mac[..6].copy_from_slice(&MAC_ISP);
+        mac[6..].copy_from_slice(&MAC_WANX);
+        let cached = NextHop {
+            mac,
+            ifindex: UPLINK_IFINDEX,
+            mtu: 1500,
+            valid: 1,
+        };
+        dp.set_next_hop0(cached);
+        for f in &ALL_FLOWS {
+            dp.insert_flow(f);
+            let input = f.outbound();
+            let mut expected = f.outbound_translated();
+            expected.ttl = input.ttl - 1;
+            let (run, counted) = dp.run_counted(PROG_LAN_IN, &input.frame(), 0);
+            let what = f.name();
+            assert_eq!(run.ret, TC_ACT_REDIRECT, "{what}: no route, yet forwarded");
+            let expected = ethernet(MAC_ISP, MAC_WANX, ETH_P_IP, &expected.bytes());
+            assert!(
+                run.out == expected,
+                "{what}\n{}",
+                describe_difference(&expected, &run.out)
+            );
+            assert_eq!(run.mark, UPLINK_MARK | MARK_TRANSLATED, "{what}");
+            assert_eq!(counted, NOTHING, "{what}");
+        }
+        // Not valid, on another device, or too big for its MTU: the
+        // lookup, which finds no route here, so the slow path.
+        let input = TCP_FLOW.outbound().frame();
+        for (hop, what) in [
+            (NextHop { valid: 0, ..cached }, "not valid"),
+            (
+                NextHop {
+                    ifindex: UPLINK_IFINDEX + 1,
+                    ..cached
+                },
+                "another device",
+            ),
+            (
+                NextHop {
+                    mtu: TCP_FLOW.outbound().bytes().len() as u32 - 1,
+                    ..cached
+                },
+                "over the MTU",
+            ),
+        ] {
+            dp.set_next_hop0(hop);
+            let (run, counted) = dp.run_counted(PROG_LAN_IN, &input, 0);
+            assert_untouched(&run, &input, what);
+            assert_eq!(counted, [(Reason::SlowPath, 1)], "{what}");
+        }
     });
 }
 

@@ -948,6 +948,7 @@ mod tests {
                     up: true,
                     mtu: 1500,
                     l3: false,
+                    mac: None,
                     addrs: addrs.to_vec(),
                 },
             );
