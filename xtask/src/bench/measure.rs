@@ -205,11 +205,23 @@ impl Ctx<'_> {
     /// Every packet a new flow, for `secs`: new flows per second
     /// delivered.
     pub fn new_flows(&self, secs: f64) -> Result<f64> {
-        let before = self.net.delivered();
+        Ok(self.new_flows_measured(secs)?.pps)
+    }
+
+    /// [`Self::new_flows`], with the CPU and BPF time per packet as for
+    /// UDP.
+    pub fn new_flows_measured(&self, secs: f64) -> Result<UdpRate> {
+        let a = Snapshot::take(self.net, self.daemon)?;
         let sender = self.start_blast(1 << 24, 9, &format!("--seconds={secs}"));
         finish(&sender, secs)?;
         sleep(Duration::from_millis(50));
-        Ok((self.net.delivered() - before) as f64 / secs)
+        let b = Snapshot::take(self.net, self.daemon)?;
+        // The rate over the sender's own time, not the snapshots'.
+        let pkts = b.delivered.saturating_sub(a.delivered);
+        Ok(UdpRate {
+            pps: pkts as f64 / secs,
+            ..rate(&a, &b)?
+        })
     }
 
     /// Sends flows `0..n` once each (dport 9), leaving them live in the

@@ -267,6 +267,16 @@ const STEPS: &[(&str, Step)] = &[
         r.add("newflow_pps", l.mode, v / 1e3);
         Ok(format!("{:.0} kpps", v / 1e3))
     }),
+    ("BPF run time, new flows", |p, l, r| {
+        if l.mode != Mode::Multihome {
+            r.skip("bpf_ns_newflow", l.mode, "no BPF programs in this mode");
+            return Ok("-".into());
+        }
+        let _stats = measure::enable_bpf_stats().context("enabling BPF run-time statistics")?;
+        let u = l.ctx.new_flows_measured(p.new_flow_secs)?;
+        r.add("bpf_ns_newflow", l.mode, u.bpf_ns_per_pkt);
+        Ok(format!("{:.0} ns/pkt", u.bpf_ns_per_pkt))
+    }),
     ("new flows, 100 rules", |p, l, r| {
         let Some(gw) = l.running.gateway.as_ref() else {
             r.skip(

@@ -96,6 +96,12 @@ pub const METRICS: &[Metric] = &[
         false,
     ),
     metric(
+        "bpf_ns_newflow",
+        "BPF programs' run time per packet (every packet a new flow)",
+        "ns",
+        false,
+    ),
+    metric(
         "scale_100k_ratio",
         "UDP rate with 100k live flows ÷ empty",
         "×",
