@@ -3,8 +3,8 @@
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_DIRECT, BPF_FIB_LOOKUP_TBID, TC_ACT_SHOT, bpf_fib_lookup as FibParams,
-        bpf_redir_neigh,
+        BPF_FIB_LOOKUP_DIRECT, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_TBID, TC_ACT_SHOT,
+        bpf_fib_lookup as FibParams, bpf_redir_neigh,
     },
     helpers::{
         bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head,
@@ -39,9 +39,11 @@ pub struct Hop {
 pub struct NoHop;
 
 /// Where the kernel would forward this packet from `src_be` to `dst_be`:
-/// in `table`, or through the policy rules with `None`. `mtu_check` makes
-/// an oversized packet a `FRAG_NEEDED` miss (no check at all without it,
-/// since the route is only being classified).
+/// in `table`, or through the policy rules with `None`. `forward`: the
+/// hop is to forward with, so an oversized packet is a `FRAG_NEEDED` miss
+/// and the neighbour is looked up; without it the route is only being
+/// classified: no MTU check, and no neighbour (`BPF_FIB_LOOKUP_SKIP_NEIGH`,
+/// so `resolved` is false).
 #[inline(always)]
 pub fn lookup(
     ctx: &TcContext,
@@ -49,7 +51,7 @@ pub fn lookup(
     src_be: u32,
     dst_be: u32,
     table: Option<u32>,
-    mtu_check: bool,
+    forward: bool,
 ) -> Result<Hop, NoHop> {
     let mut params = MaybeUninit::<FibParams>::uninit();
     // SAFETY: the words cover the struct (its size is a multiple of 4, its
@@ -68,12 +70,16 @@ pub fn lookup(
     let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
     // A GSO packet's IP length is the whole super-packet: with tot_len 0
     // the lookup checks nothing, so its segments are checked below.
-    p.__bindgen_anon_1.tot_len = if mtu_check && !gso { pkt.tot_len } else { 0 };
+    p.__bindgen_anon_1.tot_len = if forward && !gso { pkt.tot_len } else { 0 };
     p.__bindgen_anon_3.ipv4_src = src_be;
     p.__bindgen_anon_4.ipv4_dst = dst_be;
     // SAFETY: the context pointer is valid for the program's run.
     p.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    let mut flags = 0u32;
+    let mut flags = if forward {
+        0
+    } else {
+        BPF_FIB_LOOKUP_SKIP_NEIGH
+    };
     if let Some(t) = table {
         p.__bindgen_anon_5.tbid = t;
         flags = BPF_FIB_LOOKUP_DIRECT | BPF_FIB_LOOKUP_TBID;
@@ -90,11 +96,11 @@ pub fn lookup(
     // Without tot_len, the kernel still checks the skb against the MTU
     // after a complete lookup; a route that is only being classified is
     // found all the same.
-    let classified = !mtu_check && ret == BPF_FIB_LKUP_RET_FRAG_NEEDED;
+    let classified = !forward && ret == BPF_FIB_LKUP_RET_FRAG_NEEDED;
     if ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH && !classified {
         return Err(NoHop);
     }
-    if mtu_check && gso {
+    if forward && gso {
         // The lookup let every GSO packet through (is_skb_forwardable):
         // check its segments against the egress device's MTU, which can
         // drop under a live connection. Too big: the kernel segments or
@@ -114,7 +120,7 @@ pub fn lookup(
         ifindex: p.ifindex,
         // SAFETY: the union holds the IPv4 next hop after an IPv4 lookup.
         nh_be: unsafe { p.__bindgen_anon_4.ipv4_dst },
-        resolved: ret == BPF_FIB_LKUP_RET_SUCCESS,
+        resolved: forward && ret == BPF_FIB_LKUP_RET_SUCCESS,
         mac,
     })
 }

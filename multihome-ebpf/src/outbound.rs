@@ -14,9 +14,7 @@ use multihome_common::{
 use crate::{
     affinity, classify,
     conntrack::{self, Tags},
-    frag,
-    fwd::{self, Hop},
-    guard, hairpin,
+    frag, fwd, guard, hairpin,
     maps::{JUMP, LAN_NETS, SELECT, SETTINGS, UPLINKS},
     mss,
     nat::{self, Side},
@@ -65,11 +63,11 @@ pub fn lan_ingress(ctx: &TcContext) -> Outcome {
         },
         None => None,
     };
-    let (flow, known) = match pinned {
+    let flow = match pinned {
         Some(f) => {
             conntrack::touch_out(ctx, &key, f, &pkt);
             // SAFETY: a copy of the map value.
-            (unsafe { *f }, None)
+            unsafe { *f }
         }
         None => new_flow(ctx, &pkt, &key)?,
     };
@@ -79,7 +77,7 @@ pub fn lan_ingress(ctx: &TcContext) -> Outcome {
     }
     let uplink = UPLINKS.get(flow.uplink as u32).ok_or(Reason::NoUplink)?;
     mss::clamp(ctx, &pkt, uplink.mss_clamp)?;
-    to_uplink(ctx, &pkt, &flow, uplink, known)
+    to_uplink(ctx, &pkt, &flow, uplink)
 }
 
 /// Flags of a TCP flow that one end closed or reset.
@@ -203,23 +201,17 @@ fn lan_fragment(ctx: &TcContext, l3: usize) -> Outcome {
     Ok(Verdict::Pass)
 }
 
-/// Forwards a pinned flow's packet out its uplink, or hands it to the
-/// kernel untranslated with the uplink's mark when the fast path cannot.
-/// `known`: the next hop a new flow's classifying lookup already found
-/// for this uplink (see [`reusable_hop`]).
+/// Forwards a pinned flow's packet out its uplink, to the cached next hop
+/// or else the one `bpf_fib_lookup` finds in the uplink's table, or hands
+/// it to the kernel untranslated with the uplink's mark when the fast
+/// path cannot.
 #[inline(always)]
-pub fn to_uplink(
-    ctx: &TcContext,
-    pkt: &Packet,
-    flow: &FlowFwd,
-    uplink: &Uplink,
-    known: Option<Hop>,
-) -> Outcome {
+pub fn to_uplink(ctx: &TcContext, pkt: &Packet, flow: &FlowFwd, uplink: &Uplink) -> Outcome {
     if pkt.ttl <= 1 {
         ctx.set_mark(uplink.mark);
         return Err(Reason::TtlExpired);
     }
-    let looked_up = match known.or_else(|| fwd::cached(ctx, pkt, flow.uplink, uplink)) {
+    let looked_up = match fwd::cached(ctx, pkt, flow.uplink, uplink) {
         Some(hop) => Ok(hop),
         None => fwd::lookup(
             ctx,
@@ -252,23 +244,6 @@ pub fn to_uplink(
     fwd::redirect(ctx, &hop, true, uplink.flags & UPLINK_L3 == 0)
 }
 
-/// The classifying lookup's hop, when the uplink's own table would give
-/// the same: resolved (so the packet fits the route's MTU), not GSO (its
-/// segments are checked in the uplink's lookup), through the uplink's
-/// gateway on its device. Saves a new flow's second fib lookup.
-#[inline(always)]
-fn reusable_hop(ctx: &TcContext, hop: Hop, id: u8, flow: &FlowFwd, uplink: &Uplink) -> Option<Hop> {
-    // SAFETY: the context pointer is valid for the program's run.
-    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
-    (hop.resolved
-        && !gso
-        && flow.uplink == id
-        && uplink.gateway_be != 0
-        && hop.nh_be == uplink.gateway_be
-        && hop.ifindex == uplink.ifindex)
-        .then_some(hop)
-}
-
 /// `skb->pkt_type` of a frame addressed to this host (`PACKET_HOST`).
 const PACKET_HOST: u32 = 0;
 
@@ -286,14 +261,10 @@ fn unicast_to_internet(ctx: &TcContext, daddr_be: u32) -> bool {
     !(first == 0 || first == 127 || first >= 224 || d >> 16 == 0xa9fe)
 }
 
-/// Checks, chooses an uplink for, and pins a flow seen for the first time;
-/// with the next hop when the classifying lookup already found it.
+/// Checks, chooses an uplink for, and pins a flow seen for the first
+/// time.
 #[inline(always)]
-fn new_flow(
-    ctx: &TcContext,
-    pkt: &Packet,
-    key: &FlowKey,
-) -> Result<(FlowFwd, Option<Hop>), Reason> {
+fn new_flow(ctx: &TcContext, pkt: &Packet, key: &FlowKey) -> Result<FlowFwd, Reason> {
     if !unicast_to_internet(ctx, pkt.daddr_be) {
         return Err(Reason::NotUnicast);
     }
@@ -311,7 +282,7 @@ fn new_flow(
         let flow = hairpin::create(ctx, key, pkt, id, uplink, &settings)?;
         quota::count_new(pkt.saddr_be, &host);
         stats::new_flow(flow.uplink);
-        return Ok((flow, None));
+        return Ok(flow);
     }
     if !matches!(
         pkt.l4_kind,
@@ -365,8 +336,7 @@ fn new_flow(
     quota::count_new(pkt.saddr_be, &host);
     frag::note_peer(pkt, flow.nat_addr_be, pkt.saddr_be);
     stats::new_flow(flow.uplink);
-    let known = reusable_hop(ctx, hop, id, &flow, uplink);
-    Ok((flow, known))
+    Ok(flow)
 }
 
 /// A new flow of a `balance = "endpoint"` policy: on its endpoint's public
