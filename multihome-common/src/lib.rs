@@ -28,8 +28,8 @@ pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
 pub const MAX_HOSTS: u32 = 65_536;
 /// Fragmented datagrams tracked at once in [`MAP_FRAGS`] (LRU).
 pub const FRAG_ENTRIES: u32 = 8192;
-/// (remote, NAT address) pairs of UDP flows in [`MAP_PEERS`] (LRU).
-pub const PEER_ENTRIES: u32 = 16384;
+/// Slots of the direct-mapped [`MAP_PEERS`] (a power of two; 1 MiB).
+pub const PEER_SLOTS: u32 = 65_536;
 /// The gateway's own ICMP echo (destination, id) pairs in
 /// [`MAP_HOST_ECHO`] (LRU).
 pub const HOST_ECHO_ENTRIES: u32 = 4096;
@@ -748,12 +748,41 @@ pub struct EimLan {
     pub _pad: u16,
 }
 
-/// [`MAP_PEERS`]'s value: the one LAN host with a UDP flow between this
-/// remote and NAT address, or 0 when there are several (or the gateway
-/// itself talks to it): for reply fragments that arrive before their
-/// first fragment (RFC 4787 REQ-14). The key is the flow's reverse key
-/// with both ports 0.
-pub type PeerLan = u32;
+/// A slot of [`MAP_PEERS`], a direct-mapped table indexed by
+/// [`peer_slot`]: the one LAN host with a UDP flow between this remote
+/// and NAT address, for reply fragments that arrive before their first
+/// fragment (RFC 4787 REQ-14). A pair that lands on a taken slot takes it
+/// over, as an LRU map would evict; a slot whose `check` does not match
+/// its fields (two CPUs wrote it at once) counts as empty.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct PeerSlot {
+    pub remote_be: u32,
+    pub nat_addr_be: u32,
+    /// The LAN host; 0 when there are several (or the gateway itself
+    /// talks to the remote from that address).
+    pub lan_addr_be: u32,
+    /// [`peer_check`] of the three fields above.
+    pub check: u32,
+}
+
+/// The [`MAP_PEERS`] slot of (remote, NAT address): a multiplicative hash
+/// of both (network order, as in the packet), `PEER_SLOTS` apart.
+#[inline(always)]
+pub const fn peer_slot(remote_be: u32, nat_addr_be: u32) -> u32 {
+    let h = (remote_be ^ nat_addr_be.rotate_left(16)).wrapping_mul(0x9e37_79b1);
+    (h ^ (h >> 16)) & (PEER_SLOTS - 1)
+}
+
+/// [`PeerSlot::check`] for its fields: never 0, so a zeroed slot is
+/// empty.
+#[inline(always)]
+pub const fn peer_check(remote_be: u32, nat_addr_be: u32, lan_addr_be: u32) -> u32 {
+    let h = (remote_be ^ nat_addr_be.rotate_left(11) ^ lan_addr_be.rotate_left(22))
+        .wrapping_mul(0x85eb_ca6b);
+    (h ^ (h >> 13)) | 1
+}
 
 /// [`MAP_ROUTED`]'s key data: an IPv4 prefix (the LPM trie's `prefix_len`
 /// counts its bits).
@@ -974,6 +1003,8 @@ const _: () = {
     assert!(size_of::<UplinkStats>() == 88);
     assert!(size_of::<SynWaitKey>() == 8);
     assert!(size_of::<NextHop>() == 24);
+    assert!(size_of::<PeerSlot>() == 16);
+    assert!(PEER_SLOTS.is_power_of_two());
     assert!(size_of::<Reasons>() == REASON_COUNT * 8);
     assert!(MAX_UPLINKS <= 255);
     // One bit per uplink in RoutedUplinks; marks 1..=MAX_UPLINKS stay
@@ -1011,6 +1042,7 @@ mod pod {
     unsafe impl aya::Pod for EimLan {}
     unsafe impl aya::Pod for SynWaitKey {}
     unsafe impl aya::Pod for NextHop {}
+    unsafe impl aya::Pod for PeerSlot {}
 }
 
 #[cfg(test)]

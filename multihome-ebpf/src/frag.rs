@@ -5,9 +5,11 @@
 //! flow key has no ports. Reply fragments that arrive before their first
 //! (RFC 4787 REQ-14) are matched through `PEERS` when a single LAN host
 //! has UDP flows between that remote and NAT address (recorded as flows
-//! are made, so that a datagram's reply can be its first).
+//! are made, so that a datagram's reply can be its first). `PEERS` is
+//! direct-mapped: a new pair costs one slot read and write, and takes the
+//! slot over from another pair, as an LRU map would evict one.
 use aya_ebpf::programs::TcContext;
-use multihome_common::{FlowKey, FragKey, FragXlat, IPPROTO_UDP, PeerLan};
+use multihome_common::{FlowKey, FragKey, FragXlat, IPPROTO_UDP, PeerSlot, peer_check, peer_slot};
 
 use crate::{
     conntrack,
@@ -21,10 +23,33 @@ fn frag_of(k: &FragKey) -> Option<FragXlat> {
     FRAGS.get_ptr(k).map(|p| unsafe { *p })
 }
 
+/// The LAN host `PEERS` holds for (remote, NAT address), 0 for several;
+/// None when its slot holds another pair, or a torn one.
 #[inline(always)]
-fn peer_of(k: &FlowKey) -> Option<PeerLan> {
+fn peer_of(remote_be: u32, nat_addr_be: u32) -> Option<u32> {
     // SAFETY: a copy of the map value.
-    PEERS.get_ptr(k).map(|p| unsafe { *p })
+    let s = unsafe { *PEERS.get_ptr(peer_slot(remote_be, nat_addr_be))? };
+    (s.remote_be == remote_be
+        && s.nat_addr_be == nat_addr_be
+        && s.check == peer_check(remote_be, nat_addr_be, s.lan_addr_be))
+    .then_some(s.lan_addr_be)
+}
+
+/// Writes (remote, NAT address) -> `lan_addr_be` into its slot.
+#[inline(always)]
+fn set_peer(remote_be: u32, nat_addr_be: u32, lan_addr_be: u32) {
+    if let Some(p) = PEERS.get_ptr_mut(peer_slot(remote_be, nat_addr_be)) {
+        // SAFETY: the slot is the map's; a concurrent writer can only tear
+        // it, which `check` then refuses.
+        unsafe {
+            *p = PeerSlot {
+                remote_be,
+                nat_addr_be,
+                lan_addr_be,
+                check: peer_check(remote_be, nat_addr_be, lan_addr_be),
+            }
+        };
+    }
 }
 
 #[inline(always)]
@@ -93,8 +118,7 @@ pub fn inbound(ctx: &TcContext, pkt: &Packet) -> Option<(u32, u8)> {
     {
         return Some((x.addr_be, x.uplink));
     }
-    let peer = portless_key(pkt);
-    if let Some(r) = conntrack::lookup_rev(&peer) {
+    if let Some(r) = conntrack::lookup_rev(&portless_key(pkt)) {
         // SAFETY: a copy of the map value.
         let r = unsafe { *r };
         return Some((r.lan_addr_be, r.uplink));
@@ -102,7 +126,7 @@ pub fn inbound(ctx: &TcContext, pkt: &Packet) -> Option<(u32, u8)> {
     if pkt.proto != IPPROTO_UDP {
         return None;
     }
-    let lan = peer_of(&peer)?;
+    let lan = peer_of(pkt.saddr_be, pkt.daddr_be)?;
     // The uplink only feeds the counters: the one whose address it is.
     let uplink = crate::select::uplink_with_addr(pkt.daddr_be).map_or(0, |(id, _)| id);
     (lan != 0).then_some((lan, uplink))
@@ -116,17 +140,12 @@ pub fn note_peer(pkt: &Packet, nat_addr_be: u32, lan_addr_be: u32) {
     if pkt.proto != IPPROTO_UDP {
         return;
     }
-    let k = FlowKey {
-        saddr_be: pkt.daddr_be,
-        daddr_be: nat_addr_be,
-        ..portless_key(pkt)
-    };
-    let v = match peer_of(&k) {
+    let v = match peer_of(pkt.daddr_be, nat_addr_be) {
         None => lan_addr_be,
         Some(v) if v == lan_addr_be || v == 0 => return,
         Some(_) => 0,
     };
-    let _ = PEERS.insert(k, v, 0);
+    set_peer(pkt.daddr_be, nat_addr_be, v);
 }
 
 /// The gateway itself sends UDP from one of its addresses: early reply
@@ -138,14 +157,9 @@ pub fn note_host(pkt: &Packet) {
         return;
     }
     // The reply direction: remote -> the gateway's address.
-    let k = FlowKey {
-        saddr_be: pkt.daddr_be,
-        daddr_be: pkt.saddr_be,
-        ..portless_key(pkt)
-    };
-    if let Some(v) = peer_of(&k)
+    if let Some(v) = peer_of(pkt.daddr_be, pkt.saddr_be)
         && v != 0
     {
-        let _ = PEERS.insert(k, 0, 0);
+        set_peer(pkt.daddr_be, pkt.saddr_be, 0);
     }
 }

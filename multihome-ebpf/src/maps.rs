@@ -8,7 +8,7 @@ use multihome_common::{
     AFFINITY_ENTRIES, Affinity, AffinityKey, DEFAULT_MAX_FLOWS, EIM_ENTRIES, ENDPOINT_ENTRIES,
     EchoKey, EimKey, EimLan, Endpoint, EndpointKey, FRAG_ENTRIES, Fill, FlowFwd, FlowKey, FlowRev,
     FragKey, FragXlat, HOST_ECHO_ENTRIES, HostFlows, LanNet, MAX_HOSTS, MAX_LAN_NETS, MAX_POLICIES,
-    MAX_ROUTED_PREFIXES, MAX_RULE_PREFIXES, MAX_RULES, MAX_UPLINKS, NextHop, PEER_ENTRIES, PeerLan,
+    MAX_ROUTED_PREFIXES, MAX_RULE_PREFIXES, MAX_RULES, MAX_UPLINKS, NextHop, PEER_SLOTS, PeerSlot,
     Reasons, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SYN_WAIT_ENTRIES,
     SelectTable, Settings, SynWaitKey, Uplink, UplinkStats,
 };
@@ -105,9 +105,11 @@ pub static ROUTED: LpmTrie<RoutedKey, RoutedUplinks, { MAX_ROUTED_PREFIXES as us
 #[btf_map]
 pub static FRAGS: LruHashMap<FragKey, FragXlat, { FRAG_ENTRIES as usize }> = LruHashMap::new();
 
-/// (remote, NAT address, UDP) -> the one LAN host with such a flow, or 0.
+/// (remote, NAT address) of UDP flows -> the one LAN host with such a
+/// flow, or 0: direct-mapped by `peer_slot`, so that noting a new flow's
+/// pair is one slot read and write, not an LRU insert.
 #[btf_map]
-pub static PEERS: LruHashMap<FlowKey, PeerLan, { PEER_ENTRIES as usize }> = LruHashMap::new();
+pub static PEERS: Array<PeerSlot, { PEER_SLOTS as usize }> = Array::new();
 
 /// The gateway's own echo (destination, id) -> time of its last request.
 #[btf_map]

@@ -19,7 +19,7 @@ use aya::{
 };
 use multihome_common::{
     ALL_MAPS, FlowFwd, FlowKey, JUMP_LAN_RESET, LAYOUT_VERSION, MAP_AFFINITY, MAP_CONN_FWD,
-    MAP_CONN_REV, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_JUMP, MAP_REASONS, MAP_SELECT,
+    MAP_CONN_REV, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_JUMP, MAP_PEERS, MAP_REASONS, MAP_SELECT,
     MAP_SETTINGS, MAP_UPLINK_STATS, MAP_UPLINKS, PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN,
     PROG_WAN_IN_L3, PROG_WAN_OUT, PROG_WAN_OUT_L3,
 };
@@ -148,7 +148,13 @@ const MIGRATIONS: &[(u32, &[&str])] = &[
     // their shape.
     (
         3,
-        &[MAP_REASONS, MAP_SETTINGS, MAP_SELECT, MAP_UPLINK_STATS],
+        &[
+            MAP_REASONS,
+            MAP_SETTINGS,
+            MAP_SELECT,
+            MAP_UPLINK_STATS,
+            MAP_PEERS,
+        ],
     ),
     // 5: SELECT holds a table per policy, SETTINGS the rule bank, REASONS
     // the policy counters (all rewritten at start); the rule maps,
@@ -156,16 +162,25 @@ const MIGRATIONS: &[(u32, &[&str])] = &[
     // (0: `balanced`).
     (
         4,
-        &[MAP_REASONS, MAP_SETTINGS, MAP_SELECT, MAP_UPLINK_STATS],
+        &[
+            MAP_REASONS,
+            MAP_SETTINGS,
+            MAP_SELECT,
+            MAP_UPLINK_STATS,
+            MAP_PEERS,
+        ],
     ),
     // 6: UPLINK_STATS gained the passive-health counters (they restart
     // at 0); ENDPOINT_PORTS and SYN_WAIT are new.
-    (5, &[MAP_UPLINK_STATS]),
+    (5, &[MAP_UPLINK_STATS, MAP_PEERS]),
     // 7: UPLINK_STATS counts retransmissions; flows grew by `snd_max`:
     // their CONN_FWD is copied into one of today's size (`set_fwd_aside`),
     // as it is from every older layout; SYN_WAIT keys name their kind
-    // where padding was (0: a SYN).
-    (6, &[MAP_UPLINK_STATS]),
+    // where padding was (0: a SYN); PEERS became a direct-mapped array
+    // (made afresh here and above: reply fragments that come before their
+    // first are matched again for flows made from now on); NEXT_HOPS is
+    // new.
+    (6, &[MAP_UPLINK_STATS, MAP_PEERS]),
 ];
 
 /// Where a `CONN_FWD` of shorter entries waits while its flows are copied

@@ -1210,11 +1210,23 @@ fn pinned_maps_of_another_layout_are_refused_and_cleanup_removes_everything() {
 /// Replaces pinned map `name` with an empty one of another value size, as
 /// an older layout had it.
 fn pin_old_map(ns: &NetNs, dir: &str, name: &str, kind: &str, value_size: usize) {
+    pin_old_keyed_map(ns, dir, name, kind, 4, value_size);
+}
+
+/// [`pin_old_map`] with keys of `key_size` bytes.
+fn pin_old_keyed_map(
+    ns: &NetNs,
+    dir: &str,
+    name: &str,
+    kind: &str,
+    key_size: usize,
+    value_size: usize,
+) {
     let path = format!("{dir}/{name}");
     let _ = std::fs::remove_file(&path);
-    let size = value_size.to_string();
+    let (key, value) = (key_size.to_string(), value_size.to_string());
     ns.exec(&[
-        "bpftool", "map", "create", &path, "type", kind, "key", "4", "value", &size, "entries",
+        "bpftool", "map", "create", &path, "type", kind, "key", &key, "value", &value, "entries",
         "1", "name", name,
     ]);
 }
@@ -1315,8 +1327,11 @@ fn upgrade_keeps_the_flow(version: u8, downgrade: impl FnOnce(&Topology, &str)) 
 #[test]
 fn an_upgrade_from_layout_6_the_previous_release_keeps_live_flows_in_a_map_of_longer_entries() {
     upgrade_keeps_the_flow(6, |t, dir| {
-        // Layout 6: ten counters per uplink, 24-byte flows.
+        // Layout 6: ten counters per uplink, 24-byte flows, PEERS an LRU
+        // hash map, no NEXT_HOPS.
+        std::fs::remove_file(format!("{dir}/NEXT_HOPS")).expect("unpin NEXT_HOPS");
         pin_old_map(&t.gw, dir, "UPLINK_STATS", "percpu_array", 10 * 8);
+        pin_old_keyed_map(&t.gw, dir, "PEERS", "lru_hash", 16, 4);
         pin_old_settings(&t.gw, dir, 6, 32);
     });
 }
@@ -1325,8 +1340,9 @@ fn an_upgrade_from_layout_6_the_previous_release_keeps_live_flows_in_a_map_of_lo
 fn an_upgrade_from_layout_5_keeps_live_flows() {
     upgrade_keeps_the_flow(5, |t, dir| {
         // Layout 5: six counters per uplink, no endpoint reservations, no
-        // SYN_WAIT.
-        for name in ["ENDPOINT_PORTS", "SYN_WAIT"] {
+        // SYN_WAIT, PEERS an LRU hash map.
+        pin_old_keyed_map(&t.gw, dir, "PEERS", "lru_hash", 16, 4);
+        for name in ["ENDPOINT_PORTS", "SYN_WAIT", "NEXT_HOPS"] {
             std::fs::remove_file(format!("{dir}/{name}")).expect("unpin a map layout 5 lacks");
         }
         pin_old_map(&t.gw, dir, "UPLINK_STATS", "percpu_array", 6 * 8);
@@ -1350,9 +1366,11 @@ fn an_upgrade_from_layout_4_keeps_live_flows() {
             "ENDPOINTS",
             "ENDPOINT_PORTS",
             "SYN_WAIT",
+            "NEXT_HOPS",
         ] {
             std::fs::remove_file(format!("{dir}/{name}")).expect("unpin a map layout 4 lacks");
         }
+        pin_old_keyed_map(&t.gw, dir, "PEERS", "lru_hash", 16, 4);
         let reasons = multihome_common::REASON_COUNT - 3;
         pin_old_map(&t.gw, dir, "REASONS", "percpu_array", reasons * 8);
         pin_old_map(&t.gw, dir, "SELECT", "array", 8 + 2 * 4096);
@@ -1363,7 +1381,10 @@ fn an_upgrade_from_layout_4_keeps_live_flows() {
 #[test]
 fn an_upgrade_from_layout_3_keeps_live_flows() {
     upgrade_keeps_the_flow(3, |t, dir| {
-        // Layout 3: 27 reason counters, a 64-slot SELECT, 24-byte SETTINGS.
+        // Layout 3: 27 reason counters, a 64-slot SELECT, 24-byte SETTINGS,
+        // PEERS an LRU hash map, no NEXT_HOPS.
+        std::fs::remove_file(format!("{dir}/NEXT_HOPS")).expect("unpin NEXT_HOPS");
+        pin_old_keyed_map(&t.gw, dir, "PEERS", "lru_hash", 16, 4);
         pin_old_map(&t.gw, dir, "REASONS", "percpu_array", 27 * 8);
         pin_old_map(&t.gw, dir, "SELECT", "array", 4 + 64);
         pin_old_settings(&t.gw, dir, 3, 24);
@@ -1379,6 +1400,7 @@ fn an_upgrade_from_layout_2_keeps_live_flows_and_makes_the_changed_maps_afresh()
             "ROUTED",
             "FRAGS",
             "PEERS",
+            "NEXT_HOPS",
             "HOST_ECHO",
             "HOSTS",
             "FILL",

@@ -25,10 +25,10 @@ use multihome_common::{
     FlowKey, FlowRev, HostFlows, JUMP_LAN_RESET, LAYOUT_VERSION, LanNet, MAP_CONN_FWD,
     MAP_CONN_REV, MAP_EIM, MAP_FILL, MAP_HOSTS, MAP_JUMP, MAP_LAN_NETS, MAP_NEXT_HOPS, MAP_PEERS,
     MAP_REASONS, MAP_ROUTED, MAP_SETTINGS, MAP_SYN_WAIT, MAP_UPLINK_STATS, MAP_UPLINKS,
-    MARK_TRANSLATED, NextHop, PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN, PROG_WAN_OUT, REASON_COUNT,
-    Reason, Reasons, RoutedKey, Settings, SynWaitKey, UPLINK_CONFIGURED, UPLINK_EVACUATE,
-    UPLINK_EVACUATE_TCP, UPLINK_OUTAGE, UPLINK_RESET_TCP, UPLINK_USABLE, Uplink, UplinkStats,
-    WAIT_RETRANSMIT, WAIT_SYN,
+    MARK_TRANSLATED, NextHop, PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN, PROG_WAN_OUT, PeerSlot,
+    REASON_COUNT, Reason, Reasons, RoutedKey, Settings, SynWaitKey, UPLINK_CONFIGURED,
+    UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_OUTAGE, UPLINK_RESET_TCP, UPLINK_USABLE, Uplink,
+    UplinkStats, WAIT_RETRANSMIT, WAIT_SYN, peer_check, peer_slot,
 };
 use testbed::packets::*;
 
@@ -584,16 +584,27 @@ impl Datapath {
     /// PEERS for (REMOTE, NAT_ADDR, UDP), as the LAN program leaves it
     /// after making flows there (0: more than one LAN host).
     fn set_peer(&mut self, lan: Ipv4Addr) {
-        let mut peers: HashMap<_, FlowKey, u32> =
-            HashMap::try_from(self.ebpf.map_mut(MAP_PEERS).expect("PEERS map"))
-                .expect("PEERS types");
-        let key = FlowKey {
-            saddr_be: be(REMOTE),
-            daddr_be: be(NAT_ADDR),
-            proto: IPPROTO_UDP,
-            ..Default::default()
+        let mut peers: Array<_, PeerSlot> =
+            Array::try_from(self.ebpf.map_mut(MAP_PEERS).expect("PEERS map")).expect("PEERS types");
+        let (remote, nat, lan) = (be(REMOTE), be(NAT_ADDR), be(lan));
+        let slot = PeerSlot {
+            remote_be: remote,
+            nat_addr_be: nat,
+            lan_addr_be: lan,
+            check: peer_check(remote, nat, lan),
         };
-        peers.insert(key, be(lan), 0).expect("insert PEERS");
+        peers
+            .set(peer_slot(remote, nat), slot, 0)
+            .expect("write PEERS");
+    }
+
+    /// PEERS's slot for (REMOTE, NAT_ADDR) as it is.
+    fn peer_slot0(&self) -> PeerSlot {
+        let peers: Array<_, PeerSlot> =
+            Array::try_from(self.ebpf.map(MAP_PEERS).expect("PEERS map")).expect("PEERS types");
+        peers
+            .get(&peer_slot(be(REMOTE), be(NAT_ADDR)), 0)
+            .expect("read PEERS")
     }
 
     /// Changes uplink 0's slot with `edit`.
@@ -2871,6 +2882,28 @@ fn wan_in_leaves_early_fragments_to_the_kernel_while_several_lan_hosts_share_the
         let input = later_fragment(IPPROTO_UDP, REMOTE, NAT_ADDR, 0x2222).frame();
         let (run, counted) = dp.run_counted(PROG_WAN_IN, &input, 0);
         assert_untouched(&run, &input, "early fragment, two hosts");
+        assert_eq!(counted, [(Reason::Fragment, 1)]);
+    });
+}
+
+#[test]
+fn wan_in_never_trusts_a_peers_slot_torn_by_two_writers() {
+    with_datapath(|dp| {
+        dp.insert_flow(&UDP_FLOW);
+        dp.set_peer(LAN_HOST);
+        // The fields of one writer, the check of another.
+        let torn = PeerSlot {
+            check: peer_check(be(REMOTE), be(NAT_ADDR), 0x0a00_0009),
+            ..dp.peer_slot0()
+        };
+        let mut peers: Array<_, PeerSlot> =
+            Array::try_from(dp.ebpf.map_mut(MAP_PEERS).expect("PEERS")).expect("types");
+        peers
+            .set(peer_slot(be(REMOTE), be(NAT_ADDR)), torn, 0)
+            .expect("write PEERS");
+        let input = later_fragment(IPPROTO_UDP, REMOTE, NAT_ADDR, 0x4444).frame();
+        let (run, counted) = dp.run_counted(PROG_WAN_IN, &input, 0);
+        assert_untouched(&run, &input, "early fragment, torn slot");
         assert_eq!(counted, [(Reason::Fragment, 1)]);
     });
 }
