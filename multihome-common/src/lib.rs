@@ -98,7 +98,13 @@ pub const MAP_ENDPOINT_PORTS: &str = "ENDPOINT_PORTS";
 pub const MAP_SYN_WAIT: &str = "SYN_WAIT";
 /// Uplink slot -> its next hop ([`NextHop`]), kept by the daemon.
 pub const MAP_NEXT_HOPS: &str = "NEXT_HOPS";
-pub const ALL_MAPS: [&str; 27] = [
+/// One word: [`CLASSIFY_IN_MAIN`] or 0.
+pub const MAP_CLASSIFY: &str = "CLASSIFY";
+/// The gateway's own addresses and broadcast addresses, as the kernel's
+/// `local` table lists them (network order) -> [`LOCAL_ADDR`] or
+/// [`LOCAL_BROADCAST`]; kept by the daemon while [`CLASSIFY_IN_MAIN`].
+pub const MAP_LOCAL_ADDRS: &str = "LOCAL_ADDRS";
+pub const ALL_MAPS: [&str; 29] = [
     MAP_CONN_FWD,
     MAP_CONN_REV,
     MAP_UPLINKS,
@@ -126,7 +132,25 @@ pub const ALL_MAPS: [&str; 27] = [
     MAP_ENDPOINT_PORTS,
     MAP_SYN_WAIT,
     MAP_NEXT_HOPS,
+    MAP_CLASSIFY,
+    MAP_LOCAL_ADDRS,
 ];
+
+/// [`MAP_CLASSIFY`]: the kernel's policy rules route an unmarked packet
+/// from the LAN through the `local` table, then `main`, and no further
+/// (the daemon checked them: only the kernel's three default rules and
+/// multihome's own, and an empty `default` table). A new flow's route is
+/// then classified by [`MAP_LOCAL_ADDRS`] and a direct lookup in `main`,
+/// which costs far less than the walk of the rules.
+pub const CLASSIFY_IN_MAIN: u32 = 1;
+/// [`MAP_LOCAL_ADDRS`]: a local address (`RTN_LOCAL`).
+pub const LOCAL_ADDR: u32 = 1;
+/// [`MAP_LOCAL_ADDRS`]: a broadcast address (`RTN_BROADCAST`).
+pub const LOCAL_BROADCAST: u32 = 2;
+/// Entries of [`MAP_LOCAL_ADDRS`].
+pub const MAX_LOCAL_ADDRS: u32 = 1024;
+/// The kernel's `main` routing table (`RT_TABLE_MAIN`).
+pub const RT_TABLE_MAIN: u32 = 254;
 
 /// Program names (the `#[classifier]` functions).
 pub const PROG_LAN_IN: &str = "mh_lan_in";

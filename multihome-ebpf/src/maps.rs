@@ -7,10 +7,10 @@ use aya_ebpf::{
 use multihome_common::{
     AFFINITY_ENTRIES, Affinity, AffinityKey, DEFAULT_MAX_FLOWS, EIM_ENTRIES, ENDPOINT_ENTRIES,
     EchoKey, EimKey, EimLan, Endpoint, EndpointKey, FRAG_ENTRIES, Fill, FlowFwd, FlowKey, FlowRev,
-    FragKey, FragXlat, HOST_ECHO_ENTRIES, HostFlows, LanNet, MAX_HOSTS, MAX_LAN_NETS, MAX_POLICIES,
-    MAX_ROUTED_PREFIXES, MAX_RULE_PREFIXES, MAX_RULES, MAX_UPLINKS, NextHop, PEER_SLOTS, PeerSlot,
-    Reasons, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SYN_WAIT_ENTRIES,
-    SelectTable, Settings, SynWaitKey, Uplink, UplinkStats,
+    FragKey, FragXlat, HOST_ECHO_ENTRIES, HostFlows, LanNet, MAX_HOSTS, MAX_LAN_NETS,
+    MAX_LOCAL_ADDRS, MAX_POLICIES, MAX_ROUTED_PREFIXES, MAX_RULE_PREFIXES, MAX_RULES, MAX_UPLINKS,
+    NextHop, PEER_SLOTS, PeerSlot, Reasons, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey,
+    RuleSet, SYN_WAIT_ENTRIES, SelectTable, Settings, SynWaitKey, Uplink, UplinkStats,
 };
 
 const FLOWS: usize = DEFAULT_MAX_FLOWS as usize;
@@ -30,6 +30,14 @@ pub static UPLINKS: Array<Uplink, { MAX_UPLINKS as usize }> = Array::new();
 /// `bpf_fib_lookup`.
 #[btf_map]
 pub static NEXT_HOPS: Array<NextHop, { MAX_UPLINKS as usize }> = Array::new();
+
+/// `CLASSIFY_IN_MAIN` or 0: how a new flow's route is classified.
+#[btf_map]
+pub static CLASSIFY: Array<u32, 1> = Array::new();
+
+/// The kernel's local and broadcast addresses -> their kind.
+#[btf_map]
+pub static LOCAL_ADDRS: HashMap<u32, u32, { MAX_LOCAL_ADDRS as usize }> = HashMap::new();
 
 /// Per policy (0: `balanced`): its choice table and balance mode.
 #[btf_map]

@@ -3,19 +3,21 @@
 //! path handed to the kernel.
 use aya_ebpf::programs::TcContext;
 use multihome_common::{
-    FLOW_FAILED_OVER, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_HAIRPIN, FLOW_RST, FLOW_RST_IN,
-    FLOW_SEEN_REPLY, FlowFwd, FlowKey, IPPROTO_AH, IPPROTO_TCP, JUMP_LAN_RESET, MARK_PROHIBIT,
-    MARK_TRANSLATED, MAX_LAN_NETS, MAX_UPLINKS, ON_DOWN_KEEP, ON_DOWN_PURGE, ON_DOWN_PURGE_UDP,
-    ON_DOWN_RESET, ON_DOWN_UPLINK, RULE_MAIN, RULE_UNREACHABLE, Reason, Settings,
-    UPLINK_DRAIN_RESET, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_L3, UPLINK_OUTAGE,
-    UPLINK_RESET_TCP, Uplink,
+    CLASSIFY_IN_MAIN, FLOW_FAILED_OVER, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_HAIRPIN, FLOW_RST,
+    FLOW_RST_IN, FLOW_SEEN_REPLY, FlowFwd, FlowKey, IPPROTO_AH, IPPROTO_TCP, JUMP_LAN_RESET,
+    MARK_PROHIBIT, MARK_TRANSLATED, MAX_LAN_NETS, MAX_UPLINKS, ON_DOWN_KEEP, ON_DOWN_PURGE,
+    ON_DOWN_PURGE_UDP, ON_DOWN_RESET, ON_DOWN_UPLINK, RT_TABLE_MAIN, RULE_MAIN, RULE_UNREACHABLE,
+    Reason, Settings, UPLINK_DRAIN_RESET, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_L3,
+    UPLINK_OUTAGE, UPLINK_RESET_TCP, Uplink,
 };
 
 use crate::{
     affinity, classify,
     conntrack::{self, Tags},
-    frag, fwd, guard, hairpin,
-    maps::{JUMP, LAN_NETS, SELECT, SETTINGS, UPLINKS},
+    frag,
+    fwd::{self, Hop},
+    guard, hairpin,
+    maps::{CLASSIFY, JUMP, LAN_NETS, LOCAL_ADDRS, SELECT, SETTINGS, UPLINKS},
     mss,
     nat::{self, Side},
     parse::{self, L4, Packet, TCP_ACK, TCP_SYN},
@@ -244,6 +246,20 @@ pub fn to_uplink(ctx: &TcContext, pkt: &Packet, flow: &FlowFwd, uplink: &Uplink)
     fwd::redirect(ctx, &hop, true, uplink.flags & UPLINK_L3 == 0)
 }
 
+/// Where the kernel would route a new flow's packet: through its policy
+/// rules, or, when the daemon found that they come down to the `local`
+/// table then `main` (`CLASSIFY_IN_MAIN`), by `LOCAL_ADDRS` and a direct
+/// lookup in `main`. None: not forwarded (local, unreachable, ...).
+#[inline(always)]
+fn classify_route(ctx: &TcContext, pkt: &Packet) -> Option<Hop> {
+    let in_main = CLASSIFY.get(0).is_some_and(|m| *m == CLASSIFY_IN_MAIN);
+    if in_main && LOCAL_ADDRS.get_ptr(pkt.daddr_be).is_some() {
+        return None;
+    }
+    let table = in_main.then_some(RT_TABLE_MAIN);
+    fwd::lookup(ctx, pkt, pkt.saddr_be, pkt.daddr_be, table, false).ok()
+}
+
 /// `skb->pkt_type` of a frame addressed to this host (`PACKET_HOST`).
 const PACKET_HOST: u32 = 0;
 
@@ -294,8 +310,7 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, key: &FlowKey) -> Result<FlowFwd, Rea
         return Err(Reason::AhNotNatable);
     }
     // Route it as the kernel would: local and LAN-to-LAN traffic is not ours.
-    let hop = fwd::lookup(ctx, pkt, pkt.saddr_be, pkt.daddr_be, None, false)
-        .map_err(|_| Reason::NotForUplink)?;
+    let hop = classify_route(ctx, pkt).ok_or(Reason::NotForUplink)?;
     if !is_uplink_device(hop.ifindex) {
         return Err(Reason::NotForUplink);
     }

@@ -81,6 +81,10 @@ struct Daemon {
     handle: rtnetlink::Handle,
     /// Link and address changes, as they happen.
     events: futures::channel::mpsc::UnboundedReceiver<NetlinkEvent>,
+    /// A rule, link or address changed since `CLASSIFY` was last decided.
+    classify_stale: bool,
+    /// Why new flows take the full lookup, if they do.
+    classify_full: Option<String>,
     maps: Maps,
     routing: Routing,
     observed: Vec<Observed>,
@@ -180,8 +184,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         rtnetlink::MulticastGroup::Link,
         rtnetlink::MulticastGroup::Ipv4Ifaddr,
         rtnetlink::MulticastGroup::Neigh,
+        rtnetlink::MulticastGroup::Ipv4Rule,
     ])
-    .context("subscribing to link, address and neighbour events")?;
+    .context("subscribing to link, address, neighbour and rule events")?;
     tokio::spawn(watch);
     let snap = netinfo::snapshot(&handle).await?;
     check_interfaces(&config, &snap)?;
@@ -245,6 +250,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         routing: Routing::new(handle.clone()),
         handle,
         events,
+        classify_stale: true,
+        // Not decided yet: the first decision is logged.
+        classify_full: Some(String::new()),
         maps,
         observed: Vec::new(),
         attached: BTreeSet::new(),
@@ -525,6 +533,9 @@ impl Daemon {
             self.bind_probes(id, o);
         }
         self.write_next_hops(&observed).await;
+        if self.classify_stale {
+            self.write_classify().await;
+        }
         // Every policy's table before any rule can send flows to it.
         let tables = self.policies.tables(&self.uplinks_now(&usable));
         // A policy's table is only written here; one no policy holds any
@@ -1163,16 +1174,49 @@ impl Daemon {
         }
     }
 
+    /// Decides how new flows classify their route (`CLASSIFY`): by the
+    /// kernel's `local` addresses and `main` when its policy rules come
+    /// down to those, else by the full lookup. The addresses are written
+    /// before the switch is turned on, and the switch turned off first.
+    async fn write_classify(&mut self) {
+        let decided = match self.routing.classify_in_main().await {
+            Ok(locals) => self
+                .maps
+                .set_classify(locals.as_deref().ok())
+                .map(|()| locals.err()),
+            Err(e) => Err(e),
+        };
+        match decided {
+            Ok(why_not) => {
+                if why_not != self.classify_full {
+                    match &why_not {
+                        None => info!("new flows classify their route by a lookup in main"),
+                        Some(why) => {
+                            info!("new flows classify their route through the policy rules: {why}")
+                        }
+                    }
+                }
+                self.classify_full = why_not;
+                self.classify_stale = false;
+            }
+            Err(e) => error!("deciding how new flows classify their route: {e:#}"),
+        }
+    }
+
     /// Whether a netlink event may change what the datapath holds: any
-    /// link or address event, and neighbour events on an uplink's device
-    /// (the LAN's own come and go all the time).
-    fn concerns_uplinks(&self, (msg, _): &NetlinkEvent) -> bool {
+    /// link, address or rule event, and neighbour events on an uplink's
+    /// device (the LAN's own come and go all the time). All but the
+    /// neighbour events also make `CLASSIFY` stale.
+    fn concerns_uplinks(&mut self, (msg, _): &NetlinkEvent) -> bool {
         use rtnetlink::{packet_core::NetlinkPayload, packet_route::RouteNetlinkMessage as M};
         match &msg.payload {
             NetlinkPayload::InnerMessage(M::NewNeighbour(n) | M::DelNeighbour(n)) => {
                 self.observed.iter().any(|o| o.ifindex == n.header.ifindex)
             }
-            _ => true,
+            _ => {
+                self.classify_stale = true;
+                true
+            }
         }
     }
 

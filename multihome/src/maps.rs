@@ -1,5 +1,8 @@
 //! Typed access to the pinned maps, shared by the daemon and the CLI.
-use std::path::{Path, PathBuf};
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, bail};
 use aya::maps::{
@@ -7,13 +10,14 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use multihome_common::{
-    Affinity, AffinityKey, EimKey, Endpoint, EndpointKey, FlowFwd, FlowKey, FlowRev, HostFlows,
-    LanNet, MAP_AFFINITY, MAP_CONN_FWD, MAP_CONN_REV, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_FILL,
-    MAP_HOSTS, MAP_LAN_NETS, MAP_NEXT_HOPS, MAP_REASONS, MAP_ROUTED, MAP_RULE_ACTION,
-    MAP_RULE_DPORT, MAP_RULE_DSCP, MAP_RULE_DST, MAP_RULE_PROTO, MAP_RULE_SRC, MAP_SELECT,
-    MAP_SETTINGS, MAP_SYN_WAIT, MAP_UPLINK_STATS, MAP_UPLINKS, MAX_LAN_NETS, MAX_POLICIES,
-    MAX_RULES, MAX_UPLINKS, NextHop, Reasons, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey,
-    RuleSet, SelectTable, Settings, SynWaitKey, Uplink, UplinkStats, rules_word,
+    Affinity, AffinityKey, CLASSIFY_IN_MAIN, EimKey, Endpoint, EndpointKey, FlowFwd, FlowKey,
+    FlowRev, HostFlows, LanNet, MAP_AFFINITY, MAP_CLASSIFY, MAP_CONN_FWD, MAP_CONN_REV,
+    MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_FILL, MAP_HOSTS, MAP_LAN_NETS, MAP_LOCAL_ADDRS,
+    MAP_NEXT_HOPS, MAP_REASONS, MAP_ROUTED, MAP_RULE_ACTION, MAP_RULE_DPORT, MAP_RULE_DSCP,
+    MAP_RULE_DST, MAP_RULE_PROTO, MAP_RULE_SRC, MAP_SELECT, MAP_SETTINGS, MAP_SYN_WAIT,
+    MAP_UPLINK_STATS, MAP_UPLINKS, MAX_LAN_NETS, MAX_LOCAL_ADDRS, MAX_POLICIES, MAX_RULES,
+    MAX_UPLINKS, NextHop, Reasons, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet,
+    SelectTable, Settings, SynWaitKey, Uplink, UplinkStats, rules_word,
 };
 
 use crate::{config::Prefix, mapwalk, policy::compile::Compiled};
@@ -105,6 +109,39 @@ impl Maps {
 
     pub fn set_uplink(&self, id: u32, u: &Uplink) -> anyhow::Result<()> {
         Ok(self.array::<Uplink>(MAP_UPLINKS)?.set(id, u, 0)?)
+    }
+
+    /// How new flows classify their route: with `Some(local addresses)`,
+    /// by those and a direct lookup in `main` (`CLASSIFY_IN_MAIN`); with
+    /// None, through the policy rules. The addresses are complete before
+    /// the switch goes on.
+    pub fn set_classify(&self, locals: Option<&[(Ipv4Addr, u32)]>) -> anyhow::Result<()> {
+        let mut switch = self.array::<u32>(MAP_CLASSIFY)?;
+        let Some(locals) = locals else {
+            return Ok(switch.set(0, 0, 0)?);
+        };
+        let mut map: HashMap<MapData, u32, u32> =
+            HashMap::try_from(Map::HashMap(open(&self.dir, MAP_LOCAL_ADDRS)?))?;
+        let want: std::collections::HashMap<u32, u32> = locals
+            .iter()
+            .map(|(a, kind)| (u32::from(*a).to_be(), *kind))
+            .collect();
+        if want.len() > MAX_LOCAL_ADDRS as usize {
+            // More than the map holds: the full lookup, always right.
+            return Ok(switch.set(0, 0, 0)?);
+        }
+        for (k, v) in &want {
+            map.insert(k, v, 0)?;
+        }
+        let gone: Vec<u32> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want.contains_key(k))
+            .collect();
+        for k in gone {
+            let _ = map.remove(&k);
+        }
+        Ok(switch.set(0, CLASSIFY_IN_MAIN, 0)?)
     }
 
     /// Uplink slot `id`'s cached next hop.

@@ -509,6 +509,31 @@ impl Routing {
         }
     }
 
+    /// The kernel's local and broadcast addresses when its policy rules
+    /// route an unmarked packet from the LAN through the `local` table,
+    /// then `main`, and nowhere else: only the kernel's three default
+    /// rules and ours (whose selectors never match such a packet: `from`
+    /// an uplink address or a routed prefix, `fwmark`, and `main` without
+    /// its default routes), and no route in the `default` table. None
+    /// otherwise: new flows then take the full lookup.
+    pub async fn classify_in_main(&self) -> anyhow::Result<Result<Vec<(Ipv4Addr, u32)>, String>> {
+        let rules = self.dump_rules().await?;
+        if let Some(r) = rules
+            .iter()
+            .find(|r| !is_our_rule(r) && !is_default_rule(r))
+        {
+            let priority = r.attributes.iter().find_map(|a| match a {
+                RuleAttribute::Priority(p) => Some(*p),
+                _ => None,
+            });
+            return Ok(Err(format!(
+                "rule {} is neither the kernel's own nor multihome's",
+                priority.unwrap_or(0)
+            )));
+        }
+        Ok(local_addresses(&self.dump_routes().await?))
+    }
+
     async fn dump_rules(&self) -> anyhow::Result<Vec<RuleMessage>> {
         self.handle
             .rule()
@@ -825,6 +850,72 @@ fn is_our_rule(msg: &RuleMessage) -> bool {
     msg.attributes
         .iter()
         .any(|a| matches!(a, RuleAttribute::Protocol(p) if u8::from(*p) == PROTO_MULTIHOME))
+}
+
+/// One of the kernel's own rules, as it makes them in a new namespace:
+/// `0: from all lookup local`, `32766: from all lookup main`, `32767: from
+/// all lookup default`, with no selector.
+fn is_default_rule(msg: &RuleMessage) -> bool {
+    let h = &msg.header;
+    let mut priority = 0;
+    let mut table = u32::from(h.table);
+    for a in &msg.attributes {
+        match a {
+            RuleAttribute::Priority(p) => priority = *p,
+            RuleAttribute::Table(t) => table = *t,
+            RuleAttribute::Protocol(_) => {}
+            // -1: not set.
+            RuleAttribute::SuppressPrefixLen(u32::MAX)
+            | RuleAttribute::SuppressIfGroup(u32::MAX) => {}
+            _ => return false,
+        }
+    }
+    h.action == RuleAction::ToTable
+        && (h.src_len, h.dst_len, h.tos) == (0, 0, 0)
+        && h.flags.is_empty()
+        && matches!(
+            (priority, table),
+            (0, RT_TABLE_LOCAL) | (32766, RT_TABLE_MAIN) | (32767, RT_TABLE_DEFAULT)
+        )
+}
+
+/// The local and broadcast addresses of the `local` table, with
+/// `LOCAL_ADDR` or `LOCAL_BROADCAST`, leaving out 127/8 (the datapath
+/// never makes a flow there); None when the `default` table holds a route
+/// or `local` holds anything else (a prefix of local addresses, say):
+/// then only the full lookup routes as the kernel does.
+fn local_addresses(routes: &[RouteMessage]) -> Result<Vec<(Ipv4Addr, u32)>, String> {
+    let mut found = Vec::new();
+    for r in routes {
+        if r.header.address_family != AddressFamily::Inet {
+            continue;
+        }
+        match route_table(r) {
+            RT_TABLE_DEFAULT => return Err("a route in table default".into()),
+            RT_TABLE_LOCAL => {}
+            _ => continue,
+        }
+        let dst = r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(d)) => Some(*d),
+            _ => None,
+        });
+        let Some(dst) = dst.filter(|d| d.octets()[0] != 127) else {
+            continue;
+        };
+        let kind = match r.header.kind {
+            RouteType::Local => multihome_common::LOCAL_ADDR,
+            RouteType::Broadcast => multihome_common::LOCAL_BROADCAST,
+            other => return Err(format!("a route of type {other:?} in table local")),
+        };
+        if r.header.destination_prefix_length != 32 {
+            return Err(format!(
+                "{dst}/{} in table local",
+                r.header.destination_prefix_length
+            ));
+        }
+        found.push((dst, kind));
+    }
+    Ok(found)
 }
 
 /// A tagged rule for messages, in whatever shape it is.
@@ -1267,6 +1358,91 @@ mod tests {
     };
 
     use super::*;
+
+    /// A rule as the kernel dumps it: `priority`, `table`, `extra`.
+    fn rule(priority: u32, table: u32, extra: Vec<RuleAttribute>) -> RuleMessage {
+        let mut m = RuleMessage::default();
+        m.header.family = AddressFamily::Inet;
+        m.header.action = RuleAction::ToTable;
+        m.header.table = table.min(255) as u8;
+        m.attributes = vec![
+            RuleAttribute::Table(table),
+            RuleAttribute::SuppressPrefixLen(u32::MAX),
+            RuleAttribute::Protocol(RouteProtocol::Kernel),
+        ];
+        if priority != 0 {
+            m.attributes.push(RuleAttribute::Priority(priority));
+        }
+        m.attributes.extend(extra);
+        m
+    }
+
+    #[test]
+    fn only_the_kernels_three_rules_unchanged_count_as_its_own() {
+        for (p, t) in [(0, 255), (32766, 254), (32767, 253)] {
+            assert!(is_default_rule(&rule(p, t, vec![])), "{p}: lookup {t}");
+        }
+        // Another table or place, a selector, another action.
+        assert!(!is_default_rule(&rule(0, 254, vec![])));
+        assert!(!is_default_rule(&rule(500, 200, vec![])));
+        let from = RuleAttribute::Source(Ipv4Addr::new(198, 18, 1, 0).into());
+        let mut m = rule(32766, 254, vec![from]);
+        m.header.src_len = 24;
+        assert!(!is_default_rule(&m));
+        assert!(!is_default_rule(&rule(
+            32766,
+            254,
+            vec![RuleAttribute::FwMark(1)]
+        )));
+        assert!(!is_default_rule(&rule(
+            32766,
+            254,
+            vec![RuleAttribute::Iifname("lan0".into())]
+        )));
+        let mut m = rule(32766, 254, vec![]);
+        m.header.action = RuleAction::Blackhole;
+        assert!(!is_default_rule(&m));
+    }
+
+    /// A route in `table` of `kind` to `dst/len`.
+    fn route(table: u32, kind: RouteType, dst: [u8; 4], len: u8) -> RouteMessage {
+        let mut m = RouteMessage::default();
+        m.header.address_family = AddressFamily::Inet;
+        m.header.kind = kind;
+        m.header.destination_prefix_length = len;
+        m.attributes = vec![
+            RouteAttribute::Table(table),
+            RouteAttribute::Destination(RouteAddress::Inet(dst.into())),
+        ];
+        m
+    }
+
+    #[test]
+    fn the_local_tables_addresses_are_listed_and_anything_unusual_there_refuses() {
+        let mut routes = vec![
+            route(255, RouteType::Local, [127, 0, 0, 0], 8),
+            route(255, RouteType::Local, [198, 18, 1, 1], 32),
+            route(255, RouteType::Broadcast, [198, 18, 1, 255], 32),
+            route(254, RouteType::Unicast, [198, 18, 1, 0], 24),
+        ];
+        assert_eq!(
+            local_addresses(&routes),
+            Ok(vec![
+                (Ipv4Addr::new(198, 18, 1, 1), multihome_common::LOCAL_ADDR),
+                (
+                    Ipv4Addr::new(198, 18, 1, 255),
+                    multihome_common::LOCAL_BROADCAST
+                ),
+            ])
+        );
+        // AnyIP: a prefix of local addresses.
+        routes.push(route(255, RouteType::Local, [198, 18, 96, 0], 24));
+        assert!(local_addresses(&routes).is_err());
+        routes.pop();
+        // A route in table default.
+        routes.push(route(253, RouteType::Unicast, [0, 0, 0, 0], 0));
+        assert!(local_addresses(&routes).is_err());
+    }
 
     fn hop(gateway: Option<[u8; 4]>, ifindex: u32, weight: u32) -> NextHop {
         NextHop {

@@ -1329,7 +1329,9 @@ fn an_upgrade_from_layout_6_the_previous_release_keeps_live_flows_in_a_map_of_lo
     upgrade_keeps_the_flow(6, |t, dir| {
         // Layout 6: ten counters per uplink, 24-byte flows, PEERS an LRU
         // hash map, no NEXT_HOPS.
-        std::fs::remove_file(format!("{dir}/NEXT_HOPS")).expect("unpin NEXT_HOPS");
+        for name in ["NEXT_HOPS", "CLASSIFY", "LOCAL_ADDRS"] {
+            std::fs::remove_file(format!("{dir}/{name}")).expect("unpin a new map");
+        }
         pin_old_map(&t.gw, dir, "UPLINK_STATS", "percpu_array", 10 * 8);
         pin_old_keyed_map(&t.gw, dir, "PEERS", "lru_hash", 16, 4);
         pin_old_settings(&t.gw, dir, 6, 32);
@@ -1342,7 +1344,13 @@ fn an_upgrade_from_layout_5_keeps_live_flows() {
         // Layout 5: six counters per uplink, no endpoint reservations, no
         // SYN_WAIT, PEERS an LRU hash map.
         pin_old_keyed_map(&t.gw, dir, "PEERS", "lru_hash", 16, 4);
-        for name in ["ENDPOINT_PORTS", "SYN_WAIT", "NEXT_HOPS"] {
+        for name in [
+            "ENDPOINT_PORTS",
+            "SYN_WAIT",
+            "NEXT_HOPS",
+            "CLASSIFY",
+            "LOCAL_ADDRS",
+        ] {
             std::fs::remove_file(format!("{dir}/{name}")).expect("unpin a map layout 5 lacks");
         }
         pin_old_map(&t.gw, dir, "UPLINK_STATS", "percpu_array", 6 * 8);
@@ -1367,6 +1375,8 @@ fn an_upgrade_from_layout_4_keeps_live_flows() {
             "ENDPOINT_PORTS",
             "SYN_WAIT",
             "NEXT_HOPS",
+            "CLASSIFY",
+            "LOCAL_ADDRS",
         ] {
             std::fs::remove_file(format!("{dir}/{name}")).expect("unpin a map layout 4 lacks");
         }
@@ -1383,7 +1393,9 @@ fn an_upgrade_from_layout_3_keeps_live_flows() {
     upgrade_keeps_the_flow(3, |t, dir| {
         // Layout 3: 27 reason counters, a 64-slot SELECT, 24-byte SETTINGS,
         // PEERS an LRU hash map, no NEXT_HOPS.
-        std::fs::remove_file(format!("{dir}/NEXT_HOPS")).expect("unpin NEXT_HOPS");
+        for name in ["NEXT_HOPS", "CLASSIFY", "LOCAL_ADDRS"] {
+            std::fs::remove_file(format!("{dir}/{name}")).expect("unpin a new map");
+        }
         pin_old_keyed_map(&t.gw, dir, "PEERS", "lru_hash", 16, 4);
         pin_old_map(&t.gw, dir, "REASONS", "percpu_array", 27 * 8);
         pin_old_map(&t.gw, dir, "SELECT", "array", 4 + 64);
@@ -1401,6 +1413,8 @@ fn an_upgrade_from_layout_2_keeps_live_flows_and_makes_the_changed_maps_afresh()
             "FRAGS",
             "PEERS",
             "NEXT_HOPS",
+            "CLASSIFY",
+            "LOCAL_ADDRS",
             "HOST_ECHO",
             "HOSTS",
             "FILL",

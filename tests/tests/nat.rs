@@ -609,3 +609,77 @@ fn a_pinned_flow_follows_its_gateways_new_mac_through_the_cached_next_hop() {
         cached() == new_mac
     });
 }
+
+#[test]
+fn new_flows_classified_in_main_still_reach_local_addresses_and_follow_a_foreign_rule() {
+    let t = Topology::standard();
+    let gw = standard_gateway(&t, [1, 1], "");
+    let in_main = "new flows classify their route by a lookup in main";
+    eventually(Duration::from_secs(2), "classified in main", || {
+        gw.log().contains(in_main)
+    });
+
+    // A service address of the gateway's own, on lo: main would send it
+    // out an uplink; the kernel delivers it locally, untranslated.
+    let service = Ipv4Addr::new(198, 18, 99, 1);
+    t.gw.exec(&["ip", "addr", "add", &format!("{service}/32"), "dev", "lo"]);
+    let srv = udp_peer_server(&t.gw, service, 0);
+    eventually(
+        Duration::from_secs(2),
+        "the gateway's service answers",
+        || udp_seen_as(&t.client, None, srv.addr()).is_ok_and(|p| *p.ip() == CLIENT_ADDR),
+    );
+
+    // An operator's own rule sends some LAN traffic into a tunnel: new
+    // flows take the full lookup at once, and it goes there, not out an
+    // uplink.
+    t.gw.exec(&[
+        "ip", "link", "add", "tun9", "type", "veth", "peer", "name", "tun9p",
+    ]);
+    t.gw.exec(&["ip", "link", "set", "tun9", "up"]);
+    t.gw.exec(&["ip", "link", "set", "tun9p", "up"]);
+    t.gw.exec(&[
+        "ip",
+        "route",
+        "add",
+        "198.18.98.0/24",
+        "dev",
+        "tun9",
+        "table",
+        "200",
+    ]);
+    t.gw.exec(&[
+        "ip",
+        "rule",
+        "add",
+        "from",
+        "198.18.1.0/24",
+        "to",
+        "198.18.98.0/24",
+        "lookup",
+        "200",
+        "priority",
+        "500",
+    ]);
+    eventually(Duration::from_secs(1), "the full lookup again", || {
+        gw.log().contains("through the policy rules: rule 500")
+    });
+    let sock = t
+        .client
+        .run(|| UdpSocket::bind((CLIENT_ADDR, 0)).expect("bind the client socket"));
+    let before = link_counters(&t.gw, "tun9").tx_packets;
+    for i in 0..5u8 {
+        sock.send_to(b"into the tunnel", (Ipv4Addr::new(198, 18, 98, 10 + i), 9))
+            .expect("send");
+    }
+    eventually(
+        Duration::from_secs(1),
+        "five packets into the tunnel",
+        || link_counters(&t.gw, "tun9").tx_packets >= before + 5,
+    );
+    // Without the rule, main again.
+    t.gw.exec(&["ip", "rule", "del", "priority", "500"]);
+    eventually(Duration::from_secs(1), "classified in main again", || {
+        gw.log().matches(in_main).count() == 2
+    });
+}
