@@ -54,10 +54,17 @@ pub fn slow_path(uplink: u8) {
 #[inline(always)]
 pub fn syn_sent(uplink: u8, daddr_be: u32) {
     with_uplink(uplink, |s| s.syns += 1);
+    wait_on(uplink, daddr_be, WAIT_SYN);
+}
+
+/// Puts `daddr_be` in `SYN_WAIT` as waited on through `uplink` for
+/// `kind`, unless it already waits (the first time stays).
+#[inline(always)]
+fn wait_on(uplink: u8, daddr_be: u32, kind: u8) {
     let key = SynWaitKey {
         daddr_be,
         uplink,
-        kind: WAIT_SYN,
+        kind,
         _pad1: 0,
     };
     let _ = SYN_WAIT.insert(key, crate::conntrack::now_ns(), BPF_NOEXIST as u64);
@@ -76,13 +83,7 @@ pub fn syn_retry(uplink: u8) {
 #[inline(always)]
 pub fn retransmit(uplink: u8, daddr_be: u32) {
     with_uplink(uplink, |s| s.retransmits += 1);
-    let key = SynWaitKey {
-        daddr_be,
-        uplink,
-        kind: WAIT_RETRANSMIT,
-        _pad1: 0,
-    };
-    let _ = SYN_WAIT.insert(key, crate::conntrack::now_ns(), BPF_NOEXIST as u64);
+    wait_on(uplink, daddr_be, WAIT_RETRANSMIT);
 }
 
 /// Passive health: the first reply of a TCP flow through `uplink` was a

@@ -79,7 +79,7 @@ struct Daemon {
     config: Config,
     opts: RunOptions,
     handle: rtnetlink::Handle,
-    /// Link and address changes, as they happen.
+    /// Link, address, neighbour and rule changes, as they happen.
     events: futures::channel::mpsc::UnboundedReceiver<NetlinkEvent>,
     /// A rule, link or address changed since `CLASSIFY` was last decided.
     classify_stale: bool,

@@ -585,7 +585,7 @@ fn a_pinned_flow_follows_its_gateways_new_mac_through_the_cached_next_hop() {
         "nud",
         "reachable",
     ]);
-    eventually(Duration::from_millis(500), "the new MAC cached", || {
+    eventually(Duration::from_secs(1), "the new MAC cached", || {
         cached() == new_mac
     });
     let after = udp_seen_from(&sock, srv.addr()).expect("UDP through x after the swap");
@@ -600,7 +600,7 @@ fn a_pinned_flow_follows_its_gateways_new_mac_through_the_cached_next_hop() {
         "dev",
         IF_WANX,
     ]);
-    eventually(Duration::from_millis(500), "nothing cached", || {
+    eventually(Duration::from_secs(1), "nothing cached", || {
         cached().is_null()
     });
     let again = udp_seen_from(&sock, srv.addr()).expect("UDP with the lookup");
@@ -624,8 +624,10 @@ fn new_flows_classified_in_main_still_reach_local_addresses_and_follow_a_foreign
     let service = Ipv4Addr::new(198, 18, 99, 1);
     t.gw.exec(&["ip", "addr", "add", &format!("{service}/32"), "dev", "lo"]);
     let srv = udp_peer_server(&t.gw, service, 0);
+    // A try that races the daemon's update of LOCAL_ADDRS (milliseconds)
+    // goes out an uplink and waits for its answer in vain.
     eventually(
-        Duration::from_secs(2),
+        Duration::from_secs(10),
         "the gateway's service answers",
         || udp_seen_as(&t.client, None, srv.addr()).is_ok_and(|p| *p.ip() == CLIENT_ADDR),
     );
@@ -661,7 +663,7 @@ fn new_flows_classified_in_main_still_reach_local_addresses_and_follow_a_foreign
         "priority",
         "500",
     ]);
-    eventually(Duration::from_secs(1), "the full lookup again", || {
+    eventually(Duration::from_secs(2), "the full lookup again", || {
         gw.log().contains("through the policy rules: rule 500")
     });
     let sock = t
@@ -673,13 +675,13 @@ fn new_flows_classified_in_main_still_reach_local_addresses_and_follow_a_foreign
             .expect("send");
     }
     eventually(
-        Duration::from_secs(1),
+        Duration::from_secs(2),
         "five packets into the tunnel",
         || link_counters(&t.gw, "tun9").tx_packets >= before + 5,
     );
     // Without the rule, main again.
     t.gw.exec(&["ip", "rule", "del", "priority", "500"]);
-    eventually(Duration::from_secs(1), "classified in main again", || {
+    eventually(Duration::from_secs(2), "classified in main again", || {
         gw.log().matches(in_main).count() == 2
     });
 }
