@@ -82,7 +82,7 @@ pub fn lookup(
     };
     if let Some(t) = table {
         p.__bindgen_anon_5.tbid = t;
-        flags = BPF_FIB_LOOKUP_DIRECT | BPF_FIB_LOOKUP_TBID;
+        flags |= BPF_FIB_LOOKUP_DIRECT | BPF_FIB_LOOKUP_TBID;
     }
     // SAFETY: `p` lives on the stack for the call and its size is passed.
     let ret = unsafe {
