@@ -35,9 +35,13 @@ fn answered(out: &str) -> u32 {
         .unwrap_or_else(|_| panic!("ping_id printed {out:?}"))
 }
 
-#[test]
-fn a_lan_host_and_the_gateway_pinging_one_target_with_one_id_both_get_every_reply() {
+/// A LAN host and the gateway ping one target with one id, each side
+/// starting first once; `offloads`: checksum offload on, the real case.
+fn both_pingers_get_every_reply(offloads: bool) {
     let t = Topology::standard();
+    if offloads {
+        t.enable_checksum_offloads();
+    }
     allow_ping_sockets(&t.client);
     allow_ping_sockets(&t.gw);
     // Every LAN flow on x, whose address the gateway pings from too.
@@ -69,4 +73,14 @@ fn a_lan_host_and_the_gateway_pinging_one_target_with_one_id_both_get_every_repl
     }
     assert!(gw.reason("host_echo") >= 20, "{}", gw.status()["drops"]);
     assert_eq!(t.foreign_sources(), 0);
+}
+
+#[test]
+fn a_lan_host_and_the_gateway_pinging_one_target_with_one_id_both_get_every_reply() {
+    both_pingers_get_every_reply(false);
+}
+
+#[test]
+fn both_get_every_reply_with_checksum_offload_on_too() {
+    both_pingers_get_every_reply(true);
 }

@@ -17,9 +17,13 @@ fn refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-#[test]
-fn a_flooding_host_is_held_to_its_quota_and_nobody_else_notices() {
+/// One host floods new flows; `offloads`: checksum offload on, the real
+/// case.
+fn flooding_host_held_to_its_quota(offloads: bool) {
     let t = Topology::two_clients();
+    if offloads {
+        t.enable_checksum_offloads();
+    }
     let gw = Gateway::start(
         &t.gw,
         &config_for(
@@ -87,4 +91,14 @@ fn a_flooding_host_is_held_to_its_quota_and_nobody_else_notices() {
     assert!(top["refused"].as_u64().expect("refused") > 0);
     assert!(top["flows"].as_u64().expect("flows") <= 256 + 16, "{top}");
     assert!(gw.reason("host_quota") > 0);
+}
+
+#[test]
+fn a_flooding_host_is_held_to_its_quota_and_nobody_else_notices() {
+    flooding_host_held_to_its_quota(false);
+}
+
+#[test]
+fn the_quota_holds_with_checksum_offload_on_too() {
+    flooding_host_held_to_its_quota(true);
 }

@@ -30,8 +30,11 @@ fn black_hole_beyond_x(t: &Topology) {
     ]);
 }
 
-fn upload_through_x(clamp: &str) -> Result<(), String> {
+fn upload_through_x(clamp: &str, offloads: bool) -> Result<(), String> {
     let t = Topology::standard();
+    if offloads {
+        t.enable_checksum_offloads();
+    }
     black_hole_beyond_x(&t);
     let config = with_uplink_key(
         &config_for(&t, [1, 0], ""),
@@ -51,13 +54,18 @@ fn upload_through_x(clamp: &str) -> Result<(), String> {
 
 #[test]
 fn a_20_mb_upload_through_a_pmtu_black_hole_completes_with_mss_clamp_1360() {
-    upload_through_x("1360").expect("the clamped upload");
+    upload_through_x("1360", false).expect("the clamped upload");
+}
+
+#[test]
+fn the_clamped_upload_completes_with_checksum_offload_on_too() {
+    upload_through_x("1360", true).expect("the clamped upload, offloads on");
 }
 
 #[test]
 fn the_same_upload_stalls_without_clamping_so_the_black_hole_is_real() {
     assert!(
-        upload_through_x("\"off\"").is_err(),
+        upload_through_x("\"off\"", false).is_err(),
         "the test topology has no black hole: the clamping test proves nothing"
     );
 }
