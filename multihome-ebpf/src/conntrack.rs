@@ -401,7 +401,8 @@ pub fn touch_out(ctx: &TcContext, key: &FlowKey, fwd: *mut FlowFwd, pkt: &Packet
     if tcp & TCP_SYN != 0 && flags & FLOW_SEEN_REPLY == 0 {
         crate::stats::syn_retry(f.uplink);
     }
-    if pkt.l4_kind == L4::Tcp {
+    // A hairpin flow never leaves by its uplink: it says nothing of it.
+    if pkt.l4_kind == L4::Tcp && flags & FLOW_HAIRPIN == 0 {
         track_data(ctx, f, pkt);
     }
     let now = now_ns();

@@ -21,14 +21,15 @@ use aya::{
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
 };
 use multihome_common::{
-    EimKey, EimLan, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST, FLOW_RST_IN, FLOW_SEEN_REPLY, FlowFwd,
-    FlowKey, FlowRev, HostFlows, JUMP_LAN_RESET, LAYOUT_VERSION, LanNet, MAP_CONN_FWD,
-    MAP_CONN_REV, MAP_EIM, MAP_FILL, MAP_HOSTS, MAP_JUMP, MAP_LAN_NETS, MAP_NEXT_HOPS, MAP_PEERS,
-    MAP_REASONS, MAP_ROUTED, MAP_SETTINGS, MAP_SYN_WAIT, MAP_UPLINK_STATS, MAP_UPLINKS,
-    MARK_TRANSLATED, NextHop, PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN, PROG_WAN_OUT, PeerSlot,
-    REASON_COUNT, Reason, Reasons, RoutedKey, Settings, SynWaitKey, UPLINK_CONFIGURED,
-    UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_OUTAGE, UPLINK_RESET_TCP, UPLINK_USABLE, Uplink,
-    UplinkStats, WAIT_RETRANSMIT, WAIT_SYN, peer_check, peer_slot,
+    EimKey, EimLan, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_HAIRPIN, FLOW_RST, FLOW_RST_IN,
+    FLOW_SEEN_REPLY, FlowFwd, FlowKey, FlowRev, HostFlows, JUMP_LAN_RESET, LAYOUT_VERSION, LanNet,
+    MAP_CONN_FWD, MAP_CONN_REV, MAP_EIM, MAP_FILL, MAP_HOSTS, MAP_JUMP, MAP_LAN_NETS,
+    MAP_NEXT_HOPS, MAP_PEERS, MAP_REASONS, MAP_ROUTED, MAP_SETTINGS, MAP_SYN_WAIT,
+    MAP_UPLINK_STATS, MAP_UPLINKS, MARK_TRANSLATED, NextHop, PROG_LAN_IN, PROG_LAN_RESET,
+    PROG_WAN_IN, PROG_WAN_OUT, PeerSlot, REASON_COUNT, Reason, Reasons, RoutedKey, Settings,
+    SynWaitKey, UPLINK_CONFIGURED, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_OUTAGE,
+    UPLINK_RESET_TCP, UPLINK_USABLE, Uplink, UplinkStats, WAIT_RETRANSMIT, WAIT_SYN, peer_check,
+    peer_slot,
 };
 use testbed::packets::*;
 
@@ -1396,6 +1397,17 @@ fn a_lan_data_segment_with_no_new_byte_counts_as_a_retransmission_and_leaves_its
         dp.run(PROG_LAN_IN, &UDP_FLOW.outbound().frame(), 0);
         dp.run(PROG_LAN_IN, &UDP_FLOW.outbound().frame(), 0);
         assert_eq!(resent(dp), 3);
+        // A hairpin flow never leaves by its uplink.
+        dp.set_fwd(
+            TCP_FLOW.fwd_key(),
+            FlowFwd {
+                flags: FLOW_HAIRPIN,
+                snd_max: 1100,
+                ..TCP_FLOW.fwd()
+            },
+        );
+        dp.run(PROG_LAN_IN, &seg(1000, &data), 0);
+        assert_eq!(resent(dp), 3, "a hairpin flow's data sent again");
     });
 }
 
