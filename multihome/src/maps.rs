@@ -144,9 +144,12 @@ impl Maps {
         Ok(switch.set(0, CLASSIFY_IN_MAIN, 0)?)
     }
 
-    /// Uplink slot `id`'s cached next hop.
-    pub fn next_hop(&self, id: u32) -> anyhow::Result<NextHop> {
-        Ok(self.array::<NextHop>(MAP_NEXT_HOPS)?.get(&id, 0)?)
+    /// Every uplink slot's cached next hop.
+    pub fn next_hops(&self) -> anyhow::Result<Vec<NextHop>> {
+        let a = self.array::<NextHop>(MAP_NEXT_HOPS)?;
+        (0..MAX_UPLINKS)
+            .map(|i| Ok(a.get(&i, 0)?))
+            .collect::<anyhow::Result<_>>()
     }
 
     pub fn set_next_hop(&self, id: u32, h: &NextHop) -> anyhow::Result<()> {

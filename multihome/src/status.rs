@@ -174,13 +174,14 @@ pub fn uplinks(maps: &Maps) -> anyhow::Result<Vec<UplinkStatus>> {
 /// The configured uplinks, `flows[slot]` flows each.
 fn uplinks_with(maps: &Maps, flows: &[u64]) -> anyhow::Result<Vec<UplinkStatus>> {
     let stats = maps.uplink_stats()?;
+    let hops = maps.next_hops()?;
     let mut uplinks = Vec::new();
     for (id, u) in maps.uplinks()?.iter().enumerate() {
         if u.flags & UPLINK_CONFIGURED == 0 {
             continue;
         }
         let s = &stats[id];
-        let hop = maps.next_hop(id as u32)?;
+        let hop = &hops[id];
         let addr = (u.addr_be != 0).then(|| be_addr(u.addr_be).to_string());
         uplinks.push(UplinkStatus {
             name: name_from_bytes(&u.name),
@@ -228,7 +229,7 @@ fn uplinks_with(maps: &Maps, flows: &[u64]) -> anyhow::Result<Vec<UplinkStatus>>
             synacks: s.synacks,
             syn_retries: s.syn_retries,
             retransmits: s.retransmits,
-            next_hop: (hop.valid != 0).then(|| describe_hop(&hop, u)),
+            next_hop: (hop.valid != 0).then(|| describe_hop(hop, u)),
             syn_rtt_ms: (s.synacks != 0)
                 .then(|| s.synack_rtt_ns as f64 / s.synacks as f64 / 1_000_000.0),
         });
