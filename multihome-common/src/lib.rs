@@ -104,7 +104,16 @@ pub const MAP_CLASSIFY: &str = "CLASSIFY";
 /// `local` table lists them (network order) -> [`LOCAL_ADDR`] or
 /// [`LOCAL_BROADCAST`]; kept by the daemon while [`CLASSIFY_IN_MAIN`].
 pub const MAP_LOCAL_ADDRS: &str = "LOCAL_ADDRS";
-pub const ALL_MAPS: [&str; 29] = [
+/// Interface index -> the same index: the devices the XDP programs may
+/// redirect to (a `BPF_MAP_TYPE_DEVMAP_HASH`). The daemon lists a LAN or
+/// uplink device only while XDP runs on it and its root qdisc shapes
+/// nothing (a redirect skips the qdisc and tcx egress).
+pub const MAP_XDP_DEVS: &str = "XDP_DEVS";
+/// Uplink slot -> [`XdpStats`], per CPU.
+pub const MAP_XDP_STATS: &str = "XDP_STATS";
+/// Entries of [`MAP_XDP_DEVS`].
+pub const MAX_XDP_DEVS: u32 = 64;
+pub const ALL_MAPS: [&str; 31] = [
     MAP_CONN_FWD,
     MAP_CONN_REV,
     MAP_UPLINKS,
@@ -134,6 +143,8 @@ pub const ALL_MAPS: [&str; 29] = [
     MAP_NEXT_HOPS,
     MAP_CLASSIFY,
     MAP_LOCAL_ADDRS,
+    MAP_XDP_DEVS,
+    MAP_XDP_STATS,
 ];
 
 /// [`MAP_CLASSIFY`]: the kernel's policy rules route an unmarked packet
@@ -164,6 +175,12 @@ pub const PROG_WAN_IN: &str = "mh_wan_in";
 pub const PROG_WAN_IN_L3: &str = "mh_wan_in_l3";
 pub const PROG_WAN_OUT: &str = "mh_wan_out";
 pub const PROG_WAN_OUT_L3: &str = "mh_wan_out_l3";
+/// XDP on LAN devices: packets of pinned flows, translated and redirected
+/// before an skb exists; the rest passes to [`PROG_LAN_IN`] unchanged.
+pub const PROG_XDP_LAN: &str = "mh_xdp_lan";
+/// XDP on uplinks: replies of pinned flows, as [`PROG_XDP_LAN`]; the rest
+/// passes to [`PROG_WAN_IN`] unchanged.
+pub const PROG_XDP_WAN: &str = "mh_xdp_wan";
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -848,6 +865,18 @@ pub struct UplinkStats {
     pub retransmits: u64,
 }
 
+/// Packets of an uplink's flows that took the XDP path, per CPU (they are
+/// also counted in [`UplinkStats`] as the TC path counts them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct XdpStats {
+    /// LAN to uplink.
+    pub tx_packets: u64,
+    /// Uplink to LAN.
+    pub rx_packets: u64,
+}
+
 macro_rules! reasons {
     ($( $(#[$doc:meta])* $variant:ident = $field:ident ),+ $(,)?) => {
         /// Why a packet left the fast path: passed to the stack untouched, or
@@ -1052,6 +1081,7 @@ mod pod {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for HostFlows {}
     unsafe impl aya::Pod for UplinkStats {}
+    unsafe impl aya::Pod for XdpStats {}
     unsafe impl aya::Pod for Reasons {}
     unsafe impl aya::Pod for RoutedKey {}
     unsafe impl aya::Pod for RuleAddrKey {}

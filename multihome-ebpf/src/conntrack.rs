@@ -15,7 +15,7 @@ use multihome_common::{
 use crate::{
     affinity,
     maps::{CONN_FWD, CONN_REV},
-    parse::{L4, Packet, TCP_FIN, TCP_RST, TCP_SYN, hi, read},
+    parse::{Frame, L4, Packet, TCP_FIN, TCP_RST, TCP_SYN, hi, read},
     sockets,
 };
 
@@ -389,7 +389,7 @@ fn tcp_flags_in(flags: u32, tcp: u8) -> u32 {
 /// Records a LAN packet of an existing flow. Once a second it also checks
 /// that the reverse half still exists and puts it back if not.
 #[inline(always)]
-pub fn touch_out(ctx: &TcContext, key: &FlowKey, fwd: *mut FlowFwd, pkt: &Packet) {
+pub fn touch_out(ctx: &impl Frame, key: &FlowKey, fwd: *mut FlowFwd, pkt: &Packet) {
     // SAFETY: `fwd` points into the map's preallocated value; races with
     // other CPUs only lose a stamp or a flag bit, never a flow.
     let f = unsafe { &mut *fwd };
@@ -427,7 +427,7 @@ pub fn touch_out(ctx: &TcContext, key: &FlowKey, fwd: *mut FlowFwd, pkt: &Packet
 /// nothing beyond it as a retransmission. Segments of under two bytes
 /// (pure ACKs, keepalives, window probes) are left out.
 #[inline(always)]
-fn track_data(ctx: &TcContext, f: &mut FlowFwd, pkt: &Packet) {
+fn track_data(ctx: &impl Frame, f: &mut FlowFwd, pkt: &Packet) {
     let (Ok(seq_be), Ok(off)) = (read::<u32>(ctx, pkt.l4 + 4), read::<u16>(ctx, pkt.l4 + 12))
     else {
         return;

@@ -21,9 +21,24 @@ use crate::{
     verdict::{Outcome, Verdict},
 };
 
-const AF_INET: u8 = 2;
+pub const AF_INET: u8 = 2;
 /// `BPF_MTU_CHK_SEGS` (uapi `bpf.h`): check a GSO packet's segments.
 const MTU_CHK_SEGS: u64 = 1;
+
+/// Zeroes `params`, a `bpf_fib_lookup` request on the stack.
+#[inline(always)]
+pub fn zeroed(params: &mut MaybeUninit<FibParams>) -> &mut FibParams {
+    // SAFETY: the words cover the struct (its size is a multiple of 4, its
+    // alignment 4); all-zero is a valid request skeleton.
+    unsafe {
+        let words = params.as_mut_ptr() as *mut u32;
+        for i in 0..size_of::<FibParams>() / 4 {
+            // Volatile: a plain zeroing becomes a call to a byte-loop memset.
+            words.add(i).write_volatile(0);
+        }
+        params.assume_init_mut()
+    }
+}
 
 /// A resolved next hop.
 pub struct Hop {
@@ -54,16 +69,7 @@ pub fn lookup(
     forward: bool,
 ) -> Result<Hop, NoHop> {
     let mut params = MaybeUninit::<FibParams>::uninit();
-    // SAFETY: the words cover the struct (its size is a multiple of 4, its
-    // alignment 4); all-zero is a valid request skeleton.
-    let p = unsafe {
-        let words = params.as_mut_ptr() as *mut u32;
-        for i in 0..size_of::<FibParams>() / 4 {
-            // Volatile: a plain zeroing becomes a call to a byte-loop memset.
-            words.add(i).write_volatile(0);
-        }
-        params.assume_init_mut()
-    };
+    let p = zeroed(&mut params);
     p.family = AF_INET;
     p.l4_protocol = pkt.proto;
     // SAFETY: the context pointer is valid for the program's run.

@@ -9,6 +9,11 @@
 //!   kernel; drop the gateway's own packets that clash with a NAT flow.
 //!
 //! The `_l3` variants serve uplinks without an Ethernet header (ppp, tun).
+//!
+//! And its XDP programs, which run first where the daemon attaches them:
+//!
+//! - `mh_xdp_lan` (LAN) and `mh_xdp_wan` (uplinks): packets of pinned TCP
+//!   and UDP flows, translated and redirected; the rest passes to TC.
 #![no_std]
 #![no_main]
 // The atomic add of quota.rs: BPF has no atomics in Rust's `core`.
@@ -36,8 +41,12 @@ mod select;
 mod sockets;
 mod stats;
 mod verdict;
+mod xdp;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 
 use crate::verdict::tc_action;
 
@@ -69,6 +78,16 @@ pub fn mh_wan_out(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn mh_wan_out_l3(ctx: TcContext) -> i32 {
     tc_action(outbound::wan_egress::<false>(&ctx))
+}
+
+#[xdp]
+pub fn mh_xdp_lan(ctx: XdpContext) -> u32 {
+    xdp::lan_ingress(&ctx)
+}
+
+#[xdp]
+pub fn mh_xdp_wan(ctx: XdpContext) -> u32 {
+    xdp::wan_ingress(&ctx)
 }
 
 #[cfg(not(test))]

@@ -1,7 +1,7 @@
 //! Every map the programs use. Sizes here are defaults; the daemon sets the
 //! connection maps' capacity at load time.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
+    btf_maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
     macros::btf_map,
 };
 use multihome_common::{
@@ -9,8 +9,9 @@ use multihome_common::{
     EchoKey, EimKey, EimLan, Endpoint, EndpointKey, FRAG_ENTRIES, Fill, FlowFwd, FlowKey, FlowRev,
     FragKey, FragXlat, HOST_ECHO_ENTRIES, HostFlows, LanNet, MAX_HOSTS, MAX_LAN_NETS,
     MAX_LOCAL_ADDRS, MAX_POLICIES, MAX_ROUTED_PREFIXES, MAX_RULE_PREFIXES, MAX_RULES, MAX_UPLINKS,
-    NextHop, PEER_SLOTS, PeerSlot, Reasons, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey,
-    RuleSet, SYN_WAIT_ENTRIES, SelectTable, Settings, SynWaitKey, Uplink, UplinkStats,
+    MAX_XDP_DEVS, NextHop, PEER_SLOTS, PeerSlot, Reasons, RoutedKey, RoutedUplinks, RuleAction,
+    RuleAddrKey, RuleSet, SYN_WAIT_ENTRIES, SelectTable, Settings, SynWaitKey, Uplink, UplinkStats,
+    XdpStats,
 };
 
 const FLOWS: usize = DEFAULT_MAX_FLOWS as usize;
@@ -139,3 +140,11 @@ pub static JUMP: ProgramArray<1> = ProgramArray::new();
 /// for hairpinning.
 #[btf_map]
 pub static EIM: LruHashMap<EimKey, EimLan, { EIM_ENTRIES as usize }> = LruHashMap::new();
+
+/// Devices the XDP programs may redirect to, by ifindex.
+#[btf_map]
+pub static XDP_DEVS: DevMapHash<{ MAX_XDP_DEVS as usize }> = DevMapHash::new();
+
+/// Per uplink: packets that took the XDP path.
+#[btf_map]
+pub static XDP_STATS: PerCpuArray<XdpStats, { MAX_UPLINKS as usize }> = PerCpuArray::new();

@@ -4,7 +4,7 @@ use multihome_common::Reason;
 
 use crate::{
     csum::{self, Delta},
-    parse::{L4, Packet, ip, read, write},
+    parse::{Frame, L4, Packet, ip, read, write},
 };
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -38,7 +38,7 @@ impl Side {
 /// code). The header checksum is fixed by hand. Returns the old address.
 #[inline(always)]
 pub fn rewrite_l3(
-    ctx: &TcContext,
+    ctx: &impl Frame,
     l3: usize,
     side: Side,
     addr_be: u32,

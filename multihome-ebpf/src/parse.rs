@@ -1,7 +1,7 @@
 //! Headers -> a [`Packet`] of offsets and tuple fields, or a reason to leave
 //! the packet alone. Offsets come from the device kind and the IHL, never
 //! from fixed header sizes.
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use multihome_common::{
     IPPROTO_DCCP, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, Reason,
 };
@@ -90,9 +90,61 @@ pub struct Packet {
     pub frag_be: u16,
 }
 
+/// Packet data as both hooks see it: an skb at TC, a frame at XDP.
+pub trait Frame {
+    /// Start of the linear data.
+    fn data(&self) -> usize;
+    /// End of the linear data.
+    fn data_end(&self) -> usize;
+    /// The whole packet's length, bytes, non-linear data included.
+    fn len(&self) -> u32;
+    /// Makes the first `len` bytes linear; false when it cannot.
+    fn pull(&self, len: u32) -> bool;
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        TcContext::len(self)
+    }
+    #[inline(always)]
+    fn pull(&self, len: u32) -> bool {
+        self.pull_data(len).is_ok()
+    }
+}
+
+/// A frame without fragments (the XDP programs do not take multi-buffer
+/// frames): all of it is linear.
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        (XdpContext::data_end(self) - XdpContext::data(self)) as u32
+    }
+    #[inline(always)]
+    fn pull(&self, _len: u32) -> bool {
+        false
+    }
+}
+
 /// A checked pointer `off` bytes into the linear packet data.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
+pub fn ptr_at<T>(ctx: &impl Frame, off: usize) -> Option<*mut T> {
     let start = ctx.data();
     if start + off + size_of::<T>() > ctx.data_end() {
         return None;
@@ -116,13 +168,13 @@ pub fn lo(word: u16) -> u8 {
 /// are read as part of a 16-bit word (see [`hi`], [`lo`]): LLVM turns a
 /// one-byte bounds check into a form the verifier rejects.
 #[inline(always)]
-pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, Reason> {
+pub fn read<T: Copy>(ctx: &impl Frame, off: usize) -> Result<T, Reason> {
     if let Some(p) = ptr_at::<T>(ctx, off) {
         // SAFETY: bounds checked against data_end.
         return Ok(unsafe { p.read_unaligned() });
     }
     let want = off + size_of::<T>();
-    if (ctx.len() as usize) < want || ctx.pull_data(want as u32).is_err() {
+    if (ctx.len() as usize) < want || !ctx.pull(want as u32) {
         return Err(Reason::Malformed);
     }
     let p = ptr_at::<T>(ctx, off).ok_or(Reason::Malformed)?;
@@ -132,7 +184,7 @@ pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, Reason> {
 
 /// Writes a `T` at `off`, which [`read`] has already made linear.
 #[inline(always)]
-pub fn write<T>(ctx: &TcContext, off: usize, v: T) -> Result<(), Reason> {
+pub fn write<T>(ctx: &impl Frame, off: usize, v: T) -> Result<(), Reason> {
     let p = ptr_at::<T>(ctx, off).ok_or(Reason::RewriteFailed)?;
     // SAFETY: bounds checked against data_end.
     unsafe { p.write_unaligned(v) };
@@ -163,7 +215,7 @@ struct Ipv4Basics {
 }
 
 #[inline(always)]
-fn ipv4_basics(ctx: &TcContext, l3: usize) -> Result<Ipv4Basics, Reason> {
+fn ipv4_basics(ctx: &impl Frame, l3: usize) -> Result<Ipv4Basics, Reason> {
     let vihl = hi(read::<u16>(ctx, l3)?);
     let ihl = ((vihl & 0x0f) as usize) * 4;
     if vihl >> 4 != 4 || ihl < ip::MIN_LEN {
@@ -182,7 +234,7 @@ fn ipv4_basics(ctx: &TcContext, l3: usize) -> Result<Ipv4Basics, Reason> {
 
 /// Parses the IPv4 header at `l3` and the L4 header after it.
 #[inline(always)]
-pub fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, Reason> {
+pub fn parse_ipv4(ctx: &impl Frame, l3: usize) -> Result<Packet, Reason> {
     let Ipv4Basics {
         ihl,
         tot_len,

@@ -37,6 +37,24 @@ pub struct Config {
     /// First match wins; unmatched flows use the `balanced` policy.
     #[serde(rename = "rule", default)]
     pub rules: Vec<RuleConfig>,
+    /// Where the XDP fast path runs in front of TC.
+    #[serde(default)]
+    pub xdp: XdpMode,
+}
+
+/// `xdp`: where packets of pinned flows take the XDP path.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Only on interfaces whose driver runs XDP natively on raw frames
+    /// (not veth, tun or generic XDP): where it pays.
+    #[default]
+    Auto,
+    /// On every LAN and uplink interface with an Ethernet header, or the
+    /// daemon fails.
+    Native,
+    /// Nowhere: every packet goes through TC.
+    Off,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

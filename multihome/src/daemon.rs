@@ -1,7 +1,7 @@
 //! `multihome run`: one task owns the state, and reacts to a tick (link
 //! and address changes, expiry), signals and reloads.
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -39,6 +39,7 @@ use crate::{
     reaper::Reaper,
     routing::{self, Routing},
     uplinks::{self, Observed, Probed, UplinkState},
+    xdp,
 };
 
 type NetlinkEvent = (
@@ -89,6 +90,10 @@ struct Daemon {
     routing: Routing,
     observed: Vec<Observed>,
     attached: BTreeSet<(String, String)>,
+    /// Per interface (`name#index`): where XDP goes, decided once.
+    xdp: BTreeMap<String, (u32, xdp::Placement)>,
+    /// The devices XDP may redirect to, and why each other is left out.
+    xdp_redirect: BTreeMap<u32, Result<(), String>>,
     /// Expires idle flows on its own thread while the daemon serves.
     reaper: Option<Reaper>,
     /// Per uplink: the probes' verdict, and where they probe from.
@@ -256,6 +261,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         maps,
         observed: Vec::new(),
         attached: BTreeSet::new(),
+        xdp: BTreeMap::new(),
+        xdp_redirect: BTreeMap::new(),
         reaper: None,
         probed: vec![Probed::default(); config.uplinks.len()],
         passive: passive::Watch::new(config.uplinks.len()),
@@ -533,6 +540,7 @@ impl Daemon {
             self.bind_probes(id, o);
         }
         self.write_next_hops(&observed).await;
+        self.write_xdp_devs().await;
         if self.classify_stale {
             self.write_classify().await;
         }
@@ -1025,7 +1033,96 @@ impl Daemon {
             }
             self.attached.insert(tag);
         }
+        self.place_xdp(snap, observed)
+    }
+
+    /// Attaches the XDP programs where `xdp` puts them, and detaches what
+    /// an earlier run left where it no longer does. Decided once per
+    /// interface (and again if it comes back with a new index).
+    fn place_xdp(&mut self, snap: &netinfo::Snapshot, observed: &[Observed]) -> anyhow::Result<()> {
+        let lan = self.config.lan.iter().map(|l| (l, false, false));
+        let wan =
+            (self.config.uplinks.iter().zip(observed)).map(|(u, o)| (&u.interface, true, o.l3));
+        let wanted: Vec<(String, bool, bool)> = lan
+            .chain(wan)
+            .map(|(n, w, l3)| (n.clone(), w, l3))
+            .collect();
+        for (ifname, wan, l3) in wanted {
+            let Some(iface) = snap.get(&ifname) else {
+                continue;
+            };
+            let tag = format!("{ifname}#{}", iface.index);
+            if self.xdp.contains_key(&tag) {
+                continue;
+            }
+            let placement = xdp::place(self.config.xdp, l3, xdp::driver(&ifname).as_deref());
+            match &placement {
+                xdp::Placement::Attach => {
+                    self.datapath.attach_xdp(&ifname, wan)?;
+                    info!("XDP native on {ifname}");
+                }
+                xdp::Placement::Skip(why) => {
+                    if self.datapath.detach_xdp(&ifname) {
+                        info!("XDP detached from {ifname}: {why}");
+                    } else {
+                        info!("no XDP on {ifname}: {why}");
+                    }
+                }
+            }
+            self.xdp.insert(tag, (iface.index, placement));
+        }
         Ok(())
+    }
+
+    /// Lets XDP redirect to each device it runs on whose qdiscs shape
+    /// nothing (`XDP_DEVS`), and to no other.
+    async fn write_xdp_devs(&mut self) {
+        let running: BTreeSet<u32> = self
+            .xdp
+            .values()
+            .filter(|(_, p)| *p == xdp::Placement::Attach)
+            .map(|(i, _)| *i)
+            .collect();
+        let qdiscs = if running.is_empty() {
+            Default::default()
+        } else {
+            match xdp::qdiscs(&self.handle).await {
+                Ok(q) => q,
+                Err(e) => {
+                    warn!("{e:#}: XDP redirects stay as they were");
+                    return;
+                }
+            }
+        };
+        let mut now = BTreeMap::new();
+        for i in &running {
+            let verdict = xdp::redirect_allowed(qdiscs.get(i).map_or(&[][..], |k| k));
+            if self.xdp_redirect.get(i) != Some(&verdict) {
+                match &verdict {
+                    Ok(()) => info!("XDP redirects to ifindex {i}"),
+                    Err(why) => info!("no XDP redirect to ifindex {i}: {why}"),
+                }
+            }
+            now.insert(*i, verdict);
+        }
+        let listed = self.maps.xdp_devs().unwrap_or_default();
+        for i in listed
+            .iter()
+            .filter(|i| !matches!(now.get(i), Some(Ok(()))))
+        {
+            if let Err(e) = self.maps.set_xdp_dev(*i, false) {
+                error!("stopping XDP redirects to ifindex {i}: {e:#}");
+            }
+        }
+        for (i, v) in &now {
+            if v.is_ok()
+                && !listed.contains(i)
+                && let Err(e) = self.maps.set_xdp_dev(*i, true)
+            {
+                error!("letting XDP redirect to ifindex {i}: {e:#}");
+            }
+        }
+        self.xdp_redirect = now;
     }
 
     async fn serve(&mut self) -> anyhow::Result<()> {
@@ -1283,6 +1380,7 @@ impl Daemon {
         if new.lan != self.config.lan
             || new.nat != self.config.nat
             || new.routing != self.config.routing
+            || new.xdp != self.config.xdp
             || new.uplinks.len() != self.config.uplinks.len()
             || new.uplinks.iter().zip(&self.config.uplinks).any(|(a, b)| {
                 a.name != b.name || a.interface != b.interface || a.health != b.health

@@ -12,16 +12,17 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData, ProgramArray},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         tc::TcAttachOptions,
+        xdp::XdpLink,
     },
 };
 use multihome_common::{
     ALL_MAPS, FlowFwd, FlowKey, JUMP_LAN_RESET, LAYOUT_VERSION, MAP_AFFINITY, MAP_CONN_FWD,
     MAP_CONN_REV, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_JUMP, MAP_PEERS, MAP_REASONS, MAP_SELECT,
     MAP_SETTINGS, MAP_UPLINK_STATS, MAP_UPLINKS, PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN,
-    PROG_WAN_IN_L3, PROG_WAN_OUT, PROG_WAN_OUT_L3,
+    PROG_WAN_IN_L3, PROG_WAN_OUT, PROG_WAN_OUT_L3, PROG_XDP_LAN, PROG_XDP_WAN,
 };
 
 use crate::config::NatConfig;
@@ -73,6 +74,13 @@ pub fn link_pin(pin_dir: &Path, ifname: &str, hook: Hook) -> PathBuf {
     pin_dir
         .join("links")
         .join(format!("{}@{}", ifname.replace('.', ":"), hook.direction()))
+}
+
+/// Where an interface's XDP link is pinned: `links/<ifname>@xdp`.
+pub fn xdp_link_pin(pin_dir: &Path, ifname: &str) -> PathBuf {
+    pin_dir
+        .join("links")
+        .join(format!("{}@xdp", ifname.replace('.', ":")))
 }
 
 /// The loaded programs and their maps.
@@ -422,6 +430,14 @@ impl Datapath {
             prog.load()
                 .with_context(|| format!("verifying program {name}"))?;
         }
+        for name in [PROG_XDP_LAN, PROG_XDP_WAN] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("verifying program {name}"))?;
+        }
         // The LAN program tail-calls the reset one; an adopted JUMP
         // switches to this run's program here.
         let fd = {
@@ -488,6 +504,66 @@ impl Datapath {
                 .with_context(|| format!("pinning link {}", pin.display()))?;
         }
         Ok(())
+    }
+}
+
+impl Datapath {
+    /// Attaches the XDP program of a LAN device (`wan` false) or an uplink
+    /// to `ifname` in native (driver) mode and pins the link; a link
+    /// pinned by an earlier run is taken over in place. Fails when the
+    /// driver has no native XDP.
+    pub fn attach_xdp(&mut self, ifname: &str, wan: bool) -> anyhow::Result<()> {
+        let pin = xdp_link_pin(&self.pin_dir, ifname);
+        let name = if wan { PROG_XDP_WAN } else { PROG_XDP_LAN };
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .context("program missing")?
+            .try_into()?;
+        let adopted = PinnedLink::from_pin(&pin).ok().and_then(|old| {
+            let link = XdpLink::try_from(FdLink::from(old)).ok()?;
+            match prog.attach_to_link(link) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    log::info!("{} is stale ({e}); attaching anew", pin.display());
+                    let _ = fs::remove_file(&pin);
+                    None
+                }
+            }
+        });
+        let id = match adopted {
+            Some(id) => id,
+            None => {
+                let _ = fs::remove_file(&pin);
+                prog.attach(ifname, XdpMode::Driver).with_context(|| {
+                    format!(
+                        "attaching {name} to {ifname} in native XDP mode (does its driver \
+                         support native XDP? set xdp = \"auto\" or \"off\" otherwise)"
+                    )
+                })?
+            }
+        };
+        let link: FdLink = prog.take_link(id)?.try_into().with_context(|| {
+            format!("the XDP link on {ifname} is not a bpf_link (kernel older than 5.9?)")
+        })?;
+        if !pin.exists() {
+            link.pin(&pin)
+                .with_context(|| format!("pinning link {}", pin.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Detaches the XDP program an earlier run left on `ifname`, if any;
+    /// returns whether there was one.
+    pub fn detach_xdp(&self, ifname: &str) -> bool {
+        let pin = xdp_link_pin(&self.pin_dir, ifname);
+        match PinnedLink::from_pin(&pin) {
+            Ok(l) => {
+                drop(l.unpin());
+                true
+            }
+            Err(_) => fs::remove_file(&pin).is_ok(),
+        }
     }
 }
 

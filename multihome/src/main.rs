@@ -17,6 +17,7 @@ mod reaper;
 mod routing;
 mod status;
 mod uplinks;
+mod xdp;
 
 use clap::{CommandFactory as _, FromArgMatches as _};
 

@@ -6,7 +6,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::maps::{
-    Array, HashMap, Map, MapData, PerCpuArray,
+    Array, DevMapHash, HashMap, Map, MapData, PerCpuArray,
     lpm_trie::{Key, LpmTrie},
 };
 use multihome_common::{
@@ -15,9 +15,10 @@ use multihome_common::{
     MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_FILL, MAP_HOSTS, MAP_LAN_NETS, MAP_LOCAL_ADDRS,
     MAP_NEXT_HOPS, MAP_REASONS, MAP_ROUTED, MAP_RULE_ACTION, MAP_RULE_DPORT, MAP_RULE_DSCP,
     MAP_RULE_DST, MAP_RULE_PROTO, MAP_RULE_SRC, MAP_SELECT, MAP_SETTINGS, MAP_SYN_WAIT,
-    MAP_UPLINK_STATS, MAP_UPLINKS, MAX_LAN_NETS, MAX_LOCAL_ADDRS, MAX_POLICIES, MAX_RULES,
-    MAX_UPLINKS, NextHop, Reasons, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet,
-    SelectTable, Settings, SynWaitKey, Uplink, UplinkStats, rules_word,
+    MAP_UPLINK_STATS, MAP_UPLINKS, MAP_XDP_DEVS, MAP_XDP_STATS, MAX_LAN_NETS, MAX_LOCAL_ADDRS,
+    MAX_POLICIES, MAX_RULES, MAX_UPLINKS, NextHop, Reasons, RoutedKey, RoutedUplinks, RuleAction,
+    RuleAddrKey, RuleSet, SelectTable, Settings, SynWaitKey, Uplink, UplinkStats, XdpStats,
+    rules_word,
 };
 
 use crate::{config::Prefix, mapwalk, policy::compile::Compiled};
@@ -50,6 +51,11 @@ impl Maps {
         Ok(Self {
             dir: dir.to_owned(),
         })
+    }
+
+    /// Where the maps and links are pinned.
+    pub fn pin_dir(&self) -> &Path {
+        &self.dir
     }
 
     fn array<V: aya::Pod>(&self, name: &str) -> anyhow::Result<Array<MapData, V>> {
@@ -337,7 +343,50 @@ impl Maps {
         let mut a = self.per_cpu::<UplinkStats>(MAP_UPLINK_STATS)?;
         let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
         let zero = aya::maps::PerCpuValues::try_from(vec![UplinkStats::default(); cpus])?;
-        Ok(a.set(id, zero, 0)?)
+        a.set(id, zero, 0)?;
+        let mut x = self.per_cpu::<XdpStats>(MAP_XDP_STATS)?;
+        let zero = aya::maps::PerCpuValues::try_from(vec![XdpStats::default(); cpus])?;
+        Ok(x.set(id, zero, 0)?)
+    }
+
+    /// Per-uplink packets that took the XDP path, summed over CPUs.
+    pub fn xdp_stats(&self) -> anyhow::Result<Vec<XdpStats>> {
+        let a = self.per_cpu::<XdpStats>(MAP_XDP_STATS)?;
+        (0..MAX_UPLINKS)
+            .map(|i| {
+                Ok(a.get(&i, 0)?.iter().fold(XdpStats::default(), |mut t, s| {
+                    t.tx_packets += s.tx_packets;
+                    t.rx_packets += s.rx_packets;
+                    t
+                }))
+            })
+            .collect()
+    }
+
+    fn xdp_devs_map(&self) -> anyhow::Result<DevMapHash<MapData>> {
+        Ok(DevMapHash::try_from(Map::DevMapHash(open(
+            &self.dir,
+            MAP_XDP_DEVS,
+        )?))?)
+    }
+
+    /// The devices the XDP programs may redirect to, by ifindex.
+    pub fn xdp_devs(&self) -> anyhow::Result<Vec<u32>> {
+        Ok(self.xdp_devs_map()?.keys().collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Lets the XDP programs redirect to `ifindex`, or stops them.
+    pub fn set_xdp_dev(&self, ifindex: u32, allowed: bool) -> anyhow::Result<()> {
+        let mut m = self.xdp_devs_map()?;
+        if allowed {
+            m.insert(ifindex, ifindex, None, 0)?;
+        } else {
+            match m.remove(ifindex) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 
     /// Per-uplink counters, summed over CPUs.

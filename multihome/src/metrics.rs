@@ -150,7 +150,7 @@ type Series = (
     fn(&UplinkStatus) -> f64,
 );
 
-const PER_UPLINK: [Series; 16] = [
+const PER_UPLINK: [Series; 18] = [
     (
         "uplink_up",
         MetricType::Gauge,
@@ -242,6 +242,18 @@ const PER_UPLINK: [Series; 16] = [
         |u| u.retransmits as f64,
     ),
     (
+        "uplink_xdp_tx_packets",
+        MetricType::Counter,
+        "packets to the uplink that took the XDP path (also in uplink_tx_packets)",
+        |u| u.xdp_tx_packets as f64,
+    ),
+    (
+        "uplink_xdp_rx_packets",
+        MetricType::Counter,
+        "packets from the uplink that took the XDP path (also in uplink_rx_packets)",
+        |u| u.xdp_rx_packets as f64,
+    ),
+    (
         "uplink_syn_rtt_seconds",
         MetricType::Gauge,
         "mean time from a LAN SYN to its SYN-ACK since the counters started",
@@ -323,6 +335,7 @@ mod tests {
         let scrape = Scrape {
             status: Status {
                 uplinks: vec![uplink("x", "up", None)],
+                interfaces: vec![],
                 flows: 3,
                 top_hosts: vec![],
                 drops: [("port_exhausted", 2)].into_iter().collect(),

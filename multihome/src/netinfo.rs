@@ -142,3 +142,11 @@ fn usable(state: NeighbourState) -> bool {
             | NeighbourState::Noarp
     )
 }
+
+/// `ifname`'s index in this network namespace (`if_nametoindex`).
+pub fn index_of(ifname: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(ifname).ok()?;
+    // SAFETY: a NUL-terminated name.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}

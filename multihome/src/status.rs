@@ -42,6 +42,21 @@ pub struct UplinkStatus {
     /// the gateway's MAC, or "point-to-point" on an L3 link; None while
     /// every packet takes the lookup (`NEXT_HOPS`).
     pub next_hop: Option<String>,
+    /// Of `tx_packets` and `rx_packets`, those that took the XDP path.
+    pub xdp_tx_packets: u64,
+    pub xdp_rx_packets: u64,
+}
+
+/// Which path an interface's packets take.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct InterfaceStatus {
+    pub interface: String,
+    /// "native" while the XDP program runs on it in driver mode, "off"
+    /// while every packet goes through TC alone.
+    pub xdp: &'static str,
+    /// XDP may redirect packets out of it (`XDP_DEVS`); false on a
+    /// device whose qdisc shapes, or without XDP.
+    pub xdp_redirect: bool,
 }
 
 #[cfg(test)]
@@ -72,6 +87,8 @@ impl UplinkStatus {
             syn_retries: 0,
             retransmits: 0,
             next_hop: None,
+            xdp_tx_packets: 0,
+            xdp_rx_packets: 0,
         }
     }
 }
@@ -91,6 +108,8 @@ const TOP_HOSTS: usize = 10;
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub uplinks: Vec<UplinkStatus>,
+    /// The LAN and uplink interfaces the datapath is attached to.
+    pub interfaces: Vec<InterfaceStatus>,
     pub flows: u64,
     /// The hosts refused most (then those with most flows), at most ten.
     pub top_hosts: Vec<HostShare>,
@@ -124,6 +143,7 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
     }
     Ok(Status {
         uplinks: uplinks_with(maps, &per_uplink)?,
+        interfaces: interfaces(maps)?,
         flows: flows.len() as u64,
         top_hosts: top_hosts(maps)?,
         drops: maps.reasons()?.into_iter().collect(),
@@ -147,10 +167,40 @@ pub fn collect_quick(maps: &Maps, last: &Status) -> anyhow::Result<Status> {
     }
     Ok(Status {
         uplinks: uplinks_with(maps, &per_uplink)?,
+        interfaces: interfaces(maps)?,
         flows: maps.fill()?,
         top_hosts: top_hosts(maps)?,
         drops: maps.reasons()?.into_iter().collect(),
     })
+}
+
+/// The interfaces with a pinned TC link, and XDP's state on each: from
+/// the link pins (`links/<if>@ingress`, `links/<if>@xdp`) and `XDP_DEVS`.
+pub fn interfaces(maps: &Maps) -> anyhow::Result<Vec<InterfaceStatus>> {
+    let links = maps.pin_dir().join("links");
+    let mut names = std::collections::BTreeSet::new();
+    let mut xdp = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir(&links).into_iter().flatten().flatten() {
+        let pin = e.file_name().to_string_lossy().into_owned();
+        // bpffs names hold ':' where the interface's has '.'.
+        match pin.rsplit_once('@') {
+            Some((n, "ingress")) => drop(names.insert(n.replace(':', "."))),
+            Some((n, "xdp")) => drop(xdp.insert(n.replace(':', "."))),
+            _ => {}
+        }
+    }
+    let devs = maps.xdp_devs()?;
+    Ok(names
+        .into_iter()
+        .map(|n| {
+            let index = crate::netinfo::index_of(&n);
+            InterfaceStatus {
+                xdp: if xdp.contains(&n) { "native" } else { "off" },
+                xdp_redirect: index.is_some_and(|i| devs.contains(&i)),
+                interface: n,
+            }
+        })
+        .collect())
 }
 
 /// A cached next hop for people: the gateway's MAC, or "point-to-point".
@@ -174,6 +224,7 @@ pub fn uplinks(maps: &Maps) -> anyhow::Result<Vec<UplinkStatus>> {
 /// The configured uplinks, `flows[slot]` flows each.
 fn uplinks_with(maps: &Maps, flows: &[u64]) -> anyhow::Result<Vec<UplinkStatus>> {
     let stats = maps.uplink_stats()?;
+    let xdp = maps.xdp_stats()?;
     let hops = maps.next_hops()?;
     let mut uplinks = Vec::new();
     for (id, u) in maps.uplinks()?.iter().enumerate() {
@@ -230,6 +281,8 @@ fn uplinks_with(maps: &Maps, flows: &[u64]) -> anyhow::Result<Vec<UplinkStatus>>
             syn_retries: s.syn_retries,
             retransmits: s.retransmits,
             next_hop: (hop.valid != 0).then(|| describe_hop(hop, u)),
+            xdp_tx_packets: xdp[id].tx_packets,
+            xdp_rx_packets: xdp[id].rx_packets,
             syn_rtt_ms: (s.synacks != 0)
                 .then(|| s.synack_rtt_ns as f64 / s.synacks as f64 / 1_000_000.0),
         });

@@ -14,22 +14,23 @@ use std::{collections::HashSet, net::Ipv4Addr, process::Command, sync::OnceLock}
 
 use aya::{
     Ebpf, EbpfLoader,
+    maps::xdp::DevMapHash,
     maps::{
         Array, HashMap, PerCpuArray, ProgramArray,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
+    programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use multihome_common::{
     EimKey, EimLan, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_HAIRPIN, FLOW_RST, FLOW_RST_IN,
     FLOW_SEEN_REPLY, FlowFwd, FlowKey, FlowRev, HostFlows, JUMP_LAN_RESET, LAYOUT_VERSION, LanNet,
     MAP_CONN_FWD, MAP_CONN_REV, MAP_EIM, MAP_FILL, MAP_HOSTS, MAP_JUMP, MAP_LAN_NETS,
     MAP_NEXT_HOPS, MAP_PEERS, MAP_REASONS, MAP_ROUTED, MAP_SETTINGS, MAP_SYN_WAIT,
-    MAP_UPLINK_STATS, MAP_UPLINKS, MARK_TRANSLATED, NextHop, PROG_LAN_IN, PROG_LAN_RESET,
-    PROG_WAN_IN, PROG_WAN_OUT, PeerSlot, REASON_COUNT, Reason, Reasons, RoutedKey, Settings,
-    SynWaitKey, UPLINK_CONFIGURED, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_OUTAGE,
-    UPLINK_RESET_TCP, UPLINK_USABLE, Uplink, UplinkStats, WAIT_RETRANSMIT, WAIT_SYN, peer_check,
-    peer_slot,
+    MAP_UPLINK_STATS, MAP_UPLINKS, MAP_XDP_DEVS, MAP_XDP_STATS, MARK_TRANSLATED, NextHop,
+    PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN, PROG_WAN_OUT, PROG_XDP_LAN, PROG_XDP_WAN, PeerSlot,
+    REASON_COUNT, Reason, Reasons, RoutedKey, Settings, SynWaitKey, UPLINK_CONFIGURED,
+    UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_OUTAGE, UPLINK_RESET_TCP, UPLINK_USABLE, Uplink,
+    UplinkStats, WAIT_RETRANSMIT, WAIT_SYN, XdpStats, peer_check, peer_slot,
 };
 use testbed::packets::*;
 
@@ -457,6 +458,17 @@ impl Datapath {
         } else {
             0
         };
+        self.try_run_iif(prog, frame, mark, iif)
+    }
+
+    /// [`Self::try_run`] with `ingress_ifindex` = `iif`.
+    fn try_run_iif(
+        &mut self,
+        prog: &'static str,
+        frame: &[u8],
+        mark: u32,
+        iif: u32,
+    ) -> Result<Run, ProgramError> {
         let p = self.program(prog);
         let mut ctx_in = [0u8; SKB_CTX_LEN];
         ctx_in[SKB_MARK..SKB_MARK + 4].copy_from_slice(&mark.to_ne_bytes());
@@ -3157,4 +3169,429 @@ fn a_lan_host_reaches_another_through_its_public_mapping_both_ways_byte_exact() 
         assert_untouched(&run, &to_gw, "to the gateway itself");
         assert_eq!(counted, [(Reason::NotForUplink, 1)]);
     });
+}
+
+// ---------------------------------------------------------------------------
+// The XDP programs: what they take is rewritten exactly as TC rewrites it;
+// what they decline passes to TC as it came.
+
+/// `XDP_PASS` and `XDP_REDIRECT` (uapi `xdp_action`).
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+/// Size of `struct xdp_md`, the XDP test-run context.
+const XDP_MD_LEN: usize = 24;
+
+impl Datapath {
+    /// The XDP program `name`, loaded on first use.
+    fn xdp_program(&mut self, name: &'static str) -> &Xdp {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .unwrap_or_else(|| panic!("program {name} missing from the object"))
+            .try_into()
+            .unwrap_or_else(|e| panic!("{name} is not an XDP program: {e}"));
+        if self.loaded.insert(name) {
+            prog.load()
+                .unwrap_or_else(|e| panic!("the kernel rejected {name}: {e:?}"));
+        }
+        prog
+    }
+
+    /// Runs XDP program `name` on `frame` as received on `ifindex` (0:
+    /// none given).
+    fn run_xdp(&mut self, name: &'static str, frame: &[u8], ifindex: u32) -> Run {
+        let p = self.xdp_program(name);
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, ...
+        let mut ctx_in = [0u8; XDP_MD_LEN];
+        ctx_in[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        ctx_in[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = p
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx_in),
+                ..TestRunOptions::new()
+            })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {name} failed: {e:?}"));
+        out.truncate(r.data_size_out as usize);
+        Run {
+            ret: r.return_value,
+            out,
+            mark: 0,
+        }
+    }
+
+    /// Lets the XDP programs redirect to `ifindex`.
+    fn allow_xdp_redirect(&mut self, ifindex: u32) {
+        let mut devs = DevMapHash::try_from(self.ebpf.map_mut(MAP_XDP_DEVS).expect("XDP_DEVS"))
+            .expect("XDP_DEVS types");
+        devs.insert(ifindex, ifindex, None, 0)
+            .expect("insert XDP_DEVS");
+    }
+
+    /// Uplink 0's XDP counters summed over all CPUs.
+    fn uplink0_xdp(&self) -> XdpStats {
+        let map: PerCpuArray<_, XdpStats> =
+            PerCpuArray::try_from(self.ebpf.map(MAP_XDP_STATS).expect("XDP_STATS"))
+                .expect("XDP_STATS types");
+        let per_cpu = map.get(&0, 0).expect("read XDP_STATS");
+        per_cpu.iter().fold(XdpStats::default(), |a, s| XdpStats {
+            tx_packets: a.tx_packets + s.tx_packets,
+            rx_packets: a.rx_packets + s.rx_packets,
+        })
+    }
+
+    /// Uplink 0's next hop cached on [`UPLINK_IFINDEX`], which XDP may
+    /// redirect to.
+    fn cache_hop_for_xdp(&mut self) -> NextHop {
+        let mut mac = [0u8; 12];
+        mac[..6].copy_from_slice(&MAC_ISP);
+        mac[6..].copy_from_slice(&MAC_WANX);
+        let hop = NextHop {
+            mac,
+            ifindex: UPLINK_IFINDEX,
+            mtu: 1500,
+            valid: 1,
+        };
+        self.set_next_hop0(hop);
+        self.allow_xdp_redirect(UPLINK_IFINDEX);
+        hop
+    }
+}
+
+/// The L4 checksum field of the IPv4 `frame` set as a veth peer with
+/// checksum offload leaves it (`CHECKSUM_PARTIAL`): the folded sum of the
+/// pseudo-header alone (RFC 793 §3.1, RFC 768), not complemented.
+fn with_partial_checksum(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    let ip = ETH_HLEN;
+    let ihl = usize::from(f[ip] & 0x0f) * 4;
+    let proto = f[ip + 9];
+    let l4_len = (u16_at(&f, ip + 2) as usize - ihl) as u32;
+    let mut sum: u32 = 0;
+    for off in [12, 14, 16, 18] {
+        sum += u32::from(u16_at(&f, ip + off));
+    }
+    sum += u32::from(proto) + l4_len;
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let at = ip + ihl + if proto == IPPROTO_TCP { 16 } else { 6 };
+    f[at..at + 2].copy_from_slice(&(sum as u16).to_be_bytes());
+    f
+}
+
+#[test]
+fn xdp_programs_verify_with_at_least_a_third_of_the_budget_left() {
+    with_datapath(|dp| {
+        for name in [PROG_XDP_LAN, PROG_XDP_WAN] {
+            let used = dp
+                .xdp_program(name)
+                .info()
+                .expect("program info")
+                .verified_instruction_count()
+                .expect("kernel reports verified instructions");
+            eprintln!("{name}: {used} instructions verified");
+            assert!(used < 660_000, "{name}: {used} instructions verified");
+        }
+    });
+}
+
+#[test]
+fn xdp_lan_redirects_pinned_tcp_and_udp_byte_exact_as_mh_lan_in_rewrites_them() {
+    with_datapath(|dp| {
+        dp.cache_hop_for_xdp();
+        let mut taken = 0;
+        for f in &ALL_FLOWS {
+            dp.insert_flow(f);
+            let input = f.outbound().frame();
+            let what = f.name();
+            let xdp = dp.run_xdp(PROG_XDP_LAN, &input, 0);
+            if f.echo() {
+                // ICMP is TC's: passed as it came.
+                assert_eq!(xdp.ret, XDP_PASS, "{what}");
+                assert!(xdp.out == input, "{what}: passed altered");
+                continue;
+            }
+            taken += 1;
+            assert_eq!(xdp.ret, XDP_REDIRECT, "{what}: not taken");
+            let mut expected = f.outbound_translated();
+            expected.ttl -= 1;
+            let expected = ethernet(MAC_ISP, MAC_WANX, ETH_P_IP, &expected.bytes());
+            assert!(
+                xdp.out == expected,
+                "{what}: XDP against the independent translation\n{}",
+                describe_difference(&expected, &xdp.out)
+            );
+            let tc = dp.run(PROG_LAN_IN, &input, 0);
+            assert_eq!(tc.ret, TC_ACT_REDIRECT, "{what}: TC");
+            assert!(
+                xdp.out == tc.out,
+                "{what}: XDP against {PROG_LAN_IN}\n{}",
+                describe_difference(&tc.out, &xdp.out)
+            );
+        }
+        // Each counted once by each path, as TC counts them.
+        assert_eq!(dp.uplink0_stats().tx_packets, 2 * taken);
+        assert_eq!(dp.uplink0_xdp().tx_packets, taken);
+    });
+}
+
+#[test]
+fn xdp_lan_keeps_zero_and_ffff_udp_checksums_as_mh_lan_in_does() {
+    with_datapath(|dp| {
+        dp.cache_hop_for_xdp();
+        dp.insert_flow(&UDP_FLOW);
+        let mut p = UDP_FLOW.outbound();
+        // A payload whose translated checksum computes to zero.
+        set_udp_payload(
+            &mut p,
+            payload_making_udp_checksum_zero(&UDP_FLOW.outbound_translated()),
+        );
+        let input = p.frame();
+        let xdp = dp.run_xdp(PROG_XDP_LAN, &input, 0);
+        let tc = dp.run(PROG_LAN_IN, &input, 0);
+        assert_eq!((xdp.ret, tc.ret), (XDP_REDIRECT, TC_ACT_REDIRECT));
+        let udp_csum = ETH_HLEN + 20 + 6;
+        assert_eq!(u16_at(&xdp.out, udp_csum), 0xffff, "sent as 0xffff");
+        assert!(
+            xdp.out == tc.out,
+            "{}",
+            describe_difference(&tc.out, &xdp.out)
+        );
+    });
+}
+
+#[test]
+fn xdp_lan_passes_every_packet_it_does_not_take_byte_identical_with_the_flow_untouched() {
+    with_datapath(|dp| {
+        let hop = dp.cache_hop_for_xdp();
+        dp.insert_flow(&TCP_FLOW);
+        let base = TCP_FLOW.outbound();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("SYN", with_tcp_flags(base.clone(), TCP_SYN)),
+            ("FIN", with_tcp_flags(base.clone(), TCP_FIN | TCP_ACK)),
+            ("RST", with_tcp_flags(base.clone(), TCP_RST)),
+            ("TTL 1", {
+                let mut p = base.clone();
+                p.ttl = 1;
+                p.frame()
+            }),
+            ("first fragment", {
+                let mut p = base.clone();
+                p.frag = IP_MF;
+                p.frame()
+            }),
+            ("unpinned", base.with_source(LAN_HOST, 40999).frame()),
+            (
+                "partial checksum (offload)",
+                with_partial_checksum(&base.frame()),
+            ),
+        ];
+        let before = dp.flows();
+        for (what, input) in &cases {
+            let run = dp.run_xdp(PROG_XDP_LAN, input, 0);
+            assert_eq!(run.ret, XDP_PASS, "{what}");
+            assert!(run.out == *input, "{what}: passed altered");
+        }
+        // The flow and uplink states that TC decides on.
+        let input = base.frame();
+        let declined = |dp: &mut Datapath, what: &str| {
+            let run = dp.run_xdp(PROG_XDP_LAN, &input, 0);
+            assert_eq!(run.ret, XDP_PASS, "{what}");
+            assert!(run.out == input, "{what}: passed altered");
+        };
+        for (flags, what) in [
+            (FLOW_HAIRPIN, "hairpin"),
+            (FLOW_RST_IN, "remote RST armed"),
+            (FLOW_FIN_OUT, "closing"),
+        ] {
+            dp.set_fwd(
+                TCP_FLOW.fwd_key(),
+                FlowFwd {
+                    flags,
+                    ..TCP_FLOW.fwd()
+                },
+            );
+            declined(dp, what);
+        }
+        dp.insert_fwd(&TCP_FLOW);
+        dp.edit_uplink0(|u| u.flags |= UPLINK_OUTAGE);
+        declined(dp, "uplink in an outage");
+        dp.edit_uplink0(|u| {
+            u.flags &= !UPLINK_OUTAGE;
+            u.addr_be = be(Ipv4Addr::new(198, 18, 11, 9));
+        });
+        declined(dp, "uplink renumbered");
+        dp.edit_uplink0(|u| u.addr_be = be(NAT_ADDR));
+        dp.set_next_hop0(NextHop { valid: 0, ..hop });
+        declined(dp, "no cached next hop");
+        dp.set_next_hop0(NextHop {
+            mtu: base.bytes().len() as u32 - 1,
+            ..hop
+        });
+        declined(dp, "over the MTU");
+        dp.set_next_hop0(NextHop {
+            ifindex: UPLINK_IFINDEX + 1,
+            ..hop
+        });
+        declined(dp, "next hop on another device");
+        dp.set_uplink0_ifindex(UPLINK_IFINDEX + 1);
+        declined(dp, "device not an XDP redirect target");
+        assert_eq!(dp.flows(), before, "declining changes no flow");
+        assert_eq!(dp.uplink0_xdp(), XdpStats::default());
+    });
+}
+
+/// A fresh datapath in a namespace where LAN_HOST is routed: device
+/// `mhlan` (198.18.1.254/24) with LAN_HOST's MAC as a permanent
+/// neighbour, forwarding on; `f` gets the datapath, the LAN device's
+/// index and MAC, and the uplink-side device's index.
+fn with_routed_datapath<R>(f: impl FnOnce(&mut Datapath, u32, [u8; 6], u32) -> R) -> R {
+    require_root();
+    let ns = NetNs::new("trx");
+    for cmd in [
+        "ip link add mhlan type veth peer name mhwan",
+        "ip link set mhlan address 02:00:00:00:01:fe",
+        "ip link set mhlan up",
+        "ip link set mhwan up",
+        "ip addr add 198.18.1.254/24 dev mhlan",
+        "ip neigh replace 198.18.1.2 lladdr 02:00:00:00:01:0a dev mhlan nud permanent",
+        "sysctl -qw net.ipv4.conf.all.forwarding=1",
+    ] {
+        ns.exec(&cmd.split(' ').collect::<Vec<_>>());
+    }
+    assert_eq!(
+        LAN_HOST,
+        Ipv4Addr::new(198, 18, 1, 2),
+        "the neighbour above"
+    );
+    let index = |name: &str| -> u32 {
+        // `ip -o link`: "<index>: <name>@<peer>: ..."
+        let out = ns.exec_stdout(&["ip", "-o", "link", "show", name]);
+        let index = out.split(':').next().expect("ip -o link output");
+        index.trim().parse().expect("ifindex")
+    };
+    let (lan, wan) = (index("mhlan"), index("mhwan"));
+    ns.run(|| {
+        let mut dp = Datapath::new();
+        f(&mut dp, lan, [0x02, 0, 0, 0, 0x01, 0xfe], wan)
+    })
+}
+
+const MAC_LAN_HOST: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x0a];
+
+#[test]
+fn xdp_wan_redirects_answered_replies_byte_exact_to_the_lan_host_it_resolves() {
+    with_routed_datapath(|dp, lan, lan_mac, wan| {
+        dp.allow_xdp_redirect(lan);
+        let mut taken = 0;
+        for f in &ALL_FLOWS {
+            dp.set_fwd(
+                f.fwd_key(),
+                FlowFwd {
+                    flags: FLOW_SEEN_REPLY,
+                    ..f.fwd()
+                },
+            );
+            dp.insert_rev(f);
+            let input = f.reply().frame();
+            let what = f.name();
+            let run = dp.run_xdp(PROG_XDP_WAN, &input, wan);
+            if f.echo() {
+                assert_eq!(run.ret, XDP_PASS, "{what}");
+                assert!(run.out == input, "{what}: passed altered");
+                continue;
+            }
+            taken += 1;
+            assert_eq!(run.ret, XDP_REDIRECT, "{what}: not taken");
+            let mut expected = f.reply_translated();
+            expected.ttl -= 1;
+            let expected = ethernet(MAC_LAN_HOST, lan_mac, ETH_P_IP, &expected.bytes());
+            assert!(
+                run.out == expected,
+                "{what}\n{}",
+                describe_difference(&expected, &run.out)
+            );
+            let tc = dp
+                .try_run_iif(PROG_WAN_IN, &input, 0, wan)
+                .expect("test run of mh_wan_in");
+            assert_eq!(tc.ret, TC_ACT_REDIRECT, "{what}: TC");
+            assert!(
+                run.out == tc.out,
+                "{what}: XDP against {PROG_WAN_IN}\n{}",
+                describe_difference(&tc.out, &run.out)
+            );
+        }
+        assert_eq!(dp.uplink0_stats().rx_packets, 2 * taken);
+        assert_eq!(dp.uplink0_xdp().rx_packets, taken);
+    });
+}
+
+#[test]
+fn xdp_wan_passes_first_replies_stale_mappings_and_unresolved_hosts_to_tc_unchanged() {
+    with_routed_datapath(|dp, lan, _, wan| {
+        dp.insert_flow(&UDP_FLOW);
+        let input = UDP_FLOW.reply().frame();
+        let declined = |dp: &mut Datapath, what: &str| {
+            let run = dp.run_xdp(PROG_XDP_WAN, &input, wan);
+            assert_eq!(run.ret, XDP_PASS, "{what}");
+            assert!(run.out == input, "{what}: passed altered");
+        };
+        dp.allow_xdp_redirect(lan);
+        declined(dp, "first reply (passive health is TC's)");
+        let answered = FlowFwd {
+            flags: FLOW_SEEN_REPLY,
+            ..UDP_FLOW.fwd()
+        };
+        dp.set_fwd(
+            UDP_FLOW.fwd_key(),
+            FlowFwd {
+                nat_port_be: 61999u16.to_be(),
+                ..answered
+            },
+        );
+        declined(dp, "reverse entry of an older mapping");
+        dp.set_fwd(UDP_FLOW.fwd_key(), answered);
+        declined_without_neighbour(dp, &input, wan);
+        dp.edit_uplink0(|u| u.flags |= UPLINK_OUTAGE);
+        declined(dp, "uplink in an outage");
+        dp.edit_uplink0(|u| u.flags &= !UPLINK_OUTAGE);
+        let run = dp.run_xdp(PROG_XDP_WAN, &input, wan);
+        assert_eq!(
+            run.ret, XDP_REDIRECT,
+            "the same reply once nothing stands in the way"
+        );
+    });
+}
+
+/// A reply to a LAN host whose neighbour the kernel does not know (the
+/// lookup answers `NO_NEIGH`) passes unchanged: the stack resolves it.
+fn declined_without_neighbour(dp: &mut Datapath, input: &[u8], wan: u32) {
+    let unknown = Ipv4Addr::new(198, 18, 1, 3);
+    let mut rev: HashMap<_, FlowKey, FlowRev> =
+        HashMap::try_from(dp.ebpf.map_mut(MAP_CONN_REV).expect("CONN_REV map"))
+            .expect("CONN_REV types");
+    let moved = FlowRev {
+        lan_addr_be: be(unknown),
+        ..UDP_FLOW.rev()
+    };
+    rev.insert(UDP_FLOW.rev_key(), moved, 0)
+        .expect("insert CONN_REV");
+    let key = FlowKey {
+        saddr_be: be(unknown),
+        ..UDP_FLOW.fwd_key()
+    };
+    dp.set_fwd(
+        key,
+        FlowFwd {
+            flags: FLOW_SEEN_REPLY,
+            ..UDP_FLOW.fwd()
+        },
+    );
+    let run = dp.run_xdp(PROG_XDP_WAN, input, wan);
+    assert_eq!(run.ret, XDP_PASS, "no neighbour");
+    assert!(run.out == input, "no neighbour: passed altered");
+    dp.insert_rev(&UDP_FLOW);
 }

@@ -75,6 +75,23 @@ fn table(st: &Status) -> String {
             let _ = writeln!(out, "         ^ {}: {why}", u.name);
         }
     }
+    if !st.interfaces.is_empty() {
+        out += "\nInterfaces (every packet meets TC unless XDP takes it first):\n";
+        for i in &st.interfaces {
+            let xdp = match (i.xdp, i.xdp_redirect) {
+                ("off", _) => "XDP off".to_string(),
+                (mode, true) => format!("XDP {mode}, redirect target"),
+                (mode, false) => format!("XDP {mode}, not a redirect target"),
+            };
+            let _ = writeln!(out, "  {:<12} {xdp}", i.interface);
+        }
+        let (tx, rx) = st.uplinks.iter().fold((0, 0), |(t, r), u| {
+            (t + u.xdp_tx_packets, r + u.xdp_rx_packets)
+        });
+        if tx + rx > 0 {
+            let _ = writeln!(out, "  XDP path: {tx} packets out, {rx} in");
+        }
+    }
     if st.top_hosts.iter().any(|h| h.refused > 0) {
         out += "\nLAN hosts refused new flows (nat.max_flows_per_host):\n";
         let _ = writeln!(out, "  {:<16} {:>8} {:>10}", "HOST", "FLOWS", "REFUSED");
@@ -115,6 +132,7 @@ mod tests {
                 syn_rtt_ms: Some(2.0),
                 ..UplinkStatus::sample("x", "up")
             }],
+            interfaces: vec![],
             flows: 3,
             top_hosts: vec![],
             drops: Default::default(),

@@ -343,6 +343,7 @@ mod tests {
     fn status(uplinks: Vec<UplinkStatus>) -> Status {
         Status {
             uplinks,
+            interfaces: Vec::new(),
             flows: 0,
             top_hosts: Vec::new(),
             drops: Default::default(),
