@@ -78,6 +78,7 @@ impl<'a> Gateway<'a> {
                 .and_then(|n| n.to_str())
                 .unwrap_or("gw")
         ));
+        let config = crate::with_test_xdp(config);
         let mut f = std::fs::File::create(&path).expect("write config");
         f.write_all(config.as_bytes()).expect("write config");
         let bin = multihome_bin();

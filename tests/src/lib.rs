@@ -57,3 +57,41 @@ pub use veth::{
     link_counters, link_down, link_up, route, route_del, route_replace, set_mtu, veth,
     veth_with_offloads,
 };
+
+/// The environment variable that runs the suite with XDP forced:
+/// `MULTIHOME_TEST_XDP=native` puts `xdp = "native"` in every config the
+/// testbed starts a daemon with (unless it names `xdp` itself) and turns
+/// GRO on at both ends of every veth, as native XDP on veth needs.
+pub const TEST_XDP_VAR: &str = "MULTIHOME_TEST_XDP";
+
+/// The `xdp` mode the suite runs with, if forced; an unknown value fails
+/// loudly rather than testing the default.
+pub fn test_xdp() -> Option<&'static str> {
+    match std::env::var(TEST_XDP_VAR).ok().as_deref() {
+        None | Some("") => None,
+        Some("native") => Some("native"),
+        Some("off") => Some("off"),
+        Some(other) => panic!("{TEST_XDP_VAR}={other}: expected native or off"),
+    }
+}
+
+/// Whether the suite runs with XDP forced on every interface.
+pub fn xdp_forced() -> bool {
+    test_xdp() == Some("native")
+}
+
+/// `config` with the forced `xdp` mode, when there is one.
+pub fn with_test_xdp(config: &str) -> String {
+    match test_xdp() {
+        Some(mode) if !config.lines().any(|l| l.trim_start().starts_with("xdp")) => {
+            format!("xdp = {mode:?}\n{config}")
+        }
+        _ => config.to_owned(),
+    }
+}
+
+/// Writes a daemon config to `path` as [`Gateway`] does: with the forced
+/// `xdp` mode, so that a reload or restart does not change it.
+pub fn write_config(path: &std::path::Path, config: impl AsRef<str>) -> std::io::Result<()> {
+    std::fs::write(path, with_test_xdp(config.as_ref()))
+}

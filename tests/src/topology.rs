@@ -510,6 +510,22 @@ impl Topology {
     /// checksum bugs) at both ends of the LAN links and the veth uplinks:
     /// the real case, for tests that run both ways.
     pub fn enable_checksum_offloads(&self) {
+        for (ns, ifname) in self.gateway_link_ends() {
+            crate::veth::enable_offloads(ns, ifname);
+        }
+    }
+
+    /// Turns GRO on at both ends of the LAN links and the veth uplinks:
+    /// a frame XDP redirects into a veth is dropped unless the receiving
+    /// peer runs NAPI, which GRO turns on (`veth_xdp_xmit`).
+    pub fn enable_gro(&self) {
+        for (ns, ifname) in self.gateway_link_ends() {
+            ns.exec(&["ethtool", "-K", ifname, "gro", "on"]);
+        }
+    }
+
+    /// Both ends of every Ethernet link of the gateway.
+    fn gateway_link_ends(&self) -> Vec<(&NetNs, &'static str)> {
         let mut ends = vec![(&self.client, IF_LAN), (&self.gw, IF_LAN)];
         if let Some(c2) = &self.client2 {
             ends.extend([(c2, IF_LAN), (&self.gw, IF_LAN1)]);
@@ -519,9 +535,7 @@ impl Topology {
                 ends.extend([(&self.gw, u.ifname), (self.isp(u.isp), IF_CUST)]);
             }
         }
-        for (ns, ifname) in ends {
-            crate::veth::enable_offloads(ns, ifname);
-        }
+        ends
     }
 
     /// Sets the MTU on both ends of an uplink (gw side and ISP `cust`).

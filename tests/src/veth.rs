@@ -15,6 +15,17 @@ pub fn veth(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) {
 /// Like [`veth`], but keeps the kernel's default offloads (checksum, TSO,
 /// GSO on), as a real gateway has them: for measurements.
 pub fn veth_with_offloads(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) {
+    veth_pair(a, a_if, b, b_if);
+    if crate::xdp_forced() {
+        // A frame XDP redirects into a veth is dropped unless the peer
+        // runs NAPI, which GRO turns on (veth_xdp_xmit).
+        for (ns, ifname) in [(a, a_if), (b, b_if)] {
+            ns.exec(&["ethtool", "-K", ifname, "gro", "on"]);
+        }
+    }
+}
+
+fn veth_pair(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) {
     a.exec(&[
         "ip",
         "link",

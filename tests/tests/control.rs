@@ -649,7 +649,7 @@ fn a_tcp_connection_survives_a_daemon_restart_and_a_weight_reload() {
         "the flow hash seed survives a restart, so lost flows map back alike"
     );
 
-    std::fs::write(gw.config_path(), config_for(&t, [0, 3], "")).expect("new weights");
+    write_config(gw.config_path(), config_for(&t, [0, 3], "")).expect("new weights");
     gw.signal(libc::SIGHUP);
     eventually(Duration::from_secs(5), "weights reloaded", || {
         gw.status()["uplinks"][1]["weight"] == 3
@@ -695,7 +695,7 @@ fn a_restart_under_a_changed_config_keeps_each_uplinks_flows_its_own() {
     let cfg_path = gw.config_path().to_owned();
     let restart = |gw: Gateway, config: &str, what: &str| {
         let pin = gw.stop();
-        std::fs::write(&cfg_path, config).expect("write the config");
+        write_config(&cfg_path, config).expect("write the config");
         let gw = Gateway::start_with_pin(&t.gw, config, pin, &["--keep-on-exit"]);
         assert!(gw.log().contains("adopted"), "{what}: {}", gw.log());
         gw
@@ -1154,7 +1154,7 @@ fn pinned_maps_of_another_layout_are_refused_and_cleanup_removes_everything() {
     let gw = Gateway::start_with_pin(&t.gw, &config, unique_pin_dir("lv"), &["--keep-on-exit"]);
     let cfg_path = gw.config_path().to_owned();
     let pin = gw.stop();
-    std::fs::write(&cfg_path, &config).expect("write the config again");
+    write_config(&cfg_path, &config).expect("write the config again");
     let dir = pin.path().to_str().expect("utf-8").to_owned();
     assert!(
         t.gw.exec_stdout(&["ip", "rule"]).contains("proto 77"),
@@ -1293,7 +1293,7 @@ fn upgrade_keeps_the_flow(version: u8, downgrade: impl FnOnce(&Topology, &str)) 
     let before = udp_seen_from(&sock, srv.addr()).expect("UDP before the upgrade");
     let cfg_path = gw.config_path().to_owned();
     let pin = gw.stop();
-    std::fs::write(&cfg_path, &config).expect("write the config again");
+    write_config(&cfg_path, &config).expect("write the config again");
     let dir = pin.path().to_str().expect("utf-8").to_owned();
     pin_old_conn_fwd(&t.gw, &dir);
     downgrade(&t, &dir);

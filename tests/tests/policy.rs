@@ -390,7 +390,7 @@ fn a_reload_swaps_the_rules_without_touching_live_flows_and_a_bad_file_is_refuse
     assert_eq!(uplink_of(&before), "x");
 
     // Everything to y from now on.
-    std::fs::write(
+    write_config(
         gw.config_path(),
         with_policies(&t, "[[rule]]\npolicy = \"ony\"\n"),
     )
@@ -417,7 +417,7 @@ fn a_reload_swaps_the_rules_without_touching_live_flows_and_a_bad_file_is_refuse
     }
 
     // A missing prefix file: refused, the running rules stay.
-    std::fs::write(
+    write_config(
         gw.config_path(),
         with_policies(
             &t,
@@ -470,7 +470,7 @@ fn a_policy_a_reload_removes_leaves_its_flows_running_under_balanced_and_a_resta
     let port = sock.local_addr().expect("local").port();
     assert_eq!(policy_of(&gw, port).as_deref(), Some("onx"));
 
-    std::fs::write(gw.config_path(), only("ony")).expect("config");
+    write_config(gw.config_path(), only("ony")).expect("config");
     check_output("multihome reload", &gw.cli(&["reload"]));
     assert_eq!(udp_seen_from(&sock, udp.addr()).expect("UDP"), before);
     assert_eq!(policy_of(&gw, port).as_deref(), Some("balanced"));
@@ -484,7 +484,7 @@ fn a_policy_a_reload_removes_leaves_its_flows_running_under_balanced_and_a_resta
     let config = only("ony") + "\n[nat]\nmax_affinities = 1024\n";
     let cfg_path = gw.config_path().to_owned();
     let pin = gw.stop();
-    std::fs::write(&cfg_path, &config).expect("config");
+    write_config(&cfg_path, &config).expect("config");
     let gw = Gateway::start_with_pin(&t.gw, &config, pin, &[]);
     assert_eq!(policy_of(&gw, port2).as_deref(), Some("ony"));
     assert_eq!(udp_seen_from(&s2, udp.addr()).expect("UDP"), seen);

@@ -202,6 +202,15 @@ fn plan(filter: Option<&str>, no_lint: bool) -> Vec<Step> {
         .args(color)
         .args(filter)
         .env("MULTIHOME_BIN", build::binary_path(Profile::Release));
+    // The same suite with XDP forced native on every interface (and GRO
+    // on every veth, which XDP redirects need): it must pass both ways.
+    let mut integration_xdp = util::cargo();
+    integration_xdp
+        .args(["test", "-p", "multihome-tests", "--", "--test-threads=2"])
+        .args(color)
+        .args(filter)
+        .env("MULTIHOME_BIN", build::binary_path(Profile::Release))
+        .env("MULTIHOME_TEST_XDP", "native");
 
     steps.extend([
         Step {
@@ -223,6 +232,10 @@ fn plan(filter: Option<&str>, no_lint: bool) -> Vec<Step> {
         Step {
             name: "integration",
             action: Action::CargoTest(integration),
+        },
+        Step {
+            name: "integration-xdp",
+            action: Action::CargoTest(integration_xdp),
         },
     ]);
     if filter.is_none() {

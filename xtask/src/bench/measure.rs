@@ -91,20 +91,28 @@ fn process_ns(pid: u32) -> u64 {
     (ticks(11) + ticks(12)) * 1_000_000_000 / hz()
 }
 
-/// Run time of multihome's programs (kernel-wide `mh_*` programs).
-fn bpf_run_ns() -> Result<u64> {
+/// Run time of multihome's programs (kernel-wide `mh_*` programs): all
+/// of them, and the XDP ones (`mh_xdp_*`) alone, ns.
+fn bpf_run_ns() -> Result<(u64, u64)> {
     let out = std::process::Command::new("bpftool")
         .args(["-j", "prog", "show"])
         .output()
         .context("running bpftool prog show")?;
     let v: serde_json::Value =
         serde_json::from_slice(&out.stdout).context("parsing bpftool prog show")?;
-    Ok(v.as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("mh_")))
-        .filter_map(|p| p["run_time_ns"].as_u64())
-        .sum())
+    let mut sums = (0, 0);
+    for p in v.as_array().into_iter().flatten() {
+        let (Some(name), Some(ns)) = (p["name"].as_str(), p["run_time_ns"].as_u64()) else {
+            continue;
+        };
+        if name.starts_with("mh_") {
+            sums.0 += ns;
+        }
+        if name.starts_with("mh_xdp_") {
+            sums.1 += ns;
+        }
+    }
+    Ok(sums)
 }
 
 /// Turns on the kernel's BPF run-time statistics for as long as the
@@ -126,16 +134,23 @@ struct Snapshot {
     delivered: u64,
     busy_ns: u64,
     bpf_ns: u64,
+    bpf_xdp_ns: u64,
 }
 
 impl Snapshot {
     fn take(net: &Net, daemon: Option<u32>) -> Result<Snapshot> {
+        // Only multihome (the mode with a daemon) runs BPF programs.
+        let (bpf_ns, bpf_xdp_ns) = if daemon.is_some() {
+            bpf_run_ns()?
+        } else {
+            (0, 0)
+        };
         Ok(Snapshot {
             at: Instant::now(),
             delivered: net.delivered(),
             busy_ns: load_cpu_busy_ns()? + daemon.map_or(0, process_ns),
-            // Only multihome (the mode with a daemon) runs BPF programs.
-            bpf_ns: if daemon.is_some() { bpf_run_ns()? } else { 0 },
+            bpf_ns,
+            bpf_xdp_ns,
         })
     }
 }
@@ -146,6 +161,8 @@ pub struct UdpRate {
     pub pps: f64,
     pub cpu_ns_per_pkt: f64,
     pub bpf_ns_per_pkt: f64,
+    /// Of `bpf_ns_per_pkt`, the XDP programs'.
+    pub bpf_xdp_ns_per_pkt: f64,
 }
 
 fn rate(a: &Snapshot, b: &Snapshot) -> Result<UdpRate> {
@@ -156,6 +173,7 @@ fn rate(a: &Snapshot, b: &Snapshot) -> Result<UdpRate> {
         pps: pkts as f64 / secs,
         cpu_ns_per_pkt: b.busy_ns.saturating_sub(a.busy_ns) as f64 / pkts as f64,
         bpf_ns_per_pkt: b.bpf_ns.saturating_sub(a.bpf_ns) as f64 / pkts as f64,
+        bpf_xdp_ns_per_pkt: b.bpf_xdp_ns.saturating_sub(a.bpf_xdp_ns) as f64 / pkts as f64,
     })
 }
 

@@ -227,15 +227,24 @@ const STEPS: &[(&str, Step)] = &[
         ))
     }),
     ("BPF run time", |p, l, r| {
-        if l.mode != Mode::Multihome {
+        if !l.mode.is_multihome() {
             r.skip("bpf_ns_pkt", l.mode, "no BPF programs in this mode");
+            r.skip("bpf_xdp_ns_pkt", l.mode, "no BPF programs in this mode");
             return Ok("-".into());
         }
         // A run of its own: the statistics cost two clock reads per run.
         let _stats = measure::enable_bpf_stats().context("enabling BPF run-time statistics")?;
         let u = l.ctx.udp(256, 10, p.udp_warmup, p.udp_window)?;
         r.add("bpf_ns_pkt", l.mode, u.bpf_ns_per_pkt);
-        Ok(format!("{:.0} ns/pkt", u.bpf_ns_per_pkt))
+        if l.mode == Mode::MultihomeXdp {
+            r.add("bpf_xdp_ns_pkt", l.mode, u.bpf_xdp_ns_per_pkt);
+        } else {
+            r.skip("bpf_xdp_ns_pkt", l.mode, "no XDP program attached");
+        }
+        Ok(format!(
+            "{:.0} ns/pkt ({:.0} in XDP)",
+            u.bpf_ns_per_pkt, u.bpf_xdp_ns_per_pkt
+        ))
     }),
     ("UDP, offloads off", |p, l, r| {
         l.net.set_offloads(false);
@@ -268,7 +277,7 @@ const STEPS: &[(&str, Step)] = &[
         Ok(format!("{:.0} kpps", v / 1e3))
     }),
     ("BPF run time, new flows", |p, l, r| {
-        if l.mode != Mode::Multihome {
+        if !l.mode.is_multihome() {
             r.skip("bpf_ns_newflow", l.mode, "no BPF programs in this mode");
             return Ok("-".into());
         }
@@ -289,10 +298,10 @@ const STEPS: &[(&str, Step)] = &[
         // Alternating, in one topology: none, 100, 100, none.
         let mut rates = [0.0; 2];
         for rules in [0, 100, 100, 0] {
-            modes::reload(gw, rules)?;
+            modes::reload(gw, l.mode, rules)?;
             rates[usize::from(rules > 0)] += l.ctx.new_flows(p.new_flow_secs)?;
         }
-        modes::reload(gw, 0)?;
+        modes::reload(gw, l.mode, 0)?;
         let ratio = rates[1] / rates[0];
         r.add("newflow_rules_ratio", l.mode, ratio);
         Ok(format!("{ratio:.2}×"))
@@ -353,7 +362,7 @@ fn scale_cell(plan: &Plan, mode: Mode, exe: &Path, r: &mut Results) -> Result<()
     let c = ctx(&net, exe, &running)?;
     let empty = c.udp(256, 10, plan.udp_warmup, plan.udp_window)?.pps;
     for (&n, (ratio_id, mem_id)) in plan.scale_sizes.iter().zip(ids) {
-        if mode != Mode::Multihome && n > CONNTRACK_MAX {
+        if !mode.is_multihome() && n > CONNTRACK_MAX {
             let why =
                 "over nf_conntrack_max (262144, global to the kernel; the bench leaves it alone)";
             r.skip(ratio_id, mode, why);

@@ -28,9 +28,12 @@ pub fn start(mode: Mode, net: &Net) -> Running<'_> {
             seed_routing(gw);
             seed_nft(gw);
         }
-        Mode::Multihome => {
+        Mode::Multihome | Mode::MultihomeXdp => {
+            if mode == Mode::MultihomeXdp {
+                net.enable_gro();
+            }
             return Running {
-                gateway: Some(Gateway::start(gw, &multihome_config())),
+                gateway: Some(Gateway::start(gw, &multihome_config(mode))),
             };
         }
     }
@@ -41,8 +44,8 @@ pub fn start(mode: Mode, net: &Net) -> Running<'_> {
 /// no bench packet (TCP to other prefixes and ports), the last sends the
 /// bench's UDP to a policy over both uplinks, so that every new flow
 /// does every lookup and the first match is the last rule.
-pub fn multihome_config_with_rules(rules: usize) -> String {
-    let mut c = multihome_config();
+pub fn multihome_config_with_rules(mode: Mode, rules: usize) -> String {
+    let mut c = multihome_config(mode);
     if rules == 0 {
         return c;
     }
@@ -58,8 +61,8 @@ pub fn multihome_config_with_rules(rules: usize) -> String {
 }
 
 /// Rewrites the running daemon's config with `rules` rules and reloads it.
-pub fn reload(gw: &Gateway, rules: usize) -> anyhow::Result<()> {
-    std::fs::write(gw.config_path(), multihome_config_with_rules(rules))?;
+pub fn reload(gw: &Gateway, mode: Mode, rules: usize) -> anyhow::Result<()> {
+    std::fs::write(gw.config_path(), multihome_config_with_rules(mode, rules))?;
     let out = gw.cli(&["reload"]);
     if !out.status.success() {
         anyhow::bail!(
@@ -70,9 +73,16 @@ pub fn reload(gw: &Gateway, rules: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn multihome_config() -> String {
+/// multihome's config for `mode`: XDP as configured by default, or
+/// forced native.
+pub fn multihome_config(mode: Mode) -> String {
+    let xdp = if mode == Mode::MultihomeXdp {
+        "native"
+    } else {
+        "auto"
+    };
     format!(
-        "lan = [\"lan0\"]\n\
+        "xdp = \"{xdp}\"\nlan = [\"lan0\"]\n\
          \n[[uplink]]\nname = \"x\"\ninterface = \"wanx\"\ngateway = \"{X_GW}\"\nweight = 1\n\
          \n[[uplink]]\nname = \"y\"\ninterface = \"wany\"\ngateway = \"{Y_GW}\"\nweight = 1\n\
          \n[nat]\nmax_flows = {MAX_FLOWS}\nmax_flows_per_host = {MAX_FLOWS}\n"

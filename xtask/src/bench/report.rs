@@ -258,6 +258,7 @@ fn colour(mode: Mode) -> &'static str {
         Mode::Seed => "#f28e2b",
         Mode::Nft => "#4e79a7",
         Mode::Multihome => "#59a14f",
+        Mode::MultihomeXdp => "#b07aa1",
     }
 }
 

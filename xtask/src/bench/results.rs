@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// The four ways of running the gateway, in the order they alternate.
+/// The ways of running the gateway, in the order they alternate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -14,12 +14,23 @@ pub enum Mode {
     Seed,
     /// The same recipe in nftables.
     Nft,
-    /// multihome's TC datapath.
+    /// multihome as configured by default (`xdp = "auto"`: TC alone on
+    /// veth).
     Multihome,
+    /// multihome with XDP forced native on every interface (and GRO on
+    /// at both ends of every link, which XDP redirects into veth need).
+    #[serde(rename = "multihome-xdp")]
+    MultihomeXdp,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 4] = [Mode::Plain, Mode::Seed, Mode::Nft, Mode::Multihome];
+    pub const ALL: [Mode; 5] = [
+        Mode::Plain,
+        Mode::Seed,
+        Mode::Nft,
+        Mode::Multihome,
+        Mode::MultihomeXdp,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -27,7 +38,13 @@ impl Mode {
             Mode::Seed => "seed",
             Mode::Nft => "nft",
             Mode::Multihome => "multihome",
+            Mode::MultihomeXdp => "multihome-xdp",
         }
+    }
+
+    /// multihome's daemon runs the gateway (with BPF programs).
+    pub fn is_multihome(self) -> bool {
+        matches!(self, Mode::Multihome | Mode::MultihomeXdp)
     }
 }
 
@@ -92,6 +109,12 @@ pub const METRICS: &[Metric] = &[
     metric(
         "bpf_ns_pkt",
         "BPF programs' run time per packet (UDP 256 flows)",
+        "ns",
+        false,
+    ),
+    metric(
+        "bpf_xdp_ns_pkt",
+        "of which the XDP programs (UDP 256 flows)",
         "ns",
         false,
     ),

@@ -120,6 +120,16 @@ impl Net {
         }
     }
 
+    /// Turns GRO on at both ends of every link: a frame XDP redirects
+    /// into a veth is dropped unless the receiving peer runs NAPI, which
+    /// GRO turns on (`veth_xdp_xmit`).
+    pub fn enable_gro(&self) {
+        for (side, ifname) in LINKS {
+            self.side(side)
+                .exec(&["ethtool", "-K", ifname, "gro", "on"]);
+        }
+    }
+
     /// The MAC addresses of the LAN link: (gateway, client).
     pub fn lan_macs(&self) -> Result<(String, String)> {
         Ok((mac(&self.gw, "lan0")?, mac(&self.client, "lan0")?))
