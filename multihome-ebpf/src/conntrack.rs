@@ -4,7 +4,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns, bpf_loop},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_loop},
     programs::TcContext,
 };
 use multihome_common::{
@@ -27,10 +27,11 @@ const TOUCH_NS: u64 = 1_000_000_000;
 
 const EEXIST: i32 = 17;
 
+/// `multihome_common::CLOCK` now, ns.
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: no preconditions.
-    unsafe { bpf_ktime_get_boot_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// The forward key of a LAN packet.

@@ -386,7 +386,7 @@ fn adopt_uplinks(
 /// A random, non-zero seed for the flow hash.
 fn new_seed() -> u32 {
     use std::hash::{BuildHasher as _, RandomState};
-    (RandomState::new().hash_one(maps::boot_ns()) as u32).max(1)
+    (RandomState::new().hash_one(maps::clock_ns()) as u32).max(1)
 }
 
 fn check_interfaces(config: &Config, snap: &netinfo::Snapshot) -> anyhow::Result<()> {
@@ -650,7 +650,7 @@ impl Daemon {
     /// SYN-ACKs counted. A change of verdict is published like a probe's:
     /// new flows move at once, pinned ones follow `on_down` / `on_up`.
     async fn watch_traffic(&mut self) {
-        let now = maps::boot_ns();
+        let now = maps::clock_ns();
         let read = self.maps.syn_wait().and_then(|m| {
             let waiting = mapwalk::collect(&m)?;
             Ok((m, waiting, self.maps.uplink_stats()?))
@@ -971,7 +971,7 @@ impl Daemon {
                         && choice::preferred(table, k, seed) == Some(slot))
                     .then(|| sticky.get(p).copied().unwrap_or(false))
                 };
-                match flows::return_idle(&maps, maps::boot_ns(), idle_ns, candidate) {
+                match flows::return_idle(&maps, maps::clock_ns(), idle_ns, candidate) {
                     Ok((moved, left)) => {
                         if moved > 0 {
                             info!("uplink {name}: moved back {moved} idle failed-over flows");
@@ -1428,7 +1428,7 @@ impl Daemon {
                 seed: self.flow_hash_seed,
                 affinity: &|k| affinities.get(k, 0).ok(),
                 endpoint: &|k| endpoints.get(k, 0).ok(),
-                now_ns: crate::maps::boot_ns(),
+                now_ns: crate::maps::clock_ns(),
             },
         ))
     }

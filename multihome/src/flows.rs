@@ -337,6 +337,48 @@ pub fn reap_endpoints(maps: &Maps, now_ns: u64) -> anyhow::Result<usize> {
 
 /// `BPF_NOEXIST`: insert only where no entry is.
 pub const NOEXIST: u64 = 1;
+/// `BPF_EXIST`: update an entry only if it exists.
+const EXIST: u64 = 2;
+
+/// A stamp of an older layout (`CLOCK_BOOTTIME`, ns) on today's clock:
+/// `lead_ns` (the time spent suspended) earlier.
+fn restamped(ns: u64, s: u32, lead_ns: u64) -> (u64, u32) {
+    (
+        ns.saturating_sub(lead_ns),
+        s.saturating_sub((lead_ns / 1_000_000_000) as u32),
+    )
+}
+
+/// Moves every stamp of flows, affinities and endpoints back by `lead_ns`:
+/// they were made on `CLOCK_BOOTTIME` by an older layout, and today's
+/// clock stood still while the machine was suspended. Returns how many
+/// entries changed.
+pub fn restamp(maps: &Maps, lead_ns: u64) -> anyhow::Result<usize> {
+    let mut n = 0;
+    let mut fwd = maps.fwd()?;
+    for (k, mut f) in mapwalk::collect(&fwd)? {
+        (f.last_seen_ns, f.created_s) = restamped(f.last_seen_ns, f.created_s, lead_ns);
+        // A flow gone meanwhile stays gone.
+        if fwd.insert(k, f, EXIST).is_ok() {
+            n += 1;
+        }
+    }
+    let mut aff = maps.affinities_map()?;
+    for (k, mut a) in mapwalk::collect(&aff)? {
+        (a.last_ns, a.created_s) = restamped(a.last_ns, a.created_s, lead_ns);
+        if aff.insert(k, a, EXIST).is_ok() {
+            n += 1;
+        }
+    }
+    let mut eps = maps.endpoints_map()?;
+    for (k, mut e) in mapwalk::collect(&eps)? {
+        (e.last_ns, e.created_s) = restamped(e.last_ns, e.created_s, lead_ns);
+        if eps.insert(k, e, EXIST).is_ok() {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
 
 /// The public mapping an endpoint record holds, if its uplink has an
 /// address (`uplinks`: the UPLINKS slots).
@@ -465,6 +507,16 @@ impl Hasher for Fold {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restamped_stamps_move_back_by_the_lead_and_never_below_zero() {
+        let lead = 3_600_000_000_000; // an hour suspended
+        assert_eq!(
+            restamped(10_000_000_000_000, 10_000, lead),
+            (6_400_000_000_000, 6_400)
+        );
+        assert_eq!(restamped(5, 2, lead), (0, 0));
+    }
 
     fn key(proto: u8) -> FlowKey {
         FlowKey {

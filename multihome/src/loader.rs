@@ -20,7 +20,8 @@ use aya::{
 };
 use multihome_common::{
     ALL_MAPS, FlowFwd, FlowKey, JUMP_LAN_RESET, LAYOUT_VERSION, MAP_AFFINITY, MAP_CONN_FWD,
-    MAP_CONN_REV, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_JUMP, MAP_PEERS, MAP_REASONS, MAP_SELECT,
+    MAP_CONN_REV, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_HOST_ECHO, MAP_JUMP, MAP_PEERS,
+    MAP_REASONS, MAP_SELECT, MAP_SYN_WAIT,
     MAP_SETTINGS, MAP_UPLINK_STATS, MAP_UPLINKS, PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN,
     PROG_WAN_IN_L3, PROG_WAN_OUT, PROG_WAN_OUT_L3, PROG_XDP_LAN, PROG_XDP_WAN,
 };
@@ -149,6 +150,7 @@ const MIGRATIONS: &[(u32, &[&str])] = &[
             MAP_SETTINGS,
             MAP_SELECT,
             MAP_UPLINK_STATS,
+            MAP_HOST_ECHO,
         ],
     ),
     // 4: SELECT became a hashed Maglev table, SETTINGS gained the hash
@@ -162,6 +164,7 @@ const MIGRATIONS: &[(u32, &[&str])] = &[
             MAP_SELECT,
             MAP_UPLINK_STATS,
             MAP_PEERS,
+            MAP_HOST_ECHO,
         ],
     ),
     // 5: SELECT holds a table per policy, SETTINGS the rule bank, REASONS
@@ -176,11 +179,12 @@ const MIGRATIONS: &[(u32, &[&str])] = &[
             MAP_SELECT,
             MAP_UPLINK_STATS,
             MAP_PEERS,
+            MAP_HOST_ECHO,
         ],
     ),
     // 6: UPLINK_STATS gained the passive-health counters (they restart
     // at 0); ENDPOINT_PORTS and SYN_WAIT are new.
-    (5, &[MAP_UPLINK_STATS, MAP_PEERS]),
+    (5, &[MAP_UPLINK_STATS, MAP_PEERS, MAP_HOST_ECHO]),
     // 7: UPLINK_STATS counts retransmissions; flows grew by `snd_max`:
     // their CONN_FWD is copied into one of today's size (`set_fwd_aside`),
     // as it is from every older layout; SYN_WAIT keys name their kind
@@ -188,8 +192,35 @@ const MIGRATIONS: &[(u32, &[&str])] = &[
     // (made afresh here and above: reply fragments that come before their
     // first are matched again for flows made from now on); NEXT_HOPS is
     // new.
-    (6, &[MAP_UPLINK_STATS, MAP_PEERS]),
+    (6, &[MAP_UPLINK_STATS, MAP_PEERS, MAP_SYN_WAIT, MAP_HOST_ECHO]),
+    // 8: every stamp is on `CLOCK` (monotonic, coarse), no longer
+    // `CLOCK_BOOTTIME`: SYN_WAIT and HOST_ECHO, short-lived caches, are
+    // made afresh (here and above); the stamps of flows, affinities and
+    // endpoints are moved back by the time spent suspended
+    // (`Datapath::restamp`); XDP_DEVS and XDP_STATS are new.
+    (7, &[MAP_SYN_WAIT, MAP_HOST_ECHO]),
 ];
+
+/// The first layout whose stamps are on [`multihome_common::CLOCK`].
+const CLOCK_SINCE: u32 = 8;
+
+/// Puts the stamps of an older layout's maps on today's clock. The old
+/// programs may stamp a flow on the old clock until they are replaced:
+/// such a flow looks fresher than it is until its next packet, no worse.
+/// A lead under a second (no suspend since boot) is left alone.
+fn restamp(pin_dir: &Path) -> anyhow::Result<()> {
+    let lead = crate::maps::boottime_lead_ns();
+    if lead < 1_000_000_000 {
+        return Ok(());
+    }
+    let n = crate::flows::restamp(&crate::maps::Maps::open(pin_dir)?, lead)
+        .context("moving the adopted maps' stamps onto today's clock")?;
+    log::info!(
+        "{n} stamps moved {} s back: the machine was suspended since boot",
+        lead / 1_000_000_000
+    );
+    Ok(())
+}
 
 /// Where a `CONN_FWD` of shorter entries waits while its flows are copied
 /// into the new map (bpffs refuses dots in names).
@@ -289,13 +320,14 @@ fn unpin_if_resized(pin_dir: &Path, name: &str, want: u32) -> anyhow::Result<()>
 }
 
 /// Adopts pinned maps of this layout or of one in [`MIGRATIONS`] (after
-/// unpinning what changed); refuses any other.
-fn check_layout(pin_dir: &Path) -> anyhow::Result<bool> {
+/// unpinning what changed); refuses any other. Returns the adopted
+/// layout's version, None when nothing is pinned.
+fn check_layout(pin_dir: &Path) -> anyhow::Result<Option<u32>> {
     let path = pin_dir.join(MAP_SETTINGS);
     let data = match MapData::from_pin(&path) {
         Ok(d) => d,
         Err(aya::maps::MapError::SyscallError(e)) if e.io_error.kind() == ErrorKind::NotFound => {
-            return Ok(false);
+            return Ok(None);
         }
         Err(e) => return Err(e).with_context(|| format!("opening pinned map {}", path.display())),
     };
@@ -314,7 +346,7 @@ fn check_layout(pin_dir: &Path) -> anyhow::Result<bool> {
             "adopting maps of layout version {from}: {} made afresh",
             changed.join(", ")
         );
-        return Ok(true);
+        return Ok(Some(*from));
     }
     if version != Some(LAYOUT_VERSION) {
         bail!(
@@ -326,7 +358,7 @@ fn check_layout(pin_dir: &Path) -> anyhow::Result<bool> {
             pin_dir.display()
         );
     }
-    Ok(true)
+    Ok(version)
 }
 
 impl Datapath {
@@ -343,7 +375,8 @@ impl Datapath {
         // The maps steer every flow: only their owner may open them.
         fs::set_permissions(pin_dir, fs::Permissions::from_mode(0o700))
             .with_context(|| format!("restricting pin directory {}", pin_dir.display()))?;
-        let adopted = check_layout(pin_dir)?;
+        let adopted_from = check_layout(pin_dir)?;
+        let adopted = adopted_from.is_some();
         let mut fwd_aside = None;
         if adopted {
             unpin_if_resized(pin_dir, MAP_AFFINITY, nat.max_affinities)?;
@@ -363,6 +396,9 @@ impl Datapath {
             // replaces them: copy now so that they find their flows, and
             // again once they are replaced.
             datapath.copy_aside()?;
+        }
+        if adopted_from.is_some_and(|v| v < CLOCK_SINCE) {
+            restamp(pin_dir)?;
         }
         Ok(datapath)
     }

@@ -434,13 +434,24 @@ impl Maps {
     }
 }
 
-/// Seconds of CLOCK_BOOTTIME, the clock of `bpf_ktime_get_boot_ns`.
-pub fn boot_ns() -> u64 {
+/// Now on the clock of the maps' stamps ([`multihome_common::CLOCK`],
+/// which `bpf_ktime_get_coarse_ns` reads), ns.
+pub fn clock_ns() -> u64 {
+    read_clock(libc::CLOCK_MONOTONIC_COARSE)
+}
+
+/// How far `CLOCK_BOOTTIME` (the stamps of layouts up to 7) is ahead of
+/// the monotonic clocks: the time spent suspended since boot, ns.
+pub fn boottime_lead_ns() -> u64 {
+    read_clock(libc::CLOCK_BOOTTIME).saturating_sub(read_clock(libc::CLOCK_MONOTONIC))
+}
+
+fn read_clock(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime fills `ts`.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

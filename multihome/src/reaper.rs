@@ -80,7 +80,7 @@ fn run(maps: &Maps, mut timeouts: Timeouts, rx: &Receiver<Timeouts>) {
         pass += 1;
         let reaped = maps
             .flow_capacity()
-            .and_then(|cap| flows::reap(maps, &timeouts, maps::boot_ns(), cap));
+            .and_then(|cap| flows::reap(maps, &timeouts, maps::clock_ns(), cap));
         match reaped {
             Ok(p) => {
                 if p.expired > 0 {
@@ -100,7 +100,7 @@ fn run(maps: &Maps, mut timeouts: Timeouts, rx: &Receiver<Timeouts>) {
             if let Err(e) = flows::reap_orphans(maps, &mut suspects) {
                 error!("removing orphaned reverse entries: {e:#}");
             }
-            match flows::reap_endpoints(maps, maps::boot_ns()) {
+            match flows::reap_endpoints(maps, maps::clock_ns()) {
                 Ok(0) => {}
                 Ok(n) => debug!("removed {n} endpoint records without flows"),
                 Err(e) => error!("removing endpoint records: {e:#}"),

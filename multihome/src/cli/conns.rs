@@ -57,7 +57,7 @@ pub struct AffinityRow {
 pub fn affinities(maps: &Maps) -> anyhow::Result<Vec<AffinityRow>> {
     let uplinks = maps.uplinks()?;
     let tables = maps.select_tables()?;
-    let now = maps::boot_ns();
+    let now = maps::clock_ns();
     let uplink_name = |id: u8| {
         uplinks
             .get(id as usize)
@@ -142,7 +142,7 @@ pub fn list(maps: &Maps) -> anyhow::Result<Vec<Conn>> {
         .map(|u| name_from_bytes(&u.name))
         .collect();
     let tables = maps.select_tables()?;
-    let now = maps::boot_ns();
+    let now = maps::clock_ns();
     let mut out: Vec<Conn> = maps
         .flows()?
         .iter()
