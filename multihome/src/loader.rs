@@ -21,9 +21,9 @@ use aya::{
 use multihome_common::{
     ALL_MAPS, FlowFwd, FlowKey, JUMP_LAN_RESET, LAYOUT_VERSION, MAP_AFFINITY, MAP_CONN_FWD,
     MAP_CONN_REV, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_HOST_ECHO, MAP_JUMP, MAP_PEERS,
-    MAP_REASONS, MAP_SELECT, MAP_SYN_WAIT,
-    MAP_SETTINGS, MAP_UPLINK_STATS, MAP_UPLINKS, PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN,
-    PROG_WAN_IN_L3, PROG_WAN_OUT, PROG_WAN_OUT_L3, PROG_XDP_LAN, PROG_XDP_WAN,
+    MAP_REASONS, MAP_SELECT, MAP_SETTINGS, MAP_SYN_WAIT, MAP_UPLINK_STATS, MAP_UPLINKS,
+    PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN, PROG_WAN_IN_L3, PROG_WAN_OUT, PROG_WAN_OUT_L3,
+    PROG_XDP_LAN, PROG_XDP_WAN,
 };
 
 use crate::config::NatConfig;
@@ -192,7 +192,10 @@ const MIGRATIONS: &[(u32, &[&str])] = &[
     // (made afresh here and above: reply fragments that come before their
     // first are matched again for flows made from now on); NEXT_HOPS is
     // new.
-    (6, &[MAP_UPLINK_STATS, MAP_PEERS, MAP_SYN_WAIT, MAP_HOST_ECHO]),
+    (
+        6,
+        &[MAP_UPLINK_STATS, MAP_PEERS, MAP_SYN_WAIT, MAP_HOST_ECHO],
+    ),
     // 8: every stamp is on `CLOCK` (monotonic, coarse), no longer
     // `CLOCK_BOOTTIME`: SYN_WAIT and HOST_ECHO, short-lived caches, are
     // made afresh (here and above); the stamps of flows, affinities and

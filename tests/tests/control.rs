@@ -1349,7 +1349,13 @@ fn an_upgrade_from_layout_6_keeps_live_flows_in_a_map_of_longer_entries() {
     upgrade_keeps_the_flow(6, |t, dir| {
         // Layout 6: ten counters per uplink, 24-byte flows, PEERS an LRU
         // hash map, no NEXT_HOPS.
-        for name in ["NEXT_HOPS", "CLASSIFY", "LOCAL_ADDRS", "XDP_DEVS", "XDP_STATS"] {
+        for name in [
+            "NEXT_HOPS",
+            "CLASSIFY",
+            "LOCAL_ADDRS",
+            "XDP_DEVS",
+            "XDP_STATS",
+        ] {
             std::fs::remove_file(format!("{dir}/{name}")).expect("unpin a new map");
         }
         pin_old_map(&t.gw, dir, "UPLINK_STATS", "percpu_array", 10 * 8);

@@ -133,6 +133,16 @@ pub fn run(opts: Options) -> Result<()> {
             }
         }
     }
+    for round in 0..plan.scale_rounds {
+        for mode in rotated(round) {
+            interrupted()?;
+            if let Err(e) = seed_cell(&plan, mode, &exe, &mut r) {
+                let msg = format!("seed topology {} {}: {e:#}", round + 1, mode.name());
+                eprintln!("warning: {msg}");
+                r.meta.notes.push(format!("Failed: {msg}"));
+            }
+        }
+    }
     r.meta.seconds = started.elapsed().as_secs_f64();
     write(&out, &r)?;
     let failed = r
@@ -341,6 +351,20 @@ fn run_round(plan: &Plan, round: usize, exe: &Path, r: &mut Results) -> Result<(
         }
         println!("{line}");
     }
+    Ok(())
+}
+
+/// 64-byte UDP through the seed's topology, where ISP routers drop
+/// sources other than their customer's: plain routing's packets, left
+/// untranslated, die one hop after the gateway, so its rate is counted
+/// where every mode's is, leaving the gateway.
+fn seed_cell(plan: &Plan, mode: Mode, exe: &Path, r: &mut Results) -> Result<()> {
+    let net = Net::build_seed();
+    let running = modes::start(mode, &net);
+    let c = ctx(&net, exe, &running)?;
+    let u = c.udp(256, 10, plan.udp_warmup, plan.udp_window)?;
+    r.add("udp_pps_seed", mode, u.pps / 1e3);
+    println!("seed topology: {} {:.0} kpps", mode.name(), u.pps / 1e3);
     Ok(())
 }
 

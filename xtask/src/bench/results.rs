@@ -81,6 +81,12 @@ pub const METRICS: &[Metric] = &[
         true,
     ),
     metric(
+        "udp_pps_seed",
+        "UDP 64 B, 256 flows, the seed's topology (ISP routers; counted out of the gateway)",
+        "kpps",
+        true,
+    ),
+    metric(
         "newflow_pps",
         "UDP 64 B, every packet a new flow",
         "kpps",

@@ -49,6 +49,9 @@ pub struct Net {
     pub client: NetNs,
     pub gw: NetNs,
     pub inet: NetNs,
+    /// The seed's topology ([`Net::build_seed`]): an ISP router per
+    /// uplink between the gateway and the internet host.
+    pub isps: Option<[NetNs; 2]>,
 }
 
 /// Loads an nftables ruleset into `ns`.
@@ -74,17 +77,60 @@ impl Net {
             client: base_ns("bc", false),
             gw: base_ns("bg", true),
             inet: base_ns("bi", false),
+            isps: None,
         };
-        veth_with_offloads(&n.client, "lan0", &n.gw, "lan0");
         veth_with_offloads(&n.gw, "wanx", &n.inet, "ix");
         veth_with_offloads(&n.gw, "wany", &n.inet, "iy");
+        addr(&n.inet, "ix", &format!("{X_GW}/24"));
+        addr(&n.inet, "iy", &format!("{Y_GW}/24"));
+        // Only for plain routing, which does not translate the LAN.
+        route(&n.inet, &format!("198.18.1.0/24 via {X_ADDR}"));
+        n.finish()
+    }
+
+    /// The seed's topology: between each uplink and the internet host an
+    /// ISP router that drops sources other than its customer's subnet
+    /// (iptables, as the test bed's ISPs), so the internet host is two
+    /// hops away. Plain routing's untranslated LAN sources die at the ISP.
+    pub fn build_seed() -> Net {
+        let isps = [base_ns("bx", true), base_ns("by", true)];
+        let n = Net {
+            client: base_ns("bc", false),
+            gw: base_ns("bg", true),
+            inet: base_ns("bi", false),
+            isps: None,
+        };
+        for (isp, (wan, (gw_addr, (net, (core, inet_if))))) in isps.iter().zip([
+            ("wanx", (X_GW, ("198.18.11.0/24", ("198.18.101", "ix")))),
+            ("wany", (Y_GW, ("198.18.22.0/24", ("198.18.102", "iy")))),
+        ]) {
+            veth_with_offloads(&n.gw, wan, isp, "cust");
+            veth_with_offloads(isp, "core", &n.inet, inet_if);
+            addr(isp, "cust", &format!("{gw_addr}/24"));
+            addr(isp, "core", &format!("{core}.1/30"));
+            addr(&n.inet, inet_if, &format!("{core}.2/30"));
+            route(isp, &format!("default via {core}.2"));
+            route(&n.inet, &format!("{net} via {core}.1"));
+            let mut cmd = vec!["iptables", "-w", "-A", "FORWARD", "-i", "cust", "!", "-s"];
+            cmd.extend([net, "-j", "DROP"]);
+            isp.exec(&cmd);
+        }
+        Net {
+            isps: Some(isps),
+            ..n.finish()
+        }
+    }
+
+    /// The LAN side, the addresses of the gateway and the internet
+    /// host's sink and service.
+    fn finish(self) -> Net {
+        let n = self;
+        veth_with_offloads(&n.client, "lan0", &n.gw, "lan0");
         addr(&n.client, "lan0", &format!("{CLIENT}/24"));
         route(&n.client, &format!("default via {GW_LAN}"));
         addr(&n.gw, "lan0", &format!("{GW_LAN}/24"));
         addr(&n.gw, "wanx", &format!("{X_ADDR}/24"));
         addr(&n.gw, "wany", &format!("{Y_ADDR}/24"));
-        addr(&n.inet, "ix", &format!("{X_GW}/24"));
-        addr(&n.inet, "iy", &format!("{Y_GW}/24"));
         addr(&n.inet, "lo", &format!("{SERVICE}/32"));
         nft(
             &n.inet,
@@ -95,8 +141,6 @@ impl Net {
                  }}\n"
             ),
         );
-        // Only for plain routing, which does not translate the LAN.
-        route(&n.inet, &format!("198.18.1.0/24 via {X_ADDR}"));
         n
     }
 
@@ -128,6 +172,9 @@ impl Net {
             self.side(side)
                 .exec(&["ethtool", "-K", ifname, "gro", "on"]);
         }
+        for isp in self.isps.iter().flatten() {
+            isp.exec(&["ethtool", "-K", "cust", "gro", "on"]);
+        }
     }
 
     /// The MAC addresses of the LAN link: (gateway, client).
@@ -135,8 +182,16 @@ impl Net {
         Ok((mac(&self.gw, "lan0")?, mac(&self.client, "lan0")?))
     }
 
-    /// Packets that reached the internet host on both uplinks.
+    /// Packets that reached the internet host on both uplinks; in the
+    /// seed's topology, packets the gateway sent out of its uplinks (plain
+    /// routing's die at the ISP).
     pub fn delivered(&self) -> u64 {
+        if self.isps.is_some() {
+            return ["wanx", "wany"]
+                .iter()
+                .map(|i| testbed::link_counters(&self.gw, i).tx_packets)
+                .sum();
+        }
         ["ix", "iy"]
             .iter()
             .map(|i| testbed::link_counters(&self.inet, i).rx_packets)
