@@ -1,23 +1,20 @@
 //! multihome: daemon and CLI.
-mod challenge;
-mod choice;
 mod cli;
 mod config;
 mod control;
 mod daemon;
-mod flows;
+mod datapath;
 mod health;
-mod loader;
-mod maps;
-mod mapwalk;
 mod metrics;
-mod netinfo;
+mod netlink;
 mod policy;
-mod reaper;
-mod routing;
 mod status;
 mod uplinks;
-mod xdp;
+
+// The modules grouped by concern keep their short paths (`crate::maps`).
+use datapath::{challenge, flows, loader, maps, mapwalk, reaper, xdp};
+use netlink::{netinfo, routing};
+use policy::choice;
 
 use clap::{CommandFactory as _, FromArgMatches as _};
 

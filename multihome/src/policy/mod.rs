@@ -4,6 +4,7 @@
 //! the built-in `balanced` policy (every uplink by weight). The rules are
 //! compiled into per-field maps ([`compile`]) and matched by the datapath
 //! for a flow's first packet only; `explain` answers from this model.
+pub mod choice;
 pub mod compile;
 pub mod explain;
 
@@ -18,7 +19,6 @@ use multihome_common::{
 use serde::Deserialize;
 
 use crate::{
-    choice,
     config::{Config, Prefix},
     health::{OnDown, OnUp},
     netinfo::Snapshot,
