@@ -120,9 +120,13 @@ pub const MAP_LOCAL_ADDRS: &str = "LOCAL_ADDRS";
 pub const MAP_XDP_DEVS: &str = "XDP_DEVS";
 /// Uplink slot -> [`XdpStats`], per CPU.
 pub const MAP_XDP_STATS: &str = "XDP_STATS";
+/// Routed IPv6 source prefix -> the uplinks (a bit each) that may carry
+/// it ([`Routed6Key`] -> `RoutedUplinks`): the IPv6 egress guard's list,
+/// folded like [`MAP_ROUTED`]'s.
+pub const MAP_ROUTED6: &str = "ROUTED6";
 /// Entries of [`MAP_XDP_DEVS`].
 pub const MAX_XDP_DEVS: u32 = 64;
-pub const ALL_MAPS: [&str; 31] = [
+pub const ALL_MAPS: [&str; 32] = [
     MAP_CONN_FWD,
     MAP_CONN_REV,
     MAP_UPLINKS,
@@ -154,6 +158,7 @@ pub const ALL_MAPS: [&str; 31] = [
     MAP_LOCAL_ADDRS,
     MAP_XDP_DEVS,
     MAP_XDP_STATS,
+    MAP_ROUTED6,
 ];
 
 /// [`MAP_CLASSIFY`]: the kernel's policy rules route an unmarked packet
@@ -843,6 +848,14 @@ pub struct RoutedKey {
     pub addr_be: u32,
 }
 
+/// [`MAP_ROUTED6`]'s key data: an IPv6 address as on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Routed6Key {
+    pub addr: [u8; 16],
+}
+
 /// [`MAP_ROUTED`]'s value: bit `i` set when uplink `i` may carry sources
 /// of the prefix untranslated. The daemon folds every shorter prefix's
 /// bits into a longer one, so the longest match alone decides.
@@ -1091,6 +1104,7 @@ mod pod {
     unsafe impl aya::Pod for HostFlows {}
     unsafe impl aya::Pod for UplinkStats {}
     unsafe impl aya::Pod for XdpStats {}
+    unsafe impl aya::Pod for Routed6Key {}
     unsafe impl aya::Pod for Reasons {}
     unsafe impl aya::Pod for RoutedKey {}
     unsafe impl aya::Pod for RuleAddrKey {}

@@ -3,10 +3,12 @@
 //! its `routed_prefixes`. Everything the translation stages could not
 //! handle ends here, so nothing they miss leaks with a LAN source.
 use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
-use multihome_common::{MAX_UPLINKS, Reason, RoutedKey, RoutedUplinks, UPLINK_CONFIGURED};
+use multihome_common::{
+    MAX_UPLINKS, Reason, Routed6Key, RoutedKey, RoutedUplinks, UPLINK_CONFIGURED,
+};
 
 use crate::{
-    maps::{ROUTED, UPLINKS},
+    maps::{ROUTED, ROUTED6, UPLINKS},
     parse::{ip, read},
     verdict::{Outcome, Verdict},
 };
@@ -21,11 +23,10 @@ pub fn routed_uplinks(saddr_be: u32) -> RoutedUplinks {
     ROUTED.get(&key).copied().unwrap_or(0)
 }
 
-/// Whether a packet from `saddr_be` may leave device `ifindex`: the
-/// address of an uplink on it (several uplinks may share one device,
-/// seed 4.2.5), or a routed prefix of one of them.
+/// The uplinks (a bit each) on device `ifindex` (several may share one,
+/// seed 4.2.5), and whether one of them has the address `saddr_be`.
 #[inline(always)]
-fn source_allowed(ifindex: u32, saddr_be: u32) -> bool {
+fn uplinks_on(ifindex: u32, saddr_be: u32) -> (RoutedUplinks, bool) {
     let mut here: RoutedUplinks = 0;
     for id in 0..MAX_UPLINKS {
         if let Some(u) = UPLINKS.get(id)
@@ -33,12 +34,44 @@ fn source_allowed(ifindex: u32, saddr_be: u32) -> bool {
             && u.ifindex == ifindex
         {
             if u.addr_be == saddr_be && saddr_be != 0 {
-                return true;
+                return (here, true);
             }
             here |= 1 << id;
         }
     }
-    here != 0 && routed_uplinks(saddr_be) & here != 0
+    (here, false)
+}
+
+/// Whether a packet from `saddr_be` may leave device `ifindex`: the
+/// address of an uplink on it, or a routed prefix of one of them.
+#[inline(always)]
+fn source_allowed(ifindex: u32, saddr_be: u32) -> bool {
+    let (here, own) = uplinks_on(ifindex, saddr_be);
+    own || here != 0 && routed_uplinks(saddr_be) & here != 0
+}
+
+/// Offset of the source address in the IPv6 header (RFC 8200 §3).
+const IPV6_SADDR: usize = 8;
+
+/// Passes the forwarded IPv6 packet at `l3` if one of this device's
+/// uplinks routes its source (`ROUTED6`), drops it otherwise: multihome
+/// translates no IPv6 yet, so no other IPv6 source is an uplink's.
+#[inline(always)]
+pub fn egress6(ctx: &TcContext, l3: usize) -> Outcome {
+    // SAFETY: the context pointer is valid for the program's run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let (here, _) = uplinks_on(ifindex, 0);
+    let Ok(addr) = read::<[u8; 16]>(ctx, l3 + IPV6_SADDR) else {
+        return Err(Reason::ForeignSource);
+    };
+    let key = Key {
+        prefix_len: 128,
+        data: Routed6Key { addr },
+    };
+    match ROUTED6.get(&key) {
+        Some(bits) if here & *bits != 0 => Ok(Verdict::Pass),
+        _ => Err(Reason::ForeignSource),
+    }
 }
 
 /// Passes the IPv4 packet at `l3` if its source may leave this device,

@@ -9,9 +9,9 @@ use multihome_common::{
     EchoKey, EimKey, EimLan, Endpoint, EndpointKey, FRAG_ENTRIES, Fill, FlowFwd, FlowKey, FlowRev,
     FragKey, FragXlat, HOST_ECHO_ENTRIES, HostFlows, LanNet, MAX_HOSTS, MAX_LAN_NETS,
     MAX_LOCAL_ADDRS, MAX_POLICIES, MAX_ROUTED_PREFIXES, MAX_RULE_PREFIXES, MAX_RULES, MAX_UPLINKS,
-    MAX_XDP_DEVS, NextHop, PEER_SLOTS, PeerSlot, Reasons, RoutedKey, RoutedUplinks, RuleAction,
-    RuleAddrKey, RuleSet, SYN_WAIT_ENTRIES, SelectTable, Settings, SynWaitKey, Uplink, UplinkStats,
-    XdpStats,
+    MAX_XDP_DEVS, NextHop, PEER_SLOTS, PeerSlot, Reasons, Routed6Key, RoutedKey, RoutedUplinks,
+    RuleAction, RuleAddrKey, RuleSet, SYN_WAIT_ENTRIES, SelectTable, Settings, SynWaitKey, Uplink,
+    UplinkStats, XdpStats,
 };
 
 const FLOWS: usize = DEFAULT_MAX_FLOWS as usize;
@@ -108,6 +108,11 @@ pub static REASONS: PerCpuArray<Reasons, 1> = PerCpuArray::new();
 /// Routed source prefix -> the uplinks that carry it untranslated.
 #[btf_map]
 pub static ROUTED: LpmTrie<RoutedKey, RoutedUplinks, { MAX_ROUTED_PREFIXES as usize }> =
+    LpmTrie::new();
+
+/// Routed IPv6 source prefix -> the uplinks that carry it.
+#[btf_map]
+pub static ROUTED6: LpmTrie<Routed6Key, RoutedUplinks, { MAX_ROUTED_PREFIXES as usize }> =
     LpmTrie::new();
 
 /// A fragmented datagram -> how its later fragments are translated.

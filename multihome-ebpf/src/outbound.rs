@@ -466,6 +466,9 @@ pub fn wan_egress<const L2: bool>(ctx: &TcContext) -> Outcome {
     if mark == mark_base | MARK_TRANSLATED {
         return Ok(Verdict::Pass);
     }
+    if let Some(l3) = parse::ipv6_offset::<L2>(ctx) {
+        return guard::egress6(ctx, l3);
+    }
     let l3 = parse::l3_offset::<L2>(ctx)?;
     if let Some((id, uplink)) = select::from_mark(mark, mark_base) {
         // SAFETY: the context pointer is valid for the program's run.

@@ -207,6 +207,21 @@ pub fn l3_offset<const L2: bool>(ctx: &TcContext) -> Result<usize, Reason> {
     Ok(if L2 { ETH_HLEN } else { 0 })
 }
 
+pub const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
+
+/// Offset of the IPv6 header, if the packet is IPv6. `L2` as in
+/// [`l3_offset`].
+#[inline(always)]
+pub fn ipv6_offset<const L2: bool>(ctx: &TcContext) -> Option<usize> {
+    let proto_be = if L2 {
+        read::<u16>(ctx, 12).ok()?
+    } else {
+        // SAFETY: the context pointer is valid for the program's run.
+        unsafe { (*ctx.skb.skb).protocol as u16 }
+    };
+    (proto_be == ETH_P_IPV6_BE).then_some(if L2 { ETH_HLEN } else { 0 })
+}
+
 /// The checked basics of the IPv4 header at `l3`.
 struct Ipv4Basics {
     ihl: usize,

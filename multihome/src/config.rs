@@ -268,6 +268,49 @@ impl std::fmt::Display for Prefix {
     }
 }
 
+/// An IPv6 prefix: `2001:db8:50::/48`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefix6 {
+    pub addr: std::net::Ipv6Addr,
+    pub len: u8,
+}
+
+impl Prefix6 {
+    pub fn mask(self) -> u128 {
+        if self.len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - self.len)
+        }
+    }
+
+    pub fn network(self) -> std::net::Ipv6Addr {
+        (u128::from(self.addr) & self.mask()).into()
+    }
+
+    /// Whether every address of `q` is in this prefix.
+    pub fn covers(self, q: &Prefix6) -> bool {
+        self.len <= q.len && u128::from(q.addr) & self.mask() == u128::from(self.network())
+    }
+}
+
+impl std::str::FromStr for Prefix6 {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, len) = s.split_once('/').unwrap_or((s, "128"));
+        let addr: std::net::Ipv6Addr = addr
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IPv6 prefix like 2001:db8:50::/48"))?;
+        let len: u8 = len
+            .parse()
+            .ok()
+            .filter(|l| *l <= 128)
+            .ok_or_else(|| format!("`{s}`: the prefix length must be 0 to 128"))?;
+        Ok(Prefix6 { addr, len })
+    }
+}
+
 /// The longest idle timeout, in seconds: its nanoseconds fit in a `u64`.
 pub const MAX_TIMEOUT_S: u64 = u64::MAX / 1_000_000_000;
 
@@ -372,7 +415,12 @@ impl Config {
                 out.push(format!("{at}: `weight` must be 0 to 255 (0 = backup only)"));
             }
             for (j, p) in u.routed_prefixes.iter().enumerate() {
-                if let Err(e) = p.parse::<Prefix>() {
+                let parsed = if p.contains(':') {
+                    p.parse::<Prefix6>().map(drop)
+                } else {
+                    p.parse::<Prefix>().map(drop)
+                };
+                if let Err(e) = parsed {
                     out.push(format!("{at}: `routed_prefixes[{j}]`: {e}"));
                 }
             }
@@ -531,6 +579,21 @@ impl Config {
             .flat_map(|(id, u)| {
                 u.routed_prefixes
                     .iter()
+                    .filter_map(move |p| p.parse().ok().map(|p| (id, p)))
+            })
+            .collect()
+    }
+
+    /// Every routed IPv6 prefix, with the index of the uplink that
+    /// carries it.
+    pub fn routed_prefixes6(&self) -> Vec<(usize, Prefix6)> {
+        self.uplinks
+            .iter()
+            .enumerate()
+            .flat_map(|(id, u)| {
+                u.routed_prefixes
+                    .iter()
+                    .filter(|p| p.contains(':'))
                     .filter_map(move |p| p.parse().ok().map(|p| (id, p)))
             })
             .collect()

@@ -574,6 +574,9 @@ impl Daemon {
         if let Err(e) = self.maps.set_routed(&uplinks::routed_table(&self.config)) {
             failed.push(e);
         }
+        if let Err(e) = self.maps.set_routed6(&uplinks::routed_table6(&self.config)) {
+            failed.push(e);
+        }
         let all_down = !usable.iter().any(|u| *u);
         if all_down && !self.all_down {
             error!(

@@ -10,7 +10,7 @@ use multihome_common::{
 };
 
 use crate::{
-    config::{Config, MssClamp, Prefix, UplinkConfig},
+    config::{Config, MssClamp, Prefix, Prefix6, UplinkConfig},
     health::passive,
     netinfo::Snapshot,
     routing::{RoutingPlan, SharedSource, UplinkRoutes},
@@ -310,6 +310,28 @@ pub fn routed_table(config: &Config) -> Vec<(Prefix, RoutedUplinks)> {
     out
 }
 
+/// [`multihome_common::MAP_ROUTED6`]'s entries, folded as
+/// [`routed_table`]'s.
+pub fn routed_table6(config: &Config) -> Vec<(Prefix6, RoutedUplinks)> {
+    let all = config.routed_prefixes6();
+    let mut out: Vec<(Prefix6, RoutedUplinks)> = Vec::new();
+    for (_, p) in &all {
+        let p = Prefix6 {
+            addr: p.network(),
+            len: p.len,
+        };
+        if out.iter().any(|(q, _)| *q == p) {
+            continue;
+        }
+        let bits = all
+            .iter()
+            .filter(|(_, outer)| outer.covers(&p))
+            .fold(0, |b, (id, _)| b | 1 << config.uplinks[*id].slot);
+        out.push((p, bits));
+    }
+    out
+}
+
 pub fn routing_plan(config: &Config, observed: &[Observed], usable: &[bool]) -> RoutingPlan {
     RoutingPlan {
         uplinks: config
@@ -394,6 +416,33 @@ mod tests {
         );
         c.uplinks[1].routed_prefixes.clear();
         assert_eq!(routed_table(&c), vec![(p("198.18.48.0/20"), 0b01)]);
+    }
+
+    #[test]
+    fn ipv6_routed_prefixes_fold_apart_from_ipv4_ones() {
+        let c = Config::parse(
+            "lan = [\"lan0\"]\n[[uplink]]\nname = \"x\"\ninterface = \"wanx\"\n\
+             routed_prefixes = [\"2001:db8:50::/48\", \"198.18.48.0/20\"]\n\
+             [[uplink]]\nname = \"y\"\ninterface = \"wany\"\n\
+             routed_prefixes = [\"2001:db8:50:7::1/64\"]\n",
+        )
+        .expect("valid");
+        let p = |s: &str| s.parse::<Prefix6>().expect("prefix");
+        assert_eq!(
+            routed_table6(&c),
+            vec![
+                (p("2001:db8:50::/48"), 0b01),
+                (p("2001:db8:50:7::/64"), 0b11),
+            ]
+        );
+        assert_eq!(routed_table(&c).len(), 1, "IPv4 apart");
+        assert!(
+            Config::parse(
+                "lan = [\"lan0\"]\n[[uplink]]\nname = \"x\"\ninterface = \"wanx\"\n\
+                 routed_prefixes = [\"2001:db8::/129\"]\n"
+            )
+            .is_err()
+        );
     }
 
     #[test]

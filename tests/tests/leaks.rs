@@ -155,3 +155,132 @@ fn a_routed_prefix_leaves_its_own_uplink_untranslated_and_no_other() {
     );
     assert_eq!(t.foreign_sources(), 0, "the routed prefix reached ISP x");
 }
+
+/// Packets that reached `ns` on `cust` from `prefix`, by an ip6tables
+/// counting rule in `raw` PREROUTING (added here).
+fn count6<'a>(ns: &'a NetNs, prefix: &str) -> impl Fn() -> u64 + 'a {
+    ns.exec(&[
+        "ip6tables",
+        "-w",
+        "-t",
+        "raw",
+        "-A",
+        "PREROUTING",
+        "-i",
+        IF_CUST,
+        "-s",
+        prefix,
+    ]);
+    let prefix = prefix.to_owned();
+    move || {
+        let text = ns.exec_stdout(&[
+            "ip6tables",
+            "-w",
+            "-t",
+            "raw",
+            "-L",
+            "PREROUTING",
+            "-v",
+            "-x",
+            "-n",
+        ]);
+        text.lines()
+            .filter_map(|l| {
+                let f: Vec<_> = l.split_whitespace().collect();
+                let pkts: u64 = f.first()?.parse().ok()?;
+                f.contains(&prefix.as_str()).then_some(pkts)
+            })
+            .sum()
+    }
+}
+
+/// Turns IPv6 on in `ns` (the test bed turns it off).
+fn ipv6_on(ns: &NetNs, forwarding: bool) {
+    // No duplicate address detection: addresses usable at once.
+    for key in [
+        "net.ipv6.conf.all.accept_dad",
+        "net.ipv6.conf.default.accept_dad",
+    ] {
+        ns.sysctl(key, "0");
+    }
+    for key in [
+        "net.ipv6.conf.all.disable_ipv6",
+        "net.ipv6.conf.default.disable_ipv6",
+    ] {
+        ns.sysctl(key, "0");
+    }
+    ns.sysctl(
+        "net.ipv6.conf.all.forwarding",
+        if forwarding { "1" } else { "0" },
+    );
+}
+
+fn ip6(ns: &NetNs, args: &str) {
+    let mut cmd = vec!["ip", "-6"];
+    cmd.extend(args.split_whitespace());
+    ns.exec(&cmd);
+}
+
+/// multihome translates no IPv6 yet, so the only IPv6 sources that may
+/// leave an uplink forwarded are the prefixes it routes: a ULA source the
+/// kernel forwards is dropped at the uplink's egress and counted.
+#[test]
+fn forwarded_ipv6_leaves_an_uplink_only_from_a_prefix_it_routes() {
+    let t = Topology::standard();
+    for (ns, fwd, ifname) in [
+        (&t.client, false, IF_LAN),
+        (&t.gw, true, IF_LAN),
+        (&t.gw, true, IF_WANX),
+        (&t.ispx, true, IF_CUST),
+    ] {
+        ipv6_on(ns, fwd);
+        ns.sysctl(&format!("net.ipv6.conf.{ifname}.accept_dad"), "0");
+        ns.sysctl(&format!("net.ipv6.conf.{ifname}.disable_ipv6"), "0");
+    }
+    ip6(&t.client, "addr add fd00:1::2/64 dev lan0 nodad");
+    ip6(&t.client, "addr add 2001:db8:50::2/64 dev lan0 nodad");
+    ip6(&t.client, "route add default via fd00:1::1");
+    ip6(&t.gw, "addr add fd00:1::1/64 dev lan0 nodad");
+    ip6(&t.gw, "addr add 2001:db8:50::1/64 dev lan0 nodad");
+    ip6(&t.gw, "addr add 2001:db8:11::1/64 dev wanx nodad");
+    ip6(&t.gw, "route add default via 2001:db8:11::fe dev wanx");
+    ip6(&t.ispx, "addr add 2001:db8:11::fe/64 dev cust nodad");
+    ip6(&t.ispx, "route add 2001:db8:50::/64 via 2001:db8:11::1");
+    let ula = count6(&t.ispx, "fd00::/8");
+    let routed = count6(&t.ispx, "2001:db8:50::/64");
+    let gw = Gateway::start(
+        &t.gw,
+        &config_for(&t, [1, 1], "").replacen(
+            "name = \"x\"\n",
+            "name = \"x\"\nrouted_prefixes = [\"2001:db8:50::/64\"]\n",
+            1,
+        ),
+    );
+    // Three datagrams from `src` to the ISP router, through uplink x.
+    let send = |src: &str| {
+        let to: std::net::SocketAddr = "[2001:db8:11::fe]:9".parse().expect("address");
+        t.client.run(|| {
+            let sock =
+                std::net::UdpSocket::bind((src.parse::<std::net::Ipv6Addr>().expect("v6"), 0))
+                    .expect("bind");
+            for _ in 0..3 {
+                sock.send_to(b"leak?", to).expect("send");
+            }
+        });
+    };
+    let before = gw.reason("foreign_source");
+    send("fd00:1::2");
+    eventually(
+        Duration::from_secs(3),
+        "the guard counts the ULA datagrams",
+        || gw.reason("foreign_source") >= before + 3,
+    );
+    assert_eq!(ula(), 0, "a ULA source left uplink x");
+    send("2001:db8:50::2");
+    eventually(
+        Duration::from_secs(3),
+        "the routed prefix reaches the ISP",
+        || routed() >= 3,
+    );
+    assert_eq!(ula(), 0, "a ULA source left uplink x");
+}

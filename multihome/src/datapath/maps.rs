@@ -13,15 +13,19 @@ use multihome_common::{
     Affinity, AffinityKey, CLASSIFY_IN_MAIN, EimKey, Endpoint, EndpointKey, FlowFwd, FlowKey,
     FlowRev, HostFlows, LanNet, MAP_AFFINITY, MAP_CLASSIFY, MAP_CONN_FWD, MAP_CONN_REV,
     MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_FILL, MAP_HOSTS, MAP_LAN_NETS, MAP_LOCAL_ADDRS,
-    MAP_NEXT_HOPS, MAP_REASONS, MAP_ROUTED, MAP_RULE_ACTION, MAP_RULE_DPORT, MAP_RULE_DSCP,
-    MAP_RULE_DST, MAP_RULE_PROTO, MAP_RULE_SRC, MAP_SELECT, MAP_SETTINGS, MAP_SYN_WAIT,
-    MAP_UPLINK_STATS, MAP_UPLINKS, MAP_XDP_DEVS, MAP_XDP_STATS, MAX_LAN_NETS, MAX_LOCAL_ADDRS,
-    MAX_POLICIES, MAX_RULES, MAX_UPLINKS, NextHop, Reasons, RoutedKey, RoutedUplinks, RuleAction,
-    RuleAddrKey, RuleSet, SelectTable, Settings, SynWaitKey, Uplink, UplinkStats, XdpStats,
-    rules_word,
+    MAP_NEXT_HOPS, MAP_REASONS, MAP_ROUTED, MAP_ROUTED6, MAP_RULE_ACTION, MAP_RULE_DPORT,
+    MAP_RULE_DSCP, MAP_RULE_DST, MAP_RULE_PROTO, MAP_RULE_SRC, MAP_SELECT, MAP_SETTINGS,
+    MAP_SYN_WAIT, MAP_UPLINK_STATS, MAP_UPLINKS, MAP_XDP_DEVS, MAP_XDP_STATS, MAX_LAN_NETS,
+    MAX_LOCAL_ADDRS, MAX_POLICIES, MAX_RULES, MAX_UPLINKS, NextHop, Reasons, Routed6Key, RoutedKey,
+    RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SelectTable, Settings, SynWaitKey, Uplink,
+    UplinkStats, XdpStats, rules_word,
 };
 
-use crate::{config::Prefix, mapwalk, policy::compile::Compiled};
+use crate::{
+    config::{Prefix, Prefix6},
+    mapwalk,
+    policy::compile::Compiled,
+};
 
 #[derive(Clone)]
 pub struct Maps {
@@ -330,6 +334,37 @@ impl Maps {
                 !wanted.iter().any(|(w, _)| {
                     w.prefix_len() == k.prefix_len() && w.data().addr_be == k.data().addr_be
                 })
+            })
+            .collect();
+        for k in stale {
+            trie.remove(&k)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `ROUTED6` to hold exactly `table`.
+    pub fn set_routed6(&self, table: &[(Prefix6, RoutedUplinks)]) -> anyhow::Result<()> {
+        let mut trie: LpmTrie<MapData, Routed6Key, RoutedUplinks> =
+            LpmTrie::try_from(Map::LpmTrie(open(&self.dir, MAP_ROUTED6)?))?;
+        let key = |p: &Prefix6| {
+            Key::new(
+                u32::from(p.len),
+                Routed6Key {
+                    addr: p.network().octets(),
+                },
+            )
+        };
+        let wanted: Vec<_> = table.iter().map(|(p, bits)| (key(p), *bits)).collect();
+        for (k, bits) in &wanted {
+            trie.insert(k, bits, 0)?;
+        }
+        let stale: Vec<_> = trie
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                !wanted
+                    .iter()
+                    .any(|(w, _)| w.prefix_len() == k.prefix_len() && w.data() == k.data())
             })
             .collect();
         for k in stale {
