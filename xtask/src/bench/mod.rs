@@ -492,9 +492,16 @@ fn meta(plan: &Plan, quick: bool) -> results::Meta {
         seconds: 0.0,
         notes: vec![
             "Topology: client — gateway — internet host, one veth pair per link, two uplinks. \
-             Each round builds one such topology per mode, all four up at once, and runs \
-             every measurement on each mode in turn (A B C D, order rotating by round); \
-             the scale rounds build fresh ones."
+             Each round builds one such topology per mode, all five up at once, and runs \
+             every measurement on each mode in turn (A B C D E, order rotating by round); \
+             the scale rounds build fresh ones. The seed's-topology row puts an ISP router \
+             per uplink (iptables dropping sources other than its customer's) between the \
+             gateway and the internet host, in fresh topologies, and counts packets leaving \
+             the gateway: plain routing's, untranslated, die at the ISP."
+                .into(),
+            "multihome-xdp: `xdp = \"native\"` (the XDP programs on every interface) and GRO \
+             on at both ends of every link, which XDP redirects into veth need; `multihome` \
+             runs the default, `xdp = \"auto\"`, which attaches no XDP on veth."
                 .into(),
             "Loads and the whole forwarding path run on CPU 0 (`taskset -c 0`, no RPS); \
              the bench and the multihome daemon on CPU 1."

@@ -81,7 +81,8 @@ fn setup(out: &mut String, r: &Results) {
     let _ = writeln!(out, "- Total duration: {}", duration(m.seconds));
     out.push_str(
         "- Modes: plain = routing over one uplink, no NAT; seed = the seed's iptables \
-         recipe; nft = the same recipe in nftables; multihome = multihome's TC datapath.\n",
+         recipe; nft = the same recipe in nftables; multihome = multihome as configured \
+         by default (its TC datapath here); multihome-xdp = the same with XDP forced native.\n",
     );
     for note in &m.notes {
         let _ = writeln!(out, "- {}", note.trim());
