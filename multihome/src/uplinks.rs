@@ -288,38 +288,31 @@ pub fn lan_nets(config: &Config, snap: &Snapshot) -> Vec<LanNet> {
 /// the uplinks (a bit each) whose prefixes contain it, so that the longest
 /// match alone answers for every uplink.
 pub fn routed_table(config: &Config) -> Vec<(Prefix, RoutedUplinks)> {
-    let all = config.routed_prefixes();
-    let contains = |outer: &Prefix, inner: &Prefix| {
-        outer.len <= inner.len && u32::from(inner.addr) & outer.mask() == u32::from(outer.network())
-    };
-    let mut out: Vec<(Prefix, RoutedUplinks)> = Vec::new();
-    for (_, p) in &all {
-        let p = Prefix {
-            addr: p.network(),
-            len: p.len,
-        };
-        if out.iter().any(|(q, _)| *q == p) {
-            continue;
-        }
-        let bits = all
-            .iter()
-            .filter(|(_, outer)| contains(outer, &p))
-            .fold(0, |b, (id, _)| b | 1 << config.uplinks[*id].slot);
-        out.push((p, bits));
-    }
-    out
+    fold_routed(config, &config.routed_prefixes(), |p| Prefix {
+        addr: p.network(),
+        len: p.len,
+    })
 }
 
 /// [`multihome_common::MAP_ROUTED6`]'s entries, folded as
 /// [`routed_table`]'s.
 pub fn routed_table6(config: &Config) -> Vec<(Prefix6, RoutedUplinks)> {
-    let all = config.routed_prefixes6();
-    let mut out: Vec<(Prefix6, RoutedUplinks)> = Vec::new();
-    for (_, p) in &all {
-        let p = Prefix6 {
-            addr: p.network(),
-            len: p.len,
-        };
+    fold_routed(config, &config.routed_prefixes6(), |p| Prefix6 {
+        addr: p.network(),
+        len: p.len,
+    })
+}
+
+/// Each prefix of `all` (uplink index, prefix) once, as `network` puts
+/// it, with the bits of every uplink whose prefixes cover it.
+fn fold_routed<P: Copy + PartialEq + Covers>(
+    config: &Config,
+    all: &[(usize, P)],
+    network: impl Fn(&P) -> P,
+) -> Vec<(P, RoutedUplinks)> {
+    let mut out: Vec<(P, RoutedUplinks)> = Vec::new();
+    for (_, p) in all {
+        let p = network(p);
         if out.iter().any(|(q, _)| *q == p) {
             continue;
         }
@@ -330,6 +323,23 @@ pub fn routed_table6(config: &Config) -> Vec<(Prefix6, RoutedUplinks)> {
         out.push((p, bits));
     }
     out
+}
+
+/// A prefix that may hold another.
+trait Covers {
+    fn covers(&self, inner: &Self) -> bool;
+}
+
+impl Covers for Prefix {
+    fn covers(&self, inner: &Self) -> bool {
+        Prefix::covers(*self, inner)
+    }
+}
+
+impl Covers for Prefix6 {
+    fn covers(&self, inner: &Self) -> bool {
+        Prefix6::covers(*self, inner)
+    }
 }
 
 pub fn routing_plan(config: &Config, observed: &[Observed], usable: &[bool]) -> RoutingPlan {

@@ -194,8 +194,16 @@ fn segment(p: &Parts, tag: &str) -> NetNs {
 /// Packets that reached `ns` on `cust` with a source other than its
 /// customer's: the `raw` counting rule of [`anti_spoof`].
 pub fn foreign_source_count(ns: &NetNs) -> u64 {
+    raw_prerouting_count(ns, "iptables", |f| {
+        f.contains(&IF_CUST) && f.iter().any(|w| w.starts_with('!'))
+    })
+}
+
+/// Packets counted by the `raw` PREROUTING rules of `tool` (`iptables`
+/// or `ip6tables`) in `ns` whose listed fields `matches` accepts.
+pub fn raw_prerouting_count(ns: &NetNs, tool: &str, matches: impl Fn(&[&str]) -> bool) -> u64 {
     let text = ns.exec_stdout(&[
-        "iptables",
+        tool,
         "-w",
         "-t",
         "raw",
@@ -209,7 +217,7 @@ pub fn foreign_source_count(ns: &NetNs) -> u64 {
         .filter_map(|l| {
             let f: Vec<_> = l.split_whitespace().collect();
             let pkts: u64 = f.first()?.parse().ok()?;
-            (f.contains(&IF_CUST) && f.iter().any(|w| w.starts_with('!'))).then_some(pkts)
+            matches(&f).then_some(pkts)
         })
         .sum()
 }

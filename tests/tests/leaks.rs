@@ -172,26 +172,7 @@ fn count6<'a>(ns: &'a NetNs, prefix: &str) -> impl Fn() -> u64 + 'a {
         prefix,
     ]);
     let prefix = prefix.to_owned();
-    move || {
-        let text = ns.exec_stdout(&[
-            "ip6tables",
-            "-w",
-            "-t",
-            "raw",
-            "-L",
-            "PREROUTING",
-            "-v",
-            "-x",
-            "-n",
-        ]);
-        text.lines()
-            .filter_map(|l| {
-                let f: Vec<_> = l.split_whitespace().collect();
-                let pkts: u64 = f.first()?.parse().ok()?;
-                f.contains(&prefix.as_str()).then_some(pkts)
-            })
-            .sum()
-    }
+    move || raw_prerouting_count(ns, "ip6tables", |f| f.contains(&prefix.as_str()))
 }
 
 /// Turns IPv6 on in `ns` (the test bed turns it off).

@@ -310,67 +310,34 @@ impl Maps {
         Ok(())
     }
 
-    /// Makes [`MAP_ROUTED`] hold exactly `table`: new and changed entries
-    /// first, then the stale ones go, so a prefix that stays never misses.
+    /// Makes [`MAP_ROUTED`] hold exactly `table`.
     pub fn set_routed(&self, table: &[(Prefix, RoutedUplinks)]) -> anyhow::Result<()> {
-        let mut trie: LpmTrie<MapData, RoutedKey, RoutedUplinks> =
-            LpmTrie::try_from(Map::LpmTrie(open(&self.dir, MAP_ROUTED)?))?;
-        let key = |p: &Prefix| {
-            Key::new(
-                u32::from(p.len),
-                RoutedKey {
-                    addr_be: u32::from(p.network()).to_be(),
-                },
-            )
-        };
-        let wanted: Vec<_> = table.iter().map(|(p, bits)| (key(p), *bits)).collect();
-        for (k, bits) in &wanted {
-            trie.insert(k, bits, 0)?;
-        }
-        let stale: Vec<_> = trie
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| {
-                !wanted.iter().any(|(w, _)| {
-                    w.prefix_len() == k.prefix_len() && w.data().addr_be == k.data().addr_be
-                })
+        let wanted: Vec<_> = table
+            .iter()
+            .map(|(p, bits)| {
+                let addr_be = u32::from(p.network()).to_be();
+                (Key::new(u32::from(p.len), RoutedKey { addr_be }), *bits)
             })
             .collect();
-        for k in stale {
-            trie.remove(&k)?;
-        }
-        Ok(())
+        write_exactly(
+            &mut LpmTrie::try_from(Map::LpmTrie(open(&self.dir, MAP_ROUTED)?))?,
+            &wanted,
+        )
     }
 
-    /// Writes `ROUTED6` to hold exactly `table`.
+    /// Makes [`MAP_ROUTED6`] hold exactly `table`.
     pub fn set_routed6(&self, table: &[(Prefix6, RoutedUplinks)]) -> anyhow::Result<()> {
-        let mut trie: LpmTrie<MapData, Routed6Key, RoutedUplinks> =
-            LpmTrie::try_from(Map::LpmTrie(open(&self.dir, MAP_ROUTED6)?))?;
-        let key = |p: &Prefix6| {
-            Key::new(
-                u32::from(p.len),
-                Routed6Key {
-                    addr: p.network().octets(),
-                },
-            )
-        };
-        let wanted: Vec<_> = table.iter().map(|(p, bits)| (key(p), *bits)).collect();
-        for (k, bits) in &wanted {
-            trie.insert(k, bits, 0)?;
-        }
-        let stale: Vec<_> = trie
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| {
-                !wanted
-                    .iter()
-                    .any(|(w, _)| w.prefix_len() == k.prefix_len() && w.data() == k.data())
+        let wanted: Vec<_> = table
+            .iter()
+            .map(|(p, bits)| {
+                let addr = p.network().octets();
+                (Key::new(u32::from(p.len), Routed6Key { addr }), *bits)
             })
             .collect();
-        for k in stale {
-            trie.remove(&k)?;
-        }
-        Ok(())
+        write_exactly(
+            &mut LpmTrie::try_from(Map::LpmTrie(open(&self.dir, MAP_ROUTED6)?))?,
+            &wanted,
+        )
     }
 
     /// Zeroes slot `id`'s counters on every CPU (its uplink left).
@@ -467,6 +434,30 @@ impl Maps {
     pub fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowFwd)>> {
         mapwalk::collect(&self.fwd()?).context("reading CONN_FWD")
     }
+}
+
+/// Makes `trie` hold exactly `wanted`: new and changed entries first, then
+/// the stale ones go, so a prefix that stays never misses.
+fn write_exactly<K: aya::Pod + PartialEq>(
+    trie: &mut LpmTrie<MapData, K, RoutedUplinks>,
+    wanted: &[(Key<K>, RoutedUplinks)],
+) -> anyhow::Result<()> {
+    for (k, bits) in wanted {
+        trie.insert(k, bits, 0)?;
+    }
+    let stale: Vec<_> = trie
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| {
+            !wanted
+                .iter()
+                .any(|(w, _)| w.prefix_len() == k.prefix_len() && w.data() == k.data())
+        })
+        .collect();
+    for k in stale {
+        trie.remove(&k)?;
+    }
+    Ok(())
 }
 
 /// Now on the clock of the maps' stamps ([`multihome_common::CLOCK`],
