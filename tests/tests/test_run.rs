@@ -25,10 +25,10 @@ use multihome_common::{
     EimKey, EimLan, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_HAIRPIN, FLOW_RST, FLOW_RST_IN,
     FLOW_SEEN_REPLY, FlowFwd, FlowKey, FlowRev, HostFlows, JUMP_LAN_RESET, LAYOUT_VERSION, LanNet,
     MAP_CONN_FWD, MAP_CONN_REV, MAP_EIM, MAP_FILL, MAP_HOSTS, MAP_JUMP, MAP_LAN_NETS,
-    MAP_NEXT_HOPS, MAP_PEERS, MAP_REASONS, MAP_ROUTED, MAP_SETTINGS, MAP_SYN_WAIT,
+    MAP_NEXT_HOPS, MAP_PEERS, MAP_REASONS, MAP_ROUTED, MAP_ROUTED6, MAP_SETTINGS, MAP_SYN_WAIT,
     MAP_UPLINK_STATS, MAP_UPLINKS, MAP_XDP_DEVS, MAP_XDP_STATS, MARK_TRANSLATED, NextHop,
     PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN, PROG_WAN_OUT, PROG_XDP_LAN, PROG_XDP_WAN, PeerSlot,
-    REASON_COUNT, Reason, Reasons, RoutedKey, Settings, SynWaitKey, UPLINK_CONFIGURED,
+    REASON_COUNT, Reason, Reasons, Routed6Key, RoutedKey, Settings, SynWaitKey, UPLINK_CONFIGURED,
     UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_OUTAGE, UPLINK_RESET_TCP, UPLINK_USABLE, Uplink,
     UplinkStats, WAIT_RETRANSMIT, WAIT_SYN, XdpStats, peer_check, peer_slot,
 };
@@ -2479,9 +2479,13 @@ fn malformed_and_foreign_packets_are_left_untouched_or_dropped_and_never_leave_a
                     failures.push(e);
                 }
                 // On the way out of an uplink, whatever IPv4 the SNAT could
-                // not translate meets the egress guard.
-                let guarded = prog == PROG_WAN_OUT && *reason != Reason::NotIpv4;
-                let expected: &[(Reason, u64)] = if guarded {
+                // not translate meets the egress guard, and so does every
+                // forwarded IPv6 packet (no routed IPv6 prefix here).
+                let ipv6 = frame.len() >= ETH_HLEN && u16_at(frame, 12) == ETH_P_IPV6;
+                let guarded = prog == PROG_WAN_OUT && (*reason != Reason::NotIpv4 || ipv6);
+                let expected: &[(Reason, u64)] = if prog == PROG_WAN_OUT && ipv6 {
+                    &[(Reason::ForeignSource, 1)]
+                } else if guarded {
                     &[(*reason, 1), (Reason::ForeignSource, 1)]
                 } else {
                     &[(*reason, 1)]
@@ -2558,7 +2562,7 @@ fn frames_shorter_than_an_ethernet_header_are_refused_or_pass_untouched() {
 }
 
 #[test]
-fn non_ipv4_frames_count_not_ipv4_on_every_program() {
+fn non_ipv4_frames_count_not_ipv4_on_every_program_and_forwarded_ipv6_meets_the_guard() {
     with_datapath(|dp| {
         dp.insert_flow(&TCP_FLOW);
         for (ethertype, name) in [
@@ -2576,6 +2580,12 @@ fn non_ipv4_frames_count_not_ipv4_on_every_program() {
             ] {
                 let what = format!("{name} on {prog}");
                 let (run, counted) = dp.run_counted(prog, &input, mark);
+                if ethertype == ETH_P_IPV6 && prog == PROG_WAN_OUT {
+                    // Forwarded IPv6 meets the egress guard.
+                    assert_eq!(run.ret, TC_ACT_SHOT, "{what}");
+                    assert_eq!(counted, [(Reason::ForeignSource, 1)], "{what}");
+                    continue;
+                }
                 assert_untouched(&run, &input, &what);
                 assert_eq!(counted, [(Reason::NotIpv4, 1)], "{what}");
             }
@@ -3594,4 +3604,55 @@ fn declined_without_neighbour(dp: &mut Datapath, input: &[u8], wan: u32) {
     assert_eq!(run.ret, XDP_PASS, "no neighbour");
     assert!(run.out == input, "no neighbour: passed altered");
     dp.insert_rev(&UDP_FLOW);
+}
+
+/// An IPv6 frame from `src` (a UDP datagram to 2001:db8:11::fe).
+fn ipv6_frame(src: [u8; 16]) -> Vec<u8> {
+    let mut ip = vec![0x60, 0, 0, 0, 0, 8, IPPROTO_UDP, 64];
+    ip.extend(src);
+    ip.extend([
+        0x20, 0x01, 0x0d, 0xb8, 0, 0x11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xfe,
+    ]);
+    ip.extend([0x30, 0x39, 0, 9, 0, 8, 0, 0]);
+    ethernet(MAC_B, MAC_A, ETH_P_IPV6, &ip)
+}
+
+#[test]
+fn wan_out_passes_forwarded_ipv6_from_a_routed_prefix_and_the_gateways_own() {
+    with_datapath(|dp| {
+        let routed: [u8; 16] = [
+            0x20, 0x01, 0x0d, 0xb8, 0, 0x50, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2,
+        ];
+        let ula: [u8; 16] = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        {
+            let mut trie: LpmTrie<_, Routed6Key, u32> =
+                LpmTrie::try_from(dp.ebpf.map_mut(MAP_ROUTED6).expect("ROUTED6"))
+                    .expect("ROUTED6 types");
+            let mut prefix = [0u8; 16];
+            prefix[..6].copy_from_slice(&routed[..6]);
+            trie.insert(&Key::new(48, Routed6Key { addr: prefix }), 1, 0)
+                .expect("insert ROUTED6");
+        }
+        let input = ipv6_frame(routed);
+        let (run, counted) = dp.run_counted(PROG_WAN_OUT, &input, 0);
+        assert_untouched(&run, &input, "routed IPv6 prefix");
+        assert_eq!(counted, NOTHING);
+        let input = ipv6_frame(ula);
+        let (run, counted) = dp.run_counted(PROG_WAN_OUT, &input, 0);
+        assert_eq!(run.ret, TC_ACT_SHOT, "a ULA source leaves");
+        assert_eq!(counted, [(Reason::ForeignSource, 1)]);
+        // Another uplink's routed prefix does not open this one.
+        dp.set_uplink0_ifindex(UPLINK_IFINDEX + 1);
+        let input = ipv6_frame(routed);
+        let (run, _) = dp.run_counted(PROG_WAN_OUT, &input, 0);
+        assert_eq!(
+            run.ret, TC_ACT_SHOT,
+            "routed by an uplink on another device"
+        );
+        // The gateway's own IPv6 (ND, RA, its sockets) is not guarded.
+        dp.host_origin = true;
+        let input = ipv6_frame(ula);
+        let (run, _) = dp.run_counted(PROG_WAN_OUT, &input, 0);
+        assert_untouched(&run, &input, "the gateway's own IPv6");
+    });
 }
