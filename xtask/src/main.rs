@@ -52,9 +52,9 @@ enum Cmd {
         #[arg(last = true, value_name = "ARGS")]
         args: Vec<OsString>,
     },
-    /// Lint, build, run the unit and integration tests, then one short
-    /// round of the benchmarks (what CI runs); stops at the first failing
-    /// step
+    /// Lint, build, run the unit and integration tests (the latter also
+    /// with XDP forced native), then one short round of the benchmarks
+    /// (what CI runs); stops at the first failing step
     Test {
         /// Only run the integration tests whose name contains FILTER
         filter: Option<String>,
@@ -62,8 +62,9 @@ enum Cmd {
         #[arg(long)]
         no_lint: bool,
     },
-    /// Benchmark multihome against plain routing, the seed's iptables
-    /// recipe and nftables, side by side (about 8 minutes after the build; writes
+    /// Benchmark multihome (as configured by default, and with XDP forced)
+    /// against plain routing, the seed's iptables recipe and nftables, side
+    /// by side (about 13 minutes after the build; writes
     /// docs/BENCHMARKS.md and its plot)
     Bench {
         /// A short run (under 3 minutes) that writes to target/bench/

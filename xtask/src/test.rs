@@ -2,7 +2,8 @@
 //! stopping at the first step that fails.
 //!
 //! setup (if needed) -> fmt -> clippy -> clippy (eBPF) -> release build ->
-//! unit tests (multihome-common, multihome, xtask) -> integration tests.
+//! unit tests (multihome-common, multihome, xtask) -> integration tests ->
+//! the same with XDP forced native -> bench smoke -> deb -> demo check.
 use std::{
     io::{self, BufRead as _, BufReader, IsTerminal as _},
     process::{Command, Stdio},
