@@ -506,23 +506,11 @@ impl Datapath {
             .program_mut(hook.program())
             .context("program missing")?
             .try_into()?;
-        let adopted = PinnedLink::from_pin(&pin).ok().and_then(|old| {
-            let link = FdLink::from(old).try_into().ok()?;
-            match prog.attach_to_link(link) {
-                Ok(id) => Some(id),
-                Err(e) => {
-                    // The interface went away and came back: that link is
-                    // dead, attach afresh.
-                    log::info!("{} is stale ({e}); attaching anew", pin.display());
-                    let _ = fs::remove_file(&pin);
-                    None
-                }
-            }
-        });
-        let id = match adopted {
-            Some(id) => id,
-            None => {
-                let _ = fs::remove_file(&pin);
+        let id = adopt_or_attach(
+            prog,
+            &pin,
+            |prog, old| Ok(prog.attach_to_link(old.try_into()?)?),
+            |prog| {
                 prog.attach_with_options(
                     ifname,
                     hook.attach_type(),
@@ -534,15 +522,10 @@ impl Datapath {
                         hook.program(),
                         hook.direction()
                     )
-                })?
-            }
-        };
-        let link: FdLink = prog.take_link(id)?.try_into()?;
-        if !pin.exists() {
-            link.pin(&pin)
-                .with_context(|| format!("pinning link {}", pin.display()))?;
-        }
-        Ok(())
+                })
+            },
+        )?;
+        pin_link(prog.take_link(id)?.try_into()?, &pin)
     }
 }
 
@@ -559,37 +542,23 @@ impl Datapath {
             .program_mut(name)
             .context("program missing")?
             .try_into()?;
-        let adopted = PinnedLink::from_pin(&pin).ok().and_then(|old| {
-            let link = XdpLink::try_from(FdLink::from(old)).ok()?;
-            match prog.attach_to_link(link) {
-                Ok(id) => Some(id),
-                Err(e) => {
-                    log::info!("{} is stale ({e}); attaching anew", pin.display());
-                    let _ = fs::remove_file(&pin);
-                    None
-                }
-            }
-        });
-        let id = match adopted {
-            Some(id) => id,
-            None => {
-                let _ = fs::remove_file(&pin);
+        let id = adopt_or_attach(
+            prog,
+            &pin,
+            |prog, old| Ok(prog.attach_to_link(XdpLink::try_from(old)?)?),
+            |prog| {
                 prog.attach(ifname, XdpMode::Driver).with_context(|| {
                     format!(
                         "attaching {name} to {ifname} in native XDP mode (does its driver \
                          support native XDP? set xdp = \"auto\" or \"off\" otherwise)"
                     )
-                })?
-            }
-        };
+                })
+            },
+        )?;
         let link: FdLink = prog.take_link(id)?.try_into().with_context(|| {
             format!("the XDP link on {ifname} is not a bpf_link (kernel older than 5.9?)")
         })?;
-        if !pin.exists() {
-            link.pin(&pin)
-                .with_context(|| format!("pinning link {}", pin.display()))?;
-        }
-        Ok(())
+        pin_link(link, &pin)
     }
 
     /// Detaches the XDP program an earlier run left on `ifname`, if any;
@@ -604,6 +573,35 @@ impl Datapath {
             Err(_) => fs::remove_file(&pin).is_ok(),
         }
     }
+}
+
+/// Takes over the link an earlier run pinned at `pin` with `adopt` (the
+/// new program replaces the old one in place, so traffic never sees the
+/// interface without one), or, when there is none or it is dead (its
+/// interface went away and came back), attaches afresh with `attach`.
+fn adopt_or_attach<P, Id>(
+    prog: &mut P,
+    pin: &Path,
+    adopt: impl FnOnce(&mut P, FdLink) -> anyhow::Result<Id>,
+    attach: impl FnOnce(&mut P) -> anyhow::Result<Id>,
+) -> anyhow::Result<Id> {
+    if let Ok(old) = PinnedLink::from_pin(pin) {
+        match adopt(prog, FdLink::from(old)) {
+            Ok(id) => return Ok(id),
+            Err(e) => log::info!("{} is stale ({e:#}); attaching anew", pin.display()),
+        }
+    }
+    let _ = fs::remove_file(pin);
+    attach(prog)
+}
+
+/// Pins `link` at `pin`, unless it was adopted from there.
+fn pin_link(link: FdLink, pin: &Path) -> anyhow::Result<()> {
+    if !pin.exists() {
+        link.pin(pin)
+            .with_context(|| format!("pinning link {}", pin.display()))?;
+    }
+    Ok(())
 }
 
 /// Detaches every pinned link and removes every pin under `pin_dir`.
