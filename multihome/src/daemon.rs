@@ -90,7 +90,8 @@ struct Daemon {
     routing: Routing,
     observed: Vec<Observed>,
     attached: BTreeSet<(String, String)>,
-    /// Per interface (`name#index`): where XDP goes, decided once.
+    /// Per interface name: its index and where XDP goes, decided once
+    /// per index.
     xdp: BTreeMap<String, (u32, xdp::Placement)>,
     /// The devices XDP may redirect to, and why each other is left out.
     xdp_redirect: BTreeMap<u32, Result<(), String>>,
@@ -1041,8 +1042,10 @@ impl Daemon {
 
     /// Attaches the XDP programs where `xdp` puts them, and detaches what
     /// an earlier run left where it no longer does. Decided once per
-    /// interface (and again if it comes back with a new index).
+    /// interface, and again if it comes back with a new index; one that is
+    /// gone is forgotten, so that no redirect is let to its old index.
     fn place_xdp(&mut self, snap: &netinfo::Snapshot, observed: &[Observed]) -> anyhow::Result<()> {
+        xdp::forget_gone(&mut self.xdp, snap);
         let lan = self.config.lan.iter().map(|l| (l, false, false));
         let wan =
             (self.config.uplinks.iter().zip(observed)).map(|(u, o)| (&u.interface, true, o.l3));
@@ -1054,8 +1057,7 @@ impl Daemon {
             let Some(iface) = snap.get(&ifname) else {
                 continue;
             };
-            let tag = format!("{ifname}#{}", iface.index);
-            if self.xdp.contains_key(&tag) {
+            if self.xdp.contains_key(&ifname) {
                 continue;
             }
             let placement = xdp::place(self.config.xdp, l3, xdp::driver(&ifname).as_deref());
@@ -1072,7 +1074,7 @@ impl Daemon {
                     }
                 }
             }
-            self.xdp.insert(tag, (iface.index, placement));
+            self.xdp.insert(ifname, (iface.index, placement));
         }
         Ok(())
     }

@@ -1,12 +1,12 @@
 //! Where the XDP fast path runs (`xdp = "auto" | "native" | "off"`) and
 //! which devices it may redirect to.
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use anyhow::Context as _;
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::tc::TcAttribute;
 
-use crate::config::XdpMode;
+use crate::{config::XdpMode, netinfo::Snapshot};
 
 /// Drivers whose native XDP runs on the frames of their receive rings,
 /// before any skb: there, XDP saves the skb and pays (DESIGN.md §11,
@@ -65,6 +65,13 @@ pub fn place(mode: XdpMode, l3: bool, driver: Option<&str>) -> Placement {
             None => skip("driver unknown"),
         },
     }
+}
+
+/// Drops the placements (name -> index and placement) of interfaces that
+/// are gone or came back with another index: a gone one's old index may
+/// be another device's next.
+pub fn forget_gone<P>(placed: &mut BTreeMap<String, (u32, P)>, snap: &Snapshot) {
+    placed.retain(|name, (index, _)| snap.get(name).is_some_and(|i| i.index == *index));
 }
 
 /// Queueing disciplines that shape nothing: the kernel's defaults. An XDP
@@ -202,6 +209,31 @@ mod tests {
         assert!(err.contains("htb"), "{err}");
         assert!(redirect_allowed(&kinds(&["mq", "tbf"])).is_err());
         assert!(redirect_allowed(&kinds(&["cake"])).is_err());
+    }
+
+    #[test]
+    fn placements_of_gone_or_renumbered_interfaces_are_forgotten() {
+        let iface = |name: &str, index| crate::netinfo::Interface {
+            index,
+            name: name.into(),
+            up: true,
+            mtu: 1500,
+            l3: false,
+            mac: None,
+            addrs: Vec::new(),
+        };
+        let snap: Snapshot = [iface("lan0", 4), iface("wanx", 9)]
+            .into_iter()
+            .map(|i| (i.name.clone(), i))
+            .collect();
+        let mut placed: BTreeMap<String, (u32, ())> = [
+            ("lan0".to_string(), (4, ())),
+            ("wanx".to_string(), (5, ())),
+            ("wany".to_string(), (6, ())),
+        ]
+        .into();
+        forget_gone(&mut placed, &snap);
+        assert_eq!(placed, [("lan0".to_string(), (4, ()))].into());
     }
 
     #[test]
