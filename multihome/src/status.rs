@@ -177,18 +177,7 @@ pub fn collect_quick(maps: &Maps, last: &Status) -> anyhow::Result<Status> {
 /// The interfaces with a pinned TC link, and XDP's state on each: from
 /// the link pins (`links/<if>@ingress`, `links/<if>@xdp`) and `XDP_DEVS`.
 pub fn interfaces(maps: &Maps) -> anyhow::Result<Vec<InterfaceStatus>> {
-    let links = maps.pin_dir().join("links");
-    let mut names = std::collections::BTreeSet::new();
-    let mut xdp = std::collections::BTreeSet::new();
-    for e in std::fs::read_dir(&links).into_iter().flatten().flatten() {
-        let pin = e.file_name().to_string_lossy().into_owned();
-        // bpffs names hold ':' where the interface's has '.'.
-        match pin.rsplit_once('@') {
-            Some((n, "ingress")) => drop(names.insert(n.replace(':', "."))),
-            Some((n, "xdp")) => drop(xdp.insert(n.replace(':', "."))),
-            _ => {}
-        }
-    }
+    let (names, xdp) = crate::loader::pinned_interfaces(maps.pin_dir());
     let devs = maps.xdp_devs()?;
     Ok(names
         .into_iter()

@@ -1,6 +1,7 @@
 //! Loads the embedded programs, pins their maps and tcx links under the
 //! pin directory, and adopts what an earlier run pinned there.
 use std::{
+    collections::BTreeSet,
     fs,
     io::ErrorKind,
     os::unix::fs::PermissionsExt as _,
@@ -72,16 +73,41 @@ impl Hook {
 /// Where a link is pinned: `links/<ifname>@<direction>`. bpffs refuses
 /// names with a dot, so VLAN names like `eth0.7` become `eth0:7`.
 pub fn link_pin(pin_dir: &Path, ifname: &str, hook: Hook) -> PathBuf {
-    pin_dir
-        .join("links")
-        .join(format!("{}@{}", ifname.replace('.', ":"), hook.direction()))
+    pin_at(pin_dir, ifname, hook.direction())
 }
 
 /// Where an interface's XDP link is pinned: `links/<ifname>@xdp`.
 pub fn xdp_link_pin(pin_dir: &Path, ifname: &str) -> PathBuf {
+    pin_at(pin_dir, ifname, XDP_PIN)
+}
+
+/// The name suffix of XDP link pins.
+const XDP_PIN: &str = "xdp";
+
+fn pin_at(pin_dir: &Path, ifname: &str, suffix: &str) -> PathBuf {
     pin_dir
         .join("links")
-        .join(format!("{}@xdp", ifname.replace('.', ":")))
+        .join(format!("{}@{suffix}", ifname.replace('.', ":")))
+}
+
+/// The interfaces with links pinned under `pin_dir`: those with a TC
+/// ingress program, and those with an XDP program ([`link_pin`] and
+/// [`xdp_link_pin`] read back).
+pub fn pinned_interfaces(pin_dir: &Path) -> (BTreeSet<String>, BTreeSet<String>) {
+    let (mut tc, mut xdp) = (BTreeSet::new(), BTreeSet::new());
+    for e in fs::read_dir(pin_dir.join("links"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let pin = e.file_name().to_string_lossy().into_owned();
+        match pin.rsplit_once('@') {
+            Some((n, "ingress")) => drop(tc.insert(n.replace(':', "."))),
+            Some((n, XDP_PIN)) => drop(xdp.insert(n.replace(':', "."))),
+            _ => {}
+        }
+    }
+    (tc, xdp)
 }
 
 /// The loaded programs and their maps.
@@ -631,6 +657,24 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use crate::mapwalk::test_map;
+
+    #[test]
+    fn pinned_interfaces_reads_back_the_pin_names_dots_included() {
+        let dir = std::env::temp_dir().join(format!("mh-pins-{}", std::process::id()));
+        fs::create_dir_all(dir.join("links")).expect("links dir");
+        for pin in [
+            link_pin(&dir, "lan0", Hook::LanIngress),
+            link_pin(&dir, "eth0.7", Hook::WanIngress { l3: false }),
+            link_pin(&dir, "eth0.7", Hook::WanEgress { l3: false }),
+            xdp_link_pin(&dir, "eth0.7"),
+        ] {
+            fs::write(pin, b"").expect("pin file");
+        }
+        let (tc, xdp) = pinned_interfaces(&dir);
+        let _ = fs::remove_dir_all(&dir);
+        assert_eq!(tc, ["eth0.7".to_string(), "lan0".to_string()].into());
+        assert_eq!(xdp, ["eth0.7".to_string()].into());
+    }
 
     #[test]
     fn flows_of_a_layout_6_map_are_copied_whole_with_the_new_fields_zeroed() {
