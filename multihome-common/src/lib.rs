@@ -9,7 +9,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a pinned map changes shape; a daemon refuses to adopt
 /// maps pinned by another layout.
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 
 /// The clock of every stamp in the maps: `CLOCK_MONOTONIC_COARSE`, which
 /// the programs read with `bpf_ktime_get_coarse_ns` (a cached tick, no
@@ -124,9 +124,15 @@ pub const MAP_XDP_STATS: &str = "XDP_STATS";
 /// it ([`Routed6Key`] -> `RoutedUplinks`): the IPv6 egress guard's list,
 /// folded like [`MAP_ROUTED`]'s.
 pub const MAP_ROUTED6: &str = "ROUTED6";
+/// IPv6 connection map: [`Flow6Key`] -> [`Flow6`].
+pub const MAP_CONN6: &str = "CONN6";
+/// Uplink slot -> its IPv6 translation ([`Uplink6`]).
+pub const MAP_UPLINKS6: &str = "UPLINKS6";
+/// Entries of [`MAP_CONN6`].
+pub const MAX_FLOWS6: u32 = 131_072;
 /// Entries of [`MAP_XDP_DEVS`].
 pub const MAX_XDP_DEVS: u32 = 64;
-pub const ALL_MAPS: [&str; 32] = [
+pub const ALL_MAPS: [&str; 34] = [
     MAP_CONN_FWD,
     MAP_CONN_REV,
     MAP_UPLINKS,
@@ -159,6 +165,8 @@ pub const ALL_MAPS: [&str; 32] = [
     MAP_XDP_DEVS,
     MAP_XDP_STATS,
     MAP_ROUTED6,
+    MAP_CONN6,
+    MAP_UPLINKS6,
 ];
 
 /// [`MAP_CLASSIFY`]: the kernel's policy rules route an unmarked packet
@@ -185,6 +193,28 @@ pub const PROG_LAN_IN: &str = "mh_lan_in";
 pub const PROG_LAN_RESET: &str = "mh_lan_reset";
 /// [`MAP_JUMP`]'s slot of [`PROG_LAN_RESET`].
 pub const JUMP_LAN_RESET: u32 = 0;
+/// The IPv6 halves of the LAN ingress and uplink programs, tail-called by
+/// them through [`MAP_JUMP`] for every packet that is not IPv4: each has
+/// the verifier's whole budget, and IPv4 pays nothing for them.
+pub const PROG_LAN_IN6: &str = "mh_lan_in6";
+pub const PROG_WAN_IN6: &str = "mh_wan_in6";
+pub const PROG_WAN_IN6_L3: &str = "mh_wan_in6_l3";
+pub const PROG_WAN_OUT6: &str = "mh_wan_out6";
+pub const PROG_WAN_OUT6_L3: &str = "mh_wan_out6_l3";
+pub const JUMP_LAN_IN6: u32 = 1;
+pub const JUMP_WAN_IN6: u32 = 2;
+pub const JUMP_WAN_IN6_L3: u32 = 3;
+pub const JUMP_WAN_OUT6: u32 = 4;
+pub const JUMP_WAN_OUT6_L3: u32 = 5;
+/// Every tail-called program and its [`MAP_JUMP`] slot.
+pub const JUMP_PROGS: [(&str, u32); 6] = [
+    (PROG_LAN_RESET, JUMP_LAN_RESET),
+    (PROG_LAN_IN6, JUMP_LAN_IN6),
+    (PROG_WAN_IN6, JUMP_WAN_IN6),
+    (PROG_WAN_IN6_L3, JUMP_WAN_IN6_L3),
+    (PROG_WAN_OUT6, JUMP_WAN_OUT6),
+    (PROG_WAN_OUT6_L3, JUMP_WAN_OUT6_L3),
+];
 pub const PROG_WAN_IN: &str = "mh_wan_in";
 pub const PROG_WAN_IN_L3: &str = "mh_wan_in_l3";
 pub const PROG_WAN_OUT: &str = "mh_wan_out";
@@ -856,6 +886,174 @@ pub struct Routed6Key {
     pub addr: [u8; 16],
 }
 
+/// An IPv6 connection as its LAN side sees it, in [`MAP_CONN6`]: the LAN
+/// host's internal address and port, the remote's. Replies are looked up
+/// by the same key once NPTv6 has mapped their destination back. For ICMPv6
+/// echo the identifier is `lan_port_be` and `remote_port_be` is 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Flow6Key {
+    pub lan: [u8; 16],
+    pub remote: [u8; 16],
+    pub lan_port_be: u16,
+    pub remote_port_be: u16,
+    pub proto: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
+}
+
+/// [`MAP_CONN6`]'s value: the uplink an IPv6 connection is pinned to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Flow6 {
+    /// [`CLOCK`] time of the last packet, ns, refreshed at most once a
+    /// second.
+    pub last_seen_ns: u64,
+    /// `FLOW_*` bits.
+    pub flags: u32,
+    pub uplink: u8,
+    pub policy: u8,
+    pub _pad0: u16,
+    /// Creation time, seconds of [`CLOCK`].
+    pub created_s: u32,
+    pub _pad1: u32,
+}
+
+/// An uplink's IPv6 translation, written by the daemon ([`MAP_UPLINKS6`]).
+/// NPTv6 (RFC 6296) maps `inner` onto `outer`, both `prefix_len` bits
+/// long, and adds `adjust` to one 16-bit word of the address outside the
+/// prefix (word 3 for prefixes of 48 bits or less, else the first of words
+/// 4 to 7 that is not 0xffff) so that the address's one's-complement sum,
+/// and with it every L4 checksum, is unchanged; inbound adds `!adjust`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Uplink6 {
+    /// The LAN's internal prefix, as on the wire; zero bits past the length.
+    pub inner: [u8; 16],
+    /// The uplink's prefix, as on the wire; zero bits past the length.
+    pub outer: [u8; 16],
+    /// 1..=64 while the uplink carries IPv6; 0: it takes no IPv6 flows.
+    pub prefix_len: u8,
+    /// `MODE6_*`.
+    pub mode: u8,
+    /// [`npt_adjustment`] from `inner` to `outer`.
+    pub adjust: u16,
+    pub _pad: u32,
+}
+
+/// `mode6 = "off"`: no IPv6 translation; routed prefixes only.
+pub const MODE6_OFF: u8 = 0;
+/// `mode6 = "npt"`: NPTv6 (RFC 6296).
+pub const MODE6_NPT: u8 = 1;
+
+/// One's-complement sum of the first `len` bits of `addr`, as 16-bit words
+/// (bits past `len` count as zero).
+pub const fn prefix_sum(addr: &[u8; 16], len: u8) -> u16 {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < 8 {
+        let bits = len as i32 - 16 * i as i32;
+        let mask: u16 = if bits >= 16 {
+            0xffff
+        } else if bits <= 0 {
+            0
+        } else {
+            !(0xffffu16 >> bits)
+        };
+        let word = u16::from_be_bytes([addr[2 * i], addr[2 * i + 1]]) & mask;
+        sum += word as u32;
+        sum = (sum & 0xffff) + (sum >> 16);
+        i += 1;
+    }
+    sum as u16
+}
+
+/// The NPTv6 adjustment from `inner` to `outer` (RFC 6296 §3.2): the
+/// one's-complement difference of their `len`-bit prefixes' sums, which
+/// the translation adds to one word so that the address's sum is kept.
+pub const fn npt_adjustment(inner: &[u8; 16], outer: &[u8; 16], len: u8) -> u16 {
+    let s = prefix_sum(inner, len) as u32 + !prefix_sum(outer, len) as u32;
+    ((s & 0xffff) + (s >> 16)) as u16
+}
+
+/// The word index that takes the NPTv6 adjustment in `addr` (after the
+/// prefix is replaced), or None when every candidate word is 0xffff (RFC
+/// 6296 §3.5: such an address is not translated).
+pub const fn npt_word(addr: &[u8; 16], len: u8) -> Option<usize> {
+    if len <= 48 {
+        return Some(3);
+    }
+    let mut i = 4;
+    while i < 8 {
+        if addr[2 * i] != 0xff || addr[2 * i + 1] != 0xff {
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// `word + adjust` in one's complement, 0xffff written as 0 (RFC 6296
+/// §3.5).
+pub const fn npt_add(word: u16, adjust: u16) -> u16 {
+    let s = word as u32 + adjust as u32;
+    let s = ((s & 0xffff) + (s >> 16)) as u16;
+    if s == 0xffff { 0 } else { s }
+}
+
+/// `addr` with its first `len` bits replaced by `to`'s and the adjustment
+/// applied (RFC 6296 §3): checksum-neutral. None when the address cannot
+/// be translated (see [`npt_word`]).
+pub const fn npt_translate(
+    addr: &[u8; 16],
+    to: &[u8; 16],
+    len: u8,
+    adjust: u16,
+) -> Option<[u8; 16]> {
+    let mut out = *addr;
+    let mut i = 0;
+    while i < 16 {
+        let bits = len as i32 - 8 * i as i32;
+        let mask: u8 = if bits >= 8 {
+            0xff
+        } else if bits <= 0 {
+            0
+        } else {
+            !(0xffu8 >> bits)
+        };
+        out[i] = (to[i] & mask) | (addr[i] & !mask);
+        i += 1;
+    }
+    let Some(w) = npt_word(&out, len) else {
+        return None;
+    };
+    let v = npt_add(u16::from_be_bytes([out[2 * w], out[2 * w + 1]]), adjust);
+    let b = v.to_be_bytes();
+    out[2 * w] = b[0];
+    out[2 * w + 1] = b[1];
+    Some(out)
+}
+
+/// Whether the first `len` bits of `addr` are `prefix`'s.
+pub const fn in_prefix6(addr: &[u8; 16], prefix: &[u8; 16], len: u8) -> bool {
+    let mut i = 0;
+    while i < 16 {
+        let bits = len as i32 - 8 * i as i32;
+        if bits <= 0 {
+            return true;
+        }
+        let mask: u8 = if bits >= 8 { 0xff } else { !(0xffu8 >> bits) };
+        if addr[i] & mask != prefix[i] & mask {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 /// [`MAP_ROUTED`]'s value: bit `i` set when uplink `i` may carry sources
 /// of the prefix untranslated. The daemon folds every shorter prefix's
 /// bits into a longer one, so the longest match alone decides.
@@ -941,6 +1139,9 @@ macro_rules! reasons {
                         | Reason::AddrTaken
                         | Reason::FragmentNoMapping
                         | Reason::HostQuota
+                        | Reason::Unsolicited
+                        | Reason::Fragment6
+                        | Reason::NptUntranslatable
                 )
             }
         }
@@ -954,7 +1155,8 @@ macro_rules! reasons {
 }
 
 reasons! {
-    /// Pass: not IPv4.
+    /// Pass: neither IPv4 nor IPv6 (ARP, ...), or IPv6 that multihome
+    /// does not translate.
     NotIpv4 = not_ipv4,
     /// Pass: a header is shorter than it claims, or the packet is cut short.
     Malformed = malformed,
@@ -1050,6 +1252,15 @@ reasons! {
     /// keep its endpoint's public port towards this remote (another LAN
     /// host's flow holds it there) and took another port.
     EndpointRemapped = endpoint_remapped,
+    /// Drop (RFC 6092 simple security): an IPv6 packet to a translated
+    /// LAN address that belongs to no flow of that uplink.
+    Unsolicited = unsolicited,
+    /// Drop: an IPv6 fragment from the LAN (not translated yet; hosts fall
+    /// back to smaller datagrams).
+    Fragment6 = fragment6,
+    /// Drop: an IPv6 address that NPTv6 cannot map (every word that could
+    /// take the adjustment is 0xffff; RFC 6296 §3.5).
+    NptUntranslatable = npt_untranslatable,
 }
 
 pub const REASON_COUNT: usize = Reason::ALL.len();
@@ -1070,6 +1281,9 @@ const _: () = {
     assert!(size_of::<Settings>() == 32);
     assert!(size_of::<HostFlows>() == 16);
     assert!(size_of::<RoutedKey>() == 4);
+    assert!(size_of::<Flow6Key>() == 40);
+    assert!(size_of::<Flow6>() == 24);
+    assert!(size_of::<Uplink6>() == 40);
     assert!(size_of::<FragKey>() == 12);
     assert!(size_of::<FragXlat>() == 8);
     assert!(size_of::<EchoKey>() == 8);
@@ -1105,6 +1319,9 @@ mod pod {
     unsafe impl aya::Pod for UplinkStats {}
     unsafe impl aya::Pod for XdpStats {}
     unsafe impl aya::Pod for Routed6Key {}
+    unsafe impl aya::Pod for Flow6Key {}
+    unsafe impl aya::Pod for Flow6 {}
+    unsafe impl aya::Pod for Uplink6 {}
     unsafe impl aya::Pod for Reasons {}
     unsafe impl aya::Pod for RoutedKey {}
     unsafe impl aya::Pod for RuleAddrKey {}
@@ -1207,5 +1424,70 @@ mod tests {
         for name in ALL_MAPS {
             assert!(name.len() <= 15, "{name} is longer than 15 bytes");
         }
+    }
+}
+
+#[cfg(test)]
+mod nptv6 {
+    use super::*;
+
+    fn addr(s: &str) -> [u8; 16] {
+        s.parse::<core::net::Ipv6Addr>()
+            .expect("an IPv6 address")
+            .octets()
+    }
+
+    fn sum(a: &[u8; 16]) -> u16 {
+        prefix_sum(a, 128)
+    }
+
+    #[test]
+    fn the_rfc_6296_example_translates_as_published() {
+        // RFC 6296 §3.4's worked example: fd01:203:405::/48 onto
+        // 2001:db8:1::/48.
+        let inner = addr("fd01:203:405::");
+        let outer = addr("2001:db8:1::");
+        let adj = npt_adjustment(&inner, &outer, 48);
+        assert_eq!(adj, 0xd54f);
+        let host = addr("fd01:203:405:1::1234");
+        let out = npt_translate(&host, &outer, 48, adj).expect("translatable");
+        assert_eq!(out, addr("2001:db8:1:d550::1234"));
+        let back = npt_translate(&out, &inner, 48, !adj).expect("translatable");
+        assert_eq!(back, host);
+    }
+
+    #[test]
+    fn translation_keeps_the_address_sum_and_comes_back_for_64_bit_prefixes() {
+        let inner = addr("fd00:1:2:3::");
+        let outer = addr("2001:db8:11:1::");
+        let adj = npt_adjustment(&inner, &outer, 64);
+        for host in [
+            "fd00:1:2:3::2",
+            "fd00:1:2:3:ffff::1",
+            "fd00:1:2:3:ffff:ffff:ffff:0",
+            "fd00:1:2:3:0:0:0:0",
+            "fd00:1:2:3:1234:5678:9abc:def0",
+        ] {
+            let h = addr(host);
+            let out = npt_translate(&h, &outer, 64, adj).expect("translatable");
+            assert!(in_prefix6(&out, &outer, 64), "{host}");
+            // Zero has two forms in one's complement.
+            assert_eq!(sum(&out) % 0xffff, sum(&h) % 0xffff, "{host}");
+            assert_eq!(
+                npt_translate(&out, &inner, 64, !adj).expect("translatable"),
+                h,
+                "{host}"
+            );
+        }
+        let all_ones = addr("fd00:1:2:3:ffff:ffff:ffff:ffff");
+        assert_eq!(npt_translate(&all_ones, &outer, 64, adj), None);
+    }
+
+    #[test]
+    fn prefixes_match_on_their_bits_only() {
+        let p = addr("2001:db8:11:100::");
+        assert!(in_prefix6(&addr("2001:db8:11:1ff::9"), &p, 56));
+        assert!(!in_prefix6(&addr("2001:db8:11:200::9"), &p, 56));
+        assert!(in_prefix6(&addr("fd00::1"), &p, 0));
     }
 }

@@ -357,7 +357,7 @@ fn disarm_rst(flags: u32, tcp: u8) -> u32 {
 }
 
 #[inline(always)]
-fn tcp_flags_out(flags: u32, tcp: u8) -> u32 {
+pub fn tcp_flags_out(flags: u32, tcp: u8) -> u32 {
     let mut f = disarm_rst(flags, tcp);
     if tcp & TCP_SYN != 0 && f & (FLOW_RST | FLOW_RST_IN | FLOW_FIN_OUT | FLOW_FIN_IN) != 0 {
         // A new connection reusing a closed hairpin flow's tuple starts
@@ -375,7 +375,7 @@ fn tcp_flags_out(flags: u32, tcp: u8) -> u32 {
 }
 
 #[inline(always)]
-fn tcp_flags_in(flags: u32, tcp: u8) -> u32 {
+pub fn tcp_flags_in(flags: u32, tcp: u8) -> u32 {
     let mut f = disarm_rst(flags, tcp) | FLOW_SEEN_REPLY;
     if tcp & TCP_FIN != 0 {
         f |= FLOW_FIN_IN;

@@ -54,24 +54,28 @@ fn source_allowed(ifindex: u32, saddr_be: u32) -> bool {
 const IPV6_SADDR: usize = 8;
 
 /// Passes the forwarded IPv6 packet at `l3` if one of this device's
-/// uplinks routes its source (`ROUTED6`), drops it otherwise: multihome
-/// translates no IPv6 yet, so no other IPv6 source is an uplink's.
+/// uplinks routes its source (`ROUTED6`), drops it otherwise: what NPTv6
+/// translated passed before the guard, so no other source is an uplink's.
 #[inline(always)]
 pub fn egress6(ctx: &TcContext, l3: usize) -> Outcome {
     // SAFETY: the context pointer is valid for the program's run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let (here, _) = uplinks_on(ifindex, 0);
-    let Ok(addr) = read::<[u8; 16]>(ctx, l3 + IPV6_SADDR) else {
-        return Err(Reason::ForeignSource);
-    };
-    let key = Key {
-        prefix_len: 128,
-        data: Routed6Key { addr },
-    };
-    match ROUTED6.get(&key) {
-        Some(bits) if here & *bits != 0 => Ok(Verdict::Pass),
+    match read::<[u8; 16]>(ctx, l3 + IPV6_SADDR) {
+        Ok(addr) if here & routed6(&addr) != 0 => Ok(Verdict::Pass),
         _ => Err(Reason::ForeignSource),
     }
+}
+
+/// The uplinks (a bit each) that may carry IPv6 source `addr`
+/// untranslated.
+#[inline(always)]
+pub fn routed6(addr: &[u8; 16]) -> RoutedUplinks {
+    let key = Key {
+        prefix_len: 128,
+        data: Routed6Key { addr: *addr },
+    };
+    ROUTED6.get(&key).copied().unwrap_or(0)
 }
 
 /// Passes the IPv4 packet at `l3` if its source may leave this device,

@@ -1,7 +1,7 @@
 //! Uplink to LAN: reverse-translate replies and forward them to the LAN
 //! host.
 use aya_ebpf::programs::TcContext;
-use multihome_common::Reason;
+use multihome_common::{JUMP_WAN_IN6, JUMP_WAN_IN6_L3, Reason};
 
 use crate::{
     conntrack, frag,
@@ -18,7 +18,12 @@ use crate::{
 /// `mh_wan_in`: a packet arriving on an uplink.
 #[inline(always)]
 pub fn wan_ingress<const L2: bool>(ctx: &TcContext) -> Outcome {
-    let l3 = parse::l3_offset::<L2>(ctx)?;
+    let l3 = match parse::l3_offset::<L2>(ctx) {
+        Err(Reason::NotIpv4) => {
+            return crate::outbound::jump(ctx, if L2 { JUMP_WAN_IN6 } else { JUMP_WAN_IN6_L3 });
+        }
+        l3 => l3?,
+    };
     let pkt = match parse::parse_ipv4(ctx, l3) {
         Err(Reason::Fragment) => return wan_fragment::<L2>(ctx, l3),
         parsed => parsed?,

@@ -9,6 +9,10 @@
 //!   kernel; drop the gateway's own packets that clash with a NAT flow.
 //!
 //! The `_l3` variants serve uplinks without an Ethernet header (ppp, tun).
+//! Every packet that is not IPv4 goes on by tail call to the program's
+//! IPv6 half (`mh_lan_in6`, `mh_wan_in6`, `mh_wan_out6`, and their `_l3`
+//! variants; `ipv6.rs`): pinned per connection, translated by NPTv6 on
+//! the uplink's egress and ingress.
 //!
 //! And its XDP programs, which run first where the daemon attaches them:
 //!
@@ -30,9 +34,11 @@ mod guard;
 mod hairpin;
 mod icmp;
 mod inbound;
+mod ipv6;
 mod maps;
 mod mss;
 mod nat;
+mod nptv6;
 mod outbound;
 mod parse;
 mod quota;
@@ -78,6 +84,31 @@ pub fn mh_wan_out(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn mh_wan_out_l3(ctx: TcContext) -> i32 {
     tc_action(outbound::wan_egress::<false>(&ctx))
+}
+
+#[classifier]
+pub fn mh_lan_in6(ctx: TcContext) -> i32 {
+    tc_action(outbound::ipv6::<true>(&ctx, ipv6::lan_ingress))
+}
+
+#[classifier]
+pub fn mh_wan_in6(ctx: TcContext) -> i32 {
+    tc_action(outbound::ipv6::<true>(&ctx, ipv6::wan_ingress))
+}
+
+#[classifier]
+pub fn mh_wan_in6_l3(ctx: TcContext) -> i32 {
+    tc_action(outbound::ipv6::<false>(&ctx, ipv6::wan_ingress))
+}
+
+#[classifier]
+pub fn mh_wan_out6(ctx: TcContext) -> i32 {
+    tc_action(ipv6::uplink_egress::<true>(&ctx))
+}
+
+#[classifier]
+pub fn mh_wan_out6_l3(ctx: TcContext) -> i32 {
+    tc_action(ipv6::uplink_egress::<false>(&ctx))
 }
 
 #[xdp]

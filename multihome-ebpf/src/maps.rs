@@ -6,12 +6,12 @@ use aya_ebpf::{
 };
 use multihome_common::{
     AFFINITY_ENTRIES, Affinity, AffinityKey, DEFAULT_MAX_FLOWS, EIM_ENTRIES, ENDPOINT_ENTRIES,
-    EchoKey, EimKey, EimLan, Endpoint, EndpointKey, FRAG_ENTRIES, Fill, FlowFwd, FlowKey, FlowRev,
-    FragKey, FragXlat, HOST_ECHO_ENTRIES, HostFlows, LanNet, MAX_HOSTS, MAX_LAN_NETS,
-    MAX_LOCAL_ADDRS, MAX_POLICIES, MAX_ROUTED_PREFIXES, MAX_RULE_PREFIXES, MAX_RULES, MAX_UPLINKS,
-    MAX_XDP_DEVS, NextHop, PEER_SLOTS, PeerSlot, Reasons, Routed6Key, RoutedKey, RoutedUplinks,
-    RuleAction, RuleAddrKey, RuleSet, SYN_WAIT_ENTRIES, SelectTable, Settings, SynWaitKey, Uplink,
-    UplinkStats, XdpStats,
+    EchoKey, EimKey, EimLan, Endpoint, EndpointKey, FRAG_ENTRIES, Fill, Flow6, Flow6Key, FlowFwd,
+    FlowKey, FlowRev, FragKey, FragXlat, HOST_ECHO_ENTRIES, HostFlows, JUMP_PROGS, LanNet,
+    MAX_FLOWS6, MAX_HOSTS, MAX_LAN_NETS, MAX_LOCAL_ADDRS, MAX_POLICIES, MAX_ROUTED_PREFIXES,
+    MAX_RULE_PREFIXES, MAX_RULES, MAX_UPLINKS, MAX_XDP_DEVS, NextHop, PEER_SLOTS, PeerSlot,
+    Reasons, Routed6Key, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet,
+    SYN_WAIT_ENTRIES, SelectTable, Settings, SynWaitKey, Uplink, Uplink6, UplinkStats, XdpStats,
 };
 
 const FLOWS: usize = DEFAULT_MAX_FLOWS as usize;
@@ -137,9 +137,9 @@ pub static HOSTS: HashMap<u32, HostFlows, { MAX_HOSTS as usize }> = HashMap::new
 #[btf_map]
 pub static FILL: Array<Fill, 1> = Array::new();
 
-/// Programs tail-called for rare paths: `mh_lan_reset`.
+/// Programs tail-called for rare paths and IPv6 (`JUMP_PROGS`).
 #[btf_map]
-pub static JUMP: ProgramArray<1> = ProgramArray::new();
+pub static JUMP: ProgramArray<{ JUMP_PROGS.len() }> = ProgramArray::new();
 
 /// Public mapping (uplink address, NAT port, protocol) -> its LAN endpoint,
 /// for hairpinning.
@@ -153,3 +153,11 @@ pub static XDP_DEVS: DevMapHash<{ MAX_XDP_DEVS as usize }> = DevMapHash::new();
 /// Per uplink: packets that took the XDP path.
 #[btf_map]
 pub static XDP_STATS: PerCpuArray<XdpStats, { MAX_UPLINKS as usize }> = PerCpuArray::new();
+
+/// IPv6 connections by their LAN-side tuple -> uplink and state.
+#[btf_map]
+pub static CONN6: HashMap<Flow6Key, Flow6, { MAX_FLOWS6 as usize }> = HashMap::new();
+
+/// Uplink slot -> its IPv6 prefix and NPTv6 adjustment.
+#[btf_map]
+pub static UPLINKS6: Array<Uplink6, { MAX_UPLINKS as usize }> = Array::new();

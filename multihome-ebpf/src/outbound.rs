@@ -4,11 +4,11 @@
 use aya_ebpf::programs::TcContext;
 use multihome_common::{
     CLASSIFY_IN_MAIN, FLOW_FAILED_OVER, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_HAIRPIN, FLOW_RST,
-    FLOW_RST_IN, FLOW_SEEN_REPLY, FlowFwd, FlowKey, IPPROTO_AH, IPPROTO_TCP, JUMP_LAN_RESET,
-    MARK_PROHIBIT, MARK_TRANSLATED, MAX_LAN_NETS, MAX_UPLINKS, ON_DOWN_KEEP, ON_DOWN_PURGE,
-    ON_DOWN_PURGE_UDP, ON_DOWN_RESET, ON_DOWN_UPLINK, RT_TABLE_MAIN, RULE_MAIN, RULE_UNREACHABLE,
-    Reason, Settings, UPLINK_DRAIN_RESET, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_L3,
-    UPLINK_OUTAGE, UPLINK_RESET_TCP, Uplink,
+    FLOW_RST_IN, FLOW_SEEN_REPLY, FlowFwd, FlowKey, IPPROTO_AH, IPPROTO_TCP, JUMP_LAN_IN6,
+    JUMP_LAN_RESET, JUMP_WAN_OUT6, JUMP_WAN_OUT6_L3, MARK_PROHIBIT, MARK_TRANSLATED, MAX_LAN_NETS,
+    MAX_UPLINKS, ON_DOWN_KEEP, ON_DOWN_PURGE, ON_DOWN_PURGE_UDP, ON_DOWN_RESET, ON_DOWN_UPLINK,
+    RT_TABLE_MAIN, RULE_MAIN, RULE_UNREACHABLE, Reason, Settings, UPLINK_DRAIN_RESET,
+    UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_L3, UPLINK_OUTAGE, UPLINK_RESET_TCP, Uplink,
 };
 
 use crate::{
@@ -26,7 +26,7 @@ use crate::{
 };
 
 #[inline(always)]
-fn ingress_ifindex(ctx: &TcContext) -> u32 {
+pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
     // SAFETY: the context pointer is valid for the program's run.
     unsafe { (*ctx.skb.skb).ingress_ifindex }
 }
@@ -39,7 +39,10 @@ pub fn settings() -> Result<Settings, Reason> {
 /// `mh_lan_in`: a packet from the LAN.
 #[inline(always)]
 pub fn lan_ingress(ctx: &TcContext) -> Outcome {
-    let l3 = parse::l3_offset::<true>(ctx)?;
+    let l3 = match parse::l3_offset::<true>(ctx) {
+        Err(Reason::NotIpv4) => return jump(ctx, JUMP_LAN_IN6),
+        l3 => l3?,
+    };
     let pkt = match parse::parse_ipv4(ctx, l3) {
         Err(Reason::Fragment) => return lan_fragment(ctx, l3),
         parsed => parsed?,
@@ -83,7 +86,7 @@ pub fn lan_ingress(ctx: &TcContext) -> Outcome {
 }
 
 /// Flags of a TCP flow that one end closed or reset.
-const FLOW_CLOSED: u32 = FLOW_RST | FLOW_RST_IN | FLOW_FIN_OUT | FLOW_FIN_IN;
+pub const FLOW_CLOSED: u32 = FLOW_RST | FLOW_RST_IN | FLOW_FIN_OUT | FLOW_FIN_IN;
 
 /// What becomes of a pinned flow at its next LAN packet.
 enum Fate {
@@ -158,7 +161,7 @@ fn fate(ctx: &TcContext, key: &FlowKey, f: *mut FlowFwd, tcp: u8) -> Fate {
 /// The `ON_DOWN_*` of a flow of `policy` on a down uplink with `flags`;
 /// `drain --reset` overrides every policy.
 #[inline(always)]
-fn on_down(flags: u16, policy: u8) -> u8 {
+pub fn on_down(flags: u16, policy: u8) -> u8 {
     if flags & UPLINK_DRAIN_RESET != 0 {
         return ON_DOWN_RESET;
     }
@@ -466,10 +469,10 @@ pub fn wan_egress<const L2: bool>(ctx: &TcContext) -> Outcome {
     if mark == mark_base | MARK_TRANSLATED {
         return Ok(Verdict::Pass);
     }
-    if let Some(l3) = parse::ipv6_offset::<L2>(ctx) {
-        return guard::egress6(ctx, l3);
-    }
-    let l3 = parse::l3_offset::<L2>(ctx)?;
+    let l3 = match parse::l3_offset::<L2>(ctx) {
+        Err(Reason::NotIpv4) => return egress6::<L2>(ctx),
+        l3 => l3?,
+    };
     if let Some((id, uplink)) = select::from_mark(mark, mark_base) {
         // SAFETY: the context pointer is valid for the program's run.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
@@ -522,7 +525,10 @@ fn slow_path_snat(ctx: &TcContext, l3: usize, id: u8, uplink_addr_be: u32) -> Ou
 /// and the flow keeps working.
 #[inline(always)]
 fn host_egress<const L2: bool>(ctx: &TcContext) -> Outcome {
-    let l3 = parse::l3_offset::<L2>(ctx)?;
+    let l3 = match parse::l3_offset::<L2>(ctx) {
+        Err(Reason::NotIpv4) => return egress6::<L2>(ctx),
+        l3 => l3?,
+    };
     if parse::is_later_fragment(ctx, l3)? {
         return Ok(Verdict::Pass);
     }
@@ -546,4 +552,35 @@ fn host_egress<const L2: bool>(ctx: &TcContext) -> Outcome {
     }
     frag::note_host(&pkt);
     Ok(Verdict::Pass)
+}
+
+/// Runs the IPv6 stage `stage` on an IPv6 packet; anything else passes
+/// as neither IPv4 nor IPv6.
+#[inline(always)]
+pub fn ipv6<const L2: bool>(ctx: &TcContext, stage: fn(&TcContext, usize) -> Outcome) -> Outcome {
+    match parse::ipv6_offset::<L2>(ctx) {
+        Some(l3) => stage(ctx, l3),
+        None => Err(Reason::NotIpv4),
+    }
+}
+
+/// Tail-calls `JUMP` slot `slot`; when that fails, the packet passes as
+/// neither IPv4 nor (translated) IPv6.
+#[inline(always)]
+pub fn jump(ctx: &TcContext, slot: u32) -> Outcome {
+    // SAFETY: the map holds only programs of this object.
+    unsafe { JUMP.tail_call(ctx, slot) };
+    Err(Reason::NotIpv4)
+}
+
+/// A packet that is not IPv4 leaving an uplink: to `mh_wan_out6`; should
+/// the tail call fail, an IPv6 packet still meets the egress guard.
+#[inline(always)]
+fn egress6<const L2: bool>(ctx: &TcContext) -> Outcome {
+    // SAFETY: the map holds only programs of this object.
+    unsafe { JUMP.tail_call(ctx, if L2 { JUMP_WAN_OUT6 } else { JUMP_WAN_OUT6_L3 }) };
+    match parse::ipv6_offset::<L2>(ctx) {
+        Some(l3) if ingress_ifindex(ctx) != 0 => guard::egress6(ctx, l3),
+        _ => Err(Reason::NotIpv4),
+    }
 }

@@ -382,3 +382,154 @@ impl Packet {
         self.tcp_flags
     }
 }
+
+/// Offsets in the IPv6 header (RFC 8200 §3).
+pub mod ip6 {
+    pub const PAYLOAD_LEN: usize = 4;
+    /// Next header, then hop limit.
+    pub const NEXT_HOP: usize = 6;
+    pub const SADDR: usize = 8;
+    pub const DADDR: usize = 24;
+    pub const LEN: usize = 40;
+}
+
+pub const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_DSTOPTS: u8 = 60;
+/// Extension headers walked before giving up (the packet passes as
+/// malformed, and the egress guard still sees it).
+const MAX_EXT_HEADERS: usize = 4;
+
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+pub const ICMPV6_PARAM_PROB: u8 = 4;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
+
+/// Not a fragment.
+pub const FRAG6_NONE: u8 = 0;
+/// The first fragment: its L4 header is here.
+pub const FRAG6_FIRST: u8 = 1;
+/// A later fragment: no L4 header.
+pub const FRAG6_LATER: u8 = 2;
+
+/// An IPv6 packet as the NPTv6 stages see it.
+#[derive(Clone, Copy)]
+pub struct Packet6 {
+    /// Offset of the L4 header, past the extension headers.
+    pub l4: usize,
+    pub proto: u8,
+    pub l4_kind: L4,
+    pub tcp_flags: u8,
+    /// `FRAG6_*`.
+    pub frag: u8,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// As in [`Packet`]: ports, or the echo identifier.
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+
+/// Reads a `T` at `off` with `bpf_skb_load_bytes` (any offset, linear or
+/// not).
+#[inline(always)]
+pub fn load<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, Reason> {
+    ctx.load::<T>(off).map_err(|_| Reason::Malformed)
+}
+
+/// Writes `v` at `off` with `bpf_skb_store_bytes`.
+#[inline(always)]
+pub fn store<T>(ctx: &TcContext, off: usize, v: &T) -> Result<(), Reason> {
+    ctx.store(off, v, 0).map_err(|_| Reason::RewriteFailed)
+}
+
+/// Parses the IPv6 header at `l3`, walks its extension headers (RFC 8200
+/// §4) and reads the L4 header's ports, flags or ICMPv6 type. Reads go
+/// through `bpf_skb_load_bytes`: offsets past extension headers vary, and
+/// LLVM turns a varying bounds check into arithmetic on `data_end`, which
+/// the verifier refuses.
+#[inline(always)]
+pub fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Packet6, Reason> {
+    if hi(load::<u16>(ctx, l3)?) >> 4 != 6 {
+        return Err(Reason::Malformed);
+    }
+    let payload = u16::from_be(load::<u16>(ctx, l3 + ip6::PAYLOAD_LEN)?) as usize;
+    if (ctx.len() as usize) < l3 + ip6::LEN + payload {
+        return Err(Reason::Malformed);
+    }
+    let mut proto = hi(load::<u16>(ctx, l3 + ip6::NEXT_HOP)?);
+    let mut l4 = l3 + ip6::LEN;
+    let mut frag = FRAG6_NONE;
+    for _ in 0..MAX_EXT_HEADERS {
+        match proto {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let h: u16 = load(ctx, l4)?;
+                proto = hi(h);
+                l4 += (lo(h) as usize + 1) * 8;
+            }
+            IPPROTO_FRAGMENT => {
+                proto = hi(load::<u16>(ctx, l4)?);
+                let off_be: u16 = load(ctx, l4 + 2)?;
+                frag = if u16::from_be(off_be) & !7 != 0 {
+                    FRAG6_LATER
+                } else {
+                    FRAG6_FIRST
+                };
+                l4 += 8;
+            }
+            _ => break,
+        }
+    }
+    if matches!(
+        proto,
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_FRAGMENT
+    ) {
+        return Err(Reason::Malformed);
+    }
+    let mut pkt = Packet6 {
+        l4,
+        proto,
+        l4_kind: L4::Other,
+        tcp_flags: 0,
+        frag,
+        saddr: load(ctx, l3 + ip6::SADDR)?,
+        daddr: load(ctx, l3 + ip6::DADDR)?,
+        sport_be: 0,
+        dport_be: 0,
+    };
+    if frag == FRAG6_LATER {
+        return Ok(pkt);
+    }
+    match proto {
+        IPPROTO_TCP => {
+            pkt.l4_kind = L4::Tcp;
+            pkt.tcp_flags = lo(load::<u16>(ctx, l4 + 12)?);
+            pkt.sport_be = load(ctx, l4)?;
+            pkt.dport_be = load(ctx, l4 + 2)?;
+        }
+        IPPROTO_UDP => {
+            pkt.l4_kind = L4::Udp;
+            pkt.sport_be = load(ctx, l4)?;
+            pkt.dport_be = load(ctx, l4 + 2)?;
+        }
+        IPPROTO_ICMPV6 => {
+            let kind = hi(load::<u16>(ctx, l4)?);
+            let id: u16 = load(ctx, l4 + 4)?;
+            match kind {
+                ICMPV6_ECHO_REQUEST => {
+                    pkt.l4_kind = L4::EchoRequest;
+                    pkt.sport_be = id;
+                }
+                ICMPV6_ECHO_REPLY => {
+                    pkt.l4_kind = L4::EchoReply;
+                    pkt.dport_be = id;
+                }
+                ICMPV6_DEST_UNREACH..=ICMPV6_PARAM_PROB => pkt.l4_kind = L4::IcmpError,
+                _ => {}
+            }
+        }
+        _ => {}
+    }
+    Ok(pkt)
+}

@@ -23,6 +23,10 @@ pub struct Config {
     /// interfaces' own subnets), e.g. networks routed behind the LAN.
     #[serde(default)]
     pub lan_prefixes: Vec<String>,
+    /// The LAN's internal IPv6 prefix (a ULA such as `fd00:1::/64`), which
+    /// NPTv6 maps onto each uplink's `prefix6`. One for now.
+    #[serde(default)]
+    pub lan_prefixes6: Vec<String>,
     #[serde(rename = "uplink", default)]
     pub uplinks: Vec<UplinkConfig>,
     #[serde(default)]
@@ -78,11 +82,32 @@ pub struct UplinkConfig {
     /// TCP MSS clamping of SYN and SYN-ACK; unset: `auto` on uplinks
     /// without an Ethernet header (ppp, tun), `off` elsewhere.
     pub mss_clamp: Option<MssClamp>,
+    /// IPv6 next hop; omitted on point-to-point links.
+    pub gateway6: Option<std::net::Ipv6Addr>,
+    /// The IPv6 prefix the ISP routes to the gateway; without it the
+    /// uplink takes no IPv6 flows.
+    pub prefix6: Option<String>,
+    /// How IPv6 leaves this uplink.
+    #[serde(default)]
+    pub mode6: Mode6,
     /// Its slot in the UPLINKS map, which flows, marks and tables are
     /// numbered by: its position in the file, unless maps adopted from an
     /// earlier run hold it elsewhere (by name; see [`Config::adopt_slots`]).
     #[serde(skip)]
     pub slot: u8,
+}
+
+/// `mode6`: how a LAN host's IPv6 leaves an uplink.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode6 {
+    /// NPTv6 (RFC 6296): `lan_prefixes6` mapped onto `prefix6`.
+    #[default]
+    Npt,
+    /// Address and port translation to a single /128 (not built yet).
+    Nat66,
+    /// No translation: only `routed_prefixes` sources leave.
+    Off,
 }
 
 /// `mss_clamp`: `"auto"` (the uplink's MTU - 40), a number of bytes, or
@@ -311,6 +336,100 @@ impl std::str::FromStr for Prefix6 {
     }
 }
 
+/// The longest NPTv6 prefix: the adjustment needs a word of the
+/// interface identifier (RFC 6296 §3.2).
+pub const MAX_NPT_PREFIX: u8 = 64;
+
+impl Config {
+    /// The internal IPv6 prefix NPTv6 maps from, if configured and valid.
+    pub fn lan_prefix6(&self) -> Option<Prefix6> {
+        match self.lan_prefixes6.as_slice() {
+            [p] => p.parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// Uplink `id`'s `prefix6` if it translates IPv6 by NPTv6.
+    pub fn npt_prefix(&self, id: usize) -> Option<Prefix6> {
+        let u = &self.uplinks[id];
+        (u.mode6 == Mode6::Npt)
+            .then(|| u.prefix6.as_deref()?.parse().ok())
+            .flatten()
+    }
+
+    fn problems6(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut inner = None;
+        for (i, p) in self.lan_prefixes6.iter().enumerate() {
+            match p.parse::<Prefix6>() {
+                Ok(p) => inner = Some(p),
+                Err(e) => out.push(format!("`lan_prefixes6[{i}]`: {e}")),
+            }
+        }
+        if self.lan_prefixes6.len() > 1 {
+            out.push(
+                "`lan_prefixes6`: one internal prefix for now; NPTv6 maps it onto each \
+                 uplink's `prefix6`"
+                    .into(),
+            );
+        }
+        let mut outers: Vec<(String, Prefix6)> = Vec::new();
+        for (i, u) in self.uplinks.iter().enumerate() {
+            let at = format!("`[[uplink]]` #{} (name = {:?})", i + 1, u.name);
+            if u.mode6 == Mode6::Nat66 {
+                out.push(format!(
+                    "{at}: `mode6 = \"nat66\"` is not built yet; use \"npt\" (a routed \
+                     prefix) or \"off\""
+                ));
+            }
+            let Some(text) = &u.prefix6 else {
+                continue;
+            };
+            let outer = match text.parse::<Prefix6>() {
+                Ok(p) => p,
+                Err(e) => {
+                    out.push(format!("{at}: `prefix6`: {e}"));
+                    continue;
+                }
+            };
+            if u.mode6 != Mode6::Npt {
+                continue;
+            }
+            if outer.len == 0 || outer.len > MAX_NPT_PREFIX {
+                out.push(format!(
+                    "{at}: `prefix6` {text}: NPTv6 maps prefixes of 1 to {MAX_NPT_PREFIX} bits"
+                ));
+            }
+            match inner {
+                None => out.push(format!(
+                    "{at}: `prefix6` needs the internal prefix it maps from: set \
+                     `lan_prefixes6`, e.g. [\"fd00:1::/{}\"]",
+                    outer.len
+                )),
+                Some(inner) if inner.len != outer.len => out.push(format!(
+                    "{at}: `prefix6` {text} is /{}, `lan_prefixes6` is /{}: NPTv6 maps prefixes \
+                     of one length (RFC 6296 §3.7 would translate only part of the LAN)",
+                    outer.len, inner.len
+                )),
+                Some(inner) if inner.covers(&outer) || outer.covers(&inner) => {
+                    out.push(format!("{at}: `prefix6` {text} overlaps `lan_prefixes6`"))
+                }
+                _ => {}
+            }
+            if let Some((other, _)) = outers
+                .iter()
+                .find(|(_, p)| p.covers(&outer) || outer.covers(p))
+            {
+                out.push(format!(
+                    "{at}: `prefix6` {text} overlaps uplink {other:?}'s"
+                ));
+            }
+            outers.push((u.name.clone(), outer));
+        }
+        out
+    }
+}
+
 /// The longest idle timeout, in seconds: its nanoseconds fit in a `u64`.
 pub const MAX_TIMEOUT_S: u64 = u64::MAX / 1_000_000_000;
 
@@ -425,6 +544,7 @@ impl Config {
                 }
             }
         }
+        out.extend(self.problems6());
         let routed: usize = self.uplinks.iter().map(|u| u.routed_prefixes.len()).sum();
         if routed > MAX_ROUTED_PREFIXES as usize {
             out.push(format!(

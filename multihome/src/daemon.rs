@@ -38,6 +38,7 @@ use crate::{
     },
     reaper::Reaper,
     routing::{self, Routing},
+    routing6::Routing6,
     uplinks::{self, Observed, Probed, UplinkState},
     xdp,
 };
@@ -88,6 +89,7 @@ struct Daemon {
     classify_full: Option<String>,
     maps: Maps,
     routing: Routing,
+    routing6: Routing6,
     observed: Vec<Observed>,
     attached: BTreeSet<(String, String)>,
     /// Per interface name: its index and where XDP goes, decided once
@@ -254,6 +256,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
     let mut d = Daemon {
         routing: Routing::new(handle.clone()),
+        routing6: Routing6::new(handle.clone()),
         handle,
         events,
         classify_stale: true,
@@ -578,6 +581,13 @@ impl Daemon {
         if let Err(e) = self.maps.set_routed6(&uplinks::routed_table6(&self.config)) {
             failed.push(e);
         }
+        let renumbered6 = match self.write_uplinks6() {
+            Ok(r) => r,
+            Err(e) => {
+                failed.push(e);
+                Vec::new()
+            }
+        };
         let all_down = !usable.iter().any(|u| *u);
         if all_down && !self.all_down {
             error!(
@@ -588,6 +598,14 @@ impl Daemon {
         self.all_down = all_down;
         let plan = uplinks::routing_plan(&self.config, &observed, &usable);
         if let Err(e) = self.routing.apply(&plan).await {
+            failed.push(e);
+        }
+        let plan6 = uplinks::routing_plan6(&self.config, &observed);
+        if let Err(e) = self
+            .routing6
+            .apply(&plan6, self.config.routing.rule_priority)
+            .await
+        {
             failed.push(e);
         }
         self.observed = observed;
@@ -603,6 +621,16 @@ impl Daemon {
                 move |_, f| f.uplink == slot && f.nat_addr_be == old_be,
             );
         }
+        // Published: flows pinned to a changed IPv6 prefix go, so that
+        // their next packet is pinned anew.
+        for slot in renumbered6 {
+            match self.maps.remove_flows6(|_, f| f.uplink == slot) {
+                Ok(n) => {
+                    info!("uplink slot {slot}: IPv6 prefix changed; purged its {n} IPv6 flows")
+                }
+                Err(e) => failed.push(e),
+            }
+        }
         match failed
             .into_iter()
             .reduce(|a, b| a.context(format!("{b:#}")))
@@ -612,6 +640,38 @@ impl Daemon {
         }
     }
 
+    /// Writes each uplink's IPv6 translation (and turns on IPv6
+    /// forwarding when one has any); returns the slots whose prefix
+    /// changed, whose flows must go once this is published.
+    fn write_uplinks6(&self) -> anyhow::Result<Vec<u8>> {
+        let have = self.maps.uplinks6()?;
+        let mut changed = Vec::new();
+        let mut any = false;
+        for id in 0..self.config.uplinks.len() {
+            let slot = self.config.uplinks[id].slot;
+            let want = uplinks::uplink6(&self.config, id);
+            any |= want.prefix_len != 0;
+            let old = have.get(usize::from(slot)).copied().unwrap_or_default();
+            if old != want {
+                self.maps.set_uplink6(slot.into(), &want)?;
+                if old.prefix_len != 0 {
+                    changed.push(slot);
+                }
+            }
+        }
+        if any {
+            routing::enable_forwarding6(
+                self.config
+                    .uplinks
+                    .iter()
+                    .enumerate()
+                    .filter(|(id, _)| self.config.npt_prefix(*id).is_some())
+                    .map(|(_, u)| u.interface.as_str()),
+            )?;
+        }
+        Ok(changed)
+    }
+
     /// Clears the adopted slots of uplinks that left the config, then
     /// purges their flows, before the first refresh writes the slots anew
     /// (a new uplink may take one).
@@ -619,11 +679,13 @@ impl Daemon {
         let gone = std::mem::take(&mut self.gone_slots);
         for s in &gone {
             self.maps.set_uplink((*s).into(), &Default::default())?;
+            self.maps.set_uplink6((*s).into(), &Default::default())?;
             // A new uplink that takes the slot starts its counters at 0.
             self.maps.clear_uplink_stats((*s).into())?;
         }
         if !gone.is_empty() {
-            let n = flows::remove_where(&self.maps, |_, f| gone.contains(&f.uplink))?;
+            let n = flows::remove_where(&self.maps, |_, f| gone.contains(&f.uplink))?
+                + self.maps.remove_flows6(|_, f| gone.contains(&f.uplink))?;
             info!("purged {n} flows of uplinks that left the config");
         }
         Ok(())
@@ -1488,6 +1550,9 @@ impl Daemon {
         if let Err(e) = self.routing.remove_all().await {
             error!("removing routes and rules: {e:#}");
         }
+        if let Err(e) = self.routing6.remove_all().await {
+            error!("removing IPv6 routes and rules: {e:#}");
+        }
         if let Err(e) = loader::remove_pins(&self.opts.pin_dir) {
             error!("{e:#}");
         }
@@ -1499,6 +1564,7 @@ impl Daemon {
 pub async fn cleanup(pin_dir: &Path) -> anyhow::Result<()> {
     let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(conn);
-    Routing::new(handle).remove_all().await?;
+    Routing::new(handle.clone()).remove_all().await?;
+    Routing6::new(handle).remove_all().await?;
     loader::remove_pins(pin_dir)
 }

@@ -150,7 +150,7 @@ type Series = (
     fn(&UplinkStatus) -> f64,
 );
 
-const PER_UPLINK: [Series; 18] = [
+const PER_UPLINK: [Series; 19] = [
     (
         "uplink_up",
         MetricType::Gauge,
@@ -168,6 +168,12 @@ const PER_UPLINK: [Series; 18] = [
         MetricType::Gauge,
         "live flows pinned to the uplink",
         |u| u.flows as f64,
+    ),
+    (
+        "uplink_ipv6_flows",
+        MetricType::Gauge,
+        "live IPv6 flows pinned to the uplink",
+        |u| u.flows6 as f64,
     ),
     (
         "uplink_new_flows",
@@ -338,6 +344,8 @@ mod tests {
                 interfaces: vec![],
                 flows: 3,
                 top_hosts: vec![],
+                lan_prefix6: None,
+                flows6: 0,
                 drops: [("port_exhausted", 2)].into_iter().collect(),
             },
             capacity: 4,

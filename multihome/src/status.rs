@@ -45,6 +45,10 @@ pub struct UplinkStatus {
     /// Of `tx_packets` and `rx_packets`, those that took the XDP path.
     pub xdp_tx_packets: u64,
     pub xdp_rx_packets: u64,
+    /// The IPv6 prefix NPTv6 maps the LAN onto; None: no IPv6 flows.
+    pub prefix6: Option<String>,
+    /// IPv6 flows pinned to it (counted in `tx`/`rx` too).
+    pub flows6: u64,
 }
 
 /// Which path an interface's packets take.
@@ -89,6 +93,8 @@ impl UplinkStatus {
             next_hop: None,
             xdp_tx_packets: 0,
             xdp_rx_packets: 0,
+            prefix6: None,
+            flows6: 0,
         }
     }
 }
@@ -111,6 +117,10 @@ pub struct Status {
     /// The LAN and uplink interfaces the datapath is attached to.
     pub interfaces: Vec<InterfaceStatus>,
     pub flows: u64,
+    /// The LAN's internal IPv6 prefix that NPTv6 maps, if any.
+    pub lan_prefix6: Option<String>,
+    /// IPv6 flows in their own map.
+    pub flows6: u64,
     /// The hosts refused most (then those with most flows), at most ten.
     pub top_hosts: Vec<HostShare>,
     pub drops: std::collections::BTreeMap<&'static str, u64>,
@@ -135,16 +145,20 @@ fn top_hosts(maps: &Maps) -> anyhow::Result<Vec<HostShare>> {
 /// connection map), hosts and reasons.
 pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
     let flows = maps.flows()?;
-    let mut per_uplink = [0u64; multihome_common::MAX_UPLINKS as usize];
-    for (_, f) in &flows {
-        if let Some(n) = per_uplink.get_mut(usize::from(f.uplink)) {
-            *n += 1;
+    let flows6 = maps.flows6()?;
+    let mut per_uplink = [[0u64; 2]; multihome_common::MAX_UPLINKS as usize];
+    let uplinks = flows.iter().map(|(_, f)| (f.uplink, 0));
+    for (id, family) in uplinks.chain(flows6.iter().map(|(_, f)| (f.uplink, 1))) {
+        if let Some(n) = per_uplink.get_mut(usize::from(id)) {
+            n[family] += 1;
         }
     }
     Ok(Status {
         uplinks: uplinks_with(maps, &per_uplink)?,
         interfaces: interfaces(maps)?,
         flows: flows.len() as u64,
+        lan_prefix6: lan_prefix6(maps)?,
+        flows6: flows6.len() as u64,
         top_hosts: top_hosts(maps)?,
         drops: maps.reasons()?.into_iter().collect(),
     })
@@ -155,20 +169,22 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
 /// datapath's fill count. For views redrawn every second (`top`), which
 /// must not walk a million flows per frame.
 pub fn collect_quick(maps: &Maps, last: &Status) -> anyhow::Result<Status> {
-    let mut per_uplink = [0u64; multihome_common::MAX_UPLINKS as usize];
+    let mut per_uplink = [[0u64; 2]; multihome_common::MAX_UPLINKS as usize];
     let slots = maps.uplinks()?;
     for u in &last.uplinks {
         if let Some(i) = slots
             .iter()
             .position(|s| name_from_bytes(&s.name) == u.name)
         {
-            per_uplink[i] = u.flows;
+            per_uplink[i] = [u.flows, u.flows6];
         }
     }
     Ok(Status {
         uplinks: uplinks_with(maps, &per_uplink)?,
         interfaces: interfaces(maps)?,
         flows: maps.fill()?,
+        lan_prefix6: last.lan_prefix6.clone(),
+        flows6: last.flows6,
         top_hosts: top_hosts(maps)?,
         drops: maps.reasons()?.into_iter().collect(),
     })
@@ -207,12 +223,27 @@ fn describe_hop(hop: &NextHop, u: &Uplink) -> String {
 /// The uplinks alone, without walking the connection map (their `flows`
 /// are 0): for `/healthz`.
 pub fn uplinks(maps: &Maps) -> anyhow::Result<Vec<UplinkStatus>> {
-    uplinks_with(maps, &[0; multihome_common::MAX_UPLINKS as usize])
+    uplinks_with(maps, &[[0; 2]; multihome_common::MAX_UPLINKS as usize])
 }
 
-/// The configured uplinks, `flows[slot]` flows each.
-fn uplinks_with(maps: &Maps, flows: &[u64]) -> anyhow::Result<Vec<UplinkStatus>> {
+/// A prefix as `addr/len`, from its bytes on the wire.
+fn prefix_text(addr: [u8; 16], len: u8) -> String {
+    format!("{}/{len}", std::net::Ipv6Addr::from(addr))
+}
+
+/// The internal prefix NPTv6 maps from (the same in every uplink's slot).
+fn lan_prefix6(maps: &Maps) -> anyhow::Result<Option<String>> {
+    Ok(maps
+        .uplinks6()?
+        .iter()
+        .find(|u6| u6.prefix_len != 0)
+        .map(|u6| prefix_text(u6.inner, u6.prefix_len)))
+}
+
+/// The configured uplinks, `flows[slot]` flows each (IPv4, IPv6).
+fn uplinks_with(maps: &Maps, flows: &[[u64; 2]]) -> anyhow::Result<Vec<UplinkStatus>> {
     let stats = maps.uplink_stats()?;
+    let uplinks6 = maps.uplinks6()?;
     let xdp = maps.xdp_stats()?;
     let hops = maps.next_hops()?;
     let mut uplinks = Vec::new();
@@ -258,7 +289,12 @@ fn uplinks_with(maps: &Maps, flows: &[u64]) -> anyhow::Result<Vec<UplinkStatus>>
             address: addr,
             gateway: (u.gateway_be != 0).then(|| be_addr(u.gateway_be).to_string()),
             weight: u.weight,
-            flows: flows.get(id).copied().unwrap_or(0),
+            flows: flows.get(id).map_or(0, |f| f[0]),
+            flows6: flows.get(id).map_or(0, |f| f[1]),
+            prefix6: uplinks6
+                .get(id)
+                .filter(|u6| u6.prefix_len != 0)
+                .map(|u6| prefix_text(u6.outer, u6.prefix_len)),
             new_flows: s.new_flows,
             tx_packets: s.tx_packets,
             tx_bytes: s.tx_bytes,

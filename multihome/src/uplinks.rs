@@ -3,10 +3,10 @@
 use std::net::Ipv4Addr;
 
 use multihome_common::{
-    LanNet, MAX_UPLINKS, NextHop, RoutedUplinks, UPLINK_CANARY, UPLINK_CONFIGURED, UPLINK_DEGRADED,
-    UPLINK_DRAIN_RESET, UPLINK_DRAINED, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_HELD_DOWN,
-    UPLINK_L3, UPLINK_LINK_DOWN, UPLINK_OUTAGE, UPLINK_PROBES_FAIL, UPLINK_RESET_TCP,
-    UPLINK_TRAFFIC_DOWN, UPLINK_USABLE, Uplink,
+    LanNet, MAX_UPLINKS, MODE6_NPT, NextHop, RoutedUplinks, UPLINK_CANARY, UPLINK_CONFIGURED,
+    UPLINK_DEGRADED, UPLINK_DRAIN_RESET, UPLINK_DRAINED, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP,
+    UPLINK_HELD_DOWN, UPLINK_L3, UPLINK_LINK_DOWN, UPLINK_OUTAGE, UPLINK_PROBES_FAIL,
+    UPLINK_RESET_TCP, UPLINK_TRAFFIC_DOWN, UPLINK_USABLE, Uplink, Uplink6, npt_adjustment,
 };
 
 use crate::{
@@ -14,6 +14,7 @@ use crate::{
     health::passive,
     netinfo::Snapshot,
     routing::{RoutingPlan, SharedSource, UplinkRoutes},
+    routing6::Uplink6Routes,
 };
 
 /// Why an uplink does or does not take new flows.
@@ -296,6 +297,24 @@ pub fn routed_table(config: &Config) -> Vec<(Prefix, RoutedUplinks)> {
 
 /// [`multihome_common::MAP_ROUTED6`]'s entries, folded as
 /// [`routed_table`]'s.
+/// Uplink `id`'s IPv6 translation: NPTv6 from `lan_prefixes6` onto its
+/// `prefix6`, or nothing (no IPv6 flows) without both.
+pub fn uplink6(config: &Config, id: usize) -> Uplink6 {
+    let (Some(inner), Some(outer)) = (config.lan_prefix6(), config.npt_prefix(id)) else {
+        return Uplink6::default();
+    };
+    let (inner, outer) = (inner.network().octets(), outer.network().octets());
+    let len = config.npt_prefix(id).map_or(0, |p| p.len);
+    Uplink6 {
+        inner,
+        outer,
+        prefix_len: len,
+        mode: MODE6_NPT,
+        adjust: npt_adjustment(&inner, &outer, len),
+        _pad: 0,
+    }
+}
+
 pub fn routed_table6(config: &Config) -> Vec<(Prefix6, RoutedUplinks)> {
     fold_routed(config, &config.routed_prefixes6(), |p| Prefix6 {
         addr: p.network(),
@@ -371,6 +390,25 @@ pub fn routing_plan(config: &Config, observed: &[Observed], usable: &[bool]) -> 
             .may_refuse()
             .then_some(config.routing.mark_base | multihome_common::MARK_PROHIBIT),
     }
+}
+
+/// The IPv6 routing of the uplinks that translate IPv6.
+pub fn routing_plan6(config: &Config, observed: &[Observed]) -> Vec<Uplink6Routes> {
+    if config.lan_prefix6().is_none() {
+        return Vec::new();
+    }
+    (0..config.uplinks.len())
+        .filter_map(|id| {
+            Some(Uplink6Routes {
+                table: table(config, id),
+                mark: mark(config, id),
+                ifindex: observed[id].ifindex,
+                gateway: config.uplinks[id].gateway6,
+                prefix: config.npt_prefix(id)?,
+                index: id as u32,
+            })
+        })
+        .collect()
 }
 
 /// Addresses that two or more uplinks have now (seed 4.2.5: routers on one

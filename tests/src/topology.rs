@@ -66,6 +66,20 @@ pub const INET_SERVICE2: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
 /// Covers all "internet" addresses (cores and services).
 pub const INET_NET: &str = "198.19.0.0/16";
 
+// IPv6 (`Topology::add_ipv6`): the LAN's ULA, each uplink's link and the
+// prefix its ISP routes to the gateway, the ISP cores and the internet.
+pub const LAN6_NET: &str = "fd00:1::/64";
+pub const GW_LAN6: &str = "fd00:1::1";
+pub const CLIENT6_ADDR: &str = "fd00:1::2";
+pub const UPLINK_X_ADDR6: &str = "2001:db8:11::1";
+pub const UPLINK_X_GW6: &str = "2001:db8:11::fe";
+/// Routed by ISP x to the gateway: what NPTv6 maps the LAN onto.
+pub const UPLINK_X_PREFIX6: &str = "2001:db8:11:100::/64";
+pub const UPLINK_Y_ADDR6: &str = "2001:db8:22::1";
+pub const UPLINK_Y_GW6: &str = "2001:db8:22::fe";
+pub const UPLINK_Y_PREFIX6: &str = "2001:db8:22:100::/64";
+pub const INET_SERVICE6: &str = "2001:db8:ff::10";
+
 /// Which topology was built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TopologyKind {
@@ -136,6 +150,19 @@ pub fn base_ns(prefix: &str, forwarding: bool) -> NetNs {
     }
     ns.sysctl("net.ipv4.ip_forward", if forwarding { "1" } else { "0" });
     ns
+}
+
+/// Turns IPv6 on in `ns` and on its interfaces `ifs` (the test bed turns
+/// it off), without duplicate address detection, and forwarding as asked.
+pub fn enable_ipv6(ns: &NetNs, ifs: &[&str], forwarding: bool) {
+    for scope in ["all", "default"].iter().chain(ifs) {
+        ns.sysctl(&format!("net.ipv6.conf.{scope}.accept_dad"), "0");
+        ns.sysctl(&format!("net.ipv6.conf.{scope}.disable_ipv6"), "0");
+    }
+    ns.sysctl(
+        "net.ipv6.conf.all.forwarding",
+        if forwarding { "1" } else { "0" },
+    );
 }
 
 fn cidr(a: Ipv4Addr, len: u8) -> String {
@@ -544,6 +571,98 @@ impl Topology {
             }
         }
         ends
+    }
+
+    /// Adds IPv6 to the standard topology: the client and gw `lan0` on
+    /// [`LAN6_NET`] (client default via the gw), each uplink's link
+    /// (`2001:db8:11::/64`, `2001:db8:22::/64`) with the ISP routing
+    /// [`UPLINK_X_PREFIX6`] or [`UPLINK_Y_PREFIX6`] to the gw, and the
+    /// internet host's [`INET_SERVICE6`] behind both ISPs. The gw gets
+    /// addresses only. Each ISP counts, in `raw` PREROUTING, what arrives
+    /// from its customer with a ULA source ([`Topology::ula_sources`]).
+    pub fn add_ipv6(&self) {
+        for (ns, ifs, fwd) in [
+            (&self.client, &[IF_LAN][..], false),
+            (&self.gw, &[IF_LAN, IF_WANX, IF_WANY][..], true),
+            (&self.ispx, &[IF_CUST, IF_CORE][..], true),
+            (&self.ispy, &[IF_CUST, IF_CORE][..], true),
+            (&self.inet, &[IF_INET_X, IF_INET_Y, "lo"][..], false),
+        ] {
+            enable_ipv6(ns, ifs, fwd);
+        }
+        let ip6 = |ns: &NetNs, args: &str| {
+            let mut cmd = vec!["ip", "-6"];
+            cmd.extend(args.split_whitespace());
+            ns.exec(&cmd);
+        };
+        ip6(
+            &self.client,
+            &format!("addr add {CLIENT6_ADDR}/64 dev {IF_LAN} nodad"),
+        );
+        ip6(&self.client, &format!("route add default via {GW_LAN6}"));
+        ip6(
+            &self.gw,
+            &format!("addr add {GW_LAN6}/64 dev {IF_LAN} nodad"),
+        );
+        ip6(
+            &self.gw,
+            &format!("addr add {UPLINK_X_ADDR6}/64 dev {IF_WANX} nodad"),
+        );
+        ip6(
+            &self.gw,
+            &format!("addr add {UPLINK_Y_ADDR6}/64 dev {IF_WANY} nodad"),
+        );
+        for (isp, gw6, gw_addr6, prefix, core, inet_if) in [
+            (
+                &self.ispx,
+                UPLINK_X_GW6,
+                UPLINK_X_ADDR6,
+                UPLINK_X_PREFIX6,
+                "2001:db8:1::",
+                IF_INET_X,
+            ),
+            (
+                &self.ispy,
+                UPLINK_Y_GW6,
+                UPLINK_Y_ADDR6,
+                UPLINK_Y_PREFIX6,
+                "2001:db8:2::",
+                IF_INET_Y,
+            ),
+        ] {
+            ip6(isp, &format!("addr add {gw6}/64 dev {IF_CUST} nodad"));
+            ip6(isp, &format!("addr add {core}1/64 dev {IF_CORE} nodad"));
+            ip6(isp, &format!("route add {prefix} via {gw_addr6}"));
+            ip6(isp, &format!("route add default via {core}10"));
+            ip6(
+                &self.inet,
+                &format!("addr add {core}10/64 dev {inet_if} nodad"),
+            );
+            let link = gw6.trim_end_matches("fe");
+            ip6(&self.inet, &format!("route add {link}/48 via {core}1"));
+            isp.exec(&[
+                "ip6tables",
+                "-w",
+                "-t",
+                "raw",
+                "-A",
+                "PREROUTING",
+                "-i",
+                IF_CUST,
+                "-s",
+                "fd00::/8",
+            ]);
+        }
+        ip6(&self.inet, &format!("addr add {INET_SERVICE6}/128 dev lo"));
+    }
+
+    /// IPv6 packets with a ULA source that reached either ISP from the
+    /// gateway (see [`Topology::add_ipv6`]).
+    pub fn ula_sources(&self) -> u64 {
+        [&self.ispx, &self.ispy]
+            .into_iter()
+            .map(|ns| raw_prerouting_count(ns, "ip6tables", |f| f.contains(&"fd00::/8")))
+            .sum()
     }
 
     /// Sets the MTU on both ends of an uplink (gw side and ISP `cust`).

@@ -1,5 +1,5 @@
 //! `multihome conns`: the connection map, filtered.
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use clap::Args;
 use multihome_common::SelectTable;
@@ -25,12 +25,12 @@ pub struct ConnsArgs {
     /// Only this protocol: tcp, udp or icmp.
     #[arg(long)]
     pub proto: Option<String>,
-    /// Only flows from this LAN host.
+    /// Only flows from this LAN host (IPv4 or IPv6).
     #[arg(long)]
-    pub src: Option<Ipv4Addr>,
-    /// Only flows to this remote host.
+    pub src: Option<IpAddr>,
+    /// Only flows to this remote host (IPv4 or IPv6).
     #[arg(long)]
-    pub dst: Option<Ipv4Addr>,
+    pub dst: Option<IpAddr>,
     /// List the affinity records of the sticky policies (source, site)
     /// and the endpoint records (endpoint) instead of flows.
     #[arg(long)]
@@ -105,7 +105,7 @@ fn run_affinity(args: &ConnsArgs, maps: &Maps) -> anyhow::Result<()> {
     let rows: Vec<AffinityRow> = affinities(maps)?
         .into_iter()
         .filter(|r| args.uplink.as_ref().is_none_or(|u| &r.uplink == u))
-        .filter(|r| args.src.is_none_or(|a| r.src == a))
+        .filter(|r| args.src.is_none_or(|a| IpAddr::from(r.src) == a))
         .collect();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -151,6 +151,12 @@ pub fn list(maps: &Maps) -> anyhow::Result<Vec<Conn>> {
             flows::describe(k, f, name, policy_name(&tables, f.policy), now)
         })
         .collect();
+    let uplinks6 = maps.uplinks6()?;
+    out.extend(maps.flows6()?.iter().map(|(k, f)| {
+        let name = names.get(f.uplink as usize).cloned().unwrap_or_default();
+        let u6 = uplinks6.get(f.uplink as usize).copied().unwrap_or_default();
+        flows::describe6(k, f, &u6, name, policy_name(&tables, f.policy), now)
+    }));
     out.sort_by_key(|c| (c.src, c.sport, c.dst, c.dport));
     Ok(out)
 }
@@ -175,22 +181,28 @@ pub fn run(args: &ConnsArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&conns)?);
         return Ok(());
     }
+    // IPv6 endpoints take wider columns.
+    let w = if conns.iter().any(|c| c.src.is_ipv6()) {
+        47
+    } else {
+        21
+    };
     println!(
-        "{:<5} {:<21} {:<21} {:<8} {:<21} {:<11} {:>7} POLICY",
+        "{:<6} {:<w$} {:<w$} {:<8} {:<w$} {:<11} {:>7} POLICY",
         "PROTO", "SOURCE", "DESTINATION", "UPLINK", "NAT", "STATE", "AGE(s)"
     );
     for c in &conns {
         println!(
-            "{:<5} {:<21} {:<21} {:<8} {:<21} {:<11} {:>7} {}",
+            "{:<6} {:<w$} {:<w$} {:<8} {:<w$} {:<11} {:>7} {}",
             c.proto,
-            format!("{}:{}", c.src, c.sport),
-            format!("{}:{}", c.dst, c.dport),
+            SocketAddr::new(c.src, c.sport).to_string(),
+            SocketAddr::new(c.dst, c.dport).to_string(),
             if c.failed_over {
                 format!("{}*", c.uplink)
             } else {
                 c.uplink.clone()
             },
-            format!("{}:{}", c.nat_addr, c.nat_port),
+            SocketAddr::new(c.nat_addr, c.nat_port).to_string(),
             c.state,
             c.age_s,
             c.policy

@@ -92,6 +92,13 @@ fn table(st: &Status) -> String {
             let _ = writeln!(out, "  XDP path: {tx} packets out, {rx} in");
         }
     }
+    if let Some(inner) = &st.lan_prefix6 {
+        let _ = writeln!(out, "\nIPv6: NPTv6 maps {inner} onto each uplink's prefix:");
+        for u in &st.uplinks {
+            let prefix = u.prefix6.as_deref().unwrap_or("- (takes no IPv6 flows)");
+            let _ = writeln!(out, "  {:<8} {prefix:<44} {:>7} flows", u.name, u.flows6);
+        }
+    }
     if st.top_hosts.iter().any(|h| h.refused > 0) {
         out += "\nLAN hosts refused new flows (nat.max_flows_per_host):\n";
         let _ = writeln!(out, "  {:<16} {:>8} {:>10}", "HOST", "FLOWS", "REFUSED");
@@ -101,8 +108,9 @@ fn table(st: &Status) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{} live flows. Packets left to the kernel or dropped, by reason:",
-        st.flows
+        "\n{} live flows ({} IPv6). Packets left to the kernel or dropped, by reason:",
+        st.flows + st.flows6,
+        st.flows6
     );
     for (name, n) in st.drops.iter().filter(|(_, n)| **n > 0) {
         let _ = writeln!(out, "  {name:<20} {n}");
@@ -135,6 +143,8 @@ mod tests {
             interfaces: vec![],
             flows: 3,
             top_hosts: vec![],
+            lan_prefix6: None,
+            flows6: 0,
             drops: Default::default(),
         };
         let text = table(&st);

@@ -346,6 +346,8 @@ mod tests {
             interfaces: Vec::new(),
             flows: 0,
             top_hosts: Vec::new(),
+            lan_prefix6: None,
+            flows6: 0,
             drops: Default::default(),
         }
     }

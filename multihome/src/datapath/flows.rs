@@ -4,15 +4,16 @@
 use std::{
     collections::HashSet,
     hash::{BuildHasher, Hasher, RandomState},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use anyhow::Context as _;
 use aya::maps::{HashMap, MapData};
 use multihome_common::{
     EimKey, Endpoint, EndpointKey, FLOW_FAILED_OVER, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST,
-    FLOW_RST_IN, FLOW_SEEN_REPLY, FlowFwd, FlowKey, FlowRev, HostFlows, IPPROTO_DCCP, IPPROTO_ICMP,
-    IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, Uplink,
+    FLOW_RST_IN, FLOW_SEEN_REPLY, Flow6, Flow6Key, FlowFwd, FlowKey, FlowRev, HostFlows,
+    IPPROTO_DCCP, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, Uplink, Uplink6,
+    npt_translate,
 };
 use serde::Serialize;
 
@@ -23,6 +24,7 @@ pub fn proto_name(p: u8) -> &'static str {
         IPPROTO_TCP => "tcp",
         IPPROTO_UDP => "udp",
         IPPROTO_ICMP => "icmp",
+        IPPROTO_ICMPV6 => "icmpv6",
         IPPROTO_DCCP => "dccp",
         IPPROTO_UDPLITE => "udplite",
         41 => "ipv6",
@@ -34,39 +36,61 @@ pub fn proto_name(p: u8) -> &'static str {
 }
 
 pub fn state_name(key: &FlowKey, f: &FlowFwd) -> &'static str {
+    state_of(key.proto, f.flags)
+}
+
+/// The state of a flow of `proto` with `FLOW_*` bits `flags`.
+pub fn state_of(proto: u8, flags: u32) -> &'static str {
     let fin_both = FLOW_FIN_OUT | FLOW_FIN_IN;
     match () {
-        _ if f.flags & (FLOW_RST | FLOW_RST_IN) != 0 => "closed",
-        _ if key.proto == IPPROTO_TCP && f.flags & fin_both == fin_both => "closing",
-        _ if key.proto == IPPROTO_TCP && f.flags & fin_both != 0 => "fin-wait",
-        _ if f.flags & FLOW_SEEN_REPLY != 0 => "established",
+        _ if flags & (FLOW_RST | FLOW_RST_IN) != 0 => "closed",
+        _ if proto == IPPROTO_TCP && flags & fin_both == fin_both => "closing",
+        _ if proto == IPPROTO_TCP && flags & fin_both != 0 => "fin-wait",
+        _ if flags & FLOW_SEEN_REPLY != 0 => "established",
         _ => "new",
     }
 }
 
 /// Idle seconds after which the flow expires.
 pub fn timeout_s(key: &FlowKey, f: &FlowFwd, t: &Timeouts) -> u64 {
-    match (key.proto, state_name(key, f)) {
+    timeout_of(key.proto, f.flags, t)
+}
+
+/// [`timeout_s`] of a flow of `proto` with `flags` (ICMPv6 as ICMP).
+pub fn timeout_of(proto: u8, flags: u32, t: &Timeouts) -> u64 {
+    match (proto, state_of(proto, flags)) {
         (IPPROTO_TCP, "established") => t.tcp_established,
         (IPPROTO_TCP, "closed" | "closing") => t.tcp_closing,
         (IPPROTO_TCP, _) => t.tcp_transitory,
         (IPPROTO_UDP, _) => t.udp,
-        (IPPROTO_ICMP, _) => t.icmp,
+        (IPPROTO_ICMP | IPPROTO_ICMPV6, _) => t.icmp,
         _ => t.other,
     }
+}
+
+/// ICMPv6's protocol number (RFC 4443).
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// Removes the IPv6 flows idle past their timeout; returns how many.
+pub fn reap6(maps: &Maps, t: &Timeouts, now_ns: u64) -> anyhow::Result<usize> {
+    maps.remove_flows6(|k, f| {
+        now_ns.saturating_sub(f.last_seen_ns) > timeout_of(k.proto, f.flags, t) * 1_000_000_000
+    })
 }
 
 /// A flow for people and scripts (`multihome conns`).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Conn {
     pub proto: &'static str,
-    pub src: Ipv4Addr,
+    pub src: IpAddr,
     pub sport: u16,
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
     pub dport: u16,
     pub uplink: String,
     pub uplink_id: u8,
-    pub nat_addr: Ipv4Addr,
+    /// The source the remote sees: the uplink's address (IPv4 SNAT) or
+    /// the LAN host's address mapped onto the uplink's prefix (NPTv6).
+    pub nat_addr: IpAddr,
     pub nat_port: u16,
     pub state: &'static str,
     /// Made on another uplink while its preferred one was not usable.
@@ -85,15 +109,46 @@ pub fn be_addr(a: u32) -> Ipv4Addr {
 pub fn describe(key: &FlowKey, f: &FlowFwd, uplink: String, policy: String, now_ns: u64) -> Conn {
     Conn {
         proto: proto_name(key.proto),
-        src: be_addr(key.saddr_be),
+        src: be_addr(key.saddr_be).into(),
         sport: u16::from_be(key.sport_be),
-        dst: be_addr(key.daddr_be),
+        dst: be_addr(key.daddr_be).into(),
         dport: u16::from_be(key.dport_be),
         uplink,
         uplink_id: f.uplink,
-        nat_addr: be_addr(f.nat_addr_be),
+        nat_addr: be_addr(f.nat_addr_be).into(),
         nat_port: u16::from_be(f.nat_port_be),
         state: state_name(key, f),
+        failed_over: f.flags & FLOW_FAILED_OVER != 0,
+        policy,
+        age_s: (now_ns / 1_000_000_000).saturating_sub(f.created_s as u64),
+        idle_s: now_ns.saturating_sub(f.last_seen_ns) / 1_000_000_000,
+    }
+}
+
+/// An IPv6 flow for people and scripts; `u6`: its uplink's translation,
+/// which gives the address the remote sees (ports are kept).
+pub fn describe6(
+    key: &Flow6Key,
+    f: &Flow6,
+    u6: &Uplink6,
+    uplink: String,
+    policy: String,
+    now_ns: u64,
+) -> Conn {
+    let mapped = npt_translate(&key.lan, &u6.outer, u6.prefix_len, u6.adjust)
+        .filter(|_| u6.prefix_len != 0)
+        .unwrap_or(key.lan);
+    Conn {
+        proto: proto_name(key.proto),
+        src: Ipv6Addr::from(key.lan).into(),
+        sport: u16::from_be(key.lan_port_be),
+        dst: Ipv6Addr::from(key.remote).into(),
+        dport: u16::from_be(key.remote_port_be),
+        uplink,
+        uplink_id: f.uplink,
+        nat_addr: Ipv6Addr::from(mapped).into(),
+        nat_port: u16::from_be(key.lan_port_be),
+        state: state_of(key.proto, f.flags),
         failed_over: f.flags & FLOW_FAILED_OVER != 0,
         policy,
         age_s: (now_ns / 1_000_000_000).saturating_sub(f.created_s as u64),

@@ -20,11 +20,11 @@ use aya::{
     },
 };
 use multihome_common::{
-    ALL_MAPS, FlowFwd, FlowKey, JUMP_LAN_RESET, LAYOUT_VERSION, MAP_AFFINITY, MAP_CONN_FWD,
+    ALL_MAPS, FlowFwd, FlowKey, JUMP_PROGS, LAYOUT_VERSION, MAP_AFFINITY, MAP_CONN_FWD,
     MAP_CONN_REV, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_HOST_ECHO, MAP_JUMP, MAP_PEERS,
     MAP_REASONS, MAP_SELECT, MAP_SETTINGS, MAP_SYN_WAIT, MAP_UPLINK_STATS, MAP_UPLINKS,
-    PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN, PROG_WAN_IN_L3, PROG_WAN_OUT, PROG_WAN_OUT_L3,
-    PROG_XDP_LAN, PROG_XDP_WAN,
+    PROG_LAN_IN, PROG_WAN_IN, PROG_WAN_IN_L3, PROG_WAN_OUT, PROG_WAN_OUT_L3, PROG_XDP_LAN,
+    PROG_XDP_WAN,
 };
 
 use crate::config::NatConfig;
@@ -177,6 +177,7 @@ const MIGRATIONS: &[(u32, &[&str])] = &[
             MAP_SELECT,
             MAP_UPLINK_STATS,
             MAP_HOST_ECHO,
+            MAP_JUMP,
         ],
     ),
     // 4: SELECT became a hashed Maglev table, SETTINGS gained the hash
@@ -191,6 +192,7 @@ const MIGRATIONS: &[(u32, &[&str])] = &[
             MAP_UPLINK_STATS,
             MAP_PEERS,
             MAP_HOST_ECHO,
+            MAP_JUMP,
         ],
     ),
     // 5: SELECT holds a table per policy, SETTINGS the rule bank, REASONS
@@ -206,11 +208,21 @@ const MIGRATIONS: &[(u32, &[&str])] = &[
             MAP_UPLINK_STATS,
             MAP_PEERS,
             MAP_HOST_ECHO,
+            MAP_JUMP,
         ],
     ),
     // 6: UPLINK_STATS gained the passive-health counters (they restart
     // at 0); ENDPOINT_PORTS and SYN_WAIT are new.
-    (5, &[MAP_UPLINK_STATS, MAP_PEERS, MAP_HOST_ECHO]),
+    (
+        5,
+        &[
+            MAP_UPLINK_STATS,
+            MAP_PEERS,
+            MAP_HOST_ECHO,
+            MAP_REASONS,
+            MAP_JUMP,
+        ],
+    ),
     // 7: UPLINK_STATS counts retransmissions; flows grew by `snd_max`:
     // their CONN_FWD is copied into one of today's size (`set_fwd_aside`),
     // as it is from every older layout; SYN_WAIT keys name their kind
@@ -220,14 +232,25 @@ const MIGRATIONS: &[(u32, &[&str])] = &[
     // new.
     (
         6,
-        &[MAP_UPLINK_STATS, MAP_PEERS, MAP_SYN_WAIT, MAP_HOST_ECHO],
+        &[
+            MAP_UPLINK_STATS,
+            MAP_PEERS,
+            MAP_SYN_WAIT,
+            MAP_HOST_ECHO,
+            MAP_REASONS,
+            MAP_JUMP,
+        ],
     ),
     // 8: every stamp is on `CLOCK` (monotonic, coarse), no longer
     // `CLOCK_BOOTTIME`: SYN_WAIT and HOST_ECHO, short-lived caches, are
     // made afresh (here and above); the stamps of flows, affinities and
     // endpoints are moved back by the time spent suspended
     // (`Datapath::restamp`); XDP_DEVS and XDP_STATS are new.
-    (7, &[MAP_SYN_WAIT, MAP_HOST_ECHO]),
+    (7, &[MAP_SYN_WAIT, MAP_HOST_ECHO, MAP_REASONS, MAP_JUMP]),
+    // 9: REASONS gained the IPv6 counters and JUMP the IPv6 programs'
+    // slots (both made afresh, here and above); CONN6 and UPLINKS6 are
+    // new.
+    (8, &[MAP_REASONS, MAP_JUMP]),
 ];
 
 /// The first layout whose stamps are on [`multihome_common::CLOCK`].
@@ -480,14 +503,17 @@ impl Datapath {
         let mut ebpf = loader
             .load(OBJECT)
             .context("loading the eBPF programs (is this kernel 6.6 or newer, with BTF?)")?;
+        let tail_called = JUMP_PROGS.iter().map(|(name, _)| *name);
         for name in [
             PROG_LAN_IN,
-            PROG_LAN_RESET,
             PROG_WAN_IN,
             PROG_WAN_IN_L3,
             PROG_WAN_OUT,
             PROG_WAN_OUT_L3,
-        ] {
+        ]
+        .into_iter()
+        .chain(tail_called)
+        {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?
@@ -503,18 +529,23 @@ impl Datapath {
             prog.load()
                 .with_context(|| format!("verifying program {name}"))?;
         }
-        // The LAN program tail-calls the reset one; an adopted JUMP
-        // switches to this run's program here.
-        let fd = {
-            let prog: &SchedClassifier = ebpf
-                .program(PROG_LAN_RESET)
-                .context("program missing")?
-                .try_into()?;
-            prog.fd()?.try_clone()?
-        };
+        // The programs tail-call these; an adopted JUMP switches to this
+        // run's programs here.
+        let fds = JUMP_PROGS
+            .iter()
+            .map(|(name, slot)| {
+                let prog: &SchedClassifier = ebpf
+                    .program(name)
+                    .with_context(|| format!("program {name} missing"))?
+                    .try_into()?;
+                Ok((*name, *slot, prog.fd()?.try_clone()?))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let mut jump = ProgramArray::try_from(ebpf.map_mut(MAP_JUMP).context("map JUMP missing")?)?;
-        jump.set(JUMP_LAN_RESET, &fd, 0)
-            .context("pointing JUMP at the reset program")?;
+        for (name, slot, fd) in fds {
+            jump.set(slot, &fd, 0)
+                .with_context(|| format!("pointing JUMP slot {slot} at {name}"))?;
+        }
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),

@@ -10,15 +10,15 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use multihome_common::{
-    Affinity, AffinityKey, CLASSIFY_IN_MAIN, EimKey, Endpoint, EndpointKey, FlowFwd, FlowKey,
-    FlowRev, HostFlows, LanNet, MAP_AFFINITY, MAP_CLASSIFY, MAP_CONN_FWD, MAP_CONN_REV,
-    MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_FILL, MAP_HOSTS, MAP_LAN_NETS, MAP_LOCAL_ADDRS,
-    MAP_NEXT_HOPS, MAP_REASONS, MAP_ROUTED, MAP_ROUTED6, MAP_RULE_ACTION, MAP_RULE_DPORT,
-    MAP_RULE_DSCP, MAP_RULE_DST, MAP_RULE_PROTO, MAP_RULE_SRC, MAP_SELECT, MAP_SETTINGS,
-    MAP_SYN_WAIT, MAP_UPLINK_STATS, MAP_UPLINKS, MAP_XDP_DEVS, MAP_XDP_STATS, MAX_LAN_NETS,
-    MAX_LOCAL_ADDRS, MAX_POLICIES, MAX_RULES, MAX_UPLINKS, NextHop, Reasons, Routed6Key, RoutedKey,
-    RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SelectTable, Settings, SynWaitKey, Uplink,
-    UplinkStats, XdpStats, rules_word,
+    Affinity, AffinityKey, CLASSIFY_IN_MAIN, EimKey, Endpoint, EndpointKey, Flow6, Flow6Key,
+    FlowFwd, FlowKey, FlowRev, HostFlows, LanNet, MAP_AFFINITY, MAP_CLASSIFY, MAP_CONN_FWD,
+    MAP_CONN_REV, MAP_CONN6, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_FILL, MAP_HOSTS, MAP_LAN_NETS,
+    MAP_LOCAL_ADDRS, MAP_NEXT_HOPS, MAP_REASONS, MAP_ROUTED, MAP_ROUTED6, MAP_RULE_ACTION,
+    MAP_RULE_DPORT, MAP_RULE_DSCP, MAP_RULE_DST, MAP_RULE_PROTO, MAP_RULE_SRC, MAP_SELECT,
+    MAP_SETTINGS, MAP_SYN_WAIT, MAP_UPLINK_STATS, MAP_UPLINKS, MAP_UPLINKS6, MAP_XDP_DEVS,
+    MAP_XDP_STATS, MAX_LAN_NETS, MAX_LOCAL_ADDRS, MAX_POLICIES, MAX_RULES, MAX_UPLINKS, NextHop,
+    Reasons, Routed6Key, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SelectTable,
+    Settings, SynWaitKey, Uplink, Uplink6, UplinkStats, XdpStats, rules_word,
 };
 
 use crate::{
@@ -428,6 +428,46 @@ impl Maps {
     /// How many flows the connection map can hold.
     pub fn flow_capacity(&self) -> anyhow::Result<u32> {
         Ok(open(&self.dir, MAP_CONN_FWD)?.info()?.max_entries())
+    }
+
+    /// The IPv6 connection map.
+    pub fn conn6(&self) -> anyhow::Result<HashMap<MapData, Flow6Key, Flow6>> {
+        Ok(HashMap::try_from(Map::HashMap(open(
+            &self.dir, MAP_CONN6,
+        )?))?)
+    }
+
+    /// Every IPv6 flow.
+    pub fn flows6(&self) -> anyhow::Result<Vec<(Flow6Key, Flow6)>> {
+        mapwalk::collect(&self.conn6()?).context("reading CONN6")
+    }
+
+    /// Every slot's IPv6 translation.
+    pub fn uplinks6(&self) -> anyhow::Result<Vec<Uplink6>> {
+        let a = self.array::<Uplink6>(MAP_UPLINKS6)?;
+        (0..MAX_UPLINKS).map(|i| Ok(a.get(&i, 0)?)).collect()
+    }
+
+    pub fn set_uplink6(&self, id: u32, u: &Uplink6) -> anyhow::Result<()> {
+        Ok(self.array::<Uplink6>(MAP_UPLINKS6)?.set(id, u, 0)?)
+    }
+
+    /// Removes the IPv6 flows `doomed` picks, each read again just before
+    /// (a flow refreshed during the walk stays); returns how many went.
+    pub fn remove_flows6(
+        &self,
+        doomed: impl Fn(&Flow6Key, &Flow6) -> bool,
+    ) -> anyhow::Result<usize> {
+        let mut map = self.conn6()?;
+        let victims: Vec<Flow6Key> = mapwalk::collect(&map)?
+            .into_iter()
+            .filter(|(k, f)| doomed(k, f))
+            .map(|(k, _)| k)
+            .collect();
+        Ok(victims
+            .iter()
+            .filter(|k| map.get(k, 0).is_ok_and(|f| doomed(k, &f)) && map.remove(k).is_ok())
+            .count())
     }
 
     /// Every forward entry.

@@ -96,6 +96,11 @@ fn run(maps: &Maps, mut timeouts: Timeouts, rx: &Receiver<Timeouts>) {
             }
             Err(e) => error!("expiring flows: {e:#}"),
         }
+        match flows::reap6(maps, &timeouts, maps::clock_ns()) {
+            Ok(0) => {}
+            Ok(n) => debug!("expired {n} idle IPv6 flows"),
+            Err(e) => error!("expiring IPv6 flows: {e:#}"),
+        }
         if pass.is_multiple_of(ORPHANS_EVERY) {
             if let Err(e) = flows::reap_orphans(maps, &mut suspects) {
                 error!("removing orphaned reverse entries: {e:#}");

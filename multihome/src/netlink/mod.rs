@@ -1,5 +1,6 @@
 //! What the daemon reads from and writes to the kernel over rtnetlink:
 //! interfaces, addresses and neighbours (`netinfo`), and the fallback
-//! routing tables and rules (`routing`).
+//! routing tables and rules (`routing`, and `routing6` for IPv6).
 pub mod netinfo;
 pub mod routing;
+pub mod routing6;

@@ -1311,6 +1311,29 @@ pub fn enable_forwarding() -> anyhow::Result<()> {
     )
 }
 
+/// Turns on IPv6 forwarding (`net.ipv6.conf.all.forwarding = 1`), and on
+/// each of `uplinks` keeps router advertisements accepted (`accept_ra = 2`:
+/// with forwarding on, 1 ignores them, and with them the ISP's router).
+pub fn enable_forwarding6<'a>(uplinks: impl Iterator<Item = &'a str>) -> anyhow::Result<()> {
+    write_sysctl(
+        "/proc/sys/net/ipv6/conf/all/forwarding",
+        1,
+        "IPv6 forwarding",
+    )
+    .context("IPv6 through the uplinks needs IPv6 forwarding")?;
+    for ifname in uplinks {
+        if ifname.is_empty() || ifname.contains('/') || ifname.starts_with('.') {
+            continue;
+        }
+        let path = format!("/proc/sys/net/ipv6/conf/{ifname}/accept_ra");
+        // A missing interface gets it when it appears (the next refresh).
+        if fs::metadata(&path).is_ok() {
+            write_sysctl(&path, 2, "router advertisements with forwarding on")?;
+        }
+    }
+    Ok(())
+}
+
 /// Sets `net.ipv4.conf.IFNAME.rp_filter` (0 off, 1 strict, 2 loose). The
 /// kernel uses the larger of this and `conf.all.rp_filter`.
 pub fn set_rp_filter(ifname: &str, value: u8) -> anyhow::Result<()> {

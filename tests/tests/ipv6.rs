@@ -1,0 +1,355 @@
+//! IPv6 through two uplinks: NPTv6 onto each uplink's prefix, pinned per
+//! connection, replies only for existing flows, ICMPv6 errors mapped back.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::ErrorKind,
+    net::{Ipv6Addr, SocketAddr, UdpSocket},
+    time::Duration,
+};
+
+use testbed::*;
+
+/// `config_for` with IPv6: the LAN's ULA mapped onto each uplink's prefix.
+fn config6(t: &Topology, weights: [u32; 2], extra: &str) -> String {
+    config_for(t, weights, extra)
+        .replacen(
+            "lan = [",
+            &format!("lan_prefixes6 = [\"{LAN6_NET}\"]\nlan = ["),
+            1,
+        )
+        .replacen(
+            "name = \"x\"\n",
+            &format!(
+                "name = \"x\"\ngateway6 = \"{UPLINK_X_GW6}\"\nprefix6 = \"{UPLINK_X_PREFIX6}\"\n"
+            ),
+            1,
+        )
+        .replacen(
+            "name = \"y\"\n",
+            &format!(
+                "name = \"y\"\ngateway6 = \"{UPLINK_Y_GW6}\"\nprefix6 = \"{UPLINK_Y_PREFIX6}\"\n"
+            ),
+            1,
+        )
+}
+
+fn v6(s: &str) -> Ipv6Addr {
+    s.parse().expect("an IPv6 address")
+}
+
+fn prefix_of(p: &str) -> Ipv6Addr {
+    v6(p.split('/').next().expect("prefix"))
+}
+
+/// Whether `a` is in the /64 `prefix`.
+fn in64(a: Ipv6Addr, prefix: &str) -> bool {
+    a.segments()[..4] == prefix_of(prefix).segments()[..4]
+}
+
+/// The one's-complement sum of an address's 16-bit words, zero folded to
+/// one form: what NPTv6 must keep (RFC 6296 §3.1).
+fn word_sum(a: Ipv6Addr) -> u32 {
+    let s: u32 = a.segments().iter().map(|w| u32::from(*w)).sum();
+    let s = (s & 0xffff) + (s >> 16);
+    ((s & 0xffff) + (s >> 16)) % 0xffff
+}
+
+/// A UDP server on `[INET_SERVICE6]:port` in `inet` that answers each
+/// datagram with the address it came from, as text.
+fn udp6_peer_server(t: &Topology, port: u16) -> std::thread::JoinHandle<()> {
+    let sock = t
+        .inet
+        .run(|| UdpSocket::bind(SocketAddr::new(v6(INET_SERVICE6).into(), port)))
+        .expect("bind the IPv6 server");
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((_, from)) = sock.recv_from(&mut buf) {
+            let _ = sock.send_to(from.ip().to_string().as_bytes(), from);
+        }
+    })
+}
+
+/// Sends one datagram from each of `ports` on the client to the server
+/// and returns, per port, the source address the server saw.
+fn seen_sources(t: &Topology, ports: &[u16], server_port: u16) -> BTreeMap<u16, Ipv6Addr> {
+    let to = SocketAddr::new(v6(INET_SERVICE6).into(), server_port);
+    ports
+        .iter()
+        .map(|p| {
+            let sock = t
+                .client
+                .run(|| UdpSocket::bind(SocketAddr::new(v6(CLIENT6_ADDR).into(), *p)))
+                .expect("bind on the client");
+            sock.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+            let mut buf = [0u8; 128];
+            let mut tries = 0;
+            let n = loop {
+                sock.send_to(b"who am I?", to).expect("send");
+                match sock.recv_from(&mut buf) {
+                    Ok((n, _)) => break n,
+                    Err(_) if tries < 3 => tries += 1,
+                    Err(e) => panic!("no answer to port {p} over IPv6: {e}"),
+                }
+            };
+            let seen = std::str::from_utf8(&buf[..n]).expect("text");
+            (*p, v6(seen))
+        })
+        .collect()
+}
+
+fn ports(n: u16) -> Vec<u16> {
+    (0..n).map(|i| 41000 + i).collect()
+}
+
+/// Each new connection leaves by one uplink with the client's address
+/// mapped onto that uplink's prefix, checksum-neutrally; both uplinks
+/// carry some; the same connection keeps its uplink; no ULA source
+/// reaches an ISP.
+fn ipv6_connections_spread_by_npt_and_keep_their_uplink(offloads: bool) {
+    let t = Topology::standard();
+    t.add_ipv6();
+    if offloads {
+        t.enable_checksum_offloads();
+    }
+    let gw = Gateway::start(&t.gw, &config6(&t, [1, 1], ""));
+    let _srv = udp6_peer_server(&t, 7000);
+    let ports = ports(24);
+    let first = seen_sources(&t, &ports, 7000);
+    let client = v6(CLIENT6_ADDR);
+    let mut prefixes = BTreeSet::new();
+    for (p, seen) in &first {
+        let x = in64(*seen, UPLINK_X_PREFIX6);
+        let y = in64(*seen, UPLINK_Y_PREFIX6);
+        assert!(
+            x || y,
+            "port {p}: source {seen} is on neither uplink's prefix"
+        );
+        prefixes.insert(x);
+        assert_eq!(
+            word_sum(*seen),
+            word_sum(client),
+            "port {p}: {seen} is not a checksum-neutral mapping of {client}"
+        );
+        assert_ne!(
+            seen.segments()[4..],
+            [0u16; 4],
+            "port {p}: the host's identifier was lost"
+        );
+    }
+    assert_eq!(
+        prefixes.len(),
+        2,
+        "one uplink took every connection: {first:?}"
+    );
+    let again = seen_sources(&t, &ports, 7000);
+    assert_eq!(first, again, "a connection changed its uplink");
+    assert_eq!(t.ula_sources(), 0, "a ULA source reached an ISP");
+    assert_eq!(gw.reason("unsolicited"), 0);
+    // `conns` and `status` show the flows as the remote sees them.
+    let conns = gw.conns();
+    for (p, seen) in &first {
+        let c = conns
+            .iter()
+            .find(|c| c["src"] == CLIENT6_ADDR && c["sport"] == *p)
+            .unwrap_or_else(|| panic!("port {p} missing from conns: {conns:?}"));
+        assert_eq!(c["nat_addr"], seen.to_string(), "{c}");
+        assert_eq!(c["nat_port"], *p, "{c}");
+        assert_eq!(c["dst"], INET_SERVICE6, "{c}");
+    }
+    let st = gw.status();
+    assert_eq!(st["lan_prefix6"], LAN6_NET, "{st}");
+    assert_eq!(st["uplinks"][0]["prefix6"], UPLINK_X_PREFIX6, "{st}");
+    assert_eq!(st["uplinks"][1]["prefix6"], UPLINK_Y_PREFIX6, "{st}");
+    assert_eq!(st["flows6"], ports.len(), "{st}");
+}
+
+#[test]
+fn ipv6_connections_spread_by_npt_and_keep_their_uplink_offloads_off() {
+    ipv6_connections_spread_by_npt_and_keep_their_uplink(false);
+}
+
+#[test]
+fn ipv6_connections_spread_by_npt_and_keep_their_uplink_offloads_on() {
+    ipv6_connections_spread_by_npt_and_keep_their_uplink(true);
+}
+
+/// RFC 6092 simple security: a datagram from the internet to the client's
+/// mapped address passes only as a reply of an existing flow.
+#[test]
+fn unsolicited_ipv6_to_a_mapped_address_is_dropped_and_replies_pass() {
+    let t = Topology::standard();
+    t.add_ipv6();
+    let gw = Gateway::start(&t.gw, &config6(&t, [1, 0], ""));
+    let _srv = udp6_peer_server(&t, 7000);
+    let mapped = seen_sources(&t, &[42000], 7000)[&42000];
+    assert!(in64(mapped, UPLINK_X_PREFIX6), "weight 0 on y: {mapped}");
+    let listener = t
+        .client
+        .run(|| UdpSocket::bind(SocketAddr::new(v6(CLIENT6_ADDR).into(), 42001)))
+        .expect("bind");
+    listener
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let before = gw.reason("unsolicited");
+    t.inet.run(|| {
+        let s = UdpSocket::bind(SocketAddr::new(v6(INET_SERVICE6).into(), 0)).expect("bind");
+        for _ in 0..3 {
+            s.send_to(b"knock", SocketAddr::new(mapped.into(), 42001))
+                .expect("send");
+        }
+    });
+    eventually(
+        Duration::from_secs(3),
+        "the gateway counts the unsolicited datagrams",
+        || gw.reason("unsolicited") >= before + 3,
+    );
+    let mut buf = [0u8; 64];
+    match listener.recv_from(&mut buf) {
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        other => panic!("an unsolicited datagram reached the client: {other:?}"),
+    }
+}
+
+/// A port unreachable from the server comes back as an ICMPv6 error to
+/// the client's mapped address, quoting the mapped source: the gateway
+/// maps both back, so the client's connected socket sees the refusal.
+#[test]
+fn an_icmpv6_error_about_a_mapped_packet_reaches_the_client() {
+    let t = Topology::standard();
+    t.add_ipv6();
+    let _gw = Gateway::start(&t.gw, &config6(&t, [1, 1], ""));
+    let sock = t
+        .client
+        .run(|| UdpSocket::bind(SocketAddr::new(v6(CLIENT6_ADDR).into(), 0)))
+        .expect("bind");
+    sock.connect(SocketAddr::new(v6(INET_SERVICE6).into(), 9))
+        .expect("connect");
+    sock.set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    let mut refused = false;
+    for _ in 0..5 {
+        sock.send(b"anyone?").expect("send");
+        let mut buf = [0u8; 16];
+        match sock.recv(&mut buf) {
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                refused = true;
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(refused, "the port unreachable never reached the client");
+    assert_eq!(t.ula_sources(), 0, "a ULA source reached an ISP");
+}
+
+/// A TCP server on `[INET_SERVICE6]:port` that reads one connection to
+/// its end and answers with the byte count and the peer's address.
+fn tcp6_sink(t: &Topology, port: u16) -> std::thread::JoinHandle<()> {
+    use std::io::{Read as _, Write as _};
+    let listener = t
+        .inet
+        .run(|| std::net::TcpListener::bind(SocketAddr::new(v6(INET_SERVICE6).into(), port)))
+        .expect("bind the IPv6 TCP server");
+    std::thread::spawn(move || {
+        if let Ok((mut s, peer)) = listener.accept() {
+            let _ = s.set_read_timeout(Some(IO_TIMEOUT));
+            let mut total = 0usize;
+            let mut buf = vec![0u8; 65536];
+            // The client half-closes after its data.
+            while let Ok(n @ 1..) = s.read(&mut buf) {
+                total += n;
+            }
+            let _ = s.write_all(format!("{total} {}", peer.ip()).as_bytes());
+        }
+    })
+}
+
+/// Sends `len` bytes over TCP from the client to the sink and returns
+/// its answer: the bytes it counted and the source it saw.
+fn tcp6_send(t: &Topology, port: u16, len: usize) -> (usize, Ipv6Addr) {
+    use std::io::{Read as _, Write as _};
+    let mut s = t
+        .client
+        .run(|| {
+            std::net::TcpStream::connect_timeout(
+                &SocketAddr::new(v6(INET_SERVICE6).into(), port),
+                IO_TIMEOUT,
+            )
+        })
+        .expect("TCP connect over IPv6");
+    s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    s.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    let data: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+    s.write_all(&data).expect("send over IPv6");
+    s.shutdown(std::net::Shutdown::Write).expect("half-close");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("the sink's answer");
+    let (n, addr) = answer.split_once(' ').expect("count and address");
+    (n.parse().expect("a count"), v6(addr))
+}
+
+/// Bulk TCP through uplinks whose MTU is smaller than the LAN's: the
+/// gateway's Packet Too Big reaches the client, which shrinks its
+/// segments, and every byte arrives with its checksums intact (offloads
+/// off, so a wrong checksum would be dropped by the receiver).
+#[test]
+fn bulk_tcp_over_ipv6_finds_the_smaller_path_mtu_of_its_uplink() {
+    let t = Topology::standard();
+    t.add_ipv6();
+    t.set_uplink_mtu(Isp::X, 1400);
+    t.set_uplink_mtu(Isp::Y, 1400);
+    let _gw = Gateway::start(&t.gw, &config6(&t, [1, 1], ""));
+    let sink = tcp6_sink(&t, 7100);
+    let len = 2 << 20;
+    let (got, seen) = tcp6_send(&t, 7100, len);
+    sink.join().expect("sink");
+    assert_eq!(got, len, "bytes lost over IPv6");
+    assert!(
+        in64(seen, UPLINK_X_PREFIX6) || in64(seen, UPLINK_Y_PREFIX6),
+        "source {seen} is on neither uplink's prefix"
+    );
+    assert_eq!(t.ula_sources(), 0, "a ULA source reached an ISP");
+}
+
+/// Probes take uplink x down: new IPv6 connections avoid it, and a UDP
+/// flow pinned there moves to y with its next datagram (`on_down`'s
+/// default for UDP), counted as evacuated.
+#[test]
+fn an_uplink_down_by_probe_takes_no_new_ipv6_flows_and_its_udp_flows_move() {
+    let t = Topology::standard();
+    t.add_ipv6();
+    let health = "[uplink.health]\ntargets = [\"198.19.0.10\"]\ninterval_ms = 200\n\
+                  timeout_ms = 150\ndown_after = 2\nup_after = 1\n";
+    let config = config6(&t, [1, 1], "").replacen(
+        "\n[[uplink]]\nname = \"y\"",
+        &format!("{health}\n[[uplink]]\nname = \"y\""),
+        1,
+    );
+    let gw = Gateway::start(&t.gw, &config);
+    let _srv = udp6_peer_server(&t, 7000);
+    let before = seen_sources(&t, &ports(16), 7000);
+    let on_x: Vec<u16> = before
+        .iter()
+        .filter(|(_, a)| in64(**a, UPLINK_X_PREFIX6))
+        .map(|(p, _)| *p)
+        .collect();
+    assert!(!on_x.is_empty(), "no flow on x: {before:?}");
+    link_down(&t.ispx, IF_CORE);
+    eventually(
+        Duration::from_secs(8),
+        "x down and its flows set to move",
+        || gw.log().contains("uplink x: down for"),
+    );
+    let after = seen_sources(&t, &on_x, 7000);
+    for (p, a) in &after {
+        assert!(in64(*a, UPLINK_Y_PREFIX6), "port {p} stayed on x: {a}");
+    }
+    assert!(gw.reason("evacuated") >= on_x.len() as u64);
+    let fresh = seen_sources(&t, &(43000..43016).collect::<Vec<_>>(), 7000);
+    assert!(
+        fresh.values().all(|a| in64(*a, UPLINK_Y_PREFIX6)),
+        "a new connection went to the down uplink: {fresh:?}"
+    );
+}
