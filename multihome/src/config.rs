@@ -894,6 +894,69 @@ weight = 2
         );
     }
 
+    /// GOOD with IPv6: `inner` as `lan_prefixes6` (unless empty), and
+    /// `x6`, `y6` as the uplinks' `prefix6` (unless empty).
+    fn with6(inner: &str, x6: &str, y6: &str) -> String {
+        let mut text = GOOD.to_string();
+        if !inner.is_empty() {
+            text = text.replace("lan = [", &format!("lan_prefixes6 = [{inner:?}]\nlan = ["));
+        }
+        for (name, p) in [("x", x6), ("y", y6)] {
+            if !p.is_empty() {
+                text = text.replace(
+                    &format!("name = \"{name}\"\n"),
+                    &format!("name = \"{name}\"\nprefix6 = {p:?}\n"),
+                );
+            }
+        }
+        text
+    }
+
+    fn problems6(text: &str) -> String {
+        format!("{:#}", Config::parse(text).expect_err("must be rejected"))
+    }
+
+    #[test]
+    fn npt_prefixes_map_one_length_without_overlaps_and_need_the_internal_prefix() {
+        let c = Config::parse(&with6("fd00:1::/64", "2001:db8:11:100::/64", "")).expect("valid");
+        assert_eq!(c.lan_prefix6().map(|p| p.len), Some(64));
+        assert!(c.npt_prefix(0).is_some() && c.npt_prefix(1).is_none());
+        let err = problems6(&with6("", "2001:db8:11:100::/64", ""));
+        assert!(err.contains("needs the internal prefix"), "{err}");
+        // RFC 6296 §3.7: a /48 inside onto a /64 outside maps one subnet.
+        let err = problems6(&with6("fd00:1::/48", "2001:db8:11:100::/64", ""));
+        assert!(err.contains("prefixes of one length"), "{err}");
+        let err = problems6(&with6("fd00:1::/80", "2001:db8:11:100::/80", ""));
+        assert!(err.contains("1 to 64 bits"), "{err}");
+        let err = problems6(&with6(
+            "fd00:1::/64",
+            "2001:db8:11:100::/64",
+            "2001:db8:11:100::/64",
+        ));
+        assert!(err.contains("overlaps uplink \"x\""), "{err}");
+        let err = problems6(&with6("fd00:1::/64", "fd00:1::/64", ""));
+        assert!(err.contains("overlaps `lan_prefixes6`"), "{err}");
+        let err = problems6(&with6("fd00:1::/64", "2001:db8::/129", ""));
+        assert!(err.contains("`prefix6`"), "{err}");
+    }
+
+    #[test]
+    fn mode6_takes_npt_or_off_and_says_nat66_is_not_built() {
+        let text = with6("fd00:1::/64", "2001:db8:11:100::/64", "");
+        let off = text.replace("prefix6 = ", "mode6 = \"off\"\nprefix6 = ");
+        let c = Config::parse(&off).expect("off");
+        assert_eq!(c.uplinks[0].mode6, Mode6::Off);
+        assert!(c.npt_prefix(0).is_none(), "mode6 = off maps nothing");
+        let err = problems6(&text.replace("prefix6 = ", "mode6 = \"nat66\"\nprefix6 = "));
+        assert!(err.contains("not built yet"), "{err}");
+        let err = format!(
+            "{:#}",
+            Config::parse(&text.replace("prefix6 = ", "mode6 = \"nptv6\"\nprefix6 = "))
+                .expect_err("unknown mode")
+        );
+        assert!(err.contains("mode6"), "{err}");
+    }
+
     #[test]
     fn mss_clamp_takes_auto_off_or_bytes_and_refuses_the_rest() {
         let with =

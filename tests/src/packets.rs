@@ -402,6 +402,118 @@ impl Ipv4 {
     }
 }
 
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+
+/// An IPv6 packet (RFC 8200) without extension headers: `l4` is a whole
+/// TCP segment, UDP datagram or ICMPv6 message whose checksum field (at
+/// `checksum_at` in it) is computed here over the IPv6 pseudo-header
+/// (RFC 8200 §8.1) from scratch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ipv6 {
+    pub src: std::net::Ipv6Addr,
+    pub dst: std::net::Ipv6Addr,
+    pub next: u8,
+    pub hop_limit: u8,
+    pub l4: Vec<u8>,
+}
+
+impl Ipv6 {
+    /// A UDP datagram, its checksum computed.
+    pub fn udp(src: &str, dst: &str, sport: u16, dport: u16, payload: &[u8]) -> Self {
+        let mut l4 = Vec::new();
+        l4.extend_from_slice(&sport.to_be_bytes());
+        l4.extend_from_slice(&dport.to_be_bytes());
+        l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        l4.extend_from_slice(&[0, 0]);
+        l4.extend_from_slice(payload);
+        Self::new(src, dst, IPPROTO_UDP, l4)
+    }
+
+    /// A TCP segment with `flags` and no options.
+    pub fn tcp(src: &str, dst: &str, sport: u16, dport: u16, flags: u8) -> Self {
+        let mut l4 = Vec::new();
+        l4.extend_from_slice(&sport.to_be_bytes());
+        l4.extend_from_slice(&dport.to_be_bytes());
+        l4.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+        l4.extend_from_slice(&0u32.to_be_bytes());
+        l4.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+        l4.extend_from_slice(b"payload");
+        Self::new(src, dst, IPPROTO_TCP, l4)
+    }
+
+    /// An ICMPv6 message: type, code, the 4 bytes after the checksum, body.
+    pub fn icmp(src: &str, dst: &str, kind: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Self {
+        let mut l4 = vec![kind, code, 0, 0];
+        l4.extend_from_slice(&rest);
+        l4.extend_from_slice(body);
+        Self::new(src, dst, IPPROTO_ICMPV6, l4)
+    }
+
+    fn new(src: &str, dst: &str, next: u8, l4: Vec<u8>) -> Self {
+        let mut p = Ipv6 {
+            src: src.parse().expect("IPv6 source"),
+            dst: dst.parse().expect("IPv6 destination"),
+            next,
+            hop_limit: 64,
+            l4,
+        };
+        p.refresh_checksum();
+        p
+    }
+
+    /// Where the L4 checksum sits in `l4`.
+    pub fn checksum_at(&self) -> usize {
+        match self.next {
+            IPPROTO_TCP => 16,
+            IPPROTO_UDP => 6,
+            _ => 2,
+        }
+    }
+
+    pub fn checksum(&self) -> u16 {
+        let at = self.checksum_at();
+        u16::from_be_bytes([self.l4[at], self.l4[at + 1]])
+    }
+
+    /// The L4 checksum over the pseudo-header and `l4`, recomputed.
+    pub fn refresh_checksum(&mut self) {
+        let at = self.checksum_at();
+        self.l4[at..at + 2].copy_from_slice(&[0, 0]);
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&self.src.octets());
+        buf.extend_from_slice(&self.dst.octets());
+        buf.extend_from_slice(&(self.l4.len() as u32).to_be_bytes());
+        buf.extend_from_slice(&[0, 0, 0, self.next]);
+        buf.extend_from_slice(&self.l4);
+        let c = internet_checksum(&buf);
+        // UDP sends a computed 0 as 0xffff (RFC 8200 §8.1).
+        let c = if c == 0 && self.next == IPPROTO_UDP {
+            0xffff
+        } else {
+            c
+        };
+        self.l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut b = vec![0x60, 0, 0, 0];
+        b.extend_from_slice(&(self.l4.len() as u16).to_be_bytes());
+        b.extend_from_slice(&[self.next, self.hop_limit]);
+        b.extend_from_slice(&self.src.octets());
+        b.extend_from_slice(&self.dst.octets());
+        b.extend_from_slice(&self.l4);
+        b
+    }
+
+    /// The packet in an Ethernet frame to the gateway.
+    pub fn frame(&self) -> Vec<u8> {
+        ethernet(MAC_GW, MAC_A, ETH_P_IPV6, &self.bytes())
+    }
+}
+
 /// A locally administered MAC address: the sender of every frame.
 pub const MAC_A: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x0b, 0x01];
 /// Another host's MAC: a frame to it is `PACKET_OTHERHOST` at the gateway.

@@ -32,6 +32,10 @@ use multihome_common::{
     UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_OUTAGE, UPLINK_RESET_TCP, UPLINK_USABLE, Uplink,
     UplinkStats, WAIT_RETRANSMIT, WAIT_SYN, XdpStats, peer_check, peer_slot,
 };
+use multihome_common::{
+    Flow6, Flow6Key, MAP_CONN6, MAP_UPLINKS6, MODE6_NPT, PROG_LAN_IN6, PROG_WAN_IN6, PROG_WAN_OUT6,
+    Uplink6, npt_adjustment,
+};
 use testbed::packets::*;
 
 const IPPROTO_DCCP: u8 = 33;
@@ -453,7 +457,7 @@ impl Datapath {
         frame: &[u8],
         mark: u32,
     ) -> Result<Run, ProgramError> {
-        let iif = if prog == PROG_WAN_OUT && !self.host_origin {
+        let iif = if (prog == PROG_WAN_OUT || prog == PROG_WAN_OUT6) && !self.host_origin {
             FORWARDED_IIF
         } else {
             0
@@ -583,6 +587,27 @@ impl Datapath {
             }
         }
         sum
+    }
+
+    /// Uplink 0 maps [`INNER6`]/64 onto [`OUTER6`]/64 (NPTv6).
+    fn set_uplink6_0(&mut self) {
+        let mut a: Array<_, Uplink6> =
+            Array::try_from(self.ebpf.map_mut(MAP_UPLINKS6).expect("UPLINKS6 map"))
+                .expect("UPLINKS6 types");
+        let (inner, outer) = (v6(INNER6).octets(), v6(OUTER6).octets());
+        let u6 = Uplink6 {
+            inner,
+            outer,
+            prefix_len: 64,
+            mode: MODE6_NPT,
+            adjust: npt_adjustment(&inner, &outer, 64),
+            _pad: 0,
+        };
+        a.set(0, u6, 0).expect("write UPLINKS6");
+    }
+
+    fn conn6(&mut self) -> HashMap<&mut aya::maps::MapData, Flow6Key, Flow6> {
+        HashMap::try_from(self.ebpf.map_mut(MAP_CONN6).expect("CONN6 map")).expect("CONN6 types")
     }
 
     /// Lets `bits` (a bit per uplink) carry sources in `net/len` untranslated.
@@ -768,7 +793,15 @@ fn check_wan_out_snat(dp: &mut Datapath, f: &Flow, input: &Ipv4, expected: &Ipv4
 #[test]
 fn every_program_verifies_with_at_least_a_third_of_the_budget_left() {
     with_datapath(|dp| {
-        for name in [PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN, PROG_WAN_OUT] {
+        for name in [
+            PROG_LAN_IN,
+            PROG_LAN_RESET,
+            PROG_WAN_IN,
+            PROG_WAN_OUT,
+            PROG_LAN_IN6,
+            PROG_WAN_IN6,
+            PROG_WAN_OUT6,
+        ] {
             let used = dp
                 .program(name)
                 .info()
@@ -3654,5 +3687,232 @@ fn wan_out_passes_forwarded_ipv6_from_a_routed_prefix_and_the_gateways_own() {
         let input = ipv6_frame(ula);
         let (run, _) = dp.run_counted(PROG_WAN_OUT, &input, 0);
         assert_untouched(&run, &input, "the gateway's own IPv6");
+    });
+}
+
+// IPv6: NPTv6 of uplink 0 from INNER6/64 onto OUTER6/64.
+
+const INNER6: &str = "fd00:1::";
+const OUTER6: &str = "2001:db8:11:100::";
+const LAN_HOST6: &str = "fd00:1::2";
+const REMOTE6: &str = "2001:db8:ff::10";
+const ROUTER6: &str = "2001:db8:1::1";
+
+fn v6(s: &str) -> std::net::Ipv6Addr {
+    s.parse().expect("IPv6 address")
+}
+
+/// `a` with its /64 `from` replaced by `to`, worked out by hand from RFC
+/// 6296 §3.2 (not with the datapath's code): the prefixes' word sums'
+/// difference, mod 0xffff, added to the first identifier word that is not
+/// 0xffff, a result of 0xffff written as 0.
+fn npt_by_hand(a: &str, from: &str, to: &str) -> String {
+    let sum = |p: &str| -> u32 { v6(p).segments()[..4].iter().map(|w| u32::from(*w)).sum() };
+    let adj = (sum(from) % 0xffff + 0xffff - sum(to) % 0xffff) % 0xffff;
+    let mut w = v6(a).segments();
+    w[..4].copy_from_slice(&v6(to).segments()[..4]);
+    let i = (4..8).find(|i| w[*i] != 0xffff).expect("a word to adjust");
+    let v = (u32::from(w[i]) + adj) % 0xffff;
+    w[i] = if v == 0xffff { 0 } else { v as u16 };
+    std::net::Ipv6Addr::from(w).to_string()
+}
+
+/// `p` with `edit` applied and its checksum left as it was, after
+/// checking that a full recomputation gives that same checksum: the
+/// rewrite is checksum-neutral, as RFC 6296 promises.
+#[track_caller]
+fn neutral(p: &Ipv6, edit: impl FnOnce(&mut Ipv6)) -> Vec<u8> {
+    let mut q = p.clone();
+    edit(&mut q);
+    let mut recomputed = q.clone();
+    recomputed.refresh_checksum();
+    assert_eq!(
+        recomputed.checksum(),
+        p.checksum(),
+        "the mapping changed the checksum sum"
+    );
+    q.frame()
+}
+
+fn flow6(lan_port: u16, remote_port: u16, proto: u8) -> Flow6Key {
+    Flow6Key {
+        lan: v6(LAN_HOST6).octets(),
+        remote: v6(REMOTE6).octets(),
+        lan_port_be: lan_port.to_be(),
+        remote_port_be: remote_port.to_be(),
+        proto,
+        _pad0: 0,
+        _pad1: 0,
+    }
+}
+
+#[test]
+fn wan_out6_maps_a_marked_lan_source_onto_the_uplink_prefix_keeping_every_checksum() {
+    for p in [
+        Ipv6::udp(LAN_HOST6, REMOTE6, 40001, 53, b"query"),
+        Ipv6::tcp(LAN_HOST6, REMOTE6, 40000, 443, TCP_SYN),
+        Ipv6::icmp(
+            LAN_HOST6,
+            REMOTE6,
+            ICMPV6_ECHO_REQUEST,
+            0,
+            [0, 7, 0, 1],
+            b"ping",
+        ),
+        Ipv6::udp("fd00:1::ffff:ffff:ffff:1", REMOTE6, 40001, 53, b"q"),
+    ] {
+        with_datapath(|dp| {
+            dp.set_uplink6_0();
+            let expected = neutral(&p, |q| {
+                q.src = v6(&npt_by_hand(&q.src.to_string(), INNER6, OUTER6));
+            });
+            let (run, counted) = dp.run_counted(PROG_WAN_OUT6, &p.frame(), UPLINK_MARK);
+            assert_passed_as(&run, &expected, &format!("next header {}", p.next));
+            assert_eq!(counted, vec![], "next header {}", p.next);
+            assert_eq!(dp.uplink0_stats().tx_packets, 1);
+        });
+    }
+}
+
+#[test]
+fn wan_out6_drops_an_unmarked_lan_source_and_an_unmappable_address() {
+    with_datapath(|dp| {
+        dp.set_uplink6_0();
+        let p = Ipv6::udp(LAN_HOST6, REMOTE6, 40001, 53, b"query");
+        let (run, counted) = dp.run_counted(PROG_WAN_OUT6, &p.frame(), 0);
+        assert_eq!(run.ret, TC_ACT_SHOT);
+        assert_eq!(counted, vec![(Reason::ForeignSource, 1)]);
+        // RFC 6296 §3.5: every identifier word 0xffff cannot be mapped.
+        let p = Ipv6::udp("fd00:1::ffff:ffff:ffff:ffff", REMOTE6, 1, 53, b"q");
+        let (run, counted) = dp.run_counted(PROG_WAN_OUT6, &p.frame(), UPLINK_MARK);
+        assert_eq!(run.ret, TC_ACT_SHOT);
+        assert_eq!(counted, vec![(Reason::NptUntranslatable, 1)]);
+    });
+}
+
+#[test]
+fn wan_in6_maps_a_reply_back_for_its_flow_and_drops_the_unsolicited() {
+    with_datapath(|dp| {
+        dp.set_uplink6_0();
+        let mapped = npt_by_hand(LAN_HOST6, INNER6, OUTER6);
+        let reply = Ipv6::udp(REMOTE6, &mapped, 53, 40001, b"answer");
+        let (run, counted) = dp.run_counted(PROG_WAN_IN6, &reply.frame(), 0);
+        assert_eq!(run.ret, TC_ACT_SHOT, "no flow yet");
+        assert_eq!(counted, vec![(Reason::Unsolicited, 1)]);
+        dp.conn6()
+            .insert(flow6(40001, 53, IPPROTO_UDP), Flow6::default(), 0)
+            .expect("pin the flow");
+        let expected = neutral(&reply, |q| q.dst = v6(LAN_HOST6));
+        let (run, counted) = dp.run_counted(PROG_WAN_IN6, &reply.frame(), 0);
+        assert_passed_as(&run, &expected, "reply");
+        assert_eq!(counted, vec![]);
+        let f = dp
+            .conn6()
+            .get(&flow6(40001, 53, IPPROTO_UDP), 0)
+            .expect("flow");
+        assert_ne!(f.flags & FLOW_SEEN_REPLY, 0, "the reply is recorded");
+        let other_port = Ipv6::udp(REMOTE6, &mapped, 53, 40002, b"knock");
+        let (run, counted) = dp.run_counted(PROG_WAN_IN6, &other_port.frame(), 0);
+        assert_eq!(run.ret, TC_ACT_SHOT);
+        assert_eq!(counted, vec![(Reason::Unsolicited, 1)]);
+        // Not to the uplink's prefix (the gateway's own, NDP): untouched.
+        let own = Ipv6::udp(REMOTE6, "2001:db8:11::1", 53, 40001, b"mine");
+        let run = dp.run(PROG_WAN_IN6, &own.frame(), 0);
+        assert_untouched(&run, &own.frame(), "the gateway's own");
+    });
+}
+
+#[test]
+fn wan_in6_maps_an_icmpv6_error_outer_and_quoted_address_alike() {
+    with_datapath(|dp| {
+        dp.set_uplink6_0();
+        dp.conn6()
+            .insert(flow6(40001, 53, IPPROTO_UDP), Flow6::default(), 0)
+            .expect("pin the flow");
+        let mapped = npt_by_hand(LAN_HOST6, INNER6, OUTER6);
+        let sent = Ipv6::udp(&mapped, REMOTE6, 40001, 53, &[7u8; 64]);
+        let mtu = 1280u32.to_be_bytes();
+        let ptb = Ipv6::icmp(
+            ROUTER6,
+            &mapped,
+            ICMPV6_PACKET_TOO_BIG,
+            0,
+            mtu,
+            &sent.bytes(),
+        );
+        let inner = Ipv6::udp(LAN_HOST6, REMOTE6, 40001, 53, &[7u8; 64]);
+        let expected = neutral(&ptb, |q| {
+            q.dst = v6(LAN_HOST6);
+            q.l4[8..].copy_from_slice(&inner.bytes());
+        });
+        let (run, counted) = dp.run_counted(PROG_WAN_IN6, &ptb.frame(), 0);
+        assert_passed_as(&run, &expected, "packet too big");
+        assert_eq!(counted, vec![]);
+        // Quoting a flow that does not exist: dropped.
+        let stray = Ipv6::udp(&mapped, REMOTE6, 40009, 53, b"?");
+        let err = Ipv6::icmp(
+            ROUTER6,
+            &mapped,
+            ICMPV6_DEST_UNREACH,
+            4,
+            [0; 4],
+            &stray.bytes(),
+        );
+        let (run, counted) = dp.run_counted(PROG_WAN_IN6, &err.frame(), 0);
+        assert_eq!(run.ret, TC_ACT_SHOT);
+        assert_eq!(counted, vec![(Reason::Unsolicited, 1)]);
+    });
+}
+
+#[test]
+fn the_gateways_own_icmpv6_error_quotes_the_mapped_address() {
+    with_datapath(|dp| {
+        dp.set_uplink6_0();
+        dp.host_origin = true;
+        // The gateway could not forward a reply to the LAN host (already
+        // mapped back) and answers the remote from its own address.
+        let reply = Ipv6::udp(REMOTE6, LAN_HOST6, 53, 40001, b"answer");
+        let err = Ipv6::icmp(
+            "2001:db8:11::1",
+            REMOTE6,
+            ICMPV6_DEST_UNREACH,
+            3,
+            [0; 4],
+            &reply.bytes(),
+        );
+        let mapped = npt_by_hand(LAN_HOST6, INNER6, OUTER6);
+        let quoted = Ipv6::udp(REMOTE6, &mapped, 53, 40001, b"answer");
+        let expected = neutral(&err, |q| q.l4[8..].copy_from_slice(&quoted.bytes()));
+        let run = dp.run(PROG_WAN_OUT6, &err.frame(), 0);
+        assert_passed_as(&run, &expected, "the gateway's error");
+    });
+}
+
+#[test]
+fn lan_in6_pins_a_new_connection_marks_it_and_leaves_other_sources_alone() {
+    with_datapath(|dp| {
+        dp.set_uplink6_0();
+        let p = Ipv6::udp(LAN_HOST6, REMOTE6, 40001, 53, b"query");
+        let (run, counted) = dp.run_counted(PROG_LAN_IN6, &p.frame(), 0);
+        assert_untouched(&run, &p.frame(), "the LAN program leaves it to egress");
+        assert_eq!(run.mark, UPLINK_MARK);
+        assert_eq!(counted, vec![]);
+        let f = dp
+            .conn6()
+            .get(&flow6(40001, 53, IPPROTO_UDP), 0)
+            .expect("the flow is pinned");
+        assert_eq!(f.uplink, 0);
+        assert_eq!(dp.uplink0_stats().new_flows, 1);
+        for (src, dst, reason) in [
+            ("fd00:2::5", REMOTE6, Reason::SpoofedSource),
+            (LAN_HOST6, "fd00:1::9", Reason::NotUnicast),
+            (LAN_HOST6, "2001:db8:11:100::9", Reason::NotForUplink),
+        ] {
+            let q = Ipv6::udp(src, dst, 40001, 53, b"query");
+            let (run, counted) = dp.run_counted(PROG_LAN_IN6, &q.frame(), 0);
+            assert_untouched(&run, &q.frame(), src);
+            assert_eq!(run.mark, 0, "{src} -> {dst}");
+            assert_eq!(counted, vec![(reason, 1)], "{src} -> {dst}");
+        }
     });
 }
