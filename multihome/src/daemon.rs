@@ -1454,7 +1454,7 @@ impl Daemon {
             })
         {
             bail!(
-                "only weights, gateways, addresses, LAN prefixes, timeouts, policies and rules \
+                "only weights, gateways, addresses, LAN and IPv6 prefixes, timeouts, policies and rules \
                  change on reload; restart for the rest, health probes included (with \
                  --keep-on-exit no flow is lost)"
             );

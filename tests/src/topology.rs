@@ -165,6 +165,13 @@ pub fn enable_ipv6(ns: &NetNs, ifs: &[&str], forwarding: bool) {
     );
 }
 
+/// `ip -6 ARGS` in `ns` (words split on whitespace); panics on failure.
+pub fn ip6(ns: &NetNs, args: &str) {
+    let mut cmd = vec!["ip", "-6"];
+    cmd.extend(args.split_whitespace());
+    ns.exec(&cmd);
+}
+
 fn cidr(a: Ipv4Addr, len: u8) -> String {
     format!("{a}/{len}")
 }
@@ -590,11 +597,6 @@ impl Topology {
         ] {
             enable_ipv6(ns, ifs, fwd);
         }
-        let ip6 = |ns: &NetNs, args: &str| {
-            let mut cmd = vec!["ip", "-6"];
-            cmd.extend(args.split_whitespace());
-            ns.exec(&cmd);
-        };
         ip6(
             &self.client,
             &format!("addr add {CLIENT6_ADDR}/64 dev {IF_LAN} nodad"),

@@ -353,3 +353,157 @@ fn an_uplink_down_by_probe_takes_no_new_ipv6_flows_and_its_udp_flows_move() {
         "a new connection went to the down uplink: {fresh:?}"
     );
 }
+
+/// A TCP echo server on `[INET_SERVICE6]:port` for one connection.
+fn tcp6_echo(t: &Topology, port: u16) -> std::thread::JoinHandle<()> {
+    use std::io::{Read as _, Write as _};
+    let listener = t
+        .inet
+        .run(|| std::net::TcpListener::bind(SocketAddr::new(v6(INET_SERVICE6).into(), port)))
+        .expect("bind the IPv6 echo server");
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let mut buf = [0u8; 1024];
+            while let Ok(n @ 1..) = s.read(&mut buf) {
+                if s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    })
+}
+
+/// An IPv6 TCP connection and the UDP flows keep their uplinks across a
+/// restart (the maps are adopted); a reload that changes x's prefix
+/// purges x's IPv6 flows once it is published, and they come back on the
+/// new prefix, while y's keep theirs; the same change made while the
+/// daemon was stopped does the same at start.
+#[test]
+fn ipv6_flows_survive_a_restart_and_a_changed_prefix_moves_only_its_uplinks() {
+    use std::io::{Read as _, Write as _};
+    let t = Topology::standard();
+    t.add_ipv6();
+    let new_x = "2001:db8:11:200::/64";
+    ip6(&t.ispx, &format!("route add {new_x} via {UPLINK_X_ADDR6}"));
+    let config = config6(&t, [1, 1], "");
+    let gw = Gateway::start_with_pin(&t.gw, &config, unique_pin_dir("r6"), &["--keep-on-exit"]);
+    let _udp = udp6_peer_server(&t, 7000);
+    let _echo = tcp6_echo(&t, 7200);
+    let mut conn = t
+        .client
+        .run(|| {
+            std::net::TcpStream::connect_timeout(
+                &SocketAddr::new(v6(INET_SERVICE6).into(), 7200),
+                IO_TIMEOUT,
+            )
+        })
+        .expect("TCP over IPv6");
+    conn.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    let mut echo = |round: &str| {
+        conn.write_all(round.as_bytes()).expect("write");
+        let mut buf = vec![0u8; round.len()];
+        conn.read_exact(&mut buf)
+            .unwrap_or_else(|e| panic!("{round}: the IPv6 connection broke: {e}"));
+    };
+    echo("before");
+    let ports = ports(16);
+    let first = seen_sources(&t, &ports, 7000);
+    let pin = gw.stop();
+    echo("stopped");
+    let gw = Gateway::start_with_pin(&t.gw, &config, pin, &["--keep-on-exit"]);
+    echo("restarted");
+    assert_eq!(
+        seen_sources(&t, &ports, 7000),
+        first,
+        "a flow moved on restart"
+    );
+
+    let on_x = first
+        .values()
+        .filter(|a| in64(**a, UPLINK_X_PREFIX6))
+        .count() as u64;
+    let made_on_x = || {
+        gw.status()["uplinks"][0]["new_flows"]
+            .as_u64()
+            .expect("count")
+    };
+    let made_before = made_on_x();
+    let changed = config.replace(UPLINK_X_PREFIX6, new_x);
+    write_config(gw.config_path(), &changed).expect("new prefix");
+    gw.signal(libc::SIGHUP);
+    eventually(Duration::from_secs(5), "x's new prefix published", || {
+        gw.status()["uplinks"][0]["prefix6"] == new_x
+    });
+    let after = seen_sources(&t, &ports, 7000);
+    for (p, before) in &first {
+        let now = after[p];
+        if in64(*before, UPLINK_Y_PREFIX6) {
+            assert_eq!(now, *before, "port {p}: y's flow moved");
+        } else {
+            assert!(in64(now, new_x), "port {p}: x's flow is at {now}");
+        }
+    }
+    assert_eq!(
+        made_on_x() - made_before,
+        on_x,
+        "x's flows were not purged and made anew"
+    );
+    // The same change back, made while the daemon is stopped.
+    let pin = gw.stop();
+    let gw = Gateway::start_with_pin(&t.gw, &config, pin, &[]);
+    let restarted = seen_sources(&t, &ports, 7000);
+    assert_eq!(restarted, first, "the old prefix's mappings are not back");
+    assert!(gw.log().contains("IPv6 prefix changed"), "{}", gw.log());
+    assert_eq!(t.ula_sources(), 0, "a ULA source reached an ISP");
+}
+
+/// traceroute's second hop: a datagram sent with hop limit 2 leaves the
+/// gateway mapped, expires at the ISP's router, whose Time Exceeded to
+/// the mapped address comes back to the client (IPV6_RECVERR reports it
+/// as EHOSTUNREACH); with hop limit 1 the gateway itself answers.
+#[test]
+fn ipv6_traceroute_sees_the_gateway_and_the_isp_router_beyond_it() {
+    use std::os::fd::AsRawFd;
+    let t = Topology::standard();
+    t.add_ipv6();
+    let gw = Gateway::start(&t.gw, &config6(&t, [1, 1], ""));
+    let probe = |hops: i32| -> Option<i32> {
+        let sock = t
+            .client
+            .run(|| UdpSocket::bind(SocketAddr::new(v6(CLIENT6_ADDR).into(), 0)))
+            .expect("bind");
+        sock.connect(SocketAddr::new(v6(INET_SERVICE6).into(), 33434))
+            .expect("connect");
+        sock.set_read_timeout(Some(Duration::from_secs(1)))
+            .expect("timeout");
+        let on: i32 = 1;
+        for (opt, v) in [(libc::IPV6_UNICAST_HOPS, hops), (libc::IPV6_RECVERR, on)] {
+            // SAFETY: a valid socket and an int option.
+            let r = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::IPPROTO_IPV6,
+                    opt,
+                    (&v as *const i32).cast(),
+                    size_of::<i32>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(r, 0, "setsockopt {opt}");
+        }
+        for _ in 0..3 {
+            sock.send(b"trace").expect("send");
+            let mut buf = [0u8; 16];
+            if let Err(e) = sock.recv(&mut buf)
+                && let Some(code) = e.raw_os_error().filter(|c| *c != libc::EAGAIN)
+            {
+                return Some(code);
+            }
+        }
+        None
+    };
+    assert_eq!(probe(1), Some(libc::EHOSTUNREACH), "the gateway's hop");
+    assert_eq!(probe(2), Some(libc::EHOSTUNREACH), "the ISP router's hop");
+    assert_eq!(probe(64), Some(libc::ECONNREFUSED), "the destination");
+    assert_eq!(gw.reason("unsolicited"), 0);
+    assert_eq!(t.ula_sources(), 0, "a ULA source reached an ISP");
+}

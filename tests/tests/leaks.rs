@@ -175,36 +175,10 @@ fn count6<'a>(ns: &'a NetNs, prefix: &str) -> impl Fn() -> u64 + 'a {
     move || raw_prerouting_count(ns, "ip6tables", |f| f.contains(&prefix.as_str()))
 }
 
-/// Turns IPv6 on in `ns` (the test bed turns it off).
-fn ipv6_on(ns: &NetNs, forwarding: bool) {
-    // No duplicate address detection: addresses usable at once.
-    for key in [
-        "net.ipv6.conf.all.accept_dad",
-        "net.ipv6.conf.default.accept_dad",
-    ] {
-        ns.sysctl(key, "0");
-    }
-    for key in [
-        "net.ipv6.conf.all.disable_ipv6",
-        "net.ipv6.conf.default.disable_ipv6",
-    ] {
-        ns.sysctl(key, "0");
-    }
-    ns.sysctl(
-        "net.ipv6.conf.all.forwarding",
-        if forwarding { "1" } else { "0" },
-    );
-}
-
-fn ip6(ns: &NetNs, args: &str) {
-    let mut cmd = vec!["ip", "-6"];
-    cmd.extend(args.split_whitespace());
-    ns.exec(&cmd);
-}
-
-/// multihome translates no IPv6 yet, so the only IPv6 sources that may
-/// leave an uplink forwarded are the prefixes it routes: a ULA source the
-/// kernel forwards is dropped at the uplink's egress and counted.
+/// Without `prefix6` an uplink translates no IPv6, so the only IPv6
+/// sources that may leave it forwarded are the prefixes it routes: a ULA
+/// source the kernel forwards is dropped at the uplink's egress and
+/// counted.
 #[test]
 fn forwarded_ipv6_leaves_an_uplink_only_from_a_prefix_it_routes() {
     let t = Topology::standard();
@@ -214,9 +188,7 @@ fn forwarded_ipv6_leaves_an_uplink_only_from_a_prefix_it_routes() {
         (&t.gw, true, IF_WANX),
         (&t.ispx, true, IF_CUST),
     ] {
-        ipv6_on(ns, fwd);
-        ns.sysctl(&format!("net.ipv6.conf.{ifname}.accept_dad"), "0");
-        ns.sysctl(&format!("net.ipv6.conf.{ifname}.disable_ipv6"), "0");
+        enable_ipv6(ns, &[ifname], fwd);
     }
     ip6(&t.client, "addr add fd00:1::2/64 dev lan0 nodad");
     ip6(&t.client, "addr add 2001:db8:50::2/64 dev lan0 nodad");
