@@ -128,11 +128,16 @@ pub const MAP_ROUTED6: &str = "ROUTED6";
 pub const MAP_CONN6: &str = "CONN6";
 /// Uplink slot -> its IPv6 translation ([`Uplink6`]).
 pub const MAP_UPLINKS6: &str = "UPLINKS6";
+/// `allow_inbound6`: which unsolicited IPv6 connections from outside may
+/// reach the LAN ([`Allow6Key`] -> 1).
+pub const MAP_ALLOW6: &str = "ALLOW6";
+/// Entries of [`MAP_ALLOW6`].
+pub const MAX_ALLOW6: u32 = 256;
 /// Entries of [`MAP_CONN6`].
 pub const MAX_FLOWS6: u32 = 131_072;
 /// Entries of [`MAP_XDP_DEVS`].
 pub const MAX_XDP_DEVS: u32 = 64;
-pub const ALL_MAPS: [&str; 34] = [
+pub const ALL_MAPS: [&str; 35] = [
     MAP_CONN_FWD,
     MAP_CONN_REV,
     MAP_UPLINKS,
@@ -167,6 +172,7 @@ pub const ALL_MAPS: [&str; 34] = [
     MAP_ROUTED6,
     MAP_CONN6,
     MAP_UPLINKS6,
+    MAP_ALLOW6,
 ];
 
 /// [`MAP_CLASSIFY`]: the kernel's policy rules route an unmarked packet
@@ -944,6 +950,19 @@ pub struct Uplink6 {
     pub _pad: u32,
 }
 
+/// [`MAP_ALLOW6`]'s key data: a selector, then a LAN host's internal
+/// address. The LPM trie's `prefix_len` counts 32 selector bits plus the
+/// address prefix's. The selector is 0 for "any protocol and port", or
+/// `proto << 16 | port` (in network order) for one TCP or UDP port; the
+/// datapath looks up both.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Allow6Key {
+    pub sel_be: u32,
+    pub addr: [u8; 16],
+}
+
 /// `mode6 = "off"`: no IPv6 translation; routed prefixes only.
 pub const MODE6_OFF: u8 = 0;
 /// `mode6 = "npt"`: NPTv6 (RFC 6296).
@@ -1255,6 +1274,9 @@ reasons! {
     /// Drop (RFC 6092 simple security): an IPv6 packet to a translated
     /// LAN address that belongs to no flow of that uplink.
     Unsolicited = unsolicited,
+    /// Translated: an IPv6 connection from outside that `allow_inbound6`
+    /// admits, pinned to the uplink it came in by.
+    InboundAllowed = inbound_allowed,
     /// Drop: an IPv6 fragment from the LAN (not translated yet; hosts fall
     /// back to smaller datagrams).
     Fragment6 = fragment6,
@@ -1284,6 +1306,7 @@ const _: () = {
     assert!(size_of::<Flow6Key>() == 40);
     assert!(size_of::<Flow6>() == 24);
     assert!(size_of::<Uplink6>() == 40);
+    assert!(size_of::<Allow6Key>() == 20);
     assert!(size_of::<FragKey>() == 12);
     assert!(size_of::<FragXlat>() == 8);
     assert!(size_of::<EchoKey>() == 8);
@@ -1322,6 +1345,7 @@ mod pod {
     unsafe impl aya::Pod for Flow6Key {}
     unsafe impl aya::Pod for Flow6 {}
     unsafe impl aya::Pod for Uplink6 {}
+    unsafe impl aya::Pod for Allow6Key {}
     unsafe impl aya::Pod for Reasons {}
     unsafe impl aya::Pod for RoutedKey {}
     unsafe impl aya::Pod for RuleAddrKey {}

@@ -74,6 +74,31 @@ pub fn decide(ctx: &TcContext, pkt: &Packet, key: &FlowKey, rules: u32) -> Decis
     }
 }
 
+/// [`mh_classify`]'s `rules` bit: match only the rules that name no
+/// address (their source and destination are "any"), for IPv6 flows,
+/// which the IPv4 prefixes of rules cannot describe.
+const ANY_ADDRESS: u32 = 1 << 31;
+
+/// The first rule an IPv6 flow matches among those that name no address,
+/// by protocol, destination port and DSCP; 0 (`balanced`) when none.
+#[inline(always)]
+pub fn decide6(proto: u8, dport: u16, dscp: u8, rules: u32) -> RuleAction {
+    if rules_count(rules) == 0 {
+        return 0;
+    }
+    let dport = if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
+        dport
+    } else {
+        0
+    };
+    mh_classify(
+        0,
+        0,
+        dport as u32 | (proto as u32) << 16 | (dscp as u32) << 24,
+        rules & 0xffff | ANY_ADDRESS,
+    )
+}
+
 /// [`mh_stick`]: the flow's policy is `balance = "endpoint"`.
 const DECIDE_ENDPOINT: u64 = 1 << 24;
 /// [`mh_stick`]: its endpoint has a record; the port is in bits 32-47.
@@ -82,8 +107,8 @@ const DECIDE_ENDPOINT_PORT: u64 = 1 << 48;
 /// [`decide`]'s rule matching as a BPF global function: the verifier
 /// checks it once on its own, whatever the paths into it. `fields`: the
 /// destination port (host order), protocol (bits 16-23) and DSCP (bits
-/// 24-29); `rules`: the low 16 bits of `Settings::rules`. Returns the
-/// [`RuleAction`].
+/// 24-29); `rules`: the low 16 bits of `Settings::rules`, and
+/// [`ANY_ADDRESS`]. Returns the [`RuleAction`].
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn mh_classify(saddr_be: u32, daddr_be: u32, fields: u32, rules: u32) -> u32 {
@@ -151,12 +176,15 @@ fn sticky(balance: u8) -> bool {
 /// policy, when none does.
 #[inline(always)]
 fn classify(key: &FlowKey, rules: u32, dport: u32, dscp: u32) -> RuleAction {
-    if rules >> 1 == 0 {
+    if (rules & 0xffff) >> 1 == 0 {
         return 0;
     }
     let bank = rules & 1;
+    // The bank's 32 bits, and the address's unless any address will do:
+    // then only the "any" (0/0) entry matches.
+    let prefix_len = if rules & ANY_ADDRESS != 0 { 32 } else { 64 };
     let addr_key = |addr_be| Key {
-        prefix_len: 64,
+        prefix_len,
         data: RuleAddrKey {
             bank_be: bank.to_be(),
             addr_be,

@@ -5,17 +5,20 @@
 //! pass only for existing flows (RFC 6092 simple security). ICMPv6 errors
 //! are mapped outer address and quoted address alike; both rewrites keep
 //! every checksum, so none is touched.
-use aya_ebpf::{bindings::BPF_NOEXIST, programs::TcContext};
+use aya_ebpf::{bindings::BPF_NOEXIST, maps::lpm_trie::Key, programs::TcContext};
 use multihome_common::{
-    FLOW_SEEN_REPLY, Flow6, Flow6Key, FlowKey, IPPROTO_TCP, MAX_UPLINKS, ON_DOWN_KEEP,
-    ON_DOWN_PURGE_UDP, Reason, UPLINK_CONFIGURED, UPLINK_LINK_DOWN, UPLINK_OUTAGE, UPLINK_USABLE,
-    Uplink, Uplink6, flow_hash, select_slot,
+    Allow6Key, BALANCE_CONNECTION, BALANCE_ENDPOINT, BALANCE_HASH, BALANCE_SITE, BALANCE_SOURCE,
+    FLOW_SEEN_REPLY, Flow6, Flow6Key, FlowKey, IPPROTO_TCP, IPPROTO_UDP, LAST_RESORT_UNREACHABLE,
+    MARK_PROHIBIT, MAX_UPLINKS, ON_DOWN_KEEP, ON_DOWN_PURGE_UDP, RULE_MAIN, RULE_UNREACHABLE,
+    Reason, UPLINK_CONFIGURED, UPLINK_LINK_DOWN, UPLINK_OUTAGE, UPLINK_USABLE, Uplink, Uplink6,
+    flow_hash, select_slot,
 };
 
 use crate::{
+    classify,
     conntrack::{self, now_ns},
     guard,
-    maps::{CONN6, SELECT, UPLINKS},
+    maps::{ALLOW6, CONN6, SCRATCH6, SELECT, UPLINKS},
     nptv6::{self, Way},
     outbound::{FLOW_CLOSED, ingress_ifindex, on_down, settings},
     parse::{
@@ -63,8 +66,7 @@ pub fn lan_ingress(ctx: &TcContext, l3: usize) -> Outcome {
         return Err(Reason::Fragment6);
     }
     if pkt.l4_kind == L4::IcmpError {
-        let (key, _) = quoted_key(ctx, &pkt, Way::Out)?;
-        return mark(ctx, pinned(&key).ok_or(Reason::IcmpNoMapping)?);
+        return mark(ctx, lan_error(ctx, &pkt)?);
     }
     if pkt.l4_kind == L4::EchoReply {
         return Err(Reason::UnsupportedProto);
@@ -93,9 +95,16 @@ pub fn lan_ingress(ctx: &TcContext, l3: usize) -> Outcome {
             }
             f.uplink
         }
-        _ => new_flow(&key, &pkt)?,
+        _ => new_flow(ctx, &key, &pkt)?,
     };
     mark(ctx, id)
+}
+
+/// The uplink of the flow a LAN host's ICMPv6 error is about.
+#[inline(never)]
+fn lan_error(ctx: &TcContext, pkt: &Packet6) -> Result<u8, Reason> {
+    let (key, _) = quoted_key(ctx, pkt.l4, Way::Out)?;
+    pinned(key).ok_or(Reason::IcmpNoMapping)
 }
 
 /// The uplink flow `key` is pinned to.
@@ -142,17 +151,41 @@ fn keeps(key: &Flow6Key, f: *mut Flow6, tcp: u8) -> bool {
     true
 }
 
-/// Chooses an uplink for a new connection and pins it.
-#[inline(always)]
-fn new_flow(key: &Flow6Key, pkt: &Packet6) -> Result<u8, Reason> {
-    let seed = settings()?.flow_hash_seed;
-    let id = choose(key, seed)?;
+/// Chooses an uplink for a new connection by the first rule that names
+/// no address (rules' prefixes are IPv4) and its policy, and pins it. A
+/// refusal goes to the kernel with the mark its `prohibit` rule answers.
+/// A subprogram of its own, so that its frame is not added to the
+/// parser's.
+#[inline(never)]
+fn new_flow(ctx: &TcContext, key: &Flow6Key, pkt: &Packet6) -> Result<u8, Reason> {
+    let settings = settings()?;
+    let refuse = || {
+        ctx.set_mark(settings.mark_base | MARK_PROHIBIT);
+        Reason::PolicyRefused
+    };
+    let action = classify::decide6(
+        pkt.proto,
+        u16::from_be(pkt.dport_be),
+        pkt.dscp,
+        settings.rules,
+    );
+    if action & RULE_UNREACHABLE != 0 {
+        return Err(refuse());
+    }
+    if action & RULE_MAIN != 0 {
+        return Err(Reason::PolicyMain);
+    }
+    let policy = action & 0xff;
+    let id = match choose(key, settings.flow_hash_seed, policy) {
+        Err(Reason::PolicyRefused) => return Err(refuse()),
+        chosen => chosen?,
+    };
     let now = now_ns();
     let flow = Flow6 {
         last_seen_ns: now,
         flags: conntrack::tcp_flags_out(0, pkt.tcp_flags),
         uplink: id,
-        policy: 0,
+        policy: policy as u8,
         _pad0: 0,
         created_s: (now / 1_000_000_000) as u32,
         _pad1: 0,
@@ -164,19 +197,29 @@ fn new_flow(key: &Flow6Key, pkt: &Packet6) -> Result<u8, Reason> {
     Ok(id)
 }
 
-/// The uplink for a new IPv6 connection: the `balanced` policy's table
+/// The uplink for a new IPv6 connection under `policy`: its table's
 /// slot for the flow's hash if that uplink is usable and carries IPv6,
-/// else the first such uplink, else the first with its link up.
+/// else the first such uplink, else the first with its link up (unless
+/// the policy's `last_resort` refuses). The sticky balance modes hash
+/// what they stick by (NPTv6 keeps no per-host state to stick with): the
+/// source under `source`, source and the destination's /64 under `site`,
+/// the internal endpoint under `endpoint`, both addresses under `hash`.
 #[inline(always)]
-fn choose(key: &Flow6Key, seed: u32) -> Result<u8, Reason> {
-    let slot = select_slot(flow_hash(&fold(key), seed));
-    if let Some(t) = SELECT.get(0)
-        && t.usable != 0
-        && let Some(id) = t.now.get(slot)
-        && let Some(u) = UPLINKS.get(*id as u32)
-        && carries(*id as u32, u, UPLINK_USABLE)
-    {
-        return Ok(*id);
+fn choose(key: &Flow6Key, seed: u32, policy: u32) -> Result<u8, Reason> {
+    let table = SELECT.get(policy).or_else(|| SELECT.get(0));
+    let balance = table.map_or(BALANCE_CONNECTION, |t| t.balance);
+    let slot = select_slot(flow_hash(&fold(key, balance), seed));
+    if let Some(t) = table {
+        if t.usable == 0 && t.last_resort == LAST_RESORT_UNREACHABLE {
+            return Err(Reason::PolicyRefused);
+        }
+        if t.usable != 0
+            && let Some(id) = t.now.get(slot)
+            && let Some(u) = UPLINKS.get(*id as u32)
+            && carries(*id as u32, u, UPLINK_USABLE)
+        {
+            return Ok(*id);
+        }
     }
     for id in 0..MAX_UPLINKS {
         if let Some(u) = UPLINKS.get(id)
@@ -202,37 +245,63 @@ fn carries(id: u32, u: &Uplink, flags: u16) -> bool {
     u.flags & flags == flags && nptv6::uplink6(id).is_some()
 }
 
-/// The tuple folded into an IPv4-sized key for [`flow_hash`].
+/// What `balance` hashes of the tuple, folded into an IPv4-sized key for
+/// [`flow_hash`].
 #[inline(always)]
-fn fold(key: &Flow6Key) -> FlowKey {
-    let words = |a: &[u8; 16]| {
+fn fold(key: &Flow6Key, balance: u8) -> FlowKey {
+    let words = |a: &[u8; 16], n: usize| {
         let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
-        w(0) ^ w(4) ^ w(8) ^ w(12)
+        if n == 2 {
+            w(0) ^ w(4)
+        } else {
+            w(0) ^ w(4) ^ w(8) ^ w(12)
+        }
+    };
+    let (remote, ports, proto) = match balance {
+        BALANCE_HASH => (words(&key.remote, 4), (0, 0), 0),
+        BALANCE_SOURCE => (0, (0, 0), 0),
+        BALANCE_SITE => (words(&key.remote, 2), (0, 0), 0),
+        BALANCE_ENDPOINT => (0, (key.lan_port_be, 0), key.proto),
+        _ => (
+            words(&key.remote, 4),
+            (key.lan_port_be, key.remote_port_be),
+            key.proto,
+        ),
     };
     FlowKey {
-        saddr_be: words(&key.lan),
-        daddr_be: words(&key.remote),
-        sport_be: key.lan_port_be,
-        dport_be: key.remote_port_be,
-        proto: key.proto,
+        saddr_be: words(&key.lan, 4),
+        daddr_be: remote,
+        sport_be: ports.0,
+        dport_be: ports.1,
+        proto,
         _pad0: 0,
         _pad1: 0,
     }
 }
 
-/// The flow an ICMPv6 error's quoted packet belongs to, and the quoted
-/// packet's offset. `Way::Out`: a LAN host's error about a packet from
-/// the remote (quoted source: the remote); `Way::In`: a remote's error
-/// about a LAN host's packet, whose quoted source is still on the
-/// uplink's prefix and is mapped back here.
+/// Fills `key` with the flow an ICMPv6 error's quoted packet belongs to
+/// and returns the quoted packet's offset. `Way::Out`: a LAN host's error
+/// about a packet from the remote (quoted source: the remote); `Way::In`:
+/// a remote's error about a LAN host's packet, whose quoted source is
+/// still on the uplink's prefix and is mapped back here. The key lives
+/// in `SCRATCH6`, this CPU's slot, for the rest of this run.
 #[inline(always)]
-fn quoted_key(ctx: &TcContext, pkt: &Packet6, way: Way) -> Result<(Flow6Key, usize), Reason> {
-    let q = pkt.l4 + QUOTED;
-    let proto = hi(load::<u16>(ctx, q + ip6::NEXT_HOP)?);
-    let src: [u8; 16] = load(ctx, q + ip6::SADDR)?;
-    let dst: [u8; 16] = load(ctx, q + ip6::DADDR)?;
+fn quoted_key(ctx: &TcContext, l4: usize, way: Way) -> Result<(&'static Flow6Key, usize), Reason> {
+    let key = SCRATCH6.get_ptr_mut(0).ok_or(Reason::NoMapping)?;
+    // SAFETY: this CPU's slot, which only this run uses until it ends.
+    let key = unsafe { &mut *key };
+    key._pad0 = 0;
+    key._pad1 = 0;
+    let q = l4 + QUOTED;
+    key.proto = hi(load::<u16>(ctx, q + ip6::NEXT_HOP)?);
+    let (lan, remote) = match way {
+        Way::In => (ip6::SADDR, ip6::DADDR),
+        Way::Out => (ip6::DADDR, ip6::SADDR),
+    };
+    key.lan = load(ctx, q + lan)?;
+    key.remote = load(ctx, q + remote)?;
     let l4 = q + ip6::LEN;
-    let (a, b): (u16, u16) = if proto == IPPROTO_ICMPV6 {
+    let (a, b): (u16, u16) = if key.proto == IPPROTO_ICMPV6 {
         let kind = hi(load::<u16>(ctx, l4)?);
         let id: u16 = load(ctx, l4 + 4)?;
         match kind {
@@ -243,29 +312,15 @@ fn quoted_key(ctx: &TcContext, pkt: &Packet6, way: Way) -> Result<(Flow6Key, usi
     } else {
         (load(ctx, l4)?, load(ctx, l4 + 2)?)
     };
-    let key = match way {
-        Way::In => {
-            let (_, _, u6) = nptv6::covering(&src, false).ok_or(Reason::IcmpNoMapping)?;
-            Flow6Key {
-                lan: nptv6::map(&src, u6, Way::In)?,
-                remote: dst,
-                lan_port_be: a,
-                remote_port_be: b,
-                proto,
-                _pad0: 0,
-                _pad1: 0,
-            }
-        }
-        Way::Out => Flow6Key {
-            lan: dst,
-            remote: src,
-            lan_port_be: b,
-            remote_port_be: a,
-            proto,
-            _pad0: 0,
-            _pad1: 0,
-        },
+    // Source port first in the quoted packet.
+    (key.lan_port_be, key.remote_port_be) = match way {
+        Way::In => (a, b),
+        Way::Out => (b, a),
     };
+    if way == Way::In {
+        let (_, _, u6) = nptv6::covering(&key.lan, false).ok_or(Reason::IcmpNoMapping)?;
+        key.lan = nptv6::map(&key.lan, u6, Way::In)?;
+    }
     Ok((key, q))
 }
 
@@ -276,26 +331,28 @@ fn quoted_key(ctx: &TcContext, pkt: &Packet6, way: Way) -> Result<(Flow6Key, usi
 #[inline(always)]
 pub fn wan_ingress(ctx: &TcContext, l3: usize) -> Outcome {
     let pkt = parse::parse_ipv6(ctx, l3)?;
-    let (id, _, u6) = nptv6::covering(&pkt.daddr, false).ok_or(Reason::NoMapping)?;
-    let lan = nptv6::map(&pkt.daddr, u6, Way::In)?;
+    let (id, _, _) = nptv6::covering(&pkt.daddr, false).ok_or(Reason::NoMapping)?;
     if pkt.frag == FRAG6_LATER {
         // Its first fragment carried the ports and was checked.
-        store(ctx, l3 + ip6::DADDR, &lan)?;
+        let u6 = nptv6::uplink6(id as u32).ok_or(Reason::NoMapping)?;
+        nptv6::rewrite(ctx, l3 + ip6::DADDR, u6, Way::In)?;
         stats::count(Reason::FragmentTranslated);
         return Ok(Verdict::Pass);
     }
     if pkt.l4_kind == L4::IcmpError {
-        let (key, q) = quoted_key(ctx, &pkt, Way::In)?;
-        if pinned(&key) != Some(id) {
-            return Err(Reason::Unsolicited);
-        }
-        nptv6::rewrite(ctx, q + ip6::SADDR, u6, Way::In)?;
-        store(ctx, l3 + ip6::DADDR, &lan)?;
-        stats::rx(id, ctx.len());
-        return Ok(Verdict::Pass);
+        return wan_error(ctx, l3, &pkt, id);
     }
+    wan_reply(ctx, l3, &pkt, id)
+}
+
+/// A packet of a flow of uplink `id` (or one `allow_inbound6` admits):
+/// its destination mapped back. A subprogram of its own, as the error
+/// path is, so that their frames are never added up.
+#[inline(never)]
+fn wan_reply(ctx: &TcContext, l3: usize, pkt: &Packet6, id: u8) -> Outcome {
+    let u6 = nptv6::uplink6(id as u32).ok_or(Reason::NoMapping)?;
     let key = Flow6Key {
-        lan,
+        lan: nptv6::map(&pkt.daddr, u6, Way::In)?,
         remote: pkt.saddr,
         lan_port_be: pkt.dport_be,
         remote_port_be: pkt.sport_be,
@@ -303,7 +360,10 @@ pub fn wan_ingress(ctx: &TcContext, l3: usize) -> Outcome {
         _pad0: 0,
         _pad1: 0,
     };
-    let f = CONN6.get_ptr_mut(key).ok_or(Reason::Unsolicited)?;
+    let f = match CONN6.get_ptr_mut(key) {
+        Some(f) => f,
+        None => admit(&key, id)?,
+    };
     // SAFETY: as in `lan_ingress`.
     let f = unsafe { &mut *f };
     if f.uplink != id {
@@ -317,9 +377,63 @@ pub fn wan_ingress(ctx: &TcContext, l3: usize) -> Outcome {
     if now.wrapping_sub(f.last_seen_ns) > TOUCH_NS {
         f.last_seen_ns = now;
     }
-    store(ctx, l3 + ip6::DADDR, &lan)?;
+    store(ctx, l3 + ip6::DADDR, &key.lan)?;
     stats::rx(id, ctx.len());
     Ok(Verdict::Pass)
+}
+
+/// An ICMPv6 error from outside about a flow of uplink `id`: its outer
+/// destination and quoted source mapped back.
+#[inline(never)]
+fn wan_error(ctx: &TcContext, l3: usize, pkt: &Packet6, id: u8) -> Outcome {
+    let u6 = nptv6::uplink6(id as u32).ok_or(Reason::NoMapping)?;
+    let (key, q) = quoted_key(ctx, pkt.l4, Way::In)?;
+    if pinned(key) != Some(id) {
+        return Err(Reason::Unsolicited);
+    }
+    nptv6::rewrite(ctx, q + ip6::SADDR, u6, Way::In)?;
+    nptv6::rewrite(ctx, l3 + ip6::DADDR, u6, Way::In)?;
+    stats::rx(id, ctx.len());
+    Ok(Verdict::Pass)
+}
+
+/// An unsolicited connection from outside to LAN host `key.lan`: pinned
+/// to uplink `id`, which it came in by, if `allow_inbound6` admits it
+/// (its address and any port, or its TCP/UDP port), dropped otherwise
+/// (RFC 6092 simple security).
+#[inline(never)]
+fn admit(key: &Flow6Key, id: u8) -> Result<*mut Flow6, Reason> {
+    let allowed = |sel: u32| {
+        let k = Key {
+            prefix_len: 32 + 128,
+            data: Allow6Key {
+                sel_be: sel.to_be(),
+                addr: key.lan,
+            },
+        };
+        ALLOW6.get(&k).is_some()
+    };
+    let port = key.proto == IPPROTO_TCP || key.proto == IPPROTO_UDP;
+    let sel = u32::from(key.proto) << 16 | u32::from(u16::from_be(key.lan_port_be));
+    if !allowed(0) && !(port && allowed(sel)) {
+        return Err(Reason::Unsolicited);
+    }
+    let now = now_ns();
+    let flow = Flow6 {
+        last_seen_ns: now,
+        flags: FLOW_SEEN_REPLY,
+        uplink: id,
+        policy: 0,
+        _pad0: 0,
+        created_s: (now / 1_000_000_000) as u32,
+        _pad1: 0,
+    };
+    CONN6
+        .insert(key, flow, BPF_NOEXIST as u64)
+        .map_err(|_| Reason::MapFull)?;
+    stats::count(Reason::InboundAllowed);
+    stats::new_flow(id);
+    CONN6.get_ptr_mut(key).ok_or(Reason::MapFull)
 }
 
 /// `mh_wan_out6`: an IPv6 packet leaving an uplink, forwarded or the

@@ -54,7 +54,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 
-use crate::verdict::tc_action;
+use crate::verdict::{tc_action, tc_action6};
 
 #[classifier]
 pub fn mh_lan_in(ctx: TcContext) -> i32 {
@@ -88,27 +88,27 @@ pub fn mh_wan_out_l3(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn mh_lan_in6(ctx: TcContext) -> i32 {
-    tc_action(outbound::ipv6::<true>(&ctx, ipv6::lan_ingress))
+    tc_action6(outbound::ipv6::<true>(&ctx, ipv6::lan_ingress))
 }
 
 #[classifier]
 pub fn mh_wan_in6(ctx: TcContext) -> i32 {
-    tc_action(outbound::ipv6::<true>(&ctx, ipv6::wan_ingress))
+    tc_action6(outbound::ipv6::<true>(&ctx, ipv6::wan_ingress))
 }
 
 #[classifier]
 pub fn mh_wan_in6_l3(ctx: TcContext) -> i32 {
-    tc_action(outbound::ipv6::<false>(&ctx, ipv6::wan_ingress))
+    tc_action6(outbound::ipv6::<false>(&ctx, ipv6::wan_ingress))
 }
 
 #[classifier]
 pub fn mh_wan_out6(ctx: TcContext) -> i32 {
-    tc_action(ipv6::uplink_egress::<true>(&ctx))
+    tc_action6(ipv6::uplink_egress::<true>(&ctx))
 }
 
 #[classifier]
 pub fn mh_wan_out6_l3(ctx: TcContext) -> i32 {
-    tc_action(ipv6::uplink_egress::<false>(&ctx))
+    tc_action6(ipv6::uplink_egress::<false>(&ctx))
 }
 
 #[xdp]

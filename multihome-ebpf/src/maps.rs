@@ -5,13 +5,14 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use multihome_common::{
-    AFFINITY_ENTRIES, Affinity, AffinityKey, DEFAULT_MAX_FLOWS, EIM_ENTRIES, ENDPOINT_ENTRIES,
-    EchoKey, EimKey, EimLan, Endpoint, EndpointKey, FRAG_ENTRIES, Fill, Flow6, Flow6Key, FlowFwd,
-    FlowKey, FlowRev, FragKey, FragXlat, HOST_ECHO_ENTRIES, HostFlows, JUMP_PROGS, LanNet,
-    MAX_FLOWS6, MAX_HOSTS, MAX_LAN_NETS, MAX_LOCAL_ADDRS, MAX_POLICIES, MAX_ROUTED_PREFIXES,
-    MAX_RULE_PREFIXES, MAX_RULES, MAX_UPLINKS, MAX_XDP_DEVS, NextHop, PEER_SLOTS, PeerSlot,
-    Reasons, Routed6Key, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet,
-    SYN_WAIT_ENTRIES, SelectTable, Settings, SynWaitKey, Uplink, Uplink6, UplinkStats, XdpStats,
+    AFFINITY_ENTRIES, Affinity, AffinityKey, Allow6Key, DEFAULT_MAX_FLOWS, EIM_ENTRIES,
+    ENDPOINT_ENTRIES, EchoKey, EimKey, EimLan, Endpoint, EndpointKey, FRAG_ENTRIES, Fill, Flow6,
+    Flow6Key, FlowFwd, FlowKey, FlowRev, FragKey, FragXlat, HOST_ECHO_ENTRIES, HostFlows,
+    JUMP_PROGS, LanNet, MAX_ALLOW6, MAX_FLOWS6, MAX_HOSTS, MAX_LAN_NETS, MAX_LOCAL_ADDRS,
+    MAX_POLICIES, MAX_ROUTED_PREFIXES, MAX_RULE_PREFIXES, MAX_RULES, MAX_UPLINKS, MAX_XDP_DEVS,
+    NextHop, PEER_SLOTS, PeerSlot, Reasons, Routed6Key, RoutedKey, RoutedUplinks, RuleAction,
+    RuleAddrKey, RuleSet, SYN_WAIT_ENTRIES, SelectTable, Settings, SynWaitKey, Uplink, Uplink6,
+    UplinkStats, XdpStats,
 };
 
 const FLOWS: usize = DEFAULT_MAX_FLOWS as usize;
@@ -161,3 +162,14 @@ pub static CONN6: HashMap<Flow6Key, Flow6, { MAX_FLOWS6 as usize }> = HashMap::n
 /// Uplink slot -> its IPv6 prefix and NPTv6 adjustment.
 #[btf_map]
 pub static UPLINKS6: Array<Uplink6, { MAX_UPLINKS as usize }> = Array::new();
+
+/// `allow_inbound6`: (selector, LAN host) -> 1 for the unsolicited IPv6
+/// connections that may come in.
+#[btf_map]
+pub static ALLOW6: LpmTrie<Allow6Key, u32, { MAX_ALLOW6 as usize }> = LpmTrie::new();
+
+/// Per CPU: the flow key an ICMPv6 error's quoted packet names, built here
+/// rather than on the stack, which the IPv6 programs have little of left.
+/// Never pinned: it holds nothing between runs.
+#[btf_map]
+pub static SCRATCH6: PerCpuArray<Flow6Key, 1> = PerCpuArray::new();

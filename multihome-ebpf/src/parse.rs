@@ -422,6 +422,8 @@ pub struct Packet6 {
     pub proto: u8,
     pub l4_kind: L4,
     pub tcp_flags: u8,
+    /// The traffic class's top six bits (RFC 2474).
+    pub dscp: u8,
     /// `FRAG6_*`.
     pub frag: u8,
     pub saddr: [u8; 16],
@@ -451,9 +453,28 @@ pub fn store<T>(ctx: &TcContext, off: usize, v: &T) -> Result<(), Reason> {
 /// the verifier refuses.
 #[inline(always)]
 pub fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Packet6, Reason> {
-    if hi(load::<u16>(ctx, l3)?) >> 4 != 6 {
+    // Not zeroed first: LLVM would call its byte-loop memset.
+    let mut pkt = core::mem::MaybeUninit::<Packet6>::uninit();
+    parse_ipv6_into(ctx, l3, &mut pkt)?;
+    // SAFETY: `parse_ipv6_into` wrote it whole before returning Ok.
+    Ok(unsafe { pkt.assume_init() })
+}
+
+/// [`parse_ipv6`]'s work, as a subprogram of its own: its buffers stay
+/// out of its callers' frames. (It fills `out` rather than returning the
+/// packet: the BTF of a `Result` holding a struct is refused.)
+#[inline(never)]
+fn parse_ipv6_into(
+    ctx: &TcContext,
+    l3: usize,
+    out: &mut core::mem::MaybeUninit<Packet6>,
+) -> Result<(), Reason> {
+    let head = load::<u16>(ctx, l3)?;
+    if hi(head) >> 4 != 6 {
         return Err(Reason::Malformed);
     }
+    // Version (4 bits), then the traffic class (8 bits).
+    let dscp = ((hi(head) & 0x0f) << 4 | lo(head) >> 4) >> 2;
     let payload = u16::from_be(load::<u16>(ctx, l3 + ip6::PAYLOAD_LEN)?) as usize;
     if (ctx.len() as usize) < l3 + ip6::LEN + payload {
         return Err(Reason::Malformed);
@@ -492,6 +513,7 @@ pub fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Packet6, Reason> {
         proto,
         l4_kind: L4::Other,
         tcp_flags: 0,
+        dscp,
         frag,
         saddr: load(ctx, l3 + ip6::SADDR)?,
         daddr: load(ctx, l3 + ip6::DADDR)?,
@@ -499,7 +521,8 @@ pub fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Packet6, Reason> {
         dport_be: 0,
     };
     if frag == FRAG6_LATER {
-        return Ok(pkt);
+        out.write(pkt);
+        return Ok(());
     }
     match proto {
         IPPROTO_TCP => {
@@ -531,5 +554,6 @@ pub fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Packet6, Reason> {
         }
         _ => {}
     }
-    Ok(pkt)
+    out.write(pkt);
+    Ok(())
 }

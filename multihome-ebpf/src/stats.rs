@@ -1,7 +1,7 @@
 //! Per-CPU counters: reasons and per-uplink traffic, and the SYNs that
 //! passive health watches.
 use aya_ebpf::bindings::BPF_NOEXIST;
-use multihome_common::{Reason, SynWaitKey, UplinkStats, WAIT_RETRANSMIT, WAIT_SYN};
+use multihome_common::{REASON_COUNT, Reason, SynWaitKey, UplinkStats, WAIT_RETRANSMIT, WAIT_SYN};
 
 use crate::maps::{REASONS, SYN_WAIT, UPLINK_STATS};
 
@@ -11,6 +11,23 @@ pub fn count(reason: Reason) {
         // SAFETY: `Reasons` is a run of u64 counters indexed by `Reason`, and
         // the slot belongs to this CPU.
         unsafe { *(r as *mut u64).add(reason as usize) += 1 };
+    }
+}
+
+/// [`count`] for a reason that came back from a BPF subprogram through
+/// memory, which the verifier sees as any number: bounded first, in a
+/// way LLVM cannot drop for knowing the enum's range.
+#[inline(always)]
+pub fn count_returned(reason: Reason) {
+    let code = reason as u32;
+    // SAFETY: a read of a local.
+    let i = unsafe { core::ptr::read_volatile(&code) } as usize;
+    if i >= REASON_COUNT {
+        return;
+    }
+    if let Some(r) = REASONS.get_ptr_mut(0) {
+        // SAFETY: as in `count`, with `i` checked.
+        unsafe { *(r as *mut u64).add(i) += 1 };
     }
 }
 

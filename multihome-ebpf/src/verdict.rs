@@ -16,11 +16,23 @@ pub type Outcome = Result<Verdict, Reason>;
 /// Drops count and drop; every other reason counts and passes, untouched.
 #[inline(always)]
 pub fn tc_action(outcome: Outcome) -> i32 {
+    action(outcome, stats::count)
+}
+
+/// [`tc_action`] for the IPv6 programs, whose outcomes may come back from
+/// subprograms (see [`stats::count_returned`]).
+#[inline(always)]
+pub fn tc_action6(outcome: Outcome) -> i32 {
+    action(outcome, stats::count_returned)
+}
+
+#[inline(always)]
+fn action(outcome: Outcome, count: fn(Reason)) -> i32 {
     match outcome {
         Ok(Verdict::Pass) => TC_ACT_UNSPEC,
         Ok(Verdict::Redirect(action)) => action,
         Err(reason) => {
-            stats::count(reason);
+            count(reason);
             if reason.drops() {
                 TC_ACT_SHOT
             } else {

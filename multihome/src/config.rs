@@ -27,6 +27,12 @@ pub struct Config {
     /// NPTv6 maps onto each uplink's `prefix6`. One for now.
     #[serde(default)]
     pub lan_prefixes6: Vec<String>,
+    /// Unsolicited IPv6 connections from outside that may reach the LAN
+    /// (RFC 6092 simple security drops every other): `"fd00:1::10/128"`
+    /// (those hosts, any port), `"tcp/22"` (that port on every host), or
+    /// both, `"fd00:1::10 udp/51820"`.
+    #[serde(default)]
+    pub allow_inbound6: Vec<String>,
     #[serde(rename = "uplink", default)]
     pub uplinks: Vec<UplinkConfig>,
     #[serde(default)]
@@ -336,6 +342,43 @@ impl std::str::FromStr for Prefix6 {
     }
 }
 
+/// One `allow_inbound6` entry: an internal prefix, a `tcp/PORT` or
+/// `udp/PORT`, or a prefix and a port, separated by a space.
+fn parse_allow6(entry: &str) -> Result<(u32, Prefix6), String> {
+    let mut sel = 0;
+    let mut prefix = None;
+    for word in entry.split_whitespace() {
+        if let Some((proto, port)) = word.split_once('/').filter(|(p, _)| !p.contains(':')) {
+            let proto = match proto {
+                "tcp" => 6u32,
+                "udp" => 17,
+                _ => return Err(format!("`{word}`: ports are `tcp/N` or `udp/N`")),
+            };
+            let port: u16 = port
+                .parse()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("`{word}`: the port must be 1 to 65535"))?;
+            if sel != 0 {
+                return Err("one port per entry".into());
+            }
+            sel = proto << 16 | u32::from(port);
+        } else if prefix.is_none() {
+            prefix = Some(word.parse::<Prefix6>()?);
+        } else {
+            return Err("one prefix per entry".into());
+        }
+    }
+    if sel == 0 && prefix.is_none() {
+        return Err("name an internal prefix, a port (`tcp/22`), or both".into());
+    }
+    let any = Prefix6 {
+        addr: std::net::Ipv6Addr::UNSPECIFIED,
+        len: 0,
+    };
+    Ok((sel, prefix.unwrap_or(any)))
+}
+
 /// The longest NPTv6 prefix: the adjustment needs a word of the
 /// interface identifier (RFC 6296 §3.2).
 pub const MAX_NPT_PREFIX: u8 = 64;
@@ -357,8 +400,39 @@ impl Config {
             .flatten()
     }
 
+    /// `allow_inbound6` as (selector, internal prefix) pairs: the selector
+    /// is 0 for any port, `proto << 16 | port` for one TCP or UDP port
+    /// (see `multihome_common::Allow6Key`). Entries with a problem are
+    /// left out ([`Config::problems`] names them).
+    pub fn allow_inbound6(&self) -> Vec<(u32, Prefix6)> {
+        self.allow_inbound6
+            .iter()
+            .filter_map(|e| parse_allow6(e).ok())
+            .collect()
+    }
+
     fn problems6(&self) -> Vec<String> {
         let mut out = Vec::new();
+        let inner6 = self.lan_prefix6();
+        for (i, e) in self.allow_inbound6.iter().enumerate() {
+            match parse_allow6(e) {
+                Err(why) => out.push(format!("`allow_inbound6[{i}]` {e:?}: {why}")),
+                Ok((_, p)) if p.len > 0 && !inner6.is_some_and(|l| l.covers(&p)) => {
+                    out.push(format!(
+                        "`allow_inbound6[{i}]` {e:?}: {p:?} is not inside `lan_prefixes6`; name LAN \
+                         hosts by their internal addresses"
+                    ))
+                }
+                Ok(_) => {}
+            }
+        }
+        if self.allow_inbound6.len() > multihome_common::MAX_ALLOW6 as usize {
+            out.push(format!(
+                "{} `allow_inbound6` entries; at most {} fit",
+                self.allow_inbound6.len(),
+                multihome_common::MAX_ALLOW6
+            ));
+        }
         let mut inner = None;
         for (i, p) in self.lan_prefixes6.iter().enumerate() {
             match p.parse::<Prefix6>() {
@@ -938,6 +1012,32 @@ weight = 2
         assert!(err.contains("overlaps `lan_prefixes6`"), "{err}");
         let err = problems6(&with6("fd00:1::/64", "2001:db8::/129", ""));
         assert!(err.contains("`prefix6`"), "{err}");
+    }
+
+    #[test]
+    fn allow_inbound6_takes_internal_prefixes_ports_or_both() {
+        let base = with6("fd00:1::/64", "2001:db8:11:100::/64", "");
+        let with =
+            |list: &str| base.replace("lan = [", &format!("allow_inbound6 = {list}\nlan = ["));
+        let c = Config::parse(&with(
+            r#"["fd00:1::10/128", "tcp/22", "fd00:1::20 udp/51820"]"#,
+        ))
+        .expect("valid");
+        let got = c.allow_inbound6();
+        assert_eq!(got.len(), 3);
+        assert_eq!((got[0].0, got[0].1.len), (0, 128));
+        assert_eq!((got[1].0, got[1].1.len), (6 << 16 | 22, 0));
+        assert_eq!((got[2].0, got[2].1.len), (17 << 16 | 51820, 128));
+        for (bad, why) in [
+            (r#"["2001:db8::/64"]"#, "not inside `lan_prefixes6`"),
+            (r#"["sctp/9"]"#, "`tcp/N` or `udp/N`"),
+            (r#"["tcp/0"]"#, "1 to 65535"),
+            (r#"["tcp/1 udp/2"]"#, "one port per entry"),
+            (r#"[""]"#, "name an internal prefix"),
+        ] {
+            let err = problems6(&with(bad));
+            assert!(err.contains(why), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -581,6 +581,9 @@ impl Daemon {
         if let Err(e) = self.maps.set_routed6(&uplinks::routed_table6(&self.config)) {
             failed.push(e);
         }
+        if let Err(e) = self.maps.set_allow6(&self.config.allow_inbound6()) {
+            failed.push(e);
+        }
         let renumbered6 = match self.write_uplinks6() {
             Ok(r) => r,
             Err(e) => {
@@ -603,7 +606,11 @@ impl Daemon {
         let plan6 = uplinks::routing_plan6(&self.config, &observed);
         if let Err(e) = self
             .routing6
-            .apply(&plan6, self.config.routing.rule_priority)
+            .apply(
+                &plan6,
+                self.config.routing.rule_priority,
+                plan.prohibit_mark,
+            )
             .await
         {
             failed.push(e);

@@ -507,3 +507,122 @@ fn ipv6_traceroute_sees_the_gateway_and_the_isp_router_beyond_it() {
     assert_eq!(gw.reason("unsolicited"), 0);
     assert_eq!(t.ula_sources(), 0, "a ULA source reached an ISP");
 }
+
+/// Rules that name no address apply to IPv6: a port rule sends UDP to
+/// port 7000 over y alone, an `unreachable` rule refuses TCP to port 7300
+/// at once with ICMPv6 administratively prohibited, and a rule with an
+/// IPv4 source prefix leaves IPv6 to `balanced`.
+#[test]
+fn ipv6_flows_follow_the_rules_that_name_no_address() {
+    let t = Topology::standard();
+    t.add_ipv6();
+    let rules = "[[policy]]\nname = \"ony\"\ntiers = [[\"y\"]]\n\n\
+                 [[policy]]\nname = \"onx\"\ntiers = [[\"x\"]]\n\n\
+                 [[rule]]\nsrc = [\"198.18.1.0/24\"]\npolicy = \"onx\"\n\n\
+                 [[rule]]\nproto = \"udp\"\ndport = [7000]\npolicy = \"ony\"\n\n\
+                 [[rule]]\nproto = \"tcp\"\ndport = [7300]\npolicy = \"unreachable\"\n";
+    let gw = Gateway::start(&t.gw, &config6(&t, [1, 1], rules));
+    let _srv = udp6_peer_server(&t, 7000);
+    let _other = udp6_peer_server(&t, 7001);
+    let on_y = seen_sources(&t, &ports(12), 7000);
+    assert!(
+        on_y.values().all(|a| in64(*a, UPLINK_Y_PREFIX6)),
+        "the port rule's policy holds y only: {on_y:?}"
+    );
+    let balanced = seen_sources(&t, &ports(24), 7001);
+    assert!(
+        balanced.values().any(|a| in64(*a, UPLINK_X_PREFIX6))
+            && balanced.values().any(|a| in64(*a, UPLINK_Y_PREFIX6)),
+        "the IPv4 source rule must not catch IPv6: {balanced:?}"
+    );
+    let started = std::time::Instant::now();
+    let err = t
+        .client
+        .run(|| {
+            std::net::TcpStream::connect_timeout(
+                &SocketAddr::new(v6(INET_SERVICE6).into(), 7300),
+                Duration::from_secs(5),
+            )
+        })
+        .expect_err("a refused flow cannot connect");
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(gw.reason("policy_refused") > 0);
+    let conns = gw.conns();
+    assert!(
+        conns
+            .iter()
+            .any(|c| c["dport"] == 7000 && c["policy"] == "ony"),
+        "{conns:?}"
+    );
+    assert_eq!(t.ula_sources(), 0, "a ULA source reached an ISP");
+}
+
+/// `allow_inbound6` opens a port to the LAN through every uplink's
+/// prefix: a datagram from outside to either mapped address reaches the
+/// client's server, whose answer leaves by the uplink it came in by, from
+/// the address it was sent to. Other ports stay closed.
+#[test]
+fn an_allowed_inbound_ipv6_port_is_reachable_through_each_uplink_and_answers_from_it() {
+    let t = Topology::standard();
+    t.add_ipv6();
+    let config =
+        config6(&t, [1, 1], "").replacen("lan = [", "allow_inbound6 = [\"udp/42002\"]\nlan = [", 1);
+    let gw = Gateway::start(&t.gw, &config);
+    let _srv = udp6_peer_server(&t, 7000);
+    let seen = seen_sources(&t, &ports(24), 7000);
+    let on = |prefix: &str| {
+        *seen
+            .values()
+            .find(|a| in64(**a, prefix))
+            .unwrap_or_else(|| panic!("no flow on {prefix}: {seen:?}"))
+    };
+    let (mapped_x, mapped_y) = (on(UPLINK_X_PREFIX6), on(UPLINK_Y_PREFIX6));
+    let server = t
+        .client
+        .run(|| UdpSocket::bind(SocketAddr::new(v6(CLIENT6_ADDR).into(), 42002)))
+        .expect("bind the LAN server");
+    server
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((n, from)) = server.recv_from(&mut buf) {
+            let _ = server.send_to(&buf[..n], from);
+        }
+    });
+    let outside = || {
+        let s = t
+            .inet
+            .run(|| UdpSocket::bind(SocketAddr::new(v6(INET_SERVICE6).into(), 0)))
+            .expect("bind outside");
+        s.set_read_timeout(Some(Duration::from_secs(1)))
+            .expect("timeout");
+        s
+    };
+    // One remote socket per address: the same remote port to both would
+    // be one tuple inside, and the second uplink's copy is refused.
+    for mapped in [mapped_x, mapped_y] {
+        let remote = outside();
+        let to = SocketAddr::new(mapped.into(), 42002);
+        let mut answered = None;
+        for _ in 0..3 {
+            remote.send_to(b"hello", to).expect("send");
+            let mut buf = [0u8; 64];
+            if let Ok((_, from)) = remote.recv_from(&mut buf) {
+                answered = Some(from);
+                break;
+            }
+        }
+        assert_eq!(answered, Some(to), "no answer from {to}, or from elsewhere");
+    }
+    assert_eq!(gw.reason("inbound_allowed"), 2);
+    let before = gw.reason("unsolicited");
+    outside()
+        .send_to(b"closed?", SocketAddr::new(mapped_x.into(), 42003))
+        .expect("send");
+    eventually(Duration::from_secs(2), "another port stays closed", || {
+        gw.reason("unsolicited") > before
+    });
+    assert_eq!(t.ula_sources(), 0, "a ULA source reached an ISP");
+}

@@ -10,15 +10,15 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use multihome_common::{
-    Affinity, AffinityKey, CLASSIFY_IN_MAIN, EimKey, Endpoint, EndpointKey, Flow6, Flow6Key,
-    FlowFwd, FlowKey, FlowRev, HostFlows, LanNet, MAP_AFFINITY, MAP_CLASSIFY, MAP_CONN_FWD,
-    MAP_CONN_REV, MAP_CONN6, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_FILL, MAP_HOSTS, MAP_LAN_NETS,
-    MAP_LOCAL_ADDRS, MAP_NEXT_HOPS, MAP_REASONS, MAP_ROUTED, MAP_ROUTED6, MAP_RULE_ACTION,
-    MAP_RULE_DPORT, MAP_RULE_DSCP, MAP_RULE_DST, MAP_RULE_PROTO, MAP_RULE_SRC, MAP_SELECT,
-    MAP_SETTINGS, MAP_SYN_WAIT, MAP_UPLINK_STATS, MAP_UPLINKS, MAP_UPLINKS6, MAP_XDP_DEVS,
-    MAP_XDP_STATS, MAX_LAN_NETS, MAX_LOCAL_ADDRS, MAX_POLICIES, MAX_RULES, MAX_UPLINKS, NextHop,
-    Reasons, Routed6Key, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SelectTable,
-    Settings, SynWaitKey, Uplink, Uplink6, UplinkStats, XdpStats, rules_word,
+    Affinity, AffinityKey, Allow6Key, CLASSIFY_IN_MAIN, EimKey, Endpoint, EndpointKey, Flow6,
+    Flow6Key, FlowFwd, FlowKey, FlowRev, HostFlows, LanNet, MAP_AFFINITY, MAP_ALLOW6, MAP_CLASSIFY,
+    MAP_CONN_FWD, MAP_CONN_REV, MAP_CONN6, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_FILL, MAP_HOSTS,
+    MAP_LAN_NETS, MAP_LOCAL_ADDRS, MAP_NEXT_HOPS, MAP_REASONS, MAP_ROUTED, MAP_ROUTED6,
+    MAP_RULE_ACTION, MAP_RULE_DPORT, MAP_RULE_DSCP, MAP_RULE_DST, MAP_RULE_PROTO, MAP_RULE_SRC,
+    MAP_SELECT, MAP_SETTINGS, MAP_SYN_WAIT, MAP_UPLINK_STATS, MAP_UPLINKS, MAP_UPLINKS6,
+    MAP_XDP_DEVS, MAP_XDP_STATS, MAX_LAN_NETS, MAX_LOCAL_ADDRS, MAX_POLICIES, MAX_RULES,
+    MAX_UPLINKS, NextHop, Reasons, Routed6Key, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey,
+    RuleSet, SelectTable, Settings, SynWaitKey, Uplink, Uplink6, UplinkStats, XdpStats, rules_word,
 };
 
 use crate::{
@@ -336,6 +336,25 @@ impl Maps {
             .collect();
         write_exactly(
             &mut LpmTrie::try_from(Map::LpmTrie(open(&self.dir, MAP_ROUTED6)?))?,
+            &wanted,
+        )
+    }
+
+    /// Makes [`MAP_ALLOW6`] hold exactly `allowed` (selector, internal
+    /// prefix).
+    pub fn set_allow6(&self, allowed: &[(u32, Prefix6)]) -> anyhow::Result<()> {
+        let wanted: Vec<_> = allowed
+            .iter()
+            .map(|(sel, p)| {
+                let data = Allow6Key {
+                    sel_be: sel.to_be(),
+                    addr: p.network().octets(),
+                };
+                (Key::new(32 + u32::from(p.len), data), 1)
+            })
+            .collect();
+        write_exactly(
+            &mut LpmTrie::try_from(Map::LpmTrie(open(&self.dir, MAP_ALLOW6)?))?,
             &wanted,
         )
     }

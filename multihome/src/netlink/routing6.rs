@@ -6,12 +6,14 @@
 //! |--------------|------------------------------------------|
 //! | `p + 1 + i`  | `from <prefix6> lookup T_i`              |
 //! | `p + 20 + i` | `fwmark M_i/0xffffffff lookup T_i`       |
+//! | `p + 19`     | `fwmark <mark_base / 0xfe> prohibit`     |
 //!
 //! and table `T_i` holds `default via <gateway6> dev I_i`, or `default dev
 //! I_i` without a gateway. The mark rule carries what the datapath pinned
 //! to the uplink (still with its internal source: the uplink's egress
 //! program maps it); the `from` rule the gateway's own traffic from the
-//! uplink's prefix. Everything carries [`PROTO_MULTIHOME`], as in IPv4,
+//! uplink's prefix; the `prohibit` rule, present when a rule or policy can
+//! refuse flows, answers their refusals. Everything carries [`PROTO_MULTIHOME`], as in IPv4,
 //! and nothing else is touched.
 use std::{fmt, net::Ipv6Addr};
 
@@ -27,7 +29,7 @@ use rtnetlink::{
     },
 };
 
-use super::routing::{FWMARK_RULE_OFFSET, PROTO_MULTIHOME};
+use super::routing::{FWMARK_RULE_OFFSET, PROHIBIT_RULE_OFFSET, PROTO_MULTIHOME};
 use crate::config::Prefix6;
 
 /// One uplink's IPv6 routing.
@@ -48,12 +50,15 @@ pub struct Uplink6Routes {
 enum Rule6 {
     From(u32, u32, Ipv6Addr, u8),
     FwMark(u32, u32, u32),
+    /// Priority and mark.
+    Prohibit(u32, u32),
 }
 
 impl Rule6 {
     fn of(msg: &RuleMessage) -> Option<Rule6> {
         let h = &msg.header;
-        if h.family != AddressFamily::Inet6 || h.action != RuleAction::ToTable {
+        let prohibit = h.action == RuleAction::Prohibit;
+        if h.family != AddressFamily::Inet6 || !(h.action == RuleAction::ToTable || prohibit) {
             return None;
         }
         let (mut priority, mut table) = (0, u32::from(h.table));
@@ -68,7 +73,8 @@ impl Rule6 {
             }
         }
         match (src, mark) {
-            (Some(a), None) => Some(Rule6::From(priority, table, a, h.src_len)),
+            (None, Some(m)) if prohibit => Some(Rule6::Prohibit(priority, m)),
+            (Some(a), None) if !prohibit => Some(Rule6::From(priority, table, a, h.src_len)),
             (None, Some(m)) => Some(Rule6::FwMark(priority, table, m)),
             _ => None,
         }
@@ -80,6 +86,7 @@ impl fmt::Display for Rule6 {
         match self {
             Rule6::From(p, t, a, l) => write!(f, "{p}: from {a}/{l} lookup {t}"),
             Rule6::FwMark(p, t, m) => write!(f, "{p}: fwmark {m:#x} lookup {t}"),
+            Rule6::Prohibit(p, m) => write!(f, "{p}: fwmark {m:#x} prohibit"),
         }
     }
 }
@@ -160,8 +167,16 @@ impl Routing6 {
     /// Adds what `plan` has and the kernel lacks, then removes what the
     /// kernel has and `plan` does not. A table route whose link is down
     /// fails here and is tried again at the next refresh.
-    pub async fn apply(&self, plan: &[Uplink6Routes], rule_priority: u32) -> anyhow::Result<()> {
+    pub async fn apply(
+        &self,
+        plan: &[Uplink6Routes],
+        rule_priority: u32,
+        prohibit_mark: Option<u32>,
+    ) -> anyhow::Result<()> {
         let mut rules = Vec::new();
+        if let Some(m) = prohibit_mark.filter(|_| !plan.is_empty()) {
+            rules.push(Rule6::Prohibit(rule_priority + PROHIBIT_RULE_OFFSET, m));
+        }
         let mut routes = Vec::new();
         for u in plan {
             let p = u.prefix;
@@ -233,12 +248,13 @@ impl Routing6 {
 
     /// Removes every IPv6 rule and route tagged [`PROTO_MULTIHOME`].
     pub async fn remove_all(&self) -> anyhow::Result<()> {
-        self.apply(&[], 0).await
+        self.apply(&[], 0, None).await
     }
 
     async fn add_rule(&self, rule: &Rule6) -> anyhow::Result<()> {
         let (priority, table) = match *rule {
             Rule6::From(p, t, ..) | Rule6::FwMark(p, t, _) => (p, t),
+            Rule6::Prohibit(p, _) => (p, 0),
         };
         let mut req = self
             .handle
@@ -250,6 +266,12 @@ impl Routing6 {
             .action(RuleAction::ToTable);
         match *rule {
             Rule6::From(_, _, a, l) => req = req.source_prefix(a, l),
+            Rule6::Prohibit(_, m) => {
+                req = req.action(RuleAction::Prohibit).fw_mark(m);
+                req.message_mut()
+                    .attributes
+                    .push(RuleAttribute::FwMask(u32::MAX));
+            }
             Rule6::FwMark(_, _, m) => {
                 req = req.fw_mark(m);
                 req.message_mut()
