@@ -404,6 +404,7 @@ pub fn routing_plan6(config: &Config, observed: &[Observed]) -> Vec<Uplink6Route
                 mark: mark(config, id),
                 ifindex: observed[id].ifindex,
                 gateway: config.uplinks[id].gateway6,
+                l3: observed[id].l3,
                 prefix: config.npt_prefix(id)?,
                 index: id as u32,
             })

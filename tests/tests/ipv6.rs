@@ -626,3 +626,52 @@ fn an_allowed_inbound_ipv6_port_is_reachable_through_each_uplink_and_answers_fro
     });
     assert_eq!(t.ula_sources(), 0, "a ULA source reached an ISP");
 }
+
+/// An uplink without `gateway6` uses the router its ISP announces by
+/// router advertisement: the daemon keeps RAs accepted with forwarding on
+/// (`accept_ra = 2`), and puts the learned router in the uplink's table.
+#[test]
+fn an_uplink_without_gateway6_takes_the_router_its_isp_advertises() {
+    let t = Topology::standard();
+    t.add_ipv6();
+    let config =
+        config6(&t, [1, 0], "").replacen(&format!("gateway6 = \"{UPLINK_X_GW6}\"\n"), "", 1);
+    assert!(!config.contains(UPLINK_X_GW6), "{config}");
+    let _gw = Gateway::start(&t.gw, &config);
+    eventually(Duration::from_secs(3), "accept_ra = 2 on wanx", || {
+        t.gw.sysctl_get(&format!("net.ipv6.conf.{IF_WANX}.accept_ra")) == "2"
+    });
+    let link_local = t
+        .ispx
+        .exec_stdout(&[
+            "ip", "-6", "-o", "addr", "show", "dev", IF_CUST, "scope", "link",
+        ])
+        .split_whitespace()
+        .nth(3)
+        .and_then(|a| a.split('/').next())
+        .map(str::to_owned)
+        .expect("ispx has a link-local address");
+    scapy(
+        &t.ispx,
+        &format!(
+            "sendp(Ether(dst='33:33:00:00:00:01')/IPv6(src='{link_local}', dst='ff02::1', \
+             hlim=255)/ICMPv6ND_RA(routerlifetime=1800), iface='{IF_CUST}', count=3, inter=0.1)"
+        ),
+        Duration::from_secs(20),
+    );
+    let _srv = udp6_peer_server(&t, 7000);
+    let table = "100";
+    eventually(
+        Duration::from_secs(5),
+        "the learned router in x's table",
+        || {
+            t.gw.exec_stdout(&["ip", "-6", "route", "show", "table", table])
+                .contains(&format!("default via {link_local}"))
+        },
+    );
+    let seen = seen_sources(&t, &ports(4), 7000);
+    assert!(
+        seen.values().all(|a| in64(*a, UPLINK_X_PREFIX6)),
+        "{seen:?}"
+    );
+}

@@ -8,8 +8,11 @@
 //! | `p + 20 + i` | `fwmark M_i/0xffffffff lookup T_i`       |
 //! | `p + 19`     | `fwmark <mark_base / 0xfe> prohibit`     |
 //!
-//! and table `T_i` holds `default via <gateway6> dev I_i`, or `default dev
-//! I_i` without a gateway. The mark rule carries what the datapath pinned
+//! and table `T_i` holds `default via <gateway6> dev I_i`: the configured
+//! `gateway6`, else the router the uplink learned by router advertisement
+//! (the kernel's `proto ra` default route in `main` on that device), or
+//! `default dev I_i` on a point-to-point link. An Ethernet uplink with
+//! neither gets no route until an RA comes. The mark rule carries what the datapath pinned
 //! to the uplink (still with its internal source: the uplink's egress
 //! program maps it); the `from` rule the gateway's own traffic from the
 //! uplink's prefix; the `prohibit` rule, present when a rule or policy can
@@ -39,7 +42,11 @@ pub struct Uplink6Routes {
     pub mark: u32,
     /// 0 while the interface is missing: no table route then.
     pub ifindex: u32,
+    /// `gateway6`; None: the router the uplink learned by RA, or none on
+    /// a point-to-point link (`l3`).
     pub gateway: Option<Ipv6Addr>,
+    /// The device has no Ethernet header (ppp, tun): a device route.
+    pub l3: bool,
     pub prefix: Prefix6,
     /// Its index among the configured uplinks (the rules' offset).
     pub index: u32,
@@ -140,6 +147,19 @@ impl fmt::Display for Route6 {
     }
 }
 
+/// The kernel's `main` table.
+const RT_TABLE_MAIN: u32 = 254;
+
+fn route_table(msg: &RouteMessage) -> u32 {
+    msg.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(msg.header.table))
+}
+
 fn is_ours_rule(msg: &RuleMessage) -> bool {
     msg.header.family == AddressFamily::Inet6
         && msg
@@ -173,6 +193,12 @@ impl Routing6 {
         rule_priority: u32,
         prohibit_mark: Option<u32>,
     ) -> anyhow::Result<()> {
+        let mut errors = Vec::new();
+        let routers = if plan.iter().any(|u| u.gateway.is_none() && !u.l3) {
+            self.ra_routers().await?
+        } else {
+            Vec::new()
+        };
         let mut rules = Vec::new();
         if let Some(m) = prohibit_mark.filter(|_| !plan.is_empty()) {
             rules.push(Rule6::Prohibit(rule_priority + PROHIBIT_RULE_OFFSET, m));
@@ -191,15 +217,21 @@ impl Routing6 {
                 u.table,
                 u.mark,
             ));
-            if u.ifindex != 0 {
+            let learned = || {
+                routers
+                    .iter()
+                    .find(|(i, _)| *i == u.ifindex)
+                    .map(|(_, g)| *g)
+            };
+            let gateway = u.gateway.or_else(learned);
+            if u.ifindex != 0 && (gateway.is_some() || u.l3) {
                 routes.push(Route6 {
                     table: u.table,
                     ifindex: u.ifindex,
-                    gateway: u.gateway,
+                    gateway,
                 });
             }
         }
-        let mut errors = Vec::new();
         let have_rules = self.rules().await?;
         for want in &rules {
             if have_rules.iter().any(|(_, r)| r.as_ref() == Some(want)) {
@@ -290,6 +322,25 @@ impl Routing6 {
             .with_context(|| format!("adding IPv6 rule `{rule}`"))
     }
 
+    /// The routers the kernel learned by router advertisement: (device,
+    /// router) of each `proto ra` default route in `main`.
+    async fn ra_routers(&self) -> anyhow::Result<Vec<(u32, Ipv6Addr)>> {
+        Ok(self
+            .all_routes()
+            .await?
+            .iter()
+            .filter(|m| {
+                m.header.destination_prefix_length == 0
+                    && m.header.protocol == RouteProtocol::Ra
+                    && route_table(m) == RT_TABLE_MAIN
+            })
+            .filter_map(|m| {
+                let r = Route6::of(m)?;
+                Some((r.ifindex, r.gateway?))
+            })
+            .collect())
+    }
+
     async fn rules(&self) -> anyhow::Result<Vec<(RuleMessage, Option<Rule6>)>> {
         let all: Vec<RuleMessage> = self
             .handle
@@ -309,18 +360,22 @@ impl Routing6 {
             .collect())
     }
 
-    async fn routes(&self) -> anyhow::Result<Vec<(RouteMessage, Option<Route6>)>> {
+    async fn all_routes(&self) -> anyhow::Result<Vec<RouteMessage>> {
         let mut query = RouteMessage::default();
         query.header.address_family = AddressFamily::Inet6;
-        let all: Vec<RouteMessage> = self
-            .handle
+        self.handle
             .route()
             .get(query)
             .execute()
             .try_collect()
             .await
-            .context("listing the IPv6 routes of all tables")?;
-        Ok(all
+            .context("listing the IPv6 routes of all tables")
+    }
+
+    async fn routes(&self) -> anyhow::Result<Vec<(RouteMessage, Option<Route6>)>> {
+        Ok(self
+            .all_routes()
+            .await?
             .into_iter()
             .filter(is_ours_route)
             .map(|m| {
