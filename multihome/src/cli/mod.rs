@@ -58,7 +58,8 @@ pub enum Command {
     /// installs the fallback rule tables, follows links and addresses. On
     /// SIGINT/SIGTERM it detaches and removes all it installed, unless
     /// --keep-on-exit. SIGHUP (or `multihome reload`) reloads weights,
-    /// policies and rules.
+    /// gateways, addresses, LAN and IPv6 prefixes, timeouts, policies and
+    /// rules.
     ///
     /// Example: multihome run --config /etc/multihome.toml --metrics 127.0.0.1:9801
     Run {
@@ -102,8 +103,10 @@ pub enum Command {
         iterations: Option<u32>,
     },
     /// Re-read the running daemon's config (as SIGHUP does): weights,
-    /// policies and rules change, pinned flows stay. A config with a
-    /// problem is refused and the running one stays; the answer says why.
+    /// gateways, addresses, LAN and IPv6 prefixes, timeouts, policies and
+    /// rules change, pinned flows stay (but the IPv6 flows of an uplink
+    /// whose `prefix6` changed). A config with a problem is refused and
+    /// the running one stays; the answer says why.
     ///
     /// Example: multihome reload
     Reload {
