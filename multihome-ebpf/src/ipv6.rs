@@ -68,9 +68,6 @@ pub fn lan_ingress(ctx: &TcContext, l3: usize) -> Outcome {
     if pkt.l4_kind == L4::IcmpError {
         return mark(ctx, lan_error(ctx, &pkt)?);
     }
-    if pkt.l4_kind == L4::EchoReply {
-        return Err(Reason::UnsupportedProto);
-    }
     let key = Flow6Key {
         lan: pkt.saddr,
         remote: pkt.daddr,
@@ -95,6 +92,9 @@ pub fn lan_ingress(ctx: &TcContext, l3: usize) -> Outcome {
             }
             f.uplink
         }
+        // An echo reply answers a request `allow_inbound6` let in; it
+        // never opens a flow.
+        _ if pkt.l4_kind == L4::EchoReply => return Err(Reason::UnsupportedProto),
         _ => new_flow(ctx, &key, &pkt)?,
     };
     mark(ctx, id)

@@ -155,8 +155,14 @@ pub fn base_ns(prefix: &str, forwarding: bool) -> NetNs {
 /// Turns IPv6 on in `ns` and on its interfaces `ifs` (the test bed turns
 /// it off), without duplicate address detection, and forwarding as asked.
 pub fn enable_ipv6(ns: &NetNs, ifs: &[&str], forwarding: bool) {
-    for scope in ["all", "default"].iter().chain(ifs) {
+    // No DAD everywhere first: turning IPv6 on for `all` turns it on for
+    // every interface, and a link-local address still tentative then
+    // leaves neighbour discovery unanswered for a second or more.
+    let scopes = || ["all", "default"].into_iter().chain(ifs.iter().copied());
+    for scope in scopes() {
         ns.sysctl(&format!("net.ipv6.conf.{scope}.accept_dad"), "0");
+    }
+    for scope in scopes() {
         ns.sysctl(&format!("net.ipv6.conf.{scope}.disable_ipv6"), "0");
     }
     ns.sysctl(

@@ -675,3 +675,45 @@ fn an_uplink_without_gateway6_takes_the_router_its_isp_advertises() {
         "{seen:?}"
     );
 }
+
+/// `allow_inbound6` naming a LAN host lets a ping from outside reach it
+/// through its mapped address, and the echo reply back out; without the
+/// entry the same ping is dropped.
+#[test]
+fn an_allowed_host_answers_a_ping_from_outside_through_its_mapped_address() {
+    let t = Topology::standard();
+    t.add_ipv6();
+    let config = config6(&t, [1, 0], "");
+    let gw = Gateway::start(&t.gw, &config);
+    let _srv = udp6_peer_server(&t, 7000);
+    let mapped = seen_sources(&t, &[42100], 7000)[&42100];
+    let ping = |id: u16| {
+        scapy(
+            &t.inet,
+            &format!(
+                "r = sr1(IPv6(src='{INET_SERVICE6}', dst='{mapped}')/ICMPv6EchoRequest(id={id}, \
+                 seq=1), timeout=2, retry=2)\n\
+                 print('reply from', r[IPv6].src if r else None)"
+            ),
+            Duration::from_secs(20),
+        )
+    };
+    assert!(ping(7).contains("reply from None"), "a ping got in unasked");
+    assert!(gw.reason("unsolicited") > 0);
+    write_config(
+        gw.config_path(),
+        config.replacen(
+            "lan = [",
+            &format!("allow_inbound6 = [\"{CLIENT6_ADDR}/128\"]\nlan = ["),
+            1,
+        ),
+    )
+    .expect("config");
+    gw.signal(libc::SIGHUP);
+    eventually(Duration::from_secs(5), "the reload", || {
+        gw.log().contains("config reloaded")
+    });
+    let answer = ping(8);
+    assert!(answer.contains(&format!("reply from {mapped}")), "{answer}");
+    assert_eq!(t.ula_sources(), 0, "a ULA source reached an ISP");
+}

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use testbed::{NetNs, Proc};
 
-use super::topo::{CLIENT, Net, SERVICE, SINK_BASE};
+use super::topo::{CLIENT, CLIENT6, Net, SERVICE, SINK_BASE, SINK6_BASE};
 
 /// The CPU every load and the forwarding path run on.
 const LOAD_CPU: &str = "0";
@@ -182,6 +182,15 @@ impl Ctx<'_> {
     /// for as long as `how` says (`--seconds=S` or `--once`).
     fn start_blast(&self, flows: u64, dport: u16, how: &str) -> Proc {
         let exe = self.exe.display().to_string();
+        // The IPv6 topology carries IPv6 load.
+        let (src, dst) = if self.net.ipv6 {
+            (
+                format!("--src={CLIENT6}"),
+                format!("--dst-base={SINK6_BASE}"),
+            )
+        } else {
+            (format!("--src={CLIENT}"), format!("--dst-base={SINK_BASE}"))
+        };
         let cmd = [
             exe.as_str(),
             "bench-tool",
@@ -192,8 +201,8 @@ impl Ctx<'_> {
             &self.gw_mac,
             "--src-mac",
             &self.client_mac,
-            &format!("--src={CLIENT}"),
-            &format!("--dst-base={SINK_BASE}"),
+            &src,
+            &dst,
             &format!("--dport={dport}"),
             &format!("--flows={flows}"),
             how,

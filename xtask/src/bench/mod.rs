@@ -141,6 +141,11 @@ pub fn run(opts: Options) -> Result<()> {
                 eprintln!("warning: {msg}");
                 r.meta.notes.push(format!("Failed: {msg}"));
             }
+            if let Err(e) = ipv6_cell(&plan, mode, &exe, &mut r) {
+                let msg = format!("IPv6 {} {}: {e:#}", round + 1, mode.name());
+                eprintln!("warning: {msg}");
+                r.meta.notes.push(format!("Failed: {msg}"));
+            }
         }
     }
     r.meta.seconds = started.elapsed().as_secs_f64();
@@ -365,6 +370,22 @@ fn seed_cell(plan: &Plan, mode: Mode, exe: &Path, r: &mut Results) -> Result<()>
     let u = c.udp(256, 10, plan.udp_warmup, plan.udp_window)?;
     r.add("udp_pps_seed", mode, u.pps / 1e3);
     println!("seed topology: {} {:.0} kpps", mode.name(), u.pps / 1e3);
+    Ok(())
+}
+
+/// 64-byte IPv6 UDP over 256 flows: plain routing, multihome's NPTv6, and
+/// nftables' `snat prefix`, each in a topology of its own.
+fn ipv6_cell(plan: &Plan, mode: Mode, exe: &Path, r: &mut Results) -> Result<()> {
+    if mode == Mode::Seed {
+        r.skip("udp6_pps", mode, "the seed's iptables recipe is IPv4 only");
+        return Ok(());
+    }
+    let net = Net::build_ipv6();
+    let running = modes::start(mode, &net);
+    let c = ctx(&net, exe, &running)?;
+    let u = c.udp(256, 10, plan.udp_warmup, plan.udp_window)?;
+    r.add("udp6_pps", mode, u.pps / 1e3);
+    println!("IPv6: {} {:.0} kpps", mode.name(), u.pps / 1e3);
     Ok(())
 }
 

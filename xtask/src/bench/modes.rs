@@ -4,7 +4,7 @@ use testbed::{Gateway, NetNs, route};
 
 use super::{
     results::Mode,
-    topo::{Net, X_ADDR, X_GW, Y_ADDR, Y_GW, nft},
+    topo::{LAN6, Net, X_ADDR, X_GW, X_GW6, X_PREFIX6, Y_ADDR, Y_GW, Y_GW6, Y_PREFIX6, nft},
 };
 
 /// Flows the multihome map holds: 2^20, so the hash has one bucket per
@@ -18,6 +18,9 @@ pub struct Running<'a> {
 
 pub fn start(mode: Mode, net: &Net) -> Running<'_> {
     let gw = &net.gw;
+    if net.ipv6 {
+        start6(mode, net);
+    }
     match mode {
         Mode::Plain => route(gw, &format!("default via {X_GW} dev wanx")),
         Mode::Seed => {
@@ -32,8 +35,12 @@ pub fn start(mode: Mode, net: &Net) -> Running<'_> {
             if mode == Mode::MultihomeXdp {
                 net.enable_gro();
             }
+            let mut config = multihome_config(mode);
+            if net.ipv6 {
+                config = with_ipv6(&config);
+            }
             return Running {
-                gateway: Some(Gateway::start(gw, &multihome_config(mode))),
+                gateway: Some(Gateway::start(gw, &config)),
             };
         }
     }
@@ -87,6 +94,74 @@ pub fn multihome_config(mode: Mode) -> String {
          \n[[uplink]]\nname = \"y\"\ninterface = \"wany\"\ngateway = \"{Y_GW}\"\nweight = 1\n\
          \n[nat]\nmax_flows = {MAX_FLOWS}\nmax_flows_per_host = {MAX_FLOWS}\n"
     )
+}
+
+/// The IPv6 side of `mode` in an IPv6 [`Net`]: plain routing's default
+/// route, or the seed recipe in nftables with `snat prefix` (NPTv6's
+/// stateful twin: conntrack maps the LAN prefix onto the uplink's); the
+/// seed's iptables recipe is IPv4 only, and multihome's config says it
+/// all ([`with_ipv6`]).
+fn start6(mode: Mode, net: &Net) {
+    let gw = &net.gw;
+    match mode {
+        Mode::Plain => testbed::ip6(gw, &format!("route add default via {X_GW6} dev wanx")),
+        Mode::Nft => {
+            testbed::ip6(
+                gw,
+                &format!("route add table 1 default via {X_GW6} dev wanx"),
+            );
+            testbed::ip6(
+                gw,
+                &format!("route add table 2 default via {Y_GW6} dev wany"),
+            );
+            testbed::ip6(
+                gw,
+                &format!(
+                    "route add default nexthop via {X_GW6} dev wanx nexthop via {Y_GW6} dev wany"
+                ),
+            );
+            testbed::ip6(gw, "rule add fwmark 1 lookup 1");
+            testbed::ip6(gw, "rule add fwmark 2 lookup 2");
+            nft(
+                gw,
+                &format!(
+                    "table ip6 seed6 {{\n\
+                     chain pre {{ type filter hook prerouting priority mangle; meta mark set ct mark; }}\n\
+                     chain post {{ type filter hook postrouting priority mangle;\n\
+                       ct state new oifname \"wanx\" meta mark set 1\n\
+                       ct state new oifname \"wany\" meta mark set 2\n\
+                       ct state new ct mark set meta mark\n\
+                     }}\n\
+                     chain nat {{ type nat hook postrouting priority srcnat;\n\
+                       meta mark 1 snat ip6 prefix to {X_PREFIX6}\n\
+                       meta mark 2 snat ip6 prefix to {Y_PREFIX6}\n\
+                     }}\n\
+                     }}\n"
+                ),
+            );
+        }
+        Mode::Seed | Mode::Multihome | Mode::MultihomeXdp => {}
+    }
+}
+
+/// `config` with IPv6: the LAN's ULA mapped onto both uplinks' prefixes.
+fn with_ipv6(config: &str) -> String {
+    config
+        .replacen(
+            "lan = [",
+            &format!("lan_prefixes6 = [\"{LAN6}\"]\nlan = ["),
+            1,
+        )
+        .replacen(
+            "name = \"x\"\n",
+            &format!("name = \"x\"\nprefix6 = \"{X_PREFIX6}\"\ngateway6 = \"{X_GW6}\"\n"),
+            1,
+        )
+        .replacen(
+            "name = \"y\"\n",
+            &format!("name = \"y\"\nprefix6 = \"{Y_PREFIX6}\"\ngateway6 = \"{Y_GW6}\"\n"),
+            1,
+        )
 }
 
 fn ip(ns: &NetNs, args: &str) {

@@ -87,6 +87,12 @@ pub const METRICS: &[Metric] = &[
         true,
     ),
     metric(
+        "udp6_pps",
+        "IPv6 UDP 64 B, 256 flows (multihome: NPTv6; nft: snat prefix)",
+        "kpps",
+        true,
+    ),
+    metric(
         "newflow_pps",
         "UDP 64 B, every packet a new flow",
         "kpps",

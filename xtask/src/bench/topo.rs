@@ -28,6 +28,17 @@ pub const SERVICE: Ipv4Addr = Ipv4Addr::new(198, 18, 250, 10);
 /// Where the UDP load goes: a /16 that `inet` drops.
 pub const SINK_BASE: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 0);
 
+// IPv6 ([`Net::build_ipv6`]): the LAN's ULA, each uplink's link and the
+// prefix `inet` routes to the gateway over it.
+pub const CLIENT6: &str = "fd00:1::2";
+pub const LAN6: &str = "fd00:1::/64";
+pub const X_GW6: &str = "2001:db8:11::fe";
+pub const Y_GW6: &str = "2001:db8:22::fe";
+pub const X_PREFIX6: &str = "2001:db8:11:100::/64";
+pub const Y_PREFIX6: &str = "2001:db8:22:100::/64";
+/// Where the IPv6 load goes: a /48 that `inet` drops.
+pub const SINK6_BASE: &str = "2001:db8:ff::";
+
 /// Interfaces whose offloads the offload-off runs change (namespace, name).
 const LINKS: [(Side, &str); 6] = [
     (Side::Client, "lan0"),
@@ -46,6 +57,8 @@ enum Side {
 }
 
 pub struct Net {
+    /// IPv6 is set up too ([`Net::build_ipv6`]).
+    pub ipv6: bool,
     pub client: NetNs,
     pub gw: NetNs,
     pub inet: NetNs,
@@ -74,6 +87,7 @@ fn mac(ns: &NetNs, ifname: &str) -> Result<String> {
 impl Net {
     pub fn build() -> Net {
         let n = Net {
+            ipv6: false,
             client: base_ns("bc", false),
             gw: base_ns("bg", true),
             inet: base_ns("bi", false),
@@ -88,6 +102,61 @@ impl Net {
         n.finish()
     }
 
+    /// [`Net::build`] with IPv6 on every link: the client on [`LAN6`]
+    /// (default via the gateway), each uplink's link `2001:db8:11::/64` or
+    /// `2001:db8:22::/64` with `inet` routing [`X_PREFIX6`] or
+    /// [`Y_PREFIX6`] to the gateway, the LAN's ULA too for plain routing,
+    /// and [`SINK6_BASE`]/48 dropped at `inet`'s ingress like the IPv4
+    /// load.
+    pub fn build_ipv6() -> Net {
+        let n = Net::build();
+        for (ns, ifs, fwd) in [
+            (&n.client, &["lan0"][..], false),
+            (&n.gw, &["lan0", "wanx", "wany"][..], true),
+            (&n.inet, &["ix", "iy"][..], false),
+        ] {
+            testbed::enable_ipv6(ns, ifs, fwd);
+        }
+        let ip6 = testbed::ip6;
+        ip6(&n.client, &format!("addr add {CLIENT6}/64 dev lan0 nodad"));
+        ip6(&n.client, "route add default via fd00:1::1");
+        ip6(&n.gw, "addr add fd00:1::1/64 dev lan0 nodad");
+        for (wan, inet_if, link, prefix) in [
+            ("wanx", "ix", "2001:db8:11::", X_PREFIX6),
+            ("wany", "iy", "2001:db8:22::", Y_PREFIX6),
+        ] {
+            ip6(&n.gw, &format!("addr add {link}1/64 dev {wan} nodad"));
+            ip6(
+                &n.inet,
+                &format!("addr add {link}fe/64 dev {inet_if} nodad"),
+            );
+            ip6(
+                &n.inet,
+                &format!("route add {prefix} via {link}1 dev {inet_if}"),
+            );
+        }
+        // Only for plain routing, which does not translate the LAN.
+        ip6(
+            &n.inet,
+            &format!("route add {LAN6} via 2001:db8:11::1 dev ix"),
+        );
+        for chain in ["ix", "iy"] {
+            n.inet.exec(&[
+                "nft",
+                "add",
+                "rule",
+                "netdev",
+                "sink",
+                chain,
+                "ip6",
+                "daddr",
+                &format!("{SINK6_BASE}/48"),
+                "drop",
+            ]);
+        }
+        Net { ipv6: true, ..n }
+    }
+
     /// The seed's topology: between each uplink and the internet host an
     /// ISP router that drops sources other than its customer's subnet
     /// (iptables, as the test bed's ISPs), so the internet host is two
@@ -95,6 +164,7 @@ impl Net {
     pub fn build_seed() -> Net {
         let isps = [base_ns("bx", true), base_ns("by", true)];
         let n = Net {
+            ipv6: false,
             client: base_ns("bc", false),
             gw: base_ns("bg", true),
             inet: base_ns("bi", false),

@@ -6,7 +6,7 @@ use std::{
     ffi::CString,
     io::{Read as _, Write as _},
     mem,
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, TcpListener, TcpStream},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     time::{Duration, Instant},
 };
@@ -55,11 +55,12 @@ pub struct BlastArgs {
     /// The sending interface's MAC address
     #[arg(long)]
     pub src_mac: String,
+    /// IPv4, or IPv6 for IPv6 frames (then `dst_base` must be IPv6 too)
     #[arg(long)]
-    pub src: Ipv4Addr,
+    pub src: IpAddr,
     /// Flow `i` goes to `dst_base + (i mod 65536)`
     #[arg(long)]
-    pub dst_base: Ipv4Addr,
+    pub dst_base: IpAddr,
     #[arg(long, default_value_t = 9)]
     pub dport: u16,
     /// Number of distinct flows; they are sent round robin
@@ -78,6 +79,8 @@ const ETH: usize = 14;
 const IP: usize = 20;
 const UDP: usize = 8;
 const FRAME: usize = ETH + IP + UDP + PAYLOAD;
+const IP6: usize = 40;
+const FRAME6: usize = ETH + IP6 + UDP + PAYLOAD;
 const BATCH: usize = 64;
 
 /// Flow `i`'s destination address and source port: the address walks a
@@ -132,6 +135,49 @@ pub fn write_frame(
         *b = i as u8;
     }
     let pseudo = sum16(&src.octets()) + sum16(&dst.octets()) + 17 + (UDP + PAYLOAD) as u32;
+    let c = match !fold(pseudo + sum16(udp)) {
+        0 => 0xffff,
+        c => c,
+    };
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Flow `i`'s IPv6 destination (the low 16 bits walk) and source port,
+/// as [`flow`].
+pub fn flow6(dst_base: Ipv6Addr, i: u64) -> (Ipv6Addr, u16) {
+    let addr = u128::from(dst_base).wrapping_add(u128::from(i & 0xffff));
+    (Ipv6Addr::from(addr), 32768 + ((i >> 16) % 28232) as u16)
+}
+
+/// [`write_frame`] for IPv6 (RFC 8200; the UDP checksum over its
+/// pseudo-header).
+pub fn write_frame6(
+    buf: &mut [u8; FRAME6],
+    macs: ([u8; 6], [u8; 6]),
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    sport: u16,
+    dport: u16,
+) {
+    buf[0..6].copy_from_slice(&macs.0);
+    buf[6..12].copy_from_slice(&macs.1);
+    buf[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    let len = (UDP + PAYLOAD) as u16;
+    let ip = &mut buf[ETH..ETH + IP6];
+    ip[..4].copy_from_slice(&[0x60, 0, 0, 0]);
+    ip[4..6].copy_from_slice(&len.to_be_bytes());
+    ip[6..8].copy_from_slice(&[17, 64]);
+    ip[8..24].copy_from_slice(&src.octets());
+    ip[24..40].copy_from_slice(&dst.octets());
+    let udp = &mut buf[ETH + IP6..];
+    udp[0..2].copy_from_slice(&sport.to_be_bytes());
+    udp[2..4].copy_from_slice(&dport.to_be_bytes());
+    udp[4..6].copy_from_slice(&len.to_be_bytes());
+    udp[6..8].fill(0);
+    for (i, b) in udp[UDP..].iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    let pseudo = sum16(&src.octets()) + sum16(&dst.octets()) + 17 + u32::from(len);
     let c = match !fold(pseudo + sum16(udp)) {
         0 => 0xffff,
         c => c,
@@ -199,17 +245,31 @@ fn packet_socket(ifname: &str) -> Result<(OwnedFd, i32)> {
 fn blast(a: &BlastArgs) -> Result<()> {
     ensure!(a.flows > 0, "--flows must be at least 1");
     ensure!(a.once || a.seconds.is_some(), "give --seconds or --once");
-    let (fd, _) = packet_socket(&a.ifname)?;
     let macs = (parse_mac(&a.dst_mac)?, parse_mac(&a.src_mac)?);
-    let mut frames = vec![[0u8; FRAME]; BATCH];
+    match (a.src, a.dst_base) {
+        (IpAddr::V4(src), IpAddr::V4(base)) => send_flows(a, |f: &mut [u8; FRAME], i| {
+            let (dst, sport) = flow(base, i);
+            write_frame(f, macs, src, dst, sport, a.dport);
+        }),
+        (IpAddr::V6(src), IpAddr::V6(base)) => send_flows(a, |f: &mut [u8; FRAME6], i| {
+            let (dst, sport) = flow6(base, i);
+            write_frame6(f, macs, src, dst, sport, a.dport);
+        }),
+        _ => bail!("--src and --dst-base must be of one family"),
+    }
+}
+
+/// [`blast`]'s loop over frames of `N` bytes, flow `i` written by `write`.
+fn send_flows<const N: usize>(a: &BlastArgs, write: impl Fn(&mut [u8; N], u64)) -> Result<()> {
+    let (fd, _) = packet_socket(&a.ifname)?;
+    let mut frames = vec![[0u8; N]; BATCH];
     let fixed = a.flows <= BATCH as u64 * 64 && !a.once;
     // Few flows: build them all once and cycle through them.
-    let prebuilt: Vec<[u8; FRAME]> = if fixed {
+    let prebuilt: Vec<[u8; N]> = if fixed {
         (0..a.flows)
             .map(|i| {
-                let (dst, sport) = flow(a.dst_base, i);
-                let mut f = [0u8; FRAME];
-                write_frame(&mut f, macs, a.src, dst, sport, a.dport);
+                let mut f = [0u8; N];
+                write(&mut f, i);
                 f
             })
             .collect()
@@ -229,8 +289,7 @@ fn blast(a: &BlastArgs) -> Result<()> {
             if fixed {
                 *f = prebuilt[i as usize];
             } else {
-                let (dst, sport) = flow(a.dst_base, i);
-                write_frame(f, macs, a.src, dst, sport, a.dport);
+                write(f, i);
             }
         }
         let done = send_batch(&fd, &mut frames[..n])?;
@@ -241,12 +300,12 @@ fn blast(a: &BlastArgs) -> Result<()> {
     Ok(())
 }
 
-fn send_batch(fd: &OwnedFd, frames: &mut [[u8; FRAME]]) -> Result<usize> {
+fn send_batch<const N: usize>(fd: &OwnedFd, frames: &mut [[u8; N]]) -> Result<usize> {
     let mut iov: Vec<libc::iovec> = frames
         .iter_mut()
         .map(|f| libc::iovec {
             iov_base: f.as_mut_ptr().cast(),
-            iov_len: FRAME,
+            iov_len: N,
         })
         .collect();
     let mut msgs: Vec<libc::mmsghdr> = iov
@@ -332,6 +391,22 @@ mod tests {
         );
         let pseudo = sum16(&[198, 18, 1, 2]) + sum16(&dst.octets()) + 17 + 72;
         assert_eq!(fold(pseudo + sum16(&f[ETH + IP..])), 0xffff, "UDP checksum");
+    }
+
+    #[test]
+    fn ipv6_frame_checksum_verifies_to_zero() {
+        let mut f = [0u8; FRAME6];
+        let base: Ipv6Addr = "2001:db8:ff::".parse().expect("v6");
+        let (dst, sport) = flow6(base, 70_000);
+        assert_eq!(dst, "2001:db8:ff::1170".parse::<Ipv6Addr>().expect("v6"));
+        let src: Ipv6Addr = "fd00:1::2".parse().expect("v6");
+        write_frame6(&mut f, ([1; 6], [2; 6]), src, dst, sport, 9);
+        let pseudo = sum16(&src.octets()) + sum16(&dst.octets()) + 17 + 72;
+        assert_eq!(
+            fold(pseudo + sum16(&f[ETH + IP6..])),
+            0xffff,
+            "UDP checksum"
+        );
     }
 
     #[test]
