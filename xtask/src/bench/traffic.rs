@@ -262,7 +262,7 @@ fn blast(a: &BlastArgs) -> Result<()> {
 /// [`blast`]'s loop over frames of `N` bytes, flow `i` written by `write`.
 fn send_flows<const N: usize>(a: &BlastArgs, write: impl Fn(&mut [u8; N], u64)) -> Result<()> {
     let (fd, _) = packet_socket(&a.ifname)?;
-    let mut frames = vec![[0u8; N]; BATCH];
+    let mut frames = [[0u8; N]; BATCH];
     let fixed = a.flows <= BATCH as u64 * 64 && !a.once;
     // Few flows: build them all once and cycle through them.
     let prebuilt: Vec<[u8; N]> = if fixed {
