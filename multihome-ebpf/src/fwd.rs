@@ -22,6 +22,7 @@ use crate::{
 };
 
 pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
 /// `BPF_MTU_CHK_SEGS` (uapi `bpf.h`): check a GSO packet's segments.
 const MTU_CHK_SEGS: u64 = 1;
 
@@ -129,6 +130,70 @@ pub fn lookup(
         resolved: forward && ret == BPF_FIB_LKUP_RET_SUCCESS,
         mac,
     })
+}
+
+/// An IPv6 address as the four words `bpf_fib_lookup` takes, in network
+/// order.
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
+
+/// [`lookup`] for IPv6 when forwarding: the device and resolved Ethernet
+/// addresses (destination then source) of the next hop from `src` to
+/// `dst` in `table` (or through the policy rules), for a packet of `len`
+/// bytes; None when the kernel must forward it (no route, local, too big,
+/// a neighbour to resolve).
+#[inline(always)]
+pub fn lookup6(
+    ctx: &TcContext,
+    (src, dst): (&[u8; 16], &[u8; 16]),
+    proto: u8,
+    len: u16,
+    table: Option<u32>,
+) -> Option<(u32, [u8; 12])> {
+    let mut params = MaybeUninit::<FibParams>::uninit();
+    let p = zeroed(&mut params);
+    p.family = AF_INET6;
+    p.l4_protocol = proto;
+    // SAFETY: the context pointer is valid for the program's run.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    p.__bindgen_anon_1.tot_len = if gso { 0 } else { len };
+    p.__bindgen_anon_3.ipv6_src = words(src);
+    p.__bindgen_anon_4.ipv6_dst = words(dst);
+    // SAFETY: the context pointer is valid for the program's run.
+    p.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    let mut flags = 0;
+    if let Some(t) = table {
+        p.__bindgen_anon_5.tbid = t;
+        flags = BPF_FIB_LOOKUP_DIRECT | BPF_FIB_LOOKUP_TBID;
+    }
+    // SAFETY: `p` lives on the stack for the call and its size is passed.
+    let ret = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            p as *mut FibParams,
+            size_of::<FibParams>() as i32,
+            flags,
+        )
+    } as u32;
+    if ret != BPF_FIB_LKUP_RET_SUCCESS {
+        return None;
+    }
+    if gso {
+        let mut mtu = 0u32;
+        // SAFETY: `mtu` lives on the stack for the call.
+        let r =
+            unsafe { bpf_check_mtu(ctx.skb.skb as *mut _, p.ifindex, &mut mtu, 0, MTU_CHK_SEGS) };
+        if r != 0 {
+            return None;
+        }
+    }
+    let mut mac = [0u8; 12];
+    mac[..6].copy_from_slice(&p.dmac);
+    mac[6..].copy_from_slice(&p.smac);
+    Some((p.ifindex, mac))
 }
 
 /// Uplink `id`'s next hop from `NEXT_HOPS`, when the daemon has it and

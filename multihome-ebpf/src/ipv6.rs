@@ -5,19 +5,21 @@
 //! pass only for existing flows (RFC 6092 simple security). ICMPv6 errors
 //! are mapped outer address and quoted address alike; both rewrites keep
 //! every checksum, so none is touched.
-use aya_ebpf::{bindings::BPF_NOEXIST, maps::lpm_trie::Key, programs::TcContext};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST, helpers::bpf_redirect, maps::lpm_trie::Key, programs::TcContext,
+};
 use multihome_common::{
     Allow6Key, BALANCE_CONNECTION, BALANCE_ENDPOINT, BALANCE_HASH, BALANCE_SITE, BALANCE_SOURCE,
     FLOW_SEEN_REPLY, Flow6, Flow6Key, FlowKey, IPPROTO_TCP, IPPROTO_UDP, LAST_RESORT_UNREACHABLE,
-    MARK_PROHIBIT, MAX_UPLINKS, ON_DOWN_KEEP, ON_DOWN_PURGE_UDP, RULE_MAIN, RULE_UNREACHABLE,
-    Reason, UPLINK_CONFIGURED, UPLINK_LINK_DOWN, UPLINK_OUTAGE, UPLINK_USABLE, Uplink, Uplink6,
-    flow_hash, select_slot,
+    MARK_PROHIBIT, MARK_TRANSLATED, MAX_UPLINKS, ON_DOWN_KEEP, ON_DOWN_PURGE_UDP, RULE_MAIN,
+    RULE_UNREACHABLE, Reason, UPLINK_CONFIGURED, UPLINK_L3, UPLINK_LINK_DOWN, UPLINK_OUTAGE,
+    UPLINK_USABLE, Uplink, Uplink6, flow_hash, select_slot,
 };
 
 use crate::{
     classify,
     conntrack::{self, now_ns},
-    guard,
+    fwd, guard,
     maps::{ALLOW6, CONN6, SCRATCH6, SELECT, UPLINKS},
     nptv6::{self, Way},
     outbound::{FLOW_CLOSED, ingress_ifindex, on_down, settings},
@@ -77,7 +79,7 @@ pub fn lan_ingress(ctx: &TcContext, l3: usize) -> Outcome {
         _pad0: 0,
         _pad1: 0,
     };
-    let id = match CONN6.get_ptr_mut(key) {
+    let (id, pinned_before) = match CONN6.get_ptr_mut(key) {
         Some(f) if keeps(&key, f, pkt.tcp_flags) => {
             // SAFETY: `f` points into the map's preallocated value; a race
             // with another CPU loses a stamp or a flag, never the flow.
@@ -90,14 +92,81 @@ pub fn lan_ingress(ctx: &TcContext, l3: usize) -> Outcome {
             if now.wrapping_sub(f.last_seen_ns) > TOUCH_NS {
                 f.last_seen_ns = now;
             }
-            f.uplink
+            (f.uplink, true)
         }
         // An echo reply answers a request `allow_inbound6` let in; it
         // never opens a flow.
         _ if pkt.l4_kind == L4::EchoReply => return Err(Reason::UnsupportedProto),
-        _ => new_flow(ctx, &key, &pkt)?,
+        _ => (new_flow(ctx, &key, &pkt)?, false),
     };
-    mark(ctx, id)
+    mark(ctx, id)?;
+    // A flow's first packet takes the kernel's path, which resolves the
+    // next hop for the ones after it.
+    if !pinned_before {
+        return Ok(Verdict::Pass);
+    }
+    let out = forward(ctx, l3, &pkt, id, Way::Out);
+    if let Ok(Verdict::Pass) = out {
+        stats::slow_path(id);
+    }
+    out
+}
+
+/// The fast path of an IPv6 packet of flow on uplink `id`, `way` out of
+/// or into the LAN: when `bpf_fib_lookup` resolves the next hop (in the
+/// uplink's table out, through the rules in), the address is mapped, the
+/// hop limit decremented (IPv6 has no header checksum) and the packet
+/// redirected. Otherwise it passes to the kernel as it is: with the
+/// uplink's mark out (`mh_wan_out6` maps it), mapped in. A hop limit of 1,
+/// an L3 uplink, an unresolved neighbour or an oversize packet all take
+/// the kernel's path, which answers what needs answering.
+#[inline(never)]
+fn forward(ctx: &TcContext, l3: usize, pkt: &Packet6, id: u8, way: Way) -> Outcome {
+    let (Some(uplink), Some(u6)) = (UPLINKS.get(id as u32), nptv6::uplink6(id as u32)) else {
+        return Ok(Verdict::Pass);
+    };
+    if pkt.hop_limit <= 1 || uplink.flags & UPLINK_L3 != 0 {
+        return Ok(Verdict::Pass);
+    }
+    let len = pkt.payload_len.saturating_add(ip6::LEN as u16);
+    let (at, table) = match way {
+        Way::Out => (ip6::SADDR, Some(uplink.table)),
+        Way::In => (ip6::DADDR, None),
+    };
+    let Ok(mapped) = nptv6::map(
+        if way == Way::Out {
+            &pkt.saddr
+        } else {
+            &pkt.daddr
+        },
+        u6,
+        way,
+    ) else {
+        return Ok(Verdict::Pass);
+    };
+    let ends = match way {
+        Way::Out => (&mapped, &pkt.daddr),
+        Way::In => (&pkt.saddr, &mapped),
+    };
+    let Some((ifindex, mac)) = fwd::lookup6(ctx, ends, pkt.proto, len, table) else {
+        return Ok(Verdict::Pass);
+    };
+    if way == Way::Out && ifindex != uplink.ifindex {
+        return Ok(Verdict::Pass);
+    }
+    store(ctx, l3 + at, &mapped)?;
+    store(ctx, l3 + ip6::NEXT_HOP + 1, &(pkt.hop_limit - 1))?;
+    store(ctx, 0, &mac)?;
+    if way == Way::Out {
+        // Tells the uplink's egress programs that this one is done.
+        ctx.set_mark(uplink.mark | MARK_TRANSLATED);
+        stats::tx(id, ctx.len());
+    } else {
+        stats::rx(id, ctx.len());
+    }
+    // SAFETY: plain helper call.
+    let ret = unsafe { bpf_redirect(ifindex, 0) };
+    Ok(Verdict::Redirect(ret as i32))
 }
 
 /// The uplink of the flow a LAN host's ICMPv6 error is about.
@@ -342,14 +411,26 @@ pub fn wan_ingress(ctx: &TcContext, l3: usize) -> Outcome {
     if pkt.l4_kind == L4::IcmpError {
         return wan_error(ctx, l3, &pkt, id);
     }
-    wan_reply(ctx, l3, &pkt, id)
+    wan_reply(&pkt, id)?;
+    // From an Ethernet uplink (`l3` past the header), the fast path.
+    if l3 != 0
+        && let Ok(Verdict::Redirect(r)) = forward(ctx, l3, &pkt, id, Way::In)
+    {
+        return Ok(Verdict::Redirect(r));
+    }
+    let u6 = nptv6::uplink6(id as u32).ok_or(Reason::NoMapping)?;
+    nptv6::rewrite(ctx, l3 + ip6::DADDR, u6, Way::In)?;
+    stats::rx(id, ctx.len());
+    stats::slow_path(id);
+    Ok(Verdict::Pass)
 }
 
-/// A packet of a flow of uplink `id` (or one `allow_inbound6` admits):
-/// its destination mapped back. A subprogram of its own, as the error
-/// path is, so that their frames are never added up.
+/// Whether a packet from outside belongs to a flow of uplink `id` (or
+/// one `allow_inbound6` admits), whose state it updates. A subprogram of
+/// its own, as the error path is, so that their frames are never added
+/// up.
 #[inline(never)]
-fn wan_reply(ctx: &TcContext, l3: usize, pkt: &Packet6, id: u8) -> Outcome {
+fn wan_reply(pkt: &Packet6, id: u8) -> Outcome {
     let u6 = nptv6::uplink6(id as u32).ok_or(Reason::NoMapping)?;
     let key = Flow6Key {
         lan: nptv6::map(&pkt.daddr, u6, Way::In)?,
@@ -377,8 +458,6 @@ fn wan_reply(ctx: &TcContext, l3: usize, pkt: &Packet6, id: u8) -> Outcome {
     if now.wrapping_sub(f.last_seen_ns) > TOUCH_NS {
         f.last_seen_ns = now;
     }
-    store(ctx, l3 + ip6::DADDR, &key.lan)?;
-    stats::rx(id, ctx.len());
     Ok(Verdict::Pass)
 }
 

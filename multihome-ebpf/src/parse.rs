@@ -424,6 +424,9 @@ pub struct Packet6 {
     pub tcp_flags: u8,
     /// The traffic class's top six bits (RFC 2474).
     pub dscp: u8,
+    pub hop_limit: u8,
+    /// The IPv6 payload length, bytes (the packet is 40 bytes more).
+    pub payload_len: u16,
     /// `FRAG6_*`.
     pub frag: u8,
     pub saddr: [u8; 16],
@@ -479,7 +482,8 @@ fn parse_ipv6_into(
     if (ctx.len() as usize) < l3 + ip6::LEN + payload {
         return Err(Reason::Malformed);
     }
-    let mut proto = hi(load::<u16>(ctx, l3 + ip6::NEXT_HOP)?);
+    let next_hop: u16 = load(ctx, l3 + ip6::NEXT_HOP)?;
+    let (mut proto, hop_limit) = (hi(next_hop), lo(next_hop));
     let mut l4 = l3 + ip6::LEN;
     let mut frag = FRAG6_NONE;
     for _ in 0..MAX_EXT_HEADERS {
@@ -514,6 +518,8 @@ fn parse_ipv6_into(
         l4_kind: L4::Other,
         tcp_flags: 0,
         dscp,
+        hop_limit,
+        payload_len: payload as u16,
         frag,
         saddr: load(ctx, l3 + ip6::SADDR)?,
         daddr: load(ctx, l3 + ip6::DADDR)?,

@@ -717,3 +717,40 @@ fn an_allowed_host_answers_a_ping_from_outside_through_its_mapped_address() {
     assert!(answer.contains(&format!("reply from {mapped}")), "{answer}");
     assert_eq!(t.ula_sources(), 0, "a ULA source reached an ISP");
 }
+
+/// Once a flow's first packets have resolved its next hops, its packets
+/// take the redirect both ways (mapped, hop limit decremented) rather
+/// than the kernel's forwarding path: the uplink's slow-path count stays
+/// put while its packet counts grow.
+#[test]
+fn established_ipv6_flows_are_redirected_both_ways_past_the_kernels_forwarding() {
+    let t = Topology::standard();
+    t.add_ipv6();
+    let gw = Gateway::start(&t.gw, &config6(&t, [1, 0], ""));
+    let _srv = udp6_peer_server(&t, 7000);
+    let first = seen_sources(&t, &[42200], 7000);
+    let x = |key: &str| gw.status()["uplinks"][0][key].as_u64().expect("counter");
+    let (slow, tx, rx) = (x("slow_path"), x("tx_packets"), x("rx_packets"));
+    let sock = t
+        .client
+        .run(|| UdpSocket::bind(SocketAddr::new(v6(CLIENT6_ADDR).into(), 42200)))
+        .expect("bind");
+    sock.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    let to = SocketAddr::new(v6(INET_SERVICE6).into(), 7000);
+    for _ in 0..20 {
+        sock.send_to(b"again", to).expect("send");
+        let mut buf = [0u8; 64];
+        let (n, _) = sock.recv_from(&mut buf).expect("an answer");
+        assert_eq!(
+            v6(std::str::from_utf8(&buf[..n]).expect("text")),
+            first[&42200]
+        );
+    }
+    assert_eq!(x("tx_packets") - tx, 20);
+    assert_eq!(x("rx_packets") - rx, 20);
+    assert_eq!(
+        x("slow_path"),
+        slow,
+        "established packets took the kernel's path"
+    );
+}
