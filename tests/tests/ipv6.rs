@@ -754,3 +754,45 @@ fn established_ipv6_flows_are_redirected_both_ways_past_the_kernels_forwarding()
         "established packets took the kernel's path"
     );
 }
+
+/// A dual-stack client talks both families at once through the same
+/// gateway: each server sees the family it was asked in, IPv4 from an
+/// uplink's address, IPv6 from an uplink's prefix, and `conns` lists
+/// both.
+#[test]
+fn a_dual_stack_client_reaches_both_families_at_once_each_translated_its_way() {
+    let t = Topology::standard();
+    t.add_ipv6();
+    let gw = Gateway::start(&t.gw, &config6(&t, [1, 1], ""));
+    let v4 = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    let _v6 = udp6_peer_server(&t, 7000);
+    let uplink_addrs = [UPLINK_X_ADDR, UPLINK_Y_ADDR];
+    let (seen4, seen6) = std::thread::scope(|s| {
+        let four = s.spawn(|| {
+            (0..8)
+                .map(|_| *udp_seen_as(&t.client, None, v4.addr()).expect("IPv4").ip())
+                .collect::<Vec<_>>()
+        });
+        let six = s.spawn(|| seen_sources(&t, &ports(8), 7000));
+        (four.join().expect("IPv4"), six.join().expect("IPv6"))
+    });
+    assert!(
+        seen4.iter().all(|a| uplink_addrs.contains(a)),
+        "an IPv4 flow left untranslated: {seen4:?}"
+    );
+    assert!(
+        seen6
+            .values()
+            .all(|a| in64(*a, UPLINK_X_PREFIX6) || in64(*a, UPLINK_Y_PREFIX6)),
+        "{seen6:?}"
+    );
+    let conns = gw.conns();
+    let v6_flows = conns.iter().filter(|c| c["src"] == CLIENT6_ADDR).count();
+    let v4_flows = conns
+        .iter()
+        .filter(|c| c["src"] == CLIENT_ADDR.to_string())
+        .count();
+    assert_eq!(v6_flows, 8, "{conns:?}");
+    assert!(v4_flows >= 1, "{conns:?}");
+    assert_eq!(t.foreign_sources() + t.ula_sources(), 0);
+}

@@ -104,7 +104,7 @@ fn rows(now: &Status, before: &Status, secs: f64) -> Vec<[String; 13]> {
                 n.interface.clone(),
                 n.address.clone().unwrap_or_else(|| "-".into()),
                 n.state.to_string(),
-                n.flows.to_string(),
+                (n.flows + n.flows6).to_string(),
                 human_bits(rate(n.tx_bytes, b.tx_bytes, secs)),
                 human_bits(rate(n.rx_bytes, b.rx_bytes, secs)),
                 format!(
@@ -122,6 +122,14 @@ fn rows(now: &Status, before: &Status, secs: f64) -> Vec<[String; 13]> {
         .collect()
 }
 
+/// The live flows, both families, for the title.
+fn live(st: &Status) -> String {
+    match st.flows6 {
+        0 => format!("{} live flows", st.flows),
+        n => format!("{} live flows ({n} IPv6)", st.flows + n),
+    }
+}
+
 /// One screen as text (a pipe, or `--iterations`).
 fn render(now: &Status, before: &Status, secs: f64, events: &VecDeque<String>) -> String {
     let line = |cells: &[&str]| {
@@ -132,7 +140,7 @@ fn render(now: &Status, before: &Status, secs: f64, events: &VecDeque<String>) -
             "{a:<8} {b:<10} {c:<16} {d:<9} {e:>7} {f:>14} {g:>14} {h:>7} {i:>9} {j:>7} {k:>7} {l:>7} {m:>7}\n"
         )
     };
-    let mut s = format!("multihome top: {} live flows (Ctrl-C quits)\n\n", now.flows);
+    let mut s = format!("multihome top: {} (Ctrl-C quits)\n\n", live(now));
     s += &line(&HEADERS);
     for r in rows(now, before, secs) {
         s += &line(&r.each_ref().map(String::as_str));
@@ -278,7 +286,7 @@ mod screen {
         ])
         .areas(f.area());
         f.render_widget(
-            Paragraph::new(format!("multihome top: {} live flows (q quits)", now.flows)),
+            Paragraph::new(format!("multihome top: {} (q quits)", super::live(now))),
             title,
         );
         let widths = [8, 10, 16, 9, 7, 14, 14, 8, 9, 7, 7, 7, 7].map(Constraint::Length);
