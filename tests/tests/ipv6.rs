@@ -796,3 +796,53 @@ fn a_dual_stack_client_reaches_both_families_at_once_each_translated_its_way() {
     assert!(v4_flows >= 1, "{conns:?}");
     assert_eq!(t.foreign_sources() + t.ula_sources(), 0);
 }
+
+/// The daemon installs each IPv6 uplink's rules (from its prefix, its
+/// mark, unreachable behind them) and table route, tagged `proto 77`,
+/// keeps the route out while the link is down, and removes everything on
+/// exit.
+#[test]
+fn ipv6_rules_and_routes_follow_the_links_and_go_with_the_daemon() {
+    let t = Topology::standard();
+    t.add_ipv6();
+    // As a statically configured router keeps them (the kernel flushes
+    // IPv6 addresses on link down otherwise).
+    t.gw.sysctl(&format!("net.ipv6.conf.{IF_WANX}.keep_addr_on_down"), "1");
+    let gw = Gateway::start(&t.gw, &config6(&t, [1, 1], ""));
+    let ours = |what: &[&str]| {
+        let mut cmd = vec!["ip", "-6"];
+        cmd.extend(what);
+        t.gw.exec_stdout(&cmd)
+            .lines()
+            .filter(|l| l.contains("proto 77"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let rules = ours(&["rule"]);
+    assert_eq!(rules.len(), 6, "{rules:#?}");
+    for needle in [
+        format!("from {UPLINK_X_PREFIX6} lookup 100"),
+        "lookup 101".into(),
+        "unreachable".into(),
+    ] {
+        assert!(
+            rules.iter().any(|r| r.contains(&needle)),
+            "{needle}: {rules:#?}"
+        );
+    }
+    let routes = || ours(&["route", "show", "table", "all"]);
+    assert_eq!(routes().len(), 2, "{:#?}", routes());
+    link_down(&t.gw, IF_WANX);
+    eventually(
+        Duration::from_secs(3),
+        "x's route gone with its link",
+        || routes().len() == 1,
+    );
+    link_up(&t.gw, IF_WANX);
+    eventually(Duration::from_secs(3), "x's route back", || {
+        routes().len() == 2
+    });
+    drop(gw);
+    assert_eq!(ours(&["rule"]), Vec::<String>::new());
+    assert_eq!(routes(), Vec::<String>::new());
+}

@@ -1222,7 +1222,8 @@ fn ifname(ifindex: u32) -> String {
 // ---------------------------------------------------------------------------
 // Errors
 
-fn errno(e: &rtnetlink::Error) -> Option<i32> {
+/// The errno of a netlink error, if it carries one.
+pub(crate) fn errno(e: &rtnetlink::Error) -> Option<i32> {
     match e {
         rtnetlink::Error::NetlinkError(m) => Some(m.raw_code().abs()).filter(|c| *c != 0),
         _ => None,

@@ -6,6 +6,7 @@
 //! |--------------|------------------------------------------|
 //! | `p + 1 + i`  | `from <prefix6> lookup T_i`              |
 //! | `p + 20 + i` | `fwmark M_i/0xffffffff lookup T_i`       |
+//! | `p + 40 + i` | `fwmark M_i/0xffffffff unreachable`      |
 //! | `p + 19`     | `fwmark <mark_base / 0xfe> prohibit`     |
 //!
 //! and table `T_i` holds `default via <gateway6> dev I_i`: the configured
@@ -15,14 +16,16 @@
 //! neither gets no route until an RA comes. The mark rule carries what the datapath pinned
 //! to the uplink (still with its internal source: the uplink's egress
 //! program maps it); the `from` rule the gateway's own traffic from the
-//! uplink's prefix; the `prohibit` rule, present when a rule or policy can
-//! refuse flows, answers their refusals. Everything carries [`PROTO_MULTIHOME`], as in IPv4,
+//! uplink's prefix; the `unreachable` rule answers the uplink's packets
+//! while its table has no route (link down, no router yet) instead of
+//! letting them fall through to `main`; the `prohibit` rule, present when a
+//! rule or policy can refuse flows, answers their refusals. Everything carries [`PROTO_MULTIHOME`], as in IPv4,
 //! and nothing else is touched.
 use std::{fmt, net::Ipv6Addr};
 
 use anyhow::Context as _;
 use futures::TryStreamExt;
-use log::info;
+use log::{debug, info};
 use rtnetlink::{
     Handle, IpVersion, RouteMessageBuilder,
     packet_route::{
@@ -32,7 +35,7 @@ use rtnetlink::{
     },
 };
 
-use super::routing::{FWMARK_RULE_OFFSET, PROHIBIT_RULE_OFFSET, PROTO_MULTIHOME};
+use super::routing::{FWMARK_RULE_OFFSET, PROHIBIT_RULE_OFFSET, PROTO_MULTIHOME, errno};
 use crate::config::Prefix6;
 
 /// One uplink's IPv6 routing.
@@ -59,13 +62,18 @@ enum Rule6 {
     FwMark(u32, u32, u32),
     /// Priority and mark.
     Prohibit(u32, u32),
+    /// Priority and mark.
+    Unreachable(u32, u32),
 }
 
 impl Rule6 {
     fn of(msg: &RuleMessage) -> Option<Rule6> {
         let h = &msg.header;
         let prohibit = h.action == RuleAction::Prohibit;
-        if h.family != AddressFamily::Inet6 || !(h.action == RuleAction::ToTable || prohibit) {
+        let unreachable = h.action == RuleAction::Unreachable;
+        if h.family != AddressFamily::Inet6
+            || !(h.action == RuleAction::ToTable || prohibit || unreachable)
+        {
             return None;
         }
         let (mut priority, mut table) = (0, u32::from(h.table));
@@ -81,7 +89,9 @@ impl Rule6 {
         }
         match (src, mark) {
             (None, Some(m)) if prohibit => Some(Rule6::Prohibit(priority, m)),
-            (Some(a), None) if !prohibit => Some(Rule6::From(priority, table, a, h.src_len)),
+            (None, Some(m)) if unreachable => Some(Rule6::Unreachable(priority, m)),
+            (_, _) if prohibit || unreachable => None,
+            (Some(a), None) => Some(Rule6::From(priority, table, a, h.src_len)),
             (None, Some(m)) => Some(Rule6::FwMark(priority, table, m)),
             _ => None,
         }
@@ -94,6 +104,7 @@ impl fmt::Display for Rule6 {
             Rule6::From(p, t, a, l) => write!(f, "{p}: from {a}/{l} lookup {t}"),
             Rule6::FwMark(p, t, m) => write!(f, "{p}: fwmark {m:#x} lookup {t}"),
             Rule6::Prohibit(p, m) => write!(f, "{p}: fwmark {m:#x} prohibit"),
+            Rule6::Unreachable(p, m) => write!(f, "{p}: fwmark {m:#x} unreachable"),
         }
     }
 }
@@ -217,6 +228,10 @@ impl Routing6 {
                 u.table,
                 u.mark,
             ));
+            rules.push(Rule6::Unreachable(
+                rule_priority + 2 * FWMARK_RULE_OFFSET + u.index,
+                u.mark,
+            ));
             let learned = || {
                 routers
                     .iter()
@@ -261,6 +276,20 @@ impl Routing6 {
                 .await;
             match res {
                 Ok(()) => info!("added IPv6 route {want}"),
+                // Link down or gone, or the router not on a link yet (the
+                // kernel flushes IPv6 addresses on link down): the next
+                // refresh after it is back adds it; meanwhile the
+                // unreachable rule answers.
+                Err(e)
+                    if matches!(
+                        errno(&e),
+                        Some(
+                            libc::ENETDOWN | libc::ENETUNREACH | libc::EHOSTUNREACH | libc::ENODEV
+                        )
+                    ) =>
+                {
+                    debug!("IPv6 route `{want}` left out for now: {e}")
+                }
                 Err(e) => errors.push(anyhow::anyhow!("adding IPv6 route `{want}`: {e}")),
             }
         }
@@ -286,7 +315,7 @@ impl Routing6 {
     async fn add_rule(&self, rule: &Rule6) -> anyhow::Result<()> {
         let (priority, table) = match *rule {
             Rule6::From(p, t, ..) | Rule6::FwMark(p, t, _) => (p, t),
-            Rule6::Prohibit(p, _) => (p, 0),
+            Rule6::Prohibit(p, _) | Rule6::Unreachable(p, _) => (p, 0),
         };
         let mut req = self
             .handle
@@ -298,8 +327,12 @@ impl Routing6 {
             .action(RuleAction::ToTable);
         match *rule {
             Rule6::From(_, _, a, l) => req = req.source_prefix(a, l),
-            Rule6::Prohibit(_, m) => {
-                req = req.action(RuleAction::Prohibit).fw_mark(m);
+            Rule6::Prohibit(_, m) | Rule6::Unreachable(_, m) => {
+                let action = match *rule {
+                    Rule6::Prohibit(..) => RuleAction::Prohibit,
+                    _ => RuleAction::Unreachable,
+                };
+                req = req.action(action).fw_mark(m);
                 req.message_mut()
                     .attributes
                     .push(RuleAttribute::FwMask(u32::MAX));
