@@ -96,6 +96,11 @@ pub struct UplinkConfig {
     /// How IPv6 leaves this uplink.
     #[serde(default)]
     pub mode6: Mode6,
+    /// The ISP has `prefix6` on-link (it asks for each address by
+    /// neighbour solicitation) rather than routed to the gateway: answer
+    /// for the LAN hosts' mapped addresses (NDP proxy).
+    #[serde(default)]
+    pub ndp_proxy: bool,
     /// Its slot in the UPLINKS map, which flows, marks and tables are
     /// numbered by: its position in the file, unless maps adopted from an
     /// earlier run hold it elsewhere (by name; see [`Config::adopt_slots`]).

@@ -30,7 +30,7 @@ use crate::{
     health::{self, HealthReport, OnDown, OnUp, ProbeBinding, passive},
     loader::{self, Datapath, Hook},
     maps::{self, Maps},
-    mapwalk, netinfo,
+    mapwalk, ndproxy, netinfo,
     policy::{
         self, Policies, UplinkNow,
         compile::{self, Compiled},
@@ -90,6 +90,8 @@ struct Daemon {
     maps: Maps,
     routing: Routing,
     routing6: Routing6,
+    /// The NDP proxy has entries on some uplink.
+    ndp_proxied: bool,
     observed: Vec<Observed>,
     attached: BTreeSet<(String, String)>,
     /// Per interface name: its index and where XDP goes, decided once
@@ -257,6 +259,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut d = Daemon {
         routing: Routing::new(handle.clone()),
         routing6: Routing6::new(handle.clone()),
+        ndp_proxied: false,
         handle,
         events,
         classify_stale: true,
@@ -591,6 +594,9 @@ impl Daemon {
                 Vec::new()
             }
         };
+        if let Err(e) = self.sync_ndp_proxy(snap, &observed, false).await {
+            failed.push(e);
+        }
         let all_down = !usable.iter().any(|u| *u);
         if all_down && !self.all_down {
             error!(
@@ -645,6 +651,48 @@ impl Daemon {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// Keeps the NDP proxy entries of the uplinks with `ndp_proxy` in line
+    /// with the LAN hosts; with `stop`, removes them all.
+    async fn sync_ndp_proxy(
+        &mut self,
+        snap: &netinfo::Snapshot,
+        observed: &[Observed],
+        stop: bool,
+    ) -> anyhow::Result<()> {
+        let mut proxying = Vec::new();
+        let mut others = Vec::new();
+        for (id, u) in self.config.uplinks.iter().enumerate() {
+            let u6 = uplinks::uplink6(&self.config, id);
+            let ifindex = observed.get(id).map_or(0, |o| o.ifindex);
+            if u6.prefix_len == 0 || ifindex == 0 {
+                continue;
+            }
+            if u.ndp_proxy && !stop {
+                routing::enable_proxy_ndp(&u.interface)?;
+                proxying.push(ndproxy::ProxyUplink { ifindex, u6 });
+            } else {
+                others.push((ifindex, u6));
+            }
+        }
+        // Nothing proxies now or did: no dumps.
+        if proxying.is_empty() && !self.ndp_proxied {
+            return Ok(());
+        }
+        let lan: Vec<u32> = self
+            .config
+            .lan
+            .iter()
+            .filter_map(|l| snap.get(l).map(|i| i.index))
+            .collect();
+        let hosts = match proxying.first() {
+            Some(p) => ndproxy::lan_hosts(&self.handle, &lan, &p.u6).await?,
+            None => Default::default(),
+        };
+        ndproxy::sync(&self.handle, &proxying, &others, &hosts).await?;
+        self.ndp_proxied = !proxying.is_empty();
+        Ok(())
     }
 
     /// Writes each uplink's IPv6 translation (and turns on IPv6
@@ -1559,6 +1607,17 @@ impl Daemon {
         }
         if let Err(e) = self.routing6.remove_all().await {
             error!("removing IPv6 routes and rules: {e:#}");
+        }
+        // Forced: entries an earlier run left are removed too.
+        self.ndp_proxied = true;
+        let observed = self.observed.clone();
+        match netinfo::snapshot(&self.handle).await {
+            Ok(snap) => {
+                if let Err(e) = self.sync_ndp_proxy(&snap, &observed, true).await {
+                    error!("removing NDP proxy entries: {e:#}");
+                }
+            }
+            Err(e) => error!("removing NDP proxy entries: {e:#}"),
         }
         if let Err(e) = loader::remove_pins(&self.opts.pin_dir) {
             error!("{e:#}");

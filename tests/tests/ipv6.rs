@@ -846,3 +846,59 @@ fn ipv6_rules_and_routes_follow_the_links_and_go_with_the_daemon() {
     assert_eq!(ours(&["rule"]), Vec::<String>::new());
     assert_eq!(routes(), Vec::<String>::new());
 }
+
+/// An ISP that keeps the uplink's prefix on-link asks for each mapped
+/// address by neighbour solicitation: without `ndp_proxy` nobody answers
+/// and the replies never come; with it (a reload) the gateway answers for
+/// its LAN hosts' mapped addresses and the flow works. The entries go
+/// with the daemon.
+#[test]
+fn ndp_proxy_answers_for_mapped_addresses_on_a_prefix_the_isp_keeps_on_link() {
+    let t = Topology::standard();
+    t.add_ipv6();
+    ip6(
+        &t.ispx,
+        &format!("route replace {UPLINK_X_PREFIX6} dev {IF_CUST}"),
+    );
+    let config = config6(&t, [1, 0], "");
+    let gw = Gateway::start(&t.gw, &config);
+    let _srv = udp6_peer_server(&t, 7000);
+    let sock = t
+        .client
+        .run(|| UdpSocket::bind(SocketAddr::new(v6(CLIENT6_ADDR).into(), 42300)))
+        .expect("bind");
+    sock.set_read_timeout(Some(Duration::from_millis(1500)))
+        .expect("timeout");
+    let to = SocketAddr::new(v6(INET_SERVICE6).into(), 7000);
+    sock.send_to(b"on-link?", to).expect("send");
+    let mut buf = [0u8; 64];
+    assert!(
+        sock.recv_from(&mut buf).is_err(),
+        "an answer came back without the NDP proxy"
+    );
+    write_config(
+        gw.config_path(),
+        config.replacen("name = \"x\"\n", "name = \"x\"\nndp_proxy = true\n", 1),
+    )
+    .expect("config");
+    gw.signal(libc::SIGHUP);
+    let proxies = || {
+        t.gw.exec_stdout(&["ip", "-6", "neigh", "show", "proxy"])
+            .lines()
+            .filter(|l| l.contains(IF_WANX))
+            .count()
+    };
+    eventually(
+        Duration::from_secs(5),
+        "a proxy entry for the client",
+        || proxies() == 1,
+    );
+    let seen = seen_sources(&t, &[42301], 7000)[&42301];
+    assert!(in64(seen, UPLINK_X_PREFIX6), "{seen}");
+    assert_eq!(
+        t.gw.sysctl_get(&format!("net.ipv6.conf.{IF_WANX}.proxy_ndp")),
+        "1"
+    );
+    drop(gw);
+    assert_eq!(proxies(), 0, "the proxy entries outlived the daemon");
+}

@@ -1335,6 +1335,19 @@ pub fn enable_forwarding6<'a>(uplinks: impl Iterator<Item = &'a str>) -> anyhow:
     Ok(())
 }
 
+/// Turns on the NDP proxy of uplink `ifname` (`proxy_ndp = 1`): the
+/// kernel answers neighbour solicitations for its proxy entries.
+pub fn enable_proxy_ndp(ifname: &str) -> anyhow::Result<()> {
+    if ifname.is_empty() || ifname.contains('/') || ifname.starts_with('.') {
+        bail!("proxy_ndp for `{ifname}`: not an interface name");
+    }
+    write_sysctl(
+        &format!("/proc/sys/net/ipv6/conf/{ifname}/proxy_ndp"),
+        1,
+        "the NDP proxy",
+    )
+}
+
 /// Sets `net.ipv4.conf.IFNAME.rp_filter` (0 off, 1 strict, 2 loose). The
 /// kernel uses the larger of this and `conf.all.rp_filter`.
 pub fn set_rp_filter(ifname: &str, value: u8) -> anyhow::Result<()> {
