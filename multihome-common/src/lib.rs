@@ -131,13 +131,16 @@ pub const MAP_UPLINKS6: &str = "UPLINKS6";
 /// `allow_inbound6`: which unsolicited IPv6 connections from outside may
 /// reach the LAN ([`Allow6Key`] -> 1).
 pub const MAP_ALLOW6: &str = "ALLOW6";
+/// Uplink slot -> its IPv6 next hop ([`NextHop`]), as [`MAP_NEXT_HOPS`]
+/// for IPv4.
+pub const MAP_NEXT_HOPS6: &str = "NEXT_HOPS6";
 /// Entries of [`MAP_ALLOW6`].
 pub const MAX_ALLOW6: u32 = 256;
 /// Entries of [`MAP_CONN6`].
 pub const MAX_FLOWS6: u32 = 131_072;
 /// Entries of [`MAP_XDP_DEVS`].
 pub const MAX_XDP_DEVS: u32 = 64;
-pub const ALL_MAPS: [&str; 35] = [
+pub const ALL_MAPS: [&str; 36] = [
     MAP_CONN_FWD,
     MAP_CONN_REV,
     MAP_UPLINKS,
@@ -173,6 +176,7 @@ pub const ALL_MAPS: [&str; 35] = [
     MAP_CONN6,
     MAP_UPLINKS6,
     MAP_ALLOW6,
+    MAP_NEXT_HOPS6,
 ];
 
 /// [`MAP_CLASSIFY`]: the kernel's policy rules route an unmarked packet

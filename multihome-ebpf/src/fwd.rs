@@ -91,15 +91,7 @@ pub fn lookup(
         p.__bindgen_anon_5.tbid = t;
         flags |= BPF_FIB_LOOKUP_DIRECT | BPF_FIB_LOOKUP_TBID;
     }
-    // SAFETY: `p` lives on the stack for the call and its size is passed.
-    let ret = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb as *mut _,
-            p as *mut FibParams,
-            size_of::<FibParams>() as i32,
-            flags,
-        )
-    } as u32;
+    let ret = fib(ctx, p, flags);
     // Without tot_len, the kernel still checks the skb against the MTU
     // after a complete lookup; a route that is only being classified is
     // found all the same.
@@ -107,22 +99,10 @@ pub fn lookup(
     if ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH && !classified {
         return Err(NoHop);
     }
-    if forward && gso {
-        // The lookup let every GSO packet through (is_skb_forwardable):
-        // check its segments against the egress device's MTU, which can
-        // drop under a live connection. Too big: the kernel segments or
-        // answers "fragmentation needed".
-        let mut mtu = 0u32;
-        // SAFETY: `mtu` lives on the stack for the call.
-        let r =
-            unsafe { bpf_check_mtu(ctx.skb.skb as *mut _, p.ifindex, &mut mtu, 0, MTU_CHK_SEGS) };
-        if r != 0 {
-            return Err(NoHop);
-        }
+    if forward && gso && !segments_fit(ctx, p.ifindex) {
+        return Err(NoHop);
     }
-    let mut mac = [0u8; 12];
-    mac[..6].copy_from_slice(&p.dmac);
-    mac[6..].copy_from_slice(&p.smac);
+    let mac = macs(p);
     Ok(Hop {
         ifindex: p.ifindex,
         // SAFETY: the union holds the IPv4 next hop after an IPv4 lookup.
@@ -169,31 +149,44 @@ pub fn lookup6(
         p.__bindgen_anon_5.tbid = t;
         flags = BPF_FIB_LOOKUP_DIRECT | BPF_FIB_LOOKUP_TBID;
     }
+    if fib(ctx, p, flags) != BPF_FIB_LKUP_RET_SUCCESS || gso && !segments_fit(ctx, p.ifindex) {
+        return None;
+    }
+    Some((p.ifindex, macs(p)))
+}
+
+/// `bpf_fib_lookup` of `p` with `flags`: its `BPF_FIB_LKUP_RET_*`.
+#[inline(always)]
+fn fib(ctx: &TcContext, p: &mut FibParams, flags: u32) -> u32 {
     // SAFETY: `p` lives on the stack for the call and its size is passed.
-    let ret = unsafe {
+    unsafe {
         bpf_fib_lookup(
             ctx.skb.skb as *mut _,
             p as *mut FibParams,
             size_of::<FibParams>() as i32,
             flags,
-        )
-    } as u32;
-    if ret != BPF_FIB_LKUP_RET_SUCCESS {
-        return None;
+        ) as u32
     }
-    if gso {
-        let mut mtu = 0u32;
-        // SAFETY: `mtu` lives on the stack for the call.
-        let r =
-            unsafe { bpf_check_mtu(ctx.skb.skb as *mut _, p.ifindex, &mut mtu, 0, MTU_CHK_SEGS) };
-        if r != 0 {
-            return None;
-        }
-    }
+}
+
+/// Whether a GSO packet's segments fit device `ifindex`'s MTU. The lookup
+/// lets every GSO packet through (`is_skb_forwardable`), so a too-big one
+/// would be dropped under a live connection; it goes to the kernel,
+/// which segments it or answers "fragmentation needed".
+#[inline(always)]
+fn segments_fit(ctx: &TcContext, ifindex: u32) -> bool {
+    let mut mtu = 0u32;
+    // SAFETY: `mtu` lives on the stack for the call.
+    unsafe { bpf_check_mtu(ctx.skb.skb as *mut _, ifindex, &mut mtu, 0, MTU_CHK_SEGS) == 0 }
+}
+
+/// The lookup's Ethernet addresses, destination then source.
+#[inline(always)]
+fn macs(p: &FibParams) -> [u8; 12] {
     let mut mac = [0u8; 12];
     mac[..6].copy_from_slice(&p.dmac);
     mac[6..].copy_from_slice(&p.smac);
-    Some((p.ifindex, mac))
+    mac
 }
 
 /// Uplink `id`'s next hop from `NEXT_HOPS`, when the daemon has it and

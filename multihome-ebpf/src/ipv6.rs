@@ -20,12 +20,12 @@ use crate::{
     classify,
     conntrack::{self, now_ns},
     fwd, guard,
-    maps::{ALLOW6, CONN6, SCRATCH6, SELECT, UPLINKS},
+    maps::{ALLOW6, CONN6, NEXT_HOPS6, SCRATCH6, SELECT, UPLINKS},
     nptv6::{self, Way},
     outbound::{FLOW_CLOSED, ingress_ifindex, on_down, settings},
     parse::{
-        self, FRAG6_LATER, FRAG6_NONE, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, IPPROTO_ICMPV6, L4,
-        Packet6, TCP_ACK, TCP_SYN, hi, ip6, load, store,
+        self, ETH_HLEN, FRAG6_LATER, FRAG6_NONE, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST,
+        IPPROTO_ICMPV6, L4, Packet6, TCP_ACK, TCP_SYN, hi, ip6, load, put,
     },
     select, stats,
     verdict::{Outcome, Verdict},
@@ -125,13 +125,15 @@ fn forward(ctx: &TcContext, l3: usize, pkt: &Packet6, id: u8, way: Way) -> Outco
     let (Some(uplink), Some(u6)) = (UPLINKS.get(id as u32), nptv6::uplink6(id as u32)) else {
         return Ok(Verdict::Pass);
     };
-    if pkt.hop_limit <= 1 || uplink.flags & UPLINK_L3 != 0 {
+    // Only between Ethernet devices (an L3 uplink's frames have no header
+    // to rewrite), which also makes every offset below a constant.
+    if pkt.hop_limit <= 1 || uplink.flags & UPLINK_L3 != 0 || l3 != ETH_HLEN {
         return Ok(Verdict::Pass);
     }
     let len = pkt.payload_len.saturating_add(ip6::LEN as u16);
-    let (at, table) = match way {
-        Way::Out => (ip6::SADDR, Some(uplink.table)),
-        Way::In => (ip6::DADDR, None),
+    let table = match way {
+        Way::Out => Some(uplink.table),
+        Way::In => None,
     };
     let Ok(mapped) = nptv6::map(
         if way == Way::Out {
@@ -148,15 +150,23 @@ fn forward(ctx: &TcContext, l3: usize, pkt: &Packet6, id: u8, way: Way) -> Outco
         Way::Out => (&mapped, &pkt.daddr),
         Way::In => (&pkt.saddr, &mapped),
     };
-    let Some((ifindex, mac)) = fwd::lookup6(ctx, ends, pkt.proto, len, table) else {
+    let hop = match way {
+        Way::Out => cached(ctx, id, uplink, len),
+        Way::In => None,
+    };
+    let Some((ifindex, mac)) = hop.or_else(|| fwd::lookup6(ctx, ends, pkt.proto, len, table))
+    else {
         return Ok(Verdict::Pass);
     };
     if way == Way::Out && ifindex != uplink.ifindex {
         return Ok(Verdict::Pass);
     }
-    store(ctx, l3 + at, &mapped)?;
-    store(ctx, l3 + ip6::NEXT_HOP + 1, &(pkt.hop_limit - 1))?;
-    store(ctx, 0, &mac)?;
+    match way {
+        Way::Out => put(ctx, ETH_HLEN + ip6::SADDR, mapped)?,
+        Way::In => put(ctx, ETH_HLEN + ip6::DADDR, mapped)?,
+    }
+    put(ctx, ETH_HLEN + ip6::NEXT_HOP + 1, pkt.hop_limit - 1)?;
+    put(ctx, 0, mac)?;
     if way == Way::Out {
         // Tells the uplink's egress programs that this one is done.
         ctx.set_mark(uplink.mark | MARK_TRANSLATED);
@@ -249,21 +259,28 @@ fn new_flow(ctx: &TcContext, key: &Flow6Key, pkt: &Packet6) -> Result<u8, Reason
         Err(Reason::PolicyRefused) => return Err(refuse()),
         chosen => chosen?,
     };
-    let now = now_ns();
-    let flow = Flow6 {
-        last_seen_ns: now,
-        flags: conntrack::tcp_flags_out(0, pkt.tcp_flags),
-        uplink: id,
-        policy: policy as u8,
-        _pad0: 0,
-        created_s: (now / 1_000_000_000) as u32,
-        _pad1: 0,
-    };
+    let flow = fresh(id, conntrack::tcp_flags_out(0, pkt.tcp_flags), policy as u8);
     CONN6
         .insert(key, flow, BPF_NOEXIST as u64)
         .map_err(|_| Reason::MapFull)?;
     stats::new_flow(id);
     Ok(id)
+}
+
+/// A new flow's entry, made now: on uplink `id` with `flags`, placed by
+/// `policy`.
+#[inline(always)]
+fn fresh(id: u8, flags: u32, policy: u8) -> Flow6 {
+    let now = now_ns();
+    Flow6 {
+        last_seen_ns: now,
+        flags,
+        uplink: id,
+        policy,
+        _pad0: 0,
+        created_s: (now / 1_000_000_000) as u32,
+        _pad1: 0,
+    }
 }
 
 /// The uplink for a new IPv6 connection under `policy`: its table's
@@ -461,6 +478,18 @@ fn wan_reply(pkt: &Packet6, id: u8) -> Outcome {
     Ok(Verdict::Pass)
 }
 
+/// Uplink `id`'s IPv6 next hop from `NEXT_HOPS6`, when it serves a packet
+/// of `len` bytes: valid, on the uplink's device, within its MTU, not GSO
+/// (whose segments the lookup checks).
+#[inline(always)]
+fn cached(ctx: &TcContext, id: u8, uplink: &Uplink, len: u16) -> Option<(u32, [u8; 12])> {
+    let h = NEXT_HOPS6.get(u32::from(id))?;
+    // SAFETY: the context pointer is valid for the program's run.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    (h.valid != 0 && h.ifindex == uplink.ifindex && !gso && u32::from(len) <= h.mtu)
+        .then_some((h.ifindex, h.mac))
+}
+
 /// An ICMPv6 error from outside about a flow of uplink `id`: its outer
 /// destination and quoted source mapped back.
 #[inline(never)]
@@ -497,18 +526,8 @@ fn admit(key: &Flow6Key, id: u8) -> Result<*mut Flow6, Reason> {
     if !allowed(0) && !(port && allowed(sel)) {
         return Err(Reason::Unsolicited);
     }
-    let now = now_ns();
-    let flow = Flow6 {
-        last_seen_ns: now,
-        flags: FLOW_SEEN_REPLY,
-        uplink: id,
-        policy: 0,
-        _pad0: 0,
-        created_s: (now / 1_000_000_000) as u32,
-        _pad1: 0,
-    };
     CONN6
-        .insert(key, flow, BPF_NOEXIST as u64)
+        .insert(key, fresh(id, FLOW_SEEN_REPLY, 0), BPF_NOEXIST as u64)
         .map_err(|_| Reason::MapFull)?;
     stats::count(Reason::InboundAllowed);
     stats::new_flow(id);

@@ -173,3 +173,8 @@ pub static ALLOW6: LpmTrie<Allow6Key, u32, { MAX_ALLOW6 as usize }> = LpmTrie::n
 /// Never pinned: it holds nothing between runs.
 #[btf_map]
 pub static SCRATCH6: PerCpuArray<Flow6Key, 1> = PerCpuArray::new();
+
+/// Uplink slot -> its IPv6 next hop (`gateway6` or the router of its RA),
+/// so that established IPv6 packets skip `bpf_fib_lookup`.
+#[btf_map]
+pub static NEXT_HOPS6: Array<NextHop, { MAX_UPLINKS as usize }> = Array::new();

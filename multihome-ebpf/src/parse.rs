@@ -443,6 +443,32 @@ pub fn load<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, Reason> {
     ctx.load::<T>(off).map_err(|_| Reason::Malformed)
 }
 
+/// The start of the L4 header at `l4`: read in place when no extension
+/// header came before it (a constant offset), else through the helper.
+#[inline(always)]
+fn l4_head<T: Copy>(ctx: &TcContext, l3: usize, l4: usize) -> Result<T, Reason> {
+    if l4 == l3 + ip6::LEN {
+        read(ctx, l3 + ip6::LEN)
+    } else {
+        load(ctx, l4)
+    }
+}
+
+/// Writes `v` at `off`: in place when that part of the packet is linear
+/// (no helper call), else with `bpf_skb_store_bytes`. `off` must be
+/// bounded for the verifier (a constant, in practice).
+#[inline(always)]
+pub fn put<T: Copy>(ctx: &TcContext, off: usize, v: T) -> Result<(), Reason> {
+    match ptr_at::<T>(ctx, off) {
+        Some(p) => {
+            // SAFETY: bounds checked against data_end by `ptr_at`.
+            unsafe { p.write_unaligned(v) };
+            Ok(())
+        }
+        None => store(ctx, off, &v),
+    }
+}
+
 /// Writes `v` at `off` with `bpf_skb_store_bytes`.
 #[inline(always)]
 pub fn store<T>(ctx: &TcContext, off: usize, v: &T) -> Result<(), Reason> {
@@ -472,18 +498,21 @@ fn parse_ipv6_into(
     l3: usize,
     out: &mut core::mem::MaybeUninit<Packet6>,
 ) -> Result<(), Reason> {
-    let head = load::<u16>(ctx, l3)?;
-    if hi(head) >> 4 != 6 {
+    // Bounded for the verifier: the header is read in place.
+    if l3 > ETH_HLEN {
+        return Err(Reason::Malformed);
+    }
+    let h: [u8; ip6::LEN] = read(ctx, l3)?;
+    if h[0] >> 4 != 6 {
         return Err(Reason::Malformed);
     }
     // Version (4 bits), then the traffic class (8 bits).
-    let dscp = ((hi(head) & 0x0f) << 4 | lo(head) >> 4) >> 2;
-    let payload = u16::from_be(load::<u16>(ctx, l3 + ip6::PAYLOAD_LEN)?) as usize;
+    let dscp = ((h[0] & 0x0f) << 4 | h[1] >> 4) >> 2;
+    let payload = u16::from_be_bytes([h[ip6::PAYLOAD_LEN], h[ip6::PAYLOAD_LEN + 1]]) as usize;
     if (ctx.len() as usize) < l3 + ip6::LEN + payload {
         return Err(Reason::Malformed);
     }
-    let next_hop: u16 = load(ctx, l3 + ip6::NEXT_HOP)?;
-    let (mut proto, hop_limit) = (hi(next_hop), lo(next_hop));
+    let (mut proto, hop_limit) = (h[6], h[7]);
     let mut l4 = l3 + ip6::LEN;
     let mut frag = FRAG6_NONE;
     for _ in 0..MAX_EXT_HEADERS {
@@ -521,8 +550,12 @@ fn parse_ipv6_into(
         hop_limit,
         payload_len: payload as u16,
         frag,
-        saddr: load(ctx, l3 + ip6::SADDR)?,
-        daddr: load(ctx, l3 + ip6::DADDR)?,
+        saddr: h[ip6::SADDR..ip6::SADDR + 16]
+            .try_into()
+            .unwrap_or_default(),
+        daddr: h[ip6::DADDR..ip6::DADDR + 16]
+            .try_into()
+            .unwrap_or_default(),
         sport_be: 0,
         dport_be: 0,
     };
@@ -532,19 +565,22 @@ fn parse_ipv6_into(
     }
     match proto {
         IPPROTO_TCP => {
+            let t: [u8; 14] = l4_head(ctx, l3, l4)?;
             pkt.l4_kind = L4::Tcp;
-            pkt.tcp_flags = lo(load::<u16>(ctx, l4 + 12)?);
-            pkt.sport_be = load(ctx, l4)?;
-            pkt.dport_be = load(ctx, l4 + 2)?;
+            pkt.tcp_flags = t[13];
+            pkt.sport_be = u16::from_ne_bytes([t[0], t[1]]);
+            pkt.dport_be = u16::from_ne_bytes([t[2], t[3]]);
         }
         IPPROTO_UDP => {
+            let u: [u8; 4] = l4_head(ctx, l3, l4)?;
             pkt.l4_kind = L4::Udp;
-            pkt.sport_be = load(ctx, l4)?;
-            pkt.dport_be = load(ctx, l4 + 2)?;
+            pkt.sport_be = u16::from_ne_bytes([u[0], u[1]]);
+            pkt.dport_be = u16::from_ne_bytes([u[2], u[3]]);
         }
         IPPROTO_ICMPV6 => {
-            let kind = hi(load::<u16>(ctx, l4)?);
-            let id: u16 = load(ctx, l4 + 4)?;
+            let i: [u8; 6] = l4_head(ctx, l3, l4)?;
+            let kind = i[0];
+            let id = u16::from_ne_bytes([i[4], i[5]]);
             match kind {
                 ICMPV6_ECHO_REQUEST => {
                     pkt.l4_kind = L4::EchoRequest;

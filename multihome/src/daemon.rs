@@ -1380,15 +1380,30 @@ impl Daemon {
             .await
             .inspect_err(|e| warn!("reading the neighbour table: {e:#}"))
             .unwrap_or_default();
-        for (u, o) in self.config.uplinks.iter().zip(observed) {
-            let mac = u
-                .gateway
-                .and_then(|g| neighbours.get(&(o.ifindex, g)).copied());
-            if let Err(e) = self
-                .maps
-                .set_next_hop(u.slot.into(), &uplinks::next_hop(u, o, mac))
-            {
+        let routers = self.routing6.ra_routers().await.unwrap_or_default();
+        for (id, (u, o)) in self.config.uplinks.iter().zip(observed).enumerate() {
+            let mac_of = |g: std::net::IpAddr| neighbours.get(&(o.ifindex, g)).copied();
+            let mac = u.gateway.and_then(|g| mac_of(g.into()));
+            if let Err(e) = self.maps.set_next_hop(
+                u.slot.into(),
+                &uplinks::next_hop(u.gateway.is_some(), o, mac),
+            ) {
                 error!("writing uplink {}'s next hop: {e:#}", u.name);
+            }
+            // IPv6: `gateway6`, or the router its RA announced.
+            let gw6 = u.gateway6.or_else(|| {
+                routers
+                    .iter()
+                    .find(|(i, _)| *i == o.ifindex)
+                    .map(|(_, g)| *g)
+            });
+            let hop6 = if uplinks::uplink6(&self.config, id).prefix_len == 0 {
+                Default::default()
+            } else {
+                uplinks::next_hop(gw6.is_some(), o, gw6.and_then(|g| mac_of(g.into())))
+            };
+            if let Err(e) = self.maps.set_next_hop6(u.slot.into(), &hop6) {
+                error!("writing uplink {}'s IPv6 next hop: {e:#}", u.name);
             }
         }
     }

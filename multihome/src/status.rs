@@ -49,6 +49,8 @@ pub struct UplinkStatus {
     pub prefix6: Option<String>,
     /// IPv6 flows pinned to it (counted in `tx`/`rx` too).
     pub flows6: u64,
+    /// As `next_hop`, for IPv6 (`NEXT_HOPS6`).
+    pub next_hop6: Option<String>,
 }
 
 /// Which path an interface's packets take.
@@ -95,6 +97,7 @@ impl UplinkStatus {
             xdp_rx_packets: 0,
             prefix6: None,
             flows6: 0,
+            next_hop6: None,
         }
     }
 }
@@ -246,6 +249,7 @@ fn uplinks_with(maps: &Maps, flows: &[[u64; 2]]) -> anyhow::Result<Vec<UplinkSta
     let uplinks6 = maps.uplinks6()?;
     let xdp = maps.xdp_stats()?;
     let hops = maps.next_hops()?;
+    let hops6 = maps.next_hops6()?;
     let mut uplinks = Vec::new();
     for (id, u) in maps.uplinks()?.iter().enumerate() {
         if u.flags & UPLINK_CONFIGURED == 0 {
@@ -306,6 +310,7 @@ fn uplinks_with(maps: &Maps, flows: &[[u64; 2]]) -> anyhow::Result<Vec<UplinkSta
             syn_retries: s.syn_retries,
             retransmits: s.retransmits,
             next_hop: (hop.valid != 0).then(|| describe_hop(hop, u)),
+            next_hop6: (hops6[id].valid != 0).then(|| describe_hop(&hops6[id], u)),
             xdp_tx_packets: xdp[id].tx_packets,
             xdp_rx_packets: xdp[id].rx_packets,
             syn_rtt_ms: (s.synacks != 0)

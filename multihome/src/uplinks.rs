@@ -102,16 +102,17 @@ pub fn observe(u: &UplinkConfig, snap: &Snapshot) -> Observed {
     }
 }
 
-/// What `NEXT_HOPS` holds for uplink `u` as observed, `gateway_mac` being
-/// its gateway's MAC if the kernel knows it: what `bpf_fib_lookup` in the
-/// uplink's table (`default via G dev I`, or `default dev I` on an L3
-/// link) would answer. Valid while the link is up with an address and,
-/// on Ethernet, both MACs are known; an Ethernet uplink without a
-/// configured gateway is never cached.
-pub fn next_hop(u: &UplinkConfig, o: &Observed, gateway_mac: Option<[u8; 6]>) -> NextHop {
-    let macs = match (o.l3, gateway_mac, o.mac, u.gateway) {
+/// What `NEXT_HOPS` (or `NEXT_HOPS6`) holds for an uplink as observed
+/// (`o`), with a `gateway` (`gateway`, or for IPv6 `gateway6` or its RA's
+/// router) whose MAC is `gateway_mac` if the kernel knows it: what
+/// `bpf_fib_lookup` in the uplink's table (`default via G dev I`, or
+/// `default dev I` on an L3 link) would answer. Valid while the link is
+/// up with an address and, on Ethernet, both MACs are known; an Ethernet
+/// uplink without a gateway is never cached.
+pub fn next_hop(gateway: bool, o: &Observed, gateway_mac: Option<[u8; 6]>) -> NextHop {
+    let macs = match (o.l3, gateway_mac, o.mac, gateway) {
         (true, ..) => Some([0; 12]),
-        (false, Some(dst), Some(src), Some(_)) => {
+        (false, Some(dst), Some(src), true) => {
             let mut mac = [0; 12];
             mac[..6].copy_from_slice(&dst);
             mac[6..].copy_from_slice(&src);
@@ -510,16 +511,22 @@ mod tests {
             mac: Some(dev),
             state: UplinkState::Up,
         };
-        let hop = next_hop(&c.uplinks[0], &up, Some(gw));
+        let hop = next_hop(c.uplinks[0].gateway.is_some(), &up, Some(gw));
         assert_eq!(hop.valid, 1);
         assert_eq!((hop.ifindex, hop.mtu), (4, 1492));
         assert_eq!(hop.mac[..6], gw);
         assert_eq!(hop.mac[6..], dev);
         // The gateway's MAC unknown, the link down, or no address.
-        assert_eq!(next_hop(&c.uplinks[0], &up, None), NextHop::default());
+        assert_eq!(
+            next_hop(c.uplinks[0].gateway.is_some(), &up, None),
+            NextHop::default()
+        );
         for state in [UplinkState::LinkDown, UplinkState::NoAddress] {
             let o = Observed { state, ..up };
-            assert_eq!(next_hop(&c.uplinks[0], &o, Some(gw)), NextHop::default());
+            assert_eq!(
+                next_hop(c.uplinks[0].gateway.is_some(), &o, Some(gw)),
+                NextHop::default()
+            );
         }
         // An L3 link needs no MAC; an Ethernet uplink without a configured
         // gateway is never cached.
@@ -528,8 +535,14 @@ mod tests {
             mac: None,
             ..up
         };
-        assert_eq!(next_hop(&c.uplinks[1], &ppp, None).valid, 1);
-        assert_eq!(next_hop(&c.uplinks[1], &up, Some(gw)).valid, 0);
+        assert_eq!(
+            next_hop(c.uplinks[1].gateway.is_some(), &ppp, None).valid,
+            1
+        );
+        assert_eq!(
+            next_hop(c.uplinks[1].gateway.is_some(), &up, Some(gw)).valid,
+            0
+        );
     }
 
     #[test]

@@ -417,6 +417,8 @@ pub struct Ipv6 {
     pub dst: std::net::Ipv6Addr,
     pub next: u8,
     pub hop_limit: u8,
+    /// A hop-by-hop options header (8 bytes, a PadN option) before `l4`.
+    pub hop_by_hop: bool,
     pub l4: Vec<u8>,
 }
 
@@ -458,6 +460,7 @@ impl Ipv6 {
             dst: dst.parse().expect("IPv6 destination"),
             next,
             hop_limit: 64,
+            hop_by_hop: false,
             l4,
         };
         p.refresh_checksum();
@@ -499,11 +502,17 @@ impl Ipv6 {
     }
 
     pub fn bytes(&self) -> Vec<u8> {
+        let ext = if self.hop_by_hop { 8 } else { 0 };
         let mut b = vec![0x60, 0, 0, 0];
-        b.extend_from_slice(&(self.l4.len() as u16).to_be_bytes());
-        b.extend_from_slice(&[self.next, self.hop_limit]);
+        b.extend_from_slice(&((ext + self.l4.len()) as u16).to_be_bytes());
+        let next = if self.hop_by_hop { 0 } else { self.next };
+        b.extend_from_slice(&[next, self.hop_limit]);
         b.extend_from_slice(&self.src.octets());
         b.extend_from_slice(&self.dst.octets());
+        if self.hop_by_hop {
+            // Next header, length 0 (8 bytes), PadN of 4.
+            b.extend_from_slice(&[self.next, 0, 1, 4, 0, 0, 0, 0]);
+        }
         b.extend_from_slice(&self.l4);
         b
     }

@@ -239,6 +239,26 @@ pub fn foreign_source_count(ns: &NetNs) -> u64 {
     })
 }
 
+/// Adds an ip6tables rule in `raw` PREROUTING of `ns` that counts what
+/// arrives on `cust` from `prefix`; returns the count so far, read anew
+/// at each call.
+pub fn count_from6<'a>(ns: &'a NetNs, prefix: &str) -> impl Fn() -> u64 + 'a {
+    ns.exec(&[
+        "ip6tables",
+        "-w",
+        "-t",
+        "raw",
+        "-A",
+        "PREROUTING",
+        "-i",
+        IF_CUST,
+        "-s",
+        prefix,
+    ]);
+    let prefix = prefix.to_owned();
+    move || raw_prerouting_count(ns, "ip6tables", |f| f.contains(&prefix.as_str()))
+}
+
 /// Packets counted by the `raw` PREROUTING rules of `tool` (`iptables`
 /// or `ip6tables`) in `ns` whose listed fields `matches` accepts.
 pub fn raw_prerouting_count(ns: &NetNs, tool: &str, matches: impl Fn(&[&str]) -> bool) -> u64 {
@@ -648,18 +668,7 @@ impl Topology {
             );
             let link = gw6.trim_end_matches("fe");
             ip6(&self.inet, &format!("route add {link}/48 via {core}1"));
-            isp.exec(&[
-                "ip6tables",
-                "-w",
-                "-t",
-                "raw",
-                "-A",
-                "PREROUTING",
-                "-i",
-                IF_CUST,
-                "-s",
-                "fd00::/8",
-            ]);
+            let _ = count_from6(isp, "fd00::/8");
         }
         ip6(&self.inet, &format!("addr add {INET_SERVICE6}/128 dev lo"));
     }

@@ -156,25 +156,6 @@ fn a_routed_prefix_leaves_its_own_uplink_untranslated_and_no_other() {
     assert_eq!(t.foreign_sources(), 0, "the routed prefix reached ISP x");
 }
 
-/// Packets that reached `ns` on `cust` from `prefix`, by an ip6tables
-/// counting rule in `raw` PREROUTING (added here).
-fn count6<'a>(ns: &'a NetNs, prefix: &str) -> impl Fn() -> u64 + 'a {
-    ns.exec(&[
-        "ip6tables",
-        "-w",
-        "-t",
-        "raw",
-        "-A",
-        "PREROUTING",
-        "-i",
-        IF_CUST,
-        "-s",
-        prefix,
-    ]);
-    let prefix = prefix.to_owned();
-    move || raw_prerouting_count(ns, "ip6tables", |f| f.contains(&prefix.as_str()))
-}
-
 /// Without `prefix6` an uplink translates no IPv6, so the only IPv6
 /// sources that may leave it forwarded are the prefixes it routes: a ULA
 /// source the kernel forwards is dropped at the uplink's egress and
@@ -199,8 +180,8 @@ fn forwarded_ipv6_leaves_an_uplink_only_from_a_prefix_it_routes() {
     ip6(&t.gw, "route add default via 2001:db8:11::fe dev wanx");
     ip6(&t.ispx, "addr add 2001:db8:11::fe/64 dev cust nodad");
     ip6(&t.ispx, "route add 2001:db8:50::/64 via 2001:db8:11::1");
-    let ula = count6(&t.ispx, "fd00::/8");
-    let routed = count6(&t.ispx, "2001:db8:50::/64");
+    let ula = count_from6(&t.ispx, "fd00::/8");
+    let routed = count_from6(&t.ispx, "2001:db8:50::/64");
     let gw = Gateway::start(
         &t.gw,
         &config_for(&t, [1, 1], "").replacen(

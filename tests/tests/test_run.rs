@@ -3917,3 +3917,32 @@ fn lan_in6_pins_a_new_connection_marks_it_and_leaves_other_sources_alone() {
         }
     });
 }
+
+#[test]
+fn ipv6_programs_walk_an_extension_header_to_the_ports_both_ways() {
+    with_datapath(|dp| {
+        dp.set_uplink6_0();
+        let mut out = Ipv6::udp(LAN_HOST6, REMOTE6, 40001, 53, b"query");
+        out.hop_by_hop = true;
+        let expected = neutral(&out, |q| {
+            q.src = v6(&npt_by_hand(LAN_HOST6, INNER6, OUTER6))
+        });
+        let run = dp.run(PROG_WAN_OUT6, &out.frame(), UPLINK_MARK);
+        assert_passed_as(&run, &expected, "out, with hop-by-hop options");
+        dp.conn6()
+            .insert(flow6(40001, 53, IPPROTO_UDP), Flow6::default(), 0)
+            .expect("pin the flow");
+        let mapped = npt_by_hand(LAN_HOST6, INNER6, OUTER6);
+        let mut reply = Ipv6::udp(REMOTE6, &mapped, 53, 40001, b"answer");
+        reply.hop_by_hop = true;
+        let expected = neutral(&reply, |q| q.dst = v6(LAN_HOST6));
+        let run = dp.run(PROG_WAN_IN6, &reply.frame(), 0);
+        assert_passed_as(&run, &expected, "in, with hop-by-hop options");
+        // Another port behind the same header: no flow, dropped.
+        let mut knock = Ipv6::udp(REMOTE6, &mapped, 53, 40002, b"knock");
+        knock.hop_by_hop = true;
+        let (run, counted) = dp.run_counted(PROG_WAN_IN6, &knock.frame(), 0);
+        assert_eq!(run.ret, TC_ACT_SHOT);
+        assert_eq!(counted, vec![(Reason::Unsolicited, 1)]);
+    });
+}

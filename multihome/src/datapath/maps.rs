@@ -13,12 +13,13 @@ use multihome_common::{
     Affinity, AffinityKey, Allow6Key, CLASSIFY_IN_MAIN, EimKey, Endpoint, EndpointKey, Flow6,
     Flow6Key, FlowFwd, FlowKey, FlowRev, HostFlows, LanNet, MAP_AFFINITY, MAP_ALLOW6, MAP_CLASSIFY,
     MAP_CONN_FWD, MAP_CONN_REV, MAP_CONN6, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_FILL, MAP_HOSTS,
-    MAP_LAN_NETS, MAP_LOCAL_ADDRS, MAP_NEXT_HOPS, MAP_REASONS, MAP_ROUTED, MAP_ROUTED6,
-    MAP_RULE_ACTION, MAP_RULE_DPORT, MAP_RULE_DSCP, MAP_RULE_DST, MAP_RULE_PROTO, MAP_RULE_SRC,
-    MAP_SELECT, MAP_SETTINGS, MAP_SYN_WAIT, MAP_UPLINK_STATS, MAP_UPLINKS, MAP_UPLINKS6,
-    MAP_XDP_DEVS, MAP_XDP_STATS, MAX_LAN_NETS, MAX_LOCAL_ADDRS, MAX_POLICIES, MAX_RULES,
-    MAX_UPLINKS, NextHop, Reasons, Routed6Key, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey,
-    RuleSet, SelectTable, Settings, SynWaitKey, Uplink, Uplink6, UplinkStats, XdpStats, rules_word,
+    MAP_LAN_NETS, MAP_LOCAL_ADDRS, MAP_NEXT_HOPS, MAP_NEXT_HOPS6, MAP_REASONS, MAP_ROUTED,
+    MAP_ROUTED6, MAP_RULE_ACTION, MAP_RULE_DPORT, MAP_RULE_DSCP, MAP_RULE_DST, MAP_RULE_PROTO,
+    MAP_RULE_SRC, MAP_SELECT, MAP_SETTINGS, MAP_SYN_WAIT, MAP_UPLINK_STATS, MAP_UPLINKS,
+    MAP_UPLINKS6, MAP_XDP_DEVS, MAP_XDP_STATS, MAX_LAN_NETS, MAX_LOCAL_ADDRS, MAX_POLICIES,
+    MAX_RULES, MAX_UPLINKS, NextHop, Reasons, Routed6Key, RoutedKey, RoutedUplinks, RuleAction,
+    RuleAddrKey, RuleSet, SelectTable, Settings, SynWaitKey, Uplink, Uplink6, UplinkStats,
+    XdpStats, rules_word,
 };
 
 use crate::{
@@ -465,6 +466,15 @@ impl Maps {
     pub fn uplinks6(&self) -> anyhow::Result<Vec<Uplink6>> {
         let a = self.array::<Uplink6>(MAP_UPLINKS6)?;
         (0..MAX_UPLINKS).map(|i| Ok(a.get(&i, 0)?)).collect()
+    }
+
+    pub fn next_hops6(&self) -> anyhow::Result<Vec<NextHop>> {
+        let a = self.array::<NextHop>(MAP_NEXT_HOPS6)?;
+        (0..MAX_UPLINKS).map(|i| Ok(a.get(&i, 0)?)).collect()
+    }
+
+    pub fn set_next_hop6(&self, id: u32, h: &NextHop) -> anyhow::Result<()> {
+        Ok(self.array::<NextHop>(MAP_NEXT_HOPS6)?.set(id, h, 0)?)
     }
 
     pub fn set_uplink6(&self, id: u32, u: &Uplink6) -> anyhow::Result<()> {

@@ -6,7 +6,6 @@ use std::{collections::HashMap, net::Ipv4Addr};
 use anyhow::Context as _;
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::{
-    AddressFamily,
     address::{AddressAttribute, AddressHeaderFlags},
     link::{LinkAttribute, LinkFlags, LinkLayerType},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
@@ -94,19 +93,16 @@ pub async fn snapshot(handle: &rtnetlink::Handle) -> anyhow::Result<Snapshot> {
         .collect())
 }
 
-/// IPv4 neighbours on the devices `ifindexes` whose link-layer address the
+/// Neighbours (IPv4 and IPv6) on the devices `ifindexes` whose link-layer address the
 /// kernel would use to forward (`NUD_VALID`: reachable, stale, delay,
 /// probe, permanent, noarp): (device, address) -> MAC.
 pub async fn neighbours(
     handle: &rtnetlink::Handle,
     ifindexes: &[u32],
-) -> anyhow::Result<HashMap<(u32, Ipv4Addr), [u8; 6]>> {
+) -> anyhow::Result<HashMap<(u32, std::net::IpAddr), [u8; 6]>> {
     let mut found = HashMap::new();
-    let mut dump = handle
-        .neighbours()
-        .get()
-        .set_address_family(AddressFamily::Inet)
-        .execute();
+    // Both families in one dump.
+    let mut dump = handle.neighbours().get().execute();
     while let Some(msg) = dump.try_next().await.context("listing neighbours")? {
         if !ifindexes.contains(&msg.header.ifindex) || !usable(msg.header.state) {
             continue;
@@ -115,7 +111,12 @@ pub async fn neighbours(
         let mut mac = None;
         for a in &msg.attributes {
             match a {
-                NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => addr = Some(*v),
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => {
+                    addr = Some(std::net::IpAddr::V4(*v))
+                }
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(v)) => {
+                    addr = Some(std::net::IpAddr::V6(*v))
+                }
                 NeighbourAttribute::LinkLayerAddress(l) => {
                     mac = <[u8; 6]>::try_from(l.as_slice()).ok()
                 }

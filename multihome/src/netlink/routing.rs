@@ -846,7 +846,8 @@ impl fmt::Display for Rule {
     }
 }
 
-fn is_our_rule(msg: &RuleMessage) -> bool {
+/// A rule tagged [`PROTO_MULTIHOME`], of either family.
+pub(crate) fn is_our_rule(msg: &RuleMessage) -> bool {
     msg.attributes
         .iter()
         .any(|a| matches!(a, RuleAttribute::Protocol(p) if u8::from(*p) == PROTO_MULTIHOME))
@@ -1101,7 +1102,8 @@ fn next_hop_of(nh: &RouteNextHop) -> Option<NextHop> {
     })
 }
 
-fn route_table(msg: &RouteMessage) -> u32 {
+/// The table a route is in (`RTA_TABLE`, else the header's byte).
+pub(crate) fn route_table(msg: &RouteMessage) -> u32 {
     msg.attributes
         .iter()
         .find_map(|a| match a {

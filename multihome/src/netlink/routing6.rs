@@ -35,7 +35,9 @@ use rtnetlink::{
     },
 };
 
-use super::routing::{FWMARK_RULE_OFFSET, PROHIBIT_RULE_OFFSET, PROTO_MULTIHOME, errno};
+use super::routing::{
+    FWMARK_RULE_OFFSET, PROHIBIT_RULE_OFFSET, PROTO_MULTIHOME, errno, is_our_rule, route_table,
+};
 use crate::config::Prefix6;
 
 /// One uplink's IPv6 routing.
@@ -161,22 +163,8 @@ impl fmt::Display for Route6 {
 /// The kernel's `main` table.
 const RT_TABLE_MAIN: u32 = 254;
 
-fn route_table(msg: &RouteMessage) -> u32 {
-    msg.attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Table(t) => Some(*t),
-            _ => None,
-        })
-        .unwrap_or(u32::from(msg.header.table))
-}
-
 fn is_ours_rule(msg: &RuleMessage) -> bool {
-    msg.header.family == AddressFamily::Inet6
-        && msg
-            .attributes
-            .iter()
-            .any(|a| matches!(a, RuleAttribute::Protocol(p) if u8::from(*p) == PROTO_MULTIHOME))
+    msg.header.family == AddressFamily::Inet6 && is_our_rule(msg)
 }
 
 fn is_ours_route(msg: &RouteMessage) -> bool {
@@ -357,7 +345,7 @@ impl Routing6 {
 
     /// The routers the kernel learned by router advertisement: (device,
     /// router) of each `proto ra` default route in `main`.
-    async fn ra_routers(&self) -> anyhow::Result<Vec<(u32, Ipv6Addr)>> {
+    pub async fn ra_routers(&self) -> anyhow::Result<Vec<(u32, Ipv6Addr)>> {
         Ok(self
             .all_routes()
             .await?

@@ -127,19 +127,10 @@ fn start6(mode: Mode, net: &Net) {
             testbed::ip6(gw, "rule add fwmark 2 lookup 2");
             nft(
                 gw,
-                &format!(
-                    "table ip6 seed6 {{\n\
-                     chain pre {{ type filter hook prerouting priority mangle; meta mark set ct mark; }}\n\
-                     chain post {{ type filter hook postrouting priority mangle;\n\
-                       ct state new oifname \"wanx\" meta mark set 1\n\
-                       ct state new oifname \"wany\" meta mark set 2\n\
-                       ct state new ct mark set meta mark\n\
-                     }}\n\
-                     chain nat {{ type nat hook postrouting priority srcnat;\n\
-                       meta mark 1 snat ip6 prefix to {X_PREFIX6}\n\
-                       meta mark 2 snat ip6 prefix to {Y_PREFIX6}\n\
-                     }}\n\
-                     }}\n"
+                &seed_ruleset(
+                    "ip6",
+                    &format!("snat ip6 prefix to {X_PREFIX6}"),
+                    &format!("snat ip6 prefix to {Y_PREFIX6}"),
                 ),
             );
         }
@@ -220,8 +211,16 @@ fn seed_iptables(gw: &NetNs) {
 
 /// The same recipe in nftables: ct mark instead of CONNMARK.
 fn seed_nft(gw: &NetNs) {
-    let ruleset = format!(
-        "table ip seed {{\n\
+    let (x, y) = (format!("snat to {X_ADDR}"), format!("snat to {Y_ADDR}"));
+    nft(gw, &seed_ruleset("ip", &x, &y));
+}
+
+/// The seed recipe as an nftables table of `family`: new connections
+/// marked by their uplink, the mark kept in conntrack, and each mark's
+/// packets given `snat_x` or `snat_y`.
+fn seed_ruleset(family: &str, snat_x: &str, snat_y: &str) -> String {
+    format!(
+        "table {family} seed {{\n\
          chain pre {{ type filter hook prerouting priority mangle; meta mark set ct mark; }}\n\
          chain post {{ type filter hook postrouting priority mangle;\n\
            ct state new oifname \"wanx\" meta mark set 1\n\
@@ -229,10 +228,9 @@ fn seed_nft(gw: &NetNs) {
            ct state new ct mark set meta mark\n\
          }}\n\
          chain nat {{ type nat hook postrouting priority srcnat;\n\
-           meta mark 1 snat to {X_ADDR}\n\
-           meta mark 2 snat to {Y_ADDR}\n\
+           meta mark 1 {snat_x}\n\
+           meta mark 2 {snat_y}\n\
          }}\n\
          }}\n"
-    );
-    nft(gw, &ruleset);
+    )
 }

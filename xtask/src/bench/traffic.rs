@@ -126,16 +126,23 @@ pub fn write_frame(
     ip[16..20].copy_from_slice(&dst.octets());
     let c = !fold(sum16(ip));
     ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let udp = &mut buf[ETH + IP..];
+    let pseudo = sum16(&src.octets()) + sum16(&dst.octets());
+    write_udp(&mut buf[ETH + IP..], pseudo, sport, dport);
+}
+
+/// The UDP datagram at the start of `udp` (header and payload), its
+/// checksum over `pseudo` (the addresses' sum) and the rest of the
+/// pseudo-header.
+fn write_udp(udp: &mut [u8], pseudo: u32, sport: u16, dport: u16) {
+    let len = (UDP + PAYLOAD) as u16;
     udp[0..2].copy_from_slice(&sport.to_be_bytes());
     udp[2..4].copy_from_slice(&dport.to_be_bytes());
-    udp[4..6].copy_from_slice(&((UDP + PAYLOAD) as u16).to_be_bytes());
+    udp[4..6].copy_from_slice(&len.to_be_bytes());
     udp[6..8].fill(0);
     for (i, b) in udp[UDP..].iter_mut().enumerate() {
         *b = i as u8;
     }
-    let pseudo = sum16(&src.octets()) + sum16(&dst.octets()) + 17 + (UDP + PAYLOAD) as u32;
-    let c = match !fold(pseudo + sum16(udp)) {
+    let c = match !fold(pseudo + 17 + u32::from(len) + sum16(udp)) {
         0 => 0xffff,
         c => c,
     };
@@ -169,20 +176,8 @@ pub fn write_frame6(
     ip[6..8].copy_from_slice(&[17, 64]);
     ip[8..24].copy_from_slice(&src.octets());
     ip[24..40].copy_from_slice(&dst.octets());
-    let udp = &mut buf[ETH + IP6..];
-    udp[0..2].copy_from_slice(&sport.to_be_bytes());
-    udp[2..4].copy_from_slice(&dport.to_be_bytes());
-    udp[4..6].copy_from_slice(&len.to_be_bytes());
-    udp[6..8].fill(0);
-    for (i, b) in udp[UDP..].iter_mut().enumerate() {
-        *b = i as u8;
-    }
-    let pseudo = sum16(&src.octets()) + sum16(&dst.octets()) + 17 + u32::from(len);
-    let c = match !fold(pseudo + sum16(udp)) {
-        0 => 0xffff,
-        c => c,
-    };
-    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    let pseudo = sum16(&src.octets()) + sum16(&dst.octets());
+    write_udp(&mut buf[ETH + IP6..], pseudo, sport, dport);
 }
 
 pub fn parse_mac(text: &str) -> Result<[u8; 6]> {
