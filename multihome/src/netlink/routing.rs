@@ -61,7 +61,7 @@ use anyhow::{Context, anyhow, bail};
 use futures::TryStreamExt;
 use log::{debug, info, warn};
 use rtnetlink::{
-    Handle, IpVersion,
+    Handle, IpVersion, RuleAddRequest,
     packet_route::{
         AddressFamily,
         route::{
@@ -456,18 +456,9 @@ impl Routing {
             Selector::From(addr, len) => req = req.source_prefix(addr, len),
             Selector::FwMark(mark)
             | Selector::FwMarkUnreachable(mark)
-            | Selector::FwMarkProhibit(mark) => {
-                req = req.fw_mark(mark);
-                req.message_mut()
-                    .attributes
-                    .push(RuleAttribute::FwMask(u32::MAX));
-            }
+            | Selector::FwMarkProhibit(mark) => req = exact_mark(req, mark),
         }
-        req.message_mut()
-            .attributes
-            .push(RuleAttribute::Protocol(RouteProtocol::Other(
-                PROTO_MULTIHOME,
-            )));
+        let req = tagged(req);
         let context = || format!("adding rule `{rule}` (priority {})", rule.priority);
         match req.execute().await {
             Ok(()) => {
@@ -1223,6 +1214,26 @@ fn ifname(ifindex: u32) -> String {
 
 // ---------------------------------------------------------------------------
 // Errors
+
+/// `req` matching exactly `fwmark MARK/0xffffffff`.
+pub(crate) fn exact_mark<T>(req: RuleAddRequest<T>, mark: u32) -> RuleAddRequest<T> {
+    let mut req = req.fw_mark(mark);
+    req.message_mut()
+        .attributes
+        .push(RuleAttribute::FwMask(u32::MAX));
+    req
+}
+
+/// `req` tagged [`PROTO_MULTIHOME`] (`FRA_PROTOCOL`), so that it is found
+/// again.
+pub(crate) fn tagged<T>(mut req: RuleAddRequest<T>) -> RuleAddRequest<T> {
+    req.message_mut()
+        .attributes
+        .push(RuleAttribute::Protocol(RouteProtocol::Other(
+            PROTO_MULTIHOME,
+        )));
+    req
+}
 
 /// The errno of a netlink error, if it carries one.
 pub(crate) fn errno(e: &rtnetlink::Error) -> Option<i32> {

@@ -36,7 +36,8 @@ use rtnetlink::{
 };
 
 use super::routing::{
-    FWMARK_RULE_OFFSET, PROHIBIT_RULE_OFFSET, PROTO_MULTIHOME, errno, is_our_rule, route_table,
+    FWMARK_RULE_OFFSET, PROHIBIT_RULE_OFFSET, PROTO_MULTIHOME, errno, exact_mark, is_our_rule,
+    route_table, tagged,
 };
 use crate::config::Prefix6;
 
@@ -320,24 +321,12 @@ impl Routing6 {
                     Rule6::Prohibit(..) => RuleAction::Prohibit,
                     _ => RuleAction::Unreachable,
                 };
-                req = req.action(action).fw_mark(m);
-                req.message_mut()
-                    .attributes
-                    .push(RuleAttribute::FwMask(u32::MAX));
+                req = exact_mark(req.action(action), m);
             }
-            Rule6::FwMark(_, _, m) => {
-                req = req.fw_mark(m);
-                req.message_mut()
-                    .attributes
-                    .push(RuleAttribute::FwMask(u32::MAX));
-            }
+            Rule6::FwMark(_, _, m) => req = exact_mark(req, m),
         }
-        req.message_mut()
-            .attributes
-            .push(RuleAttribute::Protocol(RouteProtocol::Other(
-                PROTO_MULTIHOME,
-            )));
-        req.execute()
+        tagged(req)
+            .execute()
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| format!("adding IPv6 rule `{rule}`"))

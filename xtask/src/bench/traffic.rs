@@ -114,9 +114,7 @@ pub fn write_frame(
     sport: u16,
     dport: u16,
 ) {
-    buf[0..6].copy_from_slice(&macs.0);
-    buf[6..12].copy_from_slice(&macs.1);
-    buf[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    write_eth(buf, macs, 0x0800);
     let ip = &mut buf[ETH..ETH + IP];
     ip.copy_from_slice(&[
         0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
@@ -128,6 +126,13 @@ pub fn write_frame(
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     let pseudo = sum16(&src.octets()) + sum16(&dst.octets());
     write_udp(&mut buf[ETH + IP..], pseudo, sport, dport);
+}
+
+/// The Ethernet header: destination and source MACs, then `ethertype`.
+fn write_eth(buf: &mut [u8], macs: ([u8; 6], [u8; 6]), ethertype: u16) {
+    buf[0..6].copy_from_slice(&macs.0);
+    buf[6..12].copy_from_slice(&macs.1);
+    buf[12..14].copy_from_slice(&ethertype.to_be_bytes());
 }
 
 /// The UDP datagram at the start of `udp` (header and payload), its
@@ -166,9 +171,7 @@ pub fn write_frame6(
     sport: u16,
     dport: u16,
 ) {
-    buf[0..6].copy_from_slice(&macs.0);
-    buf[6..12].copy_from_slice(&macs.1);
-    buf[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    write_eth(buf, macs, 0x86dd);
     let len = (UDP + PAYLOAD) as u16;
     let ip = &mut buf[ETH..ETH + IP6];
     ip[..4].copy_from_slice(&[0x60, 0, 0, 0]);
