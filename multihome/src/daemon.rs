@@ -1646,6 +1646,19 @@ pub async fn cleanup(pin_dir: &Path) -> anyhow::Result<()> {
     let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(conn);
     Routing::new(handle.clone()).remove_all().await?;
-    Routing6::new(handle).remove_all().await?;
+    Routing6::new(handle.clone()).remove_all().await?;
+    // The NDP proxy's entries lie in the uplinks' prefixes, which only
+    // the pinned maps still know.
+    if let Ok(maps) = Maps::open(pin_dir) {
+        let uplinks = maps.uplinks()?;
+        let gone: Vec<_> = maps
+            .uplinks6()?
+            .into_iter()
+            .zip(uplinks)
+            .filter(|(u6, u)| u6.prefix_len != 0 && u.ifindex != 0)
+            .map(|(u6, u)| (u.ifindex, u6))
+            .collect();
+        ndproxy::sync(&handle, &[], &gone, &Default::default()).await?;
+    }
     loader::remove_pins(pin_dir)
 }

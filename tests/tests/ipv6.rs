@@ -850,8 +850,8 @@ fn ipv6_rules_and_routes_follow_the_links_and_go_with_the_daemon() {
 /// An ISP that keeps the uplink's prefix on-link asks for each mapped
 /// address by neighbour solicitation: without `ndp_proxy` nobody answers
 /// and the replies never come; with it (a reload) the gateway answers for
-/// its LAN hosts' mapped addresses and the flow works. The entries go
-/// with the daemon.
+/// its LAN hosts' mapped addresses and the flow works. The entries stay
+/// with `--keep-on-exit` and go with `cleanup`.
 #[test]
 fn ndp_proxy_answers_for_mapped_addresses_on_a_prefix_the_isp_keeps_on_link() {
     let t = Topology::standard();
@@ -861,7 +861,7 @@ fn ndp_proxy_answers_for_mapped_addresses_on_a_prefix_the_isp_keeps_on_link() {
         &format!("route replace {UPLINK_X_PREFIX6} dev {IF_CUST}"),
     );
     let config = config6(&t, [1, 0], "");
-    let gw = Gateway::start(&t.gw, &config);
+    let gw = Gateway::start_with_pin(&t.gw, &config, unique_pin_dir("np"), &["--keep-on-exit"]);
     let _srv = udp6_peer_server(&t, 7000);
     let sock = t
         .client
@@ -899,6 +899,17 @@ fn ndp_proxy_answers_for_mapped_addresses_on_a_prefix_the_isp_keeps_on_link() {
         t.gw.sysctl_get(&format!("net.ipv6.conf.{IF_WANX}.proxy_ndp")),
         "1"
     );
-    drop(gw);
-    assert_eq!(proxies(), 0, "the proxy entries outlived the daemon");
+    // Kept with the datapath on exit, removed by `cleanup`.
+    let pin = gw.stop();
+    assert_eq!(proxies(), 1, "--keep-on-exit must keep answering");
+    let bin = multihome_bin();
+    let dir = pin.path().to_str().expect("utf-8").to_owned();
+    let out =
+        t.gw.try_exec(&[bin.to_str().expect("utf-8"), "cleanup", "--pin-dir", &dir]);
+    assert!(out.status.success(), "cleanup failed: {out:?}");
+    assert_eq!(proxies(), 0, "cleanup left NDP proxy entries");
+    assert!(
+        !t.gw.exec_stdout(&["ip", "-6", "rule"]).contains("proto 77"),
+        "cleanup left IPv6 rules"
+    );
 }
