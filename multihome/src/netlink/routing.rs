@@ -537,19 +537,27 @@ impl Routing {
     }
 
     async fn dump_routes(&self) -> anyhow::Result<Vec<RouteMessage>> {
-        // All zero but the family: every table, with or without
-        // NETLINK_GET_STRICT_CHK on the socket.
-        let mut query = RouteMessage::default();
-        query.header.address_family = AddressFamily::Inet;
-        self.handle
-            .route()
-            .get(query)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl_error)
-            .context("listing the IPv4 routes of all tables")
+        dump_routes(&self.handle, AddressFamily::Inet).await
     }
+}
+
+/// Every route of `family` in every table.
+pub(crate) async fn dump_routes(
+    handle: &Handle,
+    family: AddressFamily,
+) -> anyhow::Result<Vec<RouteMessage>> {
+    // All zero but the family: every table, with or without
+    // NETLINK_GET_STRICT_CHK on the socket.
+    let mut query = RouteMessage::default();
+    query.header.address_family = family;
+    handle
+        .route()
+        .get(query)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl_error)
+        .with_context(|| format!("listing the {family:?} routes of all tables"))
 }
 
 enum Ensured {

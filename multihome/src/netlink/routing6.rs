@@ -36,8 +36,8 @@ use rtnetlink::{
 };
 
 use super::routing::{
-    FWMARK_RULE_OFFSET, PROHIBIT_RULE_OFFSET, PROTO_MULTIHOME, errno, exact_mark, is_our_rule,
-    route_table, tagged,
+    FWMARK_RULE_OFFSET, PROHIBIT_RULE_OFFSET, PROTO_MULTIHOME, dump_routes, errno, exact_mark,
+    is_our_rule, route_table, tagged,
 };
 use crate::config::Prefix6;
 
@@ -371,15 +371,7 @@ impl Routing6 {
     }
 
     async fn all_routes(&self) -> anyhow::Result<Vec<RouteMessage>> {
-        let mut query = RouteMessage::default();
-        query.header.address_family = AddressFamily::Inet6;
-        self.handle
-            .route()
-            .get(query)
-            .execute()
-            .try_collect()
-            .await
-            .context("listing the IPv6 routes of all tables")
+        dump_routes(&self.handle, AddressFamily::Inet6).await
     }
 
     async fn routes(&self) -> anyhow::Result<Vec<(RouteMessage, Option<Route6>)>> {
