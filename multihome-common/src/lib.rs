@@ -951,7 +951,10 @@ pub struct Uplink6 {
     pub mode: u8,
     /// [`npt_adjustment`] from `inner` to `outer`.
     pub adjust: u16,
-    pub _pad: u32,
+    /// The length of the delegated prefix `outer` was learned from (a
+    /// subnet of it); 0: `prefix6` is configured. For people only.
+    pub delegated_len: u8,
+    pub _pad: [u8; 3],
 }
 
 /// [`MAP_ALLOW6`]'s key data: a selector, then a LAN host's internal

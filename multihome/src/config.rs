@@ -90,9 +90,16 @@ pub struct UplinkConfig {
     pub mss_clamp: Option<MssClamp>,
     /// IPv6 next hop; omitted on point-to-point links.
     pub gateway6: Option<std::net::Ipv6Addr>,
-    /// The IPv6 prefix the ISP routes to the gateway; without it the
-    /// uplink takes no IPv6 flows.
+    /// The IPv6 prefix the ISP routes to the gateway; omitted, it is
+    /// learned from the prefix delegated to the uplink (DHCPv6-PD), and
+    /// until one is, the uplink takes no IPv6 flows.
     pub prefix6: Option<String>,
+    /// The block the uplink's ISP delegates prefixes from: which learned
+    /// delegation is this uplink's when several uplinks learn.
+    pub pd_pool6: Option<String>,
+    /// The subnet of a learned delegation that NPTv6 maps onto, sized as
+    /// `lan_prefixes6`; unset: 0, the first.
+    pub pd_subnet6: Option<u64>,
     /// How IPv6 leaves this uplink.
     #[serde(default)]
     pub mode6: Mode6,
@@ -106,6 +113,20 @@ pub struct UplinkConfig {
     /// earlier run hold it elsewhere (by name; see [`Config::adopt_slots`]).
     #[serde(skip)]
     pub slot: u8,
+    /// The prefix learned from a delegation while `prefix6` is omitted:
+    /// the daemon's, never the file's.
+    #[serde(skip)]
+    pub learned6: Option<Learned6>,
+}
+
+/// A `prefix6` learned from a delegated prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Learned6 {
+    /// What the DHCPv6-PD client installed (its unreachable route, or an
+    /// address's prefix).
+    pub delegated: Prefix6,
+    /// The subnet of it that NPTv6 maps the LAN onto (`pd_subnet6`).
+    pub npt: Prefix6,
 }
 
 /// `mode6`: how a LAN host's IPv6 leaves an uplink.
@@ -330,6 +351,42 @@ impl Prefix6 {
     }
 }
 
+impl std::fmt::Display for Prefix6 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network(), self.len)
+    }
+}
+
+impl Prefix6 {
+    /// Subnet `id` of this prefix with `len` bits (RFC 3633's subnet ID),
+    /// e.g. 2001:db8:f0::/56 with 64 and 1 gives 2001:db8:f0:1::/64.
+    /// Errors: `len` shorter than this prefix, or `id` too large for the
+    /// bits between.
+    pub fn subnet(self, len: u8, id: u64) -> Result<Prefix6, String> {
+        if len < self.len || len > 128 {
+            return Err(format!("a /{len} does not fit in {self}"));
+        }
+        let bits = u32::from(len - self.len);
+        if bits < 64 && id >> bits != 0 {
+            return Err(format!(
+                "{self} holds {} subnets of /{len}; subnet {id} is past them",
+                1u128 << bits
+            ));
+        }
+        let shift = 128 - u32::from(len);
+        let id = u128::from(id).checked_shl(shift).unwrap_or(0);
+        Ok(Prefix6 {
+            addr: (u128::from(self.network()) | id).into(),
+            len,
+        })
+    }
+
+    /// Whether the two prefixes share an address.
+    pub fn overlaps(self, other: &Prefix6) -> bool {
+        self.covers(other) || other.covers(&self)
+    }
+}
+
 impl std::str::FromStr for Prefix6 {
     type Err = String;
 
@@ -397,12 +454,30 @@ impl Config {
         }
     }
 
-    /// Uplink `id`'s `prefix6` if it translates IPv6 by NPTv6.
+    /// Uplink `id`'s `prefix6`, configured or learned, if it translates
+    /// IPv6 by NPTv6.
     pub fn npt_prefix(&self, id: usize) -> Option<Prefix6> {
         let u = &self.uplinks[id];
-        (u.mode6 == Mode6::Npt)
-            .then(|| u.prefix6.as_deref()?.parse().ok())
-            .flatten()
+        if u.mode6 != Mode6::Npt {
+            return None;
+        }
+        match &u.prefix6 {
+            Some(text) => text.parse().ok(),
+            None => u.learned6.map(|l| l.npt),
+        }
+    }
+
+    /// Whether uplink `id` learns its `prefix6` from a delegation: it
+    /// translates by NPTv6 with no `prefix6` configured, and the LAN has
+    /// an internal prefix to map.
+    pub fn learns_prefix6(&self, id: usize) -> bool {
+        let u = &self.uplinks[id];
+        u.mode6 == Mode6::Npt && u.prefix6.is_none() && self.lan_prefix6().is_some()
+    }
+
+    /// Uplink `id`'s `pd_pool6`, if valid.
+    pub fn pd_pool6(&self, id: usize) -> Option<Prefix6> {
+        self.uplinks[id].pd_pool6.as_deref()?.parse().ok()
     }
 
     /// `allow_inbound6` as (selector, internal prefix) pairs: the selector
@@ -461,6 +536,17 @@ impl Config {
                      prefix) or \"off\""
                 ));
             }
+            if let Some(pool) = &u.pd_pool6
+                && let Err(e) = pool.parse::<Prefix6>()
+            {
+                out.push(format!("{at}: `pd_pool6`: {e}"));
+            }
+            if u.prefix6.is_some() && (u.pd_pool6.is_some() || u.pd_subnet6.is_some()) {
+                out.push(format!(
+                    "{at}: `pd_pool6` and `pd_subnet6` are for a learned `prefix6`; this \
+                     uplink's is configured"
+                ));
+            }
             let Some(text) = &u.prefix6 else {
                 continue;
             };
@@ -504,6 +590,41 @@ impl Config {
                 ));
             }
             outers.push((u.name.clone(), outer));
+        }
+        out.extend(self.learner_problems());
+        out
+    }
+
+    /// Uplinks that learn `prefix6` must be told apart: by `pd_pool6`,
+    /// which may not overlap, unless one alone has none.
+    fn learner_problems(&self) -> Vec<String> {
+        let learners: Vec<usize> = (0..self.uplinks.len())
+            .filter(|id| self.learns_prefix6(*id))
+            .collect();
+        let mut out = Vec::new();
+        let unpooled: Vec<&str> = learners
+            .iter()
+            .filter(|id| self.uplinks[**id].pd_pool6.is_none())
+            .map(|id| self.uplinks[*id].name.as_str())
+            .collect();
+        if unpooled.len() > 1 {
+            out.push(format!(
+                "uplinks {unpooled:?} learn `prefix6` from a delegated prefix, and nothing tells \
+                 whose a delegation is: give each the block its ISP delegates from \
+                 (`pd_pool6`), a `prefix6`, or `mode6 = \"off\"` to one without IPv6"
+            ));
+        }
+        for (n, a) in learners.iter().enumerate() {
+            for b in &learners[n + 1..] {
+                if let (Some(p), Some(q)) = (self.pd_pool6(*a), self.pd_pool6(*b))
+                    && p.overlaps(&q)
+                {
+                    out.push(format!(
+                        "uplinks {:?} and {:?}: `pd_pool6` {p} and {q} overlap",
+                        self.uplinks[*a].name, self.uplinks[*b].name
+                    ));
+                }
+            }
         }
         out
     }
@@ -1043,6 +1164,45 @@ weight = 2
             let err = problems6(&with(bad));
             assert!(err.contains(why), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn uplinks_that_learn_prefix6_must_be_told_apart_by_pd_pool6() {
+        let both = with6("fd00:1::/64", "", "");
+        let c = Config::parse(&with6("fd00:1::/64", "", "2001:db8:22:100::/64")).expect("one");
+        assert!(c.learns_prefix6(0) && !c.learns_prefix6(1));
+        let err = problems6(&both);
+        assert!(err.contains("nothing tells whose a delegation is"), "{err}");
+        let pool = |x: &str, y: &str| {
+            both.replacen(
+                "name = \"x\"\n",
+                &format!("name = \"x\"\npd_pool6 = {x:?}\n"),
+                1,
+            )
+            .replacen(
+                "name = \"y\"\n",
+                &format!("name = \"y\"\npd_pool6 = {y:?}\n"),
+                1,
+            )
+        };
+        let c = Config::parse(&pool("2001:db8:1000::/36", "2001:db8:2000::/36")).expect("pools");
+        assert_eq!(
+            c.pd_pool6(1).map(|p| p.to_string()).as_deref(),
+            Some("2001:db8:2000::/36")
+        );
+        let err = problems6(&pool("2001:db8::/32", "2001:db8:2000::/36"));
+        assert!(err.contains("overlap"), "{err}");
+        let err = problems6(&pool("2001:db8::/32", "nope"));
+        assert!(err.contains("`pd_pool6`"), "{err}");
+        // Without lan_prefixes6 nothing learns: no problem.
+        assert!(Config::parse(&with6("", "", "")).is_ok());
+        // A configured prefix6 takes no pool.
+        let err = problems6(&with6("fd00:1::/64", "2001:db8:11:100::/64", "").replacen(
+            "prefix6 = ",
+            "pd_subnet6 = 1\nprefix6 = ",
+            1,
+        ));
+        assert!(err.contains("are for a learned"), "{err}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use futures::StreamExt as _;
 use log::{error, info, warn};
 use multihome_common::{
     FLOW_FAILED_OVER, FlowFwd, FlowKey, LAYOUT_VERSION, MAX_LAN_NETS, SelectTable, Settings,
-    UPLINK_CONFIGURED, rules_count, rules_word,
+    UPLINK_CONFIGURED, Uplink6, rules_count, rules_word,
 };
 use sd_notify::NotifyState;
 use tokio::{
@@ -26,7 +26,7 @@ use tokio::{
 use crate::{
     challenge, choice,
     config::{self, Config},
-    control, flows,
+    control, delegated, flows,
     health::{self, HealthReport, OnDown, OnUp, ProbeBinding, passive},
     loader::{self, Datapath, Hook},
     maps::{self, Maps},
@@ -92,6 +92,9 @@ struct Daemon {
     routing6: Routing6,
     /// The NDP proxy has entries on some uplink.
     ndp_proxied: bool,
+    /// Per uplink: why the delegation it found cannot be used, as last
+    /// logged.
+    pd_problem: Vec<Option<String>>,
     observed: Vec<Observed>,
     attached: BTreeSet<(String, String)>,
     /// Per interface name: its index and where XDP goes, decided once
@@ -195,8 +198,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         rtnetlink::MulticastGroup::Ipv4Ifaddr,
         rtnetlink::MulticastGroup::Neigh,
         rtnetlink::MulticastGroup::Ipv4Rule,
+        rtnetlink::MulticastGroup::Ipv6Ifaddr,
+        rtnetlink::MulticastGroup::Ipv6Route,
     ])
-    .context("subscribing to link, address, neighbour and rule events")?;
+    .context("subscribing to link, address, neighbour, rule and IPv6 route events")?;
     tokio::spawn(watch);
     let snap = netinfo::snapshot(&handle).await?;
     check_interfaces(&config, &snap)?;
@@ -260,6 +265,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         routing: Routing::new(handle.clone()),
         routing6: Routing6::new(handle.clone()),
         ndp_proxied: false,
+        pd_problem: vec![None; config.uplinks.len()],
         handle,
         events,
         classify_stale: true,
@@ -499,6 +505,8 @@ impl Daemon {
     /// Brings the datapath, the attachments and the routing tables in line
     /// with the config and the interfaces as they are now.
     async fn refresh(&mut self, snap: &netinfo::Snapshot) -> anyhow::Result<()> {
+        // Learned before anything is written from the prefixes.
+        self.learn_prefixes6(snap).await;
         let observed: Vec<Observed> = self
             .config
             .uplinks
@@ -695,6 +703,61 @@ impl Daemon {
         Ok(())
     }
 
+    /// Sets the `prefix6` of the uplinks that learn it from the delegations
+    /// the kernel shows now; a failed read keeps what was learned.
+    async fn learn_prefixes6(&mut self, snap: &netinfo::Snapshot) {
+        let n = self.config.uplinks.len();
+        if !(0..n).any(|id| self.config.learns_prefix6(id)) {
+            return;
+        }
+        let (routes, addresses) = match delegated::read(&self.handle).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("reading the delegated prefixes: {e:#}");
+                return;
+            }
+        };
+        let uplink_ifs: Vec<u32> = self
+            .config
+            .uplinks
+            .iter()
+            .filter_map(|u| snap.get(&u.interface).map(|i| i.index))
+            .collect();
+        let found = delegated::delegations(&routes, &addresses, &uplink_ifs);
+        let chosen = delegated::assign(&self.config, &found);
+        for (id, delegation) in chosen.into_iter().enumerate() {
+            if !self.config.learns_prefix6(id) {
+                continue;
+            }
+            let (learned, problem) =
+                match delegation.map(|d| delegated::learned(&self.config, id, d)) {
+                    Some(Ok(l)) => (Some(l), None),
+                    Some(Err(why)) => (None, Some(why)),
+                    None => (None, None),
+                };
+            let u = &mut self.config.uplinks[id];
+            if problem != self.pd_problem[id] {
+                if let (Some(why), Some(d)) = (&problem, delegation) {
+                    error!("uplink {}: delegated prefix {d} not used: {why}", u.name);
+                }
+                self.pd_problem[id] = problem;
+            }
+            if learned != u.learned6 {
+                match &learned {
+                    Some(l) => info!(
+                        "uplink {}: learned prefix6 {} from the delegated {}",
+                        u.name, l.npt, l.delegated
+                    ),
+                    None => info!(
+                        "uplink {}: no delegated prefix; it takes no IPv6 flows",
+                        u.name
+                    ),
+                }
+                u.learned6 = learned;
+            }
+        }
+    }
+
     /// Writes each uplink's IPv6 translation (and turns on IPv6
     /// forwarding when one has any); returns the slots whose prefix
     /// changed, whose flows must go once this is published.
@@ -709,7 +772,12 @@ impl Daemon {
             let old = have.get(usize::from(slot)).copied().unwrap_or_default();
             if old != want {
                 self.maps.set_uplink6(slot.into(), &want)?;
-                if old.prefix_len != 0 {
+                // Learned or configured, the same mapping keeps its flows.
+                let mapping = |u: Uplink6| Uplink6 {
+                    delegated_len: 0,
+                    ..u
+                };
+                if old.prefix_len != 0 && mapping(old) != mapping(want) {
                     changed.push(slot);
                 }
             }
@@ -1438,14 +1506,29 @@ impl Daemon {
     }
 
     /// Whether a netlink event may change what the datapath holds: any
-    /// link, address or rule event, and neighbour events on an uplink's
-    /// device (the LAN's own come and go all the time). All but the
-    /// neighbour events also make `CLASSIFY` stale.
+    /// link, address or rule event, neighbour events on an uplink's
+    /// device (the LAN's own come and go all the time), and IPv6 routes
+    /// that may be a delegation (a reject route) or an RA's router. All but
+    /// the neighbour and IPv6 events also make `CLASSIFY` stale.
     fn concerns_uplinks(&mut self, (msg, _): &NetlinkEvent) -> bool {
-        use rtnetlink::{packet_core::NetlinkPayload, packet_route::RouteNetlinkMessage as M};
+        use rtnetlink::{
+            packet_core::NetlinkPayload,
+            packet_route::{
+                AddressFamily, RouteNetlinkMessage as M,
+                route::{RouteProtocol, RouteType},
+            },
+        };
         match &msg.payload {
             NetlinkPayload::InnerMessage(M::NewNeighbour(n) | M::DelNeighbour(n)) => {
                 self.observed.iter().any(|o| o.ifindex == n.header.ifindex)
+            }
+            NetlinkPayload::InnerMessage(M::NewRoute(r) | M::DelRoute(r)) => {
+                r.header.kind != RouteType::Unicast || r.header.protocol == RouteProtocol::Ra
+            }
+            NetlinkPayload::InnerMessage(M::NewAddress(a) | M::DelAddress(a))
+                if a.header.family == AddressFamily::Inet6 =>
+            {
+                true
             }
             _ => {
                 self.classify_stale = true;
@@ -1532,6 +1615,8 @@ impl Daemon {
         let mut new = new;
         for (n, o) in new.uplinks.iter_mut().zip(&self.config.uplinks) {
             n.slot = o.slot;
+            // Learned anew by the refresh; kept should reading fail.
+            n.learned6 = o.learned6;
         }
         let snap = netinfo::snapshot(&self.handle).await?;
         let policies = Policies::resolve(&new, &policy::ids_of(&self.select), &snap)?;

@@ -13,7 +13,7 @@ mod uplinks;
 
 // The modules grouped by concern keep their short paths (`crate::maps`).
 use datapath::{challenge, flows, loader, maps, mapwalk, reaper, xdp};
-use netlink::{ndproxy, netinfo, routing, routing6};
+use netlink::{delegated, ndproxy, netinfo, routing, routing6};
 use policy::choice;
 
 use clap::{CommandFactory as _, FromArgMatches as _};

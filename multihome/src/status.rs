@@ -47,6 +47,9 @@ pub struct UplinkStatus {
     pub xdp_rx_packets: u64,
     /// The IPv6 prefix NPTv6 maps the LAN onto; None: no IPv6 flows.
     pub prefix6: Option<String>,
+    /// The delegated prefix `prefix6` was learned from (DHCPv6-PD); None:
+    /// configured.
+    pub delegated6: Option<String>,
     /// IPv6 flows pinned to it (counted in `tx`/`rx` too).
     pub flows6: u64,
     /// As `next_hop`, for IPv6 (`NEXT_HOPS6`).
@@ -96,6 +99,7 @@ impl UplinkStatus {
             xdp_tx_packets: 0,
             xdp_rx_packets: 0,
             prefix6: None,
+            delegated6: None,
             flows6: 0,
             next_hop6: None,
         }
@@ -299,6 +303,14 @@ fn uplinks_with(maps: &Maps, flows: &[[u64; 2]]) -> anyhow::Result<Vec<UplinkSta
                 .get(id)
                 .filter(|u6| u6.prefix_len != 0)
                 .map(|u6| prefix_text(u6.outer, u6.prefix_len)),
+            delegated6: uplinks6
+                .get(id)
+                .filter(|u6| u6.prefix_len != 0 && u6.delegated_len != 0)
+                .map(|u6| {
+                    let outer = u128::from_be_bytes(u6.outer);
+                    let mask = u128::MAX.checked_shl(128 - u32::from(u6.delegated_len));
+                    prefix_text((outer & mask.unwrap_or(0)).to_be_bytes(), u6.delegated_len)
+                }),
             new_flows: s.new_flows,
             tx_packets: s.tx_packets,
             tx_bytes: s.tx_bytes,

@@ -312,7 +312,11 @@ pub fn uplink6(config: &Config, id: usize) -> Uplink6 {
         prefix_len: len,
         mode: MODE6_NPT,
         adjust: npt_adjustment(&inner, &outer, len),
-        _pad: 0,
+        delegated_len: config.uplinks[id]
+            .learned6
+            .filter(|_| config.learns_prefix6(id))
+            .map_or(0, |l| l.delegated.len),
+        _pad: [0; 3],
     }
 }
 

@@ -17,6 +17,7 @@
 //! assert_eq!(*seen.ip(), UPLINK_X_ADDR);
 //! ```
 
+pub mod dhcp6;
 pub mod gateway;
 pub mod host;
 pub mod netns;
@@ -27,6 +28,7 @@ pub mod topology;
 pub mod tun;
 pub mod veth;
 
+pub use dhcp6::{Dhcpcd, Kea6};
 pub use gateway::{Gateway, config_for};
 pub use host::{PinDir, ensure_bpffs, multihome_bin, require_root, unique_pin_dir, workspace_root};
 pub use netns::{NetNs, NsEnterGuard, Proc};

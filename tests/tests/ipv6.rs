@@ -913,3 +913,103 @@ fn ndp_proxy_answers_for_mapped_addresses_on_a_prefix_the_isp_keeps_on_link() {
         "cleanup left IPv6 rules"
     );
 }
+
+/// An uplink without `prefix6` learns it from the prefix its ISP
+/// delegates (Kea as the ISP's DHCPv6 server, dhcpcd on the gateway,
+/// which installs an unreachable route for it): the LAN is mapped onto
+/// the delegation's first /64 once it appears; when the ISP delegates
+/// another (a rebind after its pool changed) the old prefix's flows go
+/// and new ones take the new prefix; when dhcpcd stops and withdraws it,
+/// the uplink takes no IPv6 flows. The ISP routes its pool to the
+/// gateway (Kea installs no routes).
+#[test]
+fn a_delegated_prefix_is_learned_followed_when_it_changes_and_dropped_when_withdrawn() {
+    let t = Topology::standard();
+    t.add_ipv6();
+    let (first, second) = ("2001:db8:11:f000::/52", "2001:db8:11:e000::/52");
+    ip6(
+        &t.ispx,
+        &format!("route add 2001:db8:11:e000::/51 via {UPLINK_X_ADDR6}"),
+    );
+    let link = "2001:db8:11::/64";
+    let kea = Kea6::start(&t.ispx, IF_CUST, link, first, 56);
+    let config =
+        config6(&t, [1, 1], "").replacen(&format!("prefix6 = \"{UPLINK_X_PREFIX6}\"\n"), "", 1);
+    assert!(!config.contains(UPLINK_X_PREFIX6), "{config}");
+    let gw = Gateway::start(&t.gw, &config);
+    let _srv = udp6_peer_server(&t, 7000);
+    let x_prefix = || {
+        gw.status()["uplinks"][0]["prefix6"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    assert_eq!(x_prefix(), None, "x has a prefix before any delegation");
+    let before = seen_sources(&t, &ports(8), 7000);
+    assert!(
+        before.values().all(|a| in64(*a, UPLINK_Y_PREFIX6)),
+        "IPv6 left by x with no prefix: {before:?}"
+    );
+
+    let mut dhcpcd = Dhcpcd::start(&t.gw, IF_WANX);
+    let learned = |p: &str| {
+        let want = p.replace("::/52", "::/64");
+        eventually(Duration::from_secs(20), &format!("x learns {want}"), || {
+            x_prefix().as_deref() == Some(want.as_str())
+        });
+        let st = gw.status();
+        assert_eq!(
+            st["uplinks"][0]["delegated6"].as_str(),
+            Some(p.replace("::/52", "::/56").as_str()),
+            "{st}"
+        );
+        want
+    };
+    let spread = |prefix: &str, ports: &[u16]| {
+        let seen = seen_sources(&t, ports, 7000);
+        assert!(
+            seen.values()
+                .all(|a| in64(*a, prefix) || in64(*a, UPLINK_Y_PREFIX6)),
+            "a source in neither {prefix} nor y's: {seen:?}"
+        );
+        assert!(
+            seen.values().any(|a| in64(*a, prefix)),
+            "no flow took x's learned {prefix}: {seen:?}"
+        );
+        seen
+    };
+    let x1 = learned(first);
+    eventually(Duration::from_secs(5), "x's from rule", || {
+        t.gw.exec_stdout(&["ip", "-6", "rule"])
+            .contains(&format!("from {x1}"))
+    });
+    let ports1: Vec<u16> = (42400..42416).collect();
+    let seen1 = spread(&x1, &ports1);
+
+    // The ISP's pool changes; a rebind gets a prefix from the new one.
+    drop(kea);
+    let _kea = Kea6::start(&t.ispx, IF_CUST, link, second, 56);
+    dhcpcd.rebind(&t.gw);
+    let x2 = learned(second);
+    let again = seen_sources(&t, &ports1, 7000);
+    for (p, was) in &seen1 {
+        let now = again[p];
+        assert!(!in64(now, &x1), "port {p} kept the old prefix: {now}");
+        if in64(*was, UPLINK_Y_PREFIX6) {
+            assert_eq!(now, *was, "port {p}: y's flow moved");
+        }
+    }
+    spread(&x2, &(42420..42436).collect::<Vec<_>>());
+
+    // Withdrawn: x takes no IPv6 flows.
+    dhcpcd.stop();
+    eventually(Duration::from_secs(10), "x's prefix dropped", || {
+        x_prefix().is_none()
+    });
+    let after = seen_sources(&t, &(42440..42448).collect::<Vec<_>>(), 7000);
+    assert!(
+        after.values().all(|a| in64(*a, UPLINK_Y_PREFIX6)),
+        "IPv6 left by x after the withdrawal: {after:?}"
+    );
+    assert!(gw.log().contains("learned prefix6"), "{}", gw.log());
+    assert_eq!(t.ula_sources(), 0, "a ULA source reached an ISP");
+}

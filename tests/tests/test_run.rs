@@ -601,7 +601,7 @@ impl Datapath {
             prefix_len: 64,
             mode: MODE6_NPT,
             adjust: npt_adjustment(&inner, &outer, 64),
-            _pad: 0,
+            ..Default::default()
         };
         a.set(0, u6, 0).expect("write UPLINKS6");
     }

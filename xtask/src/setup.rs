@@ -31,6 +31,9 @@ pub const DEB_PACKAGES: &[&str] = &[
     "python3-scapy",
     "python3-prometheus-client",
     "wireguard-go",
+    // IPv6 prefix delegation: the ISP's server and the gateway's client
+    "kea-dhcp6-server",
+    "dhcpcd-base",
     "wireguard-tools",
     "tmux",
     "util-linux",

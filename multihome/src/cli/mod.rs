@@ -55,7 +55,8 @@ pub enum Command {
     /// Run the gateway in the foreground.
     ///
     /// Loads and attaches the programs, pins maps and links under --pin-dir,
-    /// installs the fallback rule tables, follows links and addresses. On
+    /// installs the fallback rule tables, follows links, addresses and
+    /// delegated IPv6 prefixes (an uplink without `prefix6`). On
     /// SIGINT/SIGTERM it detaches and removes all it installed, unless
     /// --keep-on-exit. SIGHUP (or `multihome reload`) reloads weights,
     /// gateways, addresses, LAN and IPv6 prefixes, timeouts, policies and

@@ -95,7 +95,11 @@ fn table(st: &Status) -> String {
     if let Some(inner) = &st.lan_prefix6 {
         let _ = writeln!(out, "\nIPv6: NPTv6 maps {inner} onto each uplink's prefix:");
         for u in &st.uplinks {
-            let prefix = u.prefix6.as_deref().unwrap_or("- (takes no IPv6 flows)");
+            let prefix = match (&u.prefix6, &u.delegated6) {
+                (Some(p), Some(d)) => format!("{p} (of the delegated {d})"),
+                (Some(p), None) => p.clone(),
+                (None, _) => "- (takes no IPv6 flows)".into(),
+            };
             let _ = writeln!(out, "  {:<8} {prefix:<44} {:>7} flows", u.name, u.flows6);
         }
     }
