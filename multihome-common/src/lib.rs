@@ -913,6 +913,47 @@ pub struct Flow6Key {
     pub _pad1: u16,
 }
 
+impl Flow6Key {
+    /// What `balance` (`BALANCE_*`) hashes of the tuple, folded into an
+    /// IPv4-sized key for [`flow_hash`]: the sticky modes hash what they
+    /// stick by, since NPTv6 keeps no per-host record to stick with (the
+    /// source under `source`, with the remote's /64 under `site`, the
+    /// internal endpoint under `endpoint`, both addresses under `hash`,
+    /// the whole tuple under `connection`). The datapath and `explain`
+    /// both pick an IPv6 flow's uplink from it.
+    #[inline(always)]
+    pub fn fold(&self, balance: u8) -> FlowKey {
+        let words = |a: &[u8; 16], n: usize| {
+            let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+            if n == 2 {
+                w(0) ^ w(4)
+            } else {
+                w(0) ^ w(4) ^ w(8) ^ w(12)
+            }
+        };
+        let (remote, ports, proto) = match balance {
+            BALANCE_HASH => (words(&self.remote, 4), (0, 0), 0),
+            BALANCE_SOURCE => (0, (0, 0), 0),
+            BALANCE_SITE => (words(&self.remote, 2), (0, 0), 0),
+            BALANCE_ENDPOINT => (0, (self.lan_port_be, 0), self.proto),
+            _ => (
+                words(&self.remote, 4),
+                (self.lan_port_be, self.remote_port_be),
+                self.proto,
+            ),
+        };
+        FlowKey {
+            saddr_be: words(&self.lan, 4),
+            daddr_be: remote,
+            sport_be: ports.0,
+            dport_be: ports.1,
+            proto,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+}
+
 /// [`MAP_CONN6`]'s value: the uplink an IPv6 connection is pinned to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

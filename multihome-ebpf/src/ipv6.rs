@@ -9,11 +9,10 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST, helpers::bpf_redirect, maps::lpm_trie::Key, programs::TcContext,
 };
 use multihome_common::{
-    Allow6Key, BALANCE_CONNECTION, BALANCE_ENDPOINT, BALANCE_HASH, BALANCE_SITE, BALANCE_SOURCE,
-    FLOW_SEEN_REPLY, Flow6, Flow6Key, FlowKey, IPPROTO_TCP, IPPROTO_UDP, LAST_RESORT_UNREACHABLE,
-    MARK_PROHIBIT, MARK_TRANSLATED, MAX_UPLINKS, ON_DOWN_KEEP, ON_DOWN_PURGE_UDP, RULE_MAIN,
-    RULE_UNREACHABLE, Reason, UPLINK_CONFIGURED, UPLINK_L3, UPLINK_LINK_DOWN, UPLINK_OUTAGE,
-    UPLINK_USABLE, Uplink, Uplink6, flow_hash, select_slot,
+    Allow6Key, BALANCE_CONNECTION, FLOW_SEEN_REPLY, Flow6, Flow6Key, IPPROTO_TCP, IPPROTO_UDP,
+    LAST_RESORT_UNREACHABLE, MARK_PROHIBIT, MARK_TRANSLATED, MAX_UPLINKS, ON_DOWN_KEEP,
+    ON_DOWN_PURGE_UDP, RULE_MAIN, RULE_UNREACHABLE, Reason, UPLINK_CONFIGURED, UPLINK_L3,
+    UPLINK_LINK_DOWN, UPLINK_OUTAGE, UPLINK_USABLE, Uplink, Uplink6, flow_hash, select_slot,
 };
 
 use crate::{
@@ -294,7 +293,7 @@ fn fresh(id: u8, flags: u32, policy: u8) -> Flow6 {
 fn choose(key: &Flow6Key, seed: u32, policy: u32) -> Result<u8, Reason> {
     let table = SELECT.get(policy).or_else(|| SELECT.get(0));
     let balance = table.map_or(BALANCE_CONNECTION, |t| t.balance);
-    let slot = select_slot(flow_hash(&fold(key, balance), seed));
+    let slot = select_slot(flow_hash(&key.fold(balance), seed));
     if let Some(t) = table {
         if t.usable == 0 && t.last_resort == LAST_RESORT_UNREACHABLE {
             return Err(Reason::PolicyRefused);
@@ -329,40 +328,6 @@ fn choose(key: &Flow6Key, seed: u32, policy: u32) -> Result<u8, Reason> {
 #[inline(always)]
 fn carries(id: u32, u: &Uplink, flags: u16) -> bool {
     u.flags & flags == flags && nptv6::uplink6(id).is_some()
-}
-
-/// What `balance` hashes of the tuple, folded into an IPv4-sized key for
-/// [`flow_hash`].
-#[inline(always)]
-fn fold(key: &Flow6Key, balance: u8) -> FlowKey {
-    let words = |a: &[u8; 16], n: usize| {
-        let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
-        if n == 2 {
-            w(0) ^ w(4)
-        } else {
-            w(0) ^ w(4) ^ w(8) ^ w(12)
-        }
-    };
-    let (remote, ports, proto) = match balance {
-        BALANCE_HASH => (words(&key.remote, 4), (0, 0), 0),
-        BALANCE_SOURCE => (0, (0, 0), 0),
-        BALANCE_SITE => (words(&key.remote, 2), (0, 0), 0),
-        BALANCE_ENDPOINT => (0, (key.lan_port_be, 0), key.proto),
-        _ => (
-            words(&key.remote, 4),
-            (key.lan_port_be, key.remote_port_be),
-            key.proto,
-        ),
-    };
-    FlowKey {
-        saddr_be: words(&key.lan, 4),
-        daddr_be: remote,
-        sport_be: ports.0,
-        dport_be: ports.1,
-        proto,
-        _pad0: 0,
-        _pad1: 0,
-    }
 }
 
 /// Fills `key` with the flow an ICMPv6 error's quoted packet belongs to

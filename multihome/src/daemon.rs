@@ -1641,6 +1641,10 @@ impl Daemon {
         let uplinks = self.uplinks_now(&usable);
         let affinities = self.maps.affinities_map()?;
         let endpoints = self.maps.endpoints_map()?;
+        q.check().map_err(anyhow::Error::msg)?;
+        let ipv6: Vec<bool> = (0..self.config.uplinks.len())
+            .map(|id| self.config.npt_prefix(id).is_some())
+            .collect();
         Ok(explain::explain(
             q,
             &explain::State {
@@ -1651,6 +1655,8 @@ impl Daemon {
                 affinity: &|k| affinities.get(k, 0).ok(),
                 endpoint: &|k| endpoints.get(k, 0).ok(),
                 now_ns: crate::maps::clock_ns(),
+                lan6: self.config.lan_prefix6(),
+                ipv6: &ipv6,
             },
         ))
     }

@@ -535,6 +535,36 @@ fn ipv6_flows_follow_the_rules_that_name_no_address() {
             && balanced.values().any(|a| in64(*a, UPLINK_Y_PREFIX6)),
         "the IPv4 source rule must not catch IPv6: {balanced:?}"
     );
+    // `explain` names the uplink each of those flows took, and the rules.
+    let explain = |sport: Option<u16>, proto: &str, dport: u16| {
+        let (sport, dport) = (sport.map(|p| p.to_string()), dport.to_string());
+        let mut args = vec!["explain", "--src", CLIENT6_ADDR, "--dst", INET_SERVICE6];
+        args.extend(["--proto", proto, "--dport", &dport, "--json"]);
+        if let Some(p) = &sport {
+            args.extend(["--sport", p]);
+        }
+        let out = gw.cli(&args);
+        assert!(out.status.success(), "explain failed: {out:?}");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("JSON")
+    };
+    for (port, seen) in &balanced {
+        let e = explain(Some(*port), "udp", 7001);
+        let want = if in64(*seen, UPLINK_X_PREFIX6) {
+            "x"
+        } else {
+            "y"
+        };
+        assert_eq!(e["uplink"], want, "port {port} left by {seen}: {e}");
+        assert_eq!(e["rule"], serde_json::Value::Null, "{e}");
+    }
+    let e = explain(Some(41000), "udp", 7000);
+    assert_eq!(
+        (&e["rule"]["number"], &e["policy"]),
+        (&2.into(), &"ony".into()),
+        "{e}"
+    );
+    assert_eq!(e["uplink"], "y", "{e}");
+    assert_eq!(explain(None, "tcp", 7300)["action"], "unreachable");
     let started = std::time::Instant::now();
     let err = t
         .client

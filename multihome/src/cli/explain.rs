@@ -1,6 +1,6 @@
 //! `multihome explain`: asks the daemon, which holds the policy model,
 //! and renders its answer.
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use clap::Args;
 
@@ -15,15 +15,15 @@ use crate::{
 
 #[derive(Args, Debug)]
 pub struct ExplainArgs {
-    /// The LAN host.
+    /// The LAN host: IPv4, or IPv6 (its internal address).
     #[arg(long)]
-    pub src: Ipv4Addr,
+    pub src: IpAddr,
     /// Its source port (or echo id); needed to name a per-connection choice.
     #[arg(long)]
     pub sport: Option<u16>,
-    /// The remote host.
+    /// The remote host, of the same family as --src.
     #[arg(long)]
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
     /// tcp, udp, icmp or a protocol number.
     #[arg(long, default_value = "tcp")]
     pub proto: String,
@@ -52,6 +52,7 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
         dport: args.dport,
         dscp: args.dscp,
     };
+    q.check().map_err(anyhow::Error::msg)?;
     let answer = control::send(&args.pin.pin_dir, &control::Request::Explain(q))?;
     if args.json {
         println!("{answer}");

@@ -117,6 +117,7 @@ pub enum Command {
     /// Why a new flow would go where it goes: the matching rule and its
     /// line, the policy and tier in use, the uplinks it could take now
     /// with their weights, and for sticky modes the affinity that decides.
+    /// IPv6 too: --src is then the LAN host's internal address.
     ///
     /// Example: multihome explain --src 198.18.1.2 --dst 198.19.0.9 --proto tcp --dport 443
     Explain(explain::ExplainArgs),

@@ -1,11 +1,14 @@
 //! `multihome explain`: why a new flow would go where it goes, from the
 //! same rules, tables and affinities the datapath uses.
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use multihome_common::{
-    Affinity, AffinityKey, BALANCE_HASH, Endpoint, EndpointKey, FlowKey, IPPROTO_ICMP, IPPROTO_TCP,
+    Affinity, AffinityKey, BALANCE_CONNECTION, BALANCE_ENDPOINT, BALANCE_HASH, BALANCE_SITE,
+    BALANCE_SOURCE, Endpoint, EndpointKey, Flow6Key, FlowKey, IPPROTO_ICMP, IPPROTO_TCP,
     IPPROTO_UDP, SelectTable, flow_hash, select_slot,
 };
+
+use crate::config::Prefix6;
 use serde::{Deserialize, Serialize};
 
 use super::{Action, Balance, LastResort, Policies, Probe, UplinkNow};
@@ -13,10 +16,11 @@ use super::{Action, Balance, LastResort, Policies, Probe, UplinkNow};
 /// A flow to explain.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Query {
-    pub src: Ipv4Addr,
+    /// The LAN host; IPv4 or IPv6, as `dst`.
+    pub src: IpAddr,
     /// Without it, a per-connection choice cannot be named.
     pub sport: Option<u16>,
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
     pub proto: u8,
     pub dport: u16,
     pub dscp: u8,
@@ -91,23 +95,30 @@ pub struct State<'a> {
     pub endpoint: &'a dyn Fn(&EndpointKey) -> Option<Endpoint>,
     /// Boot-clock nanoseconds now.
     pub now_ns: u64,
+    /// The LAN's internal IPv6 prefix (`lan_prefixes6`).
+    pub lan6: Option<Prefix6>,
+    /// By config index: the uplink has an IPv6 prefix now.
+    pub ipv6: &'a [bool],
+}
+
+impl Query {
+    /// Errors: `src` and `dst` of different families.
+    pub fn check(&self) -> Result<(), String> {
+        if self.src.is_ipv4() != self.dst.is_ipv4() {
+            return Err(format!(
+                "--src {} and --dst {} are of different families",
+                self.src, self.dst
+            ));
+        }
+        Ok(())
+    }
 }
 
 pub fn explain(q: &Query, s: &State) -> Explanation {
     let ports = q.proto == IPPROTO_TCP || q.proto == IPPROTO_UDP;
-    let probe = Probe {
-        src: q.src,
-        dst: q.dst,
-        proto: q.proto,
-        dport: if ports { q.dport } else { 0 },
-        dscp: q.dscp,
-    };
-    let (rule, action) = s.policies.classify(&probe);
+    let dport = if ports { q.dport } else { 0 };
     let mut e = Explanation {
-        rule: rule.map(|i| RuleHit {
-            number: i + 1,
-            line: s.policies.rules[i].line,
-        }),
+        rule: None,
         action: "policy".into(),
         policy: None,
         balance: None,
@@ -119,6 +130,36 @@ pub fn explain(q: &Query, s: &State) -> Explanation {
         affinity: None,
         endpoint: None,
     };
+    let (rule, action) = match (q.src, q.dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => s.policies.classify(&Probe {
+            src,
+            dst,
+            proto: q.proto,
+            dport,
+            dscp: q.dscp,
+        }),
+        (IpAddr::V6(src), _) => {
+            if !s.lan6.is_some_and(|p| {
+                p.covers(&Prefix6 {
+                    addr: src,
+                    len: 128,
+                })
+            }) {
+                e.action = "main".into();
+                e.why = "not from `lan_prefixes6`: not translated; the kernel routes it".into();
+                return e;
+            }
+            s.policies.classify6(q.proto, dport, q.dscp)
+        }
+        (IpAddr::V4(_), IpAddr::V6(_)) => {
+            e.why = "--src and --dst are of different families".into();
+            return e;
+        }
+    };
+    e.rule = rule.map(|i| RuleHit {
+        number: i + 1,
+        line: s.policies.rules[i].line,
+    });
     let id = match action {
         Action::Unreachable => {
             e.action = "unreachable".into();
@@ -157,9 +198,13 @@ pub fn explain(q: &Query, s: &State) -> Explanation {
             .into(),
         );
     }
+    let v6 = match (q.src, q.dst) {
+        (IpAddr::V6(src), IpAddr::V6(dst)) => Some((src, dst)),
+        _ => None,
+    };
     let live: Vec<(usize, u32)> = members
         .iter()
-        .filter(|(i, _)| usable[*i])
+        .filter(|(i, _)| usable[*i] && (v6.is_none() || s.ipv6.get(*i) == Some(&true)))
         .map(|(i, w)| (*i, w.unwrap_or(s.uplinks[*i].weight)))
         .collect();
     let weighted = live.iter().any(|(_, w)| *w > 0);
@@ -178,11 +223,18 @@ pub fn explain(q: &Query, s: &State) -> Explanation {
         };
         return e;
     };
+    if let Some((src, dst)) = v6 {
+        explain6(&mut e, q, s, t, (src, dst, dport));
+        return e;
+    }
+    let (IpAddr::V4(src), IpAddr::V4(dst)) = (q.src, q.dst) else {
+        return e;
+    };
     if p.balance.sticky() {
         let key = AffinityKey {
-            saddr_be: u32::from(q.src).to_be(),
+            saddr_be: u32::from(src).to_be(),
             site_be: if p.balance == Balance::Site {
-                u32::from(q.dst).to_be() & t.site_mask_be
+                u32::from(dst).to_be() & t.site_mask_be
             } else {
                 0
             },
@@ -221,7 +273,7 @@ pub fn explain(q: &Query, s: &State) -> Explanation {
         && let Some(sport) = q.sport
     {
         let key = EndpointKey {
-            lan_addr_be: u32::from(q.src).to_be(),
+            lan_addr_be: u32::from(src).to_be(),
             lan_port_be: sport.to_be(),
             proto: q.proto,
             policy: id,
@@ -244,8 +296,8 @@ pub fn explain(q: &Query, s: &State) -> Explanation {
         }
     }
     let key = |sport: u16| FlowKey {
-        saddr_be: u32::from(q.src).to_be(),
-        daddr_be: u32::from(q.dst).to_be(),
+        saddr_be: u32::from(src).to_be(),
+        daddr_be: u32::from(dst).to_be(),
         sport_be: sport.to_be(),
         dport_be: if ports { q.dport.to_be() } else { 0 },
         proto: q.proto,
@@ -282,4 +334,66 @@ pub fn explain(q: &Query, s: &State) -> Explanation {
         }
     }
     e
+}
+
+/// The IPv6 half of [`explain`] once the policy's table `t` is known: as
+/// the datapath's `choose` (multihome-ebpf `ipv6.rs`), the hash of what
+/// the balance mode sticks by ([`Flow6Key::fold`]) picks a slot; if that
+/// uplink cannot take IPv6 now, the first one (by slot) that can does.
+fn explain6(
+    e: &mut Explanation,
+    q: &Query,
+    s: &State,
+    t: &SelectTable,
+    (src, dst, dport): (Ipv6Addr, Ipv6Addr, u16),
+) {
+    let per_port = matches!(t.balance, BALANCE_CONNECTION | BALANCE_ENDPOINT);
+    let Some(sport) = q.sport.or((!per_port).then_some(0)) else {
+        e.why = "per connection: the uplink depends on the source port (give --sport)".into();
+        return;
+    };
+    let key = Flow6Key {
+        lan: src.octets(),
+        remote: dst.octets(),
+        lan_port_be: sport.to_be(),
+        remote_port_be: dport.to_be(),
+        proto: q.proto,
+        ..Default::default()
+    };
+    let what = match t.balance {
+        BALANCE_HASH => "source and destination",
+        BALANCE_SOURCE => "source",
+        BALANCE_SITE => "source and the destination's /64",
+        BALANCE_ENDPOINT => "internal endpoint",
+        _ => "5-tuple",
+    };
+    let takes = |slot: u8| {
+        s.uplinks
+            .iter()
+            .zip(s.ipv6)
+            .find(|(u, _)| u.slot == slot)
+            .filter(|(u, v6)| u.usable && **v6)
+            .map(|(u, _)| u.name.to_string())
+    };
+    let picked = t.now[select_slot(flow_hash(&key.fold(t.balance), s.seed))];
+    let sticky = if t.balance == BALANCE_CONNECTION {
+        ""
+    } else {
+        " (NPTv6 keeps no per-host record: the hash is the stickiness)"
+    };
+    if let Some(name) = takes(picked) {
+        e.uplink = Some(name);
+        e.why = format!("its hash ({what}) picks it from the tier's weighted table{sticky}");
+        return;
+    }
+    let mut by_slot: Vec<u8> = s.uplinks.iter().map(|u| u.slot).collect();
+    by_slot.sort_unstable();
+    e.uplink = by_slot.into_iter().find_map(takes);
+    e.why = match &e.uplink {
+        Some(_) => format!(
+            "its hash ({what}) picks slot {picked}, which cannot take IPv6 now: the first uplink \
+             that can takes it"
+        ),
+        None => "no usable uplink has an IPv6 prefix".into(),
+    };
 }

@@ -737,6 +737,26 @@ impl Policies {
         }
     }
 
+    /// [`Policies::classify`] for an IPv6 flow: rules that name addresses
+    /// (IPv4 prefixes) never match it, as in the datapath's `decide6`.
+    pub fn classify6(&self, proto: u8, dport: u16, dscp: u8) -> (Option<usize>, Action) {
+        let probe = Probe {
+            src: Ipv4Addr::UNSPECIFIED,
+            dst: Ipv4Addr::UNSPECIFIED,
+            proto,
+            dport,
+            dscp,
+        };
+        let hit = self
+            .rules
+            .iter()
+            .position(|r| r.src.is_none() && r.dst.is_none() && r.matches(&probe));
+        match hit {
+            Some(i) => (Some(i), self.rules[i].action.clone()),
+            None => (None, Action::Policy(0)),
+        }
+    }
+
     /// The policy with `id`, or `balanced` when none has it (a flow whose
     /// policy a reload removed).
     pub fn get(&self, id: u8) -> &Policy {
