@@ -24,7 +24,8 @@ pub struct Config {
     #[serde(default)]
     pub lan_prefixes: Vec<String>,
     /// The LAN's internal IPv6 prefix (a ULA such as `fd00:1::/64`), which
-    /// NPTv6 maps onto each uplink's `prefix6`. One for now.
+    /// NPTv6 maps onto each uplink's `prefix6`. One for now; empty: the
+    /// ULA prefix of the LAN interfaces (`lan6_learned`).
     #[serde(default)]
     pub lan_prefixes6: Vec<String>,
     /// Unsolicited IPv6 connections from outside that may reach the LAN
@@ -50,6 +51,10 @@ pub struct Config {
     /// Where the XDP fast path runs in front of TC.
     #[serde(default)]
     pub xdp: XdpMode,
+    /// With `lan_prefixes6` empty: the ULA prefix the LAN interfaces
+    /// have, as the daemon found it (never the file's).
+    #[serde(skip)]
+    pub lan6_learned: Option<Prefix6>,
 }
 
 /// `xdp`: where packets of pinned flows take the XDP path.
@@ -446,10 +451,12 @@ fn parse_allow6(entry: &str) -> Result<(u32, Prefix6), String> {
 pub const MAX_NPT_PREFIX: u8 = 64;
 
 impl Config {
-    /// The internal IPv6 prefix NPTv6 maps from, if configured and valid.
+    /// The internal IPv6 prefix NPTv6 maps from: configured and valid,
+    /// else the one the LAN interfaces have.
     pub fn lan_prefix6(&self) -> Option<Prefix6> {
         match self.lan_prefixes6.as_slice() {
             [p] => p.parse().ok(),
+            [] => self.lan6_learned,
             _ => None,
         }
     }
@@ -565,12 +572,10 @@ impl Config {
                     "{at}: `prefix6` {text}: NPTv6 maps prefixes of 1 to {MAX_NPT_PREFIX} bits"
                 ));
             }
+            // Without `lan_prefixes6` the internal prefix is the LAN
+            // interfaces' (its length is checked when it is found).
             match inner {
-                None => out.push(format!(
-                    "{at}: `prefix6` needs the internal prefix it maps from: set \
-                     `lan_prefixes6`, e.g. [\"fd00:1::/{}\"]",
-                    outer.len
-                )),
+                None => {}
                 Some(inner) if inner.len != outer.len => out.push(format!(
                     "{at}: `prefix6` {text} is /{}, `lan_prefixes6` is /{}: NPTv6 maps prefixes \
                      of one length (RFC 6296 §3.7 would translate only part of the LAN)",
@@ -1121,8 +1126,9 @@ weight = 2
         let c = Config::parse(&with6("fd00:1::/64", "2001:db8:11:100::/64", "")).expect("valid");
         assert_eq!(c.lan_prefix6().map(|p| p.len), Some(64));
         assert!(c.npt_prefix(0).is_some() && c.npt_prefix(1).is_none());
-        let err = problems6(&with6("", "2001:db8:11:100::/64", ""));
-        assert!(err.contains("needs the internal prefix"), "{err}");
+        // Without `lan_prefixes6` the LAN interfaces' ULA is learned.
+        let c = Config::parse(&with6("", "2001:db8:11:100::/64", "")).expect("learned inside");
+        assert_eq!(c.lan_prefix6(), None);
         // RFC 6296 §3.7: a /48 inside onto a /64 outside maps one subnet.
         let err = problems6(&with6("fd00:1::/48", "2001:db8:11:100::/64", ""));
         assert!(err.contains("prefixes of one length"), "{err}");

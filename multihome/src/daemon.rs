@@ -17,6 +17,7 @@ use multihome_common::{
     FLOW_FAILED_OVER, FlowFwd, FlowKey, LAYOUT_VERSION, MAX_LAN_NETS, SelectTable, Settings,
     UPLINK_CONFIGURED, Uplink6, rules_count, rules_word,
 };
+use rtnetlink::packet_route::{AddressFamily, address::AddressFlags};
 use sd_notify::NotifyState;
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
@@ -703,14 +704,31 @@ impl Daemon {
         Ok(())
     }
 
-    /// Sets the `prefix6` of the uplinks that learn it from the delegations
-    /// the kernel shows now; a failed read keeps what was learned.
+    /// Learns what the config leaves to the kernel: the LAN's internal
+    /// IPv6 prefix (its interfaces' ULA) while `lan_prefixes6` is not set,
+    /// then the `prefix6` of the uplinks that learn it from the delegations
+    /// the kernel shows now. A failed read keeps what was learned.
     async fn learn_prefixes6(&mut self, snap: &netinfo::Snapshot) {
         let n = self.config.uplinks.len();
-        if !(0..n).any(|id| self.config.learns_prefix6(id)) {
+        let lan_default = self.config.lan_prefixes6.is_empty();
+        let learners = |c: &Config| (0..n).any(|id| c.learns_prefix6(id));
+        if !lan_default && !learners(&self.config) {
             return;
         }
-        let (routes, addresses) = match delegated::read(&self.handle).await {
+        let addresses = match delegated::addresses(&self.handle).await {
+            Ok(a) => a,
+            Err(e) => {
+                warn!("reading the IPv6 addresses: {e:#}");
+                return;
+            }
+        };
+        if lan_default {
+            self.learn_lan6(snap, &addresses);
+        }
+        if !learners(&self.config) {
+            return;
+        }
+        let routes = match routing::dump_routes(&self.handle, AddressFamily::Inet6).await {
             Ok(r) => r,
             Err(e) => {
                 warn!("reading the delegated prefixes: {e:#}");
@@ -754,6 +772,54 @@ impl Daemon {
                     ),
                 }
                 u.learned6 = learned;
+            }
+        }
+    }
+
+    /// The LAN's internal IPv6 prefix from its interfaces' ULA addresses:
+    /// the one it has while it lasts, else the lowest.
+    fn learn_lan6(
+        &mut self,
+        snap: &netinfo::Snapshot,
+        addresses: &[(u32, config::Prefix6, AddressFlags)],
+    ) {
+        let lan: Vec<u32> = self
+            .config
+            .lan
+            .iter()
+            .filter_map(|l| snap.get(l).map(|i| i.index))
+            .collect();
+        let found = delegated::lan_ula(addresses, &lan);
+        let pick = self
+            .config
+            .lan6_learned
+            .filter(|p| found.contains(p))
+            .or(found.first().copied());
+        if pick == self.config.lan6_learned {
+            return;
+        }
+        self.config.lan6_learned = pick;
+        let Some(p) = pick else {
+            info!("the LAN interfaces have no ULA prefix: no IPv6 is translated");
+            return;
+        };
+        info!("the LAN's internal IPv6 prefix: {p}, its interfaces' ULA");
+        if found.len() > 1 {
+            warn!(
+                "the LAN interfaces have {} ULA prefixes; only {p} is translated (one internal \
+                 prefix for now: set `lan_prefixes6` to choose)",
+                found.len()
+            );
+        }
+        for id in 0..self.config.uplinks.len() {
+            if let Some(outer) = self.config.npt_prefix(id)
+                && outer.len != p.len
+            {
+                error!(
+                    "uplink {}: `prefix6` {outer} is not as long as the LAN's {p}: it takes no \
+                     IPv6 flows (NPTv6 maps prefixes of one length)",
+                    self.config.uplinks[id].name
+                );
             }
         }
     }
@@ -1618,6 +1684,7 @@ impl Daemon {
             // Learned anew by the refresh; kept should reading fail.
             n.learned6 = o.learned6;
         }
+        new.lan6_learned = self.config.lan6_learned;
         let snap = netinfo::snapshot(&self.handle).await?;
         let policies = Policies::resolve(&new, &policy::ids_of(&self.select), &snap)?;
         if let Some(r) = &self.reaper {

@@ -304,6 +304,10 @@ pub fn uplink6(config: &Config, id: usize) -> Uplink6 {
     let (Some(inner), Some(outer)) = (config.lan_prefix6(), config.npt_prefix(id)) else {
         return Uplink6::default();
     };
+    // A learned internal prefix may not match (the daemon says so).
+    if inner.len != outer.len {
+        return Uplink6::default();
+    }
     let (inner, outer) = (inner.network().octets(), outer.network().octets());
     let len = config.npt_prefix(id).map_or(0, |p| p.len);
     Uplink6 {

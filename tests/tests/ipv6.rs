@@ -946,8 +946,9 @@ fn ndp_proxy_answers_for_mapped_addresses_on_a_prefix_the_isp_keeps_on_link() {
 
 /// An uplink without `prefix6` learns it from the prefix its ISP
 /// delegates (Kea as the ISP's DHCPv6 server, dhcpcd on the gateway,
-/// which installs an unreachable route for it): the LAN is mapped onto
-/// the delegation's first /64 once it appears; when the ISP delegates
+/// which installs an unreachable route for it), and the LAN's internal
+/// prefix is its interface's ULA (no `lan_prefixes6`): the LAN is mapped
+/// onto the delegation's first /64 once it appears; when the ISP delegates
 /// another (a rebind after its pool changed) the old prefix's flows go
 /// and new ones take the new prefix; when dhcpcd stops and withdraws it,
 /// the uplink takes no IPv6 flows. The ISP routes its pool to the

@@ -24,7 +24,6 @@ use rtnetlink::{
     },
 };
 
-use super::routing::dump_routes;
 use crate::config::{Config, Learned6, MAX_NPT_PREFIX, Prefix6};
 
 /// Where a delegation was seen.
@@ -112,6 +111,26 @@ pub fn delegations(
     out
 }
 
+/// The ULA prefixes (fc00::/7, /1 to /64) of the addresses on the LAN
+/// interfaces `lan_ifindexes`: the internal prefixes when
+/// `lan_prefixes6` is not set. A global prefix on the LAN is routed
+/// natively and is not one. Sorted, each once.
+pub fn lan_ula(addresses: &[(u32, Prefix6, AddressFlags)], lan_ifindexes: &[u32]) -> Vec<Prefix6> {
+    let mut out: Vec<Prefix6> = addresses
+        .iter()
+        .filter(|(i, p, f)| {
+            lan_ifindexes.contains(i)
+                && !f.intersects(AddressFlags::Deprecated | AddressFlags::Dadfailed)
+                && (1..=MAX_NPT_PREFIX).contains(&p.len)
+                && p.addr.segments()[0] & 0xfe00 == 0xfc00
+        })
+        .map(|(_, p, _)| network(*p))
+        .collect();
+    out.sort_by_key(|p| (u128::from(p.addr), p.len));
+    out.dedup();
+    out
+}
+
 fn network(p: Prefix6) -> Prefix6 {
     Prefix6 {
         addr: p.network(),
@@ -140,7 +159,16 @@ pub fn assign(config: &Config, found: &[Delegation]) -> Vec<Option<Prefix6>> {
         .filter_map(|id| config.pd_pool6(*id))
         .collect();
     let mut out = vec![None; n];
+    // Several without a pool cannot be told apart (`check` refuses a file
+    // that says so; a learned internal prefix can make it so at run time).
+    let unpooled = learners
+        .iter()
+        .filter(|id| config.pd_pool6(**id).is_none())
+        .count();
     for id in learners {
+        if unpooled > 1 && config.pd_pool6(id).is_none() {
+            continue;
+        }
         let mine = |p: &Prefix6| match config.pd_pool6(id) {
             Some(pool) => pool.covers(p),
             None => !pools.iter().any(|q| q.covers(p)),
@@ -171,12 +199,8 @@ pub fn learned(config: &Config, id: usize, delegated: Prefix6) -> Result<Learned
     Ok(Learned6 { delegated, npt })
 }
 
-/// Every IPv6 route of every table, and every IPv6 address with its
-/// device and flags.
-pub async fn read(
-    handle: &Handle,
-) -> anyhow::Result<(Vec<RouteMessage>, Vec<(u32, Prefix6, AddressFlags)>)> {
-    let routes = dump_routes(handle, AddressFamily::Inet6).await?;
+/// Every IPv6 address with its device and flags.
+pub async fn addresses(handle: &Handle) -> anyhow::Result<Vec<(u32, Prefix6, AddressFlags)>> {
     let mut addresses = Vec::new();
     let mut get = handle.address().get();
     get.message_mut().header.family = AddressFamily::Inet6;
@@ -196,7 +220,7 @@ pub async fn read(
             addresses.push((msg.header.index, Prefix6 { addr, len }, flags));
         }
     }
-    Ok((routes, addresses))
+    Ok(addresses)
 }
 
 #[cfg(test)]
@@ -302,6 +326,23 @@ mod tests {
             &found(&["2001:db8:22::/48", "2001:db8:33::/56", "2001:db8:f0::/56"]),
         );
         assert_eq!(got, vec![Some(p("2001:db8:f0::/56")), None]);
+    }
+
+    #[test]
+    fn the_lans_ula_is_the_internal_prefix_and_a_global_one_is_not() {
+        let none = AddressFlags::empty();
+        let addresses = [
+            (3, p("fd00:1::1/64"), none),
+            (3, p("2001:db8:e0:5::1/64"), none),
+            (3, p("fe80::1/64"), AddressFlags::Permanent),
+            (4, p("fd00:2::1/64"), none),
+            (3, p("fd00:3::1/128"), none),
+            (2, p("fd00:9::1/64"), none),
+        ];
+        assert_eq!(
+            lan_ula(&addresses, &[3, 4]),
+            vec![p("fd00:1::/64"), p("fd00:2::/64")]
+        );
     }
 
     #[test]
