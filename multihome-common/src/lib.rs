@@ -9,7 +9,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a pinned map changes shape; a daemon refuses to adopt
 /// maps pinned by another layout.
-pub const LAYOUT_VERSION: u32 = 9;
+pub const LAYOUT_VERSION: u32 = 10;
 
 /// The clock of every stamp in the maps: `CLOCK_MONOTONIC_COARSE`, which
 /// the programs read with `bpf_ktime_get_coarse_ns` (a cached tick, no
@@ -134,13 +134,16 @@ pub const MAP_ALLOW6: &str = "ALLOW6";
 /// Uplink slot -> its IPv6 next hop ([`NextHop`]), as [`MAP_NEXT_HOPS`]
 /// for IPv4.
 pub const MAP_NEXT_HOPS6: &str = "NEXT_HOPS6";
+/// NAT66's reverse map: [`Nat6Key`] (remote end, NAT port, uplink) ->
+/// [`Nat6Lan`] (the LAN endpoint).
+pub const MAP_NAT6: &str = "NAT6";
 /// Entries of [`MAP_ALLOW6`].
 pub const MAX_ALLOW6: u32 = 256;
 /// Entries of [`MAP_CONN6`].
 pub const MAX_FLOWS6: u32 = 131_072;
 /// Entries of [`MAP_XDP_DEVS`].
 pub const MAX_XDP_DEVS: u32 = 64;
-pub const ALL_MAPS: [&str; 36] = [
+pub const ALL_MAPS: [&str; 37] = [
     MAP_CONN_FWD,
     MAP_CONN_REV,
     MAP_UPLINKS,
@@ -177,6 +180,7 @@ pub const ALL_MAPS: [&str; 36] = [
     MAP_UPLINKS6,
     MAP_ALLOW6,
     MAP_NEXT_HOPS6,
+    MAP_NAT6,
 ];
 
 /// [`MAP_CLASSIFY`]: the kernel's policy rules route an unmarked packet
@@ -966,10 +970,53 @@ pub struct Flow6 {
     pub flags: u32,
     pub uplink: u8,
     pub policy: u8,
-    pub _pad0: u16,
+    /// Under NAT66 ([`MODE6_NAT66`]): the port (or echo identifier) the
+    /// flow has on the uplink's address, reserved in [`MAP_NAT6`]; 0
+    /// under NPTv6.
+    pub nat_port_be: u16,
     /// Creation time, seconds of [`CLOCK`].
     pub created_s: u32,
     pub _pad1: u32,
+}
+
+/// [`MAP_NAT6`]'s key: a NAT66 flow as its replies name it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Nat6Key {
+    pub remote: [u8; 16],
+    pub remote_port_be: u16,
+    pub nat_port_be: u16,
+    pub proto: u8,
+    /// The uplink slot, whose address the NAT port is on.
+    pub uplink: u8,
+    pub _pad: u16,
+}
+
+/// [`MAP_NAT6`]'s value: the LAN endpoint behind a NAT66 port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Nat6Lan {
+    pub lan: [u8; 16],
+    pub lan_port_be: u16,
+    pub _pad: u16,
+}
+
+impl Flow6Key {
+    /// The reverse key of this flow under NAT66 on `uplink` with
+    /// `nat_port_be`.
+    #[inline(always)]
+    pub fn nat6(&self, uplink: u8, nat_port_be: u16) -> Nat6Key {
+        Nat6Key {
+            remote: self.remote,
+            remote_port_be: self.remote_port_be,
+            nat_port_be,
+            proto: self.proto,
+            uplink,
+            _pad: 0,
+        }
+    }
 }
 
 /// An uplink's IPv6 translation, written by the daemon ([`MAP_UPLINKS6`]).
@@ -1015,6 +1062,9 @@ pub struct Allow6Key {
 pub const MODE6_OFF: u8 = 0;
 /// `mode6 = "npt"`: NPTv6 (RFC 6296).
 pub const MODE6_NPT: u8 = 1;
+/// `mode6 = "nat66"`: the LAN's addresses and ports translated to the
+/// uplink's one address (`Uplink6::outer`, all 128 bits), as IPv4's SNAT.
+pub const MODE6_NAT66: u8 = 2;
 
 /// One's-complement sum of the first `len` bits of `addr`, as 16-bit words
 /// (bits past `len` count as zero).
@@ -1354,6 +1404,8 @@ const _: () = {
     assert!(size_of::<Flow6Key>() == 40);
     assert!(size_of::<Flow6>() == 24);
     assert!(size_of::<Uplink6>() == 40);
+    assert!(size_of::<Nat6Key>() == 24);
+    assert!(size_of::<Nat6Lan>() == 20);
     assert!(size_of::<Allow6Key>() == 20);
     assert!(size_of::<FragKey>() == 12);
     assert!(size_of::<FragXlat>() == 8);
@@ -1393,6 +1445,8 @@ mod pod {
     unsafe impl aya::Pod for Flow6Key {}
     unsafe impl aya::Pod for Flow6 {}
     unsafe impl aya::Pod for Uplink6 {}
+    unsafe impl aya::Pod for Nat6Key {}
+    unsafe impl aya::Pod for Nat6Lan {}
     unsafe impl aya::Pod for Allow6Key {}
     unsafe impl aya::Pod for Reasons {}
     unsafe impl aya::Pod for RoutedKey {}

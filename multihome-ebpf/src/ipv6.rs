@@ -10,9 +10,10 @@ use aya_ebpf::{
 };
 use multihome_common::{
     Allow6Key, BALANCE_CONNECTION, FLOW_SEEN_REPLY, Flow6, Flow6Key, IPPROTO_TCP, IPPROTO_UDP,
-    LAST_RESORT_UNREACHABLE, MARK_PROHIBIT, MARK_TRANSLATED, MAX_UPLINKS, ON_DOWN_KEEP,
-    ON_DOWN_PURGE_UDP, RULE_MAIN, RULE_UNREACHABLE, Reason, UPLINK_CONFIGURED, UPLINK_L3,
-    UPLINK_LINK_DOWN, UPLINK_OUTAGE, UPLINK_USABLE, Uplink, Uplink6, flow_hash, select_slot,
+    LAST_RESORT_UNREACHABLE, MARK_PROHIBIT, MARK_TRANSLATED, MAX_UPLINKS, MODE6_NAT66,
+    ON_DOWN_KEEP, ON_DOWN_PURGE_UDP, RULE_MAIN, RULE_UNREACHABLE, Reason, UPLINK_CONFIGURED,
+    UPLINK_L3, UPLINK_LINK_DOWN, UPLINK_OUTAGE, UPLINK_USABLE, Uplink, Uplink6, flow_hash,
+    select_slot,
 };
 
 use crate::{
@@ -20,6 +21,7 @@ use crate::{
     conntrack::{self, now_ns},
     fwd, guard,
     maps::{ALLOW6, CONN6, NEXT_HOPS6, SCRATCH6, SELECT, UPLINKS},
+    nat66,
     nptv6::{self, Way},
     outbound::{FLOW_CLOSED, ingress_ifindex, on_down, settings},
     parse::{
@@ -258,6 +260,8 @@ fn new_flow(ctx: &TcContext, key: &Flow6Key, pkt: &Packet6) -> Result<u8, Reason
         Err(Reason::PolicyRefused) => return Err(refuse()),
         chosen => chosen?,
     };
+    // Under NAT66 the port is reserved by the uplink's egress program,
+    // whose stack has room for it.
     let flow = fresh(id, conntrack::tcp_flags_out(0, pkt.tcp_flags), policy as u8);
     CONN6
         .insert(key, flow, BPF_NOEXIST as u64)
@@ -276,7 +280,7 @@ fn fresh(id: u8, flags: u32, policy: u8) -> Flow6 {
         flags,
         uplink: id,
         policy,
-        _pad0: 0,
+        nat_port_be: 0,
         created_s: (now / 1_000_000_000) as u32,
         _pad1: 0,
     }
@@ -327,7 +331,7 @@ fn choose(key: &Flow6Key, seed: u32, policy: u32) -> Result<u8, Reason> {
 /// Uplink `id` has all of `flags` and an IPv6 prefix.
 #[inline(always)]
 fn carries(id: u32, u: &Uplink, flags: u16) -> bool {
-    u.flags & flags == flags && nptv6::uplink6(id).is_some()
+    u.flags & flags == flags && nptv6::translation(id).is_some()
 }
 
 /// Fills `key` with the flow an ICMPv6 error's quoted packet belongs to
@@ -382,7 +386,14 @@ fn quoted_key(ctx: &TcContext, l4: usize, way: Way) -> Result<(&'static Flow6Key
 #[inline(always)]
 pub fn wan_ingress(ctx: &TcContext, l3: usize) -> Outcome {
     let pkt = parse::parse_ipv6(ctx, l3)?;
-    let (id, _, _) = nptv6::covering(&pkt.daddr, false).ok_or(Reason::NoMapping)?;
+    let (id, _, u6) = nptv6::covering(&pkt.daddr, false).ok_or(Reason::NoMapping)?;
+    if u6.mode == MODE6_NAT66 {
+        // Each from here: their frames are never added up.
+        return match pkt.l4_kind {
+            L4::IcmpError => nat66::error(ctx, l3, &pkt, id),
+            _ => nat66::ingress(ctx, l3, &pkt, id),
+        };
+    }
     if pkt.frag == FRAG6_LATER {
         // Its first fragment carried the ports and was checked.
         let u6 = nptv6::uplink6(id as u32).ok_or(Reason::NoMapping)?;
@@ -522,12 +533,17 @@ fn wan_egress(ctx: &TcContext, l3: usize, mark: u32, mark_base: u32) -> Outcome 
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     if let Some((id, uplink)) = select::from_mark(mark, mark_base)
         && uplink.ifindex == ifindex
-        && let Some(u6) = nptv6::uplink6(id as u32)
-        && nptv6::rewrite(ctx, l3 + ip6::SADDR, u6, Way::Out)?
+        && let Some(u6) = nptv6::translation(id as u32)
     {
-        map_quoted(ctx, l3, u6)?;
-        stats::tx(id, ctx.len());
-        return Ok(Verdict::Pass);
+        if u6.mode == MODE6_NAT66 {
+            if let Ok(v) = nat66::egress(ctx, l3, id, u6) {
+                return Ok(v);
+            }
+        } else if nptv6::rewrite(ctx, l3 + ip6::SADDR, u6, Way::Out)? {
+            map_quoted(ctx, l3, u6)?;
+            stats::tx(id, ctx.len());
+            return Ok(Verdict::Pass);
+        }
     }
     guard::egress6(ctx, l3)
 }

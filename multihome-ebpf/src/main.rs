@@ -38,6 +38,7 @@ mod ipv6;
 mod maps;
 mod mss;
 mod nat;
+mod nat66;
 mod nptv6;
 mod outbound;
 mod parse;

@@ -10,9 +10,9 @@ use multihome_common::{
     Flow6Key, FlowFwd, FlowKey, FlowRev, FragKey, FragXlat, HOST_ECHO_ENTRIES, HostFlows,
     JUMP_PROGS, LanNet, MAX_ALLOW6, MAX_FLOWS6, MAX_HOSTS, MAX_LAN_NETS, MAX_LOCAL_ADDRS,
     MAX_POLICIES, MAX_ROUTED_PREFIXES, MAX_RULE_PREFIXES, MAX_RULES, MAX_UPLINKS, MAX_XDP_DEVS,
-    NextHop, PEER_SLOTS, PeerSlot, Reasons, Routed6Key, RoutedKey, RoutedUplinks, RuleAction,
-    RuleAddrKey, RuleSet, SYN_WAIT_ENTRIES, SelectTable, Settings, SynWaitKey, Uplink, Uplink6,
-    UplinkStats, XdpStats,
+    Nat6Key, Nat6Lan, NextHop, PEER_SLOTS, PeerSlot, Reasons, Routed6Key, RoutedKey, RoutedUplinks,
+    RuleAction, RuleAddrKey, RuleSet, SYN_WAIT_ENTRIES, SelectTable, Settings, SynWaitKey, Uplink,
+    Uplink6, UplinkStats, XdpStats,
 };
 
 const FLOWS: usize = DEFAULT_MAX_FLOWS as usize;
@@ -158,6 +158,12 @@ pub static XDP_STATS: PerCpuArray<XdpStats, { MAX_UPLINKS as usize }> = PerCpuAr
 /// IPv6 connections by their LAN-side tuple -> uplink and state.
 #[btf_map]
 pub static CONN6: HashMap<Flow6Key, Flow6, { MAX_FLOWS6 as usize }> = HashMap::new();
+
+/// NAT66: (remote end, NAT port, protocol, uplink) -> the LAN endpoint,
+/// for replies to the uplink's one address. An entry whose `CONN6` flow
+/// is gone, or holds another port, is stale: the port is free again.
+#[btf_map]
+pub static NAT6: HashMap<Nat6Key, Nat6Lan, { MAX_FLOWS6 as usize }> = HashMap::new();
 
 /// Uplink slot -> its IPv6 prefix and NPTv6 adjustment.
 #[btf_map]

@@ -2,7 +2,8 @@
 //! of one address in a packet, and the uplink prefixes it maps between.
 use aya_ebpf::programs::TcContext;
 use multihome_common::{
-    MAX_UPLINKS, MODE6_NPT, Reason, UPLINK_CONFIGURED, Uplink, Uplink6, in_prefix6, npt_translate,
+    MAX_UPLINKS, MODE6_NAT66, MODE6_NPT, Reason, UPLINK_CONFIGURED, Uplink, Uplink6, in_prefix6,
+    npt_translate,
 };
 
 use crate::{
@@ -27,16 +28,28 @@ pub fn uplink6(id: u32) -> Option<&'static Uplink6> {
         .filter(|u6| u6.mode == MODE6_NPT && u6.prefix_len != 0)
 }
 
+/// Uplink `id`'s translation, NPTv6 or NAT66, if it carries IPv6.
+#[inline(always)]
+pub fn translation(id: u32) -> Option<&'static Uplink6> {
+    UPLINKS6
+        .get(id)
+        .filter(|u6| (u6.mode == MODE6_NPT || u6.mode == MODE6_NAT66) && u6.prefix_len != 0)
+}
+
 /// The uplink whose prefix (outer, or with `inner` the internal one)
-/// covers `addr`.
+/// covers `addr`; under NAT66 the outer side is the uplink's one address.
 #[inline(always)]
 pub fn covering(addr: &[u8; 16], inner: bool) -> Option<(u8, &'static Uplink, &'static Uplink6)> {
     for id in 0..MAX_UPLINKS {
-        if let Some(u6) = uplink6(id)
+        if let Some(u6) = translation(id)
             && in_prefix6(
                 addr,
                 if inner { &u6.inner } else { &u6.outer },
-                u6.prefix_len,
+                if inner || u6.mode == MODE6_NPT {
+                    u6.prefix_len
+                } else {
+                    128
+                },
             )
             && let Some(u) = UPLINKS.get(id)
             && u.flags & UPLINK_CONFIGURED != 0

@@ -141,7 +141,8 @@ pub enum Mode6 {
     /// NPTv6 (RFC 6296): `lan_prefixes6` mapped onto `prefix6`.
     #[default]
     Npt,
-    /// Address and port translation to a single /128 (not built yet).
+    /// Address and port translation to the uplink's one address, as
+    /// IPv4's SNAT: for an ISP that hands out a single /128.
     Nat66,
     /// No translation: only `routed_prefixes` sources leave.
     Off,
@@ -474,6 +475,27 @@ impl Config {
         }
     }
 
+    /// Uplink `id`'s outside IPv6 end: its NPTv6 prefix, or under NAT66 its
+    /// one address (as a /128), configured or learned.
+    pub fn outer6(&self, id: usize) -> Option<Prefix6> {
+        let u = &self.uplinks[id];
+        match u.mode6 {
+            Mode6::Npt => self.npt_prefix(id),
+            Mode6::Nat66 => match &u.prefix6 {
+                Some(text) => text.parse().ok().filter(|p: &Prefix6| p.len == 128),
+                None => u.learned6.map(|l| l.npt),
+            },
+            Mode6::Off => None,
+        }
+    }
+
+    /// Whether uplink `id` translates by NAT66 onto the address its
+    /// interface has (no `prefix6`), with an internal prefix to map from.
+    pub fn learns_address6(&self, id: usize) -> bool {
+        let u = &self.uplinks[id];
+        u.mode6 == Mode6::Nat66 && u.prefix6.is_none() && self.lan_prefix6().is_some()
+    }
+
     /// Whether uplink `id` learns its `prefix6` from a delegation: it
     /// translates by NPTv6 with no `prefix6` configured, and the LAN has
     /// an internal prefix to map.
@@ -537,10 +559,10 @@ impl Config {
         let mut outers: Vec<(String, Prefix6)> = Vec::new();
         for (i, u) in self.uplinks.iter().enumerate() {
             let at = format!("`[[uplink]]` #{} (name = {:?})", i + 1, u.name);
-            if u.mode6 == Mode6::Nat66 {
+            if u.mode6 == Mode6::Nat66 && u.ndp_proxy {
                 out.push(format!(
-                    "{at}: `mode6 = \"nat66\"` is not built yet; use \"npt\" (a routed \
-                     prefix) or \"off\""
+                    "{at}: `ndp_proxy` is for NPTv6; under NAT66 the address is the \
+                     interface's own"
                 ));
             }
             if let Some(pool) = &u.pd_pool6
@@ -564,6 +586,12 @@ impl Config {
                     continue;
                 }
             };
+            if u.mode6 == Mode6::Nat66 && outer.len != 128 {
+                out.push(format!(
+                    "{at}: `prefix6` {text}: under NAT66 it is the uplink's one address \
+                     (a /128), or omitted to take the interface's"
+                ));
+            }
             if u.mode6 != Mode6::Npt {
                 continue;
             }
@@ -1212,14 +1240,30 @@ weight = 2
     }
 
     #[test]
-    fn mode6_takes_npt_or_off_and_says_nat66_is_not_built() {
+    fn mode6_takes_npt_nat66_onto_one_address_or_off() {
         let text = with6("fd00:1::/64", "2001:db8:11:100::/64", "");
         let off = text.replace("prefix6 = ", "mode6 = \"off\"\nprefix6 = ");
         let c = Config::parse(&off).expect("off");
         assert_eq!(c.uplinks[0].mode6, Mode6::Off);
         assert!(c.npt_prefix(0).is_none(), "mode6 = off maps nothing");
+        // NAT66 onto one address: a /128, or the interface's.
         let err = problems6(&text.replace("prefix6 = ", "mode6 = \"nat66\"\nprefix6 = "));
-        assert!(err.contains("not built yet"), "{err}");
+        assert!(err.contains("one address (a /128)"), "{err}");
+        let nat66 = text.replace(
+            "prefix6 = \"2001:db8:11:100::/64\"",
+            "mode6 = \"nat66\"\nprefix6 = \"2001:db8:11::1\"",
+        );
+        let c = Config::parse(&nat66).expect("nat66");
+        assert_eq!(
+            c.outer6(0).map(|p| p.to_string()).as_deref(),
+            Some("2001:db8:11::1/128")
+        );
+        assert!(c.npt_prefix(0).is_none() && !c.learns_address6(0));
+        let learn = text.replace("prefix6 = \"2001:db8:11:100::/64\"", "mode6 = \"nat66\"");
+        let c = Config::parse(&learn).expect("nat66 onto the interface's address");
+        assert!(c.learns_address6(0) && c.outer6(0).is_none());
+        let err = problems6(&learn.replace("mode6 = ", "ndp_proxy = true\nmode6 = "));
+        assert!(err.contains("`ndp_proxy` is for NPTv6"), "{err}");
         let err = format!(
             "{:#}",
             Config::parse(&text.replace("prefix6 = ", "mode6 = \"nptv6\"\nprefix6 = "))

@@ -675,7 +675,8 @@ impl Daemon {
         for (id, u) in self.config.uplinks.iter().enumerate() {
             let u6 = uplinks::uplink6(&self.config, id);
             let ifindex = observed.get(id).map_or(0, |o| o.ifindex);
-            if u6.prefix_len == 0 || ifindex == 0 {
+            // NAT66's address is the interface's own: nothing to proxy.
+            if u6.prefix_len == 0 || ifindex == 0 || u6.mode != multihome_common::MODE6_NPT {
                 continue;
             }
             if u.ndp_proxy && !stop {
@@ -712,7 +713,8 @@ impl Daemon {
         let n = self.config.uplinks.len();
         let lan_default = self.config.lan_prefixes6.is_empty();
         let learners = |c: &Config| (0..n).any(|id| c.learns_prefix6(id));
-        if !lan_default && !learners(&self.config) {
+        let nat66 = |c: &Config| (0..n).any(|id| c.learns_address6(id));
+        if !lan_default && !learners(&self.config) && !nat66(&self.config) {
             return;
         }
         let addresses = match delegated::addresses(&self.handle).await {
@@ -724,6 +726,9 @@ impl Daemon {
         };
         if lan_default {
             self.learn_lan6(snap, &addresses);
+        }
+        if nat66(&self.config) {
+            self.learn_nat66_addresses(snap, &addresses);
         }
         if !learners(&self.config) {
             return;
@@ -772,6 +777,40 @@ impl Daemon {
                     ),
                 }
                 u.learned6 = learned;
+            }
+        }
+    }
+
+    /// The address of each NAT66 uplink without `prefix6`: a global one
+    /// on its interface (the one it has while it lasts, else the lowest).
+    fn learn_nat66_addresses(
+        &mut self,
+        snap: &netinfo::Snapshot,
+        addresses: &[(u32, config::Prefix6, AddressFlags)],
+    ) {
+        for id in 0..self.config.uplinks.len() {
+            if !self.config.learns_address6(id) {
+                continue;
+            }
+            let u = &mut self.config.uplinks[id];
+            let index = snap.get(&u.interface).map(|i| i.index);
+            let found = delegated::uplink_addresses(addresses, index);
+            let current = u.learned6.map(|l| l.npt);
+            let pick = current
+                .filter(|a| found.contains(a))
+                .or(found.first().copied());
+            if pick != current {
+                match pick {
+                    Some(a) => info!("uplink {}: NAT66 onto its address {}", u.name, a.addr),
+                    None => info!(
+                        "uplink {}: no global IPv6 address; it takes no IPv6 flows",
+                        u.name
+                    ),
+                }
+                u.learned6 = pick.map(|a| config::Learned6 {
+                    delegated: a,
+                    npt: a,
+                });
             }
         }
     }
@@ -854,7 +893,7 @@ impl Daemon {
                     .uplinks
                     .iter()
                     .enumerate()
-                    .filter(|(id, _)| self.config.npt_prefix(*id).is_some())
+                    .filter(|(id, _)| self.config.outer6(*id).is_some())
                     .map(|(_, u)| u.interface.as_str()),
             )?;
         }
@@ -1710,7 +1749,7 @@ impl Daemon {
         let endpoints = self.maps.endpoints_map()?;
         q.check().map_err(anyhow::Error::msg)?;
         let ipv6: Vec<bool> = (0..self.config.uplinks.len())
-            .map(|id| self.config.npt_prefix(id).is_some())
+            .map(|id| self.config.outer6(id).is_some())
             .collect();
         Ok(explain::explain(
             q,

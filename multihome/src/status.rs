@@ -5,8 +5,9 @@ use serde::Serialize;
 
 use crate::{flows::be_addr, maps::Maps, uplinks::name_from_bytes};
 use multihome_common::{
-    NextHop, UPLINK_CANARY, UPLINK_CONFIGURED, UPLINK_DEGRADED, UPLINK_DRAINED, UPLINK_HELD_DOWN,
-    UPLINK_L3, UPLINK_LINK_DOWN, UPLINK_PROBES_FAIL, UPLINK_TRAFFIC_DOWN, UPLINK_USABLE, Uplink,
+    MODE6_NAT66, NextHop, UPLINK_CANARY, UPLINK_CONFIGURED, UPLINK_DEGRADED, UPLINK_DRAINED,
+    UPLINK_HELD_DOWN, UPLINK_L3, UPLINK_LINK_DOWN, UPLINK_PROBES_FAIL, UPLINK_TRAFFIC_DOWN,
+    UPLINK_USABLE, Uplink,
 };
 
 #[derive(Debug, Serialize)]
@@ -50,6 +51,9 @@ pub struct UplinkStatus {
     /// The delegated prefix `prefix6` was learned from (DHCPv6-PD); None:
     /// configured.
     pub delegated6: Option<String>,
+    /// IPv6 is translated by NAT66 onto `prefix6`, the uplink's one
+    /// address, rather than by NPTv6.
+    pub nat66: bool,
     /// IPv6 flows pinned to it (counted in `tx`/`rx` too).
     pub flows6: u64,
     /// As `next_hop`, for IPv6 (`NEXT_HOPS6`).
@@ -100,6 +104,7 @@ impl UplinkStatus {
             xdp_rx_packets: 0,
             prefix6: None,
             delegated6: None,
+            nat66: false,
             flows6: 0,
             next_hop6: None,
         }
@@ -299,10 +304,12 @@ fn uplinks_with(maps: &Maps, flows: &[[u64; 2]]) -> anyhow::Result<Vec<UplinkSta
             weight: u.weight,
             flows: flows.get(id).map_or(0, |f| f[0]),
             flows6: flows.get(id).map_or(0, |f| f[1]),
-            prefix6: uplinks6
-                .get(id)
-                .filter(|u6| u6.prefix_len != 0)
-                .map(|u6| prefix_text(u6.outer, u6.prefix_len)),
+            prefix6: uplinks6.get(id).filter(|u6| u6.prefix_len != 0).map(|u6| {
+                // NAT66: the uplink's one address.
+                let len = if u6.mode == MODE6_NAT66 { 128 } else { u6.prefix_len };
+                prefix_text(u6.outer, len)
+            }),
+            nat66: uplinks6.get(id).is_some_and(|u6| u6.mode == MODE6_NAT66),
             delegated6: uplinks6
                 .get(id)
                 .filter(|u6| u6.prefix_len != 0 && u6.delegated_len != 0)

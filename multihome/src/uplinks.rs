@@ -3,14 +3,15 @@
 use std::net::Ipv4Addr;
 
 use multihome_common::{
-    LanNet, MAX_UPLINKS, MODE6_NPT, NextHop, RoutedUplinks, UPLINK_CANARY, UPLINK_CONFIGURED,
-    UPLINK_DEGRADED, UPLINK_DRAIN_RESET, UPLINK_DRAINED, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP,
-    UPLINK_HELD_DOWN, UPLINK_L3, UPLINK_LINK_DOWN, UPLINK_OUTAGE, UPLINK_PROBES_FAIL,
-    UPLINK_RESET_TCP, UPLINK_TRAFFIC_DOWN, UPLINK_USABLE, Uplink, Uplink6, npt_adjustment,
+    LanNet, MAX_UPLINKS, MODE6_NAT66, MODE6_NPT, NextHop, RoutedUplinks, UPLINK_CANARY,
+    UPLINK_CONFIGURED, UPLINK_DEGRADED, UPLINK_DRAIN_RESET, UPLINK_DRAINED, UPLINK_EVACUATE,
+    UPLINK_EVACUATE_TCP, UPLINK_HELD_DOWN, UPLINK_L3, UPLINK_LINK_DOWN, UPLINK_OUTAGE,
+    UPLINK_PROBES_FAIL, UPLINK_RESET_TCP, UPLINK_TRAFFIC_DOWN, UPLINK_USABLE, Uplink, Uplink6,
+    npt_adjustment,
 };
 
 use crate::{
-    config::{Config, MssClamp, Prefix, Prefix6, UplinkConfig},
+    config::{Config, Mode6, MssClamp, Prefix, Prefix6, UplinkConfig},
     health::passive,
     netinfo::Snapshot,
     routing::{RoutingPlan, SharedSource, UplinkRoutes},
@@ -301,6 +302,18 @@ pub fn routed_table(config: &Config) -> Vec<(Prefix, RoutedUplinks)> {
 /// Uplink `id`'s IPv6 translation: NPTv6 from `lan_prefixes6` onto its
 /// `prefix6`, or nothing (no IPv6 flows) without both.
 pub fn uplink6(config: &Config, id: usize) -> Uplink6 {
+    if config.uplinks[id].mode6 == Mode6::Nat66 {
+        let (Some(inner), Some(addr)) = (config.lan_prefix6(), config.outer6(id)) else {
+            return Uplink6::default();
+        };
+        return Uplink6 {
+            inner: inner.network().octets(),
+            outer: addr.addr.octets(),
+            prefix_len: inner.len,
+            mode: MODE6_NAT66,
+            ..Default::default()
+        };
+    }
     let (Some(inner), Some(outer)) = (config.lan_prefix6(), config.npt_prefix(id)) else {
         return Uplink6::default();
     };
@@ -414,7 +427,7 @@ pub fn routing_plan6(config: &Config, observed: &[Observed]) -> Vec<Uplink6Route
                 ifindex: observed[id].ifindex,
                 gateway: config.uplinks[id].gateway6,
                 l3: observed[id].l3,
-                prefix: config.npt_prefix(id)?,
+                prefix: config.outer6(id)?,
                 index: id as u32,
             })
         })

@@ -1044,3 +1044,96 @@ fn a_delegated_prefix_is_learned_followed_when_it_changes_and_dropped_when_withd
     assert!(gw.log().contains("learned prefix6"), "{}", gw.log());
     assert_eq!(t.ula_sources(), 0, "a ULA source reached an ISP");
 }
+
+/// NAT66 (`mode6 = "nat66"`) on y, whose ISP gives it one address: two
+/// LAN hosts' datagrams from the same port reach the server from y's
+/// address with two ports; a TCP stream crosses a smaller MTU beyond the
+/// ISP's router, whose Packet Too Big to y's address and port is mapped
+/// back to the client (offloads off: a wrong checksum would drop it); a
+/// ping works; `conns` shows the address and port; no ULA leaves.
+#[test]
+fn nat66_translates_lan_hosts_onto_the_uplinks_one_address_with_ports_of_its_own() {
+    let t = Topology::standard();
+    t.add_ipv6();
+    let second = "fd00:1::3";
+    ip6(
+        &t.client,
+        &format!("addr add {second}/64 dev {IF_LAN} nodad"),
+    );
+    let config = config6(&t, [0, 1], "").replacen(
+        &format!("prefix6 = \"{UPLINK_Y_PREFIX6}\"\n"),
+        "mode6 = \"nat66\"\n",
+        1,
+    );
+    assert!(
+        config.contains("nat66") && !config.contains(UPLINK_Y_PREFIX6),
+        "{config}"
+    );
+    let gw = Gateway::start(&t.gw, &config);
+    let y_addr = v6(UPLINK_Y_ADDR6);
+    eventually(Duration::from_secs(5), "y's NAT66 address", || {
+        gw.status()["uplinks"][1]["prefix6"] == format!("{y_addr}/128")
+    });
+    // A server that answers with the address and port it saw.
+    let sock = t
+        .inet
+        .run(|| UdpSocket::bind(SocketAddr::new(v6(INET_SERVICE6).into(), 7400)))
+        .expect("bind");
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let _srv = std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        while let Ok((_, from)) = sock.recv_from(&mut buf) {
+            let _ = sock.send_to(from.to_string().as_bytes(), from);
+        }
+    });
+    let seen_from = |src: &str| -> SocketAddr {
+        let s = t
+            .client
+            .run(|| UdpSocket::bind(SocketAddr::new(v6(src).into(), 41500)))
+            .expect("bind on the client");
+        s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+        let to = SocketAddr::new(v6(INET_SERVICE6).into(), 7400);
+        let mut buf = [0u8; 256];
+        for _ in 0..3 {
+            s.send_to(b"who?", to).expect("send");
+            if let Ok((n, _)) = s.recv_from(&mut buf) {
+                return std::str::from_utf8(&buf[..n])
+                    .expect("text")
+                    .parse()
+                    .expect("an address and port");
+            }
+        }
+        panic!("no answer to {src} through NAT66");
+    };
+    let (a, b) = (seen_from(CLIENT6_ADDR), seen_from(second));
+    assert_eq!((a.ip(), b.ip()), (y_addr.into(), y_addr.into()), "{a} {b}");
+    assert_ne!(a.port(), b.port(), "two LAN hosts share a NAT66 port");
+    let conns = gw.conns();
+    assert!(
+        conns.iter().any(|c| c["dport"] == 7400
+            && c["nat_addr"] == UPLINK_Y_ADDR6
+            && c["nat_port"] == a.port()),
+        "{conns:?}"
+    );
+    // Bulk TCP through a 1400-byte link beyond the ISP's router (its
+    // far end keeps 1500, so the server's MSS does not shrink the
+    // segments: only the Packet Too Big can).
+    set_mtu(&t.ispy, IF_CORE, 1400);
+    let sink = tcp6_sink(&t, 7100);
+    let len = 1 << 20;
+    let (got, seen) = tcp6_send(&t, 7100, len);
+    sink.join().expect("sink");
+    assert_eq!((got, seen), (len, y_addr), "bytes lost through NAT66");
+    let ping = scapy(
+        &t.client,
+        &format!(
+            "r = sr1(IPv6(src='{CLIENT6_ADDR}', dst='{INET_SERVICE6}')/ICMPv6EchoRequest(id=4321, \
+             seq=1), timeout=2, retry=2)\n\
+             print('reply', r[ICMPv6EchoReply].id if r else None)"
+        ),
+        Duration::from_secs(20),
+    );
+    assert!(ping.contains("reply 4321"), "ping through NAT66: {ping}");
+    assert_eq!(t.ula_sources(), 0, "a ULA source reached an ISP");
+}

@@ -33,8 +33,8 @@ use multihome_common::{
     UplinkStats, WAIT_RETRANSMIT, WAIT_SYN, XdpStats, peer_check, peer_slot,
 };
 use multihome_common::{
-    Flow6, Flow6Key, MAP_CONN6, MAP_UPLINKS6, MODE6_NPT, PROG_LAN_IN6, PROG_WAN_IN6, PROG_WAN_OUT6,
-    Uplink6, npt_adjustment,
+    Flow6, Flow6Key, MAP_CONN6, MAP_NAT6, MAP_UPLINKS6, MODE6_NAT66, MODE6_NPT, Nat6Key, Nat6Lan,
+    PROG_LAN_IN6, PROG_WAN_IN6, PROG_WAN_OUT6, Uplink6, npt_adjustment,
 };
 use testbed::packets::*;
 
@@ -604,6 +604,25 @@ impl Datapath {
             ..Default::default()
         };
         a.set(0, u6, 0).expect("write UPLINKS6");
+    }
+
+    /// Uplink 0 translates [`INNER6`]/64 onto [`NAT6_ADDR`] (NAT66).
+    fn set_uplink6_0_nat66(&mut self) {
+        let mut a: Array<_, Uplink6> =
+            Array::try_from(self.ebpf.map_mut(MAP_UPLINKS6).expect("UPLINKS6 map"))
+                .expect("UPLINKS6 types");
+        let u6 = Uplink6 {
+            inner: v6(INNER6).octets(),
+            outer: v6(NAT6_ADDR).octets(),
+            prefix_len: 64,
+            mode: MODE6_NAT66,
+            ..Default::default()
+        };
+        a.set(0, u6, 0).expect("write UPLINKS6");
+    }
+
+    fn nat6(&mut self) -> HashMap<&mut aya::maps::MapData, Nat6Key, Nat6Lan> {
+        HashMap::try_from(self.ebpf.map_mut(MAP_NAT6).expect("NAT6 map")).expect("NAT6 types")
     }
 
     fn conn6(&mut self) -> HashMap<&mut aya::maps::MapData, Flow6Key, Flow6> {
@@ -3944,5 +3963,168 @@ fn ipv6_programs_walk_an_extension_header_to_the_ports_both_ways() {
         let (run, counted) = dp.run_counted(PROG_WAN_IN6, &knock.frame(), 0);
         assert_eq!(run.ret, TC_ACT_SHOT);
         assert_eq!(counted, vec![(Reason::Unsolicited, 1)]);
+    });
+}
+
+/// NAT66's address in these tests (uplink 0's one address).
+const NAT6_ADDR: &str = "2001:db8:11::1";
+/// The port a NAT66 flow holds in these tests.
+const NAT6_PORT: u16 = 61000;
+
+/// `p` with `edit` applied and its L4 checksum computed from scratch: what
+/// NAT66's incremental updates must come to.
+fn recomputed(p: &Ipv6, edit: impl FnOnce(&mut Ipv6)) -> Vec<u8> {
+    let mut q = p.clone();
+    edit(&mut q);
+    q.refresh_checksum();
+    q.frame()
+}
+
+/// Pins `key`'s flow to uplink 0 under NAT66 with [`NAT6_PORT`] (0: none
+/// reserved yet) and, with a port, its `NAT6` entry.
+fn pin_nat66(dp: &mut Datapath, key: Flow6Key, port: u16) {
+    let f = Flow6 {
+        nat_port_be: port.to_be(),
+        ..Default::default()
+    };
+    dp.conn6().insert(key, f, 0).expect("pin the flow");
+    if port != 0 {
+        let lan = Nat6Lan {
+            lan: key.lan,
+            lan_port_be: key.lan_port_be,
+            _pad: 0,
+        };
+        dp.nat6()
+            .insert(key.nat6(0, port.to_be()), lan, 0)
+            .expect("reserve the port");
+    }
+}
+
+#[test]
+fn wan_out6_nat66_rewrites_source_and_port_with_checksums_as_recomputed_byte_exact() {
+    let echo = Ipv6::icmp(
+        LAN_HOST6,
+        REMOTE6,
+        ICMPV6_ECHO_REQUEST,
+        0,
+        [0x9c, 0x41, 0, 1],
+        b"ping",
+    );
+    for (p, key) in [
+        (
+            Ipv6::udp(LAN_HOST6, REMOTE6, 40001, 53, b"query"),
+            flow6(40001, 53, IPPROTO_UDP),
+        ),
+        (
+            Ipv6::tcp(LAN_HOST6, REMOTE6, 40000, 443, TCP_SYN),
+            flow6(40000, 443, IPPROTO_TCP),
+        ),
+        (echo.clone(), flow6(40001, 0, IPPROTO_ICMPV6)),
+    ] {
+        with_datapath(|dp| {
+            dp.set_uplink6_0_nat66();
+            pin_nat66(dp, key, NAT6_PORT);
+            let expected = recomputed(&p, |q| {
+                q.src = v6(NAT6_ADDR);
+                let at = if q.next == IPPROTO_ICMPV6 { 4 } else { 0 };
+                q.l4[at..at + 2].copy_from_slice(&NAT6_PORT.to_be_bytes());
+            });
+            let (run, counted) = dp.run_counted(PROG_WAN_OUT6, &p.frame(), UPLINK_MARK);
+            assert_passed_as(&run, &expected, &format!("next header {}", p.next));
+            assert_eq!(counted, vec![], "next header {}", p.next);
+            assert_eq!(dp.uplink0_stats().tx_packets, 1);
+        });
+    }
+}
+
+#[test]
+fn wan_out6_nat66_reserves_a_port_at_the_first_packet_and_keeps_it() {
+    with_datapath(|dp| {
+        dp.set_uplink6_0_nat66();
+        let key = flow6(40001, 53, IPPROTO_UDP);
+        pin_nat66(dp, key, 0);
+        let p = Ipv6::udp(LAN_HOST6, REMOTE6, 40001, 53, b"query");
+        let first = dp.run(PROG_WAN_OUT6, &p.frame(), UPLINK_MARK);
+        let port = dp.conn6().get(&key, 0).expect("the flow").nat_port_be;
+        assert_ne!(port, 0, "no port reserved");
+        let lan = dp
+            .nat6()
+            .get(&key.nat6(0, port), 0)
+            .expect("its NAT6 entry");
+        assert_eq!((lan.lan, lan.lan_port_be), (key.lan, key.lan_port_be));
+        let expected = recomputed(&p, |q| {
+            q.src = v6(NAT6_ADDR);
+            q.l4[0..2].copy_from_slice(&u16::from_be(port).to_be_bytes());
+        });
+        assert_passed_as(&first, &expected, "first packet");
+        let second = dp.run(PROG_WAN_OUT6, &p.frame(), UPLINK_MARK);
+        assert_passed_as(&second, &expected, "second packet");
+    });
+}
+
+#[test]
+fn wan_in6_nat66_maps_a_reply_to_its_lan_endpoint_and_leaves_the_rest_to_the_gateway() {
+    with_datapath(|dp| {
+        dp.set_uplink6_0_nat66();
+        pin_nat66(dp, flow6(40001, 53, IPPROTO_UDP), NAT6_PORT);
+        let reply = Ipv6::udp(REMOTE6, NAT6_ADDR, 53, NAT6_PORT, b"answer");
+        let expected = recomputed(&reply, |q| {
+            q.dst = v6(LAN_HOST6);
+            q.l4[2..4].copy_from_slice(&40001u16.to_be_bytes());
+        });
+        let (run, counted) = dp.run_counted(PROG_WAN_IN6, &reply.frame(), 0);
+        assert_passed_as(&run, &expected, "reply");
+        assert_eq!(counted, vec![(Reason::SlowPath, 1)]);
+        let f = dp
+            .conn6()
+            .get(&flow6(40001, 53, IPPROTO_UDP), 0)
+            .expect("flow");
+        assert_ne!(f.flags & FLOW_SEEN_REPLY, 0, "the reply is not recorded");
+        // Another port on the address is the gateway's own: untouched.
+        let own = Ipv6::tcp(REMOTE6, NAT6_ADDR, 40000, 22, TCP_SYN);
+        let (run, counted) = dp.run_counted(PROG_WAN_IN6, &own.frame(), 0);
+        assert_untouched(&run, &own.frame(), "to the gateway");
+        assert_eq!(counted, vec![(Reason::NoMapping, 1)]);
+    });
+}
+
+#[test]
+fn wan_in6_nat66_maps_a_packet_too_big_outer_and_quoted_with_every_checksum() {
+    with_datapath(|dp| {
+        dp.set_uplink6_0_nat66();
+        pin_nat66(dp, flow6(40001, 53, IPPROTO_UDP), NAT6_PORT);
+        let sent = Ipv6::udp(NAT6_ADDR, REMOTE6, NAT6_PORT, 53, &[7u8; 64]);
+        let mtu = 1280u32.to_be_bytes();
+        let ptb = Ipv6::icmp(
+            ROUTER6,
+            NAT6_ADDR,
+            ICMPV6_PACKET_TOO_BIG,
+            0,
+            mtu,
+            &sent.bytes(),
+        );
+        // The quoted packet as the LAN host sent it, its checksum computed
+        // anew; then the ICMPv6 checksum over it.
+        let inner = Ipv6::udp(LAN_HOST6, REMOTE6, 40001, 53, &[7u8; 64]);
+        let expected = recomputed(&ptb, |q| {
+            q.dst = v6(LAN_HOST6);
+            q.l4[8..].copy_from_slice(&inner.bytes());
+        });
+        let (run, counted) = dp.run_counted(PROG_WAN_IN6, &ptb.frame(), 0);
+        assert_passed_as(&run, &expected, "packet too big");
+        assert_eq!(counted, vec![]);
+        // Quoting a port no flow holds: dropped.
+        let stray = Ipv6::udp(NAT6_ADDR, REMOTE6, 61001, 53, b"?");
+        let err = Ipv6::icmp(
+            ROUTER6,
+            NAT6_ADDR,
+            ICMPV6_DEST_UNREACH,
+            4,
+            [0; 4],
+            &stray.bytes(),
+        );
+        let (run, counted) = dp.run_counted(PROG_WAN_IN6, &err.frame(), 0);
+        assert_untouched(&run, &err.frame(), "unknown quoted port");
+        assert_eq!(counted, vec![(Reason::IcmpNoMapping, 1)]);
     });
 }

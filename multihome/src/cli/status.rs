@@ -96,6 +96,7 @@ fn table(st: &Status) -> String {
         let _ = writeln!(out, "\nIPv6: NPTv6 maps {inner} onto each uplink's prefix:");
         for u in &st.uplinks {
             let prefix = match (&u.prefix6, &u.delegated6) {
+                (Some(p), _) if u.nat66 => format!("{p} (NAT66: its one address)"),
                 (Some(p), Some(d)) => format!("{p} (of the delegated {d})"),
                 (Some(p), None) => p.clone(),
                 (None, _) => "- (takes no IPv6 flows)".into(),

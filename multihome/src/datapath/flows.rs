@@ -12,8 +12,8 @@ use aya::maps::{HashMap, MapData};
 use multihome_common::{
     EimKey, Endpoint, EndpointKey, FLOW_FAILED_OVER, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_RST,
     FLOW_RST_IN, FLOW_SEEN_REPLY, Flow6, Flow6Key, FlowFwd, FlowKey, FlowRev, HostFlows,
-    IPPROTO_DCCP, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, Uplink, Uplink6,
-    npt_translate,
+    IPPROTO_DCCP, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, MODE6_NAT66, MODE6_NPT,
+    Uplink, Uplink6, npt_translate,
 };
 use serde::Serialize;
 
@@ -73,9 +73,12 @@ pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// Removes the IPv6 flows idle past their timeout; returns how many.
 pub fn reap6(maps: &Maps, t: &Timeouts, now_ns: u64) -> anyhow::Result<usize> {
-    maps.remove_flows6(|k, f| {
+    let n = maps.remove_flows6(|k, f| {
         now_ns.saturating_sub(f.last_seen_ns) > timeout_of(k.proto, f.flags, t) * 1_000_000_000
-    })
+    })?;
+    // Ports of flows the datapath moved or a purge missed.
+    maps.sweep_nat6()?;
+    Ok(n)
 }
 
 /// A flow for people and scripts (`multihome conns`).
@@ -135,9 +138,14 @@ pub fn describe6(
     policy: String,
     now_ns: u64,
 ) -> Conn {
-    let mapped = npt_translate(&key.lan, &u6.outer, u6.prefix_len, u6.adjust)
-        .filter(|_| u6.prefix_len != 0)
-        .unwrap_or(key.lan);
+    let (mapped, port_be) = if u6.mode == MODE6_NAT66 && f.nat_port_be != 0 {
+        (u6.outer, f.nat_port_be)
+    } else {
+        let mapped = npt_translate(&key.lan, &u6.outer, u6.prefix_len, u6.adjust)
+            .filter(|_| u6.prefix_len != 0 && u6.mode == MODE6_NPT)
+            .unwrap_or(key.lan);
+        (mapped, key.lan_port_be)
+    };
     Conn {
         proto: proto_name(key.proto),
         src: Ipv6Addr::from(key.lan).into(),
@@ -147,7 +155,7 @@ pub fn describe6(
         uplink,
         uplink_id: f.uplink,
         nat_addr: Ipv6Addr::from(mapped).into(),
-        nat_port: u16::from_be(key.lan_port_be),
+        nat_port: u16::from_be(port_be),
         state: state_of(key.proto, f.flags),
         failed_over: f.flags & FLOW_FAILED_OVER != 0,
         policy,

@@ -251,6 +251,9 @@ const MIGRATIONS: &[(u32, &[&str])] = &[
     // slots (both made afresh, here and above); CONN6 and UPLINKS6 are
     // new.
     (8, &[MAP_REASONS, MAP_JUMP]),
+    // 10: NAT66 (`mode6 = "nat66"`): NAT6 is new; an IPv6 flow keeps its
+    // NAT66 port where CONN6's padding was (0 under NPTv6).
+    (9, &[]),
 ];
 
 /// The first layout whose stamps are on [`multihome_common::CLOCK`].

@@ -13,13 +13,13 @@ use multihome_common::{
     Affinity, AffinityKey, Allow6Key, CLASSIFY_IN_MAIN, EimKey, Endpoint, EndpointKey, Flow6,
     Flow6Key, FlowFwd, FlowKey, FlowRev, HostFlows, LanNet, MAP_AFFINITY, MAP_ALLOW6, MAP_CLASSIFY,
     MAP_CONN_FWD, MAP_CONN_REV, MAP_CONN6, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_FILL, MAP_HOSTS,
-    MAP_LAN_NETS, MAP_LOCAL_ADDRS, MAP_NEXT_HOPS, MAP_NEXT_HOPS6, MAP_REASONS, MAP_ROUTED,
-    MAP_ROUTED6, MAP_RULE_ACTION, MAP_RULE_DPORT, MAP_RULE_DSCP, MAP_RULE_DST, MAP_RULE_PROTO,
-    MAP_RULE_SRC, MAP_SELECT, MAP_SETTINGS, MAP_SYN_WAIT, MAP_UPLINK_STATS, MAP_UPLINKS,
-    MAP_UPLINKS6, MAP_XDP_DEVS, MAP_XDP_STATS, MAX_LAN_NETS, MAX_LOCAL_ADDRS, MAX_POLICIES,
-    MAX_RULES, MAX_UPLINKS, NextHop, Reasons, Routed6Key, RoutedKey, RoutedUplinks, RuleAction,
-    RuleAddrKey, RuleSet, SelectTable, Settings, SynWaitKey, Uplink, Uplink6, UplinkStats,
-    XdpStats, rules_word,
+    MAP_LAN_NETS, MAP_LOCAL_ADDRS, MAP_NAT6, MAP_NEXT_HOPS, MAP_NEXT_HOPS6, MAP_REASONS,
+    MAP_ROUTED, MAP_ROUTED6, MAP_RULE_ACTION, MAP_RULE_DPORT, MAP_RULE_DSCP, MAP_RULE_DST,
+    MAP_RULE_PROTO, MAP_RULE_SRC, MAP_SELECT, MAP_SETTINGS, MAP_SYN_WAIT, MAP_UPLINK_STATS,
+    MAP_UPLINKS, MAP_UPLINKS6, MAP_XDP_DEVS, MAP_XDP_STATS, MAX_LAN_NETS, MAX_LOCAL_ADDRS,
+    MAX_POLICIES, MAX_RULES, MAX_UPLINKS, Nat6Key, Nat6Lan, NextHop, Reasons, Routed6Key,
+    RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SelectTable, Settings, SynWaitKey,
+    Uplink, Uplink6, UplinkStats, XdpStats, rules_word,
 };
 
 use crate::{
@@ -457,6 +457,37 @@ impl Maps {
         )?))?)
     }
 
+    /// NAT66's reverse map.
+    pub fn nat6(&self) -> anyhow::Result<HashMap<MapData, Nat6Key, Nat6Lan>> {
+        Ok(HashMap::try_from(Map::HashMap(open(&self.dir, MAP_NAT6)?))?)
+    }
+
+    /// Removes the `NAT6` entries whose flow is gone from `CONN6` or holds
+    /// another port (the datapath takes those over too, but they fill the
+    /// map); returns how many went.
+    pub fn sweep_nat6(&self) -> anyhow::Result<usize> {
+        let conn6 = self.conn6()?;
+        let mut nat6 = self.nat6()?;
+        let stale: Vec<Nat6Key> = mapwalk::collect(&nat6)?
+            .into_iter()
+            .filter(|(n, l)| {
+                let key = Flow6Key {
+                    lan: l.lan,
+                    remote: n.remote,
+                    lan_port_be: l.lan_port_be,
+                    remote_port_be: n.remote_port_be,
+                    proto: n.proto,
+                    ..Default::default()
+                };
+                !conn6
+                    .get(&key, 0)
+                    .is_ok_and(|f| f.uplink == n.uplink && f.nat_port_be == n.nat_port_be)
+            })
+            .map(|(n, _)| n)
+            .collect();
+        Ok(stale.iter().filter(|n| nat6.remove(n).is_ok()).count())
+    }
+
     /// Every IPv6 flow.
     pub fn flows6(&self) -> anyhow::Result<Vec<(Flow6Key, Flow6)>> {
         mapwalk::collect(&self.conn6()?).context("reading CONN6")
@@ -493,9 +524,19 @@ impl Maps {
             .filter(|(k, f)| doomed(k, f))
             .map(|(k, _)| k)
             .collect();
+        let mut nat6 = self.nat6().ok();
         Ok(victims
             .iter()
-            .filter(|k| map.get(k, 0).is_ok_and(|f| doomed(k, &f)) && map.remove(k).is_ok())
+            .filter(|k| match map.get(k, 0) {
+                Ok(f) if doomed(k, &f) && map.remove(k).is_ok() => {
+                    // Its NAT66 port, if it has one, is free again.
+                    if let Some(n) = nat6.as_mut().filter(|_| f.nat_port_be != 0) {
+                        let _ = n.remove(&k.nat6(f.uplink, f.nat_port_be));
+                    }
+                    true
+                }
+                _ => false,
+            })
             .count())
     }
 

@@ -131,6 +131,32 @@ pub fn lan_ula(addresses: &[(u32, Prefix6, AddressFlags)], lan_ifindexes: &[u32]
     out
 }
 
+/// The global unicast addresses (2000::/3) on the uplink interface
+/// `ifindex`, as /128s: what NAT66 may translate onto. Deprecated,
+/// tentative and failed ones are not. Sorted.
+pub fn uplink_addresses(
+    addresses: &[(u32, Prefix6, AddressFlags)],
+    ifindex: Option<u32>,
+) -> Vec<Prefix6> {
+    let mut out: Vec<Prefix6> = addresses
+        .iter()
+        .filter(|(i, p, f)| {
+            Some(*i) == ifindex
+                && !f.intersects(
+                    AddressFlags::Deprecated | AddressFlags::Tentative | AddressFlags::Dadfailed,
+                )
+                && p.addr.segments()[0] & 0xe000 == 0x2000
+        })
+        .map(|(_, p, _)| Prefix6 {
+            addr: p.addr,
+            len: 128,
+        })
+        .collect();
+    out.sort_by_key(|p| u128::from(p.addr));
+    out.dedup();
+    out
+}
+
 fn network(p: Prefix6) -> Prefix6 {
     Prefix6 {
         addr: p.network(),
@@ -343,6 +369,24 @@ mod tests {
             lan_ula(&addresses, &[3, 4]),
             vec![p("fd00:1::/64"), p("fd00:2::/64")]
         );
+    }
+
+    #[test]
+    fn nat66_takes_the_uplinks_global_addresses_not_its_link_local_or_deprecated_ones() {
+        let none = AddressFlags::empty();
+        let addresses = [
+            (2, p("2001:db8:22::1/64"), none),
+            (2, p("2001:db8:22::100/128"), none),
+            (2, p("fe80::1/64"), AddressFlags::Permanent),
+            (2, p("2001:db8:22::7/64"), AddressFlags::Deprecated),
+            (2, p("2001:db8:22::8/64"), AddressFlags::Tentative),
+            (3, p("2001:db8:33::1/64"), none),
+        ];
+        assert_eq!(
+            uplink_addresses(&addresses, Some(2)),
+            vec![p("2001:db8:22::1/128"), p("2001:db8:22::100/128")]
+        );
+        assert_eq!(uplink_addresses(&addresses, None), vec![]);
     }
 
     #[test]
