@@ -134,6 +134,9 @@ pub const MAP_ALLOW6: &str = "ALLOW6";
 /// Uplink slot -> its IPv6 next hop ([`NextHop`]), as [`MAP_NEXT_HOPS`]
 /// for IPv4.
 pub const MAP_NEXT_HOPS6: &str = "NEXT_HOPS6";
+/// IPv6 LAN host (its address, 16 bytes) -> [`HostFlows`]: the per-host
+/// flow quota of [`MAP_HOSTS`] for IPv6.
+pub const MAP_HOSTS6: &str = "HOSTS6";
 /// NAT66's reverse map: [`Nat6Key`] (remote end, NAT port, uplink) ->
 /// [`Nat6Lan`] (the LAN endpoint).
 pub const MAP_NAT6: &str = "NAT6";
@@ -143,7 +146,7 @@ pub const MAX_ALLOW6: u32 = 256;
 pub const MAX_FLOWS6: u32 = 131_072;
 /// Entries of [`MAP_XDP_DEVS`].
 pub const MAX_XDP_DEVS: u32 = 64;
-pub const ALL_MAPS: [&str; 37] = [
+pub const ALL_MAPS: [&str; 38] = [
     MAP_CONN_FWD,
     MAP_CONN_REV,
     MAP_UPLINKS,
@@ -181,6 +184,7 @@ pub const ALL_MAPS: [&str; 37] = [
     MAP_ALLOW6,
     MAP_NEXT_HOPS6,
     MAP_NAT6,
+    MAP_HOSTS6,
 ];
 
 /// [`MAP_CLASSIFY`]: the kernel's policy rules route an unmarked packet

@@ -28,7 +28,7 @@ use crate::{
         self, ETH_HLEN, FRAG6_LATER, FRAG6_NONE, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST,
         IPPROTO_ICMPV6, L4, Packet6, TCP_ACK, TCP_SYN, hi, ip6, load, put,
     },
-    select, stats,
+    quota, select, stats,
     verdict::{Outcome, Verdict},
 };
 
@@ -239,6 +239,8 @@ fn keeps(key: &Flow6Key, f: *mut Flow6, tcp: u8) -> bool {
 #[inline(never)]
 fn new_flow(ctx: &TcContext, key: &Flow6Key, pkt: &Packet6) -> Result<u8, Reason> {
     let settings = settings()?;
+    // Before any lookup, so that a flood of new flows costs little.
+    quota::admit6(&key.lan, &settings)?;
     let refuse = || {
         ctx.set_mark(settings.mark_base | MARK_PROHIBIT);
         Reason::PolicyRefused
@@ -266,6 +268,7 @@ fn new_flow(ctx: &TcContext, key: &Flow6Key, pkt: &Packet6) -> Result<u8, Reason
     CONN6
         .insert(key, flow, BPF_NOEXIST as u64)
         .map_err(|_| Reason::MapFull)?;
+    quota::count_new6(&key.lan);
     stats::new_flow(id);
     Ok(id)
 }

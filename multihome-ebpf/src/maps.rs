@@ -159,6 +159,11 @@ pub static XDP_STATS: PerCpuArray<XdpStats, { MAX_UPLINKS as usize }> = PerCpuAr
 #[btf_map]
 pub static CONN6: HashMap<Flow6Key, Flow6, { MAX_FLOWS6 as usize }> = HashMap::new();
 
+/// IPv6 LAN host -> its flows and refusals (`max_flows_per_host`), as
+/// `HOSTS` for IPv4.
+#[btf_map]
+pub static HOSTS6: HashMap<[u8; 16], HostFlows, { MAX_HOSTS as usize }> = HashMap::new();
+
 /// NAT66: (remote end, NAT port, protocol, uplink) -> the LAN endpoint,
 /// for replies to the uplink's one address. An entry whose `CONN6` flow
 /// is gone, or holds another port, is stale: the port is free again.

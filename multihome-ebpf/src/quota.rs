@@ -8,7 +8,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::bindings::BPF_NOEXIST;
 use multihome_common::{HostFlows, Reason, Settings};
 
-use crate::maps::{FILL, HOSTS};
+use crate::maps::{FILL, HOSTS, HOSTS6};
 
 /// A LAN host's entry in `HOSTS`, if it has one yet.
 pub struct Host(Option<*mut HostFlows>);
@@ -66,6 +66,42 @@ pub fn count_new(saddr_be: u32, host: &Host) {
                 add_one(unsafe { &mut (*h).flows });
             }
         }
+    }
+}
+
+/// [`admit`]'s quota for an IPv6 LAN host `lan` (the connection map's
+/// fill is `CONN6`'s own: a full map refuses the insert).
+#[inline(always)]
+pub fn admit6(lan: &[u8; 16], s: &Settings) -> Result<(), Reason> {
+    if let Some(h) = HOSTS6.get_ptr_mut(lan) {
+        // SAFETY: a preallocated map value.
+        let h = unsafe { &mut *h };
+        if h.flows >= u64::from(s.max_flows_per_host) {
+            add_one(&mut h.refused);
+            return Err(Reason::HostQuota);
+        }
+    }
+    Ok(())
+}
+
+/// Counts a flow just made for IPv6 LAN host `lan`.
+#[inline(always)]
+pub fn count_new6(lan: &[u8; 16]) {
+    if let Some(h) = HOSTS6.get_ptr_mut(lan) {
+        // SAFETY: a preallocated map value, which outlives the program run.
+        add_one(unsafe { &mut (*h).flows });
+        return;
+    }
+    let first = HostFlows {
+        flows: 1,
+        refused: 0,
+    };
+    if HOSTS6.insert(lan, first, BPF_NOEXIST as u64).is_err()
+        && let Some(h) = HOSTS6.get_ptr_mut(lan)
+    {
+        // Another CPU made the entry first.
+        // SAFETY: as above.
+        add_one(unsafe { &mut (*h).flows });
     }
 }
 

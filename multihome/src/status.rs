@@ -138,15 +138,27 @@ pub struct Status {
     pub drops: std::collections::BTreeMap<&'static str, u64>,
 }
 
+/// The LAN hosts with the most refusals, then flows: IPv4 and IPv6 alike.
 fn top_hosts(maps: &Maps) -> anyhow::Result<Vec<HostShare>> {
-    let mut hosts: Vec<(u32, multihome_common::HostFlows)> =
-        maps.hosts()?.iter().filter_map(Result::ok).collect();
+    use std::net::{IpAddr, Ipv6Addr};
+    let mut hosts: Vec<(IpAddr, multihome_common::HostFlows)> = maps
+        .hosts()?
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(a, h)| (IpAddr::from(be_addr(a)), h))
+        .collect();
+    let v6 = maps.hosts6()?;
+    hosts.extend(
+        v6.iter()
+            .filter_map(Result::ok)
+            .map(|(a, h)| (IpAddr::from(Ipv6Addr::from(a)), h)),
+    );
     hosts.sort_by_key(|(_, h)| std::cmp::Reverse((h.refused, h.flows)));
     Ok(hosts
         .into_iter()
         .take(TOP_HOSTS)
         .map(|(a, h)| HostShare {
-            address: be_addr(a).to_string(),
+            address: a.to_string(),
             flows: h.flows,
             refused: h.refused,
         })

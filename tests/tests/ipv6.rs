@@ -1137,3 +1137,52 @@ fn nat66_translates_lan_hosts_onto_the_uplinks_one_address_with_ports_of_its_own
     assert!(ping.contains("reply 4321"), "ping through NAT66: {ping}");
     assert_eq!(t.ula_sources(), 0, "a ULA source reached an ISP");
 }
+
+/// `max_flows_per_host` holds an IPv6 host too: of its datagrams from
+/// eight ports, four flows are made and the rest refused (`host_quota`),
+/// while another of its addresses is a host of its own; `status` lists it
+/// with its refusals and the flows the reaper counts.
+#[test]
+fn an_ipv6_host_is_held_to_max_flows_per_host() {
+    let t = Topology::standard();
+    t.add_ipv6();
+    let other = "fd00:1::4";
+    ip6(
+        &t.client,
+        &format!("addr add {other}/64 dev {IF_LAN} nodad"),
+    );
+    // `[nat]` after the top-level keys and the uplinks.
+    let config = format!(
+        "{}\n[nat]\nmax_flows_per_host = 4\n",
+        config6(&t, [1, 1], "")
+    );
+    let gw = Gateway::start(&t.gw, &config);
+    let _srv = udp6_peer_server(&t, 7000);
+    let to = SocketAddr::new(v6(INET_SERVICE6).into(), 7000);
+    let answered = |src: &str, port: u16| {
+        let s = t
+            .client
+            .run(|| UdpSocket::bind(SocketAddr::new(v6(src).into(), port)))
+            .expect("bind");
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
+        s.send_to(b"?", to).expect("send");
+        s.recv_from(&mut [0u8; 64]).is_ok()
+    };
+    let got: Vec<bool> = (42600..42608).map(|p| answered(CLIENT6_ADDR, p)).collect();
+    assert_eq!(
+        got.iter().filter(|a| **a).count(),
+        4,
+        "answered per port: {got:?}"
+    );
+    assert!(answered(other, 42600), "another address is another host");
+    assert!(gw.reason("host_quota") >= 4);
+    eventually(Duration::from_secs(5), "the host in top_hosts", || {
+        let st = gw.status();
+        st["top_hosts"].as_array().is_some_and(|hs| {
+            hs.iter().any(|h| {
+                h["address"] == CLIENT6_ADDR && h["flows"] == 4 && h["refused"].as_u64() >= Some(4)
+            })
+        })
+    });
+}

@@ -33,8 +33,8 @@ use multihome_common::{
     UplinkStats, WAIT_RETRANSMIT, WAIT_SYN, XdpStats, peer_check, peer_slot,
 };
 use multihome_common::{
-    Flow6, Flow6Key, MAP_CONN6, MAP_NAT6, MAP_UPLINKS6, MODE6_NAT66, MODE6_NPT, Nat6Key, Nat6Lan,
-    PROG_LAN_IN6, PROG_WAN_IN6, PROG_WAN_OUT6, Uplink6, npt_adjustment,
+    Flow6, Flow6Key, MAP_CONN6, MAP_HOSTS6, MAP_NAT6, MAP_UPLINKS6, MODE6_NAT66, MODE6_NPT,
+    Nat6Key, Nat6Lan, PROG_LAN_IN6, PROG_WAN_IN6, PROG_WAN_OUT6, Uplink6, npt_adjustment,
 };
 use testbed::packets::*;
 
@@ -4126,5 +4126,49 @@ fn wan_in6_nat66_maps_a_packet_too_big_outer_and_quoted_with_every_checksum() {
         let (run, counted) = dp.run_counted(PROG_WAN_IN6, &err.frame(), 0);
         assert_untouched(&run, &err.frame(), "unknown quoted port");
         assert_eq!(counted, vec![(Reason::IcmpNoMapping, 1)]);
+    });
+}
+
+#[test]
+fn an_ipv6_host_at_its_quota_is_refused_and_counted_and_its_flows_are_counted() {
+    with_datapath(|dp| {
+        dp.set_uplink6_0();
+        let p = Ipv6::udp(LAN_HOST6, REMOTE6, 40001, 53, b"query");
+        let (_, counted) = dp.run_counted(PROG_LAN_IN6, &p.frame(), 0);
+        assert_eq!(counted, vec![], "below the quota");
+        let host = v6(LAN_HOST6).octets();
+        let hosts6 = |dp: &mut Datapath| -> HostFlows {
+            let m: HashMap<_, [u8; 16], HostFlows> =
+                HashMap::try_from(dp.ebpf.map(MAP_HOSTS6).expect("HOSTS6")).expect("types");
+            m.get(&host, 0).expect("the host's entry")
+        };
+        assert_eq!(hosts6(dp).flows, 1, "the new flow is not counted");
+        {
+            let mut m: HashMap<_, [u8; 16], HostFlows> =
+                HashMap::try_from(dp.ebpf.map_mut(MAP_HOSTS6).expect("HOSTS6")).expect("types");
+            let at_quota = HostFlows {
+                flows: u64::from(PER_HOST),
+                refused: 0,
+            };
+            m.insert(host, at_quota, 0).expect("insert");
+        }
+        for port in [40002, 40003] {
+            let q = Ipv6::udp(LAN_HOST6, REMOTE6, port, 53, b"query");
+            let (run, counted) = dp.run_counted(PROG_LAN_IN6, &q.frame(), 0);
+            assert_eq!(run.ret, TC_ACT_SHOT);
+            assert_eq!(counted, vec![(Reason::HostQuota, 1)]);
+        }
+        assert_eq!(hosts6(dp).refused, 2);
+        // Its pinned flow goes on; another host is not held to its quota.
+        // (No route in the test's namespace: the kernel's path.)
+        let (run, counted) = dp.run_counted(PROG_LAN_IN6, &p.frame(), 0);
+        assert_eq!(
+            (run.ret, counted),
+            (TC_ACT_UNSPEC, vec![(Reason::SlowPath, 1)]),
+            "a pinned flow"
+        );
+        let other = Ipv6::udp("fd00:1::9", REMOTE6, 40002, 53, b"query");
+        let (_, counted) = dp.run_counted(PROG_LAN_IN6, &other.frame(), 0);
+        assert_eq!(counted, vec![], "another host");
     });
 }

@@ -106,9 +106,9 @@ fn table(st: &Status) -> String {
     }
     if st.top_hosts.iter().any(|h| h.refused > 0) {
         out += "\nLAN hosts refused new flows (nat.max_flows_per_host):\n";
-        let _ = writeln!(out, "  {:<16} {:>8} {:>10}", "HOST", "FLOWS", "REFUSED");
+        let _ = writeln!(out, "  {:<24} {:>8} {:>10}", "HOST", "FLOWS", "REFUSED");
         for h in st.top_hosts.iter().filter(|h| h.refused > 0) {
-            let _ = writeln!(out, "  {:<16} {:>8} {:>10}", h.address, h.flows, h.refused);
+            let _ = writeln!(out, "  {:<24} {:>8} {:>10}", h.address, h.flows, h.refused);
         }
     }
     let _ = writeln!(

@@ -78,6 +78,11 @@ pub fn reap6(maps: &Maps, t: &Timeouts, now_ns: u64) -> anyhow::Result<usize> {
     })?;
     // Ports of flows the datapath moved or a purge missed.
     maps.sweep_nat6()?;
+    let mut per_host: std::collections::HashMap<[u8; 16], u64> = Default::default();
+    for (k, _) in maps.flows6()? {
+        *per_host.entry(k.lan).or_default() += 1;
+    }
+    write_hosts(&mut maps.hosts6()?, per_host)?;
     Ok(n)
 }
 
@@ -278,11 +283,20 @@ pub fn reap(maps: &Maps, t: &Timeouts, now_ns: u64, capacity: u32) -> anyhow::Re
 /// with neither is dropped) and the total.
 fn write_census(
     maps: &Maps,
-    mut per_host: std::collections::HashMap<u32, u64>,
+    per_host: std::collections::HashMap<u32, u64>,
     total: u64,
 ) -> anyhow::Result<()> {
-    let mut hosts = maps.hosts()?;
-    let known: Vec<(u32, HostFlows)> = hosts.iter().filter_map(Result::ok).collect();
+    write_hosts(&mut maps.hosts()?, per_host)?;
+    maps.set_fill(total)
+}
+
+/// Writes every host's flows into `hosts` (HOSTS or HOSTS6), keeping its
+/// refusals; a host with neither is dropped.
+fn write_hosts<K: aya::Pod + Eq + std::hash::Hash>(
+    hosts: &mut HashMap<MapData, K, HostFlows>,
+    mut per_host: std::collections::HashMap<K, u64>,
+) -> anyhow::Result<()> {
+    let known: Vec<(K, HostFlows)> = hosts.iter().filter_map(Result::ok).collect();
     for (addr, h) in known {
         let flows = per_host.remove(&addr).unwrap_or(0);
         if flows == 0 && h.refused == 0 {
@@ -295,7 +309,7 @@ fn write_census(
         // A host the map has no room for is not held to its quota.
         let _ = hosts.insert(addr, HostFlows { flows, refused: 0 }, 0);
     }
-    maps.set_fill(total)
+    Ok(())
 }
 
 /// Removes reverse entries whose forward half is gone. `suspects` carries

@@ -13,13 +13,13 @@ use multihome_common::{
     Affinity, AffinityKey, Allow6Key, CLASSIFY_IN_MAIN, EimKey, Endpoint, EndpointKey, Flow6,
     Flow6Key, FlowFwd, FlowKey, FlowRev, HostFlows, LanNet, MAP_AFFINITY, MAP_ALLOW6, MAP_CLASSIFY,
     MAP_CONN_FWD, MAP_CONN_REV, MAP_CONN6, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_FILL, MAP_HOSTS,
-    MAP_LAN_NETS, MAP_LOCAL_ADDRS, MAP_NAT6, MAP_NEXT_HOPS, MAP_NEXT_HOPS6, MAP_REASONS,
-    MAP_ROUTED, MAP_ROUTED6, MAP_RULE_ACTION, MAP_RULE_DPORT, MAP_RULE_DSCP, MAP_RULE_DST,
-    MAP_RULE_PROTO, MAP_RULE_SRC, MAP_SELECT, MAP_SETTINGS, MAP_SYN_WAIT, MAP_UPLINK_STATS,
-    MAP_UPLINKS, MAP_UPLINKS6, MAP_XDP_DEVS, MAP_XDP_STATS, MAX_LAN_NETS, MAX_LOCAL_ADDRS,
-    MAX_POLICIES, MAX_RULES, MAX_UPLINKS, Nat6Key, Nat6Lan, NextHop, Reasons, Routed6Key,
-    RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SelectTable, Settings, SynWaitKey,
-    Uplink, Uplink6, UplinkStats, XdpStats, rules_word,
+    MAP_HOSTS6, MAP_LAN_NETS, MAP_LOCAL_ADDRS, MAP_NAT6, MAP_NEXT_HOPS, MAP_NEXT_HOPS6,
+    MAP_REASONS, MAP_ROUTED, MAP_ROUTED6, MAP_RULE_ACTION, MAP_RULE_DPORT, MAP_RULE_DSCP,
+    MAP_RULE_DST, MAP_RULE_PROTO, MAP_RULE_SRC, MAP_SELECT, MAP_SETTINGS, MAP_SYN_WAIT,
+    MAP_UPLINK_STATS, MAP_UPLINKS, MAP_UPLINKS6, MAP_XDP_DEVS, MAP_XDP_STATS, MAX_LAN_NETS,
+    MAX_LOCAL_ADDRS, MAX_POLICIES, MAX_RULES, MAX_UPLINKS, Nat6Key, Nat6Lan, NextHop, Reasons,
+    Routed6Key, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SelectTable, Settings,
+    SynWaitKey, Uplink, Uplink6, UplinkStats, XdpStats, rules_word,
 };
 
 use crate::{
@@ -91,6 +91,13 @@ impl Maps {
     pub fn hosts(&self) -> anyhow::Result<HashMap<MapData, u32, HostFlows>> {
         Ok(HashMap::try_from(Map::HashMap(open(
             &self.dir, MAP_HOSTS,
+        )?))?)
+    }
+
+    /// The IPv6 hosts' flows and refusals, by address.
+    pub fn hosts6(&self) -> anyhow::Result<HashMap<MapData, [u8; 16], HostFlows>> {
+        Ok(HashMap::try_from(Map::HashMap(open(
+            &self.dir, MAP_HOSTS6,
         )?))?)
     }
 
