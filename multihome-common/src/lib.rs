@@ -134,6 +134,14 @@ pub const MAP_ALLOW6: &str = "ALLOW6";
 /// Uplink slot -> its IPv6 next hop ([`NextHop`]), as [`MAP_NEXT_HOPS`]
 /// for IPv4.
 pub const MAP_NEXT_HOPS6: &str = "NEXT_HOPS6";
+/// LAN host (IPv4 address, network order) -> its [`NextHop`] (its MAC and
+/// the LAN device's), from the kernel's neighbour table: established
+/// packets to it skip `bpf_fib_lookup`.
+pub const MAP_LAN_HOPS: &str = "LAN_HOPS";
+/// [`MAP_LAN_HOPS`] for IPv6 LAN hosts (address, 16 bytes).
+pub const MAP_LAN_HOPS6: &str = "LAN_HOPS6";
+/// Entries of [`MAP_LAN_HOPS`] and of [`MAP_LAN_HOPS6`].
+pub const MAX_LAN_HOPS: u32 = 4096;
 /// IPv6 LAN host (its address, 16 bytes) -> [`HostFlows`]: the per-host
 /// flow quota of [`MAP_HOSTS`] for IPv6.
 pub const MAP_HOSTS6: &str = "HOSTS6";
@@ -146,7 +154,7 @@ pub const MAX_ALLOW6: u32 = 256;
 pub const MAX_FLOWS6: u32 = 131_072;
 /// Entries of [`MAP_XDP_DEVS`].
 pub const MAX_XDP_DEVS: u32 = 64;
-pub const ALL_MAPS: [&str; 38] = [
+pub const ALL_MAPS: [&str; 40] = [
     MAP_CONN_FWD,
     MAP_CONN_REV,
     MAP_UPLINKS,
@@ -185,6 +193,8 @@ pub const ALL_MAPS: [&str; 38] = [
     MAP_NEXT_HOPS6,
     MAP_NAT6,
     MAP_HOSTS6,
+    MAP_LAN_HOPS,
+    MAP_LAN_HOPS6,
 ];
 
 /// [`MAP_CLASSIFY`]: the kernel's policy rules route an unmarked packet

@@ -13,10 +13,10 @@ use aya_ebpf::{
 };
 use core::mem::MaybeUninit;
 
-use multihome_common::{Reason, Uplink};
+use multihome_common::{NextHop, Reason, Uplink};
 
 use crate::{
-    maps::NEXT_HOPS,
+    maps::{LAN_HOPS, LAN_HOPS6, NEXT_HOPS},
     parse::{ETH_HLEN, ETH_P_IP_BE, Packet, write},
     verdict::{Outcome, Verdict},
 };
@@ -120,19 +120,22 @@ fn words(a: &[u8; 16]) -> [u32; 4] {
     [w(0), w(4), w(8), w(12)]
 }
 
-/// [`lookup`] for IPv6 when forwarding: the device and resolved Ethernet
-/// addresses (destination then source) of the next hop from `src` to
-/// `dst` in `table` (or through the policy rules), for a packet of `len`
-/// bytes; None when the kernel must forward it (no route, local, too big,
-/// a neighbour to resolve).
-#[inline(always)]
+/// [`lookup`] for IPv6 when forwarding: the device of the next hop from
+/// `src` to `dst` (0: the kernel must forward it: no route, local, too
+/// big, a neighbour to resolve), its Ethernet addresses (destination then
+/// source) written to `mac`. `what`: the table (bits 32-63; 0: through the
+/// policy rules), the L4 protocol (bits 16-23) and the packet's length
+/// (bits 0-15), packed so that this subprogram takes five arguments; its
+/// lookup parameters stay out of its caller's frame.
+#[inline(never)]
 pub fn lookup6(
     ctx: &TcContext,
-    (src, dst): (&[u8; 16], &[u8; 16]),
-    proto: u8,
-    len: u16,
-    table: Option<u32>,
-) -> Option<(u32, [u8; 12])> {
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    what: u64,
+    mac: &mut [u8; 12],
+) -> u32 {
+    let (table, proto, len) = ((what >> 32) as u32, (what >> 16) as u8, what as u16);
     let mut params = MaybeUninit::<FibParams>::uninit();
     let p = zeroed(&mut params);
     p.family = AF_INET6;
@@ -145,14 +148,15 @@ pub fn lookup6(
     // SAFETY: the context pointer is valid for the program's run.
     p.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let mut flags = 0;
-    if let Some(t) = table {
-        p.__bindgen_anon_5.tbid = t;
+    if table != 0 {
+        p.__bindgen_anon_5.tbid = table;
         flags = BPF_FIB_LOOKUP_DIRECT | BPF_FIB_LOOKUP_TBID;
     }
     if fib(ctx, p, flags) != BPF_FIB_LKUP_RET_SUCCESS || gso && !segments_fit(ctx, p.ifindex) {
-        return None;
+        return 0;
     }
-    Some((p.ifindex, macs(p)))
+    *mac = macs(p);
+    p.ifindex
 }
 
 /// `bpf_fib_lookup` of `p` with `flags`: its `BPF_FIB_LKUP_RET_*`.
@@ -208,6 +212,49 @@ pub fn cached(ctx: &TcContext, pkt: &Packet, id: u8, uplink: &Uplink) -> Option<
         resolved: true,
         mac: h.mac,
     })
+}
+
+/// LAN host `addr_be`'s next hop from `LAN_HOPS`, when the daemon has it
+/// and it serves a packet of `tot_len` bytes (as [`cached`]). None: take
+/// [`lookup`].
+#[inline(always)]
+pub fn lan_cached(ctx: &TcContext, addr_be: u32, tot_len: u16) -> Option<Hop> {
+    // SAFETY: a copy of the map value.
+    let h = LAN_HOPS.get_ptr(addr_be).map(|h| unsafe { *h })?;
+    let (ifindex, mac) = serves(ctx, &h, tot_len)?;
+    Some(Hop {
+        ifindex,
+        nh_be: addr_be,
+        resolved: true,
+        mac,
+    })
+}
+
+/// [`lan_cached`] for IPv6 LAN host `addr`: its device (0: none that
+/// serves), its MACs written to `mac`. A subprogram with an out-parameter,
+/// so that the IPv6 fast path's frame stays small.
+#[inline(never)]
+pub fn lan_cached6(ctx: &TcContext, addr: &[u8; 16], len: u16, mac: &mut [u8; 12]) -> u32 {
+    let Some(h) = LAN_HOPS6.get_ptr(addr) else {
+        return 0;
+    };
+    // SAFETY: a copy of the map value.
+    match serves(ctx, unsafe { &*h }, len) {
+        Some((ifindex, m)) => {
+            *mac = m;
+            ifindex
+        }
+        None => 0,
+    }
+}
+
+/// `h`'s device and MACs if it serves a packet of `len` bytes: valid, not
+/// GSO (whose segments the lookup checks), within the device's MTU.
+#[inline(always)]
+fn serves(ctx: &TcContext, h: &NextHop, len: u16) -> Option<(u32, [u8; 12])> {
+    // SAFETY: the context pointer is valid for the program's run.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    (h.valid != 0 && !gso && u32::from(len) <= h.mtu).then_some((h.ifindex, h.mac))
 }
 
 /// Sends the packet to `hop`. `l2_in`: the packet starts with an Ethernet

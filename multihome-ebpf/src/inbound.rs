@@ -94,11 +94,15 @@ fn to_lan<const L2: bool>(
 
 /// The next hop towards a LAN host, unless the kernel must handle the
 /// packet (TTL about to expire, no route, too big, or a neighbour to
-/// resolve for a packet from an L3 device).
+/// resolve for a packet from an L3 device): the daemon's copy of its
+/// neighbour entry (`LAN_HOPS`) from an Ethernet uplink, else the lookup.
 #[inline(always)]
 pub fn lan_hop<const L2: bool>(ctx: &TcContext, pkt: &Packet, lan_addr_be: u32) -> Option<Hop> {
     if pkt.ttl <= 1 {
         return None;
+    }
+    if L2 && let Some(hop) = fwd::lan_cached(ctx, lan_addr_be, pkt.tot_len) {
+        return Some(hop);
     }
     let hop = fwd::lookup(ctx, pkt, pkt.saddr_be, lan_addr_be, None, true).ok()?;
     (L2 || hop.resolved).then_some(hop)

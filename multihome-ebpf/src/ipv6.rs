@@ -133,8 +133,8 @@ fn forward(ctx: &TcContext, l3: usize, pkt: &Packet6, id: u8, way: Way) -> Outco
     }
     let len = pkt.payload_len.saturating_add(ip6::LEN as u16);
     let table = match way {
-        Way::Out => Some(uplink.table),
-        Way::In => None,
+        Way::Out => uplink.table,
+        Way::In => 0,
     };
     let Ok(mapped) = nptv6::map(
         if way == Way::Out {
@@ -151,14 +151,29 @@ fn forward(ctx: &TcContext, l3: usize, pkt: &Packet6, id: u8, way: Way) -> Outco
         Way::Out => (&mapped, &pkt.daddr),
         Way::In => (&pkt.saddr, &mapped),
     };
-    let hop = match way {
-        Way::Out => cached(ctx, id, uplink, len),
-        Way::In => None,
+    // The cached next hop (the uplink's out, the LAN host's in), else the
+    // lookup, in the uplink's table out, through the rules in.
+    let mut mac = [0u8; 12];
+    let cached_ifindex = match way {
+        Way::Out => match cached(ctx, id, uplink, len) {
+            Some((i, m)) => {
+                mac = m;
+                i
+            }
+            None => 0,
+        },
+        Way::In => fwd::lan_cached6(ctx, &mapped, len, &mut mac),
     };
-    let Some((ifindex, mac)) = hop.or_else(|| fwd::lookup6(ctx, ends, pkt.proto, len, table))
-    else {
+    let ifindex = match cached_ifindex {
+        0 => {
+            let what = u64::from(table) << 32 | u64::from(pkt.proto) << 16 | u64::from(len);
+            fwd::lookup6(ctx, ends.0, ends.1, what, &mut mac)
+        }
+        i => i,
+    };
+    if ifindex == 0 {
         return Ok(Verdict::Pass);
-    };
+    }
     if way == Way::Out && ifindex != uplink.ifindex {
         return Ok(Verdict::Pass);
     }

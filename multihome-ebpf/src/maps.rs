@@ -8,11 +8,11 @@ use multihome_common::{
     AFFINITY_ENTRIES, Affinity, AffinityKey, Allow6Key, DEFAULT_MAX_FLOWS, EIM_ENTRIES,
     ENDPOINT_ENTRIES, EchoKey, EimKey, EimLan, Endpoint, EndpointKey, FRAG_ENTRIES, Fill, Flow6,
     Flow6Key, FlowFwd, FlowKey, FlowRev, FragKey, FragXlat, HOST_ECHO_ENTRIES, HostFlows,
-    JUMP_PROGS, LanNet, MAX_ALLOW6, MAX_FLOWS6, MAX_HOSTS, MAX_LAN_NETS, MAX_LOCAL_ADDRS,
-    MAX_POLICIES, MAX_ROUTED_PREFIXES, MAX_RULE_PREFIXES, MAX_RULES, MAX_UPLINKS, MAX_XDP_DEVS,
-    Nat6Key, Nat6Lan, NextHop, PEER_SLOTS, PeerSlot, Reasons, Routed6Key, RoutedKey, RoutedUplinks,
-    RuleAction, RuleAddrKey, RuleSet, SYN_WAIT_ENTRIES, SelectTable, Settings, SynWaitKey, Uplink,
-    Uplink6, UplinkStats, XdpStats,
+    JUMP_PROGS, LanNet, MAX_ALLOW6, MAX_FLOWS6, MAX_HOSTS, MAX_LAN_HOPS, MAX_LAN_NETS,
+    MAX_LOCAL_ADDRS, MAX_POLICIES, MAX_ROUTED_PREFIXES, MAX_RULE_PREFIXES, MAX_RULES, MAX_UPLINKS,
+    MAX_XDP_DEVS, Nat6Key, Nat6Lan, NextHop, PEER_SLOTS, PeerSlot, Reasons, Routed6Key, RoutedKey,
+    RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SYN_WAIT_ENTRIES, SelectTable, Settings,
+    SynWaitKey, Uplink, Uplink6, UplinkStats, XdpStats,
 };
 
 const FLOWS: usize = DEFAULT_MAX_FLOWS as usize;
@@ -158,6 +158,15 @@ pub static XDP_STATS: PerCpuArray<XdpStats, { MAX_UPLINKS as usize }> = PerCpuAr
 /// IPv6 connections by their LAN-side tuple -> uplink and state.
 #[btf_map]
 pub static CONN6: HashMap<Flow6Key, Flow6, { MAX_FLOWS6 as usize }> = HashMap::new();
+
+/// LAN host -> its next hop (the daemon's copy of the neighbour table),
+/// which established packets to it take instead of `bpf_fib_lookup`.
+#[btf_map]
+pub static LAN_HOPS: HashMap<u32, NextHop, { MAX_LAN_HOPS as usize }> = HashMap::new();
+
+/// `LAN_HOPS` for IPv6 LAN hosts.
+#[btf_map]
+pub static LAN_HOPS6: HashMap<[u8; 16], NextHop, { MAX_LAN_HOPS as usize }> = HashMap::new();
 
 /// IPv6 LAN host -> its flows and refusals (`max_flows_per_host`), as
 /// `HOSTS` for IPv4.

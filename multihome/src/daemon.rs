@@ -29,6 +29,7 @@ use crate::{
     config::{self, Config},
     control, delegated, flows,
     health::{self, HealthReport, OnDown, OnUp, ProbeBinding, passive},
+    lanhops,
     loader::{self, Datapath, Hook},
     maps::{self, Maps},
     mapwalk, ndproxy, netinfo,
@@ -96,6 +97,10 @@ struct Daemon {
     /// Per uplink: why the delegation it found cannot be used, as last
     /// logged.
     pd_problem: Vec<Option<String>>,
+    /// The LAN interfaces as the last refresh saw them.
+    lan_ifaces: Vec<netinfo::Interface>,
+    /// What `LAN_HOPS` and `LAN_HOPS6` hold.
+    lan_hops: BTreeMap<std::net::IpAddr, multihome_common::NextHop>,
     observed: Vec<Observed>,
     attached: BTreeSet<(String, String)>,
     /// Per interface name: its index and where XDP goes, decided once
@@ -267,6 +272,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         routing6: Routing6::new(handle.clone()),
         ndp_proxied: false,
         pd_problem: vec![None; config.uplinks.len()],
+        lan_ifaces: Vec::new(),
+        lan_hops: BTreeMap::new(),
         handle,
         events,
         classify_stale: true,
@@ -341,6 +348,11 @@ impl Daemon {
         notify(&[NotifyState::Stopping]);
         self.reaper = None;
         if self.opts.keep_on_exit {
+            // Nobody follows the LAN's neighbours now: their packets take
+            // the lookup until the next run fills the cache again.
+            if let Err(e) = lanhops::write(&self.maps, &self.lan_hops, Default::default()) {
+                warn!("{e:#}");
+            }
             info!(
                 "--keep-on-exit: leaving the datapath pinned in {} and forwarding",
                 self.opts.pin_dir.display()
@@ -490,6 +502,8 @@ impl Daemon {
             rules: self.rules.word,
         })?;
         routing::enable_forwarding()?;
+        // An earlier run's copy of the LAN's neighbours may be stale.
+        self.maps.clear_lan_hops()?;
         self.purge_gone_slots()?;
         self.refresh(&snap).await?;
         // Every program of this run is attached now.
@@ -555,7 +569,7 @@ impl Daemon {
             )?;
             self.bind_probes(id, o);
         }
-        self.write_next_hops(&observed).await;
+        self.write_next_hops(snap, &observed).await;
         self.write_xdp_devs().await;
         if self.classify_stale {
             self.write_classify().await;
@@ -1547,12 +1561,33 @@ impl Daemon {
     /// Writes each uplink's cached next hop from the kernel's neighbour
     /// table. Without it (a failed read), none is cached: every packet
     /// takes the lookup, as before the cache.
-    async fn write_next_hops(&self, observed: &[Observed]) {
-        let devices: Vec<u32> = observed.iter().map(|o| o.ifindex).collect();
-        let neighbours = netinfo::neighbours(&self.handle, &devices)
-            .await
-            .inspect_err(|e| warn!("reading the neighbour table: {e:#}"))
-            .unwrap_or_default();
+    async fn write_next_hops(&mut self, snap: &netinfo::Snapshot, observed: &[Observed]) {
+        self.lan_ifaces = self
+            .config
+            .lan
+            .iter()
+            .filter_map(|l| snap.get(l).cloned())
+            .collect();
+        let devices: Vec<u32> = observed
+            .iter()
+            .map(|o| o.ifindex)
+            .chain(self.lan_ifaces.iter().map(|i| i.index))
+            .collect();
+        let neighbours = match netinfo::neighbours(&self.handle, &devices).await {
+            Ok(n) => {
+                let lan: Vec<&netinfo::Interface> = self.lan_ifaces.iter().collect();
+                let want = lanhops::hops(&self.config, &lan, &n);
+                match lanhops::write(&self.maps, &self.lan_hops, want) {
+                    Ok(held) => self.lan_hops = held,
+                    Err(e) => error!("{e:#}"),
+                }
+                n
+            }
+            Err(e) => {
+                warn!("reading the neighbour table: {e:#}");
+                Default::default()
+            }
+        };
         let routers = self.routing6.ra_routers().await.unwrap_or_default();
         for (id, (u, o)) in self.config.uplinks.iter().zip(observed).enumerate() {
             let mac_of = |g: std::net::IpAddr| neighbours.get(&(o.ifindex, g)).copied();
@@ -1624,7 +1659,12 @@ impl Daemon {
             },
         };
         match &msg.payload {
-            NetlinkPayload::InnerMessage(M::NewNeighbour(n) | M::DelNeighbour(n)) => {
+            NetlinkPayload::InnerMessage(M::NewNeighbour(n)) => {
+                self.follow_lan_neighbour(n, false);
+                self.observed.iter().any(|o| o.ifindex == n.header.ifindex)
+            }
+            NetlinkPayload::InnerMessage(M::DelNeighbour(n)) => {
+                self.follow_lan_neighbour(n, true);
                 self.observed.iter().any(|o| o.ifindex == n.header.ifindex)
             }
             NetlinkPayload::InnerMessage(M::NewRoute(r) | M::DelRoute(r)) => {
@@ -1639,6 +1679,39 @@ impl Daemon {
                 self.classify_stale = true;
                 true
             }
+        }
+    }
+
+    /// A neighbour of a LAN interface came, changed or went: its entry in
+    /// `LAN_HOPS` follows at once (the refresh rewrites them all each
+    /// second besides).
+    fn follow_lan_neighbour(
+        &mut self,
+        n: &rtnetlink::packet_route::neighbour::NeighbourMessage,
+        deleted: bool,
+    ) {
+        let Some(iface) = self.lan_ifaces.iter().find(|i| i.index == n.header.ifindex) else {
+            return;
+        };
+        let Some((addr, mac)) = netinfo::neighbour_of(n) else {
+            return;
+        };
+        let want = mac
+            .filter(|_| !deleted)
+            .and_then(|mac| lanhops::hop(&self.config, iface, addr, mac));
+        let result = match want {
+            Some(h) if self.lan_hops.get(&addr) != Some(&h) => {
+                self.maps.set_lan_hop(addr, &h).map(|()| {
+                    self.lan_hops.insert(addr, h);
+                })
+            }
+            None if self.lan_hops.contains_key(&addr) => self.maps.remove_lan_hop(addr).map(|()| {
+                self.lan_hops.remove(&addr);
+            }),
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            warn!("following LAN neighbour {addr}: {e:#}");
         }
     }
 

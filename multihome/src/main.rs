@@ -12,7 +12,7 @@ mod status;
 mod uplinks;
 
 // The modules grouped by concern keep their short paths (`crate::maps`).
-use datapath::{challenge, flows, loader, maps, mapwalk, reaper, xdp};
+use datapath::{challenge, flows, lanhops, loader, maps, mapwalk, reaper, xdp};
 use netlink::{delegated, ndproxy, netinfo, routing, routing6};
 use policy::choice;
 

@@ -685,3 +685,72 @@ fn new_flows_classified_in_main_still_reach_local_addresses_and_follow_a_foreign
         gw.log().matches(in_main).count() == 2
     });
 }
+
+/// The LAN hosts' next hops (`LAN_HOPS`) follow the gateway's neighbour
+/// table: a LAN host with a flow gets an entry, and when it takes a new
+/// MAC, which the gateway learns, the replies of its pinned flow go to the
+/// new MAC (a frame to the old one would be another host's and dropped);
+/// with its neighbour gone, the entry goes and the lookup resolves it.
+#[test]
+fn replies_follow_a_lan_hosts_new_mac_through_its_cached_next_hop() {
+    let t = Topology::standard();
+    let gw = standard_gateway(&t, [1, 0], "");
+    let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
+    let sock = t
+        .client
+        .run(|| UdpSocket::bind((CLIENT_ADDR, 0)).expect("bind the client socket"));
+    let before = udp_seen_from(&sock, srv.addr()).expect("UDP through x");
+    let pinned = format!("{}/LAN_HOPS", gw.pin_dir().display());
+    let cached = || -> Vec<serde_json::Value> {
+        let out =
+            t.gw.exec_stdout(&["bpftool", "-j", "map", "dump", "pinned", &pinned]);
+        serde_json::from_str(&out).expect("bpftool JSON")
+    };
+    let client_mac = |e: &serde_json::Value| -> Vec<u64> {
+        let mac = &e["formatted"]["value"]["mac"];
+        mac.as_array().expect("mac")[..6]
+            .iter()
+            .map(|b| b.as_u64().expect("byte"))
+            .collect()
+    };
+    eventually(
+        Duration::from_secs(2),
+        "the client's next hop cached",
+        || cached().len() == 1,
+    );
+    let new_mac = "02:00:00:00:01:aa";
+    t.client
+        .exec(&["ip", "link", "set", IF_LAN, "address", new_mac]);
+    t.gw.exec(&[
+        "ip",
+        "neigh",
+        "replace",
+        &CLIENT_ADDR.to_string(),
+        "lladdr",
+        new_mac,
+        "dev",
+        IF_LAN,
+        "nud",
+        "reachable",
+    ]);
+    eventually(Duration::from_secs(1), "the new MAC cached", || {
+        cached()
+            .first()
+            .is_some_and(|e| client_mac(e) == vec![2, 0, 0, 0, 1, 0xaa])
+    });
+    let after = udp_seen_from(&sock, srv.addr()).expect("the reply at the new MAC");
+    assert_eq!(after, before, "the same flow");
+    t.gw.exec(&[
+        "ip",
+        "neigh",
+        "del",
+        &CLIENT_ADDR.to_string(),
+        "dev",
+        IF_LAN,
+    ]);
+    eventually(Duration::from_secs(1), "nothing cached", || {
+        cached().is_empty()
+    });
+    let again = udp_seen_from(&sock, srv.addr()).expect("UDP with the lookup");
+    assert_eq!(again, before);
+}

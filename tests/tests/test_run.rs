@@ -33,8 +33,9 @@ use multihome_common::{
     UplinkStats, WAIT_RETRANSMIT, WAIT_SYN, XdpStats, peer_check, peer_slot,
 };
 use multihome_common::{
-    Flow6, Flow6Key, MAP_CONN6, MAP_HOSTS6, MAP_NAT6, MAP_UPLINKS6, MODE6_NAT66, MODE6_NPT,
-    Nat6Key, Nat6Lan, PROG_LAN_IN6, PROG_WAN_IN6, PROG_WAN_OUT6, Uplink6, npt_adjustment,
+    Flow6, Flow6Key, MAP_CONN6, MAP_HOSTS6, MAP_LAN_HOPS, MAP_LAN_HOPS6, MAP_NAT6, MAP_UPLINKS6,
+    MODE6_NAT66, MODE6_NPT, Nat6Key, Nat6Lan, PROG_LAN_IN6, PROG_WAN_IN6, PROG_WAN_OUT6, Uplink6,
+    npt_adjustment,
 };
 use testbed::packets::*;
 
@@ -4170,5 +4171,89 @@ fn an_ipv6_host_at_its_quota_is_refused_and_counted_and_its_flows_are_counted() 
         let other = Ipv6::udp("fd00:1::9", REMOTE6, 40002, 53, b"query");
         let (_, counted) = dp.run_counted(PROG_LAN_IN6, &other.frame(), 0);
         assert_eq!(counted, vec![], "another host");
+    });
+}
+
+/// A LAN host's MAC in these tests, and the LAN device's.
+const MAC_HOST: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x01, 0x02];
+const MAC_LAN: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x01, 0x01];
+
+/// A `LAN_HOPS` entry: [`MAC_HOST`] behind [`MAC_LAN`] on device 1.
+fn lan_hop(mtu: u32) -> NextHop {
+    let mut mac = [0u8; 12];
+    mac[..6].copy_from_slice(&MAC_HOST);
+    mac[6..].copy_from_slice(&MAC_LAN);
+    NextHop {
+        mac,
+        ifindex: 1,
+        mtu,
+        valid: 1,
+    }
+}
+
+#[test]
+fn wan_in_reply_to_a_cached_lan_host_is_translated_and_redirected_without_a_route() {
+    with_datapath(|dp| {
+        dp.insert_flow(&UDP_FLOW);
+        let input = UDP_FLOW.reply().frame();
+        // No route to the LAN in the test's namespace: the kernel's path.
+        let (run, _) = dp.run_counted(PROG_WAN_IN, &input, 0);
+        assert_eq!(run.ret, TC_ACT_UNSPEC, "no route, no cache");
+        {
+            let mut hops: HashMap<_, u32, NextHop> =
+                HashMap::try_from(dp.ebpf.map_mut(MAP_LAN_HOPS).expect("LAN_HOPS")).expect("types");
+            hops.insert(be(LAN_HOST), lan_hop(1500), 0).expect("insert");
+        }
+        let mut expected = UDP_FLOW.reply_translated();
+        expected.ttl -= 1;
+        let (run, counted) = dp.run_counted(PROG_WAN_IN, &input, 0);
+        assert_eq!(run.ret, TC_ACT_REDIRECT, "cached, so forwarded");
+        let expected = ethernet(MAC_HOST, MAC_LAN, ETH_P_IP, &expected.bytes());
+        assert!(
+            run.out == expected,
+            "{}",
+            describe_difference(&expected, &run.out)
+        );
+        assert_eq!(counted, NOTHING);
+        // Too big for the entry's MTU: the lookup (the kernel's path here).
+        {
+            let mut hops: HashMap<_, u32, NextHop> =
+                HashMap::try_from(dp.ebpf.map_mut(MAP_LAN_HOPS).expect("LAN_HOPS")).expect("types");
+            let mtu = UDP_FLOW.reply().bytes().len() as u32 - 1;
+            hops.insert(be(LAN_HOST), lan_hop(mtu), 0).expect("insert");
+        }
+        let (run, _) = dp.run_counted(PROG_WAN_IN, &input, 0);
+        assert_eq!(run.ret, TC_ACT_UNSPEC, "over the cached MTU");
+    });
+}
+
+#[test]
+fn wan_in6_reply_to_a_cached_lan_host_is_mapped_and_redirected_without_a_lookup() {
+    with_datapath(|dp| {
+        dp.set_uplink6_0();
+        dp.conn6()
+            .insert(flow6(40001, 53, IPPROTO_UDP), Flow6::default(), 0)
+            .expect("pin the flow");
+        {
+            let mut hops: HashMap<_, [u8; 16], NextHop> =
+                HashMap::try_from(dp.ebpf.map_mut(MAP_LAN_HOPS6).expect("LAN_HOPS6"))
+                    .expect("types");
+            hops.insert(v6(LAN_HOST6).octets(), lan_hop(1500), 0)
+                .expect("insert");
+        }
+        let mapped = npt_by_hand(LAN_HOST6, INNER6, OUTER6);
+        let reply = Ipv6::udp(REMOTE6, &mapped, 53, 40001, b"answer");
+        let mut q = reply.clone();
+        q.dst = v6(LAN_HOST6);
+        q.hop_limit -= 1;
+        let expected = ethernet(MAC_HOST, MAC_LAN, ETH_P_IPV6, &q.bytes());
+        let (run, counted) = dp.run_counted(PROG_WAN_IN6, &reply.frame(), 0);
+        assert_eq!(run.ret, TC_ACT_REDIRECT, "cached, so forwarded");
+        assert!(
+            run.out == expected,
+            "{}",
+            describe_difference(&expected, &run.out)
+        );
+        assert_eq!(counted, vec![]);
     });
 }

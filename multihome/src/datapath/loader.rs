@@ -253,7 +253,8 @@ const MIGRATIONS: &[(u32, &[&str])] = &[
     (8, &[MAP_REASONS, MAP_JUMP]),
     // 10: NAT66 (`mode6 = "nat66"`): NAT6 is new; an IPv6 flow keeps its
     // NAT66 port where CONN6's padding was (0 under NPTv6). HOSTS6, the
-    // IPv6 hosts' quota, is new (the reaper's first pass counts it).
+    // IPv6 hosts' quota, is new (the reaper's first pass counts it), and
+    // so are LAN_HOPS and LAN_HOPS6 (the daemon fills them).
     (9, &[]),
 ];
 

@@ -13,13 +13,13 @@ use multihome_common::{
     Affinity, AffinityKey, Allow6Key, CLASSIFY_IN_MAIN, EimKey, Endpoint, EndpointKey, Flow6,
     Flow6Key, FlowFwd, FlowKey, FlowRev, HostFlows, LanNet, MAP_AFFINITY, MAP_ALLOW6, MAP_CLASSIFY,
     MAP_CONN_FWD, MAP_CONN_REV, MAP_CONN6, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_FILL, MAP_HOSTS,
-    MAP_HOSTS6, MAP_LAN_NETS, MAP_LOCAL_ADDRS, MAP_NAT6, MAP_NEXT_HOPS, MAP_NEXT_HOPS6,
-    MAP_REASONS, MAP_ROUTED, MAP_ROUTED6, MAP_RULE_ACTION, MAP_RULE_DPORT, MAP_RULE_DSCP,
-    MAP_RULE_DST, MAP_RULE_PROTO, MAP_RULE_SRC, MAP_SELECT, MAP_SETTINGS, MAP_SYN_WAIT,
-    MAP_UPLINK_STATS, MAP_UPLINKS, MAP_UPLINKS6, MAP_XDP_DEVS, MAP_XDP_STATS, MAX_LAN_NETS,
-    MAX_LOCAL_ADDRS, MAX_POLICIES, MAX_RULES, MAX_UPLINKS, Nat6Key, Nat6Lan, NextHop, Reasons,
-    Routed6Key, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SelectTable, Settings,
-    SynWaitKey, Uplink, Uplink6, UplinkStats, XdpStats, rules_word,
+    MAP_HOSTS6, MAP_LAN_HOPS, MAP_LAN_HOPS6, MAP_LAN_NETS, MAP_LOCAL_ADDRS, MAP_NAT6,
+    MAP_NEXT_HOPS, MAP_NEXT_HOPS6, MAP_REASONS, MAP_ROUTED, MAP_ROUTED6, MAP_RULE_ACTION,
+    MAP_RULE_DPORT, MAP_RULE_DSCP, MAP_RULE_DST, MAP_RULE_PROTO, MAP_RULE_SRC, MAP_SELECT,
+    MAP_SETTINGS, MAP_SYN_WAIT, MAP_UPLINK_STATS, MAP_UPLINKS, MAP_UPLINKS6, MAP_XDP_DEVS,
+    MAP_XDP_STATS, MAX_LAN_NETS, MAX_LOCAL_ADDRS, MAX_POLICIES, MAX_RULES, MAX_UPLINKS, Nat6Key,
+    Nat6Lan, NextHop, Reasons, Routed6Key, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey,
+    RuleSet, SelectTable, Settings, SynWaitKey, Uplink, Uplink6, UplinkStats, XdpStats, rules_word,
 };
 
 use crate::{
@@ -168,6 +168,58 @@ impl Maps {
         (0..MAX_UPLINKS)
             .map(|i| Ok(a.get(&i, 0)?))
             .collect::<anyhow::Result<_>>()
+    }
+
+    /// Sets LAN host `addr`'s next hop (`LAN_HOPS` or `LAN_HOPS6`).
+    pub fn set_lan_hop(&self, addr: std::net::IpAddr, h: &NextHop) -> anyhow::Result<()> {
+        match addr {
+            std::net::IpAddr::V4(a) => {
+                let mut m: HashMap<MapData, u32, NextHop> =
+                    HashMap::try_from(Map::HashMap(open(&self.dir, MAP_LAN_HOPS)?))?;
+                m.insert(u32::from(a).to_be(), h, 0)?;
+            }
+            std::net::IpAddr::V6(a) => {
+                let mut m: HashMap<MapData, [u8; 16], NextHop> =
+                    HashMap::try_from(Map::HashMap(open(&self.dir, MAP_LAN_HOPS6)?))?;
+                m.insert(a.octets(), h, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Empties `LAN_HOPS` and `LAN_HOPS6` (what an earlier run left).
+    pub fn clear_lan_hops(&self) -> anyhow::Result<()> {
+        let mut v4: HashMap<MapData, u32, NextHop> =
+            HashMap::try_from(Map::HashMap(open(&self.dir, MAP_LAN_HOPS)?))?;
+        for k in v4.keys().filter_map(Result::ok).collect::<Vec<_>>() {
+            let _ = v4.remove(&k);
+        }
+        let mut v6: HashMap<MapData, [u8; 16], NextHop> =
+            HashMap::try_from(Map::HashMap(open(&self.dir, MAP_LAN_HOPS6)?))?;
+        for k in v6.keys().filter_map(Result::ok).collect::<Vec<_>>() {
+            let _ = v6.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// Removes LAN host `addr`'s next hop; one not there is no error.
+    pub fn remove_lan_hop(&self, addr: std::net::IpAddr) -> anyhow::Result<()> {
+        let gone = match addr {
+            std::net::IpAddr::V4(a) => {
+                let mut m: HashMap<MapData, u32, NextHop> =
+                    HashMap::try_from(Map::HashMap(open(&self.dir, MAP_LAN_HOPS)?))?;
+                m.remove(&u32::from(a).to_be())
+            }
+            std::net::IpAddr::V6(a) => {
+                let mut m: HashMap<MapData, [u8; 16], NextHop> =
+                    HashMap::try_from(Map::HashMap(open(&self.dir, MAP_LAN_HOPS6)?))?;
+                m.remove(&a.octets())
+            }
+        };
+        match gone {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub fn set_next_hop(&self, id: u32, h: &NextHop) -> anyhow::Result<()> {

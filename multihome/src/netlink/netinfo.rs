@@ -104,30 +104,36 @@ pub async fn neighbours(
     // Both families in one dump.
     let mut dump = handle.neighbours().get().execute();
     while let Some(msg) = dump.try_next().await.context("listing neighbours")? {
-        if !ifindexes.contains(&msg.header.ifindex) || !usable(msg.header.state) {
+        if !ifindexes.contains(&msg.header.ifindex) {
             continue;
         }
-        let mut addr = None;
-        let mut mac = None;
-        for a in &msg.attributes {
-            match a {
-                NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => {
-                    addr = Some(std::net::IpAddr::V4(*v))
-                }
-                NeighbourAttribute::Destination(NeighbourAddress::Inet6(v)) => {
-                    addr = Some(std::net::IpAddr::V6(*v))
-                }
-                NeighbourAttribute::LinkLayerAddress(l) => {
-                    mac = <[u8; 6]>::try_from(l.as_slice()).ok()
-                }
-                _ => {}
-            }
-        }
-        if let (Some(addr), Some(mac)) = (addr, mac) {
+        if let Some((addr, Some(mac))) = neighbour_of(&msg) {
             found.insert((msg.header.ifindex, addr), mac);
         }
     }
     Ok(found)
+}
+
+/// A neighbour message's address, and its MAC while the kernel would
+/// forward to it (`NUD_VALID`; None otherwise).
+pub fn neighbour_of(
+    msg: &rtnetlink::packet_route::neighbour::NeighbourMessage,
+) -> Option<(std::net::IpAddr, Option<[u8; 6]>)> {
+    let mut addr = None;
+    let mut mac = None;
+    for a in &msg.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => {
+                addr = Some(std::net::IpAddr::V4(*v))
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v)) => {
+                addr = Some(std::net::IpAddr::V6(*v))
+            }
+            NeighbourAttribute::LinkLayerAddress(l) => mac = <[u8; 6]>::try_from(l.as_slice()).ok(),
+            _ => {}
+        }
+    }
+    Some((addr?, mac.filter(|_| usable(msg.header.state))))
 }
 
 /// Whether `bpf_fib_lookup` forwards to a neighbour in this state
