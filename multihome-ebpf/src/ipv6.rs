@@ -71,15 +71,7 @@ pub fn lan_ingress(ctx: &TcContext, l3: usize) -> Outcome {
     if pkt.l4_kind == L4::IcmpError {
         return mark(ctx, lan_error(ctx, &pkt)?);
     }
-    let key = Flow6Key {
-        lan: pkt.saddr,
-        remote: pkt.daddr,
-        lan_port_be: pkt.sport_be,
-        remote_port_be: pkt.dport_be,
-        proto: pkt.proto,
-        _pad0: 0,
-        _pad1: 0,
-    };
+    let key = lan_key(&pkt);
     let (id, pinned_before) = match CONN6.get_ptr_mut(key) {
         Some(f) if keeps(&key, f, pkt.tcp_flags) => {
             // SAFETY: `f` points into the map's preallocated value; a race
@@ -111,6 +103,20 @@ pub fn lan_ingress(ctx: &TcContext, l3: usize) -> Outcome {
         stats::slow_path(id);
     }
     out
+}
+
+/// The flow of a packet from a LAN host, by its LAN-side tuple.
+#[inline(always)]
+pub fn lan_key(pkt: &Packet6) -> Flow6Key {
+    Flow6Key {
+        lan: pkt.saddr,
+        remote: pkt.daddr,
+        lan_port_be: pkt.sport_be,
+        remote_port_be: pkt.dport_be,
+        proto: pkt.proto,
+        _pad0: 0,
+        _pad1: 0,
+    }
 }
 
 /// The fast path of an IPv6 packet of flow on uplink `id`, `way` out of

@@ -155,15 +155,7 @@ fn rewrite(
 pub fn egress(ctx: &TcContext, l3: usize, id: u8, u6: &Uplink6) -> Outcome {
     let pkt = parse::parse_ipv6(ctx, l3)?;
     let (port_off, csum_off, udp) = l4_fields(&pkt, true).ok_or(Reason::NoMapping)?;
-    let key = Flow6Key {
-        lan: pkt.saddr,
-        remote: pkt.daddr,
-        lan_port_be: pkt.sport_be,
-        remote_port_be: pkt.dport_be,
-        proto: pkt.proto,
-        _pad0: 0,
-        _pad1: 0,
-    };
+    let key = crate::ipv6::lan_key(&pkt);
     let port_be = port_of(&key, id)? as u16;
     rewrite(
         ctx,

@@ -704,12 +704,7 @@ impl Daemon {
         if proxying.is_empty() && !self.ndp_proxied {
             return Ok(());
         }
-        let lan: Vec<u32> = self
-            .config
-            .lan
-            .iter()
-            .filter_map(|l| snap.get(l).map(|i| i.index))
-            .collect();
+        let lan = self.lan_ifindexes(snap);
         let hosts = match proxying.first() {
             Some(p) => ndproxy::lan_hosts(&self.handle, &lan, &p.u6).await?,
             None => Default::default(),
@@ -836,12 +831,7 @@ impl Daemon {
         snap: &netinfo::Snapshot,
         addresses: &[(u32, config::Prefix6, AddressFlags)],
     ) {
-        let lan: Vec<u32> = self
-            .config
-            .lan
-            .iter()
-            .filter_map(|l| snap.get(l).map(|i| i.index))
-            .collect();
+        let lan = self.lan_ifindexes(snap);
         let found = delegated::lan_ula(addresses, &lan);
         let pick = self
             .config
@@ -875,6 +865,15 @@ impl Daemon {
                 );
             }
         }
+    }
+
+    /// The LAN interfaces' indexes, of those that exist now.
+    fn lan_ifindexes(&self, snap: &netinfo::Snapshot) -> Vec<u32> {
+        self.config
+            .lan
+            .iter()
+            .filter_map(|l| snap.get(l).map(|i| i.index))
+            .collect()
     }
 
     /// Writes each uplink's IPv6 translation (and turns on IPv6

@@ -99,6 +99,11 @@ fn seen_sources(t: &Topology, ports: &[u16], server_port: u16) -> BTreeMap<u16, 
         .collect()
 }
 
+/// Gives the client another address on the LAN: another IPv6 host.
+fn another_lan_address(t: &Topology, addr: &str) {
+    ip6(&t.client, &format!("addr add {addr}/64 dev {IF_LAN} nodad"));
+}
+
 fn ports(n: u16) -> Vec<u16> {
     (0..n).map(|i| 41000 + i).collect()
 }
@@ -1056,10 +1061,7 @@ fn nat66_translates_lan_hosts_onto_the_uplinks_one_address_with_ports_of_its_own
     let t = Topology::standard();
     t.add_ipv6();
     let second = "fd00:1::3";
-    ip6(
-        &t.client,
-        &format!("addr add {second}/64 dev {IF_LAN} nodad"),
-    );
+    another_lan_address(&t, second);
     let config = config6(&t, [0, 1], "").replacen(
         &format!("prefix6 = \"{UPLINK_Y_PREFIX6}\"\n"),
         "mode6 = \"nat66\"\n",
@@ -1147,10 +1149,7 @@ fn an_ipv6_host_is_held_to_max_flows_per_host() {
     let t = Topology::standard();
     t.add_ipv6();
     let other = "fd00:1::4";
-    ip6(
-        &t.client,
-        &format!("addr add {other}/64 dev {IF_LAN} nodad"),
-    );
+    another_lan_address(&t, other);
     // `[nat]` after the top-level keys and the uplinks.
     let config = format!(
         "{}\n[nat]\nmax_flows_per_host = 4\n",

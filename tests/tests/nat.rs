@@ -553,15 +553,44 @@ fn mac_of(ns: &NetNs, dev: &str) -> String {
     link[0]["address"].as_str().expect("a MAC").to_owned()
 }
 
-#[test]
-fn a_pinned_flow_follows_its_gateways_new_mac_through_the_cached_next_hop() {
-    let t = Topology::standard();
-    let gw = standard_gateway(&t, [1, 0], "");
+/// A gateway sending everything through x, a UDP peer server, a client
+/// socket and the source the server saw for it.
+fn a_udp_flow_through_x(t: &Topology) -> (Gateway<'_>, Server, UdpSocket, SocketAddrV4) {
+    let gw = standard_gateway(t, [1, 0], "");
     let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
     let sock = t
         .client
         .run(|| UdpSocket::bind((CLIENT_ADDR, 0)).expect("bind the client socket"));
     let before = udp_seen_from(&sock, srv.addr()).expect("UDP through x");
+    (gw, srv, sock, before)
+}
+
+/// Teaches `ns` that `addr` on `dev` is at `mac`, as a gratuitous ARP or a
+/// probe would.
+fn set_neighbour(ns: &NetNs, addr: &str, mac: &str, dev: &str) {
+    ns.exec(&[
+        "ip",
+        "neigh",
+        "replace",
+        addr,
+        "lladdr",
+        mac,
+        "dev",
+        dev,
+        "nud",
+        "reachable",
+    ]);
+}
+
+/// Makes `ns` forget its neighbour `addr` on `dev`.
+fn del_neighbour(ns: &NetNs, addr: &str, dev: &str) {
+    ns.exec(&["ip", "neigh", "del", addr, "dev", dev]);
+}
+
+#[test]
+fn a_pinned_flow_follows_its_gateways_new_mac_through_the_cached_next_hop() {
+    let t = Topology::standard();
+    let (gw, srv, sock, before) = a_udp_flow_through_x(&t);
     assert_eq!(*before.ip(), UPLINK_X_ADDR);
     let cached = || gw.status()["uplinks"][0]["next_hop"].clone();
     eventually(Duration::from_secs(2), "x's next hop cached", || {
@@ -573,18 +602,7 @@ fn a_pinned_flow_follows_its_gateways_new_mac_through_the_cached_next_hop() {
     let new_mac = "02:00:00:00:11:aa";
     t.ispx
         .exec(&["ip", "link", "set", IF_CUST, "address", new_mac]);
-    t.gw.exec(&[
-        "ip",
-        "neigh",
-        "replace",
-        &UPLINK_X_GW.to_string(),
-        "lladdr",
-        new_mac,
-        "dev",
-        IF_WANX,
-        "nud",
-        "reachable",
-    ]);
+    set_neighbour(&t.gw, &UPLINK_X_GW.to_string(), new_mac, IF_WANX);
     eventually(Duration::from_secs(1), "the new MAC cached", || {
         cached() == new_mac
     });
@@ -592,14 +610,7 @@ fn a_pinned_flow_follows_its_gateways_new_mac_through_the_cached_next_hop() {
     assert_eq!(after, before, "the same flow");
 
     // Unknown neighbour: nothing cached, the lookup resolves it again.
-    t.gw.exec(&[
-        "ip",
-        "neigh",
-        "del",
-        &UPLINK_X_GW.to_string(),
-        "dev",
-        IF_WANX,
-    ]);
+    del_neighbour(&t.gw, &UPLINK_X_GW.to_string(), IF_WANX);
     eventually(Duration::from_secs(1), "nothing cached", || {
         cached().is_null()
     });
@@ -694,12 +705,7 @@ fn new_flows_classified_in_main_still_reach_local_addresses_and_follow_a_foreign
 #[test]
 fn replies_follow_a_lan_hosts_new_mac_through_its_cached_next_hop() {
     let t = Topology::standard();
-    let gw = standard_gateway(&t, [1, 0], "");
-    let srv = udp_peer_server(&t.inet, INET_SERVICE, 0);
-    let sock = t
-        .client
-        .run(|| UdpSocket::bind((CLIENT_ADDR, 0)).expect("bind the client socket"));
-    let before = udp_seen_from(&sock, srv.addr()).expect("UDP through x");
+    let (gw, srv, sock, before) = a_udp_flow_through_x(&t);
     let pinned = format!("{}/LAN_HOPS", gw.pin_dir().display());
     let cached = || -> Vec<serde_json::Value> {
         let out =
@@ -721,18 +727,7 @@ fn replies_follow_a_lan_hosts_new_mac_through_its_cached_next_hop() {
     let new_mac = "02:00:00:00:01:aa";
     t.client
         .exec(&["ip", "link", "set", IF_LAN, "address", new_mac]);
-    t.gw.exec(&[
-        "ip",
-        "neigh",
-        "replace",
-        &CLIENT_ADDR.to_string(),
-        "lladdr",
-        new_mac,
-        "dev",
-        IF_LAN,
-        "nud",
-        "reachable",
-    ]);
+    set_neighbour(&t.gw, &CLIENT_ADDR.to_string(), new_mac, IF_LAN);
     eventually(Duration::from_secs(1), "the new MAC cached", || {
         cached()
             .first()
@@ -740,14 +735,7 @@ fn replies_follow_a_lan_hosts_new_mac_through_its_cached_next_hop() {
     });
     let after = udp_seen_from(&sock, srv.addr()).expect("the reply at the new MAC");
     assert_eq!(after, before, "the same flow");
-    t.gw.exec(&[
-        "ip",
-        "neigh",
-        "del",
-        &CLIENT_ADDR.to_string(),
-        "dev",
-        IF_LAN,
-    ]);
+    del_neighbour(&t.gw, &CLIENT_ADDR.to_string(), IF_LAN);
     eventually(Duration::from_secs(1), "nothing cached", || {
         cached().is_empty()
     });

@@ -3754,6 +3754,31 @@ fn neutral(p: &Ipv6, edit: impl FnOnce(&mut Ipv6)) -> Vec<u8> {
     q.frame()
 }
 
+/// `mh_wan_out6` sends `p` with uplink 0's mark as `expected`, counting
+/// it on the uplink and no reason.
+#[track_caller]
+fn assert_wan_out6_sends(dp: &mut Datapath, p: &Ipv6, expected: &[u8]) {
+    let (run, counted) = dp.run_counted(PROG_WAN_OUT6, &p.frame(), UPLINK_MARK);
+    assert_passed_as(&run, expected, &format!("next header {}", p.next));
+    assert_eq!(counted, vec![], "next header {}", p.next);
+    assert_eq!(dp.uplink0_stats().tx_packets, 1);
+}
+
+/// [`ROUTER6`]'s Packet Too Big (MTU 1280) to `to`, quoting `sent`.
+fn packet_too_big(to: &str, sent: &Ipv6) -> Ipv6 {
+    let mtu = 1280u32.to_be_bytes();
+    Ipv6::icmp(ROUTER6, to, ICMPV6_PACKET_TOO_BIG, 0, mtu, &sent.bytes())
+}
+
+/// An error about the LAN host's 64-byte datagram from port 40001 to
+/// [`REMOTE6`]:53, as the host must get it: to its address, quoting what
+/// it sent.
+fn back_to_the_lan_host(q: &mut Ipv6) {
+    let inner = Ipv6::udp(LAN_HOST6, REMOTE6, 40001, 53, &[7u8; 64]);
+    q.dst = v6(LAN_HOST6);
+    q.l4[8..].copy_from_slice(&inner.bytes());
+}
+
 fn flow6(lan_port: u16, remote_port: u16, proto: u8) -> Flow6Key {
     Flow6Key {
         lan: v6(LAN_HOST6).octets(),
@@ -3786,10 +3811,7 @@ fn wan_out6_maps_a_marked_lan_source_onto_the_uplink_prefix_keeping_every_checks
             let expected = neutral(&p, |q| {
                 q.src = v6(&npt_by_hand(&q.src.to_string(), INNER6, OUTER6));
             });
-            let (run, counted) = dp.run_counted(PROG_WAN_OUT6, &p.frame(), UPLINK_MARK);
-            assert_passed_as(&run, &expected, &format!("next header {}", p.next));
-            assert_eq!(counted, vec![], "next header {}", p.next);
-            assert_eq!(dp.uplink0_stats().tx_packets, 1);
+            assert_wan_out6_sends(dp, &p, &expected);
         });
     }
 }
@@ -3852,20 +3874,8 @@ fn wan_in6_maps_an_icmpv6_error_outer_and_quoted_address_alike() {
             .expect("pin the flow");
         let mapped = npt_by_hand(LAN_HOST6, INNER6, OUTER6);
         let sent = Ipv6::udp(&mapped, REMOTE6, 40001, 53, &[7u8; 64]);
-        let mtu = 1280u32.to_be_bytes();
-        let ptb = Ipv6::icmp(
-            ROUTER6,
-            &mapped,
-            ICMPV6_PACKET_TOO_BIG,
-            0,
-            mtu,
-            &sent.bytes(),
-        );
-        let inner = Ipv6::udp(LAN_HOST6, REMOTE6, 40001, 53, &[7u8; 64]);
-        let expected = neutral(&ptb, |q| {
-            q.dst = v6(LAN_HOST6);
-            q.l4[8..].copy_from_slice(&inner.bytes());
-        });
+        let ptb = packet_too_big(&mapped, &sent);
+        let expected = neutral(&ptb, back_to_the_lan_host);
         let (run, counted) = dp.run_counted(PROG_WAN_IN6, &ptb.frame(), 0);
         assert_passed_as(&run, &expected, "packet too big");
         assert_eq!(counted, vec![]);
@@ -4030,10 +4040,7 @@ fn wan_out6_nat66_rewrites_source_and_port_with_checksums_as_recomputed_byte_exa
                 let at = if q.next == IPPROTO_ICMPV6 { 4 } else { 0 };
                 q.l4[at..at + 2].copy_from_slice(&NAT6_PORT.to_be_bytes());
             });
-            let (run, counted) = dp.run_counted(PROG_WAN_OUT6, &p.frame(), UPLINK_MARK);
-            assert_passed_as(&run, &expected, &format!("next header {}", p.next));
-            assert_eq!(counted, vec![], "next header {}", p.next);
-            assert_eq!(dp.uplink0_stats().tx_packets, 1);
+            assert_wan_out6_sends(dp, &p, &expected);
         });
     }
 }
@@ -4095,22 +4102,10 @@ fn wan_in6_nat66_maps_a_packet_too_big_outer_and_quoted_with_every_checksum() {
         dp.set_uplink6_0_nat66();
         pin_nat66(dp, flow6(40001, 53, IPPROTO_UDP), NAT6_PORT);
         let sent = Ipv6::udp(NAT6_ADDR, REMOTE6, NAT6_PORT, 53, &[7u8; 64]);
-        let mtu = 1280u32.to_be_bytes();
-        let ptb = Ipv6::icmp(
-            ROUTER6,
-            NAT6_ADDR,
-            ICMPV6_PACKET_TOO_BIG,
-            0,
-            mtu,
-            &sent.bytes(),
-        );
+        let ptb = packet_too_big(NAT6_ADDR, &sent);
         // The quoted packet as the LAN host sent it, its checksum computed
         // anew; then the ICMPv6 checksum over it.
-        let inner = Ipv6::udp(LAN_HOST6, REMOTE6, 40001, 53, &[7u8; 64]);
-        let expected = recomputed(&ptb, |q| {
-            q.dst = v6(LAN_HOST6);
-            q.l4[8..].copy_from_slice(&inner.bytes());
-        });
+        let expected = recomputed(&ptb, back_to_the_lan_host);
         let (run, counted) = dp.run_counted(PROG_WAN_IN6, &ptb.frame(), 0);
         assert_passed_as(&run, &expected, "packet too big");
         assert_eq!(counted, vec![]);
