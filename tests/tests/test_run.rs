@@ -4109,7 +4109,7 @@ fn wan_in6_nat66_maps_a_packet_too_big_outer_and_quoted_with_every_checksum() {
         let (run, counted) = dp.run_counted(PROG_WAN_IN6, &ptb.frame(), 0);
         assert_passed_as(&run, &expected, "packet too big");
         assert_eq!(counted, vec![]);
-        // Quoting a port no flow holds: dropped.
+        // Quoting a port no flow holds: the gateway's own, untouched.
         let stray = Ipv6::udp(NAT6_ADDR, REMOTE6, 61001, 53, b"?");
         let err = Ipv6::icmp(
             ROUTER6,
