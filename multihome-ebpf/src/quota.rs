@@ -5,8 +5,8 @@
 //! evicts flows that never saw a reply first.
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::bindings::BPF_NOEXIST;
-use multihome_common::{HostFlows, Reason, Settings};
+use aya_ebpf::{bindings::BPF_NOEXIST, btf_maps::HashMap};
+use multihome_common::{HostFlows, MAX_HOSTS, Reason, Settings};
 
 use crate::maps::{FILL, HOSTS, HOSTS6};
 
@@ -33,14 +33,7 @@ pub fn admit(saddr_be: u32, s: &Settings) -> Result<Host, Reason> {
         return Err(Reason::MapFull);
     }
     let host = HOSTS.get_ptr_mut(saddr_be);
-    if let Some(h) = host {
-        // SAFETY: a preallocated map value.
-        let h = unsafe { &mut *h };
-        if h.flows >= u64::from(s.max_flows_per_host) {
-            add_one(&mut h.refused);
-            return Err(Reason::HostQuota);
-        }
-    }
+    within_quota(host, s)?;
     Ok(Host(host))
 }
 
@@ -50,30 +43,26 @@ pub fn count_new(saddr_be: u32, host: &Host) {
     if let Some(fill) = FILL.get_ptr_mut(0) {
         add_one(fill);
     }
-    match host.0 {
-        // SAFETY: a preallocated map value, which outlives the program run.
-        Some(h) => add_one(unsafe { &mut (*h).flows }),
-        None => {
-            let first = HostFlows {
-                flows: 1,
-                refused: 0,
-            };
-            if HOSTS.insert(saddr_be, first, BPF_NOEXIST as u64).is_err()
-                && let Some(h) = HOSTS.get_ptr_mut(saddr_be)
-            {
-                // Another CPU made the entry first.
-                // SAFETY: as above.
-                add_one(unsafe { &mut (*h).flows });
-            }
-        }
-    }
+    count_host(&HOSTS, &saddr_be, host.0);
 }
 
 /// [`admit`]'s quota for an IPv6 LAN host `lan` (the connection map's
 /// fill is `CONN6`'s own: a full map refuses the insert).
 #[inline(always)]
 pub fn admit6(lan: &[u8; 16], s: &Settings) -> Result<(), Reason> {
-    if let Some(h) = HOSTS6.get_ptr_mut(lan) {
+    within_quota(HOSTS6.get_ptr_mut(lan), s)
+}
+
+/// Counts a flow just made for IPv6 LAN host `lan`.
+#[inline(always)]
+pub fn count_new6(lan: &[u8; 16]) {
+    count_host(&HOSTS6, lan, HOSTS6.get_ptr_mut(lan));
+}
+
+/// Err (the host's refusal counted) when `host`'s entry holds its quota.
+#[inline(always)]
+fn within_quota(host: Option<*mut HostFlows>, s: &Settings) -> Result<(), Reason> {
+    if let Some(h) = host {
         // SAFETY: a preallocated map value.
         let h = unsafe { &mut *h };
         if h.flows >= u64::from(s.max_flows_per_host) {
@@ -84,24 +73,30 @@ pub fn admit6(lan: &[u8; 16], s: &Settings) -> Result<(), Reason> {
     Ok(())
 }
 
-/// Counts a flow just made for IPv6 LAN host `lan`.
+/// One more flow for host `key` in `hosts` (`HOSTS` or `HOSTS6`): on its
+/// entry `found`, or on a new one.
 #[inline(always)]
-pub fn count_new6(lan: &[u8; 16]) {
-    if let Some(h) = HOSTS6.get_ptr_mut(lan) {
+fn count_host<K>(
+    hosts: &HashMap<K, HostFlows, { MAX_HOSTS as usize }>,
+    key: &K,
+    found: Option<*mut HostFlows>,
+) {
+    match found {
         // SAFETY: a preallocated map value, which outlives the program run.
-        add_one(unsafe { &mut (*h).flows });
-        return;
-    }
-    let first = HostFlows {
-        flows: 1,
-        refused: 0,
-    };
-    if HOSTS6.insert(lan, first, BPF_NOEXIST as u64).is_err()
-        && let Some(h) = HOSTS6.get_ptr_mut(lan)
-    {
-        // Another CPU made the entry first.
-        // SAFETY: as above.
-        add_one(unsafe { &mut (*h).flows });
+        Some(h) => add_one(unsafe { &mut (*h).flows }),
+        None => {
+            let first = HostFlows {
+                flows: 1,
+                refused: 0,
+            };
+            if hosts.insert(key, first, BPF_NOEXIST as u64).is_err()
+                && let Some(h) = hosts.get_ptr_mut(key)
+            {
+                // Another CPU made the entry first.
+                // SAFETY: as above.
+                add_one(unsafe { &mut (*h).flows });
+            }
+        }
     }
 }
 
