@@ -9,7 +9,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a pinned map changes shape; a daemon refuses to adopt
 /// maps pinned by another layout.
-pub const LAYOUT_VERSION: u32 = 10;
+pub const LAYOUT_VERSION: u32 = 11;
 
 /// The clock of every stamp in the maps: `CLOCK_MONOTONIC_COARSE`, which
 /// the programs read with `bpf_ktime_get_coarse_ns` (a cached tick, no
@@ -107,8 +107,13 @@ pub const MAP_ENDPOINT_PORTS: &str = "ENDPOINT_PORTS";
 pub const MAP_SYN_WAIT: &str = "SYN_WAIT";
 /// Uplink slot -> its next hop ([`NextHop`]), kept by the daemon.
 pub const MAP_NEXT_HOPS: &str = "NEXT_HOPS";
-/// One word: [`CLASSIFY_IN_MAIN`] or 0.
+/// One word: 0, or [`CLASSIFY_IN_MAIN`] with or without
+/// [`CLASSIFY_BY_ROUTES`].
 pub const MAP_CLASSIFY: &str = "CLASSIFY";
+/// The kernel's `main` table, mirrored by the daemon: IPv4 prefix
+/// ([`RoutedKey`]) -> [`MainRoute`]; complete while [`CLASSIFY_BY_ROUTES`]
+/// is set.
+pub const MAP_MAIN_ROUTES: &str = "MAIN_ROUTES";
 /// The gateway's own addresses and broadcast addresses, as the kernel's
 /// `local` table lists them (network order) -> [`LOCAL_ADDR`] or
 /// [`LOCAL_BROADCAST`]; kept by the daemon while [`CLASSIFY_IN_MAIN`].
@@ -154,7 +159,7 @@ pub const MAX_ALLOW6: u32 = 256;
 pub const MAX_FLOWS6: u32 = 131_072;
 /// Entries of [`MAP_XDP_DEVS`].
 pub const MAX_XDP_DEVS: u32 = 64;
-pub const ALL_MAPS: [&str; 40] = [
+pub const ALL_MAPS: [&str; 41] = [
     MAP_CONN_FWD,
     MAP_CONN_REV,
     MAP_UPLINKS,
@@ -195,6 +200,7 @@ pub const ALL_MAPS: [&str; 40] = [
     MAP_HOSTS6,
     MAP_LAN_HOPS,
     MAP_LAN_HOPS6,
+    MAP_MAIN_ROUTES,
 ];
 
 /// [`MAP_CLASSIFY`]: the kernel's policy rules route an unmarked packet
@@ -204,6 +210,25 @@ pub const ALL_MAPS: [&str; 40] = [
 /// then classified by [`MAP_LOCAL_ADDRS`] and a direct lookup in `main`,
 /// which costs far less than the walk of the rules.
 pub const CLASSIFY_IN_MAIN: u32 = 1;
+/// [`MAP_CLASSIFY`], with [`CLASSIFY_IN_MAIN`]: [`MAP_MAIN_ROUTES`] holds
+/// the whole `main` table, and a new flow's route is one LPM lookup there
+/// instead of `bpf_fib_lookup` (which still answers for a prefix marked
+/// [`ROUTE_ASK_FIB`]).
+pub const CLASSIFY_BY_ROUTES: u32 = 2;
+/// Entries of [`MAP_MAIN_ROUTES`]: a larger `main` takes `bpf_fib_lookup`.
+pub const MAX_MAIN_ROUTES: u32 = 4096;
+/// [`MainRoute::kind`]: forwarded through a gateway on `ifindex`.
+pub const ROUTE_VIA: u32 = 1;
+/// [`MainRoute::kind`]: on-link on `ifindex` (the next hop is the
+/// destination itself).
+pub const ROUTE_CONNECTED: u32 = 2;
+/// [`MainRoute::kind`]: not forwarded (`blackhole`, `unreachable`,
+/// `prohibit`).
+pub const ROUTE_REJECT: u32 = 3;
+/// [`MainRoute::kind`]: a route the mirror does not model (several routes
+/// or nexthops that differ, a dead nexthop, encapsulation, a nexthop
+/// object, ...): `bpf_fib_lookup` in `main` decides.
+pub const ROUTE_ASK_FIB: u32 = 4;
 /// [`MAP_LOCAL_ADDRS`]: a local address (`RTN_LOCAL`).
 pub const LOCAL_ADDR: u32 = 1;
 /// [`MAP_LOCAL_ADDRS`]: a broadcast address (`RTN_BROADCAST`).
@@ -897,13 +922,27 @@ pub const fn peer_check(remote_be: u32, nat_addr_be: u32, lan_addr_be: u32) -> u
     (h ^ (h >> 13)) | 1
 }
 
-/// [`MAP_ROUTED`]'s key data: an IPv4 prefix (the LPM trie's `prefix_len`
-/// counts its bits).
+/// [`MAP_ROUTED`]'s and [`MAP_MAIN_ROUTES`]'s key data: an IPv4 prefix
+/// (the LPM trie's `prefix_len` counts its bits).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct RoutedKey {
     pub addr_be: u32,
+}
+
+/// [`MAP_MAIN_ROUTES`]'s value: what the kernel's `main` table does with
+/// a destination under the prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct MainRoute {
+    /// The device the route leaves by (the first nexthop's when several
+    /// all lead to uplinks, or all elsewhere); 0 unless forwarded.
+    pub ifindex: u32,
+    /// [`ROUTE_VIA`], [`ROUTE_CONNECTED`], [`ROUTE_REJECT`] or
+    /// [`ROUTE_ASK_FIB`].
+    pub kind: u32,
 }
 
 /// [`MAP_ROUTED6`]'s key data: an IPv6 address as on the wire.
@@ -1449,6 +1488,7 @@ mod pod {
     unsafe impl aya::Pod for FlowFwd {}
     unsafe impl aya::Pod for FlowRev {}
     unsafe impl aya::Pod for Uplink {}
+    unsafe impl aya::Pod for MainRoute {}
     unsafe impl aya::Pod for SelectTable {}
     unsafe impl aya::Pod for LanNet {}
     unsafe impl aya::Pod for Settings {}

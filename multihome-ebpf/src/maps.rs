@@ -9,10 +9,10 @@ use multihome_common::{
     ENDPOINT_ENTRIES, EchoKey, EimKey, EimLan, Endpoint, EndpointKey, FRAG_ENTRIES, Fill, Flow6,
     Flow6Key, FlowFwd, FlowKey, FlowRev, FragKey, FragXlat, HOST_ECHO_ENTRIES, HostFlows,
     JUMP_PROGS, LanNet, MAX_ALLOW6, MAX_FLOWS6, MAX_HOSTS, MAX_LAN_HOPS, MAX_LAN_NETS,
-    MAX_LOCAL_ADDRS, MAX_POLICIES, MAX_ROUTED_PREFIXES, MAX_RULE_PREFIXES, MAX_RULES, MAX_UPLINKS,
-    MAX_XDP_DEVS, Nat6Key, Nat6Lan, NextHop, PEER_SLOTS, PeerSlot, Reasons, Routed6Key, RoutedKey,
-    RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SYN_WAIT_ENTRIES, SelectTable, Settings,
-    SynWaitKey, Uplink, Uplink6, UplinkStats, XdpStats,
+    MAX_LOCAL_ADDRS, MAX_MAIN_ROUTES, MAX_POLICIES, MAX_ROUTED_PREFIXES, MAX_RULE_PREFIXES,
+    MAX_RULES, MAX_UPLINKS, MAX_XDP_DEVS, MainRoute, Nat6Key, Nat6Lan, NextHop, PEER_SLOTS,
+    PeerSlot, Reasons, Routed6Key, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet,
+    SYN_WAIT_ENTRIES, SelectTable, Settings, SynWaitKey, Uplink, Uplink6, UplinkStats, XdpStats,
 };
 
 const FLOWS: usize = DEFAULT_MAX_FLOWS as usize;
@@ -36,6 +36,12 @@ pub static NEXT_HOPS: Array<NextHop, { MAX_UPLINKS as usize }> = Array::new();
 /// `CLASSIFY_IN_MAIN` or 0: how a new flow's route is classified.
 #[btf_map]
 pub static CLASSIFY: Array<u32, 1> = Array::new();
+
+/// The kernel's `main` table: IPv4 prefix -> where it leads, for new
+/// flows' classification (`CLASSIFY_BY_ROUTES`).
+#[btf_map]
+pub static MAIN_ROUTES: LpmTrie<RoutedKey, MainRoute, { MAX_MAIN_ROUTES as usize }> =
+    LpmTrie::new();
 
 /// The kernel's local and broadcast addresses -> their kind.
 #[btf_map]

@@ -1,23 +1,22 @@
 //! LAN to uplink: pin new flows, SNAT, forward. The LAN ingress program
 //! does the work; the uplink egress program finishes packets that the fast
 //! path handed to the kernel.
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use multihome_common::{
-    CLASSIFY_IN_MAIN, FLOW_FAILED_OVER, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_HAIRPIN, FLOW_RST,
-    FLOW_RST_IN, FLOW_SEEN_REPLY, FlowFwd, FlowKey, IPPROTO_AH, IPPROTO_TCP, JUMP_LAN_IN6,
-    JUMP_LAN_RESET, JUMP_WAN_OUT6, JUMP_WAN_OUT6_L3, MARK_PROHIBIT, MARK_TRANSLATED, MAX_LAN_NETS,
-    MAX_UPLINKS, ON_DOWN_KEEP, ON_DOWN_PURGE, ON_DOWN_PURGE_UDP, ON_DOWN_RESET, ON_DOWN_UPLINK,
-    RT_TABLE_MAIN, RULE_MAIN, RULE_UNREACHABLE, Reason, Settings, UPLINK_DRAIN_RESET,
-    UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_L3, UPLINK_OUTAGE, UPLINK_RESET_TCP, Uplink,
+    CLASSIFY_BY_ROUTES, CLASSIFY_IN_MAIN, FLOW_FAILED_OVER, FLOW_FIN_IN, FLOW_FIN_OUT,
+    FLOW_HAIRPIN, FLOW_RST, FLOW_RST_IN, FLOW_SEEN_REPLY, FlowFwd, FlowKey, IPPROTO_AH,
+    IPPROTO_TCP, JUMP_LAN_IN6, JUMP_LAN_RESET, JUMP_WAN_OUT6, JUMP_WAN_OUT6_L3, MARK_PROHIBIT,
+    MARK_TRANSLATED, MAX_LAN_NETS, MAX_UPLINKS, ON_DOWN_KEEP, ON_DOWN_PURGE, ON_DOWN_PURGE_UDP,
+    ON_DOWN_RESET, ON_DOWN_UPLINK, ROUTE_ASK_FIB, ROUTE_CONNECTED, ROUTE_VIA, RT_TABLE_MAIN,
+    RULE_MAIN, RULE_UNREACHABLE, Reason, RoutedKey, Settings, UPLINK_DRAIN_RESET, UPLINK_EVACUATE,
+    UPLINK_EVACUATE_TCP, UPLINK_L3, UPLINK_OUTAGE, UPLINK_RESET_TCP, Uplink,
 };
 
 use crate::{
     affinity, classify,
     conntrack::{self, Tags},
-    frag,
-    fwd::{self, Hop},
-    guard, hairpin,
-    maps::{CLASSIFY, JUMP, LAN_NETS, LOCAL_ADDRS, SELECT, SETTINGS, UPLINKS},
+    frag, fwd, guard, hairpin,
+    maps::{CLASSIFY, JUMP, LAN_NETS, LOCAL_ADDRS, MAIN_ROUTES, SELECT, SETTINGS, UPLINKS},
     mss,
     nat::{self, Side},
     parse::{self, L4, Packet, TCP_ACK, TCP_SYN},
@@ -249,18 +248,53 @@ pub fn to_uplink(ctx: &TcContext, pkt: &Packet, flow: &FlowFwd, uplink: &Uplink)
     fwd::redirect(ctx, &hop, true, uplink.flags & UPLINK_L3 == 0)
 }
 
+/// Where the kernel would route a new flow's packet.
+struct Route {
+    /// The device it leaves by.
+    ifindex: u32,
+    /// The destination is on-link there (no gateway).
+    onlink: bool,
+}
+
 /// Where the kernel would route a new flow's packet: through its policy
-/// rules, or, when the daemon found that they come down to the `local`
-/// table then `main` (`CLASSIFY_IN_MAIN`), by `LOCAL_ADDRS` and a direct
-/// lookup in `main`. None: not forwarded (local, unreachable, ...).
+/// rules; or, when the daemon found that they come down to the `local`
+/// table then `main` (`CLASSIFY_IN_MAIN`), by `LOCAL_ADDRS` and `main`,
+/// itself read from the daemon's mirror (`CLASSIFY_BY_ROUTES`, an LPM
+/// lookup) unless the mirror defers to a lookup there. None: not
+/// forwarded (local, unreachable, ...).
 #[inline(always)]
-fn classify_route(ctx: &TcContext, pkt: &Packet) -> Option<Hop> {
-    let in_main = CLASSIFY.get(0).is_some_and(|m| *m == CLASSIFY_IN_MAIN);
+fn classify_route(ctx: &TcContext, pkt: &Packet) -> Option<Route> {
+    let how = CLASSIFY.get(0).copied().unwrap_or(0);
+    let in_main = how & CLASSIFY_IN_MAIN != 0;
     if in_main && LOCAL_ADDRS.get_ptr(pkt.daddr_be).is_some() {
         return None;
     }
+    if in_main && how & CLASSIFY_BY_ROUTES != 0 {
+        let key = Key {
+            prefix_len: 32,
+            data: RoutedKey {
+                addr_be: pkt.daddr_be,
+            },
+        };
+        // No route at all: the kernel would not forward it either.
+        let r = MAIN_ROUTES.get(&key)?;
+        match r.kind {
+            ROUTE_VIA | ROUTE_CONNECTED => {
+                return Some(Route {
+                    ifindex: r.ifindex,
+                    onlink: r.kind == ROUTE_CONNECTED,
+                });
+            }
+            ROUTE_ASK_FIB => {}
+            _ => return None,
+        }
+    }
     let table = in_main.then_some(RT_TABLE_MAIN);
-    fwd::lookup(ctx, pkt, pkt.saddr_be, pkt.daddr_be, table, false).ok()
+    let hop = fwd::lookup(ctx, pkt, pkt.saddr_be, pkt.daddr_be, table, false).ok()?;
+    Some(Route {
+        ifindex: hop.ifindex,
+        onlink: hop.nh_be == pkt.daddr_be,
+    })
 }
 
 /// `skb->pkt_type` of a frame addressed to this host (`PACKET_HOST`).
@@ -313,8 +347,8 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, key: &FlowKey) -> Result<FlowFwd, Rea
         return Err(Reason::AhNotNatable);
     }
     // Route it as the kernel would: local and LAN-to-LAN traffic is not ours.
-    let hop = classify_route(ctx, pkt).ok_or(Reason::NotForUplink)?;
-    if !is_uplink_device(hop.ifindex) {
+    let route = classify_route(ctx, pkt).ok_or(Reason::NotForUplink)?;
+    if !is_uplink_device(route.ifindex) {
         return Err(Reason::NotForUplink);
     }
     let decision = classify::decide(ctx, pkt, key, settings.rules);
@@ -326,7 +360,7 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, key: &FlowKey) -> Result<FlowFwd, Rea
         return Err(Reason::PolicyMain);
     }
     let policy = action & 0xff;
-    let onlink = (hop.nh_be == pkt.daddr_be).then_some(hop.ifindex);
+    let onlink = route.onlink.then_some(route.ifindex);
     let (id, uplink, failed_over) =
         match select::choose(onlink, key, settings.flow_hash_seed, policy, decision.stuck) {
             Err(Reason::PolicyRefused) => return Err(refuse(ctx, &settings)),

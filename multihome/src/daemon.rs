@@ -87,8 +87,8 @@ struct Daemon {
     events: futures::channel::mpsc::UnboundedReceiver<NetlinkEvent>,
     /// A rule, link or address changed since `CLASSIFY` was last decided.
     classify_stale: bool,
-    /// Why new flows take the full lookup, if they do.
-    classify_full: Option<String>,
+    /// How new flows classify their route, as logged.
+    classify_mode: String,
     maps: Maps,
     routing: Routing,
     routing6: Routing6,
@@ -204,6 +204,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         rtnetlink::MulticastGroup::Ipv4Ifaddr,
         rtnetlink::MulticastGroup::Neigh,
         rtnetlink::MulticastGroup::Ipv4Rule,
+        rtnetlink::MulticastGroup::Ipv4Route,
         rtnetlink::MulticastGroup::Ipv6Ifaddr,
         rtnetlink::MulticastGroup::Ipv6Route,
     ])
@@ -278,7 +279,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         events,
         classify_stale: true,
         // Not decided yet: the first decision is logged.
-        classify_full: Some(String::new()),
+        classify_mode: String::new(),
         maps,
         observed: Vec::new(),
         attached: BTreeSet::new(),
@@ -410,6 +411,19 @@ fn adopt_uplinks(
 }
 
 /// A random, non-zero seed for the flow hash.
+/// [`Daemon::write_classify`]'s decision, as the log says it.
+fn classify_mode(in_main: &Result<routing::InMain, String>) -> String {
+    match in_main {
+        Err(why) => format!("through the policy rules: {why}"),
+        Ok(routing::InMain {
+            main: Ok(routes), ..
+        }) => {
+            format!("by the mirror of main ({} prefixes)", routes.len())
+        }
+        Ok(routing::InMain { main: Err(why), .. }) => format!("by a lookup in main: {why}"),
+    }
+}
+
 fn new_seed() -> u32 {
     use std::hash::{BuildHasher as _, RandomState};
     (RandomState::new().hash_one(maps::clock_ns()) as u32).max(1)
@@ -1617,27 +1631,29 @@ impl Daemon {
 
     /// Decides how new flows classify their route (`CLASSIFY`): by the
     /// kernel's `local` addresses and `main` when its policy rules come
-    /// down to those, else by the full lookup. The addresses are written
-    /// before the switch is turned on, and the switch turned off first.
+    /// down to those, `main` itself mirrored in `MAIN_ROUTES` when it
+    /// fits; else by the full lookup. Each map is written before the
+    /// switch that reads it is turned on.
     async fn write_classify(&mut self) {
-        let decided = match self.routing.classify_in_main().await {
-            Ok(locals) => self
+        let uplinks: Vec<u32> = self
+            .observed
+            .iter()
+            .map(|o| o.ifindex)
+            .filter(|i| *i != 0)
+            .collect();
+        let decided = match self.routing.classify_in_main(&uplinks).await {
+            Ok(in_main) => self
                 .maps
-                .set_classify(locals.as_deref().ok())
-                .map(|()| locals.err()),
+                .set_classify(in_main.as_ref().ok())
+                .map(|()| classify_mode(&in_main)),
             Err(e) => Err(e),
         };
         match decided {
-            Ok(why_not) => {
-                if why_not != self.classify_full {
-                    match &why_not {
-                        None => info!("new flows classify their route by a lookup in main"),
-                        Some(why) => {
-                            info!("new flows classify their route through the policy rules: {why}")
-                        }
-                    }
+            Ok(mode) => {
+                if mode != self.classify_mode {
+                    info!("new flows classify their route {mode}");
                 }
-                self.classify_full = why_not;
+                self.classify_mode = mode;
                 self.classify_stale = false;
             }
             Err(e) => error!("deciding how new flows classify their route: {e:#}"),
@@ -1646,9 +1662,10 @@ impl Daemon {
 
     /// Whether a netlink event may change what the datapath holds: any
     /// link, address or rule event, neighbour events on an uplink's
-    /// device (the LAN's own come and go all the time), and IPv6 routes
-    /// that may be a delegation (a reject route) or an RA's router. All but
-    /// the neighbour and IPv6 events also make `CLASSIFY` stale.
+    /// device (the LAN's own come and go all the time), IPv4 routes of the
+    /// tables that `CLASSIFY` reads (local, main and default), and IPv6
+    /// routes that may be a delegation (a reject route) or an RA's router.
+    /// All but the neighbour and IPv6 events also make `CLASSIFY` stale.
     fn concerns_uplinks(&mut self, (msg, _): &NetlinkEvent) -> bool {
         use rtnetlink::{
             packet_core::NetlinkPayload,
@@ -1667,7 +1684,21 @@ impl Daemon {
                 self.observed.iter().any(|o| o.ifindex == n.header.ifindex)
             }
             NetlinkPayload::InnerMessage(M::NewRoute(r) | M::DelRoute(r)) => {
-                r.header.kind != RouteType::Unicast || r.header.protocol == RouteProtocol::Ra
+                if r.header.address_family == AddressFamily::Inet {
+                    // `CLASSIFY` reads these tables (`MAIN_ROUTES` mirrors
+                    // main, `LOCAL_ADDRS` local); our uplinks' own
+                    // tables change only with what the daemon sees.
+                    let classified = [
+                        routing::RT_TABLE_LOCAL,
+                        routing::RT_TABLE_MAIN,
+                        routing::RT_TABLE_DEFAULT,
+                    ]
+                    .contains(&routing::route_table(r));
+                    self.classify_stale |= classified;
+                    classified
+                } else {
+                    r.header.kind != RouteType::Unicast || r.header.protocol == RouteProtocol::Ra
+                }
             }
             NetlinkPayload::InnerMessage(M::NewAddress(a) | M::DelAddress(a))
                 if a.header.family == AddressFamily::Inet6 =>

@@ -621,13 +621,24 @@ fn a_pinned_flow_follows_its_gateways_new_mac_through_the_cached_next_hop() {
     });
 }
 
+/// The last line in which the daemon said how new flows classify their
+/// route.
+fn classified_by(gw: &Gateway) -> String {
+    gw.log()
+        .lines()
+        .rev()
+        .find_map(|l| l.split("new flows classify their route ").nth(1))
+        .unwrap_or_default()
+        .to_string()
+}
+
 #[test]
 fn new_flows_classified_in_main_still_reach_local_addresses_and_follow_a_foreign_rule() {
     let t = Topology::standard();
     let gw = standard_gateway(&t, [1, 1], "");
-    let in_main = "new flows classify their route by a lookup in main";
+    let in_main = "by the mirror of main";
     eventually(Duration::from_secs(2), "classified in main", || {
-        gw.log().contains(in_main)
+        classified_by(&gw).starts_with(in_main)
     });
 
     // A service address of the gateway's own, on lo: main would send it
@@ -675,7 +686,7 @@ fn new_flows_classified_in_main_still_reach_local_addresses_and_follow_a_foreign
         "500",
     ]);
     eventually(Duration::from_secs(2), "the full lookup again", || {
-        gw.log().contains("through the policy rules: rule 500")
+        classified_by(&gw).starts_with("through the policy rules: rule 500")
     });
     let sock = t
         .client
@@ -693,8 +704,122 @@ fn new_flows_classified_in_main_still_reach_local_addresses_and_follow_a_foreign
     // Without the rule, main again.
     t.gw.exec(&["ip", "rule", "del", "priority", "500"]);
     eventually(Duration::from_secs(2), "classified in main again", || {
-        gw.log().matches(in_main).count() == 2
+        classified_by(&gw).starts_with(in_main)
     });
+}
+
+/// New flows read `main` from the daemon's mirror (`MAIN_ROUTES`), which
+/// follows routes added and removed at run time: a VPN's route keeps LAN
+/// traffic off the uplinks as soon as it exists, and so does a blackhole;
+/// two routes for one prefix that differ are left to the kernel; once the
+/// routes go, the traffic goes out an uplink again.
+#[test]
+fn new_flows_follow_routes_added_to_and_removed_from_main_at_run_time() {
+    let t = Topology::standard();
+    let gw = standard_gateway(&t, [1, 1], "");
+    eventually(Duration::from_secs(2), "classified by the mirror", || {
+        classified_by(&gw).starts_with("by the mirror of main")
+    });
+    t.gw.exec(&[
+        "ip", "link", "add", "tun9", "type", "veth", "peer", "name", "tun9p",
+    ]);
+    t.gw.exec(&["ip", "link", "set", "tun9", "up"]);
+    t.gw.exec(&["ip", "link", "set", "tun9p", "up"]);
+    let sock = t
+        .client
+        .run(|| UdpSocket::bind((CLIENT_ADDR, 0)).expect("bind the client socket"));
+    let mut next = 0u8;
+    let mut send_five = || {
+        for _ in 0..5 {
+            next += 1;
+            sock.send_to(b"where to?", (Ipv4Addr::new(198, 18, 98, next), 9))
+                .expect("send");
+        }
+    };
+    let new_flows = || -> u64 {
+        let st = gw.status();
+        (0..2)
+            .map(|i| st["uplinks"][i]["new_flows"].as_u64().expect("new_flows"))
+            .sum()
+    };
+    let into_tunnel = |send: &mut dyn FnMut(), what: &str| {
+        let (flows, tx) = (new_flows(), link_counters(&t.gw, "tun9").tx_packets);
+        send();
+        eventually(Duration::from_secs(2), what, || {
+            link_counters(&t.gw, "tun9").tx_packets >= tx + 5
+        });
+        assert_eq!(new_flows(), flows, "{what}: no flow out an uplink");
+    };
+
+    // A VPN's route, in main: the mirror has it before the first packet
+    // (the route event makes the daemon rewrite it at once).
+    t.gw.exec(&["ip", "route", "add", "198.18.98.0/24", "dev", "tun9"]);
+    let mirrored = || {
+        let out = t.gw.exec_stdout(&[
+            "bpftool",
+            "-j",
+            "map",
+            "dump",
+            "pinned",
+            &format!("{}/MAIN_ROUTES", gw.pin_dir().display()),
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("bpftool JSON");
+        let net = u32::from(Ipv4Addr::new(198, 18, 98, 0)).to_be();
+        v.as_array().expect("entries").iter().find_map(|e| {
+            let e = e.get("formatted").unwrap_or(e);
+            (e["key"]["prefix_len"] == 24 && e["key"]["data"]["addr_be"] == net)
+                .then(|| e["value"]["kind"].as_u64().expect("kind"))
+        })
+    };
+    eventually(Duration::from_secs(2), "the VPN route mirrored", || {
+        mirrored() == Some(u64::from(multihome_common::ROUTE_CONNECTED))
+    });
+    into_tunnel(&mut send_five, "into the VPN's route");
+
+    // A second route for the prefix, on an uplink at a higher metric: the
+    // kernel decides (lowest metric first), still into the tunnel.
+    t.gw.exec(&[
+        "ip",
+        "route",
+        "add",
+        "198.18.98.0/24",
+        "via",
+        &UPLINK_X_GW.to_string(),
+        "metric",
+        "500",
+    ]);
+    eventually(Duration::from_secs(2), "left to the kernel", || {
+        mirrored() == Some(u64::from(multihome_common::ROUTE_ASK_FIB))
+    });
+    into_tunnel(&mut send_five, "into the lower metric's route");
+
+    // A blackhole for the prefix: dropped by the kernel, never translated.
+    t.gw.exec(&["ip", "route", "flush", "198.18.98.0/24"]);
+    t.gw.exec(&["ip", "route", "add", "blackhole", "198.18.98.0/24"]);
+    eventually(Duration::from_secs(2), "the blackhole mirrored", || {
+        mirrored() == Some(u64::from(multihome_common::ROUTE_REJECT))
+    });
+    let (flows, refused) = (new_flows(), gw.reason("not_for_uplink"));
+    send_five();
+    eventually(Duration::from_secs(2), "five refused", || {
+        gw.reason("not_for_uplink") >= refused + 5
+    });
+    assert_eq!(new_flows(), flows, "blackholed: no flow out an uplink");
+
+    // Gone: the default route, out an uplink.
+    t.gw.exec(&["ip", "route", "del", "blackhole", "198.18.98.0/24"]);
+    eventually(
+        Duration::from_secs(2),
+        "the prefix gone from the mirror",
+        || mirrored().is_none(),
+    );
+    let flows = new_flows();
+    send_five();
+    eventually(
+        Duration::from_secs(2),
+        "five new flows out the uplinks",
+        || new_flows() >= flows + 5,
+    );
 }
 
 /// The LAN hosts' next hops (`LAN_HOPS`) follow the gateway's neighbour

@@ -256,6 +256,11 @@ const MIGRATIONS: &[(u32, &[&str])] = &[
     // IPv6 hosts' quota, is new (the reaper's first pass counts it), and
     // so are LAN_HOPS and LAN_HOPS6 (the daemon fills them).
     (9, &[]),
+    // 11: MAIN_ROUTES, the mirror of `main`, is new; CLASSIFY's word
+    // gained `CLASSIFY_BY_ROUTES`, which the daemon sets once it has
+    // written the mirror (an adopted `CLASSIFY_IN_MAIN` alone still means
+    // a lookup in main).
+    (10, &[]),
 ];
 
 /// The first layout whose stamps are on [`multihome_common::CLOCK`].

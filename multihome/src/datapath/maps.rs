@@ -1,8 +1,5 @@
 //! Typed access to the pinned maps, shared by the daemon and the CLI.
-use std::{
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use aya::maps::{
@@ -10,21 +7,23 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use multihome_common::{
-    Affinity, AffinityKey, Allow6Key, CLASSIFY_IN_MAIN, EimKey, Endpoint, EndpointKey, Flow6,
-    Flow6Key, FlowFwd, FlowKey, FlowRev, HostFlows, LanNet, MAP_AFFINITY, MAP_ALLOW6, MAP_CLASSIFY,
-    MAP_CONN_FWD, MAP_CONN_REV, MAP_CONN6, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_FILL, MAP_HOSTS,
-    MAP_HOSTS6, MAP_LAN_HOPS, MAP_LAN_HOPS6, MAP_LAN_NETS, MAP_LOCAL_ADDRS, MAP_NAT6,
-    MAP_NEXT_HOPS, MAP_NEXT_HOPS6, MAP_REASONS, MAP_ROUTED, MAP_ROUTED6, MAP_RULE_ACTION,
-    MAP_RULE_DPORT, MAP_RULE_DSCP, MAP_RULE_DST, MAP_RULE_PROTO, MAP_RULE_SRC, MAP_SELECT,
-    MAP_SETTINGS, MAP_SYN_WAIT, MAP_UPLINK_STATS, MAP_UPLINKS, MAP_UPLINKS6, MAP_XDP_DEVS,
-    MAP_XDP_STATS, MAX_LAN_NETS, MAX_LOCAL_ADDRS, MAX_POLICIES, MAX_RULES, MAX_UPLINKS, Nat6Key,
-    Nat6Lan, NextHop, Reasons, Routed6Key, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey,
-    RuleSet, SelectTable, Settings, SynWaitKey, Uplink, Uplink6, UplinkStats, XdpStats, rules_word,
+    Affinity, AffinityKey, Allow6Key, CLASSIFY_BY_ROUTES, CLASSIFY_IN_MAIN, EimKey, Endpoint,
+    EndpointKey, Flow6, Flow6Key, FlowFwd, FlowKey, FlowRev, HostFlows, LanNet, MAP_AFFINITY,
+    MAP_ALLOW6, MAP_CLASSIFY, MAP_CONN_FWD, MAP_CONN_REV, MAP_CONN6, MAP_ENDPOINT_PORTS,
+    MAP_ENDPOINTS, MAP_FILL, MAP_HOSTS, MAP_HOSTS6, MAP_LAN_HOPS, MAP_LAN_HOPS6, MAP_LAN_NETS,
+    MAP_LOCAL_ADDRS, MAP_MAIN_ROUTES, MAP_NAT6, MAP_NEXT_HOPS, MAP_NEXT_HOPS6, MAP_REASONS,
+    MAP_ROUTED, MAP_ROUTED6, MAP_RULE_ACTION, MAP_RULE_DPORT, MAP_RULE_DSCP, MAP_RULE_DST,
+    MAP_RULE_PROTO, MAP_RULE_SRC, MAP_SELECT, MAP_SETTINGS, MAP_SYN_WAIT, MAP_UPLINK_STATS,
+    MAP_UPLINKS, MAP_UPLINKS6, MAP_XDP_DEVS, MAP_XDP_STATS, MAX_LAN_NETS, MAX_LOCAL_ADDRS,
+    MAX_POLICIES, MAX_RULES, MAX_UPLINKS, Nat6Key, Nat6Lan, NextHop, Reasons, Routed6Key,
+    RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SelectTable, Settings, SynWaitKey,
+    Uplink, Uplink6, UplinkStats, XdpStats, rules_word,
 };
 
 use crate::{
     config::{Prefix, Prefix6},
     mapwalk,
+    netlink::routing::InMain,
     policy::compile::Compiled,
 };
 
@@ -129,18 +128,21 @@ impl Maps {
         Ok(self.array::<Uplink>(MAP_UPLINKS)?.set(id, u, 0)?)
     }
 
-    /// How new flows classify their route: with `Some(local addresses)`,
-    /// by those and a direct lookup in `main` (`CLASSIFY_IN_MAIN`); with
-    /// None, through the policy rules. The addresses are complete before
-    /// the switch goes on.
-    pub fn set_classify(&self, locals: Option<&[(Ipv4Addr, u32)]>) -> anyhow::Result<()> {
+    /// How new flows classify their route: with `Some`, by the local
+    /// addresses and `main` (`CLASSIFY_IN_MAIN`), itself read from
+    /// `MAIN_ROUTES` when `main` is mirrored (`CLASSIFY_BY_ROUTES`); with
+    /// None, through the policy rules. Each map is complete before the
+    /// switch that reads it goes on, and the mirror's switch is off while
+    /// it is rewritten.
+    pub fn set_classify(&self, in_main: Option<&InMain>) -> anyhow::Result<()> {
         let mut switch = self.array::<u32>(MAP_CLASSIFY)?;
-        let Some(locals) = locals else {
+        let Some(in_main) = in_main else {
             return Ok(switch.set(0, 0, 0)?);
         };
         let mut map: HashMap<MapData, u32, u32> =
             HashMap::try_from(Map::HashMap(open(&self.dir, MAP_LOCAL_ADDRS)?))?;
-        let want: std::collections::HashMap<u32, u32> = locals
+        let want: std::collections::HashMap<u32, u32> = in_main
+            .locals
             .iter()
             .map(|(a, kind)| (u32::from(*a).to_be(), *kind))
             .collect();
@@ -148,6 +150,8 @@ impl Maps {
             // More than the map holds: the full lookup, always right.
             return Ok(switch.set(0, 0, 0)?);
         }
+        // Off while either map changes under it.
+        switch.set(0, 0, 0)?;
         for (k, v) in &want {
             map.insert(k, v, 0)?;
         }
@@ -159,7 +163,21 @@ impl Maps {
         for k in gone {
             let _ = map.remove(&k);
         }
-        Ok(switch.set(0, CLASSIFY_IN_MAIN, 0)?)
+        let Ok(routes) = &in_main.main else {
+            return Ok(switch.set(0, CLASSIFY_IN_MAIN, 0)?);
+        };
+        let wanted: Vec<_> = routes
+            .iter()
+            .map(|(p, r)| {
+                let addr_be = u32::from(p.network()).to_be();
+                (Key::new(u32::from(p.len), RoutedKey { addr_be }), *r)
+            })
+            .collect();
+        write_exactly(
+            &mut LpmTrie::try_from(Map::LpmTrie(open(&self.dir, MAP_MAIN_ROUTES)?))?,
+            &wanted,
+        )?;
+        Ok(switch.set(0, CLASSIFY_IN_MAIN | CLASSIFY_BY_ROUTES, 0)?)
     }
 
     /// Every uplink slot's cached next hop.
@@ -607,12 +625,12 @@ impl Maps {
 
 /// Makes `trie` hold exactly `wanted`: new and changed entries first, then
 /// the stale ones go, so a prefix that stays never misses.
-fn write_exactly<K: aya::Pod + PartialEq>(
-    trie: &mut LpmTrie<MapData, K, RoutedUplinks>,
-    wanted: &[(Key<K>, RoutedUplinks)],
+fn write_exactly<K: aya::Pod + PartialEq, V: aya::Pod>(
+    trie: &mut LpmTrie<MapData, K, V>,
+    wanted: &[(Key<K>, V)],
 ) -> anyhow::Result<()> {
-    for (k, bits) in wanted {
-        trie.insert(k, bits, 0)?;
+    for (k, v) in wanted {
+        trie.insert(k, v, 0)?;
     }
     let stale: Vec<_> = trie
         .keys()

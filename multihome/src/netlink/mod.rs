@@ -4,6 +4,7 @@
 //! NDP proxy (`ndproxy`), and the prefixes delegated to the gateway
 //! (`delegated`).
 pub mod delegated;
+pub mod mainroutes;
 pub mod ndproxy;
 pub mod netinfo;
 pub mod routing;

@@ -72,6 +72,9 @@ use rtnetlink::{
     },
 };
 
+use multihome_common::MainRoute;
+
+use super::mainroutes;
 use crate::config::Prefix;
 
 /// Marks everything we install: routes carry this protocol number, rules
@@ -89,9 +92,9 @@ pub const FWMARK_RULE_OFFSET: u32 = 20;
 /// The main table's own rule: ours must come before it.
 pub const MAIN_RULE_PRIORITY: u32 = 32766;
 const RT_TABLE_COMPAT: u8 = 252;
-const RT_TABLE_DEFAULT: u32 = 253;
-const RT_TABLE_MAIN: u32 = 254;
-const RT_TABLE_LOCAL: u32 = 255;
+pub(crate) const RT_TABLE_DEFAULT: u32 = 253;
+pub(crate) const RT_TABLE_MAIN: u32 = 254;
+pub(crate) const RT_TABLE_LOCAL: u32 = 255;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UplinkRoutes {
@@ -500,14 +503,18 @@ impl Routing {
         }
     }
 
-    /// The kernel's local and broadcast addresses when its policy rules
-    /// route an unmarked packet from the LAN through the `local` table,
-    /// then `main`, and nowhere else: only the kernel's three default
-    /// rules and ours (whose selectors never match such a packet: `from`
-    /// an uplink address or a routed prefix, `fwmark`, and `main` without
-    /// its default routes), and no route in the `default` table. None
-    /// otherwise: new flows then take the full lookup.
-    pub async fn classify_in_main(&self) -> anyhow::Result<Result<Vec<(Ipv4Addr, u32)>, String>> {
+    /// How new flows may classify their route. `Err(why)` when the
+    /// kernel's policy rules do more than route an unmarked packet from
+    /// the LAN through the `local` table, then `main`: more than the
+    /// kernel's three default rules and ours (whose selectors never match
+    /// such a packet: `from` an uplink address or a routed prefix,
+    /// `fwmark`, and `main` without its default routes), or a route in
+    /// the `default` table. New flows then take the full lookup.
+    /// `uplinks`: the uplinks' device indexes, for [`mainroutes::mirror`].
+    pub async fn classify_in_main(
+        &self,
+        uplinks: &[u32],
+    ) -> anyhow::Result<Result<InMain, String>> {
         let rules = self.dump_rules().await?;
         if let Some(r) = rules
             .iter()
@@ -522,7 +529,11 @@ impl Routing {
                 priority.unwrap_or(0)
             )));
         }
-        Ok(local_addresses(&self.dump_routes().await?))
+        let routes = self.dump_routes().await?;
+        Ok(local_addresses(&routes).map(|locals| InMain {
+            locals,
+            main: mainroutes::mirror(&routes, uplinks),
+        }))
     }
 
     async fn dump_rules(&self) -> anyhow::Result<Vec<RuleMessage>> {
@@ -558,6 +569,17 @@ pub(crate) async fn dump_routes(
         .await
         .map_err(nl_error)
         .with_context(|| format!("listing the {family:?} routes of all tables"))
+}
+
+/// What new flows classify their route by when the policy rules come
+/// down to `local` then `main` ([`Routing::classify_in_main`]).
+pub struct InMain {
+    /// The `local` table's addresses and their kind (`LOCAL_ADDR`,
+    /// `LOCAL_BROADCAST`).
+    pub locals: Vec<(Ipv4Addr, u32)>,
+    /// `main` as `MAIN_ROUTES` entries, or why it is not mirrored (then
+    /// `bpf_fib_lookup` in `main`).
+    pub main: Result<Vec<(Prefix, MainRoute)>, String>,
 }
 
 enum Ensured {
