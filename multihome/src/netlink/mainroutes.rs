@@ -331,6 +331,10 @@ mod tests {
                 route(&a.to_string(), 24, vec![RouteAttribute::Oif(4)])
             })
             .collect();
-        assert!(mirror(&many, &[4]).expect_err("too many").contains("more than"));
+        assert!(
+            mirror(&many, &[4])
+                .expect_err("too many")
+                .contains("more than")
+        );
     }
 }
