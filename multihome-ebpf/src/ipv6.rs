@@ -560,7 +560,12 @@ fn wan_egress(ctx: &TcContext, l3: usize, mark: u32, mark_base: u32) -> Outcome 
         && let Some(u6) = nptv6::translation(id as u32)
     {
         if u6.mode == MODE6_NAT66 {
-            if let Ok(v) = nat66::egress(ctx, l3, id, u6) {
+            let mapped = if nat66::is_error(ctx, l3) {
+                nat66::lan_error(ctx, l3, id, u6)
+            } else {
+                nat66::egress(ctx, l3, id, u6)
+            };
+            if let Ok(v) = mapped {
                 return Ok(v);
             }
         } else if nptv6::rewrite(ctx, l3 + ip6::SADDR, u6, Way::Out)? {

@@ -8,8 +8,8 @@
 //!
 //! Only the kernel's path: the LAN program pins and marks, the uplink's
 //! egress program reserves the flow's port at its first packet and
-//! translates; replies are translated on the uplink's
-//! ingress and routed by the kernel. A packet to the address that maps to
+//! translates (a LAN host's ICMPv6 error about the flow too); replies
+//! are translated on the uplink's ingress and routed by the kernel. A packet to the address that maps to
 //! no flow is the gateway's own.
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -264,29 +264,95 @@ pub fn error(ctx: &TcContext, l3: usize, pkt: &Packet6, id: u8) -> Outcome {
     if flow(&nat, &lan).is_none() {
         return Err(Reason::Unsolicited);
     }
-    let csum_off = pkt.l4 + 2;
-    // The quoted packet is ICMPv6 payload: its changes are plain data to
-    // the outer checksum, the quoted checksum's own change included.
-    let old: [u16; 8] = load(ctx, q + ip6::SADDR)?;
-    let new: [u16; 8] = u16s(&lan.lan);
+    let ql = (pkt.l4 + 2, q + ip6::SADDR, port_off, qcsum_off);
+    map_quoted(ctx, ql, &lan.lan, lan.lan_port_be)?;
+    // The outer destination, through the pseudo-header.
+    rewrite_addr(ctx, l3 + ip6::DADDR, pkt.l4 + 2, &lan.lan)?;
+    stats::rx(id, ctx.len());
+    Ok(Verdict::Pass)
+}
+
+/// A LAN host's ICMPv6 error about a packet that came in for a flow on
+/// NAT66 uplink `id` (a Port Unreachable for a datagram, say), leaving
+/// it: the quoted packet's destination (address and port, with its own
+/// checksum) and the outer source become the uplink's address and the
+/// flow's port, and the ICMPv6 checksum follows both. An error without
+/// extension headers (see [`is_error`]), quoting TCP or UDP without them;
+/// anything else meets the egress guard. Called apart from [`egress`], so
+/// that their frames never add up.
+#[inline(never)]
+pub fn lan_error(ctx: &TcContext, l3: usize, id: u8, u6: &Uplink6) -> Outcome {
+    let l4 = l3 + ip6::LEN;
+    let q = l4 + QUOTED;
+    let proto = parse::hi(load::<u16>(ctx, q + ip6::NEXT_HOP)?);
+    let ql4 = q + ip6::LEN;
+    let qcsum_off = match proto {
+        IPPROTO_TCP => ql4 + 16,
+        IPPROTO_UDP => ql4 + 6,
+        _ => return Err(Reason::IcmpNoMapping),
+    };
+    // The flow's LAN end is the quoted destination (its key in SCRATCH6,
+    // off the stack).
+    let key = SCRATCH6.get_ptr_mut(0).ok_or(Reason::IcmpNoMapping)?;
+    // SAFETY: this CPU's slot, which only this run uses until it ends.
+    let key = unsafe { &mut *key };
+    key.lan = load(ctx, q + ip6::DADDR)?;
+    key.remote = load(ctx, q + ip6::SADDR)?;
+    key.lan_port_be = load(ctx, ql4 + 2)?;
+    key.remote_port_be = load(ctx, ql4)?;
+    key.proto = proto;
+    key._pad0 = 0;
+    key._pad1 = 0;
+    let f = CONN6.get_ptr(*key).ok_or(Reason::IcmpNoMapping)?;
+    // SAFETY: a read of the map value.
+    let (uplink, port_be) = unsafe { ((*f).uplink, (*f).nat_port_be) };
+    if uplink != id || port_be == 0 {
+        return Err(Reason::IcmpNoMapping);
+    }
+    let ql = (l4 + 2, q + ip6::DADDR, ql4 + 2, qcsum_off);
+    map_quoted(ctx, ql, &u6.outer, port_be)?;
+    rewrite_addr(ctx, l3 + ip6::SADDR, l4 + 2, &u6.outer)?;
+    stats::tx(id, ctx.len());
+    Ok(Verdict::Pass)
+}
+
+/// Whether the packet at `l3` is an ICMPv6 error with no extension
+/// header before it (RFC 4443 §2.1: types 1 to 4).
+#[inline(always)]
+pub fn is_error(ctx: &TcContext, l3: usize) -> bool {
+    let next = load::<u16>(ctx, l3 + ip6::NEXT_HOP).map(parse::hi);
+    let kind = load::<u16>(ctx, l3 + ip6::LEN).map(parse::hi);
+    matches!((next, kind), (Ok(IPPROTO_ICMPV6), Ok(k)) if (parse::ICMPV6_DEST_UNREACH..=parse::ICMPV6_PARAM_PROB).contains(&k))
+}
+
+/// In an ICMPv6 error whose checksum is at `csum_off`, sets the quoted
+/// address at `addr_off` and port at `port_off` to `to` and `port_be`,
+/// with the quoted checksum at `qcsum_off`. The quoted packet is ICMPv6
+/// payload: its changes are plain data to the outer checksum, the quoted
+/// checksum's own change included.
+#[inline(always)]
+fn map_quoted(
+    ctx: &TcContext,
+    (csum_off, addr_off, port_off, qcsum_off): (usize, usize, usize, usize),
+    to: &[u8; 16],
+    port_be: u16,
+) -> Result<(), Reason> {
+    let old: [u16; 8] = load(ctx, addr_off)?;
+    let new: [u16; 8] = u16s(to);
     let mut inner = Delta::default();
     for i in 0..8 {
         inner = inner.u16(old[i], new[i]);
     }
     let old_port: u16 = load(ctx, port_off)?;
-    let inner = inner.u16(old_port, lan.lan_port_be);
+    let inner = inner.u16(old_port, port_be);
     let old_qcsum: u16 = load(ctx, qcsum_off)?;
     let new_qcsum = inner.apply(old_qcsum);
     let outer = inner.u16(old_qcsum, new_qcsum);
     let old_csum: u16 = load(ctx, csum_off)?;
     store(ctx, csum_off, &outer.apply(old_csum))?;
-    store(ctx, q + ip6::SADDR, &lan.lan)?;
-    store(ctx, port_off, &lan.lan_port_be)?;
-    store(ctx, qcsum_off, &new_qcsum)?;
-    // The outer destination, through the pseudo-header.
-    rewrite_addr(ctx, l3 + ip6::DADDR, csum_off, &lan.lan)?;
-    stats::rx(id, ctx.len());
-    Ok(Verdict::Pass)
+    store(ctx, addr_off, to)?;
+    store(ctx, port_off, &port_be)?;
+    store(ctx, qcsum_off, &new_qcsum)
 }
 
 /// The address at `addr_off` set to `to`, the L4 checksum at `csum_off`

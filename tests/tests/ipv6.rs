@@ -1055,7 +1055,8 @@ fn a_delegated_prefix_is_learned_followed_when_it_changes_and_dropped_when_withd
 /// address with two ports; a TCP stream crosses a smaller MTU beyond the
 /// ISP's router, whose Packet Too Big to y's address and port is mapped
 /// back to the client (offloads off: a wrong checksum would drop it); a
-/// ping works; `conns` shows the address and port; no ULA leaves.
+/// ping works; a LAN host's Port Unreachable reaches the remote;
+/// `conns` shows the address and port; no ULA leaves.
 #[test]
 fn nat66_translates_lan_hosts_onto_the_uplinks_one_address_with_ports_of_its_own() {
     let t = Topology::standard();
@@ -1137,6 +1138,35 @@ fn nat66_translates_lan_hosts_onto_the_uplinks_one_address_with_ports_of_its_own
         Duration::from_secs(20),
     );
     assert!(ping.contains("reply 4321"), "ping through NAT66: {ping}");
+    // A datagram from the server to a port the LAN host closed: the
+    // host's Port Unreachable is mapped onto y's address and port, and
+    // the server's connected socket hears the refusal.
+    let remote = t
+        .inet
+        .run(|| UdpSocket::bind(SocketAddr::new(v6(INET_SERVICE6).into(), 7401)))
+        .expect("bind");
+    remote
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    let lan = t
+        .client
+        .run(|| UdpSocket::bind(SocketAddr::new(v6(CLIENT6_ADDR).into(), 41600)))
+        .expect("bind on the client");
+    lan.send_to(b"open", SocketAddr::new(v6(INET_SERVICE6).into(), 7401))
+        .expect("send");
+    let (_, mapped) = remote
+        .recv_from(&mut [0u8; 64])
+        .expect("the LAN host's datagram");
+    remote.connect(mapped).expect("connect");
+    drop(lan);
+    let refused = (0..5).any(|_| {
+        let _ = remote.send(b"anyone?");
+        matches!(
+            remote.recv(&mut [0u8; 64]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        )
+    });
+    assert!(refused, "no Port Unreachable came back through NAT66");
     assert_eq!(t.ula_sources(), 0, "a ULA source reached an ISP");
 }
 

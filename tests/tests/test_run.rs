@@ -4125,6 +4125,47 @@ fn wan_in6_nat66_maps_a_packet_too_big_outer_and_quoted_with_every_checksum() {
     });
 }
 
+/// A LAN host's Port Unreachable about a datagram of a NAT66 flow that
+/// came in: it leaves from the uplink's address, quoting the datagram as
+/// the remote sent it (to the NAT address and port, its checksum
+/// recomputed), with every checksum as computed anew. One about a port no
+/// flow holds, or a flow of another mode, meets the egress guard.
+#[test]
+fn wan_out6_nat66_maps_a_lan_hosts_error_outer_and_quoted_with_every_checksum() {
+    with_datapath(|dp| {
+        dp.set_uplink6_0_nat66();
+        pin_nat66(dp, flow6(40001, 53, IPPROTO_UDP), NAT6_PORT);
+        let delivered = Ipv6::udp(REMOTE6, LAN_HOST6, 53, 40001, &[7u8; 64]);
+        let err = Ipv6::icmp(
+            LAN_HOST6,
+            REMOTE6,
+            ICMPV6_DEST_UNREACH,
+            4,
+            [0; 4],
+            &delivered.bytes(),
+        );
+        let expected = recomputed(&err, |q| {
+            let as_sent = Ipv6::udp(REMOTE6, NAT6_ADDR, 53, NAT6_PORT, &[7u8; 64]);
+            q.src = v6(NAT6_ADDR);
+            q.l4[8..].copy_from_slice(&as_sent.bytes());
+        });
+        assert_wan_out6_sends(dp, &err, &expected);
+
+        let stray = Ipv6::udp(REMOTE6, LAN_HOST6, 53, 40002, b"?");
+        let err = Ipv6::icmp(
+            LAN_HOST6,
+            REMOTE6,
+            ICMPV6_DEST_UNREACH,
+            4,
+            [0; 4],
+            &stray.bytes(),
+        );
+        let (run, counted) = dp.run_counted(PROG_WAN_OUT6, &err.frame(), UPLINK_MARK);
+        assert_eq!(run.ret, TC_ACT_SHOT, "unknown quoted port");
+        assert_eq!(counted, vec![(Reason::ForeignSource, 1)]);
+    });
+}
+
 #[test]
 fn an_ipv6_host_at_its_quota_is_refused_and_counted_and_its_flows_are_counted() {
     with_datapath(|dp| {
