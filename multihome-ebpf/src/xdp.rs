@@ -22,7 +22,7 @@ use crate::{
     conntrack,
     csum::{Delta, fold},
     fwd,
-    maps::{NEXT_HOPS, UPLINKS, XDP_DEVS, XDP_STATS},
+    maps::{LAN_HOPS, NEXT_HOPS, UPLINKS, XDP_DEVS, XDP_STATS},
     nat::{self, Side},
     parse::{
         self, ETH_HLEN, ETH_P_IP_BE, L4, Packet, TCP_FIN, TCP_RST, TCP_SYN, hi, ip, lo, write,
@@ -167,7 +167,8 @@ fn lan_fast(ctx: &XdpContext) -> Fast {
 }
 
 /// Uplink to LAN: an answered flow's reply, translated back and sent to
-/// the LAN host that `bpf_fib_lookup` resolves, as `inbound::to_lan` does.
+/// the LAN host's cached next hop or the one `bpf_fib_lookup` resolves,
+/// as `inbound::to_lan` does.
 #[inline(always)]
 fn wan_fast(ctx: &XdpContext) -> Fast {
     let pkt = candidate(ctx)?;
@@ -200,11 +201,18 @@ fn wan_fast(ctx: &XdpContext) -> Fast {
     redirect(ifindex)
 }
 
-/// The LAN host's device and Ethernet header, when the kernel knows the
-/// route and the neighbour, the packet fits, and the device is in
-/// `XDP_DEVS`.
+/// The LAN host's device and Ethernet header, from its cached next hop
+/// (`LAN_HOPS`) when that serves, else when the kernel knows the route
+/// and the neighbour; the packet fits, and the device is in `XDP_DEVS`.
 #[inline(always)]
 fn lan_hop(ctx: &XdpContext, pkt: &Packet, lan_addr_be: u32) -> Result<(u32, [u8; 12]), Decline> {
+    if let Some(h) = LAN_HOPS.get_ptr(lan_addr_be) {
+        // SAFETY: a read of the map value.
+        let h = unsafe { &*h };
+        if h.valid != 0 && u32::from(pkt.tot_len) <= h.mtu && XDP_DEVS.get(h.ifindex).is_some() {
+            return Ok((h.ifindex, h.mac));
+        }
+    }
     let mut params = MaybeUninit::<FibParams>::uninit();
     let p = fwd::zeroed(&mut params);
     p.family = fwd::AF_INET;

@@ -4263,6 +4263,58 @@ fn wan_in_reply_to_a_cached_lan_host_is_translated_and_redirected_without_a_rout
     });
 }
 
+/// `mh_xdp_wan` sends a reply to the LAN host's cached next hop, as
+/// `mh_wan_in` does, with no route to look up; without an entry, over its
+/// MTU, or to a device it may not redirect to, the reply takes TC.
+#[test]
+fn xdp_wan_redirects_a_reply_to_a_cached_lan_host_without_a_route() {
+    with_datapath(|dp| {
+        dp.set_fwd(
+            UDP_FLOW.fwd_key(),
+            FlowFwd {
+                flags: FLOW_SEEN_REPLY,
+                ..UDP_FLOW.fwd()
+            },
+        );
+        dp.insert_rev(&UDP_FLOW);
+        let input = UDP_FLOW.reply().frame();
+        let set_hop = |dp: &mut Datapath, hop: NextHop| {
+            let mut hops: HashMap<_, u32, NextHop> =
+                HashMap::try_from(dp.ebpf.map_mut(MAP_LAN_HOPS).expect("LAN_HOPS")).expect("types");
+            hops.insert(be(LAN_HOST), hop, 0).expect("insert");
+        };
+        let declined = |dp: &mut Datapath, what: &str| {
+            let run = dp.run_xdp(PROG_XDP_WAN, &input, 0);
+            assert_eq!(run.ret, XDP_PASS, "{what}");
+            assert!(run.out == input, "{what}: passed altered");
+        };
+        dp.allow_xdp_redirect(1);
+        declined(dp, "no route, no cache");
+        set_hop(dp, lan_hop(1500));
+        let run = dp.run_xdp(PROG_XDP_WAN, &input, 0);
+        assert_eq!(run.ret, XDP_REDIRECT, "cached, so taken");
+        let mut expected = UDP_FLOW.reply_translated();
+        expected.ttl -= 1;
+        let expected = ethernet(MAC_HOST, MAC_LAN, ETH_P_IP, &expected.bytes());
+        assert!(
+            run.out == expected,
+            "{}",
+            describe_difference(&expected, &run.out)
+        );
+        assert_eq!(dp.uplink0_xdp().rx_packets, 1);
+        set_hop(dp, lan_hop(UDP_FLOW.reply().bytes().len() as u32 - 1));
+        declined(dp, "over the cached MTU");
+        set_hop(
+            dp,
+            NextHop {
+                ifindex: 7,
+                ..lan_hop(1500)
+            },
+        );
+        declined(dp, "a device XDP may not redirect to");
+    });
+}
+
 #[test]
 fn wan_in6_reply_to_a_cached_lan_host_is_mapped_and_redirected_without_a_lookup() {
     with_datapath(|dp| {
