@@ -561,7 +561,7 @@ fn wan_egress(ctx: &TcContext, l3: usize, mark: u32, mark_base: u32) -> Outcome 
     {
         if u6.mode == MODE6_NAT66 {
             let mapped = if nat66::is_error(ctx, l3) {
-                nat66::lan_error(ctx, l3, id, u6)
+                nat66::error_out(ctx, l3, id, u6, false)
             } else {
                 nat66::egress(ctx, l3, id, u6)
             };
@@ -579,7 +579,8 @@ fn wan_egress(ctx: &TcContext, l3: usize, mark: u32, mark_base: u32) -> Outcome 
 
 /// The gateway's own IPv6 packet: an ICMPv6 error it sends about a
 /// translated packet quotes the LAN host's internal address, which is
-/// mapped onto this uplink's prefix.
+/// mapped onto this uplink's prefix (under NAT66: its address, and the
+/// port the flow holds).
 #[inline(always)]
 fn host_egress(ctx: &TcContext, l3: usize) -> Outcome {
     // SAFETY: the context pointer is valid for the program's run.
@@ -587,9 +588,14 @@ fn host_egress(ctx: &TcContext, l3: usize) -> Outcome {
     for id in 0..MAX_UPLINKS {
         if let Some(u) = UPLINKS.get(id)
             && u.ifindex == ifindex
-            && let Some(u6) = nptv6::uplink6(id)
+            && let Some(u6) = nptv6::translation(id)
         {
-            map_quoted(ctx, l3, u6)?;
+            if u6.mode != MODE6_NAT66 {
+                map_quoted(ctx, l3, u6)?;
+            } else if nat66::is_error(ctx, l3) {
+                // One about no NAT66 flow passes as it is.
+                let _ = nat66::error_out(ctx, l3, id as u8, u6, true);
+            }
             break;
         }
     }

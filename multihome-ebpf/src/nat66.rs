@@ -8,7 +8,8 @@
 //!
 //! Only the kernel's path: the LAN program pins and marks, the uplink's
 //! egress program reserves the flow's port at its first packet and
-//! translates (a LAN host's ICMPv6 error about the flow too); replies
+//! translates (an ICMPv6 error about the flow too, a LAN host's or the
+//! gateway's own); replies
 //! are translated on the uplink's ingress and routed by the kernel. A packet to the address that maps to
 //! no flow is the gateway's own.
 use aya_ebpf::{
@@ -272,16 +273,18 @@ pub fn error(ctx: &TcContext, l3: usize, pkt: &Packet6, id: u8) -> Outcome {
     Ok(Verdict::Pass)
 }
 
-/// A LAN host's ICMPv6 error about a packet that came in for a flow on
-/// NAT66 uplink `id` (a Port Unreachable for a datagram, say), leaving
-/// it: the quoted packet's destination (address and port, with its own
-/// checksum) and the outer source become the uplink's address and the
-/// flow's port, and the ICMPv6 checksum follows both. An error without
-/// extension headers (see [`is_error`]), quoting TCP or UDP without them;
-/// anything else meets the egress guard. Called apart from [`egress`], so
-/// that their frames never add up.
+/// An ICMPv6 error about a packet that came in for a flow on NAT66
+/// uplink `id`, leaving it: a LAN host's (a Port Unreachable for a
+/// datagram, say), or with `own` the gateway's (it could not forward the
+/// packet on to the LAN). The quoted packet's destination (address and
+/// port, with its own checksum) becomes the uplink's address and the
+/// flow's port, and so does a LAN host's outer source; the ICMPv6
+/// checksum follows. An error without extension headers (see
+/// [`is_error`]), quoting TCP or UDP without them; anything else is not
+/// mapped (a LAN host's then meets the egress guard). Called apart from
+/// [`egress`], so that their frames never add up.
 #[inline(never)]
-pub fn lan_error(ctx: &TcContext, l3: usize, id: u8, u6: &Uplink6) -> Outcome {
+pub fn error_out(ctx: &TcContext, l3: usize, id: u8, u6: &Uplink6, own: bool) -> Outcome {
     let l4 = l3 + ip6::LEN;
     let q = l4 + QUOTED;
     let proto = parse::hi(load::<u16>(ctx, q + ip6::NEXT_HOP)?);
@@ -311,8 +314,10 @@ pub fn lan_error(ctx: &TcContext, l3: usize, id: u8, u6: &Uplink6) -> Outcome {
     }
     let ql = (l4 + 2, q + ip6::DADDR, ql4 + 2, qcsum_off);
     map_quoted(ctx, ql, &u6.outer, port_be)?;
-    rewrite_addr(ctx, l3 + ip6::SADDR, l4 + 2, &u6.outer)?;
-    stats::tx(id, ctx.len());
+    if !own {
+        rewrite_addr(ctx, l3 + ip6::SADDR, l4 + 2, &u6.outer)?;
+        stats::tx(id, ctx.len());
+    }
     Ok(Verdict::Pass)
 }
 

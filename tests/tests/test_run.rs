@@ -3919,6 +3919,34 @@ fn the_gateways_own_icmpv6_error_quotes_the_mapped_address() {
     });
 }
 
+/// Under NAT66 the gateway's own error about a reply it could not pass on
+/// quotes the reply as the remote sent it: to the uplink's address and
+/// the flow's port, its checksum recomputed, and the ICMPv6 checksum
+/// with it; the outer source is the gateway's already.
+#[test]
+fn the_gateways_own_icmpv6_error_quotes_the_nat66_address_and_port() {
+    with_datapath(|dp| {
+        dp.set_uplink6_0_nat66();
+        pin_nat66(dp, flow6(40001, 53, IPPROTO_UDP), NAT6_PORT);
+        dp.host_origin = true;
+        let reply = Ipv6::udp(REMOTE6, LAN_HOST6, 53, 40001, b"answer");
+        let err = Ipv6::icmp(
+            NAT6_ADDR,
+            REMOTE6,
+            ICMPV6_DEST_UNREACH,
+            3,
+            [0; 4],
+            &reply.bytes(),
+        );
+        let expected = recomputed(&err, |q| {
+            let as_sent = Ipv6::udp(REMOTE6, NAT6_ADDR, 53, NAT6_PORT, b"answer");
+            q.l4[8..].copy_from_slice(&as_sent.bytes());
+        });
+        let run = dp.run(PROG_WAN_OUT6, &err.frame(), 0);
+        assert_passed_as(&run, &expected, "the gateway's error");
+    });
+}
+
 #[test]
 fn lan_in6_pins_a_new_connection_marks_it_and_leaves_other_sources_alone() {
     with_datapath(|dp| {
