@@ -89,6 +89,8 @@ struct Daemon {
     classify_stale: bool,
     /// How new flows classify their route, as logged.
     classify_mode: String,
+    /// What `CLASSIFY` and its maps were last written from.
+    classified: Option<Result<routing::InMain, String>>,
     maps: Maps,
     routing: Routing,
     routing6: Routing6,
@@ -280,6 +282,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         classify_stale: true,
         // Not decided yet: the first decision is logged.
         classify_mode: String::new(),
+        classified: None,
         maps,
         observed: Vec::new(),
         attached: BTreeSet::new(),
@@ -1641,23 +1644,31 @@ impl Daemon {
             .map(|o| o.ifindex)
             .filter(|i| *i != 0)
             .collect();
-        let decided = match self.routing.classify_in_main(&uplinks).await {
-            Ok(in_main) => self
-                .maps
-                .set_classify(in_main.as_ref().ok())
-                .map(|()| classify_mode(&in_main)),
-            Err(e) => Err(e),
-        };
-        match decided {
-            Ok(mode) => {
-                if mode != self.classify_mode {
-                    info!("new flows classify their route {mode}");
-                }
-                self.classify_mode = mode;
-                self.classify_stale = false;
+        let in_main = match self.routing.classify_in_main(&uplinks).await {
+            Ok(in_main) => in_main,
+            Err(e) => {
+                error!("deciding how new flows classify their route: {e:#}");
+                return;
             }
-            Err(e) => error!("deciding how new flows classify their route: {e:#}"),
+        };
+        // Unchanged (most link and address events): the maps stay, and
+        // so does the switch.
+        if self.classified.as_ref() == Some(&in_main) {
+            self.classify_stale = false;
+            return;
         }
+        if let Err(e) = self.maps.set_classify(in_main.as_ref().ok()) {
+            error!("writing how new flows classify their route: {e:#}");
+            self.classified = None;
+            return;
+        }
+        let mode = classify_mode(&in_main);
+        if mode != self.classify_mode {
+            info!("new flows classify their route {mode}");
+        }
+        self.classify_mode = mode;
+        self.classified = Some(in_main);
+        self.classify_stale = false;
     }
 
     /// Whether a netlink event may change what the datapath holds: any

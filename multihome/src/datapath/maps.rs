@@ -632,14 +632,19 @@ fn write_exactly<K: aya::Pod + PartialEq, V: aya::Pod>(
     for (k, v) in wanted {
         trie.insert(k, v, 0)?;
     }
+    // Keys compared as (length, bytes): `main` may hold thousands.
+    let bytes = |k: &Key<K>| {
+        let data = k.data();
+        // SAFETY: `K: Pod` is plain old data: every byte is initialised.
+        let raw =
+            unsafe { std::slice::from_raw_parts((&raw const data).cast::<u8>(), size_of::<K>()) };
+        (k.prefix_len(), raw.to_vec())
+    };
+    let keep: std::collections::HashSet<_> = wanted.iter().map(|(k, _)| bytes(k)).collect();
     let stale: Vec<_> = trie
         .keys()
         .filter_map(Result::ok)
-        .filter(|k| {
-            !wanted
-                .iter()
-                .any(|(w, _)| w.prefix_len() == k.prefix_len() && w.data() == k.data())
-        })
+        .filter(|k| !keep.contains(&bytes(k)))
         .collect();
     for k in stale {
         trie.remove(&k)?;

@@ -573,6 +573,7 @@ pub(crate) async fn dump_routes(
 
 /// What new flows classify their route by when the policy rules come
 /// down to `local` then `main` ([`Routing::classify_in_main`]).
+#[derive(Debug, PartialEq)]
 pub struct InMain {
     /// The `local` table's addresses and their kind (`LOCAL_ADDR`,
     /// `LOCAL_BROADCAST`).
