@@ -439,6 +439,11 @@ fn ipv6_flows_survive_a_restart_and_a_changed_prefix_moves_only_its_uplinks() {
     eventually(Duration::from_secs(5), "x's new prefix published", || {
         gw.status()["uplinks"][0]["prefix6"] == new_x
     });
+    // `status` may answer between the publication and the purge that
+    // follows it: a flow it has not removed yet would keep its entry.
+    eventually(Duration::from_secs(5), "x's IPv6 flows purged", || {
+        gw.log().contains("IPv6 prefix changed; purged its")
+    });
     let after = seen_sources(&t, &ports, 7000);
     for (p, before) in &first {
         let now = after[p];
