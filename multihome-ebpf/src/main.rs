@@ -49,6 +49,7 @@ mod sockets;
 mod stats;
 mod verdict;
 mod xdp;
+mod xdp6;
 
 use aya_ebpf::{
     macros::{classifier, xdp},

@@ -27,13 +27,13 @@ use crate::{
     parse::{
         self, ETH_HLEN, ETH_P_IP_BE, L4, Packet, TCP_FIN, TCP_RST, TCP_SYN, hi, ip, lo, write,
     },
-    stats,
+    stats, xdp6,
 };
 
 /// Not for the XDP path: pass the packet on to TC as it came.
-struct Decline;
+pub struct Decline;
 
-type Fast = Result<u32, Decline>;
+pub type Fast = Result<u32, Decline>;
 
 /// "Don't fragment", as it sits in the flags/offset word.
 const IP_DF_BE: u16 = 0x4000u16.to_be();
@@ -41,7 +41,7 @@ const IP_DF_BE: u16 = 0x4000u16.to_be();
 /// Flags of a flow that the XDP path leaves to TC: a hairpin (delivered
 /// back to the LAN), closing or closed, or holding a remote's RST that a
 /// later packet disarms.
-const FLOW_NOT_FAST: u32 = FLOW_HAIRPIN | FLOW_RST | FLOW_RST_IN | FLOW_FIN_OUT | FLOW_FIN_IN;
+pub const FLOW_NOT_FAST: u32 = FLOW_HAIRPIN | FLOW_RST | FLOW_RST_IN | FLOW_FIN_OUT | FLOW_FIN_IN;
 
 #[inline(always)]
 fn action(fast: Fast) -> u32 {
@@ -51,13 +51,21 @@ fn action(fast: Fast) -> u32 {
 /// `mh_xdp_lan`: a frame from the LAN.
 #[inline(always)]
 pub fn lan_ingress(ctx: &XdpContext) -> u32 {
-    action(lan_fast(ctx))
+    action(if xdp6::is_ipv6(ctx) {
+        xdp6::lan_fast(ctx)
+    } else {
+        lan_fast(ctx)
+    })
 }
 
 /// `mh_xdp_wan`: a frame from an uplink.
 #[inline(always)]
 pub fn wan_ingress(ctx: &XdpContext) -> u32 {
-    action(wan_fast(ctx))
+    action(if xdp6::is_ipv6(ctx) {
+        xdp6::wan_fast(ctx)
+    } else {
+        wan_fast(ctx)
+    })
 }
 
 /// The IPv4 TCP or UDP packet of a frame that the XDP path may take: no
@@ -272,7 +280,7 @@ fn rewrite(
 }
 
 #[inline(always)]
-fn count(uplink: u8, f: impl FnOnce(&mut multihome_common::XdpStats)) {
+pub fn count(uplink: u8, f: impl FnOnce(&mut multihome_common::XdpStats)) {
     if let Some(s) = XDP_STATS.get_ptr_mut(u32::from(uplink)) {
         // SAFETY: per-CPU slot, no other writer.
         f(unsafe { &mut *s });
@@ -280,7 +288,7 @@ fn count(uplink: u8, f: impl FnOnce(&mut multihome_common::XdpStats)) {
 }
 
 #[inline(always)]
-fn redirect(ifindex: u32) -> Fast {
+pub fn redirect(ifindex: u32) -> Fast {
     // The device was checked in XDP_DEVS before the rewrite; should it go
     // meanwhile, the frame is lost rather than passed on translated.
     Ok(XDP_DEVS.redirect(ifindex, 0).unwrap_or(XDP_ABORTED))

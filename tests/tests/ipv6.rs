@@ -1055,6 +1055,51 @@ fn a_delegated_prefix_is_learned_followed_when_it_changes_and_dropped_when_withd
     assert_eq!(t.ula_sources(), 0, "a ULA source reached an ISP");
 }
 
+/// Native XDP carries established IPv6 (NPTv6) both ways: after each
+/// flow's first packets, UDP datagrams and their replies and a TCP
+/// stream's data and ACKs take the XDP path (`status` counts them), with
+/// every answer right and no ULA at the ISPs (offloads off: a wrong
+/// checksum would be dropped).
+#[test]
+fn native_xdp_carries_established_ipv6_both_ways_under_nptv6() {
+    let t = Topology::standard();
+    t.add_ipv6();
+    t.enable_gro();
+    let config = format!("xdp = \"native\"\n{}", config6(&t, [1, 1], ""));
+    let gw = Gateway::start(&t.gw, &config);
+    let _srv = udp6_peer_server(&t, 7000);
+    let sock = t
+        .client
+        .run(|| UdpSocket::bind(SocketAddr::new(v6(CLIENT6_ADDR).into(), 41700)))
+        .expect("bind on the client");
+    sock.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    let to = SocketAddr::new(v6(INET_SERVICE6).into(), 7000);
+    let mut seen = BTreeSet::new();
+    for i in 0..50 {
+        sock.send_to(b"who am I?", to).expect("send");
+        let mut buf = [0u8; 128];
+        let (n, _) = sock
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("datagram {i}: no answer: {e}"));
+        seen.insert(v6(std::str::from_utf8(&buf[..n]).expect("text")));
+    }
+    assert_eq!(seen.len(), 1, "one flow, one mapped source: {seen:?}");
+    let sink = tcp6_sink(&t, 7100);
+    let len = 1 << 20;
+    let (got, _) = tcp6_send(&t, 7100, len);
+    sink.join().expect("sink");
+    assert_eq!(got, len, "bytes lost through the IPv6 XDP path");
+    let st = gw.status();
+    let sum = |field: &str| -> u64 {
+        (0..2)
+            .map(|i| st["uplinks"][i][field].as_u64().expect(field))
+            .sum()
+    };
+    let (tx, rx) = (sum("xdp_tx_packets"), sum("xdp_rx_packets"));
+    assert!(tx >= 49 && rx >= 49, "XDP out {tx}, in {rx}: {st:#}");
+    assert_eq!(t.ula_sources(), 0, "a ULA source reached an ISP");
+}
+
 /// NAT66 (`mode6 = "nat66"`) on y, whose ISP gives it one address: two
 /// LAN hosts' datagrams from the same port reach the server from y's
 /// address with two ports; a TCP stream crosses a smaller MTU beyond the

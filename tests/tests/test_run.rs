@@ -33,9 +33,9 @@ use multihome_common::{
     UplinkStats, WAIT_RETRANSMIT, WAIT_SYN, XdpStats, peer_check, peer_slot,
 };
 use multihome_common::{
-    Flow6, Flow6Key, MAP_CONN6, MAP_HOSTS6, MAP_LAN_HOPS, MAP_LAN_HOPS6, MAP_NAT6, MAP_UPLINKS6,
-    MODE6_NAT66, MODE6_NPT, Nat6Key, Nat6Lan, PROG_LAN_IN6, PROG_WAN_IN6, PROG_WAN_OUT6, Uplink6,
-    npt_adjustment,
+    Flow6, Flow6Key, MAP_CONN6, MAP_HOSTS6, MAP_LAN_HOPS, MAP_LAN_HOPS6, MAP_NAT6, MAP_NEXT_HOPS6,
+    MAP_UPLINKS6, MODE6_NAT66, MODE6_NPT, Nat6Key, Nat6Lan, PROG_LAN_IN6, PROG_WAN_IN6,
+    PROG_WAN_OUT6, Uplink6, npt_adjustment,
 };
 use testbed::packets::*;
 
@@ -4340,6 +4340,187 @@ fn xdp_wan_redirects_a_reply_to_a_cached_lan_host_without_a_route() {
             },
         );
         declined(dp, "a device XDP may not redirect to");
+    });
+}
+
+impl Datapath {
+    /// Uplink 0's IPv6 next hop: [`MAC_ISP`] behind [`MAC_WANX`] on
+    /// [`UPLINK_IFINDEX`], which XDP may redirect to.
+    fn cache_hop6_for_xdp(&mut self) {
+        let mut mac = [0u8; 12];
+        mac[..6].copy_from_slice(&MAC_ISP);
+        mac[6..].copy_from_slice(&MAC_WANX);
+        let hop = NextHop {
+            mac,
+            ifindex: UPLINK_IFINDEX,
+            mtu: 1500,
+            valid: 1,
+        };
+        let mut hops: Array<_, NextHop> =
+            Array::try_from(self.ebpf.map_mut(MAP_NEXT_HOPS6).expect("NEXT_HOPS6")).expect("types");
+        hops.set(0, hop, 0).expect("write NEXT_HOPS6");
+        self.allow_xdp_redirect(UPLINK_IFINDEX);
+    }
+
+    /// [`LAN_HOST6`]'s cached next hop ([`lan_hop`]), which XDP may
+    /// redirect to.
+    fn cache_lan_hop6_for_xdp(&mut self) {
+        let mut hops: HashMap<_, [u8; 16], NextHop> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_LAN_HOPS6).expect("LAN_HOPS6")).expect("types");
+        hops.insert(v6(LAN_HOST6).octets(), lan_hop(1500), 0)
+            .expect("insert");
+        self.allow_xdp_redirect(1);
+    }
+}
+
+/// `mh_xdp_lan` maps a pinned IPv6 flow's UDP and TCP packets onto the
+/// uplink's prefix and redirects them to its cached next hop, byte for
+/// byte as `mh_lan_in6` does, counting the same; `mh_xdp_wan` maps an
+/// answered reply back to the cached LAN host, as `mh_wan_in6` does.
+#[test]
+fn xdp_redirects_pinned_ipv6_flows_both_ways_byte_exact_as_the_tc_programs_do() {
+    let mapped = npt_by_hand(LAN_HOST6, INNER6, OUTER6);
+    for (out, key) in [
+        (
+            Ipv6::udp(LAN_HOST6, REMOTE6, 40001, 53, b"query"),
+            flow6(40001, 53, IPPROTO_UDP),
+        ),
+        (
+            Ipv6::tcp(LAN_HOST6, REMOTE6, 40000, 443, TCP_ACK),
+            flow6(40000, 443, IPPROTO_TCP),
+        ),
+    ] {
+        with_datapath(|dp| {
+            dp.set_uplink6_0();
+            dp.conn6()
+                .insert(key, Flow6::default(), 0)
+                .expect("pin the flow");
+            dp.cache_hop6_for_xdp();
+            let what = format!("out, next header {}", out.next);
+            let xdp = dp.run_xdp(PROG_XDP_LAN, &out.frame(), 0);
+            assert_eq!(xdp.ret, XDP_REDIRECT, "{what}: not taken");
+            let tc = dp.run(PROG_LAN_IN6, &out.frame(), 0);
+            assert_eq!(tc.ret, TC_ACT_REDIRECT, "{what}: TC");
+            let mut q = out.clone();
+            q.src = v6(&mapped);
+            q.hop_limit -= 1;
+            let expected = ethernet(MAC_ISP, MAC_WANX, ETH_P_IPV6, &q.bytes());
+            for (run, by) in [(&xdp, "XDP"), (&tc, "TC")] {
+                assert!(
+                    run.out == expected,
+                    "{what} by {by}\n{}",
+                    describe_difference(&expected, &run.out)
+                );
+            }
+            assert_eq!(dp.uplink0_stats().tx_packets, 2, "{what}");
+            assert_eq!(dp.uplink0_xdp().tx_packets, 1, "{what}");
+
+            let mut answered = dp.conn6().get(&key, 0).expect("the flow");
+            answered.flags |= FLOW_SEEN_REPLY;
+            dp.conn6().insert(key, answered, 0).expect("answered");
+            dp.cache_lan_hop6_for_xdp();
+            let mut reply = out.clone();
+            (reply.src, reply.dst) = (v6(REMOTE6), v6(&mapped));
+            reply.l4.swap(0, 2);
+            reply.l4.swap(1, 3);
+            let what = format!("in, next header {}", out.next);
+            let xdp = dp.run_xdp(PROG_XDP_WAN, &reply.frame(), 0);
+            assert_eq!(xdp.ret, XDP_REDIRECT, "{what}: not taken");
+            let tc = dp.run(PROG_WAN_IN6, &reply.frame(), 0);
+            assert_eq!(tc.ret, TC_ACT_REDIRECT, "{what}: TC");
+            let mut q = reply.clone();
+            q.dst = v6(LAN_HOST6);
+            q.hop_limit -= 1;
+            let expected = ethernet(MAC_HOST, MAC_LAN, ETH_P_IPV6, &q.bytes());
+            for (run, by) in [(&xdp, "XDP"), (&tc, "TC")] {
+                assert!(
+                    run.out == expected,
+                    "{what} by {by}\n{}",
+                    describe_difference(&expected, &run.out)
+                );
+            }
+            assert_eq!(dp.uplink0_xdp().rx_packets, 1, "{what}");
+        });
+    }
+}
+
+/// What the IPv6 XDP path does not take passes to TC byte-identical: a
+/// flow's first reply, SYN, FIN and RST, a hop limit of 1, an extension
+/// header, a partial checksum, a multicast frame, a packet of no flow, a
+/// NAT66 uplink's flow, a reply to a LAN host with no cached hop.
+#[test]
+fn xdp_passes_every_ipv6_packet_it_does_not_take_byte_identical() {
+    with_datapath(|dp| {
+        dp.set_uplink6_0();
+        let key = flow6(40001, 53, IPPROTO_UDP);
+        dp.conn6()
+            .insert(key, Flow6::default(), 0)
+            .expect("pin the flow");
+        dp.cache_hop6_for_xdp();
+        let mapped = npt_by_hand(LAN_HOST6, INNER6, OUTER6);
+        let out = Ipv6::udp(LAN_HOST6, REMOTE6, 40001, 53, b"query");
+        let reply = Ipv6::udp(REMOTE6, &mapped, 53, 40001, b"answer");
+        let declined = |dp: &mut Datapath, prog: &'static str, frame: &[u8], what: &str| {
+            let run = dp.run_xdp(prog, frame, 0);
+            assert_eq!(run.ret, XDP_PASS, "{what}");
+            assert!(run.out == frame, "{what}: passed altered");
+        };
+        dp.cache_lan_hop6_for_xdp();
+        declined(dp, PROG_XDP_WAN, &reply.frame(), "first reply");
+        for flags in [TCP_SYN, TCP_FIN | TCP_ACK, TCP_RST] {
+            dp.conn6()
+                .insert(flow6(40000, 443, IPPROTO_TCP), Flow6::default(), 0)
+                .expect("pin");
+            let seg = Ipv6::tcp(LAN_HOST6, REMOTE6, 40000, 443, flags);
+            declined(
+                dp,
+                PROG_XDP_LAN,
+                &seg.frame(),
+                &format!("TCP flags {flags:#x}"),
+            );
+        }
+        let mut last_hop = out.clone();
+        last_hop.hop_limit = 1;
+        declined(dp, PROG_XDP_LAN, &last_hop.frame(), "hop limit 1");
+        let mut options = out.clone();
+        options.hop_by_hop = true;
+        declined(dp, PROG_XDP_LAN, &options.frame(), "hop-by-hop options");
+        // The checksum field as a sender with offload leaves it: the
+        // folded pseudo-header sum, not complemented.
+        let mut partial = out.clone();
+        let mut sum: u32 = partial.l4.len() as u32 + u32::from(partial.next);
+        for a in [partial.src.octets(), partial.dst.octets()] {
+            for w in a.chunks(2) {
+                sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+            }
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        let at = partial.checksum_at();
+        partial.l4[at..at + 2].copy_from_slice(&(sum as u16).to_be_bytes());
+        declined(dp, PROG_XDP_LAN, &partial.frame(), "partial checksum");
+        let mut multicast = out.frame();
+        multicast[..6].copy_from_slice(&[0x33, 0x33, 0, 0, 0, 1]);
+        declined(dp, PROG_XDP_LAN, &multicast, "multicast frame");
+        let stray = Ipv6::udp(LAN_HOST6, REMOTE6, 40009, 53, b"?");
+        declined(dp, PROG_XDP_LAN, &stray.frame(), "no flow");
+        let mut answered = dp.conn6().get(&key, 0).expect("the flow");
+        answered.flags |= FLOW_SEEN_REPLY;
+        dp.conn6().insert(key, answered, 0).expect("answered");
+        {
+            let mut hops: HashMap<_, [u8; 16], NextHop> =
+                HashMap::try_from(dp.ebpf.map_mut(MAP_LAN_HOPS6).expect("LAN_HOPS6"))
+                    .expect("types");
+            hops.remove(&v6(LAN_HOST6).octets()).expect("remove");
+        }
+        declined(dp, PROG_XDP_WAN, &reply.frame(), "no cached LAN hop");
+        dp.set_uplink6_0_nat66();
+        declined(dp, PROG_XDP_LAN, &out.frame(), "a NAT66 uplink's flow");
+        // The same packet is taken once nothing stands in the way.
+        dp.set_uplink6_0();
+        let run = dp.run_xdp(PROG_XDP_LAN, &out.frame(), 0);
+        assert_eq!(run.ret, XDP_REDIRECT, "taken");
     });
 }
 
