@@ -1057,6 +1057,22 @@ pub struct Nat6Lan {
 }
 
 impl Flow6Key {
+    /// The flow between LAN end `lan` (address, port) and remote end
+    /// `remote` for IP protocol `proto`; ports as on the wire (echo
+    /// identifier as the LAN port, 0 as the remote's, for ICMPv6).
+    #[inline(always)]
+    pub const fn between(lan: ([u8; 16], u16), remote: ([u8; 16], u16), proto: u8) -> Self {
+        Flow6Key {
+            lan: lan.0,
+            remote: remote.0,
+            lan_port_be: lan.1,
+            remote_port_be: remote.1,
+            proto,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+
     /// The reverse key of this flow under NAT66 on `uplink` with
     /// `nat_port_be`.
     #[inline(always)]

@@ -108,15 +108,11 @@ pub fn lan_ingress(ctx: &TcContext, l3: usize) -> Outcome {
 /// The flow of a packet from a LAN host, by its LAN-side tuple.
 #[inline(always)]
 pub fn lan_key(pkt: &Packet6) -> Flow6Key {
-    Flow6Key {
-        lan: pkt.saddr,
-        remote: pkt.daddr,
-        lan_port_be: pkt.sport_be,
-        remote_port_be: pkt.dport_be,
-        proto: pkt.proto,
-        _pad0: 0,
-        _pad1: 0,
-    }
+    Flow6Key::between(
+        (pkt.saddr, pkt.sport_be),
+        (pkt.daddr, pkt.dport_be),
+        pkt.proto,
+    )
 }
 
 /// The fast path of an IPv6 packet of flow on uplink `id`, `way` out of
@@ -449,15 +445,11 @@ pub fn wan_ingress(ctx: &TcContext, l3: usize) -> Outcome {
 #[inline(never)]
 fn wan_reply(pkt: &Packet6, id: u8) -> Outcome {
     let u6 = nptv6::uplink6(id as u32).ok_or(Reason::NoMapping)?;
-    let key = Flow6Key {
-        lan: nptv6::map(&pkt.daddr, u6, Way::In)?,
-        remote: pkt.saddr,
-        lan_port_be: pkt.dport_be,
-        remote_port_be: pkt.sport_be,
-        proto: pkt.proto,
-        _pad0: 0,
-        _pad1: 0,
-    };
+    let key = Flow6Key::between(
+        (nptv6::map(&pkt.daddr, u6, Way::In)?, pkt.dport_be),
+        (pkt.saddr, pkt.sport_be),
+        pkt.proto,
+    );
     let f = match CONN6.get_ptr_mut(key) {
         Some(f) => f,
         None => admit(&key, id)?,

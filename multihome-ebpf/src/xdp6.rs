@@ -105,15 +105,11 @@ fn pseudo_header_sum(pkt: &Packet6, l4_len: u16) -> u16 {
 #[inline(always)]
 pub fn lan_fast(ctx: &XdpContext) -> Fast {
     let pkt = candidate(ctx)?;
-    let key = Flow6Key {
-        lan: pkt.saddr,
-        remote: pkt.daddr,
-        lan_port_be: pkt.sport_be,
-        remote_port_be: pkt.dport_be,
-        proto: pkt.proto,
-        _pad0: 0,
-        _pad1: 0,
-    };
+    let key = Flow6Key::between(
+        (pkt.saddr, pkt.sport_be),
+        (pkt.daddr, pkt.dport_be),
+        pkt.proto,
+    );
     let f = CONN6.get_ptr_mut(key).ok_or(Decline)?;
     // SAFETY: a read of the map value.
     let (flags, id) = unsafe { ((*f).flags, (*f).uplink) };
@@ -154,15 +150,7 @@ pub fn wan_fast(ctx: &XdpContext) -> Fast {
         return Err(Decline);
     }
     let lan = nptv6::map(&pkt.daddr, u6, Way::In).map_err(|_| Decline)?;
-    let key = Flow6Key {
-        lan,
-        remote: pkt.saddr,
-        lan_port_be: pkt.dport_be,
-        remote_port_be: pkt.sport_be,
-        proto: pkt.proto,
-        _pad0: 0,
-        _pad1: 0,
-    };
+    let key = Flow6Key::between((lan, pkt.dport_be), (pkt.saddr, pkt.sport_be), pkt.proto);
     let f = CONN6.get_ptr_mut(key).ok_or(Decline)?;
     // SAFETY: a read of the map value.
     let (flags, pinned) = unsafe { ((*f).flags, (*f).uplink) };

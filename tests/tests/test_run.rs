@@ -4373,6 +4373,28 @@ impl Datapath {
     }
 }
 
+/// Runs `frame` through XDP program `progs.0` and TC program `progs.1`:
+/// both must redirect it as `expected`.
+fn both_redirect(
+    dp: &mut Datapath,
+    progs: (&'static str, &'static str),
+    frame: &[u8],
+    expected: &[u8],
+    what: &str,
+) {
+    let xdp = dp.run_xdp(progs.0, frame, 0);
+    assert_eq!(xdp.ret, XDP_REDIRECT, "{what}: not taken");
+    let tc = dp.run(progs.1, frame, 0);
+    assert_eq!(tc.ret, TC_ACT_REDIRECT, "{what}: TC");
+    for (run, by) in [(&xdp, "XDP"), (&tc, "TC")] {
+        assert!(
+            run.out == expected,
+            "{what} by {by}\n{}",
+            describe_difference(expected, &run.out)
+        );
+    }
+}
+
 /// `mh_xdp_lan` maps a pinned IPv6 flow's UDP and TCP packets onto the
 /// uplink's prefix and redirects them to its cached next hop, byte for
 /// byte as `mh_lan_in6` does, counting the same; `mh_xdp_wan` maps an
@@ -4397,21 +4419,17 @@ fn xdp_redirects_pinned_ipv6_flows_both_ways_byte_exact_as_the_tc_programs_do() 
                 .expect("pin the flow");
             dp.cache_hop6_for_xdp();
             let what = format!("out, next header {}", out.next);
-            let xdp = dp.run_xdp(PROG_XDP_LAN, &out.frame(), 0);
-            assert_eq!(xdp.ret, XDP_REDIRECT, "{what}: not taken");
-            let tc = dp.run(PROG_LAN_IN6, &out.frame(), 0);
-            assert_eq!(tc.ret, TC_ACT_REDIRECT, "{what}: TC");
             let mut q = out.clone();
             q.src = v6(&mapped);
             q.hop_limit -= 1;
             let expected = ethernet(MAC_ISP, MAC_WANX, ETH_P_IPV6, &q.bytes());
-            for (run, by) in [(&xdp, "XDP"), (&tc, "TC")] {
-                assert!(
-                    run.out == expected,
-                    "{what} by {by}\n{}",
-                    describe_difference(&expected, &run.out)
-                );
-            }
+            both_redirect(
+                dp,
+                (PROG_XDP_LAN, PROG_LAN_IN6),
+                &out.frame(),
+                &expected,
+                &what,
+            );
             assert_eq!(dp.uplink0_stats().tx_packets, 2, "{what}");
             assert_eq!(dp.uplink0_xdp().tx_packets, 1, "{what}");
 
@@ -4424,21 +4442,17 @@ fn xdp_redirects_pinned_ipv6_flows_both_ways_byte_exact_as_the_tc_programs_do() 
             reply.l4.swap(0, 2);
             reply.l4.swap(1, 3);
             let what = format!("in, next header {}", out.next);
-            let xdp = dp.run_xdp(PROG_XDP_WAN, &reply.frame(), 0);
-            assert_eq!(xdp.ret, XDP_REDIRECT, "{what}: not taken");
-            let tc = dp.run(PROG_WAN_IN6, &reply.frame(), 0);
-            assert_eq!(tc.ret, TC_ACT_REDIRECT, "{what}: TC");
             let mut q = reply.clone();
             q.dst = v6(LAN_HOST6);
             q.hop_limit -= 1;
             let expected = ethernet(MAC_HOST, MAC_LAN, ETH_P_IPV6, &q.bytes());
-            for (run, by) in [(&xdp, "XDP"), (&tc, "TC")] {
-                assert!(
-                    run.out == expected,
-                    "{what} by {by}\n{}",
-                    describe_difference(&expected, &run.out)
-                );
-            }
+            both_redirect(
+                dp,
+                (PROG_XDP_WAN, PROG_WAN_IN6),
+                &reply.frame(),
+                &expected,
+                &what,
+            );
             assert_eq!(dp.uplink0_xdp().rx_packets, 1, "{what}");
         });
     }
