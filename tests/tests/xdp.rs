@@ -169,6 +169,19 @@ fn a_restart_adopts_native_xdp_and_one_with_xdp_off_detaches_it() {
     let gw = Gateway::start_with_pin(&t.gw, &config, unique_pin_dir("xdp"), &keep);
     assert!(has_native_xdp(&t.gw, IF_LAN));
     echo("before");
+    // The flow's uplink's next hop is cached once the daemon has seen its
+    // neighbour resolved; until then (and after a stop that came first)
+    // its packets take TC.
+    eventually(Duration::from_secs(3), "the flow's next hop cached", || {
+        let st = gw.status();
+        gw.conns().iter().all(|c| {
+            st["uplinks"]
+                .as_array()
+                .expect("uplinks")
+                .iter()
+                .any(|u| u["name"] == c["uplink"] && u["next_hop"].is_string())
+        })
+    });
     let pin = gw.stop();
     assert!(has_native_xdp(&t.gw, IF_LAN), "XDP gone with the daemon");
     echo("with the daemon stopped");
