@@ -7,7 +7,7 @@
 use aya_ebpf::programs::XdpContext;
 use multihome_common::{
     FLOW_SEEN_REPLY, Flow6, Flow6Key, IPPROTO_TCP, IPPROTO_UDP, MODE6_NPT, UPLINK_L3,
-    UPLINK_OUTAGE, Uplink6,
+    UPLINK_OUTAGE, Uplink6, in_prefix6,
 };
 
 use crate::{
@@ -105,6 +105,10 @@ fn pseudo_header_sum(pkt: &Packet6, l4_len: u16) -> u16 {
 #[inline(always)]
 pub fn lan_fast(ctx: &XdpContext) -> Fast {
     let pkt = candidate(ctx)?;
+    // As `ipv6::lan_ingress` checks every packet: to 2000::/3 only.
+    if pkt.daddr[0] & 0xe0 != 0x20 {
+        return Err(Decline);
+    }
     let key = Flow6Key::between(
         (pkt.saddr, pkt.sport_be),
         (pkt.daddr, pkt.dport_be),
@@ -122,6 +126,11 @@ pub fn lan_fast(ctx: &XdpContext) -> Fast {
         return Err(Decline);
     }
     let u6 = npt(id)?;
+    // From the internal prefix as it is now (one renumbered since the
+    // flow was made is TC's: its packets are spoofed there).
+    if !in_prefix6(&pkt.saddr, &u6.inner, u6.prefix_len) {
+        return Err(Decline);
+    }
     let hop = NEXT_HOPS6.get(u32::from(id)).ok_or(Decline)?;
     if hop.valid == 0
         || hop.ifindex != uplink.ifindex

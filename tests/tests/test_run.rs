@@ -4460,8 +4460,9 @@ fn xdp_redirects_pinned_ipv6_flows_both_ways_byte_exact_as_the_tc_programs_do() 
 
 /// What the IPv6 XDP path does not take passes to TC byte-identical: a
 /// flow's first reply, SYN, FIN and RST, a hop limit of 1, an extension
-/// header, a partial checksum, a multicast frame, a packet of no flow, a
-/// NAT66 uplink's flow, a reply to a LAN host with no cached hop.
+/// header, a partial checksum, a multicast frame, a packet of no flow or
+/// from outside the internal prefix, a NAT66 uplink's flow, a reply to a
+/// LAN host with no cached hop.
 #[test]
 fn xdp_passes_every_ipv6_packet_it_does_not_take_byte_identical() {
     with_datapath(|dp| {
@@ -4519,6 +4520,25 @@ fn xdp_passes_every_ipv6_packet_it_does_not_take_byte_identical() {
         declined(dp, PROG_XDP_LAN, &multicast, "multicast frame");
         let stray = Ipv6::udp(LAN_HOST6, REMOTE6, 40009, 53, b"?");
         declined(dp, PROG_XDP_LAN, &stray.frame(), "no flow");
+        // A flow from outside today's internal prefix (renumbered since).
+        let old_lan = "fd00:9::2";
+        dp.conn6()
+            .insert(
+                Flow6Key {
+                    lan: v6(old_lan).octets(),
+                    ..key
+                },
+                Flow6::default(),
+                0,
+            )
+            .expect("pin");
+        let renumbered = Ipv6::udp(old_lan, REMOTE6, 40001, 53, b"query");
+        declined(
+            dp,
+            PROG_XDP_LAN,
+            &renumbered.frame(),
+            "outside the internal prefix",
+        );
         let mut answered = dp.conn6().get(&key, 0).expect("the flow");
         answered.flags |= FLOW_SEEN_REPLY;
         dp.conn6().insert(key, answered, 0).expect("answered");
