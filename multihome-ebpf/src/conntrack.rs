@@ -458,12 +458,20 @@ pub fn touch_in(fwd: *mut FlowFwd, pkt: &Packet) -> Option<u64> {
     if flags != f.flags {
         f.flags = flags;
     }
-    let now = now_ns();
-    let since = now.wrapping_sub(f.last_seen_ns);
-    if since > TOUCH_NS {
-        f.last_seen_ns = now;
-    }
+    let since = stamp(&mut f.last_seen_ns);
     first.then_some(since)
+}
+
+/// Refreshes a flow's last-seen stamp `at` to now when it is older than
+/// [`TOUCH_NS`]; returns the time since it, in ns.
+#[inline(always)]
+pub fn stamp(at: &mut u64) -> u64 {
+    let now = now_ns();
+    let since = now.wrapping_sub(*at);
+    if since > TOUCH_NS {
+        *at = now;
+    }
+    since
 }
 
 /// Removes the flow `key`, pinned to `nat_addr_be:nat_port_be`, both

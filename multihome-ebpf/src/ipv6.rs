@@ -32,9 +32,6 @@ use crate::{
     verdict::{Outcome, Verdict},
 };
 
-/// The stamp is refreshed at most this often (as for IPv4).
-const TOUCH_NS: u64 = 1_000_000_000;
-
 /// Offset of a quoted packet in an ICMPv6 error (RFC 4443 §2.1).
 const QUOTED: usize = 8;
 
@@ -81,10 +78,7 @@ pub fn lan_ingress(ctx: &TcContext, l3: usize) -> Outcome {
             if flags != f.flags {
                 f.flags = flags;
             }
-            let now = now_ns();
-            if now.wrapping_sub(f.last_seen_ns) > TOUCH_NS {
-                f.last_seen_ns = now;
-            }
+            conntrack::stamp(&mut f.last_seen_ns);
             (f.uplink, true)
         }
         // An echo reply answers a request `allow_inbound6` let in; it
@@ -463,10 +457,7 @@ fn wan_reply(pkt: &Packet6, id: u8) -> Outcome {
     if flags != f.flags {
         f.flags = flags;
     }
-    let now = now_ns();
-    if now.wrapping_sub(f.last_seen_ns) > TOUCH_NS {
-        f.last_seen_ns = now;
-    }
+    conntrack::stamp(&mut f.last_seen_ns);
     Ok(Verdict::Pass)
 }
 

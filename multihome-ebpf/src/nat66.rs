@@ -23,7 +23,7 @@ use multihome_common::{
 };
 
 use crate::{
-    conntrack::{self, now_ns},
+    conntrack,
     csum::{self, Delta},
     maps::{CONN6, NAT6, SCRATCH6},
     outbound::settings,
@@ -34,9 +34,6 @@ use crate::{
 
 /// Random ports tried after the LAN's own.
 const PORT_TRIES: u32 = 8;
-
-/// A flow's stamp is refreshed at most this often (as in `ipv6`).
-const TOUCH_NS: u64 = 1_000_000_000;
 
 /// Offset of a quoted packet in an ICMPv6 error (RFC 4443 §2.1).
 const QUOTED: usize = 8;
@@ -222,10 +219,7 @@ pub fn ingress(ctx: &TcContext, l3: usize, pkt: &Packet6, id: u8) -> Outcome {
     // SAFETY: a race with another CPU loses a stamp or a flag.
     let f = unsafe { &mut *f };
     f.flags = conntrack::tcp_flags_in(f.flags, pkt.tcp_flags) | FLOW_SEEN_REPLY;
-    let now = now_ns();
-    if now.wrapping_sub(f.last_seen_ns) > TOUCH_NS {
-        f.last_seen_ns = now;
-    }
+    conntrack::stamp(&mut f.last_seen_ns);
     stats::rx(id, ctx.len());
     stats::slow_path(id);
     Ok(Verdict::Pass)

@@ -11,7 +11,7 @@ use multihome_common::{
 };
 
 use crate::{
-    conntrack::now_ns,
+    conntrack,
     csum::fold,
     maps::{CONN6, LAN_HOPS6, NEXT_HOPS6, UPLINKS, XDP_DEVS},
     nptv6::{self, Way},
@@ -19,9 +19,6 @@ use crate::{
     stats,
     xdp::{self, Decline, FLOW_NOT_FAST, Fast},
 };
-
-/// A flow's stamp is refreshed at most this often (as in `ipv6`).
-const TOUCH_NS: u64 = 1_000_000_000;
 
 /// Where the L4 header starts: right after the fixed header.
 const L4_OFF: usize = ETH_HLEN + ip6::LEN;
@@ -188,18 +185,13 @@ fn npt(id: u8) -> Result<&'static Uplink6, Decline> {
     nptv6::uplink6(u32::from(id)).ok_or(Decline)
 }
 
-/// A packet of flow `f`: its stamp refreshed at most once a second. (The
-/// flags TC would set on such a packet are set already on a flow the path
-/// takes.)
+/// A packet of flow `f`: its stamp refreshed (the flags TC would set on
+/// such a packet are set already on a flow the path takes).
 #[inline(always)]
 fn touch(f: *mut Flow6) {
     // SAFETY: `f` points into the map's preallocated value; a race with
     // another CPU loses a stamp, never the flow.
-    let f = unsafe { &mut *f };
-    let now = now_ns();
-    if now.wrapping_sub(f.last_seen_ns) > TOUCH_NS {
-        f.last_seen_ns = now;
-    }
+    conntrack::stamp(unsafe { &mut (*f).last_seen_ns });
 }
 
 /// Writes the mapped address at `addr_off`, decrements the hop limit
