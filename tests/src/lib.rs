@@ -20,6 +20,7 @@
 pub mod dhcp6;
 pub mod gateway;
 pub mod host;
+pub mod layouts;
 pub mod netns;
 pub mod packets;
 pub mod scapy;
@@ -31,6 +32,7 @@ pub mod veth;
 pub use dhcp6::{Dhcpcd, Kea6};
 pub use gateway::{Gateway, config_for};
 pub use host::{PinDir, ensure_bpffs, multihome_bin, require_root, unique_pin_dir, workspace_root};
+pub use layouts::{pin_old_keyed_map, pin_old_map, pin_old_settings};
 pub use netns::{NetNs, NsEnterGuard, Proc};
 pub use scapy::{PYTHON, scapy, script};
 pub use services::{

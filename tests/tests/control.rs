@@ -1207,30 +1207,6 @@ fn pinned_maps_of_another_layout_are_refused_and_cleanup_removes_everything() {
     let _ = std::fs::remove_file(&cfg_path);
 }
 
-/// Replaces pinned map `name` with an empty one of another value size, as
-/// an older layout had it.
-fn pin_old_map(ns: &NetNs, dir: &str, name: &str, kind: &str, value_size: usize) {
-    pin_old_keyed_map(ns, dir, name, kind, 4, value_size);
-}
-
-/// [`pin_old_map`] with keys of `key_size` bytes.
-fn pin_old_keyed_map(
-    ns: &NetNs,
-    dir: &str,
-    name: &str,
-    kind: &str,
-    key_size: usize,
-    value_size: usize,
-) {
-    let path = format!("{dir}/{name}");
-    let _ = std::fs::remove_file(&path);
-    let (key, value) = (key_size.to_string(), value_size.to_string());
-    ns.exec(&[
-        "bpftool", "map", "create", &path, "type", kind, "key", &key, "value", &value, "entries",
-        "1", "name", name,
-    ]);
-}
-
 /// Turns the pinned CONN_FWD into one of layouts 2 to 6, whose entries
 /// lacked today's last 8 bytes, holding the same flows.
 fn pin_old_conn_fwd(ns: &NetNs, dir: &str) {
@@ -1264,19 +1240,6 @@ fn pin_old_conn_fwd(ns: &NetNs, dir: &str) {
         cmd.extend(value[..24].iter().map(String::as_str));
         ns.exec(&cmd);
     }
-}
-
-/// Writes SETTINGS of `size` bytes with `version` first.
-fn pin_old_settings(ns: &NetNs, dir: &str, version: u8, size: usize) {
-    pin_old_map(ns, dir, "SETTINGS", "array", size);
-    let settings = format!("{dir}/SETTINGS");
-    let version = version.to_string();
-    let mut update = vec![
-        "bpftool", "map", "update", "pinned", &settings, "key", "0", "0", "0", "0", "value",
-    ];
-    update.extend([version.as_str(), "0", "0", "0"]);
-    update.extend(vec!["0"; size - 4]);
-    ns.exec(&update);
 }
 
 /// Runs a UDP flow through a daemon, stops it with `--keep-on-exit`, lets
