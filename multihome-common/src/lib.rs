@@ -9,7 +9,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a pinned map changes shape; a daemon refuses to adopt
 /// maps pinned by another layout.
-pub const LAYOUT_VERSION: u32 = 11;
+pub const LAYOUT_VERSION: u32 = 12;
 
 /// The clock of every stamp in the maps: `CLOCK_MONOTONIC_COARSE`, which
 /// the programs read with `bpf_ktime_get_coarse_ns` (a cached tick, no
@@ -22,6 +22,9 @@ pub const CLOCK: &str = "CLOCK_MONOTONIC_COARSE";
 
 /// Uplink slots in [`MAP_UPLINKS`]; an uplink's id is its slot.
 pub const MAX_UPLINKS: u32 = 8;
+/// Internal IPv6 prefixes (`lan_prefixes6`) an uplink maps, each in an
+/// entry of its own in [`MAP_UPLINKS6`].
+pub const MAX_LAN6: u32 = 8;
 /// LAN prefixes in [`MAP_LAN_NETS`].
 pub const MAX_LAN_NETS: u32 = 16;
 /// Slots of the choice table: a flow hash picks one. Enough that any
@@ -131,8 +134,14 @@ pub const MAP_XDP_STATS: &str = "XDP_STATS";
 pub const MAP_ROUTED6: &str = "ROUTED6";
 /// IPv6 connection map: [`Flow6Key`] -> [`Flow6`].
 pub const MAP_CONN6: &str = "CONN6";
-/// Uplink slot -> its IPv6 translation ([`Uplink6`]).
+/// [`uplink6_slot`] -> an uplink's IPv6 translation of one internal
+/// prefix ([`Uplink6`]).
 pub const MAP_UPLINKS6: &str = "UPLINKS6";
+/// With several internal prefixes, the prefixes of the [`MAP_UPLINKS6`]
+/// entries past each uplink's first ([`Mapped6Key`] -> index): an
+/// internal prefix gives its `k` (the same for every uplink), an uplink's
+/// prefix its entry's slot. A LAN of one prefix leaves it empty.
+pub const MAP_MAPPED6: &str = "MAPPED6";
 /// `allow_inbound6`: which unsolicited IPv6 connections from outside may
 /// reach the LAN ([`Allow6Key`] -> 1).
 pub const MAP_ALLOW6: &str = "ALLOW6";
@@ -159,7 +168,7 @@ pub const MAX_ALLOW6: u32 = 256;
 pub const MAX_FLOWS6: u32 = 131_072;
 /// Entries of [`MAP_XDP_DEVS`].
 pub const MAX_XDP_DEVS: u32 = 64;
-pub const ALL_MAPS: [&str; 41] = [
+pub const ALL_MAPS: [&str; 42] = [
     MAP_CONN_FWD,
     MAP_CONN_REV,
     MAP_UPLINKS,
@@ -201,6 +210,7 @@ pub const ALL_MAPS: [&str; 41] = [
     MAP_LAN_HOPS,
     MAP_LAN_HOPS6,
     MAP_MAIN_ROUTES,
+    MAP_MAPPED6,
 ];
 
 /// [`MAP_CLASSIFY`]: the kernel's policy rules route an unmarked packet
@@ -1088,12 +1098,22 @@ impl Flow6Key {
     }
 }
 
-/// An uplink's IPv6 translation, written by the daemon ([`MAP_UPLINKS6`]).
-/// NPTv6 (RFC 6296) maps `inner` onto `outer`, both `prefix_len` bits
-/// long, and adds `adjust` to one 16-bit word of the address outside the
-/// prefix (word 3 for prefixes of 48 bits or less, else the first of words
-/// 4 to 7 that is not 0xffff) so that the address's one's-complement sum,
-/// and with it every L4 checksum, is unchanged; inbound adds `!adjust`.
+/// The slot in [`MAP_UPLINKS6`] of uplink `id`'s translation of its
+/// `k`-th internal prefix (`k < MAX_LAN6`): uplink slot `id` for the
+/// first, so that an uplink's first entry is found without a search.
+pub const fn uplink6_slot(id: u32, k: u32) -> u32 {
+    k * MAX_UPLINKS + id
+}
+
+/// An uplink's IPv6 translation of one internal prefix, written by the
+/// daemon ([`MAP_UPLINKS6`]). NPTv6 (RFC 6296) maps `inner` onto `outer`,
+/// both `prefix_len` bits long, and adds `adjust` to one 16-bit word of
+/// the address outside the prefix (word 3 for prefixes of 48 bits or
+/// less, else the first of words 4 to 7 that is not 0xffff) so that the
+/// address's one's-complement sum, and with it every L4 checksum, is
+/// unchanged; inbound adds `!adjust`. An uplink has `lans` entries, at
+/// [`uplink6_slot`]`(id, 0..lans)`, one per internal prefix; under
+/// NAT66 they share `outer`, the uplink's one address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -1111,8 +1131,47 @@ pub struct Uplink6 {
     /// The length of the delegated prefix `outer` was learned from (a
     /// subnet of it); 0: `prefix6` is configured. For people only.
     pub delegated_len: u8,
-    pub _pad: [u8; 3],
+    /// How many internal prefixes the uplink maps (its entries), 1 to
+    /// [`MAX_LAN6`], the same in each.
+    pub lans: u8,
+    /// This entry's place among them: the `k` of [`uplink6_slot`], the
+    /// same for one internal prefix on every uplink.
+    pub k: u8,
+    pub _pad: u8,
 }
+
+impl Uplink6 {
+    /// Whether `addr` is on this entry's internal prefix (`inner`) or on
+    /// the uplink's side: its prefix, under NAT66 its one address.
+    pub const fn covers(&self, addr: &[u8; 16], inner: bool) -> bool {
+        in_prefix6(
+            addr,
+            if inner { &self.inner } else { &self.outer },
+            if inner || self.mode != MODE6_NAT66 {
+                self.prefix_len
+            } else {
+                128
+            },
+        )
+    }
+}
+
+/// [`MAP_MAPPED6`]'s key data: the side ([`MAPPED6_INNER`] or
+/// [`MAPPED6_OUTER`], in network order), then the prefix. The LPM trie's
+/// `prefix_len` counts the 32 side bits plus the prefix's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Mapped6Key {
+    pub side_be: u32,
+    pub addr: [u8; 16],
+}
+
+/// [`Mapped6Key::side_be`] of an internal prefix.
+pub const MAPPED6_INNER: u32 = 1;
+/// [`Mapped6Key::side_be`] of an uplink's prefix (NPTv6's; NAT66's one
+/// address is the same in each of its entries, so its first is found).
+pub const MAPPED6_OUTER: u32 = 2;
 
 /// [`MAP_ALLOW6`]'s key data: a selector, then a LAN host's internal
 /// address. The LPM trie's `prefix_len` counts 32 selector bits plus the
@@ -1476,6 +1535,7 @@ const _: () = {
     assert!(size_of::<Nat6Key>() == 24);
     assert!(size_of::<Nat6Lan>() == 20);
     assert!(size_of::<Allow6Key>() == 20);
+    assert!(size_of::<Mapped6Key>() == 20);
     assert!(size_of::<FragKey>() == 12);
     assert!(size_of::<FragXlat>() == 8);
     assert!(size_of::<EchoKey>() == 8);
@@ -1518,6 +1578,7 @@ mod pod {
     unsafe impl aya::Pod for Nat6Key {}
     unsafe impl aya::Pod for Nat6Lan {}
     unsafe impl aya::Pod for Allow6Key {}
+    unsafe impl aya::Pod for Mapped6Key {}
     unsafe impl aya::Pod for Reasons {}
     unsafe impl aya::Pod for RoutedKey {}
     unsafe impl aya::Pod for RuleAddrKey {}

@@ -13,7 +13,7 @@ use multihome_common::{
     LAST_RESORT_UNREACHABLE, MARK_PROHIBIT, MARK_TRANSLATED, MAX_UPLINKS, MODE6_NAT66,
     ON_DOWN_KEEP, ON_DOWN_PURGE_UDP, RULE_MAIN, RULE_UNREACHABLE, Reason, UPLINK_CONFIGURED,
     UPLINK_L3, UPLINK_LINK_DOWN, UPLINK_OUTAGE, UPLINK_USABLE, Uplink, Uplink6, flow_hash,
-    select_slot,
+    select_slot, uplink6_slot,
 };
 
 use crate::{
@@ -51,13 +51,15 @@ pub fn lan_ingress(ctx: &TcContext, l3: usize) -> Outcome {
         // Not 2000::/3: link-local, ULA, multicast (NDP, MLD) stay here.
         return Err(Reason::NotUnicast);
     }
-    if nptv6::covering(&pkt.saddr, true).is_none() {
+    // Which internal prefix: its entry is the same `k` on every uplink.
+    let Some((_, _, inner)) = nptv6::covering(&pkt.saddr, true) else {
         return Err(if guard::routed6(&pkt.saddr) != 0 {
             Reason::RoutedSource
         } else {
             Reason::SpoofedSource
         });
-    }
+    };
+    let k = u32::from(inner.k);
     if nptv6::covering(&pkt.daddr, false).is_some() {
         // To one of the uplinks' own prefixes: no hairpin for IPv6.
         return Err(Reason::NotForUplink);
@@ -92,7 +94,7 @@ pub fn lan_ingress(ctx: &TcContext, l3: usize) -> Outcome {
     if !pinned_before {
         return Ok(Verdict::Pass);
     }
-    let out = forward(ctx, l3, &pkt, id, Way::Out);
+    let out = forward(ctx, l3, &pkt, uplink6_slot(u32::from(id), k), Way::Out);
     if let Ok(Verdict::Pass) = out {
         stats::slow_path(id);
     }
@@ -109,7 +111,8 @@ pub fn lan_key(pkt: &Packet6) -> Flow6Key {
     )
 }
 
-/// The fast path of an IPv6 packet of flow on uplink `id`, `way` out of
+/// The fast path of an IPv6 packet of a flow mapped by the entry at
+/// `slot` (its uplink's, for the host's internal prefix), `way` out of
 /// or into the LAN: when `bpf_fib_lookup` resolves the next hop (in the
 /// uplink's table out, through the rules in), the address is mapped, the
 /// hop limit decremented (IPv6 has no header checksum) and the packet
@@ -118,8 +121,13 @@ pub fn lan_key(pkt: &Packet6) -> Flow6Key {
 /// an L3 uplink, an unresolved neighbour or an oversize packet all take
 /// the kernel's path, which answers what needs answering.
 #[inline(never)]
-fn forward(ctx: &TcContext, l3: usize, pkt: &Packet6, id: u8, way: Way) -> Outcome {
-    let (Some(uplink), Some(u6)) = (UPLINKS.get(id as u32), nptv6::uplink6(id as u32)) else {
+fn forward(ctx: &TcContext, l3: usize, pkt: &Packet6, slot: u32, way: Way) -> Outcome {
+    let id = (slot % MAX_UPLINKS) as u8;
+    let addr = match way {
+        Way::Out => &pkt.saddr,
+        Way::In => &pkt.daddr,
+    };
+    let (Some(uplink), Some(u6)) = (UPLINKS.get(id as u32), nptv6::npt_at(slot)) else {
         return Ok(Verdict::Pass);
     };
     // Only between Ethernet devices (an L3 uplink's frames have no header
@@ -132,15 +140,7 @@ fn forward(ctx: &TcContext, l3: usize, pkt: &Packet6, id: u8, way: Way) -> Outco
         Way::Out => uplink.table,
         Way::In => 0,
     };
-    let Ok(mapped) = nptv6::map(
-        if way == Way::Out {
-            &pkt.saddr
-        } else {
-            &pkt.daddr
-        },
-        u6,
-        way,
-    ) else {
+    let Ok(mapped) = nptv6::map(addr, u6, way) else {
         return Ok(Verdict::Pass);
     };
     let ends = match way {
@@ -410,35 +410,38 @@ pub fn wan_ingress(ctx: &TcContext, l3: usize) -> Outcome {
     }
     if pkt.frag == FRAG6_LATER {
         // Its first fragment carried the ports and was checked.
-        let u6 = nptv6::uplink6(id as u32).ok_or(Reason::NoMapping)?;
-        nptv6::rewrite(ctx, l3 + ip6::DADDR, u6, Way::In)?;
+        nptv6::rewrite(ctx, l3 + ip6::DADDR, id, Way::In)?;
         stats::count(Reason::FragmentTranslated);
         return Ok(Verdict::Pass);
     }
     if pkt.l4_kind == L4::IcmpError {
         return wan_error(ctx, l3, &pkt, id);
     }
-    wan_reply(&pkt, id)?;
+    wan_reply(&pkt, id, u6)?;
     // From an Ethernet uplink (`l3` past the header), the fast path.
     if l3 != 0
-        && let Ok(Verdict::Redirect(r)) = forward(ctx, l3, &pkt, id, Way::In)
+        && let Ok(Verdict::Redirect(r)) = forward(
+            ctx,
+            l3,
+            &pkt,
+            uplink6_slot(u32::from(id), u32::from(u6.k)),
+            Way::In,
+        )
     {
         return Ok(Verdict::Redirect(r));
     }
-    let u6 = nptv6::uplink6(id as u32).ok_or(Reason::NoMapping)?;
-    nptv6::rewrite(ctx, l3 + ip6::DADDR, u6, Way::In)?;
+    nptv6::rewrite(ctx, l3 + ip6::DADDR, id, Way::In)?;
     stats::rx(id, ctx.len());
     stats::slow_path(id);
     Ok(Verdict::Pass)
 }
 
 /// Whether a packet from outside belongs to a flow of uplink `id` (or
-/// one `allow_inbound6` admits), whose state it updates. A subprogram of
-/// its own, as the error path is, so that their frames are never added
-/// up.
+/// one `allow_inbound6` admits), whose state it updates; `u6` maps its
+/// destination. A subprogram of its own, as the error path is, so that
+/// their frames are never added up.
 #[inline(never)]
-fn wan_reply(pkt: &Packet6, id: u8) -> Outcome {
-    let u6 = nptv6::uplink6(id as u32).ok_or(Reason::NoMapping)?;
+fn wan_reply(pkt: &Packet6, id: u8, u6: &Uplink6) -> Outcome {
     let key = Flow6Key::between(
         (nptv6::map(&pkt.daddr, u6, Way::In)?, pkt.dport_be),
         (pkt.saddr, pkt.sport_be),
@@ -477,13 +480,12 @@ fn cached(ctx: &TcContext, id: u8, uplink: &Uplink, len: u16) -> Option<(u32, [u
 /// destination and quoted source mapped back.
 #[inline(never)]
 fn wan_error(ctx: &TcContext, l3: usize, pkt: &Packet6, id: u8) -> Outcome {
-    let u6 = nptv6::uplink6(id as u32).ok_or(Reason::NoMapping)?;
     let (key, q) = quoted_key(ctx, pkt.l4, Way::In)?;
     if pinned(key) != Some(id) {
         return Err(Reason::Unsolicited);
     }
-    nptv6::rewrite(ctx, q + ip6::SADDR, u6, Way::In)?;
-    nptv6::rewrite(ctx, l3 + ip6::DADDR, u6, Way::In)?;
+    nptv6::rewrite(ctx, q + ip6::SADDR, id, Way::In)?;
+    nptv6::rewrite(ctx, l3 + ip6::DADDR, id, Way::In)?;
     stats::rx(id, ctx.len());
     Ok(Verdict::Pass)
 }
@@ -551,8 +553,8 @@ fn wan_egress(ctx: &TcContext, l3: usize, mark: u32, mark_base: u32) -> Outcome 
             if let Ok(v) = mapped {
                 return Ok(v);
             }
-        } else if nptv6::rewrite(ctx, l3 + ip6::SADDR, u6, Way::Out)? {
-            map_quoted(ctx, l3, u6)?;
+        } else if nptv6::rewrite(ctx, l3 + ip6::SADDR, id, Way::Out)? {
+            map_quoted(ctx, l3, id)?;
             stats::tx(id, ctx.len());
             return Ok(Verdict::Pass);
         }
@@ -574,7 +576,7 @@ fn host_egress(ctx: &TcContext, l3: usize) -> Outcome {
             && let Some(u6) = nptv6::translation(id)
         {
             if u6.mode != MODE6_NAT66 {
-                map_quoted(ctx, l3, u6)?;
+                map_quoted(ctx, l3, id as u8)?;
             } else if nat66::is_error(ctx, l3) {
                 // One about no NAT66 flow passes as it is.
                 let _ = nat66::error_out(ctx, l3, id as u8, u6, true);
@@ -586,15 +588,15 @@ fn host_egress(ctx: &TcContext, l3: usize) -> Outcome {
 }
 
 /// In an ICMPv6 error at `l3` without extension headers, maps the quoted
-/// destination onto `u6`'s prefix if it is internal.
+/// destination onto uplink `id`'s prefix if it is internal.
 #[inline(always)]
-fn map_quoted(ctx: &TcContext, l3: usize, u6: &Uplink6) -> Result<(), Reason> {
+fn map_quoted(ctx: &TcContext, l3: usize, id: u8) -> Result<(), Reason> {
     if hi(load::<u16>(ctx, l3 + ip6::NEXT_HOP)?) != IPPROTO_ICMPV6 {
         return Ok(());
     }
     let kind = hi(load::<u16>(ctx, l3 + ip6::LEN)?);
     if (parse::ICMPV6_DEST_UNREACH..=parse::ICMPV6_PARAM_PROB).contains(&kind) {
-        nptv6::rewrite(ctx, l3 + ip6::LEN + QUOTED + ip6::DADDR, u6, Way::Out)?;
+        nptv6::rewrite(ctx, l3 + ip6::LEN + QUOTED + ip6::DADDR, id, Way::Out)?;
     }
     Ok(())
 }

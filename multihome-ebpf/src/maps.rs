@@ -8,11 +8,12 @@ use multihome_common::{
     AFFINITY_ENTRIES, Affinity, AffinityKey, Allow6Key, DEFAULT_MAX_FLOWS, EIM_ENTRIES,
     ENDPOINT_ENTRIES, EchoKey, EimKey, EimLan, Endpoint, EndpointKey, FRAG_ENTRIES, Fill, Flow6,
     Flow6Key, FlowFwd, FlowKey, FlowRev, FragKey, FragXlat, HOST_ECHO_ENTRIES, HostFlows,
-    JUMP_PROGS, LanNet, MAX_ALLOW6, MAX_FLOWS6, MAX_HOSTS, MAX_LAN_HOPS, MAX_LAN_NETS,
+    JUMP_PROGS, LanNet, MAX_ALLOW6, MAX_FLOWS6, MAX_HOSTS, MAX_LAN_HOPS, MAX_LAN_NETS, MAX_LAN6,
     MAX_LOCAL_ADDRS, MAX_MAIN_ROUTES, MAX_POLICIES, MAX_ROUTED_PREFIXES, MAX_RULE_PREFIXES,
-    MAX_RULES, MAX_UPLINKS, MAX_XDP_DEVS, MainRoute, Nat6Key, Nat6Lan, NextHop, PEER_SLOTS,
-    PeerSlot, Reasons, Routed6Key, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet,
-    SYN_WAIT_ENTRIES, SelectTable, Settings, SynWaitKey, Uplink, Uplink6, UplinkStats, XdpStats,
+    MAX_RULES, MAX_UPLINKS, MAX_XDP_DEVS, MainRoute, Mapped6Key, Nat6Key, Nat6Lan, NextHop,
+    PEER_SLOTS, PeerSlot, Reasons, Routed6Key, RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey,
+    RuleSet, SYN_WAIT_ENTRIES, SelectTable, Settings, SynWaitKey, Uplink, Uplink6, UplinkStats,
+    XdpStats,
 };
 
 const FLOWS: usize = DEFAULT_MAX_FLOWS as usize;
@@ -185,9 +186,17 @@ pub static HOSTS6: HashMap<[u8; 16], HostFlows, { MAX_HOSTS as usize }> = HashMa
 #[btf_map]
 pub static NAT6: HashMap<Nat6Key, Nat6Lan, { MAX_FLOWS6 as usize }> = HashMap::new();
 
-/// Uplink slot -> its IPv6 prefix and NPTv6 adjustment.
+/// `uplink6_slot(uplink, k)` -> the uplink's mapping of the `k`-th
+/// internal prefix: both prefixes and the NPTv6 adjustment.
 #[btf_map]
-pub static UPLINKS6: Array<Uplink6, { MAX_UPLINKS as usize }> = Array::new();
+pub static UPLINKS6: Array<Uplink6, { (MAX_UPLINKS * MAX_LAN6) as usize }> = Array::new();
+
+/// With several internal prefixes: (side, prefix) of the `UPLINKS6`
+/// entries past the first -> an internal prefix's `k`, or the slot of an
+/// uplink prefix's entry.
+#[btf_map]
+pub static MAPPED6: LpmTrie<Mapped6Key, u32, { (MAX_UPLINKS * MAX_LAN6 * 2) as usize }> =
+    LpmTrie::new();
 
 /// `allow_inbound6`: (selector, LAN host) -> 1 for the unsolicited IPv6
 /// connections that may come in.

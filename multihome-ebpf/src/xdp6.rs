@@ -6,8 +6,7 @@
 //! (DATAPATH.md, "The XDP path").
 use aya_ebpf::programs::XdpContext;
 use multihome_common::{
-    FLOW_SEEN_REPLY, Flow6, Flow6Key, IPPROTO_TCP, IPPROTO_UDP, MODE6_NPT, UPLINK_L3,
-    UPLINK_OUTAGE, Uplink6, in_prefix6,
+    FLOW_SEEN_REPLY, Flow6, Flow6Key, IPPROTO_TCP, IPPROTO_UDP, MODE6_NPT, UPLINK_L3, UPLINK_OUTAGE,
 };
 
 use crate::{
@@ -122,12 +121,9 @@ pub fn lan_fast(ctx: &XdpContext) -> Fast {
     if uplink.flags & (UPLINK_OUTAGE | UPLINK_L3) != 0 {
         return Err(Decline);
     }
-    let u6 = npt(id)?;
-    // From the internal prefix as it is now (one renumbered since the
+    // From an internal prefix as it is now (one renumbered since the
     // flow was made is TC's: its packets are spoofed there).
-    if !in_prefix6(&pkt.saddr, &u6.inner, u6.prefix_len) {
-        return Err(Decline);
-    }
+    let u6 = nptv6::npt(u32::from(id), &pkt.saddr, Way::Out).ok_or(Decline)?;
     let hop = NEXT_HOPS6.get(u32::from(id)).ok_or(Decline)?;
     if hop.valid == 0
         || hop.ifindex != uplink.ifindex
@@ -176,13 +172,6 @@ pub fn wan_fast(ctx: &XdpContext) -> Fast {
     stats::rx(id, pkt.len);
     xdp::count(id, |s| s.rx_packets += 1);
     xdp::redirect(ifindex)
-}
-
-/// Uplink `id`'s translation, if it is NPTv6 (NAT66 takes the kernel's
-/// path).
-#[inline(always)]
-fn npt(id: u8) -> Result<&'static Uplink6, Decline> {
-    nptv6::uplink6(u32::from(id)).ok_or(Decline)
 }
 
 /// A packet of flow `f`: its stamp refreshed (the flags TC would set on

@@ -23,9 +23,10 @@ pub struct Config {
     /// interfaces' own subnets), e.g. networks routed behind the LAN.
     #[serde(default)]
     pub lan_prefixes: Vec<String>,
-    /// The LAN's internal IPv6 prefix (a ULA such as `fd00:1::/64`), which
-    /// NPTv6 maps onto each uplink's `prefix6`. One for now; empty: the
-    /// ULA prefix of the LAN interfaces (`lan6_learned`).
+    /// The LAN's internal IPv6 prefixes (ULAs such as `fd00:1::/64`), up
+    /// to `MAX_LAN6`, of one length: NPTv6 maps the `i`-th onto subnet
+    /// `i` of each uplink's `prefix6`. Empty: the ULA prefix of each LAN
+    /// interface (`lan6_learned`).
     #[serde(default)]
     pub lan_prefixes6: Vec<String>,
     /// Unsolicited IPv6 connections from outside that may reach the LAN
@@ -51,10 +52,11 @@ pub struct Config {
     /// Where the XDP fast path runs in front of TC.
     #[serde(default)]
     pub xdp: XdpMode,
-    /// With `lan_prefixes6` empty: the ULA prefix the LAN interfaces
-    /// have, as the daemon found it (never the file's).
+    /// With `lan_prefixes6` empty: the ULA prefix of each LAN interface
+    /// that has one, with the interface's place in `lan` (the subnet it
+    /// maps onto), as the daemon found them (never the file's).
     #[serde(skip)]
-    pub lan6_learned: Option<Prefix6>,
+    pub lan6_learned: Vec<(u64, Prefix6)>,
 }
 
 /// `xdp`: where packets of pinned flows take the XDP path.
@@ -373,6 +375,9 @@ impl Prefix6 {
             return Err(format!("a /{len} does not fit in {self}"));
         }
         let bits = u32::from(len - self.len);
+        if bits == 0 && id != 0 {
+            return Err(format!("{self} is itself a /{len}; subnet {id} is past it"));
+        }
         if bits < 64 && id >> bits != 0 {
             return Err(format!(
                 "{self} holds {} subnets of /{len}; subnet {id} is past them",
@@ -452,18 +457,56 @@ fn parse_allow6(entry: &str) -> Result<(u32, Prefix6), String> {
 pub const MAX_NPT_PREFIX: u8 = 64;
 
 impl Config {
-    /// The internal IPv6 prefix NPTv6 maps from: configured and valid,
-    /// else the one the LAN interfaces have.
-    pub fn lan_prefix6(&self) -> Option<Prefix6> {
-        match self.lan_prefixes6.as_slice() {
-            [p] => p.parse().ok(),
-            [] => self.lan6_learned,
-            _ => None,
+    /// The internal IPv6 prefixes NPTv6 maps from, each with the subnet
+    /// of an uplink's prefix it maps onto: the configured ones that are
+    /// valid (subnet: the place in `lan_prefixes6`), else the LAN
+    /// interfaces' (subnet: the interface's place in `lan`).
+    pub fn internal6(&self) -> Vec<(u64, Prefix6)> {
+        if self.lan_prefixes6.is_empty() {
+            return self.lan6_learned.clone();
         }
+        self.lan_prefixes6
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| Some((i as u64, p.parse().ok()?)))
+            .collect()
+    }
+
+    /// Whether `addr` is inside one of the internal prefixes.
+    pub fn is_internal6(&self, addr: &Prefix6) -> bool {
+        self.internal6().iter().any(|(_, p)| p.covers(addr))
+    }
+
+    /// Where uplink `id` maps internal subnet `subnet` (a prefix `len`
+    /// bits long) by NPTv6: subnet `subnet` of its configured `prefix6`,
+    /// or subnet `pd_subnet6 + subnet` of its delegation. Errors say why
+    /// the uplink's prefix cannot hold it.
+    pub fn npt_subnet(&self, id: usize, len: u8, subnet: u64) -> Result<Prefix6, String> {
+        let u = &self.uplinks[id];
+        if u.mode6 != Mode6::Npt {
+            return Err("it does not translate by NPTv6".into());
+        }
+        let (block, base) = match (&u.prefix6, u.learned6) {
+            (Some(text), _) => (text.parse::<Prefix6>()?, 0),
+            (None, Some(l)) => (l.delegated, u.pd_subnet6.unwrap_or(0)),
+            (None, None) => return Err("it has no `prefix6` yet".into()),
+        };
+        block.subnet(len, base + subnet)
+    }
+
+    /// Uplink `id`'s NPTv6 mappings, (internal prefix, its prefix) for
+    /// each internal prefix in order: empty unless it can map them all.
+    pub fn npt_pairs(&self, id: usize) -> Vec<(Prefix6, Prefix6)> {
+        self.internal6()
+            .into_iter()
+            .map(|(s, p)| Some((p, self.npt_subnet(id, p.len, s).ok()?)))
+            .collect::<Option<Vec<_>>>()
+            .unwrap_or_default()
     }
 
     /// Uplink `id`'s `prefix6`, configured or learned, if it translates
-    /// IPv6 by NPTv6.
+    /// IPv6 by NPTv6: the prefix it maps the LAN into (learned: its
+    /// `pd_subnet6`).
     pub fn npt_prefix(&self, id: usize) -> Option<Prefix6> {
         let u = &self.uplinks[id];
         if u.mode6 != Mode6::Npt {
@@ -493,7 +536,7 @@ impl Config {
     /// interface has (no `prefix6`), with an internal prefix to map from.
     pub fn learns_address6(&self, id: usize) -> bool {
         let u = &self.uplinks[id];
-        u.mode6 == Mode6::Nat66 && u.prefix6.is_none() && self.lan_prefix6().is_some()
+        u.mode6 == Mode6::Nat66 && u.prefix6.is_none() && !self.internal6().is_empty()
     }
 
     /// Whether uplink `id` learns its `prefix6` from a delegation: it
@@ -501,7 +544,7 @@ impl Config {
     /// an internal prefix to map.
     pub fn learns_prefix6(&self, id: usize) -> bool {
         let u = &self.uplinks[id];
-        u.mode6 == Mode6::Npt && u.prefix6.is_none() && self.lan_prefix6().is_some()
+        u.mode6 == Mode6::Npt && u.prefix6.is_none() && !self.internal6().is_empty()
     }
 
     /// Uplink `id`'s `pd_pool6`, if valid.
@@ -522,11 +565,13 @@ impl Config {
 
     fn problems6(&self) -> Vec<String> {
         let mut out = Vec::new();
-        let inner6 = self.lan_prefix6();
         for (i, e) in self.allow_inbound6.iter().enumerate() {
             match parse_allow6(e) {
                 Err(why) => out.push(format!("`allow_inbound6[{i}]` {e:?}: {why}")),
-                Ok((_, p)) if p.len > 0 && !inner6.is_some_and(|l| l.covers(&p)) => {
+                // Without `lan_prefixes6` they are checked as learned.
+                Ok((_, p))
+                    if p.len > 0 && !self.lan_prefixes6.is_empty() && !self.is_internal6(&p) =>
+                {
                     out.push(format!(
                         "`allow_inbound6[{i}]` {e:?}: {p:?} is not inside `lan_prefixes6`; name LAN \
                          hosts by their internal addresses"
@@ -542,20 +587,20 @@ impl Config {
                 multihome_common::MAX_ALLOW6
             ));
         }
-        let mut inner = None;
         for (i, p) in self.lan_prefixes6.iter().enumerate() {
-            match p.parse::<Prefix6>() {
-                Ok(p) => inner = Some(p),
-                Err(e) => out.push(format!("`lan_prefixes6[{i}]`: {e}")),
+            if let Err(e) = p.parse::<Prefix6>() {
+                out.push(format!("`lan_prefixes6[{i}]`: {e}"));
             }
         }
-        if self.lan_prefixes6.len() > 1 {
-            out.push(
-                "`lan_prefixes6`: one internal prefix for now; NPTv6 maps it onto each \
-                 uplink's `prefix6`"
-                    .into(),
-            );
-        }
+        out.extend(internal6_problems(
+            &self.internal6(),
+            self.lan_prefixes6.len(),
+        ));
+        // Without `lan_prefixes6` the internal prefixes are the LAN
+        // interfaces' (checked when they are found).
+        let inner = (!self.lan_prefixes6.is_empty())
+            .then(|| self.internal6())
+            .filter(|i| !i.is_empty());
         let mut outers: Vec<(String, Prefix6)> = Vec::new();
         for (i, u) in self.uplinks.iter().enumerate() {
             let at = format!("`[[uplink]]` #{} (name = {:?})", i + 1, u.name);
@@ -600,19 +645,8 @@ impl Config {
                     "{at}: `prefix6` {text}: NPTv6 maps prefixes of 1 to {MAX_NPT_PREFIX} bits"
                 ));
             }
-            // Without `lan_prefixes6` the internal prefix is the LAN
-            // interfaces' (its length is checked when it is found).
-            match inner {
-                None => {}
-                Some(inner) if inner.len != outer.len => out.push(format!(
-                    "{at}: `prefix6` {text} is /{}, `lan_prefixes6` is /{}: NPTv6 maps prefixes \
-                     of one length (RFC 6296 §3.7 would translate only part of the LAN)",
-                    outer.len, inner.len
-                )),
-                Some(inner) if inner.covers(&outer) || outer.covers(&inner) => {
-                    out.push(format!("{at}: `prefix6` {text} overlaps `lan_prefixes6`"))
-                }
-                _ => {}
+            if let Some(inner) = &inner {
+                out.extend(fit_problems(&at, text, outer, inner));
             }
             if let Some((other, _)) = outers
                 .iter()
@@ -661,6 +695,64 @@ impl Config {
         }
         out
     }
+}
+
+/// What is wrong with the configured internal prefixes (`count` of
+/// them, `inner` the valid ones): more than the datapath holds, lengths
+/// that differ (each maps onto a subnet of one length), or overlaps.
+fn internal6_problems(inner: &[(u64, Prefix6)], count: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let max = multihome_common::MAX_LAN6 as usize;
+    if count > max {
+        out.push(format!("`lan_prefixes6`: {count} prefixes; at most {max}"));
+    }
+    for (n, (_, a)) in inner.iter().enumerate() {
+        for (_, b) in &inner[n + 1..] {
+            if a.len != b.len {
+                out.push(format!(
+                    "`lan_prefixes6`: {a} and {b} differ in length; NPTv6 maps each onto a \
+                     subnet of one length of each uplink's `prefix6`"
+                ));
+            } else if a.overlaps(b) {
+                out.push(format!("`lan_prefixes6`: {a} and {b} overlap"));
+            }
+        }
+    }
+    out
+}
+
+/// What keeps the uplink `at`'s configured NPTv6 `prefix6` (`text`,
+/// `outer`) from holding each internal prefix on a subnet of its own, as
+/// long as it: a longer `prefix6` (RFC 6296 §3.7 would translate only
+/// part of the LAN), too few subnets, or an overlap.
+fn fit_problems(at: &str, text: &str, outer: Prefix6, inner: &[(u64, Prefix6)]) -> Vec<String> {
+    let mut out = Vec::new();
+    let Some(len) = inner.first().map(|(_, p)| p.len) else {
+        return out;
+    };
+    if outer.len > len {
+        out.push(format!(
+            "{at}: `prefix6` {text} is /{}, the internal prefixes /{len}: NPTv6 maps each onto a \
+             prefix as long as itself (RFC 6296 §3.7 would translate only part of the LAN)",
+            outer.len
+        ));
+    } else if let Some(last) = inner.iter().map(|(s, _)| *s).max()
+        && let Err(e) = outer.subnet(len, last)
+    {
+        out.push(format!(
+            "{at}: `prefix6` {text} cannot hold the internal prefix {} on subnet {last}: {e}",
+            inner
+                .iter()
+                .find(|(s, _)| *s == last)
+                .map_or(outer, |(_, p)| *p)
+        ));
+    }
+    if let Some((_, p)) = inner.iter().find(|(_, p)| p.overlaps(&outer)) {
+        out.push(format!(
+            "{at}: `prefix6` {text} overlaps the internal prefix {p}"
+        ));
+    }
+    out
 }
 
 /// The longest idle timeout, in seconds: its nanoseconds fit in a `u64`.
@@ -1152,14 +1244,17 @@ weight = 2
     #[test]
     fn npt_prefixes_map_one_length_without_overlaps_and_need_the_internal_prefix() {
         let c = Config::parse(&with6("fd00:1::/64", "2001:db8:11:100::/64", "")).expect("valid");
-        assert_eq!(c.lan_prefix6().map(|p| p.len), Some(64));
+        assert_eq!(
+            c.internal6(),
+            vec![(0, "fd00:1::/64".parse().expect("prefix"))]
+        );
         assert!(c.npt_prefix(0).is_some() && c.npt_prefix(1).is_none());
         // Without `lan_prefixes6` the LAN interfaces' ULA is learned.
         let c = Config::parse(&with6("", "2001:db8:11:100::/64", "")).expect("learned inside");
-        assert_eq!(c.lan_prefix6(), None);
+        assert_eq!(c.internal6(), vec![]);
         // RFC 6296 §3.7: a /48 inside onto a /64 outside maps one subnet.
         let err = problems6(&with6("fd00:1::/48", "2001:db8:11:100::/64", ""));
-        assert!(err.contains("prefixes of one length"), "{err}");
+        assert!(err.contains("as long as itself"), "{err}");
         let err = problems6(&with6("fd00:1::/80", "2001:db8:11:100::/80", ""));
         assert!(err.contains("1 to 64 bits"), "{err}");
         let err = problems6(&with6(
@@ -1169,9 +1264,75 @@ weight = 2
         ));
         assert!(err.contains("overlaps uplink \"x\""), "{err}");
         let err = problems6(&with6("fd00:1::/64", "fd00:1::/64", ""));
-        assert!(err.contains("overlaps `lan_prefixes6`"), "{err}");
+        assert!(err.contains("overlaps the internal prefix"), "{err}");
         let err = problems6(&with6("fd00:1::/64", "2001:db8::/129", ""));
         assert!(err.contains("`prefix6`"), "{err}");
+    }
+
+    #[test]
+    fn several_internal_prefixes_of_one_length_map_onto_subnets_in_order() {
+        let text = |inner: &str, x6: &str| {
+            with6("", x6, "").replace("lan = [", &format!("lan_prefixes6 = {inner}\nlan = ["))
+        };
+        let c = Config::parse(&text(
+            r#"["fd00:1::/64", "fd00:aa::/64", "fd12:3456::/64"]"#,
+            "2001:db8:11:100::/62",
+        ))
+        .expect("three /64s in a /62");
+        let pairs: Vec<String> = c
+            .npt_pairs(0)
+            .iter()
+            .map(|(i, o)| format!("{i} {o}"))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                "fd00:1::/64 2001:db8:11:100::/64",
+                "fd00:aa::/64 2001:db8:11:101::/64",
+                "fd12:3456::/64 2001:db8:11:102::/64",
+            ]
+        );
+        // One /64 onto a /56: its subnet 0.
+        let c = Config::parse(&with6("fd00:1::/64", "2001:db8:11:100::/56", "")).expect("/56");
+        assert_eq!(c.npt_pairs(0)[0].1.to_string(), "2001:db8:11:100::/64");
+        for (inner, x6, why) in [
+            (
+                r#"["fd00:1::/64", "fd00:2::/64", "fd00:3::/64"]"#,
+                "2001:db8:11:100::/63",
+                "cannot hold the internal prefix fd00:3::/64 on subnet 2",
+            ),
+            (
+                r#"["fd00:1::/64", "fd00:2::/64"]"#,
+                "2001:db8:11:100::/64",
+                "cannot hold",
+            ),
+            (
+                r#"["fd00:1::/64", "fd00:2::/56"]"#,
+                "2001:db8:11:100::/56",
+                "differ in length",
+            ),
+            (
+                r#"["fd00:1::/64", "fd00:1::/64"]"#,
+                "2001:db8:11:100::/56",
+                "overlap",
+            ),
+            (
+                r#"["fd00:1::/64", "fd00:2::/64", "fd00:3::/64", "fd00:4::/64", "fd00:5::/64",
+                    "fd00:6::/64", "fd00:7::/64", "fd00:8::/64", "fd00:9::/64"]"#,
+                "2001:db8:11:100::/56",
+                "at most 8",
+            ),
+        ] {
+            let err = problems6(&text(inner, x6));
+            assert!(err.contains(why), "{inner} onto {x6}: {err}");
+        }
+        // `allow_inbound6` may name a host of any of them.
+        let c = Config::parse(
+            &text(r#"["fd00:1::/64", "fd00:2::/64"]"#, "2001:db8:11:100::/63")
+                .replace("lan = [", "allow_inbound6 = [\"fd00:2::10/128\"]\nlan = ["),
+        )
+        .expect("a host of the second");
+        assert_eq!(c.allow_inbound6().len(), 1);
     }
 
     #[test]

@@ -676,11 +676,16 @@ impl Daemon {
         }
         // Published: flows pinned to a changed IPv6 prefix go, so that
         // their next packet is pinned anew.
-        for slot in renumbered6 {
-            match self.maps.remove_flows6(|_, f| f.uplink == slot) {
-                Ok(n) => {
-                    info!("uplink slot {slot}: IPv6 prefix changed; purged its {n} IPv6 flows")
-                }
+        for (slot, old) in renumbered6 {
+            match self
+                .maps
+                .remove_flows6(|k, f| f.uplink == slot && old.covers(&k.lan, true))
+            {
+                Ok(n) => info!(
+                    "uplink slot {slot}: the IPv6 mapping of {} changed; purged its {n} IPv6 \
+                     flows from there",
+                    crate::status::prefix_text(old.inner, old.prefix_len)
+                ),
                 Err(e) => failed.push(e),
             }
         }
@@ -704,17 +709,20 @@ impl Daemon {
         let mut proxying = Vec::new();
         let mut others = Vec::new();
         for (id, u) in self.config.uplinks.iter().enumerate() {
-            let u6 = uplinks::uplink6(&self.config, id);
+            let entries = uplinks::uplink6(&self.config, id);
             let ifindex = observed.get(id).map_or(0, |o| o.ifindex);
             // NAT66's address is the interface's own: nothing to proxy.
-            if u6.prefix_len == 0 || ifindex == 0 || u6.mode != multihome_common::MODE6_NPT {
+            let npt = entries
+                .first()
+                .is_some_and(|u6| u6.mode == multihome_common::MODE6_NPT);
+            if !npt || ifindex == 0 {
                 continue;
             }
             if u.ndp_proxy && !stop {
                 routing::enable_proxy_ndp(&u.interface)?;
-                proxying.push(ndproxy::ProxyUplink { ifindex, u6 });
+                proxying.push(ndproxy::ProxyUplink { ifindex, entries });
             } else {
-                others.push((ifindex, u6));
+                others.push((ifindex, entries));
             }
         }
         // Nothing proxies now or did: no dumps.
@@ -723,7 +731,7 @@ impl Daemon {
         }
         let lan = self.lan_ifindexes(snap);
         let hosts = match proxying.first() {
-            Some(p) => ndproxy::lan_hosts(&self.handle, &lan, &p.u6).await?,
+            Some(p) => ndproxy::lan_hosts(&self.handle, &lan, &p.entries).await?,
             None => Default::default(),
         };
         ndproxy::sync(&self.handle, &proxying, &others, &hosts).await?;
@@ -841,47 +849,90 @@ impl Daemon {
         }
     }
 
-    /// The LAN's internal IPv6 prefix from its interfaces' ULA addresses:
-    /// the one it has while it lasts, else the lowest.
+    /// The LAN's internal IPv6 prefixes from its interfaces' ULA
+    /// addresses: for each interface, the one it has while it lasts, else
+    /// its lowest, mapped onto the subnet of the interface's place in
+    /// `lan`. One of another length than the first's, one an earlier
+    /// interface has, or one a configured `prefix6` has no subnet for, is
+    /// left out and logged: the others keep their mappings.
     fn learn_lan6(
         &mut self,
         snap: &netinfo::Snapshot,
         addresses: &[(u32, config::Prefix6, AddressFlags)],
     ) {
-        let lan = self.lan_ifindexes(snap);
-        let found = delegated::lan_ula(addresses, &lan);
-        let pick = self
-            .config
-            .lan6_learned
-            .filter(|p| found.contains(p))
-            .or(found.first().copied());
-        if pick == self.config.lan6_learned {
-            return;
-        }
-        self.config.lan6_learned = pick;
-        let Some(p) = pick else {
-            info!("the LAN interfaces have no ULA prefix: no IPv6 is translated");
-            return;
-        };
-        info!("the LAN's internal IPv6 prefix: {p}, its interfaces' ULA");
-        if found.len() > 1 {
-            warn!(
-                "the LAN interfaces have {} ULA prefixes; only {p} is translated (one internal \
-                 prefix for now: set `lan_prefixes6` to choose)",
-                found.len()
-            );
-        }
-        for id in 0..self.config.uplinks.len() {
-            if let Some(outer) = self.config.npt_prefix(id)
-                && outer.len != p.len
-            {
-                error!(
-                    "uplink {}: `prefix6` {outer} is not as long as the LAN's {p}: it takes no \
-                     IPv6 flows (NPTv6 maps prefixes of one length)",
-                    self.config.uplinks[id].name
+        let old = self.config.lan6_learned.clone();
+        let mut picked: Vec<(u64, config::Prefix6)> = Vec::new();
+        for (place, name) in self.config.lan.iter().enumerate() {
+            let Some(index) = snap.get(name).map(|i| i.index) else {
+                continue;
+            };
+            let found = delegated::lan_ula(addresses, &[index]);
+            let current = old
+                .iter()
+                .find(|(s, _)| *s == place as u64)
+                .map(|(_, p)| *p);
+            let Some(p) = current
+                .filter(|p| found.contains(p))
+                .or(found.first().copied())
+            else {
+                continue;
+            };
+            if found.len() > 1 && current != Some(p) {
+                warn!(
+                    "LAN interface {name} has {} ULA prefixes; only {p} is translated (set \
+                     `lan_prefixes6` to choose)",
+                    found.len()
                 );
             }
+            let clash = picked
+                .iter()
+                .find(|(_, q)| q.len != p.len || q.overlaps(&p));
+            let why = match clash {
+                Some((_, q)) if q.len != p.len => {
+                    Some(format!("it is not as long as {q}, another interface's"))
+                }
+                Some((_, q)) => Some(format!("it overlaps {q}, another interface's")),
+                None if picked.len() >= multihome_common::MAX_LAN6 as usize => Some(format!(
+                    "at most {} internal prefixes are mapped",
+                    multihome_common::MAX_LAN6
+                )),
+                None => self.unfit6(p, place as u64),
+            };
+            match why {
+                Some(why) if current != Some(p) => {
+                    error!("LAN interface {name}'s ULA {p} is not translated: {why}")
+                }
+                Some(_) => {}
+                None => picked.push((place as u64, p)),
+            }
         }
+        if picked == old {
+            return;
+        }
+        if picked.is_empty() {
+            info!("the LAN interfaces have no ULA prefix: no IPv6 is translated");
+        } else {
+            let list: Vec<String> = picked.iter().map(|(_, p)| p.to_string()).collect();
+            info!(
+                "the LAN's internal IPv6 prefixes: {}, its interfaces' ULA",
+                list.join(", ")
+            );
+        }
+        self.config.lan6_learned = picked;
+    }
+
+    /// Why a configured NPTv6 `prefix6` cannot hold internal prefix `p`
+    /// on subnet `subnet`, if one cannot.
+    fn unfit6(&self, p: config::Prefix6, subnet: u64) -> Option<String> {
+        self.config
+            .uplinks
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| u.mode6 == config::Mode6::Npt && u.prefix6.is_some())
+            .find_map(|(id, u)| {
+                let e = self.config.npt_subnet(id, p.len, subnet).err()?;
+                Some(format!("uplink {}'s `prefix6`: {e}", u.name))
+            })
     }
 
     /// The LAN interfaces' indexes, of those that exist now.
@@ -893,28 +944,40 @@ impl Daemon {
             .collect()
     }
 
-    /// Writes each uplink's IPv6 translation (and turns on IPv6
-    /// forwarding when one has any); returns the slots whose prefix
-    /// changed, whose flows must go once this is published.
-    fn write_uplinks6(&self) -> anyhow::Result<Vec<u8>> {
+    /// Writes each uplink's IPv6 translations (and turns on IPv6
+    /// forwarding when one has any); returns the mappings that changed or
+    /// went, (slot, old entry), whose flows must go once this is
+    /// published. A mapping that stays keeps its flows, whatever else
+    /// changed (another internal prefix added, say).
+    fn write_uplinks6(&self) -> anyhow::Result<Vec<(u8, Uplink6)>> {
         let have = self.maps.uplinks6()?;
         let mut changed = Vec::new();
         let mut any = false;
-        for id in 0..self.config.uplinks.len() {
-            let slot = self.config.uplinks[id].slot;
-            let want = uplinks::uplink6(&self.config, id);
-            any |= want.prefix_len != 0;
-            let old = have.get(usize::from(slot)).copied().unwrap_or_default();
+        // Learned or configured, the same mapping keeps its flows.
+        let mapping = |u: &Uplink6| Uplink6 {
+            delegated_len: 0,
+            lans: 0,
+            ..*u
+        };
+        let wanted: Vec<(u32, Vec<Uplink6>)> = (0..self.config.uplinks.len())
+            .map(|id| {
+                let slot = self.config.uplinks[id].slot;
+                (slot.into(), uplinks::uplink6(&self.config, id))
+            })
+            .collect();
+        // Where the entries past the first are, before they are in use.
+        self.maps.set_mapped6(&wanted)?;
+        for (slot, want) in wanted {
+            let slot = slot as u8;
+            any |= !want.is_empty();
+            let old = have.get(usize::from(slot)).cloned().unwrap_or_default();
             if old != want {
                 self.maps.set_uplink6(slot.into(), &want)?;
-                // Learned or configured, the same mapping keeps its flows.
-                let mapping = |u: Uplink6| Uplink6 {
-                    delegated_len: 0,
-                    ..u
-                };
-                if old.prefix_len != 0 && mapping(old) != mapping(want) {
-                    changed.push(slot);
-                }
+                changed.extend(
+                    old.iter()
+                        .filter(|o| !want.iter().any(|w| mapping(w) == mapping(o)))
+                        .map(|o| (slot, *o)),
+                );
             }
         }
         if any {
@@ -937,7 +1000,7 @@ impl Daemon {
         let gone = std::mem::take(&mut self.gone_slots);
         for s in &gone {
             self.maps.set_uplink((*s).into(), &Default::default())?;
-            self.maps.set_uplink6((*s).into(), &Default::default())?;
+            self.maps.set_uplink6((*s).into(), &[])?;
             // A new uplink that takes the slot starts its counters at 0.
             self.maps.clear_uplink_stats((*s).into())?;
         }
@@ -1621,7 +1684,7 @@ impl Daemon {
                     .find(|(i, _)| *i == o.ifindex)
                     .map(|(_, g)| *g)
             });
-            let hop6 = if uplinks::uplink6(&self.config, id).prefix_len == 0 {
+            let hop6 = if uplinks::uplink6(&self.config, id).is_empty() {
                 Default::default()
             } else {
                 uplinks::next_hop(gw6.is_some(), o, gw6.and_then(|g| mac_of(g.into())))
@@ -1837,7 +1900,7 @@ impl Daemon {
             // Learned anew by the refresh; kept should reading fail.
             n.learned6 = o.learned6;
         }
-        new.lan6_learned = self.config.lan6_learned;
+        new.lan6_learned = self.config.lan6_learned.clone();
         let snap = netinfo::snapshot(&self.handle).await?;
         let policies = Policies::resolve(&new, &policy::ids_of(&self.select), &snap)?;
         if let Some(r) = &self.reaper {
@@ -1865,6 +1928,12 @@ impl Daemon {
         let ipv6: Vec<bool> = (0..self.config.uplinks.len())
             .map(|id| self.config.outer6(id).is_some())
             .collect();
+        let lan6: Vec<_> = self
+            .config
+            .internal6()
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
         Ok(explain::explain(
             q,
             &explain::State {
@@ -1875,7 +1944,7 @@ impl Daemon {
                 affinity: &|k| affinities.get(k, 0).ok(),
                 endpoint: &|k| endpoints.get(k, 0).ok(),
                 now_ns: crate::maps::clock_ns(),
-                lan6: self.config.lan_prefix6(),
+                lan6: &lan6,
                 ipv6: &ipv6,
             },
         ))
@@ -1966,7 +2035,7 @@ pub async fn cleanup(pin_dir: &Path) -> anyhow::Result<()> {
             .uplinks6()?
             .into_iter()
             .zip(uplinks)
-            .filter(|(u6, u)| u6.prefix_len != 0 && u.ifindex != 0)
+            .filter(|(u6, u)| !u6.is_empty() && u.ifindex != 0)
             .map(|(u6, u)| (u.ifindex, u6))
             .collect();
         ndproxy::sync(&handle, &[], &gone, &Default::default()).await?;

@@ -72,8 +72,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Check { config } => {
-            config::Config::load(&config)?;
+            let c = config::Config::load(&config)?;
             println!("{}: OK", config.display());
+            // Where NPTv6 maps each internal prefix, as far as the file says.
+            for (id, u) in c.uplinks.iter().enumerate() {
+                for (inner, outer) in c.npt_pairs(id) {
+                    println!("  {}: NPTv6 maps {inner} onto {outer}", u.name);
+                }
+            }
             Ok(())
         }
         Command::Cleanup {

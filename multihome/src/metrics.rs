@@ -344,7 +344,7 @@ mod tests {
                 interfaces: vec![],
                 flows: 3,
                 top_hosts: vec![],
-                lan_prefix6: None,
+                lan_prefixes6: Vec::new(),
                 flows6: 0,
                 drops: [("port_exhausted", 2)].into_iter().collect(),
             },

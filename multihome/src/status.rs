@@ -46,8 +46,12 @@ pub struct UplinkStatus {
     /// Of `tx_packets` and `rx_packets`, those that took the XDP path.
     pub xdp_tx_packets: u64,
     pub xdp_rx_packets: u64,
-    /// The IPv6 prefix NPTv6 maps the LAN onto; None: no IPv6 flows.
+    /// The IPv6 prefix NPTv6 maps the LAN's (first) internal prefix
+    /// onto; None: no IPv6 flows.
     pub prefix6: Option<String>,
+    /// Every prefix it maps an internal prefix onto, in the order of
+    /// `Status::lan_prefixes6` (the first is `prefix6`).
+    pub prefixes6: Vec<String>,
     /// The delegated prefix `prefix6` was learned from (DHCPv6-PD); None:
     /// configured.
     pub delegated6: Option<String>,
@@ -103,6 +107,7 @@ impl UplinkStatus {
             xdp_tx_packets: 0,
             xdp_rx_packets: 0,
             prefix6: None,
+            prefixes6: Vec::new(),
             delegated6: None,
             nat66: false,
             flows6: 0,
@@ -129,8 +134,8 @@ pub struct Status {
     /// The LAN and uplink interfaces the datapath is attached to.
     pub interfaces: Vec<InterfaceStatus>,
     pub flows: u64,
-    /// The LAN's internal IPv6 prefix that NPTv6 maps, if any.
-    pub lan_prefix6: Option<String>,
+    /// The LAN's internal IPv6 prefixes that NPTv6 maps, in order.
+    pub lan_prefixes6: Vec<String>,
     /// IPv6 flows in their own map.
     pub flows6: u64,
     /// The hosts refused most (then those with most flows), at most ten.
@@ -181,7 +186,7 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
         uplinks: uplinks_with(maps, &per_uplink)?,
         interfaces: interfaces(maps)?,
         flows: flows.len() as u64,
-        lan_prefix6: lan_prefix6(maps)?,
+        lan_prefixes6: lan_prefixes6(maps)?,
         flows6: flows6.len() as u64,
         top_hosts: top_hosts(maps)?,
         drops: maps.reasons()?.into_iter().collect(),
@@ -207,7 +212,7 @@ pub fn collect_quick(maps: &Maps, last: &Status) -> anyhow::Result<Status> {
         uplinks: uplinks_with(maps, &per_uplink)?,
         interfaces: interfaces(maps)?,
         flows: maps.fill()?,
-        lan_prefix6: last.lan_prefix6.clone(),
+        lan_prefixes6: last.lan_prefixes6.clone(),
         flows6: last.flows6,
         top_hosts: top_hosts(maps)?,
         drops: maps.reasons()?.into_iter().collect(),
@@ -251,17 +256,34 @@ pub fn uplinks(maps: &Maps) -> anyhow::Result<Vec<UplinkStatus>> {
 }
 
 /// A prefix as `addr/len`, from its bytes on the wire.
-fn prefix_text(addr: [u8; 16], len: u8) -> String {
+pub fn prefix_text(addr: [u8; 16], len: u8) -> String {
     format!("{}/{len}", std::net::Ipv6Addr::from(addr))
 }
 
-/// The internal prefix NPTv6 maps from (the same in every uplink's slot).
-fn lan_prefix6(maps: &Maps) -> anyhow::Result<Option<String>> {
+/// The internal prefixes NPTv6 maps from (the same in every uplink's
+/// entries).
+fn lan_prefixes6(maps: &Maps) -> anyhow::Result<Vec<String>> {
     Ok(maps
         .uplinks6()?
         .iter()
-        .find(|u6| u6.prefix_len != 0)
-        .map(|u6| prefix_text(u6.inner, u6.prefix_len)))
+        .find(|e| !e.is_empty())
+        .map(|e| {
+            e.iter()
+                .map(|u6| prefix_text(u6.inner, u6.prefix_len))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Where `u6` maps its internal prefix: NPTv6's prefix, NAT66's one
+/// address.
+fn outer_text(u6: &multihome_common::Uplink6) -> String {
+    let len = if u6.mode == MODE6_NAT66 {
+        128
+    } else {
+        u6.prefix_len
+    };
+    prefix_text(u6.outer, len)
 }
 
 /// The configured uplinks, `flows[slot]` flows each (IPv4, IPv6).
@@ -278,6 +300,8 @@ fn uplinks_with(maps: &Maps, flows: &[[u64; 2]]) -> anyhow::Result<Vec<UplinkSta
         }
         let s = &stats[id];
         let hop = &hops[id];
+        let entries6 = uplinks6.get(id).map_or(&[][..], |e| e.as_slice());
+        let first6 = entries6.first();
         let addr = (u.addr_be != 0).then(|| be_addr(u.addr_be).to_string());
         uplinks.push(UplinkStatus {
             name: name_from_bytes(&u.name),
@@ -316,15 +340,11 @@ fn uplinks_with(maps: &Maps, flows: &[[u64; 2]]) -> anyhow::Result<Vec<UplinkSta
             weight: u.weight,
             flows: flows.get(id).map_or(0, |f| f[0]),
             flows6: flows.get(id).map_or(0, |f| f[1]),
-            prefix6: uplinks6.get(id).filter(|u6| u6.prefix_len != 0).map(|u6| {
-                // NAT66: the uplink's one address.
-                let len = if u6.mode == MODE6_NAT66 { 128 } else { u6.prefix_len };
-                prefix_text(u6.outer, len)
-            }),
-            nat66: uplinks6.get(id).is_some_and(|u6| u6.mode == MODE6_NAT66),
-            delegated6: uplinks6
-                .get(id)
-                .filter(|u6| u6.prefix_len != 0 && u6.delegated_len != 0)
+            prefix6: first6.map(outer_text),
+            prefixes6: entries6.iter().map(outer_text).collect(),
+            nat66: first6.is_some_and(|u6| u6.mode == MODE6_NAT66),
+            delegated6: first6
+                .filter(|u6| u6.delegated_len != 0)
                 .map(|u6| {
                     let outer = u128::from_be_bytes(u6.outer);
                     let mask = u128::MAX.checked_shl(128 - u32::from(u6.delegated_len));

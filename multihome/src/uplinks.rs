@@ -3,7 +3,7 @@
 use std::net::Ipv4Addr;
 
 use multihome_common::{
-    LanNet, MAX_UPLINKS, MODE6_NAT66, MODE6_NPT, NextHop, RoutedUplinks, UPLINK_CANARY,
+    LanNet, MAX_LAN6, MAX_UPLINKS, MODE6_NAT66, MODE6_NPT, NextHop, RoutedUplinks, UPLINK_CANARY,
     UPLINK_CONFIGURED, UPLINK_DEGRADED, UPLINK_DRAIN_RESET, UPLINK_DRAINED, UPLINK_EVACUATE,
     UPLINK_EVACUATE_TCP, UPLINK_HELD_DOWN, UPLINK_L3, UPLINK_LINK_DOWN, UPLINK_OUTAGE,
     UPLINK_PROBES_FAIL, UPLINK_RESET_TCP, UPLINK_TRAFFIC_DOWN, UPLINK_USABLE, Uplink, Uplink6,
@@ -297,46 +297,60 @@ pub fn routed_table(config: &Config) -> Vec<(Prefix, RoutedUplinks)> {
     })
 }
 
-/// [`multihome_common::MAP_ROUTED6`]'s entries, folded as
-/// [`routed_table`]'s.
-/// Uplink `id`'s IPv6 translation: NPTv6 from `lan_prefixes6` onto its
-/// `prefix6`, or nothing (no IPv6 flows) without both.
-pub fn uplink6(config: &Config, id: usize) -> Uplink6 {
-    if config.uplinks[id].mode6 == Mode6::Nat66 {
-        let (Some(inner), Some(addr)) = (config.lan_prefix6(), config.outer6(id)) else {
-            return Uplink6::default();
-        };
-        return Uplink6 {
-            inner: inner.network().octets(),
-            outer: addr.addr.octets(),
-            prefix_len: inner.len,
-            mode: MODE6_NAT66,
-            ..Default::default()
-        };
-    }
-    let (Some(inner), Some(outer)) = (config.lan_prefix6(), config.npt_prefix(id)) else {
-        return Uplink6::default();
-    };
-    // A learned internal prefix may not match (the daemon says so).
-    if inner.len != outer.len {
-        return Uplink6::default();
-    }
-    let (inner, outer) = (inner.network().octets(), outer.network().octets());
-    let len = config.npt_prefix(id).map_or(0, |p| p.len);
-    Uplink6 {
-        inner,
+/// Uplink `id`'s IPv6 translation, an entry per internal prefix (for
+/// `uplink6_slot(id, 0..)`): NPTv6 of each onto its subnet of the
+/// uplink's `prefix6`, or NAT66 onto its one address. Empty (no IPv6
+/// flows) unless every internal prefix can be mapped.
+pub fn uplink6(config: &Config, id: usize) -> Vec<Uplink6> {
+    let inner = config.internal6();
+    let lans = inner.len().min(MAX_LAN6 as usize) as u8;
+    let entry = |inner: Prefix6, outer: [u8; 16], mode, adjust| Uplink6 {
+        inner: inner.network().octets(),
         outer,
-        prefix_len: len,
-        mode: MODE6_NPT,
-        adjust: npt_adjustment(&inner, &outer, len),
-        delegated_len: config.uplinks[id]
-            .learned6
-            .filter(|_| config.learns_prefix6(id))
-            .map_or(0, |l| l.delegated.len),
-        _pad: [0; 3],
+        prefix_len: inner.len,
+        mode,
+        adjust,
+        delegated_len: 0,
+        lans,
+        k: 0,
+        _pad: 0,
+    };
+    if config.uplinks[id].mode6 == Mode6::Nat66 {
+        let Some(addr) = config.outer6(id) else {
+            return Vec::new();
+        };
+        return inner
+            .iter()
+            .take(MAX_LAN6 as usize)
+            .enumerate()
+            .map(|(k, (_, p))| Uplink6 {
+                k: k as u8,
+                ..entry(*p, addr.addr.octets(), MODE6_NAT66, 0)
+            })
+            .collect();
     }
+    let delegated_len = config.uplinks[id]
+        .learned6
+        .filter(|_| config.learns_prefix6(id))
+        .map_or(0, |l| l.delegated.len);
+    config
+        .npt_pairs(id)
+        .into_iter()
+        .take(MAX_LAN6 as usize)
+        .enumerate()
+        .map(|(k, (inner, outer))| {
+            let (i, o) = (inner.network().octets(), outer.network().octets());
+            Uplink6 {
+                delegated_len,
+                k: k as u8,
+                ..entry(inner, o, MODE6_NPT, npt_adjustment(&i, &o, inner.len))
+            }
+        })
+        .collect()
 }
 
+/// [`multihome_common::MAP_ROUTED6`]'s entries, folded as
+/// [`routed_table`]'s.
 pub fn routed_table6(config: &Config) -> Vec<(Prefix6, RoutedUplinks)> {
     fold_routed(config, &config.routed_prefixes6(), |p| Prefix6 {
         addr: p.network(),
@@ -416,7 +430,7 @@ pub fn routing_plan(config: &Config, observed: &[Observed], usable: &[bool]) -> 
 
 /// The IPv6 routing of the uplinks that translate IPv6.
 pub fn routing_plan6(config: &Config, observed: &[Observed]) -> Vec<Uplink6Routes> {
-    if config.lan_prefix6().is_none() {
+    if config.internal6().is_empty() {
         return Vec::new();
     }
     (0..config.uplinks.len())

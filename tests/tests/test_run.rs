@@ -37,6 +37,7 @@ use multihome_common::{
     MAP_UPLINKS6, MODE6_NAT66, MODE6_NPT, Nat6Key, Nat6Lan, PROG_LAN_IN6, PROG_WAN_IN6,
     PROG_WAN_OUT6, Uplink6, npt_adjustment,
 };
+use multihome_common::{MAP_MAPPED6, MAPPED6_INNER, MAPPED6_OUTER, Mapped6Key, uplink6_slot};
 use testbed::packets::*;
 
 const IPPROTO_DCCP: u8 = 33;
@@ -605,6 +606,53 @@ impl Datapath {
             ..Default::default()
         };
         a.set(0, u6, 0).expect("write UPLINKS6");
+    }
+
+    /// Uplink 0 maps each of `pairs` (internal /64, its /64) by NPTv6,
+    /// in that order, the entries past the first found by `MAPPED6`, as
+    /// the daemon writes them.
+    fn set_uplink6_0_lans(&mut self, pairs: &[(&str, &str)]) {
+        let lans = pairs.len() as u8;
+        let entries: Vec<Uplink6> = pairs
+            .iter()
+            .enumerate()
+            .map(|(k, (inner, outer))| {
+                let (inner, outer) = (v6(inner).octets(), v6(outer).octets());
+                Uplink6 {
+                    inner,
+                    outer,
+                    prefix_len: 64,
+                    mode: MODE6_NPT,
+                    adjust: npt_adjustment(&inner, &outer, 64),
+                    lans,
+                    k: k as u8,
+                    ..Default::default()
+                }
+            })
+            .collect();
+        let mut a: Array<_, Uplink6> =
+            Array::try_from(self.ebpf.map_mut(MAP_UPLINKS6).expect("UPLINKS6 map"))
+                .expect("UPLINKS6 types");
+        for (k, u6) in entries.iter().enumerate() {
+            a.set(uplink6_slot(0, k as u32), u6, 0)
+                .expect("write UPLINKS6");
+        }
+        let mut trie: LpmTrie<_, Mapped6Key, u32> =
+            LpmTrie::try_from(self.ebpf.map_mut(MAP_MAPPED6).expect("MAPPED6 map"))
+                .expect("MAPPED6 types");
+        for (k, u6) in entries.iter().enumerate().skip(1) {
+            for (side, addr, value) in [
+                (MAPPED6_INNER, u6.inner, k as u32),
+                (MAPPED6_OUTER, u6.outer, uplink6_slot(0, k as u32)),
+            ] {
+                let key = Mapped6Key {
+                    side_be: side.to_be(),
+                    addr,
+                };
+                trie.insert(&Key::new(32 + 64, key), value, 0)
+                    .expect("insert MAPPED6");
+            }
+        }
     }
 
     /// Uplink 0 translates [`INNER6`]/64 onto [`NAT6_ADDR`] (NAT66).
@@ -3976,6 +4024,58 @@ fn lan_in6_pins_a_new_connection_marks_it_and_leaves_other_sources_alone() {
     });
 }
 
+/// Three internal prefixes of one LAN, as `lan_prefixes6` lists them,
+/// and the /64s of uplink 0 they map onto.
+const LANS6: [(&str, &str); 3] = [
+    (INNER6, OUTER6),
+    ("fd00:aa::", "2001:db8:11:101::"),
+    ("fd12:3456::", "2001:db8:11:102::"),
+];
+
+#[test]
+fn several_internal_prefixes_each_map_onto_their_own_prefix_both_ways_byte_exact() {
+    with_datapath(|dp| {
+        dp.set_uplink6_0_lans(&LANS6);
+        for (inner, outer) in LANS6 {
+            let host = format!("{inner}2");
+            let mapped = npt_by_hand(&host, inner, outer);
+            // Out: pinned by the LAN program, mapped on egress.
+            let p = Ipv6::udp(&host, REMOTE6, 40001, 53, b"query");
+            let (run, counted) = dp.run_counted(PROG_LAN_IN6, &p.frame(), 0);
+            assert_eq!((run.mark, counted), (UPLINK_MARK, vec![]), "{host}: pinned");
+            let expected = neutral(&p, |q| q.src = v6(&mapped));
+            let run = dp.run(PROG_WAN_OUT6, &p.frame(), UPLINK_MARK);
+            assert_passed_as(&run, &expected, &host);
+            // In: the reply and an error quoting the host's packet.
+            let reply = Ipv6::udp(REMOTE6, &mapped, 53, 40001, b"answer");
+            let expected = neutral(&reply, |q| q.dst = v6(&host));
+            let run = dp.run(PROG_WAN_IN6, &reply.frame(), 0);
+            assert_passed_as(&run, &expected, &format!("reply to {host}"));
+            let sent = Ipv6::udp(&mapped, REMOTE6, 40001, 53, b"query");
+            let ptb = packet_too_big(&mapped, &sent);
+            let expected = neutral(&ptb, |q| {
+                q.dst = v6(&host);
+                let quoted = Ipv6::udp(&host, REMOTE6, 40001, 53, b"query");
+                q.l4[8..].copy_from_slice(&quoted.bytes());
+            });
+            let (run, counted) = dp.run_counted(PROG_WAN_IN6, &ptb.frame(), 0);
+            assert_passed_as(&run, &expected, &format!("error to {host}"));
+            assert_eq!(counted, vec![], "error to {host}");
+        }
+        // Neither a fourth internal prefix nor a fourth subnet of the
+        // uplink's is anyone's.
+        let q = Ipv6::udp("fd00:bb::2", REMOTE6, 40001, 53, b"query");
+        let (run, counted) = dp.run_counted(PROG_LAN_IN6, &q.frame(), 0);
+        assert_eq!((run.mark, counted), (0, vec![(Reason::SpoofedSource, 1)]));
+        let (run, counted) = dp.run_counted(PROG_WAN_OUT6, &q.frame(), UPLINK_MARK);
+        assert_eq!(run.ret, TC_ACT_SHOT);
+        assert_eq!(counted, vec![(Reason::ForeignSource, 1)]);
+        let stray = Ipv6::udp(REMOTE6, "2001:db8:11:103::2", 53, 40001, b"?");
+        let run = dp.run(PROG_WAN_IN6, &stray.frame(), 0);
+        assert_untouched(&run, &stray.frame(), "not one of the uplink's prefixes");
+    });
+}
+
 #[test]
 fn ipv6_programs_walk_an_extension_header_to_the_ports_both_ways() {
     with_datapath(|dp| {
@@ -4365,9 +4465,15 @@ impl Datapath {
     /// [`LAN_HOST6`]'s cached next hop ([`lan_hop`]), which XDP may
     /// redirect to.
     fn cache_lan_hop6_for_xdp(&mut self) {
+        self.cache_lan_hop6_of(LAN_HOST6);
+    }
+
+    /// [`cache_lan_hop6_for_xdp`](Self::cache_lan_hop6_for_xdp) for LAN
+    /// host `host`.
+    fn cache_lan_hop6_of(&mut self, host: &str) {
         let mut hops: HashMap<_, [u8; 16], NextHop> =
             HashMap::try_from(self.ebpf.map_mut(MAP_LAN_HOPS6).expect("LAN_HOPS6")).expect("types");
-        hops.insert(v6(LAN_HOST6).octets(), lan_hop(1500), 0)
+        hops.insert(v6(host).octets(), lan_hop(1500), 0)
             .expect("insert");
         self.allow_xdp_redirect(1);
     }
@@ -4401,24 +4507,43 @@ fn both_redirect(
 /// answered reply back to the cached LAN host, as `mh_wan_in6` does.
 #[test]
 fn xdp_redirects_pinned_ipv6_flows_both_ways_byte_exact_as_the_tc_programs_do() {
-    let mapped = npt_by_hand(LAN_HOST6, INNER6, OUTER6);
+    // A host of the one internal prefix, and one of the third of three,
+    // whose entry `MAPPED6` finds.
+    let third = format!("{}2", LANS6[2].0);
+    for (host, lans) in [(LAN_HOST6, &LANS6[..1]), (third.as_str(), &LANS6[..])] {
+        xdp_and_tc_redirect_ipv6_alike(host, lans);
+    }
+}
+
+/// [`xdp_redirects_pinned_ipv6_flows_both_ways_byte_exact_as_the_tc_programs_do`]
+/// for LAN host `host`, its prefix among `lans` of uplink 0.
+fn xdp_and_tc_redirect_ipv6_alike(host: &str, lans: &[(&str, &str)]) {
+    let (inner, outer) = *lans
+        .iter()
+        .find(|(i, _)| v6(host).segments()[..4] == v6(i).segments()[..4])
+        .expect("the host's prefix");
+    let mapped = npt_by_hand(host, inner, outer);
+    let key = |lan_port: u16, remote_port: u16, proto: u8| Flow6Key {
+        lan: v6(host).octets(),
+        ..flow6(lan_port, remote_port, proto)
+    };
     for (out, key) in [
         (
-            Ipv6::udp(LAN_HOST6, REMOTE6, 40001, 53, b"query"),
-            flow6(40001, 53, IPPROTO_UDP),
+            Ipv6::udp(host, REMOTE6, 40001, 53, b"query"),
+            key(40001, 53, IPPROTO_UDP),
         ),
         (
-            Ipv6::tcp(LAN_HOST6, REMOTE6, 40000, 443, TCP_ACK),
-            flow6(40000, 443, IPPROTO_TCP),
+            Ipv6::tcp(host, REMOTE6, 40000, 443, TCP_ACK),
+            key(40000, 443, IPPROTO_TCP),
         ),
     ] {
         with_datapath(|dp| {
-            dp.set_uplink6_0();
+            dp.set_uplink6_0_lans(lans);
             dp.conn6()
                 .insert(key, Flow6::default(), 0)
                 .expect("pin the flow");
             dp.cache_hop6_for_xdp();
-            let what = format!("out, next header {}", out.next);
+            let what = format!("{host} out, next header {}", out.next);
             let mut q = out.clone();
             q.src = v6(&mapped);
             q.hop_limit -= 1;
@@ -4436,14 +4561,14 @@ fn xdp_redirects_pinned_ipv6_flows_both_ways_byte_exact_as_the_tc_programs_do() 
             let mut answered = dp.conn6().get(&key, 0).expect("the flow");
             answered.flags |= FLOW_SEEN_REPLY;
             dp.conn6().insert(key, answered, 0).expect("answered");
-            dp.cache_lan_hop6_for_xdp();
+            dp.cache_lan_hop6_of(host);
             let mut reply = out.clone();
             (reply.src, reply.dst) = (v6(REMOTE6), v6(&mapped));
             reply.l4.swap(0, 2);
             reply.l4.swap(1, 3);
-            let what = format!("in, next header {}", out.next);
+            let what = format!("{host} in, next header {}", out.next);
             let mut q = reply.clone();
-            q.dst = v6(LAN_HOST6);
+            q.dst = v6(host);
             q.hop_limit -= 1;
             let expected = ethernet(MAC_HOST, MAC_LAN, ETH_P_IPV6, &q.bytes());
             both_redirect(

@@ -154,8 +154,10 @@ pub fn list(maps: &Maps) -> anyhow::Result<Vec<Conn>> {
     let uplinks6 = maps.uplinks6()?;
     out.extend(maps.flows6()?.iter().map(|(k, f)| {
         let name = names.get(f.uplink as usize).cloned().unwrap_or_default();
-        let u6 = uplinks6.get(f.uplink as usize).copied().unwrap_or_default();
-        flows::describe6(k, f, &u6, name, policy_name(&tables, f.policy), now)
+        let entries = uplinks6
+            .get(f.uplink as usize)
+            .map_or(&[][..], |e| e.as_slice());
+        flows::describe6(k, f, entries, name, policy_name(&tables, f.policy), now)
     }));
     out.sort_by_key(|c| (c.src, c.sport, c.dst, c.dport));
     Ok(out)

@@ -130,7 +130,8 @@ pub enum Command {
         #[command(flatten)]
         pin: PinDir,
     },
-    /// Validate a config file and explain every problem.
+    /// Validate a config file and explain every problem; print where
+    /// NPTv6 maps each internal IPv6 prefix (of those the file names).
     ///
     /// Example: multihome check --config /etc/multihome.toml
     Check {

@@ -92,13 +92,21 @@ fn table(st: &Status) -> String {
             let _ = writeln!(out, "  XDP path: {tx} packets out, {rx} in");
         }
     }
-    if let Some(inner) = &st.lan_prefix6 {
-        let _ = writeln!(out, "\nIPv6: NPTv6 maps {inner} onto each uplink's prefix:");
+    if !st.lan_prefixes6.is_empty() {
+        let _ = match st.lan_prefixes6.as_slice() {
+            [inner] => writeln!(out, "\nIPv6: NPTv6 maps {inner} onto each uplink's prefix:"),
+            many => writeln!(
+                out,
+                "\nIPv6: NPTv6 maps {}, in order, onto each uplink's prefixes:",
+                many.join(", ")
+            ),
+        };
         for u in &st.uplinks {
+            let mapped = u.prefixes6.join(", ");
             let prefix = match (&u.prefix6, &u.delegated6) {
                 (Some(p), _) if u.nat66 => format!("{p} (NAT66: its one address)"),
-                (Some(p), Some(d)) => format!("{p} (of the delegated {d})"),
-                (Some(p), None) => p.clone(),
+                (Some(_), Some(d)) => format!("{mapped} (of the delegated {d})"),
+                (Some(_), None) => mapped,
                 (None, _) => "- (takes no IPv6 flows)".into(),
             };
             let _ = writeln!(out, "  {:<8} {prefix:<44} {:>7} flows", u.name, u.flows6);
@@ -148,7 +156,7 @@ mod tests {
             interfaces: vec![],
             flows: 3,
             top_hosts: vec![],
-            lan_prefix6: None,
+            lan_prefixes6: Vec::new(),
             flows6: 0,
             drops: Default::default(),
         };

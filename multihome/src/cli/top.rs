@@ -354,7 +354,7 @@ mod tests {
             interfaces: Vec::new(),
             flows: 0,
             top_hosts: Vec::new(),
-            lan_prefix6: None,
+            lan_prefixes6: Vec::new(),
             flows6: 0,
             drops: Default::default(),
         }

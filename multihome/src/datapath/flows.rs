@@ -133,16 +133,22 @@ pub fn describe(key: &FlowKey, f: &FlowFwd, uplink: String, policy: String, now_
     }
 }
 
-/// An IPv6 flow for people and scripts; `u6`: its uplink's translation,
-/// which gives the address the remote sees (ports are kept).
+/// An IPv6 flow for people and scripts; `entries`: its uplink's
+/// translations, whose one for the host's internal prefix gives the
+/// address the remote sees (ports are kept under NPTv6).
 pub fn describe6(
     key: &Flow6Key,
     f: &Flow6,
-    u6: &Uplink6,
+    entries: &[Uplink6],
     uplink: String,
     policy: String,
     now_ns: u64,
 ) -> Conn {
+    let u6 = entries
+        .iter()
+        .find(|u6| u6.covers(&key.lan, true))
+        .copied()
+        .unwrap_or_default();
     let (mapped, port_be) = if u6.mode == MODE6_NAT66 && f.nat_port_be != 0 {
         (u6.outer, f.nat_port_be)
     } else {

@@ -25,9 +25,7 @@ pub fn hop(config: &Config, iface: &Interface, addr: IpAddr, mac: [u8; 6]) -> Op
             let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
             *len > 0 && u32::from(a) & mask == u32::from(*net) & mask
         }),
-        IpAddr::V6(a) => config
-            .lan_prefix6()
-            .is_some_and(|p| p.covers(&crate::config::Prefix6 { addr: a, len: 128 })),
+        IpAddr::V6(a) => config.is_internal6(&crate::config::Prefix6 { addr: a, len: 128 }),
     };
     if !on_link {
         return None;

@@ -23,8 +23,8 @@ use multihome_common::{
     ALL_MAPS, FlowFwd, FlowKey, JUMP_PROGS, LAYOUT_VERSION, MAP_AFFINITY, MAP_CONN_FWD,
     MAP_CONN_REV, MAP_ENDPOINT_PORTS, MAP_ENDPOINTS, MAP_HOST_ECHO, MAP_JUMP, MAP_PEERS,
     MAP_REASONS, MAP_SELECT, MAP_SETTINGS, MAP_SYN_WAIT, MAP_UPLINK_STATS, MAP_UPLINKS,
-    PROG_LAN_IN, PROG_WAN_IN, PROG_WAN_IN_L3, PROG_WAN_OUT, PROG_WAN_OUT_L3, PROG_XDP_LAN,
-    PROG_XDP_WAN,
+    MAP_UPLINKS6, PROG_LAN_IN, PROG_WAN_IN, PROG_WAN_IN_L3, PROG_WAN_OUT, PROG_WAN_OUT_L3,
+    PROG_XDP_LAN, PROG_XDP_WAN,
 };
 
 use crate::config::NatConfig;
@@ -255,12 +255,17 @@ const MIGRATIONS: &[(u32, &[&str])] = &[
     // NAT66 port where CONN6's padding was (0 under NPTv6). HOSTS6, the
     // IPv6 hosts' quota, is new (the reaper's first pass counts it), and
     // so are LAN_HOPS and LAN_HOPS6 (the daemon fills them).
-    (9, &[]),
+    (9, &[MAP_UPLINKS6]),
     // 11: MAIN_ROUTES, the mirror of `main`, is new; CLASSIFY's word
     // gained `CLASSIFY_BY_ROUTES`, which the daemon sets once it has
     // written the mirror (an adopted `CLASSIFY_IN_MAIN` alone still means
     // a lookup in main).
-    (10, &[]),
+    (10, &[MAP_UPLINKS6]),
+    // 12: UPLINKS6 holds an entry per (uplink, internal prefix), eight
+    // times as many (made afresh, here and above: the daemon writes it
+    // at start; until then, a moment, the adopted IPv6 flows' packets are
+    // not translated, and the egress guard drops them); MAPPED6 is new.
+    (11, &[MAP_UPLINKS6]),
 ];
 
 /// The first layout whose stamps are on [`multihome_common::CLOCK`].

@@ -11,13 +11,14 @@ use multihome_common::{
     EndpointKey, Flow6, Flow6Key, FlowFwd, FlowKey, FlowRev, HostFlows, LanNet, MAP_AFFINITY,
     MAP_ALLOW6, MAP_CLASSIFY, MAP_CONN_FWD, MAP_CONN_REV, MAP_CONN6, MAP_ENDPOINT_PORTS,
     MAP_ENDPOINTS, MAP_FILL, MAP_HOSTS, MAP_HOSTS6, MAP_LAN_HOPS, MAP_LAN_HOPS6, MAP_LAN_NETS,
-    MAP_LOCAL_ADDRS, MAP_MAIN_ROUTES, MAP_NAT6, MAP_NEXT_HOPS, MAP_NEXT_HOPS6, MAP_REASONS,
-    MAP_ROUTED, MAP_ROUTED6, MAP_RULE_ACTION, MAP_RULE_DPORT, MAP_RULE_DSCP, MAP_RULE_DST,
-    MAP_RULE_PROTO, MAP_RULE_SRC, MAP_SELECT, MAP_SETTINGS, MAP_SYN_WAIT, MAP_UPLINK_STATS,
-    MAP_UPLINKS, MAP_UPLINKS6, MAP_XDP_DEVS, MAP_XDP_STATS, MAX_LAN_NETS, MAX_LOCAL_ADDRS,
-    MAX_POLICIES, MAX_RULES, MAX_UPLINKS, Nat6Key, Nat6Lan, NextHop, Reasons, Routed6Key,
-    RoutedKey, RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SelectTable, Settings, SynWaitKey,
-    Uplink, Uplink6, UplinkStats, XdpStats, rules_word,
+    MAP_LOCAL_ADDRS, MAP_MAIN_ROUTES, MAP_MAPPED6, MAP_NAT6, MAP_NEXT_HOPS, MAP_NEXT_HOPS6,
+    MAP_REASONS, MAP_ROUTED, MAP_ROUTED6, MAP_RULE_ACTION, MAP_RULE_DPORT, MAP_RULE_DSCP,
+    MAP_RULE_DST, MAP_RULE_PROTO, MAP_RULE_SRC, MAP_SELECT, MAP_SETTINGS, MAP_SYN_WAIT,
+    MAP_UPLINK_STATS, MAP_UPLINKS, MAP_UPLINKS6, MAP_XDP_DEVS, MAP_XDP_STATS, MAPPED6_INNER,
+    MAPPED6_OUTER, MAX_LAN_NETS, MAX_LAN6, MAX_LOCAL_ADDRS, MAX_POLICIES, MAX_RULES, MAX_UPLINKS,
+    MODE6_NPT, Mapped6Key, Nat6Key, Nat6Lan, NextHop, Reasons, Routed6Key, RoutedKey,
+    RoutedUplinks, RuleAction, RuleAddrKey, RuleSet, SelectTable, Settings, SynWaitKey, Uplink,
+    Uplink6, UplinkStats, XdpStats, rules_word, uplink6_slot,
 };
 
 use crate::{
@@ -420,6 +421,37 @@ impl Maps {
 
     /// Makes [`MAP_ALLOW6`] hold exactly `allowed` (selector, internal
     /// prefix).
+    /// Writes `MAPPED6` for `uplinks6` (each slot's entries, as
+    /// [`Maps::set_uplink6`] takes them): the prefixes of every entry
+    /// past an uplink's first, exactly.
+    pub fn set_mapped6(&self, uplinks6: &[(u32, Vec<Uplink6>)]) -> anyhow::Result<()> {
+        let key = |side: u32, addr: [u8; 16], len: u8| {
+            let data = Mapped6Key {
+                side_be: side.to_be(),
+                addr,
+            };
+            Key::new(32 + u32::from(len), data)
+        };
+        let mut wanted = Vec::new();
+        for (id, entries) in uplinks6 {
+            for (k, u6) in entries.iter().enumerate().skip(1) {
+                let k = k as u32;
+                wanted.push((key(MAPPED6_INNER, u6.inner, u6.prefix_len), k));
+                if u6.mode == MODE6_NPT {
+                    let slot = uplink6_slot(*id, k);
+                    wanted.push((key(MAPPED6_OUTER, u6.outer, u6.prefix_len), slot));
+                }
+            }
+        }
+        // Every uplink maps the internal prefixes in one order.
+        wanted.sort_by_key(|(k, _)| (k.prefix_len(), k.data().side_be, k.data().addr));
+        wanted.dedup_by_key(|(k, _)| (k.prefix_len(), k.data().side_be, k.data().addr));
+        write_exactly(
+            &mut LpmTrie::try_from(Map::LpmTrie(open(&self.dir, MAP_MAPPED6)?))?,
+            &wanted,
+        )
+    }
+
     pub fn set_allow6(&self, allowed: &[(u32, Prefix6)]) -> anyhow::Result<()> {
         let wanted: Vec<_> = allowed
             .iter()
@@ -571,9 +603,22 @@ impl Maps {
     }
 
     /// Every slot's IPv6 translation.
-    pub fn uplinks6(&self) -> anyhow::Result<Vec<Uplink6>> {
+    /// Each uplink slot's IPv6 translations, one per internal prefix in
+    /// order (empty: the uplink carries no IPv6).
+    pub fn uplinks6(&self) -> anyhow::Result<Vec<Vec<Uplink6>>> {
         let a = self.array::<Uplink6>(MAP_UPLINKS6)?;
-        (0..MAX_UPLINKS).map(|i| Ok(a.get(&i, 0)?)).collect()
+        (0..MAX_UPLINKS)
+            .map(|id| {
+                let first = a.get(&uplink6_slot(id, 0), 0)?;
+                if first.prefix_len == 0 {
+                    return Ok(Vec::new());
+                }
+                let lans = u32::from(first.lans).clamp(1, MAX_LAN6);
+                (0..lans)
+                    .map(|k| Ok(a.get(&uplink6_slot(id, k), 0)?))
+                    .collect()
+            })
+            .collect()
     }
 
     pub fn next_hops6(&self) -> anyhow::Result<Vec<NextHop>> {
@@ -585,8 +630,21 @@ impl Maps {
         Ok(self.array::<NextHop>(MAP_NEXT_HOPS6)?.set(id, h, 0)?)
     }
 
-    pub fn set_uplink6(&self, id: u32, u: &Uplink6) -> anyhow::Result<()> {
-        Ok(self.array::<Uplink6>(MAP_UPLINKS6)?.set(id, u, 0)?)
+    /// Writes uplink slot `id`'s IPv6 translations (none: it carries no
+    /// IPv6). Those past the first go first and the first, which says
+    /// how many there are, after them, so that the programs never read
+    /// an entry not yet written; stale ones past the end go last.
+    pub fn set_uplink6(&self, id: u32, entries: &[Uplink6]) -> anyhow::Result<()> {
+        let mut a = self.array::<Uplink6>(MAP_UPLINKS6)?;
+        let at = |k: usize| uplink6_slot(id, k as u32);
+        for (k, u) in entries.iter().enumerate().skip(1) {
+            a.set(at(k), u, 0)?;
+        }
+        a.set(at(0), entries.first().copied().unwrap_or_default(), 0)?;
+        for k in entries.len().max(1)..MAX_LAN6 as usize {
+            a.set(at(k), Uplink6::default(), 0)?;
+        }
+        Ok(())
     }
 
     /// Removes the IPv6 flows `doomed` picks, each read again just before

@@ -177,7 +177,7 @@ pub fn assign(config: &Config, found: &[Delegation]) -> Vec<Option<Prefix6>> {
     let taken: Vec<Prefix6> = (0..n)
         .filter(|id| !config.learns_prefix6(*id))
         .filter_map(|id| config.npt_prefix(id))
-        .chain(config.lan_prefix6())
+        .chain(config.internal6().into_iter().map(|(_, p)| p))
         .chain(config.routed_prefixes6().into_iter().map(|(_, p)| p))
         .collect();
     let pools: Vec<Prefix6> = learners
@@ -212,17 +212,24 @@ pub fn assign(config: &Config, found: &[Delegation]) -> Vec<Option<Prefix6>> {
     out
 }
 
-/// What uplink `id` maps onto from `delegated`: its `pd_subnet6` as long
-/// as the LAN's prefix. Errors say why the delegation cannot hold it.
+/// What uplink `id` maps onto from `delegated`: each internal prefix
+/// onto a subnet as long as itself, from its `pd_subnet6` on (the first
+/// is `npt`). Errors say why the delegation cannot hold them all.
 pub fn learned(config: &Config, id: usize, delegated: Prefix6) -> Result<Learned6, String> {
-    let lan = config
-        .lan_prefix6()
-        .ok_or("no `lan_prefixes6` to map from")?;
-    let subnet = config.uplinks[id].pd_subnet6.unwrap_or(0);
-    let npt = delegated.subnet(lan.len, subnet).map_err(|e| {
-        format!("the LAN's {lan} is mapped onto a subnet as long as itself, and {e}")
-    })?;
-    Ok(Learned6 { delegated, npt })
+    let inner = config.internal6();
+    let (_, lan) = inner.first().ok_or("no `lan_prefixes6` to map from")?;
+    let base = config.uplinks[id].pd_subnet6.unwrap_or(0);
+    let last = inner.iter().map(|(s, _)| *s).max().unwrap_or(0);
+    let subnet = |s: u64| {
+        delegated.subnet(lan.len, base + s).map_err(|e| {
+            format!("the LAN's prefixes are each mapped onto a subnet as long as {lan}, and {e}")
+        })
+    };
+    subnet(last)?;
+    Ok(Learned6 {
+        delegated,
+        npt: subnet(inner[0].0)?,
+    })
 }
 
 /// Every IPv6 address with its device and flags.
@@ -439,5 +446,36 @@ mod tests {
         let c = config("", "", "mode6 = \"off\"");
         let err = learned(&c, 0, p("2001:db8:f0::/80")).expect_err("too long");
         assert!(err.contains("does not fit"), "{err}");
+    }
+
+    #[test]
+    fn several_internal_prefixes_map_onto_consecutive_subnets_from_pd_subnet6() {
+        let two = |x: &str| {
+            let text = format!(
+                "lan = [\"lan0\", \"lan1\"]\nlan_prefixes6 = [\"fd00:1::/64\", \"fd00:9::/64\"]\n\
+                 [[uplink]]\nname = \"x\"\ninterface = \"wanx\"\n{x}\n"
+            );
+            Config::parse(&text).expect("valid config")
+        };
+        let mut c = two("pd_subnet6 = 3");
+        let got = learned(&c, 0, p("2001:db8:f0::/56")).expect("fits");
+        assert_eq!(got.npt, p("2001:db8:f0:3::/64"));
+        c.uplinks[0].learned6 = Some(got);
+        let pairs: Vec<String> = c
+            .npt_pairs(0)
+            .iter()
+            .map(|(i, o)| format!("{i} {o}"))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                "fd00:1::/64 2001:db8:f0:3::/64",
+                "fd00:9::/64 2001:db8:f0:4::/64"
+            ]
+        );
+        // A /63 holds subnets 0 and 1: from 1 on, the second is past it.
+        let err = learned(&two("pd_subnet6 = 1"), 0, p("2001:db8:f0::/63")).expect_err("past");
+        assert!(err.contains("subnet 2 is past them"), "{err}");
+        assert!(learned(&two(""), 0, p("2001:db8:f0::/63")).is_ok());
     }
 }

@@ -15,7 +15,7 @@ use std::{
 use anyhow::Context as _;
 use futures::TryStreamExt as _;
 use log::info;
-use multihome_common::{Uplink6, in_prefix6, npt_translate};
+use multihome_common::{Uplink6, npt_translate};
 use rtnetlink::{
     Handle,
     packet_route::{
@@ -24,18 +24,29 @@ use rtnetlink::{
     },
 };
 
-/// One uplink that proxies: its device and translation.
+/// One uplink that proxies: its device and translations (one per
+/// internal prefix).
 pub struct ProxyUplink {
     pub ifindex: u32,
-    pub u6: Uplink6,
+    pub entries: Vec<Uplink6>,
 }
 
-/// The IPv6 addresses inside `u6`'s internal prefix among the neighbours
-/// on `lan` devices (any state but failed).
+/// The entry of `entries` whose internal prefix covers `host`.
+fn entry_of<'a>(entries: &'a [Uplink6], host: &[u8; 16]) -> Option<&'a Uplink6> {
+    entries.iter().find(|u6| u6.covers(host, true))
+}
+
+/// Whether `a` lies in one of `entries`' outer prefixes.
+fn outer(entries: &[Uplink6], a: &Ipv6Addr) -> bool {
+    entries.iter().any(|u6| u6.covers(&a.octets(), false))
+}
+
+/// The IPv6 addresses inside `entries`' internal prefixes among the
+/// neighbours on `lan` devices (any state but failed).
 pub async fn lan_hosts(
     handle: &Handle,
     lan: &[u32],
-    u6: &Uplink6,
+    entries: &[Uplink6],
 ) -> anyhow::Result<BTreeSet<[u8; 16]>> {
     let mut hosts = BTreeSet::new();
     let mut dump = handle
@@ -49,7 +60,7 @@ pub async fn lan_hosts(
         }
         for a in &msg.attributes {
             if let NeighbourAttribute::Destination(NeighbourAddress::Inet6(v)) = a
-                && in_prefix6(&v.octets(), &u6.inner, u6.prefix_len)
+                && entry_of(entries, &v.octets()).is_some()
             {
                 hosts.insert(v.octets());
             }
@@ -64,14 +75,17 @@ pub async fn lan_hosts(
 pub async fn sync(
     handle: &Handle,
     uplinks: &[ProxyUplink],
-    gone: &[(u32, Uplink6)],
+    gone: &[(u32, Vec<Uplink6>)],
     hosts: &BTreeSet<[u8; 16]>,
 ) -> anyhow::Result<()> {
     let have = proxies(handle).await?;
     for u in uplinks {
         let want: BTreeSet<Ipv6Addr> = hosts
             .iter()
-            .filter_map(|h| npt_translate(h, &u.u6.outer, u.u6.prefix_len, u.u6.adjust))
+            .filter_map(|h| {
+                let u6 = entry_of(&u.entries, h)?;
+                npt_translate(h, &u6.outer, u6.prefix_len, u6.adjust)
+            })
             .map(Ipv6Addr::from)
             .collect();
         for a in want.iter().filter(|a| !have.contains(&(u.ifindex, **a))) {
@@ -85,16 +99,16 @@ pub async fn sync(
                 .with_context(|| format!("adding the NDP proxy entry {a}"))?;
             info!("answering neighbour solicitations for {a} (NDP proxy)");
         }
-        let stale = have.iter().filter(|(i, a)| {
-            *i == u.ifindex && in_prefix6(&a.octets(), &u.u6.outer, u.u6.prefix_len)
-        });
+        let stale = have
+            .iter()
+            .filter(|(i, a)| *i == u.ifindex && outer(&u.entries, a));
         for (i, a) in stale.filter(|(_, a)| !want.contains(a)) {
             del(handle, *i, *a).await?;
         }
     }
-    for (ifindex, u6) in gone {
+    for (ifindex, entries) in gone {
         for (i, a) in &have {
-            if i == ifindex && in_prefix6(&a.octets(), &u6.outer, u6.prefix_len) {
+            if i == ifindex && outer(entries, a) {
                 del(handle, *i, *a).await?;
             }
         }

@@ -95,8 +95,8 @@ pub struct State<'a> {
     pub endpoint: &'a dyn Fn(&EndpointKey) -> Option<Endpoint>,
     /// Boot-clock nanoseconds now.
     pub now_ns: u64,
-    /// The LAN's internal IPv6 prefix (`lan_prefixes6`).
-    pub lan6: Option<Prefix6>,
+    /// The LAN's internal IPv6 prefixes (`lan_prefixes6`).
+    pub lan6: &'a [Prefix6],
     /// By config index: the uplink has an IPv6 prefix now.
     pub ipv6: &'a [bool],
 }
@@ -139,7 +139,7 @@ pub fn explain(q: &Query, s: &State) -> Explanation {
             dscp: q.dscp,
         }),
         (IpAddr::V6(src), _) => {
-            if !s.lan6.is_some_and(|p| {
+            if !s.lan6.iter().any(|p| {
                 p.covers(&Prefix6 {
                     addr: src,
                     len: 128,
