@@ -1122,6 +1122,11 @@ pub struct Uplink6 {
     pub inner: [u8; 16],
     /// The uplink's prefix, as on the wire; zero bits past the length.
     pub outer: [u8; 16],
+    /// The shortest prefix that holds the `outer` of every entry of the
+    /// uplink (of one entry: `outer` itself; under NAT66 the one address),
+    /// `span_len` bits long: an address outside it is none of the
+    /// uplink's, whatever the entry, with one comparison.
+    pub span: [u8; 16],
     /// 1..=64 while the uplink carries IPv6; 0: it takes no IPv6 flows.
     pub prefix_len: u8,
     /// `MODE6_*`.
@@ -1137,7 +1142,8 @@ pub struct Uplink6 {
     /// This entry's place among them: the `k` of [`uplink6_slot`], the
     /// same for one internal prefix on every uplink.
     pub k: u8,
-    pub _pad: u8,
+    /// The length of `span`.
+    pub span_len: u8,
 }
 
 impl Uplink6 {
@@ -1531,7 +1537,7 @@ const _: () = {
     assert!(size_of::<RoutedKey>() == 4);
     assert!(size_of::<Flow6Key>() == 40);
     assert!(size_of::<Flow6>() == 24);
-    assert!(size_of::<Uplink6>() == 40);
+    assert!(size_of::<Uplink6>() == 56);
     assert!(size_of::<Nat6Key>() == 24);
     assert!(size_of::<Nat6Lan>() == 20);
     assert!(size_of::<Allow6Key>() == 20);

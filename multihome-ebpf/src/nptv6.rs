@@ -116,49 +116,50 @@ pub fn npt_at(slot: u32) -> Option<&'static Uplink6> {
 }
 
 /// The uplink whose prefix (outer, or with `inner` the internal one)
-/// covers `addr`, and that entry. The uplinks' first entries are tried
-/// as they always were; past them, when some uplink has more, one
-/// subprogram finds the entry.
+/// covers `addr`, and that entry. The uplinks' first entries are tried,
+/// on the uplink's side by the span of all its prefixes: an address none
+/// of them covers (every packet to the internet) costs what it did before
+/// several internal prefixes. Only a source past the first entries (a
+/// host of another internal prefix, or a spoofed one) takes a lookup.
 #[inline(always)]
 pub fn covering(addr: &[u8; 16], inner: bool) -> Option<(u8, &'static Uplink, &'static Uplink6)> {
-    let mut several = false;
     for id in 0..MAX_UPLINKS {
-        if let Some(u6) = translation(id) {
-            // `Uplink6::covers` written out: so LLVM keeps this loop, run
-            // per packet, as compact as before several internal prefixes
-            // (through the method, `mh_lan_in6` doubled in size and took
-            // about 15 ns more per packet).
-            let len = if inner || u6.mode == MODE6_NPT {
-                u6.prefix_len
-            } else {
-                128
+        if let Some(first) = translation(id) {
+            let (prefix, len) = match inner {
+                true => (&first.inner, first.prefix_len),
+                false => (&first.span, first.span_len),
             };
-            if in_prefix6(addr, if inner { &u6.inner } else { &u6.outer }, len)
+            if in_prefix6(addr, prefix, len)
                 && let Some(u) = UPLINKS.get(id)
                 && u.flags & UPLINK_CONFIGURED != 0
             {
-                return Some((id as u8, u, u6));
+                // One prefix spanned: the first entry's own.
+                if inner || first.span_len == first.prefix_len {
+                    return Some((id as u8, u, first));
+                }
+                return UPLINKS6
+                    .get(slot_of(id, addr, false))
+                    .map(|u6| (id as u8, u, u6));
             }
-            several |= u6.lans > 1;
         }
     }
-    if !several {
+    if !inner {
         return None;
     }
-    let slot = covering_further(addr, inner);
+    let slot = inner_further(addr);
     let id = slot % MAX_UPLINKS;
     Some((id as u8, UPLINKS.get(id)?, UPLINKS6.get(slot)?))
 }
 
-/// [`covering`] past the uplinks' first entries: the slot of the first
-/// configured uplink's entry whose prefix covers `addr`, or [`NONE`].
+/// [`covering`] of an internal address past the uplinks' first entries:
+/// the slot of the first configured uplink's entry for it, or [`NONE`].
 #[inline(never)]
-fn covering_further(addr: &[u8; 16], inner: bool) -> u32 {
-    let Some(found) = mapped6(addr, inner) else {
+fn inner_further(addr: &[u8; 16]) -> u32 {
+    let Some(k) = mapped6(addr, true) else {
         return NONE;
     };
     for id in 0..MAX_UPLINKS {
-        let slot = checked(id, addr, inner, found);
+        let slot = checked(id, addr, true, k);
         if slot != NONE
             && let Some(u) = UPLINKS.get(id)
             && u.flags & UPLINK_CONFIGURED != 0

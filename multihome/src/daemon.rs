@@ -953,12 +953,9 @@ impl Daemon {
         let have = self.maps.uplinks6()?;
         let mut changed = Vec::new();
         let mut any = false;
-        // Learned or configured, the same mapping keeps its flows.
-        let mapping = |u: &Uplink6| Uplink6 {
-            delegated_len: 0,
-            lans: 0,
-            ..*u
-        };
+        // Learned or configured, in whatever place and span, the same
+        // mapping keeps its flows.
+        let mapping = |u: &Uplink6| (u.inner, u.outer, u.prefix_len, u.mode, u.adjust);
         let wanted: Vec<(u32, Vec<Uplink6>)> = (0..self.config.uplinks.len())
             .map(|id| {
                 let slot = self.config.uplinks[id].slot;

@@ -310,10 +310,8 @@ pub fn uplink6(config: &Config, id: usize) -> Vec<Uplink6> {
         prefix_len: inner.len,
         mode,
         adjust,
-        delegated_len: 0,
         lans,
-        k: 0,
-        _pad: 0,
+        ..Default::default()
     };
     if config.uplinks[id].mode6 == Mode6::Nat66 {
         let Some(addr) = config.outer6(id) else {
@@ -325,6 +323,8 @@ pub fn uplink6(config: &Config, id: usize) -> Vec<Uplink6> {
             .enumerate()
             .map(|(k, (_, p))| Uplink6 {
                 k: k as u8,
+                span: addr.addr.octets(),
+                span_len: 128,
                 ..entry(*p, addr.addr.octets(), MODE6_NAT66, 0)
             })
             .collect();
@@ -333,20 +333,46 @@ pub fn uplink6(config: &Config, id: usize) -> Vec<Uplink6> {
         .learned6
         .filter(|_| config.learns_prefix6(id))
         .map_or(0, |l| l.delegated.len);
-    config
+    let pairs: Vec<_> = config
         .npt_pairs(id)
         .into_iter()
         .take(MAX_LAN6 as usize)
+        .collect();
+    let span = span6(pairs.iter().map(|(_, o)| *o));
+    pairs
+        .into_iter()
         .enumerate()
         .map(|(k, (inner, outer))| {
             let (i, o) = (inner.network().octets(), outer.network().octets());
             Uplink6 {
                 delegated_len,
                 k: k as u8,
+                span: span.network().octets(),
+                span_len: span.len,
                 ..entry(inner, o, MODE6_NPT, npt_adjustment(&i, &o, inner.len))
             }
         })
         .collect()
+}
+
+/// The shortest prefix that holds each of `prefixes` (none: `::/0`).
+fn span6(prefixes: impl Iterator<Item = Prefix6>) -> Prefix6 {
+    prefixes
+        .reduce(|a, b| {
+            let differ = u128::from(a.network()) ^ u128::from(b.network());
+            let len = a.len.min(b.len).min(differ.leading_zeros() as u8);
+            Prefix6 { addr: a.addr, len }
+        })
+        .map_or(
+            Prefix6 {
+                addr: std::net::Ipv6Addr::UNSPECIFIED,
+                len: 0,
+            },
+            |p| Prefix6 {
+                addr: p.network(),
+                len: p.len,
+            },
+        )
 }
 
 /// [`multihome_common::MAP_ROUTED6`]'s entries, folded as
@@ -578,6 +604,48 @@ mod tests {
             next_hop(c.uplinks[1].gateway.is_some(), &up, Some(gw)).valid,
             0
         );
+    }
+
+    #[test]
+    fn each_internal_prefix_gets_an_entry_with_its_place_and_the_uplinks_span() {
+        let c = Config::parse(
+            "lan = [\"lan0\", \"lan1\"]\nlan_prefixes6 = [\"fd00:1::/64\", \"fd00:9::/64\"]\n\
+             [[uplink]]\nname = \"x\"\ninterface = \"wanx\"\nprefix6 = \"2001:db8:11:100::/56\"\n\
+             [[uplink]]\nname = \"y\"\ninterface = \"wany\"\nprefix6 = \"2001:db8:22::1/128\"\n\
+             mode6 = \"nat66\"\n",
+        )
+        .expect("valid");
+        let text = |a: [u8; 16], len: u8| format!("{}/{len}", std::net::Ipv6Addr::from(a));
+        let x = uplink6(&c, 0);
+        let got: Vec<_> = x
+            .iter()
+            .map(|u| (text(u.outer, u.prefix_len), u.k, u.lans))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("2001:db8:11:100::/64".to_owned(), 0, 2),
+                ("2001:db8:11:101::/64".to_owned(), 1, 2),
+            ]
+        );
+        // Subnets 0 and 1 of the /56: spanned by their /63.
+        for u in &x {
+            assert_eq!(text(u.span, u.span_len), "2001:db8:11:100::/63");
+            assert_eq!(u.mode, MODE6_NPT);
+        }
+        // NAT66: both internal prefixes onto the one address.
+        let y = uplink6(&c, 1);
+        assert_eq!(y.len(), 2);
+        for u in &y {
+            assert_eq!(text(u.span, u.span_len), "2001:db8:22::1/128");
+            assert_eq!(text(u.outer, 128), "2001:db8:22::1/128");
+        }
+        // One prefix: its span is its own.
+        let p = |s: &str| s.parse::<Prefix6>().expect("prefix");
+        let one = span6([p("2001:db8:11:103::/64")].into_iter());
+        assert_eq!(one.to_string(), "2001:db8:11:103::/64");
+        let far = span6([p("2001:db8:11:100::/64"), p("2001:db8:12::/64")].into_iter());
+        assert_eq!(far.to_string(), "2001:db8:10::/46");
     }
 
     #[test]

@@ -600,7 +600,9 @@ impl Datapath {
         let u6 = Uplink6 {
             inner,
             outer,
+            span: outer,
             prefix_len: 64,
+            span_len: 64,
             mode: MODE6_NPT,
             adjust: npt_adjustment(&inner, &outer, 64),
             ..Default::default()
@@ -613,6 +615,14 @@ impl Datapath {
     /// the daemon writes them.
     fn set_uplink6_0_lans(&mut self, pairs: &[(&str, &str)]) {
         let lans = pairs.len() as u8;
+        // The span of the uplink's prefixes: their common leading bits.
+        let first = u128::from(v6(pairs[0].1));
+        let span_len = pairs
+            .iter()
+            .map(|(_, o)| (u128::from(v6(o)) ^ first).leading_zeros().min(64) as u8)
+            .min()
+            .expect("a pair");
+        let span = (first & !(u128::MAX >> span_len)).to_be_bytes();
         let entries: Vec<Uplink6> = pairs
             .iter()
             .enumerate()
@@ -626,6 +636,8 @@ impl Datapath {
                     adjust: npt_adjustment(&inner, &outer, 64),
                     lans,
                     k: k as u8,
+                    span,
+                    span_len,
                     ..Default::default()
                 }
             })
@@ -663,7 +675,9 @@ impl Datapath {
         let u6 = Uplink6 {
             inner: v6(INNER6).octets(),
             outer: v6(NAT6_ADDR).octets(),
+            span: v6(NAT6_ADDR).octets(),
             prefix_len: 64,
+            span_len: 128,
             mode: MODE6_NAT66,
             ..Default::default()
         };
