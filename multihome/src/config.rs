@@ -731,9 +731,17 @@ fn fit_problems(at: &str, text: &str, outer: Prefix6, inner: &[(u64, Prefix6)]) 
         return out;
     };
     if outer.len > len {
+        // RFC 6296 §3.7 would zero-extend the internal prefix: only its
+        // first subnet as long as `prefix6` would be translated. Asking
+        // for that means naming that subnet.
+        let first = inner.first().map_or(outer, |(_, p)| Prefix6 {
+            addr: p.network(),
+            len: outer.len,
+        });
         out.push(format!(
             "{at}: `prefix6` {text} is /{}, the internal prefixes /{len}: NPTv6 maps each onto a \
-             prefix as long as itself (RFC 6296 §3.7 would translate only part of the LAN)",
+             prefix as long as itself (RFC 6296 §3.7 would translate only part of the LAN); to \
+             translate only that part, list it in `lan_prefixes6` ({first}, say)",
             outer.len
         ));
     } else if let Some(last) = inner.iter().map(|(s, _)| *s).max()
@@ -1255,6 +1263,10 @@ weight = 2
         // RFC 6296 §3.7: a /48 inside onto a /64 outside maps one subnet.
         let err = problems6(&with6("fd00:1::/48", "2001:db8:11:100::/64", ""));
         assert!(err.contains("as long as itself"), "{err}");
+        assert!(
+            err.contains("list it in `lan_prefixes6` (fd00:1::/64, say)"),
+            "{err}"
+        );
         let err = problems6(&with6("fd00:1::/80", "2001:db8:11:100::/80", ""));
         assert!(err.contains("1 to 64 bits"), "{err}");
         let err = problems6(&with6(
