@@ -182,4 +182,48 @@ mod tests {
             at += width + 1;
         }
     }
+
+    #[test]
+    fn the_ipv6_section_lists_each_uplinks_prefixes_in_the_lans_order() {
+        let mapped = |p: &[&str]| UplinkStatus {
+            prefix6: p.first().map(|s| s.to_string()),
+            prefixes6: p.iter().map(|s| s.to_string()).collect(),
+            flows6: 2,
+            ..UplinkStatus::sample("x", "up")
+        };
+        let st = Status {
+            uplinks: vec![
+                mapped(&["2001:db8:11:100::/64", "2001:db8:11:101::/64"]),
+                UplinkStatus {
+                    delegated6: Some("2001:db8:f0::/56".into()),
+                    ..mapped(&["2001:db8:f0:3::/64", "2001:db8:f0:4::/64"])
+                },
+                UplinkStatus::sample("z", "up"),
+            ],
+            interfaces: vec![],
+            flows: 0,
+            top_hosts: vec![],
+            lan_prefixes6: vec!["fd00:1::/64".into(), "fd00:9::/64".into()],
+            flows6: 4,
+            drops: Default::default(),
+        };
+        let text = table(&st);
+        assert!(
+            text.contains(
+                "NPTv6 maps fd00:1::/64, fd00:9::/64, in order, onto each uplink's prefixes"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("2001:db8:11:100::/64, 2001:db8:11:101::/64"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "2001:db8:f0:3::/64, 2001:db8:f0:4::/64 (of the delegated 2001:db8:f0::/56)"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("- (takes no IPv6 flows)"), "{text}");
+    }
 }
