@@ -99,6 +99,9 @@ struct Daemon {
     /// Per uplink: why the delegation it found cannot be used, as last
     /// logged.
     pd_problem: Vec<Option<String>>,
+    /// Why learned LAN ULAs are not translated, as last logged: each is
+    /// logged once, not at every look.
+    lan6_problems: Vec<(log::Level, String)>,
     /// The LAN interfaces as the last refresh saw them.
     lan_ifaces: Vec<netinfo::Interface>,
     /// What `LAN_HOPS` and `LAN_HOPS6` hold.
@@ -275,6 +278,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         routing6: Routing6::new(handle.clone()),
         ndp_proxied: false,
         pd_problem: vec![None; config.uplinks.len()],
+        lan6_problems: Vec::new(),
         lan_ifaces: Vec::new(),
         lan_hops: BTreeMap::new(),
         handle,
@@ -862,6 +866,7 @@ impl Daemon {
     ) {
         let old = self.config.lan6_learned.clone();
         let mut picked: Vec<(u64, config::Prefix6)> = Vec::new();
+        let mut problems = Vec::new();
         for (place, name) in self.config.lan.iter().enumerate() {
             let Some(index) = snap.get(name).map(|i| i.index) else {
                 continue;
@@ -877,12 +882,15 @@ impl Daemon {
             else {
                 continue;
             };
-            if found.len() > 1 && current != Some(p) {
-                warn!(
-                    "LAN interface {name} has {} ULA prefixes; only {p} is translated (set \
-                     `lan_prefixes6` to choose)",
-                    found.len()
-                );
+            if found.len() > 1 {
+                problems.push((
+                    log::Level::Warn,
+                    format!(
+                        "LAN interface {name} has {} ULA prefixes; only {p} is translated (set \
+                         `lan_prefixes6` to choose)",
+                        found.len()
+                    ),
+                ));
             }
             let clash = picked
                 .iter()
@@ -899,13 +907,17 @@ impl Daemon {
                 None => self.unfit6(p, place as u64),
             };
             match why {
-                Some(why) if current != Some(p) => {
-                    error!("LAN interface {name}'s ULA {p} is not translated: {why}")
-                }
-                Some(_) => {}
+                Some(why) => problems.push((
+                    log::Level::Error,
+                    format!("LAN interface {name}'s ULA {p} is not translated: {why}"),
+                )),
                 None => picked.push((place as u64, p)),
             }
         }
+        for (level, p) in problems.iter().filter(|p| !self.lan6_problems.contains(p)) {
+            log::log!(*level, "{p}");
+        }
+        self.lan6_problems = problems;
         if picked == old {
             return;
         }
