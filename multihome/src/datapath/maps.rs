@@ -419,8 +419,6 @@ impl Maps {
         )
     }
 
-    /// Makes [`MAP_ALLOW6`] hold exactly `allowed` (selector, internal
-    /// prefix).
     /// Writes `MAPPED6` for `uplinks6` (each slot's entries, as
     /// [`Maps::set_uplink6`] takes them): the prefixes of every entry
     /// past an uplink's first, exactly.
@@ -452,6 +450,8 @@ impl Maps {
         )
     }
 
+    /// Makes [`MAP_ALLOW6`] hold exactly `allowed` (selector, internal
+    /// prefix).
     pub fn set_allow6(&self, allowed: &[(u32, Prefix6)]) -> anyhow::Result<()> {
         let wanted: Vec<_> = allowed
             .iter()
@@ -602,7 +602,6 @@ impl Maps {
         mapwalk::collect(&self.conn6()?).context("reading CONN6")
     }
 
-    /// Every slot's IPv6 translation.
     /// Each uplink slot's IPv6 translations, one per internal prefix in
     /// order (empty: the uplink carries no IPv6).
     pub fn uplinks6(&self) -> anyhow::Result<Vec<Vec<Uplink6>>> {
