@@ -34,24 +34,6 @@ pub fn translation(id: u32) -> Option<&'static Uplink6> {
 /// No entry (past every slot of `UPLINKS6`).
 const NONE: u32 = u32::MAX;
 
-/// The slot of uplink `id`'s translation (NPTv6 or NAT66) of the
-/// internal prefix that covers `addr`, matched on the internal side
-/// (`inner`) or on the uplink's, or [`NONE`]. Its first entry is tried
-/// first; the others, only when it has them, by `MAPPED6`.
-#[inline(always)]
-fn slot_of(id: u32, addr: &[u8; 16], inner: bool) -> u32 {
-    let Some(first) = translation(id) else {
-        return NONE;
-    };
-    if first.covers(addr, inner) {
-        return id;
-    }
-    if first.lans <= 1 {
-        return NONE;
-    }
-    further(id, addr, inner)
-}
-
 /// `MAPPED6`'s answer for `addr` on its side: an internal prefix's `k`,
 /// or the slot of the entry with an uplink's prefix.
 #[inline(always)]
@@ -82,8 +64,8 @@ fn checked(id: u32, addr: &[u8; 16], inner: bool, found: u32) -> u32 {
     }
 }
 
-/// [`slot_of`] past the first entry: one lookup, whose answer the
-/// verifier cannot tell apart (no search to unroll, one path after it).
+/// [`entry`] past the first: one lookup, whose answer the verifier
+/// cannot tell apart (no search to unroll, one path after it).
 #[inline(never)]
 fn further(id: u32, addr: &[u8; 16], inner: bool) -> u32 {
     match mapped6(addr, inner) {
@@ -94,10 +76,18 @@ fn further(id: u32, addr: &[u8; 16], inner: bool) -> u32 {
 
 /// Uplink `id`'s translation (NPTv6 or NAT66) of the internal prefix
 /// that covers `addr`, matched on the internal side (`inner`) or on the
-/// uplink's.
+/// uplink's. Its first entry is tried first; the others, only when it
+/// has them, by `MAPPED6`.
 #[inline(always)]
 pub fn entry(id: u32, addr: &[u8; 16], inner: bool) -> Option<&'static Uplink6> {
-    UPLINKS6.get(slot_of(id, addr, inner))
+    let first = translation(id)?;
+    if first.covers(addr, inner) {
+        return Some(first);
+    }
+    if first.lans <= 1 {
+        return None;
+    }
+    UPLINKS6.get(further(id, addr, inner))
 }
 
 /// Uplink `id`'s NPTv6 translation of the internal prefix covering
@@ -137,9 +127,7 @@ pub fn covering(addr: &[u8; 16], inner: bool) -> Option<(u8, &'static Uplink, &'
                 if inner || first.span_len == first.prefix_len {
                     return Some((id as u8, u, first));
                 }
-                return UPLINKS6
-                    .get(slot_of(id, addr, false))
-                    .map(|u6| (id as u8, u, u6));
+                return entry(id, addr, false).map(|u6| (id as u8, u, u6));
             }
         }
     }
