@@ -1082,6 +1082,17 @@ pub fn check_port_ranges(snat: [u16; 2]) -> anyhow::Result<(u16, u16)> {
 }
 
 #[cfg(test)]
+impl Config {
+    /// Uplink `id`'s NPTv6 mappings as `"inner outer"` lines, for tests.
+    pub fn npt_pairs_text(&self, id: usize) -> Vec<String> {
+        self.npt_pairs(id)
+            .iter()
+            .map(|(i, o)| format!("{i} {o}"))
+            .collect()
+    }
+}
+
+#[cfg(test)]
 pub(crate) mod tests {
     use super::*;
 
@@ -1291,13 +1302,8 @@ weight = 2
             "2001:db8:11:100::/62",
         ))
         .expect("three /64s in a /62");
-        let pairs: Vec<String> = c
-            .npt_pairs(0)
-            .iter()
-            .map(|(i, o)| format!("{i} {o}"))
-            .collect();
         assert_eq!(
-            pairs,
+            c.npt_pairs_text(0),
             [
                 "fd00:1::/64 2001:db8:11:100::/64",
                 "fd00:aa::/64 2001:db8:11:101::/64",

@@ -461,13 +461,8 @@ mod tests {
         let got = learned(&c, 0, p("2001:db8:f0::/56")).expect("fits");
         assert_eq!(got.npt, p("2001:db8:f0:3::/64"));
         c.uplinks[0].learned6 = Some(got);
-        let pairs: Vec<String> = c
-            .npt_pairs(0)
-            .iter()
-            .map(|(i, o)| format!("{i} {o}"))
-            .collect();
         assert_eq!(
-            pairs,
+            c.npt_pairs_text(0),
             [
                 "fd00:1::/64 2001:db8:f0:3::/64",
                 "fd00:9::/64 2001:db8:f0:4::/64"
