@@ -2762,16 +2762,14 @@ fn wan_out_malformed_non_first_fragments_pass_byte_identical() {
     });
 }
 
-/// The compiler's `memset`/`memcpy` for BPF are byte-at-a-time loops: a
-/// 64-byte zeroing cost more than a map lookup. No program may call them.
-#[test]
-fn no_program_calls_the_byte_loop_memory_builtins() {
+/// The object's disassembly with relocations (`llvm-objdump -d -r`).
+fn disassembly() -> String {
     let objdump = "/usr/lib/llvm-22/bin/llvm-objdump";
     assert!(
         std::path::Path::new(objdump).exists(),
         "{objdump} is missing: run `cargo xtask setup` (package llvm-22)"
     );
-    let path = std::env::temp_dir().join(format!("mh-builtins-{}.o", std::process::id()));
+    let path = std::env::temp_dir().join(format!("mh-disasm-{}.o", std::process::id()));
     std::fs::write(&path, object()).expect("write the object");
     let out = Command::new(objdump)
         .args(["-d", "-r"])
@@ -2780,27 +2778,72 @@ fn no_program_calls_the_byte_loop_memory_builtins() {
         .expect("run llvm-objdump");
     let _ = std::fs::remove_file(&path);
     assert!(out.status.success(), "llvm-objdump failed: {out:?}");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut program = "";
-    let mut calls = Vec::new();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("<mh_lan_in>:"),
+        "no mh_lan_in in:\n{text:.500}"
+    );
+    text
+}
+
+/// Each function of the disassembly (its symbol) with its lines.
+fn functions(text: &str) -> Vec<(&str, Vec<&str>)> {
+    let mut out: Vec<(&str, Vec<&str>)> = Vec::new();
     for line in text.lines() {
         if let Some(name) = line
             .split_once(" <")
             .and_then(|(_, r)| r.strip_suffix(">:"))
         {
-            program = if name.starts_with("mh_") { name } else { "" };
-        } else if !program.is_empty() && line.contains("R_BPF_64_32") {
+            out.push((name, Vec::new()));
+        } else if let Some((_, lines)) = out.last_mut() {
+            lines.push(line);
+        }
+    }
+    out
+}
+
+/// The compiler's `memset`/`memcpy` for BPF are byte-at-a-time loops: a
+/// 64-byte zeroing cost more than a map lookup. No program may call them.
+#[test]
+fn no_program_calls_the_byte_loop_memory_builtins() {
+    let text = disassembly();
+    let mut calls = Vec::new();
+    for (program, lines) in functions(&text) {
+        if !program.starts_with("mh_") {
+            continue;
+        }
+        for line in lines.iter().filter(|l| l.contains("R_BPF_64_32")) {
             let target = line.split_whitespace().last().unwrap_or("");
             if ["memset", "memcpy", "memmove", "memcmp", "bcmp"].contains(&target) {
                 calls.push(format!("{program} calls {target}"));
             }
         }
     }
-    assert!(
-        text.contains("<mh_lan_in>:"),
-        "no mh_lan_in in:\n{text:.500}"
-    );
     assert!(calls.is_empty(), "{calls:#?}");
+}
+
+/// A program whose body the compiler left out of line (the entry the
+/// `#[classifier]` macro wraps around it) pays a BPF-to-BPF call and
+/// return on every packet, 7 ns here (`BENCHMARKS.md`). Every entry
+/// point starts with its own code.
+#[test]
+fn every_program_runs_its_pipeline_in_its_own_body_not_through_a_call() {
+    let text = disassembly();
+    let outlined: Vec<&str> = functions(&text)
+        .into_iter()
+        .filter(|(name, lines)| {
+            name.starts_with("mh_")
+                && lines
+                    .iter()
+                    .find(|l| !l.trim().is_empty())
+                    .is_some_and(|first| first.contains("call"))
+        })
+        .map(|(name, _)| name)
+        .collect();
+    assert!(
+        outlined.is_empty(),
+        "entries that only call their body: {outlined:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------
