@@ -4,7 +4,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_loop},
+    helpers::{bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_loop},
     programs::TcContext,
 };
 use multihome_common::{
@@ -14,7 +14,7 @@ use multihome_common::{
 
 use crate::{
     affinity,
-    maps::{CONN_FWD, CONN_REV},
+    maps::{CLOCK_TICK, CONN_FWD, CONN_REV},
     parse::{Frame, L4, Packet, TCP_FIN, TCP_RST, TCP_SYN, hi, read},
     sockets,
 };
@@ -27,11 +27,28 @@ const TOUCH_NS: u64 = 1_000_000_000;
 
 const EEXIST: i32 = 17;
 
-/// `multihome_common::CLOCK` now, ns.
+/// `multihome_common::CLOCK` now, ns. The coarse clock only moves at a
+/// tick, so it is read once per jiffy and CPU (`bpf_ktime_get_coarse_ns`
+/// is a helper call; `bpf_jiffies64` is inlined by the verifier to a load).
+/// A packet between the jiffies update and the clock's
+/// (`tick_do_update_jiffies64`) keeps the last tick's time for that jiffy:
+/// at most two ticks behind, as against one.
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: no preconditions.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    let jiffies = unsafe { bpf_jiffies64() };
+    let Some(tick) = CLOCK_TICK.get_ptr_mut(0) else {
+        // SAFETY: no preconditions.
+        return unsafe { bpf_ktime_get_coarse_ns() };
+    };
+    // SAFETY: this CPU's slot; a program runs on one CPU to its end.
+    let tick = unsafe { &mut *tick };
+    if tick.jiffies != jiffies {
+        // SAFETY: no preconditions.
+        tick.ns = unsafe { bpf_ktime_get_coarse_ns() };
+        tick.jiffies = jiffies;
+    }
+    tick.ns
 }
 
 /// The forward key of a LAN packet.

@@ -209,6 +209,20 @@ pub static ALLOW6: LpmTrie<Allow6Key, u32, { MAX_ALLOW6 as usize }> = LpmTrie::n
 #[btf_map]
 pub static SCRATCH6: PerCpuArray<Flow6Key, 1> = PerCpuArray::new();
 
+/// [`CLOCK_TICK`]'s value.
+#[repr(C)]
+pub struct ClockTick {
+    /// `jiffies_64` when `ns` was read.
+    pub jiffies: u64,
+    /// `CLOCK_MONOTONIC_COARSE` then, ns.
+    pub ns: u64,
+}
+
+/// Per CPU: the jiffy and the coarse clock read at it (`conntrack::now_ns`).
+/// Never pinned: a cache.
+#[btf_map]
+pub static CLOCK_TICK: PerCpuArray<ClockTick, 1> = PerCpuArray::new();
+
 /// Uplink slot -> its IPv6 next hop (`gateway6` or the router of its RA),
 /// so that established IPv6 packets skip `bpf_fib_lookup`.
 #[btf_map]

@@ -4770,3 +4770,55 @@ fn wan_in6_reply_to_a_cached_lan_host_is_mapped_and_redirected_without_a_lookup(
         assert_eq!(counted, vec![]);
     });
 }
+
+/// `CLOCK_MONOTONIC_COARSE` now, ns: the clock of every stamp.
+fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the timespec.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) },
+        0
+    );
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The programs read the coarse clock once per jiffy and CPU; a stamp may
+/// trail it by two ticks, 20 ms at HZ = 100.
+const STAMP_LAG_NS: u64 = 20_000_000;
+
+/// A flow's stamp comes from the per-tick clock cache (`now_ns`): on
+/// the coarse clock within two ticks, and moving on with it, so a cache
+/// that kept an old time would fail the second look.
+#[test]
+fn lan_in_stamps_last_seen_on_the_coarse_clock_and_a_second_later_anew() {
+    with_datapath(|dp| {
+        let f = UDP_FLOW;
+        let mut stamps = Vec::new();
+        for _ in 0..2 {
+            dp.insert_flow(&f);
+            let before = coarse_now_ns();
+            let run = dp.run(PROG_LAN_IN, &f.outbound().frame(), 0);
+            let after = coarse_now_ns();
+            assert_eq!(
+                run.ret, TC_ACT_UNSPEC,
+                "passed to the kernel: no route here"
+            );
+            let stamp = dp.fwd_entry(&f).expect("the flow").last_seen_ns;
+            assert!(
+                before.saturating_sub(STAMP_LAG_NS) <= stamp && stamp <= after,
+                "stamp {stamp} outside [{before} - 20 ms, {after}]"
+            );
+            stamps.push(stamp);
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+        }
+        assert!(
+            stamps[1] >= stamps[0] + 1_100_000_000 - STAMP_LAG_NS,
+            "the second stamp ({}) did not move on 1.1 s from the first ({})",
+            stamps[1],
+            stamps[0]
+        );
+    });
+}
