@@ -856,7 +856,8 @@ impl Config {
             }
             if self.lan.contains(&u.interface) {
                 out.push(format!(
-                    "{at}: interface {:?} is also listed in `lan`",
+                    "{at}: interface {:?} is also listed in `lan`; a device is a LAN interface \
+                     or an uplink, not both (one NIC for both: a VLAN device for each)",
                     u.interface
                 ));
             }
@@ -1163,6 +1164,16 @@ weight = 2
         assert!(err.contains("`weight` must be 0 to 255"), "{err}");
         assert!(err.contains("snat_ports"), "{err}");
         assert!(err.contains("#2"), "{err}");
+    }
+
+    #[test]
+    fn an_uplink_on_a_lan_interface_is_refused_by_name() {
+        let text = GOOD.replace("interface = \"wany\"", "interface = \"lan0\"");
+        let err = format!("{:#}", Config::parse(&text).expect_err("must be rejected"));
+        assert!(
+            err.contains("#2") && err.contains("\"lan0\" is also listed in `lan`"),
+            "{err}"
+        );
     }
 
     #[test]
