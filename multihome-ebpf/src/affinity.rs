@@ -40,7 +40,7 @@ pub fn stuck(key: &AffinityKey, t: &SelectTable) -> Option<u8> {
     // SAFETY: a preallocated LRU value; a racing CPU only loses a stamp.
     let a = unsafe { &mut *a };
     let now = now_ns();
-    let fresh = now.wrapping_sub(a.last_ns) <= u64::from(t.sticky_s) * 1_000_000_000;
+    let fresh = now.saturating_sub(a.last_ns) <= u64::from(t.sticky_s) * 1_000_000_000;
     let member = a.uplink < 32 && t.now_members & (1 << a.uplink) != 0;
     if !fresh || !member {
         return None;

@@ -32,7 +32,9 @@ const EEXIST: i32 = 17;
 /// is a helper call; `bpf_jiffies64` is inlined by the verifier to a load).
 /// A packet between the jiffies update and the clock's
 /// (`tick_do_update_jiffies64`) keeps the last tick's time for that jiffy:
-/// at most two ticks behind, as against one.
+/// at most two ticks behind, as against one. So one CPU's now may trail a
+/// stamp another CPU just made: every elapsed time is a `saturating_sub`,
+/// and a stamp ahead of now counts as just now.
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: no preconditions.
@@ -424,7 +426,7 @@ pub fn touch_out(ctx: &impl Frame, key: &FlowKey, fwd: *mut FlowFwd, pkt: &Packe
         track_data(ctx, f, pkt);
     }
     let now = now_ns();
-    if now.wrapping_sub(f.last_seen_ns) > TOUCH_NS {
+    if now.saturating_sub(f.last_seen_ns) > TOUCH_NS {
         f.last_seen_ns = now;
         let rev_key = key.reply(f.nat_addr_be, f.nat_port_be);
         if lookup_rev(&rev_key).is_none() {
@@ -484,7 +486,7 @@ pub fn touch_in(fwd: *mut FlowFwd, pkt: &Packet) -> Option<u64> {
 #[inline(always)]
 pub fn stamp(at: &mut u64) -> u64 {
     let now = now_ns();
-    let since = now.wrapping_sub(*at);
+    let since = now.saturating_sub(*at);
     if since > TOUCH_NS {
         *at = now;
     }

@@ -58,7 +58,7 @@ pub fn echo_owned_by_host(daddr_be: u32, id_be: u16) -> bool {
     };
     // SAFETY: a copy of the map value.
     match HOST_ECHO.get_ptr(key).map(|p| unsafe { *p }) {
-        Some(at) => now_ns().wrapping_sub(at) < HOST_ECHO_NS,
+        Some(at) => now_ns().saturating_sub(at) < HOST_ECHO_NS,
         None => false,
     }
 }

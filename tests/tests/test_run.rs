@@ -22,15 +22,15 @@ use aya::{
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use multihome_common::{
-    EimKey, EimLan, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_HAIRPIN, FLOW_RST, FLOW_RST_IN,
+    EchoKey, EimKey, EimLan, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_HAIRPIN, FLOW_RST, FLOW_RST_IN,
     FLOW_SEEN_REPLY, FlowFwd, FlowKey, FlowRev, HostFlows, JUMP_LAN_RESET, LAYOUT_VERSION, LanNet,
-    MAP_CONN_FWD, MAP_CONN_REV, MAP_EIM, MAP_FILL, MAP_HOSTS, MAP_JUMP, MAP_LAN_NETS,
-    MAP_NEXT_HOPS, MAP_PEERS, MAP_REASONS, MAP_ROUTED, MAP_ROUTED6, MAP_SETTINGS, MAP_SYN_WAIT,
-    MAP_UPLINK_STATS, MAP_UPLINKS, MAP_XDP_DEVS, MAP_XDP_STATS, MARK_TRANSLATED, NextHop,
-    PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN, PROG_WAN_OUT, PROG_XDP_LAN, PROG_XDP_WAN, PeerSlot,
-    REASON_COUNT, Reason, Reasons, Routed6Key, RoutedKey, Settings, SynWaitKey, UPLINK_CONFIGURED,
-    UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_OUTAGE, UPLINK_RESET_TCP, UPLINK_USABLE, Uplink,
-    UplinkStats, WAIT_RETRANSMIT, WAIT_SYN, XdpStats, peer_check, peer_slot,
+    MAP_CONN_FWD, MAP_CONN_REV, MAP_EIM, MAP_FILL, MAP_HOST_ECHO, MAP_HOSTS, MAP_JUMP,
+    MAP_LAN_NETS, MAP_NEXT_HOPS, MAP_PEERS, MAP_REASONS, MAP_ROUTED, MAP_ROUTED6, MAP_SETTINGS,
+    MAP_SYN_WAIT, MAP_UPLINK_STATS, MAP_UPLINKS, MAP_XDP_DEVS, MAP_XDP_STATS, MARK_TRANSLATED,
+    NextHop, PROG_LAN_IN, PROG_LAN_RESET, PROG_WAN_IN, PROG_WAN_OUT, PROG_XDP_LAN, PROG_XDP_WAN,
+    PeerSlot, REASON_COUNT, Reason, Reasons, Routed6Key, RoutedKey, Settings, SynWaitKey,
+    UPLINK_CONFIGURED, UPLINK_EVACUATE, UPLINK_EVACUATE_TCP, UPLINK_OUTAGE, UPLINK_RESET_TCP,
+    UPLINK_USABLE, Uplink, UplinkStats, WAIT_RETRANSMIT, WAIT_SYN, XdpStats, peer_check, peer_slot,
 };
 use multihome_common::{
     Flow6, Flow6Key, MAP_CONN6, MAP_HOSTS6, MAP_LAN_HOPS, MAP_LAN_HOPS6, MAP_NAT6, MAP_NEXT_HOPS6,
@@ -4820,5 +4820,63 @@ fn lan_in_stamps_last_seen_on_the_coarse_clock_and_a_second_later_anew() {
             stamps[1],
             stamps[0]
         );
+    });
+}
+
+/// Another CPU's stamp may be a tick ahead of this CPU's clock (see
+/// [`STAMP_LAG_NS`]): such a stamp is "just now", never an age that wraps
+/// round to centuries. A reply to the gateway's ping noted "later" is
+/// still the gateway's, a SYN-ACK times a round trip near 0, and a flow
+/// stamped "later" keeps its stamp.
+#[test]
+fn a_stamp_ahead_of_the_clock_counts_as_just_now_everywhere_an_age_is_taken() {
+    with_datapath(|dp| {
+        let ahead = coarse_now_ns() + 50_000_000;
+        // The gateway's ping, as if noted on a CPU ahead of this one.
+        {
+            let mut echo: HashMap<_, EchoKey, u64> =
+                HashMap::try_from(dp.ebpf.map_mut(MAP_HOST_ECHO).expect("HOST_ECHO"))
+                    .expect("types");
+            let key = EchoKey {
+                daddr_be: be(REMOTE),
+                id_be: ECHO_FLOW.nat_port.to_be(),
+                _pad: 0,
+            };
+            echo.insert(key, ahead, 0).expect("note the ping");
+        }
+        let (_, counted) = dp.run_counted(PROG_WAN_IN, &ECHO_FLOW.reply().frame(), 0);
+        assert_eq!(counted, [(Reason::HostEcho, 1)], "the gateway's reply");
+        // A SYN made "later" than its SYN-ACK arrives.
+        dp.set_fwd(
+            TCP_FLOW.fwd_key(),
+            FlowFwd {
+                last_seen_ns: ahead,
+                ..TCP_FLOW.fwd()
+            },
+        );
+        dp.insert_rev(&TCP_FLOW);
+        dp.run(
+            PROG_WAN_IN,
+            &with_tcp_flags(TCP_FLOW.reply(), TCP_SYN | TCP_ACK),
+            0,
+        );
+        let s = dp.uplink0_stats();
+        assert_eq!(s.synacks, 1, "{s:?}");
+        assert!(
+            s.synack_rtt_ns < 1_000_000_000,
+            "round trip {} ns",
+            s.synack_rtt_ns
+        );
+        // A packet of a flow stamped "later" leaves the stamp alone.
+        dp.set_fwd(
+            UDP_FLOW.fwd_key(),
+            FlowFwd {
+                last_seen_ns: ahead,
+                ..UDP_FLOW.fwd()
+            },
+        );
+        dp.run(PROG_LAN_IN, &UDP_FLOW.outbound().frame(), 0);
+        let stamp = dp.fwd_entry(&UDP_FLOW).expect("the flow").last_seen_ns;
+        assert_eq!(stamp, ahead, "restamped backwards");
     });
 }
