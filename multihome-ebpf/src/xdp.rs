@@ -4,10 +4,7 @@
 //! counters and `snd_max`; everything else passes to the TC programs
 //! unchanged (DATAPATH.md, "The XDP path").
 use aya_ebpf::{
-    bindings::{
-        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
-        xdp_action::{XDP_ABORTED, XDP_PASS},
-    },
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action::XDP_PASS},
     helpers::bpf_fib_lookup,
     programs::XdpContext,
 };
@@ -157,21 +154,17 @@ fn lan_fast(ctx: &XdpContext) -> Fast {
         return Err(Decline);
     }
     let hop = NEXT_HOPS.get(u32::from(flow.uplink)).ok_or(Decline)?;
-    if hop.valid == 0
-        || hop.ifindex != uplink.ifindex
-        || u32::from(pkt.tot_len) > hop.mtu
-        || XDP_DEVS.get(hop.ifindex).is_none()
-    {
+    if hop.valid == 0 || hop.ifindex != uplink.ifindex || u32::from(pkt.tot_len) > hop.mtu {
         return Err(Decline);
     }
     let mac = hop.mac;
-    let ifindex = hop.ifindex;
+    let redirect = aim(hop.ifindex)?;
     conntrack::touch_out(ctx, &key, f, &pkt);
     rewrite(ctx, &pkt, Side::Src, flow.nat_addr_be, flow.nat_port_be)?;
     write(ctx, 0, mac).map_err(|_| Decline)?;
     stats::tx(flow.uplink, u32::from(pkt.tot_len));
     count(flow.uplink, |s| s.tx_packets += 1);
-    redirect(ifindex)
+    Ok(redirect)
 }
 
 /// Uplink to LAN: an answered flow's reply, translated back and sent to
@@ -200,25 +193,29 @@ fn wan_fast(ctx: &XdpContext) -> Fast {
     if uplink.flags & UPLINK_OUTAGE != 0 {
         return Err(Decline);
     }
-    let (ifindex, mac) = lan_hop(ctx, &pkt, rev.lan_addr_be)?;
+    let (redirect, mac) = lan_hop(ctx, &pkt, rev.lan_addr_be)?;
     conntrack::touch_in(f, &pkt);
     rewrite(ctx, &pkt, Side::Dst, rev.lan_addr_be, rev.lan_port_be)?;
     write(ctx, 0, mac).map_err(|_| Decline)?;
     stats::rx(rev.uplink, u32::from(pkt.tot_len));
     count(rev.uplink, |s| s.rx_packets += 1);
-    redirect(ifindex)
+    Ok(redirect)
 }
 
-/// The LAN host's device and Ethernet header, from its cached next hop
-/// (`LAN_HOPS`) when that serves, else when the kernel knows the route
-/// and the neighbour; the packet fits, and the device is in `XDP_DEVS`.
+/// The redirect to the LAN host's device ([`aim`]) and its Ethernet
+/// header, from its cached next hop (`LAN_HOPS`) when that serves, else
+/// when the kernel knows the route and the neighbour; the packet fits,
+/// and the device is in `XDP_DEVS`.
 #[inline(always)]
 fn lan_hop(ctx: &XdpContext, pkt: &Packet, lan_addr_be: u32) -> Result<(u32, [u8; 12]), Decline> {
     if let Some(h) = LAN_HOPS.get_ptr(lan_addr_be) {
         // SAFETY: a read of the map value.
         let h = unsafe { &*h };
-        if h.valid != 0 && u32::from(pkt.tot_len) <= h.mtu && XDP_DEVS.get(h.ifindex).is_some() {
-            return Ok((h.ifindex, h.mac));
+        if h.valid != 0
+            && u32::from(pkt.tot_len) <= h.mtu
+            && let Ok(redirect) = aim(h.ifindex)
+        {
+            return Ok((redirect, h.mac));
         }
     }
     let mut params = MaybeUninit::<FibParams>::uninit();
@@ -238,13 +235,14 @@ fn lan_hop(ctx: &XdpContext, pkt: &Packet, lan_addr_be: u32) -> Result<(u32, [u8
             0,
         )
     };
-    if ret != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || XDP_DEVS.get(p.ifindex).is_none() {
+    if ret != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         return Err(Decline);
     }
+    let redirect = aim(p.ifindex)?;
     let mut mac = [0u8; 12];
     mac[..6].copy_from_slice(&p.dmac);
     mac[6..].copy_from_slice(&p.smac);
-    Ok((p.ifindex, mac))
+    Ok((redirect, mac))
 }
 
 /// Rewrites one side's address and port, decrements the TTL, and fixes
@@ -287,9 +285,15 @@ pub fn count(uplink: u8, f: impl FnOnce(&mut multihome_common::XdpStats)) {
     }
 }
 
+/// Sets the frame's redirect to device `ifindex` before anything is
+/// written: `XDP_REDIRECT`, or a decline, the frame untouched, when the
+/// device is not in `XDP_DEVS`. One devmap lookup serves as the check
+/// and the target (`bpf_redirect_map`); the target holds only if the
+/// program returns `XDP_REDIRECT`, and a later decline returns
+/// `XDP_PASS`.
 #[inline(always)]
-pub fn redirect(ifindex: u32) -> Fast {
-    // The device was checked in XDP_DEVS before the rewrite; should it go
-    // meanwhile, the frame is lost rather than passed on translated.
-    Ok(XDP_DEVS.redirect(ifindex, 0).unwrap_or(XDP_ABORTED))
+pub fn aim(ifindex: u32) -> Fast {
+    XDP_DEVS
+        .redirect(ifindex, u64::from(XDP_PASS))
+        .map_err(|_| Decline)
 }

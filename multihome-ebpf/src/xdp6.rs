@@ -12,7 +12,7 @@ use multihome_common::{
 use crate::{
     conntrack,
     csum::fold,
-    maps::{CONN6, LAN_HOPS6, NEXT_HOPS6, UPLINKS, XDP_DEVS},
+    maps::{CONN6, LAN_HOPS6, NEXT_HOPS6, UPLINKS},
     nptv6::{self, Way},
     parse::{self, ETH_HLEN, ETH_P_IPV6_BE, TCP_FIN, TCP_RST, TCP_SYN, hi, ip6, write},
     stats,
@@ -125,20 +125,17 @@ pub fn lan_fast(ctx: &XdpContext) -> Fast {
     // flow was made is TC's: its packets are spoofed there).
     let u6 = nptv6::npt(u32::from(id), &pkt.saddr, Way::Out).ok_or(Decline)?;
     let hop = NEXT_HOPS6.get(u32::from(id)).ok_or(Decline)?;
-    if hop.valid == 0
-        || hop.ifindex != uplink.ifindex
-        || pkt.len - ETH_HLEN as u32 > hop.mtu
-        || XDP_DEVS.get(hop.ifindex).is_none()
-    {
+    if hop.valid == 0 || hop.ifindex != uplink.ifindex || pkt.len - ETH_HLEN as u32 > hop.mtu {
         return Err(Decline);
     }
     let mapped = nptv6::map(&pkt.saddr, u6, Way::Out).map_err(|_| Decline)?;
-    let (ifindex, mac) = (hop.ifindex, hop.mac);
+    let mac = hop.mac;
+    let redirect = xdp::aim(hop.ifindex)?;
     touch(f);
     forward(ctx, ETH_HLEN + ip6::SADDR, &mapped, &mac)?;
     stats::tx(id, pkt.len);
     xdp::count(id, |s| s.tx_packets += 1);
-    xdp::redirect(ifindex)
+    Ok(redirect)
 }
 
 /// Uplink to LAN: an answered flow's reply, mapped back to the internal
@@ -163,15 +160,16 @@ pub fn wan_fast(ctx: &XdpContext) -> Fast {
     let h = LAN_HOPS6.get_ptr(lan).ok_or(Decline)?;
     // SAFETY: a read of the map value.
     let h = unsafe { &*h };
-    if h.valid == 0 || pkt.len - ETH_HLEN as u32 > h.mtu || XDP_DEVS.get(h.ifindex).is_none() {
+    if h.valid == 0 || pkt.len - ETH_HLEN as u32 > h.mtu {
         return Err(Decline);
     }
-    let (ifindex, mac) = (h.ifindex, h.mac);
+    let mac = h.mac;
+    let redirect = xdp::aim(h.ifindex)?;
     touch(f);
     forward(ctx, ETH_HLEN + ip6::DADDR, &lan, &mac)?;
     stats::rx(id, pkt.len);
     xdp::count(id, |s| s.rx_packets += 1);
-    xdp::redirect(ifindex)
+    Ok(redirect)
 }
 
 /// A packet of flow `f`: its stamp refreshed (the flags TC would set on
