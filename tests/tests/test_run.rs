@@ -4831,7 +4831,11 @@ fn lan_in_stamps_last_seen_on_the_coarse_clock_and_a_second_later_anew() {
 #[test]
 fn a_stamp_ahead_of_the_clock_counts_as_just_now_everywhere_an_age_is_taken() {
     with_datapath(|dp| {
-        let ahead = coarse_now_ns() + 50_000_000;
+        // Verified first (a second or more): each stamp below is 50 ms
+        // ahead of the clock when its packet runs.
+        dp.program(PROG_WAN_IN);
+        dp.program(PROG_LAN_IN);
+        let ahead = || coarse_now_ns() + 50_000_000;
         // The gateway's ping, as if noted on a CPU ahead of this one.
         {
             let mut echo: HashMap<_, EchoKey, u64> =
@@ -4842,7 +4846,7 @@ fn a_stamp_ahead_of_the_clock_counts_as_just_now_everywhere_an_age_is_taken() {
                 id_be: ECHO_FLOW.nat_port.to_be(),
                 _pad: 0,
             };
-            echo.insert(key, ahead, 0).expect("note the ping");
+            echo.insert(key, ahead(), 0).expect("note the ping");
         }
         let (_, counted) = dp.run_counted(PROG_WAN_IN, &ECHO_FLOW.reply().frame(), 0);
         assert_eq!(counted, [(Reason::HostEcho, 1)], "the gateway's reply");
@@ -4850,7 +4854,7 @@ fn a_stamp_ahead_of_the_clock_counts_as_just_now_everywhere_an_age_is_taken() {
         dp.set_fwd(
             TCP_FLOW.fwd_key(),
             FlowFwd {
-                last_seen_ns: ahead,
+                last_seen_ns: ahead(),
                 ..TCP_FLOW.fwd()
             },
         );
@@ -4868,15 +4872,16 @@ fn a_stamp_ahead_of_the_clock_counts_as_just_now_everywhere_an_age_is_taken() {
             s.synack_rtt_ns
         );
         // A packet of a flow stamped "later" leaves the stamp alone.
+        let later = ahead();
         dp.set_fwd(
             UDP_FLOW.fwd_key(),
             FlowFwd {
-                last_seen_ns: ahead,
+                last_seen_ns: later,
                 ..UDP_FLOW.fwd()
             },
         );
         dp.run(PROG_LAN_IN, &UDP_FLOW.outbound().frame(), 0);
         let stamp = dp.fwd_entry(&UDP_FLOW).expect("the flow").last_seen_ns;
-        assert_eq!(stamp, ahead, "restamped backwards");
+        assert_eq!(stamp, later, "restamped backwards");
     });
 }
