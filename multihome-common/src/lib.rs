@@ -394,7 +394,9 @@ pub struct FlowFwd {
     /// TCP: the sequence number just past the highest data byte the LAN
     /// host sent on this flow (RFC 9293 SND.MAX as the gateway sees it); 0
     /// before any data. A data segment that ends at or before it is a
-    /// retransmission.
+    /// retransmission. ICMP echo: the sequence number of the LAN host's
+    /// last request (as in the packet), with [`ECHO_OUTSTANDING`] set
+    /// until its reply passed.
     pub snd_max: u32,
     pub _pad: u32,
 }
@@ -873,6 +875,13 @@ pub struct EchoKey {
     pub id_be: u16,
     pub _pad: u16,
 }
+
+/// In an echo flow's [`FlowFwd::snd_max`]: its last request is not
+/// answered yet.
+pub const ECHO_OUTSTANDING: u32 = 1 << 16;
+/// How long after the gateway took an identifier from a LAN echo flow
+/// that flow's unanswered request may still get its reply, ns.
+pub const ECHO_HANDOVER_NS: u64 = 2_000_000_000;
 
 /// A public mapping, as [`MAP_EIM`] keys it: uplink address, NAT port,
 /// protocol (RFC 4787's endpoint-independent mapping).

@@ -8,8 +8,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use multihome_common::{
-    FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_HAIRPIN, FLOW_RST, FLOW_RST_IN, FLOW_SEEN_REPLY, FlowFwd,
-    FlowKey, FlowRev, RULES_RESERVE, Reason, Settings, Uplink,
+    ECHO_OUTSTANDING, FLOW_FIN_IN, FLOW_FIN_OUT, FLOW_HAIRPIN, FLOW_RST, FLOW_RST_IN,
+    FLOW_SEEN_REPLY, FlowFwd, FlowKey, FlowRev, RULES_RESERVE, Reason, Settings, Uplink,
 };
 
 use crate::{
@@ -425,6 +425,9 @@ pub fn touch_out(ctx: &impl Frame, key: &FlowKey, fwd: *mut FlowFwd, pkt: &Packe
     if pkt.l4_kind == L4::Tcp && flags & FLOW_HAIRPIN == 0 {
         track_data(ctx, f, pkt);
     }
+    if pkt.l4_kind == L4::EchoRequest {
+        echo_sent(ctx, f, pkt);
+    }
     let now = now_ns();
     if now.saturating_sub(f.last_seen_ns) > TOUCH_NS {
         f.last_seen_ns = now;
@@ -501,17 +504,46 @@ pub fn remove_pair(key: &FlowKey, nat_addr_be: u32, nat_port_be: u16) {
     let _ = CONN_REV.remove(key.reply(nat_addr_be, nat_port_be));
 }
 
-/// Removes the flow whose reverse key is `rev_key`, both halves.
+/// Removes the flow whose reverse key is `rev_key`, both halves; returns
+/// its reverse entry and, if it was there, its forward one.
 #[inline(always)]
-pub fn remove_by_reply(rev_key: &FlowKey) -> bool {
-    let Some(rev) = lookup_rev(rev_key) else {
-        return false;
-    };
+pub fn remove_by_reply(rev_key: &FlowKey) -> Option<(FlowRev, Option<FlowFwd>)> {
     // SAFETY: a copy of the map value.
-    let rev = unsafe { *rev };
-    let _ = CONN_FWD.remove(rev_key.forward(&rev));
+    let rev = unsafe { *lookup_rev(rev_key)? };
+    let fwd_key = rev_key.forward(&rev);
+    // SAFETY: a copy of the map value.
+    let fwd = lookup_fwd(&fwd_key).map(|f| unsafe { *f });
+    let _ = CONN_FWD.remove(&fwd_key);
     let _ = CONN_REV.remove(rev_key);
-    true
+    Some((rev, fwd))
+}
+
+/// Offset of an ICMP echo's sequence number in its header (RFC 792).
+const ECHO_SEQ: usize = 6;
+
+/// An echo message's sequence number, as in the packet.
+#[inline(always)]
+pub fn echo_seq(ctx: &impl Frame, pkt: &Packet) -> Option<u16> {
+    read::<u16>(ctx, pkt.l4 + ECHO_SEQ).ok()
+}
+
+/// A LAN host's echo request on flow `f`: it waits for its reply.
+#[inline(always)]
+pub fn echo_sent(ctx: &impl Frame, f: &mut FlowFwd, pkt: &Packet) {
+    if let Some(seq) = echo_seq(ctx, pkt) {
+        f.snd_max = u32::from(seq) | ECHO_OUTSTANDING;
+    }
+}
+
+/// An echo reply on flow `f` on its way to the LAN host: the request it
+/// answers no longer waits.
+#[inline(always)]
+pub fn echo_answered(ctx: &impl Frame, f: &mut FlowFwd, pkt: &Packet) {
+    if let Some(seq) = echo_seq(ctx, pkt)
+        && f.snd_max == u32::from(seq) | ECHO_OUTSTANDING
+    {
+        f.snd_max = u32::from(seq);
+    }
 }
 
 /// Removes a reverse entry whose forward half is gone.

@@ -32,7 +32,11 @@ pub fn wan_ingress<const L2: bool>(ctx: &TcContext) -> Outcome {
         return crate::icmp::wan_error::<L2>(ctx, &pkt);
     }
     if pkt.l4_kind == L4::EchoReply && sockets::echo_owned_by_host(pkt.saddr_be, pkt.dport_be) {
-        return Err(Reason::HostEcho);
+        let Some((lan_addr_be, lan_id_be, uplink)) = sockets::handed_back(ctx, &pkt) else {
+            return Err(Reason::HostEcho);
+        };
+        stats::rx(uplink, pkt.tot_len as u32);
+        return to_lan::<L2>(ctx, &pkt, lan_addr_be, lan_id_be);
     }
     let rev_key = conntrack::wan_key(&pkt);
     let rev = conntrack::lookup_rev(&rev_key).ok_or(Reason::NoMapping)?;
@@ -49,6 +53,10 @@ pub fn wan_ingress<const L2: bool>(ctx: &TcContext) -> Outcome {
         // Left behind by a flow since remade on another mapping.
         conntrack::drop_stale(&rev_key);
         return Err(Reason::StaleReverse);
+    }
+    if pkt.l4_kind == L4::EchoReply {
+        // SAFETY: the map's value; see `conntrack::touch_out`.
+        conntrack::echo_answered(ctx, unsafe { &mut *flow }, &pkt);
     }
     if let Some(waited_ns) = conntrack::touch_in(flow, &pkt) {
         hairpin::note_mapping(&pkt, rev.lan_addr_be, rev.lan_port_be);

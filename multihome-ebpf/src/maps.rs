@@ -223,6 +223,26 @@ pub struct ClockTick {
 #[btf_map]
 pub static CLOCK_TICK: PerCpuArray<ClockTick, 1> = PerCpuArray::new();
 
+/// [`ECHO_HANDOVER`]'s value.
+#[repr(C)]
+pub struct EchoHandover {
+    /// The LAN host and its identifier.
+    pub lan_addr_be: u32,
+    pub lan_id_be: u16,
+    /// Its request in flight (as in the packet).
+    pub seq_be: u16,
+    /// When the gateway took the identifier (`conntrack::now_ns`).
+    pub at_ns: u64,
+    pub uplink: u32,
+    pub _pad: u32,
+}
+
+/// (remote, identifier) the gateway took from a LAN echo flow whose
+/// request was still unanswered -> that request, so that its reply still
+/// reaches the LAN host. Never pinned: it matters for a round trip.
+#[btf_map]
+pub static ECHO_HANDOVER: LruHashMap<EchoKey, EchoHandover, 256> = LruHashMap::new();
+
 /// Uplink slot -> its IPv6 next hop (`gateway6` or the router of its RA),
 /// so that established IPv6 packets skip `bpf_fib_lookup`.
 #[btf_map]

@@ -73,7 +73,16 @@ pub fn lan_ingress(ctx: &TcContext) -> Outcome {
             // SAFETY: a copy of the map value.
             unsafe { *f }
         }
-        None => new_flow(ctx, &pkt, &key)?,
+        None => {
+            let made = new_flow(ctx, &pkt, &key)?;
+            if pkt.l4_kind == L4::EchoRequest
+                && let Some(f) = conntrack::lookup_fwd(&key)
+            {
+                // SAFETY: the map's value; see `conntrack::touch_out`.
+                conntrack::echo_sent(ctx, unsafe { &mut *f }, &pkt);
+            }
+            made
+        }
     };
     frag::note_first(ctx, &pkt, flow.nat_addr_be, flow.uplink);
     if flow.flags & FLOW_HAIRPIN != 0 {
@@ -572,7 +581,10 @@ fn host_egress<const L2: bool>(ctx: &TcContext) -> Outcome {
         // identifier is re-keyed by its next request.
         sockets::note_host_echo(pkt.daddr_be, pkt.sport_be);
         let key = conntrack::lan_key(&pkt);
-        if conntrack::remove_by_reply(&key.reply(pkt.saddr_be, pkt.sport_be)) {
+        if let Some((rev, fwd)) = conntrack::remove_by_reply(&key.reply(pkt.saddr_be, pkt.sport_be))
+        {
+            // Its request in flight keeps its reply.
+            sockets::hand_over(pkt.daddr_be, pkt.sport_be, &rev, fwd);
             stats::count(Reason::EchoRekeyed);
         }
         return Ok(Verdict::Pass);

@@ -8,9 +8,16 @@ use aya_ebpf::{
     helpers::{bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
     programs::TcContext,
 };
-use multihome_common::{EchoKey, FlowKey, HOST_ECHO_NS, IPPROTO_TCP, IPPROTO_UDP};
+use multihome_common::{
+    ECHO_HANDOVER_NS, ECHO_OUTSTANDING, EchoKey, FlowFwd, FlowKey, FlowRev, HOST_ECHO_NS,
+    IPPROTO_TCP, IPPROTO_UDP,
+};
 
-use crate::{conntrack::now_ns, maps::HOST_ECHO};
+use crate::{
+    conntrack::{echo_seq, now_ns},
+    maps::{ECHO_HANDOVER, EchoHandover, HOST_ECHO},
+    parse::Packet,
+};
 
 /// True when a socket of the gateway (listening, connected or in
 /// TIME_WAIT) would receive packets of `reply`, a flow's reverse key:
@@ -72,4 +79,56 @@ pub fn note_host_echo(daddr_be: u32, id_be: u16) {
         _pad: 0,
     };
     let _ = HOST_ECHO.insert(key, now_ns(), 0);
+}
+
+/// The gateway took identifier `id_be` towards `daddr_be` from a LAN echo
+/// flow (`rev`, `fwd`): if that flow's last request is still unanswered,
+/// its reply is kept for the LAN host ([`handed_back`]).
+#[inline(always)]
+pub fn hand_over(daddr_be: u32, id_be: u16, rev: &FlowRev, fwd: Option<FlowFwd>) {
+    let Some(f) = fwd else {
+        return;
+    };
+    if f.snd_max & ECHO_OUTSTANDING == 0 {
+        return;
+    }
+    let key = EchoKey {
+        daddr_be,
+        id_be,
+        _pad: 0,
+    };
+    let h = EchoHandover {
+        lan_addr_be: rev.lan_addr_be,
+        lan_id_be: rev.lan_port_be,
+        seq_be: f.snd_max as u16,
+        at_ns: now_ns(),
+        uplink: u32::from(rev.uplink),
+        _pad: 0,
+    };
+    let _ = ECHO_HANDOVER.insert(key, h, 0);
+}
+
+/// For an echo reply to an identifier the gateway took: the LAN host, its
+/// identifier and uplink, when the reply answers the request that host
+/// still waited for when the gateway took it over (within
+/// [`ECHO_HANDOVER_NS`]); once. The rest is the gateway's.
+#[inline(always)]
+pub fn handed_back(ctx: &TcContext, pkt: &Packet) -> Option<(u32, u16, u8)> {
+    let key = EchoKey {
+        daddr_be: pkt.saddr_be,
+        id_be: pkt.dport_be,
+        _pad: 0,
+    };
+    // SAFETY: a read of the map value.
+    let h = unsafe { &*ECHO_HANDOVER.get_ptr(key)? };
+    let (lan, seq_be, at) = (
+        (h.lan_addr_be, h.lan_id_be, h.uplink as u8),
+        h.seq_be,
+        h.at_ns,
+    );
+    if echo_seq(ctx, pkt)? != seq_be || now_ns().saturating_sub(at) > ECHO_HANDOVER_NS {
+        return None;
+    }
+    let _ = ECHO_HANDOVER.remove(key);
+    Some(lan)
 }

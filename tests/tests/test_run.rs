@@ -4885,3 +4885,75 @@ fn a_stamp_ahead_of_the_clock_counts_as_just_now_everywhere_an_age_is_taken() {
         assert_eq!(stamp, later, "restamped backwards");
     });
 }
+
+/// A ping of the gateway's own, from `NAT_ADDR` to `REMOTE` with the echo
+/// flow's NAT identifier and sequence number `seq`.
+fn gateway_ping(seq: u16) -> Vec<u8> {
+    Ipv4::icmp(
+        NAT_ADDR,
+        REMOTE,
+        Icmp::echo_request(ECHO_FLOW.nat_port, seq, b"abcdefghijklmnopqrstuvwabcdefg"),
+    )
+    .frame()
+}
+
+/// The gateway takes an identifier a LAN echo flow holds (its ping wins,
+/// the flow is re-keyed) while the LAN host's last request is in flight:
+/// that request's reply (its sequence number) still reaches the LAN host,
+/// once; every other reply on the identifier is the gateway's.
+#[test]
+fn a_lan_ping_in_flight_when_the_gateway_takes_its_identifier_still_gets_its_reply() {
+    with_datapath(|dp| {
+        dp.insert_flow(&ECHO_FLOW);
+        // The LAN host's request, sequence 7, on its way out.
+        let (_, counted) = dp.run_counted(PROG_LAN_IN, &ECHO_FLOW.outbound().frame(), 0);
+        assert_eq!(
+            counted,
+            [(Reason::SlowPath, 1)],
+            "no route here: the kernel's path"
+        );
+        dp.host_origin = true;
+        let (_, counted) = dp.run_counted(PROG_WAN_OUT, &gateway_ping(1), 0);
+        assert_eq!(counted, [(Reason::EchoRekeyed, 1)]);
+        // The reply to the LAN's request: to the LAN host, translated.
+        let reply = ECHO_FLOW.reply().frame();
+        let (run, counted) = dp.run_counted(PROG_WAN_IN, &reply, 0);
+        assert_passed_as(
+            &run,
+            &ECHO_FLOW.reply_translated().frame(),
+            "the LAN's reply",
+        );
+        assert_eq!(counted, NOTHING);
+        // Once: the same again, and the gateway's own, are the gateway's.
+        let (run, counted) = dp.run_counted(PROG_WAN_IN, &reply, 0);
+        assert_untouched(&run, &reply, "a second reply with the LAN's number");
+        assert_eq!(counted, [(Reason::HostEcho, 1)]);
+        let own = Ipv4::icmp(
+            REMOTE,
+            NAT_ADDR,
+            Icmp::echo_reply(ECHO_FLOW.nat_port, 1, b"abcdefghijklmnopqrstuvwabcdefg"),
+        );
+        let (_, counted) = dp.run_counted(PROG_WAN_IN, &own.frame(), 0);
+        assert_eq!(counted, [(Reason::HostEcho, 1)], "the gateway's reply");
+    });
+}
+
+/// When the LAN host's last request was answered before the gateway took
+/// its identifier, nothing is in flight: every later reply on it is the
+/// gateway's, one with the LAN's old number too.
+#[test]
+fn after_a_lan_ping_was_answered_every_reply_on_a_taken_identifier_is_the_gateways() {
+    with_datapath(|dp| {
+        dp.insert_flow(&ECHO_FLOW);
+        dp.run(PROG_LAN_IN, &ECHO_FLOW.outbound().frame(), 0);
+        let reply = ECHO_FLOW.reply().frame();
+        let (run, _) = dp.run_counted(PROG_WAN_IN, &reply, 0);
+        assert_passed_as(&run, &ECHO_FLOW.reply_translated().frame(), "answered");
+        dp.host_origin = true;
+        let (_, counted) = dp.run_counted(PROG_WAN_OUT, &gateway_ping(7), 0);
+        assert_eq!(counted, [(Reason::EchoRekeyed, 1)]);
+        let (run, counted) = dp.run_counted(PROG_WAN_IN, &reply, 0);
+        assert_untouched(&run, &reply, "the gateway's reply");
+        assert_eq!(counted, [(Reason::HostEcho, 1)]);
+    });
+}
