@@ -513,7 +513,7 @@ pub fn remove_by_reply(rev_key: &FlowKey) -> Option<(FlowRev, Option<FlowFwd>)> 
     let fwd_key = rev_key.forward(&rev);
     // SAFETY: a copy of the map value.
     let fwd = lookup_fwd(&fwd_key).map(|f| unsafe { *f });
-    let _ = CONN_FWD.remove(&fwd_key);
+    let _ = CONN_FWD.remove(fwd_key);
     let _ = CONN_REV.remove(rev_key);
     Some((rev, fwd))
 }
