@@ -53,16 +53,23 @@ pub fn owned_by_host(ctx: &TcContext, reply: &FlowKey) -> bool {
     true
 }
 
+/// The `HOST_ECHO` and `ECHO_HANDOVER` key of echo messages between the
+/// gateway and `daddr_be` with identifier `id_be`.
+#[inline(always)]
+fn echo_key(daddr_be: u32, id_be: u16) -> EchoKey {
+    EchoKey {
+        daddr_be,
+        id_be,
+        _pad: 0,
+    }
+}
+
 /// No helper finds ping or raw sockets, and Linux ping sockets may use any
 /// identifier, so the gateway's own echo requests are recorded as they
 /// leave: true while `(daddr_be, id_be)` is one of them.
 #[inline(always)]
 pub fn echo_owned_by_host(daddr_be: u32, id_be: u16) -> bool {
-    let key = EchoKey {
-        daddr_be,
-        id_be,
-        _pad: 0,
-    };
+    let key = echo_key(daddr_be, id_be);
     // SAFETY: a copy of the map value.
     match HOST_ECHO.get_ptr(key).map(|p| unsafe { *p }) {
         Some(at) => now_ns().saturating_sub(at) < HOST_ECHO_NS,
@@ -73,11 +80,7 @@ pub fn echo_owned_by_host(daddr_be: u32, id_be: u16) -> bool {
 /// Records an echo request the gateway sends to `daddr_be` with `id_be`.
 #[inline(always)]
 pub fn note_host_echo(daddr_be: u32, id_be: u16) {
-    let key = EchoKey {
-        daddr_be,
-        id_be,
-        _pad: 0,
-    };
+    let key = echo_key(daddr_be, id_be);
     let _ = HOST_ECHO.insert(key, now_ns(), 0);
 }
 
@@ -92,11 +95,7 @@ pub fn hand_over(daddr_be: u32, id_be: u16, rev: &FlowRev, fwd: Option<FlowFwd>)
     if f.snd_max & ECHO_OUTSTANDING == 0 {
         return;
     }
-    let key = EchoKey {
-        daddr_be,
-        id_be,
-        _pad: 0,
-    };
+    let key = echo_key(daddr_be, id_be);
     let h = EchoHandover {
         lan_addr_be: rev.lan_addr_be,
         lan_id_be: rev.lan_port_be,
@@ -114,11 +113,7 @@ pub fn hand_over(daddr_be: u32, id_be: u16, rev: &FlowRev, fwd: Option<FlowFwd>)
 /// [`ECHO_HANDOVER_NS`]); once. The rest is the gateway's.
 #[inline(always)]
 pub fn handed_back(ctx: &TcContext, pkt: &Packet) -> Option<(u32, u16, u8)> {
-    let key = EchoKey {
-        daddr_be: pkt.saddr_be,
-        id_be: pkt.dport_be,
-        _pad: 0,
-    };
+    let key = echo_key(pkt.saddr_be, pkt.dport_be);
     // SAFETY: a read of the map value.
     let h = unsafe { &*ECHO_HANDOVER.get_ptr(key)? };
     let (lan, seq_be, at) = (
