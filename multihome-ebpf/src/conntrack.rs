@@ -90,6 +90,8 @@ pub struct Tags {
     pub flags: u32,
     /// The policy that placed it.
     pub policy: u8,
+    /// Its first `snd_max`: an echo request's ([`echo_sent`]), else 0.
+    pub snd_max: u32,
 }
 
 /// Whether a new flow's port search must skip ports that endpoint
@@ -195,7 +197,7 @@ fn pin_fwd(
         uplink: uplink_id,
         policy: tags.policy,
         created_s: (now / 1_000_000_000) as u32,
-        snd_max: 0,
+        snd_max: tags.snd_max,
         _pad: 0,
     };
     match CONN_FWD.insert(key, fwd, BPF_NOEXIST as u64) {
@@ -530,9 +532,16 @@ pub fn echo_seq(ctx: &impl Frame, pkt: &Packet) -> Option<u16> {
 /// A LAN host's echo request on flow `f`: it waits for its reply.
 #[inline(always)]
 pub fn echo_sent(ctx: &impl Frame, f: &mut FlowFwd, pkt: &Packet) {
-    if let Some(seq) = echo_seq(ctx, pkt) {
-        f.snd_max = u32::from(seq) | ECHO_OUTSTANDING;
+    if let Some(waiting) = echo_waiting(ctx, pkt) {
+        f.snd_max = waiting;
     }
+}
+
+/// The `snd_max` of an echo request's flow: its number, waiting for the
+/// reply ([`ECHO_OUTSTANDING`]).
+#[inline(always)]
+pub fn echo_waiting(ctx: &impl Frame, pkt: &Packet) -> Option<u32> {
+    echo_seq(ctx, pkt).map(|seq| u32::from(seq) | ECHO_OUTSTANDING)
 }
 
 /// An echo reply on flow `f` on its way to the LAN host: the request it

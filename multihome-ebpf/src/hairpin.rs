@@ -28,6 +28,7 @@ use crate::{
 const HAIRPIN: conntrack::Tags = conntrack::Tags {
     flags: FLOW_HAIRPIN,
     policy: 0,
+    snd_max: 0,
 };
 
 #[inline(always)]

@@ -73,16 +73,7 @@ pub fn lan_ingress(ctx: &TcContext) -> Outcome {
             // SAFETY: a copy of the map value.
             unsafe { *f }
         }
-        None => {
-            let made = new_flow(ctx, &pkt, &key)?;
-            if pkt.l4_kind == L4::EchoRequest
-                && let Some(f) = conntrack::lookup_fwd(&key)
-            {
-                // SAFETY: the map's value; see `conntrack::touch_out`.
-                conntrack::echo_sent(ctx, unsafe { &mut *f }, &pkt);
-            }
-            made
-        }
+        None => new_flow(ctx, &pkt, &key)?,
     };
     frag::note_first(ctx, &pkt, flow.nat_addr_be, flow.uplink);
     if flow.flags & FLOW_HAIRPIN != 0 {
@@ -375,9 +366,15 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, key: &FlowKey) -> Result<FlowFwd, Rea
             Err(Reason::PolicyRefused) => return Err(refuse(ctx, &settings)),
             chosen => chosen?,
         };
+    let echo = pkt.l4_kind == L4::EchoRequest;
     let tags = Tags {
         flags: if failed_over { FLOW_FAILED_OVER } else { 0 },
         policy: policy as u8,
+        snd_max: if echo {
+            conntrack::echo_waiting(ctx, pkt).unwrap_or(0)
+        } else {
+            0
+        },
     };
     let flow = if pkt.portless() {
         portless_flow(key, pkt, id, uplink, tags)?
