@@ -592,9 +592,6 @@ impl Daemon {
         }
         self.write_next_hops(snap, &observed).await;
         self.write_xdp_devs().await;
-        if self.classify_stale {
-            self.write_classify().await;
-        }
         // Every policy's table before any rule can send flows to it.
         let tables = self.policies.tables(&self.uplinks_now(&usable));
         // A policy's table is only written here; one no policy holds any
@@ -650,8 +647,16 @@ impl Daemon {
         }
         self.all_down = all_down;
         let plan = uplinks::routing_plan(&self.config, &observed, &usable);
+        let changes = self.routing.changes();
         if let Err(e) = self.routing.apply(&plan).await {
             failed.push(e);
+        }
+        // How new flows classify their route reads main, where the plan
+        // keeps the multipath default: it follows now, not at the route
+        // event, which comes after `ready` (until then new flows would
+        // find no route and leave untranslated, to be dropped).
+        if self.classify_stale || self.routing.changes() != changes {
+            self.write_classify().await;
         }
         let plan6 = uplinks::routing_plan6(&self.config, &observed);
         if let Err(e) = self

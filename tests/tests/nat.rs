@@ -632,6 +632,53 @@ fn classified_by(gw: &Gateway) -> String {
         .to_string()
 }
 
+/// The daemon puts main's multipath default in itself. New flows must be
+/// classified by a mirror of main that holds it by the time the daemon
+/// says `ready`, not only once the route's event comes back: until then
+/// a new flow finds no route in the mirror, leaves untranslated and is
+/// dropped by the egress guard (a first request lost, seen in CI).
+#[test]
+fn new_flows_right_after_ready_are_classified_with_the_gateways_own_default_route() {
+    let t = Topology::standard();
+    let srv = udp_echo_server(&t.inet, INET_SERVICE, 0);
+    let gw = standard_gateway(&t, [1, 1], "");
+    let ready_log = gw.log();
+    // One request at once, one chance.
+    let sock = t
+        .client
+        .run(|| UdpSocket::bind((CLIENT_ADDR, 0)))
+        .expect("bind");
+    sock.connect(srv.addr()).expect("connect");
+    sock.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    sock.send(b"first").expect("send");
+    let mut buf = [0u8; 8];
+    let echoed = sock.recv(&mut buf);
+    // What the daemon decided before `ready` must be final: the route
+    // events of its own routes, handled since, change nothing.
+    let before_ready = ready_log
+        .split("ready:")
+        .next()
+        .unwrap_or_default()
+        .lines()
+        .rev()
+        .find_map(|l| l.split("new flows classify their route ").nth(1))
+        .unwrap_or_default()
+        .to_string();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        before_ready.starts_with("by the mirror of main"),
+        "before ready: {before_ready:?}"
+    );
+    assert_eq!(
+        classified_by(&gw),
+        before_ready,
+        "the classification changed after ready:\n{}",
+        gw.log()
+    );
+    echoed.expect("the first request right after ready was answered");
+}
+
 #[test]
 fn new_flows_classified_in_main_still_reach_local_addresses_and_follow_a_foreign_rule() {
     let t = Topology::standard();

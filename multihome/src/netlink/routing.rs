@@ -168,6 +168,12 @@ impl Routing {
         }
     }
 
+    /// Netlink writes that succeeded so far: a change between two reads
+    /// means the kernel's rules or routes changed.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
     /// Makes the kernel match `plan` exactly for everything tagged
     /// [`PROTO_MULTIHOME`]: adds what is missing, replaces what differs,
     /// deletes tagged rules and routes that are not in the plan, and never
