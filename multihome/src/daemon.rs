@@ -651,13 +651,6 @@ impl Daemon {
         if let Err(e) = self.routing.apply(&plan).await {
             failed.push(e);
         }
-        // How new flows classify their route reads main, where the plan
-        // keeps the multipath default: it follows now, not at the route
-        // event, which comes after `ready` (until then new flows would
-        // find no route and leave untranslated, to be dropped).
-        if self.classify_stale || self.routing.changes() != changes {
-            self.write_classify().await;
-        }
         let plan6 = uplinks::routing_plan6(&self.config, &observed);
         if let Err(e) = self
             .routing6
@@ -671,6 +664,14 @@ impl Daemon {
             failed.push(e);
         }
         self.observed = observed;
+        // How new flows classify their route reads main, where the plan
+        // keeps the multipath default, and the uplinks' devices as just
+        // observed: it follows now, not at the route event, which comes
+        // after `ready` (until then new flows would find no route and
+        // leave untranslated, to be dropped).
+        if self.classify_stale || self.routing.changes() != changes {
+            self.write_classify().await;
+        }
         self.follow_outages(&usable);
         // Published: now the old address's flows can go.
         for (id, old) in renumbered {
