@@ -624,8 +624,12 @@ fn a_pinned_flow_follows_its_gateways_new_mac_through_the_cached_next_hop() {
 /// The last line in which the daemon said how new flows classify their
 /// route.
 fn classified_by(gw: &Gateway) -> String {
-    gw.log()
-        .lines()
+    classified_in(&gw.log())
+}
+
+/// [`classified_by`] in the text `log`.
+fn classified_in(log: &str) -> String {
+    log.lines()
         .rev()
         .find_map(|l| l.split("new flows classify their route ").nth(1))
         .unwrap_or_default()
@@ -656,15 +660,7 @@ fn new_flows_right_after_ready_are_classified_with_the_gateways_own_default_rout
     let echoed = sock.recv(&mut buf);
     // What the daemon decided before `ready` must be final: the route
     // events of its own routes, handled since, change nothing.
-    let before_ready = ready_log
-        .split("ready:")
-        .next()
-        .unwrap_or_default()
-        .lines()
-        .rev()
-        .find_map(|l| l.split("new flows classify their route ").nth(1))
-        .unwrap_or_default()
-        .to_string();
+    let before_ready = classified_in(ready_log.split("ready:").next().unwrap_or_default());
     std::thread::sleep(Duration::from_secs(1));
     assert!(
         before_ready.starts_with("by the mirror of main"),
